@@ -1,0 +1,49 @@
+//! The durable per-timeline state of an acceptor (what the control file holds).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClusterId, Term};
+use crate::lsn::{Lsn, WalSegmentSize};
+
+/// One entry of a term history: `term` began writing at `start_lsn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermStart {
+    pub term: Term,
+    pub start_lsn: Lsn,
+}
+
+/// Terms in increasing order with strictly... non-decreasing start LSNs. The
+/// log at LSN x was written by the last entry with `start_lsn <= x`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermHistory(pub Vec<TermStart>);
+
+/// Most entries a term history may hold (one per elected proposer).
+pub const MAX_TERM_HISTORY_ENTRIES: usize = 100_000;
+
+impl TermHistory {
+    pub fn last_term(&self) -> Term {
+        self.0.last().map(|entry| entry.term).unwrap_or_default()
+    }
+
+    /// Terms strictly increase and start LSNs never decrease.
+    pub fn is_well_formed(&self) -> bool {
+        self.0.len() <= MAX_TERM_HISTORY_ENTRIES
+            && self.0.windows(2).all(|w| w[0].term < w[1].term && w[0].start_lsn <= w[1].start_lsn)
+    }
+}
+
+/// Everything an acceptor must not forget across a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlState {
+    pub cluster: ClusterId,
+    pub pg_version: u32,
+    pub wal_segment_size: WalSegmentSize,
+    /// Highest term seen and promised: votes for lower terms are refused.
+    pub term: Term,
+    pub term_history: TermHistory,
+    /// First LSN of this timeline's WAL on this safekeeper (a segment start).
+    pub timeline_start_lsn: Lsn,
+    /// Commit LSN as of the last control-file write; recovery decodes from
+    /// here (a record boundary), so it is the checkpoint of the WAL scan.
+    pub commit_lsn: Lsn,
+}

@@ -1,0 +1,18 @@
+//! The safekeeper: a quorum member that durably stores a Postgres cluster's WAL.
+//!
+//! Table of contents:
+//! - [`lsn`], [`ids`]: positions and identities.
+//! - [`wal`]: the PG15 WAL format (decoder, generator).
+//! - [`control`]: the durable acceptor state.
+//! - [`storage`]: segment files, the control file, an in-memory model.
+//! - [`protocol`]: proposer/acceptor messages and their encoding.
+//! - [`acceptor`]: the consensus acceptor as a pure state machine.
+//! - [`timeline`]: the driver that runs an acceptor against storage.
+//! - [`recovery`]: finding the end of valid WAL after a restart.
+//! - [`datadir`]: the data directory lock and node id.
+
+pub mod control;
+pub mod ids;
+pub mod lsn;
+pub mod storage;
+pub mod wal;

@@ -1,0 +1,1 @@
+//! Control file: placeholder, filled by the storage task.

@@ -1,0 +1,84 @@
+//! Durable storage of one timeline: WAL segments and the control file.
+//!
+//! The acceptor never touches storage itself: it emits actions that a driver
+//! executes against these traits (see `crate::timeline`). Two implementations
+//! exist: files on disk (`segments`, `control_file`) and memory (`memory`),
+//! the latter able to simulate a crash that loses unsynced bytes.
+
+pub mod control_file;
+pub mod memory;
+pub mod segments;
+
+use crate::control::ControlState;
+use crate::lsn::Lsn;
+
+/// Proof that WAL up to `lsn` is durable. Only storage implementations in
+/// this crate construct it, so "durable before acknowledged" is in the types:
+/// the acceptor releases a flush acknowledgement only in exchange for one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncedLsn(Lsn);
+
+impl SyncedLsn {
+    pub(crate) fn new(lsn: Lsn) -> Self {
+        SyncedLsn(lsn)
+    }
+    pub fn lsn(self) -> Lsn {
+        self.0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// fsync/msync/fdatasync failed. Fatal by design (fail-stop): the page
+    /// cache state after a failed sync is unknown, so we must not go on.
+    #[error("FATAL: sync of {what} failed: {source}; the safekeeper stops (fail-stop) because it can no longer know what is durable")]
+    SyncFailed { what: String, source: std::io::Error },
+    #[error("I/O error on {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("write at {start} does not continue the WAL at {write_lsn}")]
+    NotContiguous { start: Lsn, write_lsn: Lsn },
+    #[error("WAL range {start}..{end} is not on disk (kept: {kept_start}..{kept_end})")]
+    RangeNotAvailable { start: Lsn, end: Lsn, kept_start: Lsn, kept_end: Lsn },
+    #[error("segment file {path} is corrupt: {reason}")]
+    CorruptSegment { path: String, reason: String },
+    #[error("control file {path} is corrupt: {reason}")]
+    CorruptControlFile { path: String, reason: String },
+    #[error("no space left on device while {what}; nothing acknowledged was lost")]
+    NoSpace { what: String },
+}
+
+impl StorageError {
+    /// Errors after which the process must stop instead of carrying on.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StorageError::SyncFailed { .. })
+    }
+}
+
+/// The WAL of one timeline: a contiguous byte range `[start_lsn, write_lsn)`,
+/// of which `[start_lsn, flush_lsn)` is durable.
+pub trait WalStorage {
+    /// First LSN held (a segment start), or `Lsn(0)` for an empty timeline.
+    fn start_lsn(&self) -> Lsn;
+    /// End of the bytes written (durable or not).
+    fn write_lsn(&self) -> Lsn;
+    /// End of the bytes known durable.
+    fn flush_lsn(&self) -> Lsn;
+    /// Start an empty timeline at `start` (a segment start). Durable on return.
+    fn initialize(&mut self, start: Lsn) -> Result<(), StorageError>;
+    /// Append bytes at exactly `write_lsn()`; not durable until `sync`.
+    /// Never crosses a segment boundary (the caller splits).
+    fn write(&mut self, start: Lsn, bytes: &[u8]) -> Result<(), StorageError>;
+    /// Make everything written durable: one sync for all writes since the last.
+    fn sync(&mut self) -> Result<SyncedLsn, StorageError>;
+    /// Durably remove every byte at or above `end` (zero-filled, synced) and
+    /// set write/flush to `end`.
+    fn truncate(&mut self, end: Lsn) -> Result<(), StorageError>;
+    /// Read `buf.len()` bytes starting at `start`, all below `write_lsn()`.
+    fn read(&mut self, start: Lsn, buf: &mut [u8]) -> Result<(), StorageError>;
+}
+
+/// Where the control state lives durably.
+pub trait ControlStore {
+    /// Atomically and durably replace the stored state.
+    fn persist(&mut self, state: &ControlState) -> Result<(), StorageError>;
+}

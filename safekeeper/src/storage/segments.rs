@@ -1,0 +1,1 @@
+//! Segment files: placeholder, filled by the storage task.

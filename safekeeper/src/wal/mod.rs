@@ -1,0 +1,8 @@
+//! The PostgreSQL 15 WAL format: page headers, records, an incremental decoder
+//! and (for tests and simulation) a generator of valid WAL.
+
+pub mod decoder;
+pub mod format;
+pub mod generator;
+
+pub use decoder::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
