@@ -18,7 +18,7 @@ pub struct TermStart {
 pub struct TermHistory(pub Vec<TermStart>);
 
 /// Most entries a term history may hold (one per elected proposer).
-pub const MAX_TERM_HISTORY_ENTRIES: usize = 100_000;
+pub const MAX_TERM_HISTORY_ENTRIES: usize = 10_000;
 
 impl TermHistory {
     pub fn last_term(&self) -> Term {

@@ -10,9 +10,16 @@
 //! - [`timeline`]: the driver that runs an acceptor against storage.
 //! - [`recovery`]: finding the end of valid WAL after a restart.
 //! - [`datadir`]: the data directory lock and node id.
+//! - [`import`]: seeding a timeline from a Postgres `pg_wal` directory.
 
+pub mod acceptor;
 pub mod control;
+pub mod datadir;
 pub mod ids;
+pub mod import;
 pub mod lsn;
+pub mod protocol;
+pub mod recovery;
 pub mod storage;
+pub mod timeline;
 pub mod wal;

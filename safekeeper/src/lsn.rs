@@ -158,7 +158,11 @@ impl SegmentNo {
         let low = part(16..24)?;
         let per_log_id = size.segments_per_log_id();
         if u64::from(low) >= per_log_id {
-            return Err(SegmentNameError::OutOfRange { input: name.to_string(), low, segment_size_bytes: size.bytes() });
+            return Err(SegmentNameError::OutOfRange {
+                input: name.to_string(),
+                low,
+                segment_size_bytes: size.bytes(),
+            });
         }
         Ok((timeline, SegmentNo(u64::from(log_id) * per_log_id + u64::from(low))))
     }

@@ -1,1 +1,122 @@
-//! In-memory storage.
+//! In-memory storage that separates written from durable bytes.
+//!
+//! Used by unit/property tests and the simulation: [`MemoryWalStorage::crash`]
+//! drops everything not synced, optionally keeping a prefix of the unsynced
+//! bytes (a disk may persist some writes before the sync).
+
+use crate::control::ControlState;
+use crate::lsn::Lsn;
+use crate::storage::{ControlStore, StorageError, SyncedLsn, WalStorage};
+
+#[derive(Clone, Debug, Default)]
+pub struct MemoryWalStorage {
+    start_lsn: Lsn,
+    /// Bytes from `start_lsn`; `[0, durable_len)` is durable.
+    bytes: Vec<u8>,
+    durable_len: usize,
+    /// Number of syncs, to check group commit.
+    pub sync_count: u64,
+}
+
+impl MemoryWalStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn offset(&self, lsn: Lsn) -> usize {
+        usize::try_from(lsn - self.start_lsn).expect("in-memory WAL fits in memory")
+    }
+
+    /// Simulate a crash: unsynced bytes are lost except the first
+    /// `keep_unsynced_bytes` of them (clamped).
+    pub fn crash(&mut self, keep_unsynced_bytes: usize) {
+        let keep = (self.durable_len + keep_unsynced_bytes).min(self.bytes.len());
+        self.bytes.truncate(keep);
+        self.durable_len = keep;
+    }
+
+    /// All bytes held, durable or not, from `start_lsn`.
+    pub fn contents(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl WalStorage for MemoryWalStorage {
+    fn start_lsn(&self) -> Lsn {
+        self.start_lsn
+    }
+
+    fn write_lsn(&self) -> Lsn {
+        if self.start_lsn.is_valid() {
+            self.start_lsn + self.bytes.len() as u64
+        } else {
+            Lsn(0)
+        }
+    }
+
+    fn flush_lsn(&self) -> Lsn {
+        if self.start_lsn.is_valid() {
+            self.start_lsn + self.durable_len as u64
+        } else {
+            Lsn(0)
+        }
+    }
+
+    fn initialize(&mut self, start: Lsn) -> Result<(), StorageError> {
+        assert!(!self.start_lsn.is_valid(), "initialize only an empty timeline");
+        *self = MemoryWalStorage { start_lsn: start, ..Self::default() };
+        Ok(())
+    }
+
+    fn write(&mut self, start: Lsn, bytes: &[u8]) -> Result<(), StorageError> {
+        if start != self.write_lsn() {
+            return Err(StorageError::NotContiguous { start, write_lsn: self.write_lsn() });
+        }
+        self.bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<SyncedLsn, StorageError> {
+        self.durable_len = self.bytes.len();
+        self.sync_count += 1;
+        Ok(SyncedLsn::new(self.write_lsn()))
+    }
+
+    fn truncate(&mut self, end: Lsn) -> Result<(), StorageError> {
+        assert!(end >= self.start_lsn, "truncate inside the timeline");
+        let keep = self.offset(end).min(self.bytes.len());
+        self.bytes.truncate(keep);
+        self.durable_len = self.durable_len.min(keep);
+        Ok(())
+    }
+
+    fn read(&mut self, start: Lsn, buf: &mut [u8]) -> Result<(), StorageError> {
+        let end = start + buf.len() as u64;
+        if start < self.start_lsn || end > self.write_lsn() {
+            return Err(StorageError::RangeNotAvailable {
+                start,
+                end,
+                kept_start: self.start_lsn,
+                kept_end: self.write_lsn(),
+            });
+        }
+        let offset = self.offset(start);
+        buf.copy_from_slice(&self.bytes[offset..offset + buf.len()]);
+        Ok(())
+    }
+}
+
+/// The control state as last persisted (the in-memory "file").
+#[derive(Clone, Debug, Default)]
+pub struct MemoryControlStore {
+    pub persisted: Option<ControlState>,
+    pub persist_count: u64,
+}
+
+impl ControlStore for MemoryControlStore {
+    fn persist(&mut self, state: &ControlState) -> Result<(), StorageError> {
+        self.persisted = Some(state.clone());
+        self.persist_count += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,427 @@
+//! The consensus acceptor as a pure state machine (no I/O, no clock).
+//!
+//! Inputs are proposer messages and "storage synced up to X" events; outputs
+//! are [`Ready`] values: storage actions to execute in order, then at most one
+//! reply that may be sent only once those actions are durable. A driver
+//! (`crate::timeline`) executes them against real or simulated storage.
+//!
+//! Rules enforced here (docs/protocol.md explains why each is needed):
+//! - a vote is granted only for a term above every term seen, and the new
+//!   term is persisted before the reply;
+//! - on ProposerElected, only the tail that diverges from the proposer's
+//!   history is truncated, and never below commit_lsn;
+//! - an append must start exactly at the write position (no gap, no rewrite);
+//!   a lower term is answered with the current term (fencing);
+//! - flush acknowledgements are record boundaries of synced WAL, so recovery
+//!   (which decodes to the last complete record) never loses an acked byte;
+//! - commit_lsn never moves backwards and never passes the local flush LSN.
+
+use bytes::Bytes;
+
+use crate::control::{ControlState, TermHistory, TermStart};
+use crate::ids::{ClusterId, NodeId, Term};
+use crate::lsn::Lsn;
+use crate::protocol::{
+    AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
+    VoteRequest, VoteResponse, PROTOCOL_VERSION,
+};
+use crate::storage::SyncedLsn;
+use crate::wal::{DecodeStep, WalDecodeError, WalDecoder};
+
+#[derive(Clone, Debug)]
+pub struct AcceptorConfig {
+    /// Persist commit_lsn to the control file once it has advanced this far;
+    /// bounds the WAL that recovery must decode after a crash.
+    pub checkpoint_interval_bytes: u64,
+}
+
+impl Default for AcceptorConfig {
+    fn default() -> Self {
+        AcceptorConfig { checkpoint_interval_bytes: 16 << 20 }
+    }
+}
+
+/// A storage step the driver must execute, in order, before sending the reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageAction {
+    /// Start an empty WAL at `start_lsn` (a segment start).
+    InitializeWal { start_lsn: Lsn },
+    /// Durably remove all WAL at and above `end_lsn`.
+    TruncateWal { end_lsn: Lsn },
+    /// Append at `start_lsn`; durable only after a later sync.
+    WriteWal { start_lsn: Lsn, wal: Bytes },
+    /// Atomically and durably replace the control file.
+    PersistControl(Box<ControlState>),
+}
+
+/// Output of one step. The reply may be sent only after every action has
+/// been executed and is durable (a `WriteWal` is never followed by a reply in
+/// the same `Ready`: append replies come from [`Acceptor::on_synced`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+#[must_use = "execute the actions, then send the reply"]
+pub struct Ready {
+    pub actions: Vec<StorageAction>,
+    pub reply: Option<AcceptorMessage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptorError {
+    #[error("message for cluster {got:?} sent to the timeline of cluster {expected:?}")]
+    ClusterMismatch { expected: Box<ClusterId>, got: Box<ClusterId> },
+    #[error("{what} mismatch: safekeeper has {ours}, proposer sent {theirs}")]
+    ParameterMismatch { what: &'static str, ours: u64, theirs: u64 },
+    #[error("append in term {term} before ProposerElected for that term")]
+    NotElected { term: Term },
+    #[error("append at {begin_lsn} does not start at the write position {write_lsn} (no gaps, no rewrites)")]
+    NotContiguous { begin_lsn: Lsn, write_lsn: Lsn },
+    #[error("append {begin_lsn}..{end_lsn} crosses a segment boundary")]
+    CrossesSegment { begin_lsn: Lsn, end_lsn: Lsn },
+    #[error("append {begin_lsn}..{end_lsn} holds invalid WAL: {source}")]
+    InvalidWal { begin_lsn: Lsn, end_lsn: Lsn, source: WalDecodeError },
+    #[error("zero-length record at {lsn} in streamed WAL")]
+    ZeroLengthRecord { lsn: Lsn },
+    #[error("refusing to truncate WAL to {truncate_lsn}: below commit_lsn {commit_lsn}")]
+    TruncateBelowCommit { truncate_lsn: Lsn, commit_lsn: Lsn },
+    #[error("malformed term history from proposer: {reason}")]
+    BadTermHistory { reason: String },
+    #[error("timeline start {lsn} is not a segment start")]
+    BadTimelineStart { lsn: Lsn },
+}
+
+/// Position of this acceptor's WAL. `flush_lsn <= written_boundary_lsn <= write_lsn`.
+#[derive(Clone, Debug)]
+struct WalPosition {
+    write_lsn: Lsn,
+    /// Durable record boundary: what we acknowledge.
+    flush_lsn: Lsn,
+    /// Record boundary of everything written (durable after the next sync).
+    written_boundary_lsn: Lsn,
+    /// Decoder positioned at `write_lsn`; `None` while the timeline holds no WAL.
+    decoder: Option<WalDecoder>,
+}
+
+/// WAL found on disk at startup (see `crate::recovery`).
+pub struct RecoveredWal {
+    /// End of the last complete valid record, or `Lsn(0)` if there is no WAL.
+    pub end_lsn: Lsn,
+    /// Decoder positioned at `end_lsn`.
+    pub decoder: Option<WalDecoder>,
+}
+
+pub struct Acceptor {
+    node_id: NodeId,
+    config: AcceptorConfig,
+    state: ControlState,
+    persisted_commit_lsn: Lsn,
+    wal: WalPosition,
+    /// Term whose ProposerElected we accepted; appends are taken only in it.
+    elected_term: Option<Term>,
+    /// Highest commit LSN the proposer told us; applied up to our flush.
+    proposer_commit_lsn: Lsn,
+    ack_pending: bool,
+}
+
+impl Acceptor {
+    /// `state` is the control file content (or a fresh state for a new timeline).
+    pub fn new(node_id: NodeId, config: AcceptorConfig, state: ControlState, recovered: RecoveredWal) -> Self {
+        assert!(state.commit_lsn <= recovered.end_lsn || !recovered.end_lsn.is_valid() && !state.commit_lsn.is_valid());
+        assert_eq!(recovered.decoder.is_some(), recovered.end_lsn.is_valid());
+        let end = recovered.end_lsn;
+        Acceptor {
+            node_id,
+            config,
+            persisted_commit_lsn: state.commit_lsn,
+            proposer_commit_lsn: state.commit_lsn,
+            state,
+            wal: WalPosition { write_lsn: end, flush_lsn: end, written_boundary_lsn: end, decoder: recovered.decoder },
+            elected_term: None,
+            ack_pending: false,
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+    pub fn state(&self) -> &ControlState {
+        &self.state
+    }
+    pub fn term(&self) -> Term {
+        self.state.term
+    }
+    pub fn flush_lsn(&self) -> Lsn {
+        self.wal.flush_lsn
+    }
+    pub fn write_lsn(&self) -> Lsn {
+        self.wal.write_lsn
+    }
+    pub fn commit_lsn(&self) -> Lsn {
+        self.state.commit_lsn
+    }
+    pub fn elected_term(&self) -> Option<Term> {
+        self.elected_term
+    }
+    /// Whether an append is waiting for a sync to be acknowledged.
+    pub fn ack_pending(&self) -> bool {
+        self.ack_pending
+    }
+
+    /// Term of the last history entry that our durable log reaches.
+    pub fn last_log_term(&self) -> Term {
+        log_history(&self.state.term_history, self.wal.flush_lsn).last_term()
+    }
+
+    pub fn handle(&mut self, message: ProposerMessage) -> Result<Ready, AcceptorError> {
+        if *message.cluster() != self.state.cluster {
+            return Err(AcceptorError::ClusterMismatch {
+                expected: Box::new(self.state.cluster),
+                got: Box::new(*message.cluster()),
+            });
+        }
+        match message {
+            ProposerMessage::Greeting(greeting) => self.handle_greeting(&greeting),
+            ProposerMessage::VoteRequest(request) => Ok(self.handle_vote(&request)),
+            ProposerMessage::ProposerElected(elected) => self.handle_elected(&elected),
+            ProposerMessage::AppendRequest(append) => self.handle_append(append),
+        }
+    }
+
+    fn handle_greeting(&mut self, greeting: &Greeting) -> Result<Ready, AcceptorError> {
+        let checks = [
+            ("protocol version", u64::from(PROTOCOL_VERSION), u64::from(greeting.protocol_version)),
+            ("pg version", u64::from(self.state.pg_version), u64::from(greeting.pg_version)),
+            ("wal segment size", self.state.wal_segment_size.bytes(), u64::from(greeting.wal_segment_size_bytes)),
+        ];
+        for (what, ours, theirs) in checks {
+            if ours != theirs {
+                return Err(AcceptorError::ParameterMismatch { what, ours, theirs });
+            }
+        }
+        let reply = GreetingResponse { node_id: self.node_id, term: self.state.term };
+        Ok(Ready { actions: vec![], reply: Some(AcceptorMessage::GreetingResponse(reply)) })
+    }
+
+    fn handle_vote(&mut self, request: &VoteRequest) -> Ready {
+        let vote_given = request.term > self.state.term;
+        let mut actions = vec![];
+        if vote_given {
+            self.state.term = request.term;
+            self.elected_term = None;
+            actions.push(self.persist_action());
+        }
+        let reply = VoteResponse {
+            term: self.state.term,
+            vote_given,
+            flush_lsn: self.wal.flush_lsn,
+            commit_lsn: self.state.commit_lsn,
+            timeline_start_lsn: self.state.timeline_start_lsn,
+            term_history: log_history(&self.state.term_history, self.wal.flush_lsn),
+        };
+        Ready { actions, reply: Some(AcceptorMessage::VoteResponse(reply)) }
+    }
+
+    fn handle_elected(&mut self, elected: &ProposerElected) -> Result<Ready, AcceptorError> {
+        if elected.term < self.state.term {
+            return Ok(self.append_response_ready(vec![]));
+        }
+        validate_proposer_history(elected)?;
+        let mut actions = vec![];
+        if self.wal.decoder.is_none() {
+            self.initialize_wal(elected.timeline_start_lsn, &mut actions)?;
+        } else {
+            self.truncate_divergent_tail(elected, &mut actions)?;
+        }
+        self.state.term = elected.term;
+        self.state.term_history = elected.term_history.clone();
+        self.elected_term = Some(elected.term);
+        actions.push(self.persist_action());
+        Ok(self.append_response_ready(actions))
+    }
+
+    fn initialize_wal(&mut self, start_lsn: Lsn, actions: &mut Vec<StorageAction>) -> Result<(), AcceptorError> {
+        let segment_size = self.state.wal_segment_size;
+        if !start_lsn.is_valid() || !start_lsn.is_segment_start(segment_size) {
+            return Err(AcceptorError::BadTimelineStart { lsn: start_lsn });
+        }
+        actions.push(StorageAction::InitializeWal { start_lsn });
+        self.state.timeline_start_lsn = start_lsn;
+        self.reset_wal_position(start_lsn);
+        Ok(())
+    }
+
+    fn truncate_divergent_tail(
+        &mut self,
+        elected: &ProposerElected,
+        actions: &mut Vec<StorageAction>,
+    ) -> Result<(), AcceptorError> {
+        let ours = LogView { history: &self.state.term_history, end_lsn: self.wal.flush_lsn };
+        let theirs = LogView { history: &elected.term_history, end_lsn: Lsn(u64::MAX) };
+        let common_lsn = highest_common_point(ours, theirs).unwrap_or(self.state.timeline_start_lsn);
+        let truncate_lsn = common_lsn.min(self.wal.flush_lsn).max(self.state.timeline_start_lsn);
+        if truncate_lsn < self.state.commit_lsn {
+            return Err(AcceptorError::TruncateBelowCommit { truncate_lsn, commit_lsn: self.state.commit_lsn });
+        }
+        if truncate_lsn < self.wal.write_lsn {
+            actions.push(StorageAction::TruncateWal { end_lsn: truncate_lsn });
+            self.reset_wal_position(truncate_lsn);
+            self.ack_pending = false;
+        }
+        Ok(())
+    }
+
+    fn reset_wal_position(&mut self, lsn: Lsn) {
+        let segment_size = self.state.wal_segment_size;
+        let decoder = if lsn == self.state.timeline_start_lsn {
+            WalDecoder::at_segment_start(lsn, segment_size)
+        } else {
+            WalDecoder::at_record_boundary(lsn, segment_size)
+        };
+        self.wal = WalPosition { write_lsn: lsn, flush_lsn: lsn, written_boundary_lsn: lsn, decoder: Some(decoder) };
+    }
+
+    fn handle_append(&mut self, append: AppendRequest) -> Result<Ready, AcceptorError> {
+        if append.term < self.state.term {
+            return Ok(self.append_response_ready(vec![]));
+        }
+        if self.elected_term != Some(append.term) {
+            return Err(AcceptorError::NotElected { term: append.term });
+        }
+        let (begin_lsn, end_lsn) = (append.begin_lsn, append.end_lsn);
+        debug_assert_eq!(end_lsn.0 - begin_lsn.0, append.wal.len() as u64, "protocol decoder checks lengths");
+        self.proposer_commit_lsn = self.proposer_commit_lsn.max(append.commit_lsn);
+        if append.wal.is_empty() {
+            // Heartbeat: only commit_lsn news; our flush is already durable.
+            let actions = self.advance_commit();
+            return Ok(self.append_response_ready(actions));
+        }
+        if begin_lsn != self.wal.write_lsn {
+            return Err(AcceptorError::NotContiguous { begin_lsn, write_lsn: self.wal.write_lsn });
+        }
+        let segment_size = self.state.wal_segment_size;
+        if Lsn(end_lsn.0 - 1).segment_no(segment_size) != begin_lsn.segment_no(segment_size) {
+            return Err(AcceptorError::CrossesSegment { begin_lsn, end_lsn });
+        }
+        let decoder = self.wal.decoder.as_ref().expect("a timeline that accepted ProposerElected has WAL");
+        let decoder = decode_appended(decoder, &append)?;
+        self.wal.written_boundary_lsn = decoder.boundary_lsn();
+        self.wal.decoder = Some(decoder);
+        self.wal.write_lsn = end_lsn;
+        self.ack_pending = true;
+        let write = StorageAction::WriteWal { start_lsn: begin_lsn, wal: append.wal };
+        Ok(Ready { actions: vec![write], reply: None })
+    }
+
+    /// Everything written is durable: advance flush to the written record
+    /// boundary and release the append acknowledgement.
+    pub fn on_synced(&mut self, synced: SyncedLsn) -> Ready {
+        assert_eq!(synced.lsn(), self.wal.write_lsn, "a sync covers every write handed to storage");
+        assert!(self.wal.written_boundary_lsn >= self.wal.flush_lsn, "flush LSN moves forward");
+        self.wal.flush_lsn = self.wal.written_boundary_lsn;
+        let actions = self.advance_commit();
+        if !std::mem::take(&mut self.ack_pending) {
+            return Ready { actions, reply: None };
+        }
+        self.append_response_ready(actions)
+    }
+
+    /// Persist the current state now (e.g. at shutdown) so recovery starts late.
+    pub fn checkpoint(&mut self) -> Ready {
+        Ready { actions: vec![self.persist_action()], reply: None }
+    }
+
+    fn advance_commit(&mut self) -> Vec<StorageAction> {
+        let candidate = self.proposer_commit_lsn.min(self.wal.flush_lsn);
+        if candidate > self.state.commit_lsn {
+            self.state.commit_lsn = candidate;
+        }
+        assert!(self.state.commit_lsn <= self.wal.flush_lsn, "commit never passes the local flush");
+        let since_checkpoint = self.state.commit_lsn.0 - self.persisted_commit_lsn.0;
+        if since_checkpoint >= self.config.checkpoint_interval_bytes {
+            vec![self.persist_action()]
+        } else {
+            vec![]
+        }
+    }
+
+    fn persist_action(&mut self) -> StorageAction {
+        assert!(self.state.commit_lsn >= self.persisted_commit_lsn, "commit_lsn never moves backwards");
+        self.persisted_commit_lsn = self.state.commit_lsn;
+        StorageAction::PersistControl(Box::new(self.state.clone()))
+    }
+
+    fn append_response_ready(&self, actions: Vec<StorageAction>) -> Ready {
+        let reply =
+            AppendResponse { term: self.state.term, flush_lsn: self.wal.flush_lsn, commit_lsn: self.state.commit_lsn };
+        Ready { actions, reply: Some(AcceptorMessage::AppendResponse(reply)) }
+    }
+}
+
+/// Feed appended WAL to a copy of the decoder so a rejected append leaves the
+/// acceptor's decoder untouched.
+fn decode_appended(decoder: &WalDecoder, append: &AppendRequest) -> Result<WalDecoder, AcceptorError> {
+    let (begin_lsn, end_lsn) = (append.begin_lsn, append.end_lsn);
+    let mut trial = decoder.clone();
+    trial.feed(&append.wal);
+    loop {
+        match trial.next_record() {
+            Ok(DecodeStep::Record(_)) => continue,
+            Ok(DecodeStep::NeedMoreInput) => return Ok(trial),
+            // Postgres never streams a zero length at a record start.
+            Ok(DecodeStep::EndOfWal { lsn }) => return Err(AcceptorError::ZeroLengthRecord { lsn }),
+            Err(source) => return Err(AcceptorError::InvalidWal { begin_lsn, end_lsn, source }),
+        }
+    }
+}
+
+/// The history entries that describe a log ending at `end_lsn`.
+fn log_history(history: &TermHistory, end_lsn: Lsn) -> TermHistory {
+    TermHistory(history.0.iter().copied().filter(|entry| entry.start_lsn <= end_lsn).collect())
+}
+
+fn validate_proposer_history(elected: &ProposerElected) -> Result<(), AcceptorError> {
+    let bad = |reason: &str| Err(AcceptorError::BadTermHistory { reason: reason.to_string() });
+    if !elected.term_history.is_well_formed() {
+        return bad("terms must increase and start LSNs must not decrease");
+    }
+    let last = TermStart { term: elected.term, start_lsn: elected.term_start_lsn };
+    if elected.term_history.0.last() != Some(&last) {
+        return bad("the last entry must be the proposer's term and start LSN");
+    }
+    Ok(())
+}
+
+/// A log described by its term history and where it ends.
+#[derive(Clone, Copy)]
+struct LogView<'a> {
+    history: &'a TermHistory,
+    end_lsn: Lsn,
+}
+
+impl LogView<'_> {
+    /// End of the run of WAL written by entry `index`.
+    fn entry_end(&self, index: usize) -> Lsn {
+        match self.history.0.get(index + 1) {
+            Some(next) => next.start_lsn.min(self.end_lsn),
+            None => self.end_lsn,
+        }
+    }
+}
+
+/// The end of the longest prefix on which the two logs agree (same term for
+/// every byte), or `None` if they disagree from their first entry.
+fn highest_common_point(ours: LogView<'_>, theirs: LogView<'_>) -> Option<Lsn> {
+    let mut common = None;
+    for (index, (our_entry, their_entry)) in ours.history.0.iter().zip(&theirs.history.0).enumerate() {
+        if our_entry != their_entry {
+            break;
+        }
+        let (our_end, their_end) = (ours.entry_end(index), theirs.entry_end(index));
+        common = Some(our_end.min(their_end));
+        if our_end != their_end {
+            break;
+        }
+    }
+    common
+}
+
+#[cfg(test)]
+mod tests;

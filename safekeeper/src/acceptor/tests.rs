@@ -1,0 +1,439 @@
+//! Acceptor rules, each test citing the rule it checks, plus a property test
+//! over random message sequences.
+
+use super::*;
+use crate::control::TermStart;
+use crate::ids::{SystemId, TenantId, TimelineId};
+use crate::lsn::WalSegmentSize;
+use crate::protocol::{AppendRequest, Greeting, ProposerElected, VoteRequest};
+use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
+use crate::storage::WalStorage;
+use crate::timeline::{Timeline, TimelineError};
+use crate::wal::generator::WalGenerator;
+
+const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
+const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
+const TIMELINE_START: Lsn = Lsn(0x100_0000);
+
+fn segment_size() -> WalSegmentSize {
+    WalSegmentSize::new(SEGMENT_SIZE_BYTES).unwrap()
+}
+
+fn cluster() -> ClusterId {
+    ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([1; 16]), timeline_id: TimelineId([2; 16]) }
+}
+
+fn fresh_state() -> ControlState {
+    ControlState {
+        cluster: cluster(),
+        pg_version: 150000,
+        wal_segment_size: segment_size(),
+        term: Term(0),
+        term_history: TermHistory::default(),
+        timeline_start_lsn: Lsn(0),
+        commit_lsn: Lsn(0),
+    }
+}
+
+type MemTimeline = Timeline<MemoryWalStorage, MemoryControlStore>;
+
+fn new_timeline() -> MemTimeline {
+    let acceptor = Acceptor::new(
+        NodeId(1),
+        AcceptorConfig::default(),
+        fresh_state(),
+        RecoveredWal { end_lsn: Lsn(0), decoder: None },
+    );
+    Timeline::new(acceptor, MemoryWalStorage::new(), MemoryControlStore::default())
+}
+
+fn history(entries: &[(u64, Lsn)]) -> TermHistory {
+    TermHistory(entries.iter().map(|&(term, start_lsn)| TermStart { term: Term(term), start_lsn }).collect())
+}
+
+fn vote(term: u64) -> ProposerMessage {
+    ProposerMessage::VoteRequest(VoteRequest { cluster: cluster(), term: Term(term) })
+}
+
+fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
+    let history = history(entries);
+    let last = *history.0.last().unwrap();
+    assert_eq!(last.term, Term(term));
+    ProposerMessage::ProposerElected(ProposerElected {
+        cluster: cluster(),
+        term: Term(term),
+        term_start_lsn: last.start_lsn,
+        timeline_start_lsn: TIMELINE_START,
+        term_history: history,
+    })
+}
+
+fn append(term: u64, begin_lsn: Lsn, wal: &[u8], commit_lsn: Lsn) -> ProposerMessage {
+    ProposerMessage::AppendRequest(AppendRequest {
+        cluster: cluster(),
+        term: Term(term),
+        begin_lsn,
+        end_lsn: begin_lsn + wal.len() as u64,
+        commit_lsn,
+        wal: Bytes::copy_from_slice(wal),
+    })
+}
+
+fn append_response(message: Option<AcceptorMessage>) -> AppendResponse {
+    match message {
+        Some(AcceptorMessage::AppendResponse(response)) => response,
+        other => panic!("expected an AppendResponse, got {other:?}"),
+    }
+}
+
+fn vote_response(message: Option<AcceptorMessage>) -> VoteResponse {
+    match message {
+        Some(AcceptorMessage::VoteResponse(response)) => response,
+        other => panic!("expected a VoteResponse, got {other:?}"),
+    }
+}
+
+/// WAL of `count` records with payload sizes cycling through page-straddling
+/// sizes, returned as one contiguous run of bytes.
+fn generate(generator: &mut WalGenerator, count: usize) -> (Lsn, Vec<u8>) {
+    for index in 0..count {
+        let payload = vec![(index % 251) as u8; 40 + (index * 997) % 12_000];
+        generator.append_record(10, 0x00, index as u32 + 1000, &payload);
+    }
+    generator.take_bytes()
+}
+
+/// Send WAL in appends that respect segment boundaries; returns the acks.
+fn send_wal(timeline: &mut MemTimeline, term: u64, start: Lsn, wal: &[u8], commit: Lsn) -> AppendResponse {
+    let mut offset = 0usize;
+    while offset < wal.len() {
+        let at = start + offset as u64;
+        let to_segment_end = (at.next_segment_start(segment_size()) - at) as usize;
+        let len = (wal.len() - offset).min(to_segment_end).min(32 * 1024);
+        let reply = timeline.handle(append(term, at, &wal[offset..offset + len], commit)).unwrap();
+        assert!(reply.is_none(), "appends are acknowledged only after a sync");
+        offset += len;
+    }
+    append_response(timeline.sync_and_ack().unwrap())
+}
+
+/// A timeline elected in term 1 holding `records` records from TIMELINE_START.
+fn timeline_with_wal(records: usize) -> (MemTimeline, WalGenerator) {
+    let mut timeline = new_timeline();
+    vote_response(timeline.handle(vote(1)).unwrap());
+    append_response(timeline.handle(elected(1, &[(1, TIMELINE_START)])).unwrap());
+    let mut generator = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+    let (start, wal) = generate(&mut generator, records);
+    assert_eq!(start, TIMELINE_START);
+    let ack = send_wal(&mut timeline, 1, start, &wal, Lsn(0));
+    assert_eq!(ack.flush_lsn, generator.end_lsn());
+    (timeline, generator)
+}
+
+#[test]
+fn greeting_checks_cluster_identity_and_parameters() {
+    let mut timeline = new_timeline();
+    let greeting = |cluster: ClusterId, segment: u32| {
+        ProposerMessage::Greeting(Greeting {
+            protocol_version: PROTOCOL_VERSION,
+            cluster,
+            pg_version: 150000,
+            wal_segment_size_bytes: segment,
+            proposer_id: [9; 16],
+        })
+    };
+    let ok = timeline.handle(greeting(cluster(), SEGMENT_SIZE_BYTES as u32)).unwrap();
+    assert!(matches!(ok, Some(AcceptorMessage::GreetingResponse(GreetingResponse { node_id: NodeId(1), .. }))));
+    let mut other = cluster();
+    other.system_id = SystemId(42);
+    let err = timeline.handle(greeting(other, SEGMENT_SIZE_BYTES as u32)).unwrap_err();
+    assert!(matches!(err, TimelineError::Refused(AcceptorError::ClusterMismatch { .. })), "{err}");
+    let err = timeline.handle(greeting(cluster(), 16 << 20)).unwrap_err();
+    assert!(err.to_string().contains("wal segment size"), "{err}");
+    // Every message is checked, not only the greeting.
+    let mut wrong_timeline = cluster();
+    wrong_timeline.timeline_id = TimelineId([3; 16]);
+    let message = ProposerMessage::VoteRequest(VoteRequest { cluster: wrong_timeline, term: Term(5) });
+    assert!(timeline.handle(message).is_err());
+    assert_eq!(timeline.acceptor().term(), Term(0), "a refused message changes nothing");
+}
+
+/// Rule: a vote is granted only for a term above every term seen, and the
+/// term is durable before the reply.
+#[test]
+fn vote_granted_only_for_higher_term_and_persisted_first() {
+    let mut timeline = new_timeline();
+    let granted = vote_response(timeline.handle(vote(3)).unwrap());
+    assert!(granted.vote_given);
+    assert_eq!(timeline.control().persisted.as_ref().unwrap().term, Term(3));
+    for term in [3, 2, 0] {
+        let refused = vote_response(timeline.handle(vote(term)).unwrap());
+        assert!(!refused.vote_given, "term {term}");
+        assert_eq!(refused.term, Term(3));
+    }
+    assert_eq!(timeline.control().persist_count, 1, "refusals persist nothing");
+}
+
+/// Rule: an append must start exactly at the write position.
+#[test]
+fn appends_with_gaps_or_rewrites_are_refused() {
+    let (mut timeline, mut generator) = timeline_with_wal(20);
+    let (start, wal) = generate(&mut generator, 3);
+    let flush_before = timeline.acceptor().flush_lsn();
+    for begin in [start + 8, Lsn(start.0 - 8), TIMELINE_START] {
+        let err = timeline.handle(append(1, begin, &wal[..64], Lsn(0))).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::NotContiguous { .. })), "{err}");
+    }
+    assert_eq!(timeline.wal().write_lsn(), flush_before, "nothing written");
+    send_wal(&mut timeline, 1, start, &wal, Lsn(0));
+}
+
+/// Rule: an append in a lower term is answered with the current term (fencing).
+#[test]
+fn lower_term_append_gets_the_higher_term() {
+    let (mut timeline, mut generator) = timeline_with_wal(5);
+    vote_response(timeline.handle(vote(2)).unwrap());
+    let (start, wal) = generate(&mut generator, 1);
+    let reply = append_response(timeline.handle(append(1, start, &wal, Lsn(0))).unwrap());
+    assert_eq!(reply.term, Term(2));
+    assert_eq!(timeline.wal().write_lsn(), start, "fenced append not written");
+    // A term that was voted for but not yet elected may not append either.
+    let err = timeline.handle(append(2, start, &wal, Lsn(0))).unwrap_err();
+    assert!(matches!(err, TimelineError::Refused(AcceptorError::NotElected { .. })));
+}
+
+/// Rule: flush acknowledgements are record boundaries of synced WAL.
+#[test]
+fn flush_ack_stops_at_the_last_complete_record() {
+    let (mut timeline, mut generator) = timeline_with_wal(5);
+    let boundary = generator.end_lsn();
+    let (start, wal) = generate(&mut generator, 1);
+    let cut = wal.len() - 10;
+    timeline.handle(append(1, start, &wal[..cut], Lsn(0))).unwrap();
+    let ack = append_response(timeline.sync_and_ack().unwrap());
+    assert_eq!(ack.flush_lsn, boundary, "half a record is not acknowledged");
+    timeline.handle(append(1, start + cut as u64, &wal[cut..], Lsn(0))).unwrap();
+    let ack = append_response(timeline.sync_and_ack().unwrap());
+    assert_eq!(ack.flush_lsn, generator.end_lsn());
+}
+
+/// Group commit: many appends, one sync, one acknowledgement.
+#[test]
+fn many_appends_one_sync() {
+    let (mut timeline, mut generator) = timeline_with_wal(1);
+    let syncs_before = timeline.wal().sync_count;
+    let (start, wal) = generate(&mut generator, 30);
+    send_wal(&mut timeline, 1, start, &wal, Lsn(0));
+    assert_eq!(timeline.wal().sync_count, syncs_before + 1);
+    assert_eq!(timeline.sync_and_ack().unwrap(), None, "nothing pending, no sync");
+    assert_eq!(timeline.wal().sync_count, syncs_before + 1);
+}
+
+/// Rule: commit_lsn never passes the local flush and never moves back.
+#[test]
+fn commit_is_capped_by_flush_and_monotonic() {
+    let (mut timeline, mut generator) = timeline_with_wal(10);
+    let flush = timeline.acceptor().flush_lsn();
+    let heartbeat = |commit| append(1, flush, &[], commit);
+    let ack = append_response(timeline.handle(heartbeat(flush + 1_000_000)).unwrap());
+    assert_eq!(ack.commit_lsn, flush, "capped at flush");
+    let ack = append_response(timeline.handle(heartbeat(Lsn(TIMELINE_START.0 + 100))).unwrap());
+    assert_eq!(ack.commit_lsn, flush, "never backwards");
+    // The proposer's earlier, higher commit applies as flush grows.
+    let (start, wal) = generate(&mut generator, 2);
+    let ack = send_wal(&mut timeline, 1, start, &wal, Lsn(0));
+    assert_eq!(ack.commit_lsn, generator.end_lsn());
+}
+
+/// Rule: ProposerElected truncates only the tail that diverges from the
+/// proposer's history, and never below commit_lsn.
+#[test]
+fn elected_truncates_only_the_divergent_tail() {
+    let (mut timeline, generator) = timeline_with_wal(40);
+    let flush = timeline.acceptor().flush_lsn();
+    // Commit a prefix: the record boundary after 10 more records is past it,
+    // so pick the boundary reported for a shorter log instead.
+    let (mut short, _) = timeline_with_wal(10);
+    let committed = short.acceptor().flush_lsn();
+    append_response(timeline.handle(append(1, flush, &[], committed)).unwrap());
+    assert_eq!(timeline.acceptor().commit_lsn(), committed);
+    let _ = short.checkpoint();
+
+    // Term 2's donor had our log only up to `committed`: our tail beyond is divergent.
+    vote_response(timeline.handle(vote(2)).unwrap());
+    let ack = append_response(timeline.handle(elected(2, &[(1, TIMELINE_START), (2, committed)])).unwrap());
+    assert_eq!(ack.flush_lsn, committed);
+    assert_eq!(timeline.wal().write_lsn(), committed, "tail truncated");
+    assert_eq!(timeline.acceptor().last_log_term(), Term(2));
+
+    // A proposer whose log agrees with ours up to our end truncates nothing.
+    vote_response(timeline.handle(vote(3)).unwrap());
+    let history = [(1, TIMELINE_START), (2, committed), (3, committed)];
+    append_response(timeline.handle(elected(3, &history)).unwrap());
+    assert_eq!(timeline.wal().write_lsn(), committed);
+
+    // Truncating below commit is refused, and changes nothing.
+    vote_response(timeline.handle(vote(4)).unwrap());
+    let below = Lsn(committed.0 - 8);
+    let err = timeline.handle(elected(4, &[(1, TIMELINE_START), (4, below)])).unwrap_err();
+    assert!(matches!(err, TimelineError::Refused(AcceptorError::TruncateBelowCommit { .. })), "{err}");
+    assert_eq!(timeline.wal().write_lsn(), committed);
+    drop(generator);
+}
+
+/// A bad byte in appended WAL is refused; the write position does not move
+/// and the correct bytes are accepted afterwards.
+#[test]
+fn corrupt_wal_is_refused_without_side_effects() {
+    let (mut timeline, mut generator) = timeline_with_wal(3);
+    let (start, wal) = generate(&mut generator, 3);
+    let mut corrupt = wal.clone();
+    corrupt[wal.len() / 2] ^= 0x40;
+    let err = timeline.handle(append(1, start, &corrupt, Lsn(0))).unwrap_err();
+    assert!(matches!(err, TimelineError::Refused(AcceptorError::InvalidWal { .. })), "{err}");
+    assert_eq!(timeline.wal().write_lsn(), start);
+    let ack = send_wal(&mut timeline, 1, start, &wal, Lsn(0));
+    assert_eq!(ack.flush_lsn, generator.end_lsn());
+}
+
+/// An append may not span two segment files.
+#[test]
+fn appends_crossing_a_segment_are_refused() {
+    let (mut timeline, mut generator) = timeline_with_wal(1);
+    let (start, wal) = generate(&mut generator, 200);
+    let at_segment_end = start.next_segment_start(segment_size());
+    let first = (at_segment_end - start) as usize;
+    let err = timeline.handle(append(1, start, &wal[..first + 16], Lsn(0))).unwrap_err();
+    assert!(matches!(err, TimelineError::Refused(AcceptorError::CrossesSegment { .. })), "{err}");
+}
+
+mod random_sequences {
+    //! Property: whatever a (possibly buggy or stale) proposer sends, the
+    //! acceptor never truncates below commit, never moves commit back and
+    //! never accepts a gap or a rewrite.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One primary's WAL: every proposer streams these same bytes.
+    struct Stream {
+        bytes: Vec<u8>,
+        boundaries: Vec<Lsn>,
+    }
+
+    fn stream() -> Stream {
+        let mut generator = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+        let mut boundaries = vec![TIMELINE_START];
+        for index in 0..300usize {
+            let payload = vec![index as u8; 16 + (index * 7919) % 9000];
+            boundaries.push(generator.append_record(10, 0, index as u32, &payload).end_lsn);
+        }
+        let (start, bytes) = generator.take_bytes();
+        assert_eq!(start, TIMELINE_START);
+        Stream { bytes, boundaries }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Vote {
+            term: u64,
+        },
+        /// Elected with a history made of (term, boundary index) pairs.
+        Elected {
+            term: u64,
+            earlier: Vec<(u64, usize)>,
+            start: usize,
+        },
+        Append {
+            term: u64,
+            shift: i64,
+            len_bytes: usize,
+            commit: usize,
+        },
+        Heartbeat {
+            term: u64,
+            commit: usize,
+        },
+        Sync,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let index = 0usize..301;
+        prop_oneof![
+            (0u64..6).prop_map(|term| Op::Vote { term }),
+            (1u64..6, proptest::collection::vec((1u64..6, index.clone()), 0..3), index.clone())
+                .prop_map(|(term, earlier, start)| Op::Elected { term, earlier, start }),
+            (1u64..6, prop_oneof![8 => Just(0i64), 1 => Just(8i64), 1 => Just(-8i64)], 1usize..40_000, index.clone())
+                .prop_map(|(term, shift, len_bytes, commit)| Op::Append { term, shift, len_bytes, commit }),
+            (1u64..6, index).prop_map(|(term, commit)| Op::Heartbeat { term, commit }),
+            Just(Op::Sync),
+        ]
+    }
+
+    fn to_message(op: &Op, timeline: &MemTimeline, stream: &Stream) -> Option<ProposerMessage> {
+        let boundary = |index: usize| stream.boundaries[index.min(stream.boundaries.len() - 1)];
+        Some(match op {
+            Op::Vote { term } => vote(*term),
+            Op::Elected { term, earlier, start } => {
+                let mut entries: Vec<(u64, Lsn)> =
+                    earlier.iter().map(|&(t, i)| (t, boundary(i))).filter(|&(t, _)| t < *term).collect();
+                entries.sort();
+                entries.dedup_by_key(|entry| entry.0);
+                entries.push((*term, boundary(*start)));
+                let history = history(&entries);
+                ProposerMessage::ProposerElected(ProposerElected {
+                    cluster: cluster(),
+                    term: Term(*term),
+                    term_start_lsn: boundary(*start),
+                    timeline_start_lsn: TIMELINE_START,
+                    term_history: history,
+                })
+            }
+            Op::Append { term, shift, len_bytes, commit } => {
+                let write = timeline.wal().write_lsn().max(TIMELINE_START);
+                let begin = Lsn(write.0.checked_add_signed(*shift)?);
+                let offset = usize::try_from(begin.checked_sub(TIMELINE_START)?).ok()?;
+                let to_segment_end = (begin.next_segment_start(segment_size()) - begin) as usize;
+                let len = (*len_bytes).min(to_segment_end).min(stream.bytes.len().checked_sub(offset)?);
+                append(*term, begin, &stream.bytes[offset..offset + len], boundary(*commit))
+            }
+            Op::Heartbeat { term, commit } => append(*term, timeline.acceptor().flush_lsn(), &[], boundary(*commit)),
+            Op::Sync => return None,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn acceptor_invariants_hold(ops in proptest::collection::vec(op(), 1..60)) {
+            let stream = stream();
+            let mut timeline = new_timeline();
+            let mut max_commit = Lsn(0);
+            for op in &ops {
+                let commit_before = timeline.acceptor().commit_lsn();
+                let write_before = timeline.wal().write_lsn();
+                let result = match to_message(op, &timeline, &stream) {
+                    Some(message) => timeline.handle(message).map(|_| ()),
+                    None => timeline.sync_and_ack().map(|_| ()),
+                };
+                if let Err(TimelineError::Storage(error)) = result {
+                    panic!("memory storage cannot fail: {error}");
+                }
+                let acceptor = timeline.acceptor();
+                let write_after = timeline.wal().write_lsn();
+                // Commit never moves back and never passes flush.
+                prop_assert!(acceptor.commit_lsn() >= max_commit);
+                max_commit = acceptor.commit_lsn();
+                prop_assert!(acceptor.commit_lsn() <= acceptor.flush_lsn());
+                // Truncation (the only way the log shrinks) never goes below commit.
+                if write_after < write_before {
+                    prop_assert!(write_after >= commit_before, "truncated to {write_after} below commit {commit_before}");
+                }
+                // No gap and no foreign byte: storage holds exactly the stream's prefix.
+                let held = timeline.wal().contents();
+                prop_assert_eq!(held, &stream.bytes[..held.len()]);
+                // Flush acknowledgements are record boundaries.
+                prop_assert!(!acceptor.flush_lsn().is_valid() || stream.boundaries.contains(&acceptor.flush_lsn()));
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! Proposer ⇄ acceptor messages and their binary encoding.
+//!
+//! Every message is one tag byte followed by big-endian fields. Proposer
+//! messages carry the cluster identity so two clusters' WAL can never mix.
+//! The compute_shim and the safekeeper both use this module; it is the only
+//! place the wire layout is written down in code (docs/protocol.md in prose).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::control::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
+use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use crate::lsn::Lsn;
+
+/// Version of this encoding, exchanged in the greeting.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest WAL payload in one AppendRequest. The proposer splits larger runs.
+pub const MAX_APPEND_PAYLOAD_BYTES: usize = 1 << 20;
+/// Largest encoded message of either direction (payload plus headers, or a
+/// full term history).
+pub const MAX_MESSAGE_BYTES: usize = MAX_APPEND_PAYLOAD_BYTES + 4096;
+
+const CLUSTER_ID_BYTES: usize = 8 + 16 + 16;
+const TERM_START_BYTES: usize = 16;
+
+mod tag {
+    pub const GREETING: u8 = b'g';
+    pub const VOTE_REQUEST: u8 = b'v';
+    pub const PROPOSER_ELECTED: u8 = b'e';
+    pub const APPEND_REQUEST: u8 = b'a';
+    pub const GREETING_RESPONSE: u8 = b'G';
+    pub const VOTE_RESPONSE: u8 = b'V';
+    pub const APPEND_RESPONSE: u8 = b'A';
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Greeting {
+    pub protocol_version: u32,
+    pub cluster: ClusterId,
+    pub pg_version: u32,
+    pub wal_segment_size_bytes: u32,
+    /// Random id of this proposer instance, for logs and status.
+    pub proposer_id: [u8; 16],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VoteRequest {
+    pub cluster: ClusterId,
+    pub term: Term,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProposerElected {
+    pub cluster: ClusterId,
+    pub term: Term,
+    /// Where the proposer's term begins writing (the donor's flush LSN).
+    pub term_start_lsn: Lsn,
+    /// First LSN of the timeline's WAL; an empty acceptor starts here.
+    pub timeline_start_lsn: Lsn,
+    /// The proposer's history, ending with (term, term_start_lsn).
+    pub term_history: TermHistory,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendRequest {
+    pub cluster: ClusterId,
+    pub term: Term,
+    pub begin_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_lsn: Lsn,
+    /// `end_lsn - begin_lsn` bytes of WAL; empty for a heartbeat.
+    pub wal: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProposerMessage {
+    Greeting(Greeting),
+    VoteRequest(VoteRequest),
+    ProposerElected(ProposerElected),
+    AppendRequest(AppendRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GreetingResponse {
+    pub node_id: NodeId,
+    pub term: Term,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VoteResponse {
+    /// The acceptor's term after handling the request.
+    pub term: Term,
+    pub vote_given: bool,
+    pub flush_lsn: Lsn,
+    pub commit_lsn: Lsn,
+    pub timeline_start_lsn: Lsn,
+    pub term_history: TermHistory,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendResponse {
+    /// A term above the proposer's means it has been fenced off.
+    pub term: Term,
+    /// Durable end of WAL, always a record boundary.
+    pub flush_lsn: Lsn,
+    pub commit_lsn: Lsn,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AcceptorMessage {
+    GreetingResponse(GreetingResponse),
+    VoteResponse(VoteResponse),
+    AppendResponse(AppendResponse),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown message tag {0:#04x}")]
+    UnknownTag(u8),
+    #[error("message truncated: needed {needed_bytes} more bytes for {field}")]
+    Truncated { field: &'static str, needed_bytes: usize },
+    #[error("message of {len_bytes} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")]
+    TooLarge { len_bytes: usize },
+    #[error("{trailing_bytes} unexpected bytes after the message")]
+    TrailingBytes { trailing_bytes: usize },
+    #[error("term history of {entries} entries exceeds the limit of {MAX_TERM_HISTORY_ENTRIES}")]
+    HistoryTooLong { entries: u32 },
+    #[error("append of {begin}..{end} carries {payload_bytes} bytes")]
+    AppendLengthMismatch { begin: Lsn, end: Lsn, payload_bytes: usize },
+    #[error("bad boolean byte {0}")]
+    BadBool(u8),
+}
+
+/// Bounds-checked reader over one message; every read names its field.
+struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    fn need(&self, field: &'static str, len: usize) -> Result<(), DecodeError> {
+        if self.buf.remaining() < len {
+            return Err(DecodeError::Truncated { field, needed_bytes: len - self.buf.remaining() });
+        }
+        Ok(())
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        self.need(field, 1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        self.need(field, 4)?;
+        Ok(self.buf.get_u32())
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        self.need(field, 8)?;
+        Ok(self.buf.get_u64())
+    }
+    fn bytes16(&mut self, field: &'static str) -> Result<[u8; 16], DecodeError> {
+        self.need(field, 16)?;
+        let mut out = [0u8; 16];
+        self.buf.copy_to_slice(&mut out);
+        Ok(out)
+    }
+    fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(DecodeError::BadBool(other)),
+        }
+    }
+    fn lsn(&mut self, field: &'static str) -> Result<Lsn, DecodeError> {
+        self.u64(field).map(Lsn)
+    }
+    fn term(&mut self, field: &'static str) -> Result<Term, DecodeError> {
+        self.u64(field).map(Term)
+    }
+    fn cluster(&mut self) -> Result<ClusterId, DecodeError> {
+        self.need("cluster id", CLUSTER_ID_BYTES)?;
+        Ok(ClusterId {
+            system_id: SystemId(self.u64("system id")?),
+            tenant_id: TenantId(self.bytes16("tenant id")?),
+            timeline_id: TimelineId(self.bytes16("timeline id")?),
+        })
+    }
+    fn history(&mut self) -> Result<TermHistory, DecodeError> {
+        let entries = self.u32("term history length")?;
+        if entries as usize > MAX_TERM_HISTORY_ENTRIES {
+            return Err(DecodeError::HistoryTooLong { entries });
+        }
+        // Check the bytes are there before allocating for them.
+        self.need("term history", entries as usize * TERM_START_BYTES)?;
+        let mut history = Vec::with_capacity(entries as usize);
+        for _ in 0..entries {
+            history.push(TermStart { term: self.term("history term")?, start_lsn: self.lsn("history start lsn")? });
+        }
+        Ok(TermHistory(history))
+    }
+    fn finish(self) -> Result<(), DecodeError> {
+        match self.buf.remaining() {
+            0 => Ok(()),
+            trailing_bytes => Err(DecodeError::TrailingBytes { trailing_bytes }),
+        }
+    }
+}
+
+fn start_reading(message: Bytes) -> Result<(u8, Reader), DecodeError> {
+    if message.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge { len_bytes: message.len() });
+    }
+    let mut reader = Reader { buf: message };
+    if reader.buf.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let tag = reader.u8("tag")?;
+    Ok((tag, reader))
+}
+
+fn put_cluster(out: &mut BytesMut, cluster: &ClusterId) {
+    out.put_u64(cluster.system_id.0);
+    out.put_slice(&cluster.tenant_id.0);
+    out.put_slice(&cluster.timeline_id.0);
+}
+
+fn put_history(out: &mut BytesMut, history: &TermHistory) {
+    let entries = u32::try_from(history.0.len()).expect("term history length fits u32");
+    out.put_u32(entries);
+    for entry in &history.0 {
+        out.put_u64(entry.term.0);
+        out.put_u64(entry.start_lsn.0);
+    }
+}
+
+impl ProposerMessage {
+    pub fn cluster(&self) -> &ClusterId {
+        match self {
+            ProposerMessage::Greeting(m) => &m.cluster,
+            ProposerMessage::VoteRequest(m) => &m.cluster,
+            ProposerMessage::ProposerElected(m) => &m.cluster,
+            ProposerMessage::AppendRequest(m) => &m.cluster,
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64);
+        match self {
+            ProposerMessage::Greeting(m) => {
+                out.put_u8(tag::GREETING);
+                out.put_u32(m.protocol_version);
+                put_cluster(&mut out, &m.cluster);
+                out.put_u32(m.pg_version);
+                out.put_u32(m.wal_segment_size_bytes);
+                out.put_slice(&m.proposer_id);
+            }
+            ProposerMessage::VoteRequest(m) => {
+                out.put_u8(tag::VOTE_REQUEST);
+                put_cluster(&mut out, &m.cluster);
+                out.put_u64(m.term.0);
+            }
+            ProposerMessage::ProposerElected(m) => {
+                out.put_u8(tag::PROPOSER_ELECTED);
+                put_cluster(&mut out, &m.cluster);
+                out.put_u64(m.term.0);
+                out.put_u64(m.term_start_lsn.0);
+                out.put_u64(m.timeline_start_lsn.0);
+                put_history(&mut out, &m.term_history);
+            }
+            ProposerMessage::AppendRequest(m) => {
+                out.reserve(m.wal.len() + 80);
+                out.put_u8(tag::APPEND_REQUEST);
+                put_cluster(&mut out, &m.cluster);
+                out.put_u64(m.term.0);
+                out.put_u64(m.begin_lsn.0);
+                out.put_u64(m.end_lsn.0);
+                out.put_u64(m.commit_lsn.0);
+                out.put_slice(&m.wal);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Decode one message. The WAL payload of an append shares `message`'s
+    /// buffer (no copy).
+    pub fn decode(message: Bytes) -> Result<ProposerMessage, DecodeError> {
+        let (tag, mut r) = start_reading(message)?;
+        let decoded = match tag {
+            tag::GREETING => ProposerMessage::Greeting(Greeting {
+                protocol_version: r.u32("protocol version")?,
+                cluster: r.cluster()?,
+                pg_version: r.u32("pg version")?,
+                wal_segment_size_bytes: r.u32("wal segment size")?,
+                proposer_id: r.bytes16("proposer id")?,
+            }),
+            tag::VOTE_REQUEST => {
+                ProposerMessage::VoteRequest(VoteRequest { cluster: r.cluster()?, term: r.term("term")? })
+            }
+            tag::PROPOSER_ELECTED => ProposerMessage::ProposerElected(ProposerElected {
+                cluster: r.cluster()?,
+                term: r.term("term")?,
+                term_start_lsn: r.lsn("term start lsn")?,
+                timeline_start_lsn: r.lsn("timeline start lsn")?,
+                term_history: r.history()?,
+            }),
+            tag::APPEND_REQUEST => {
+                let cluster = r.cluster()?;
+                let term = r.term("term")?;
+                let begin_lsn = r.lsn("begin lsn")?;
+                let end_lsn = r.lsn("end lsn")?;
+                let commit_lsn = r.lsn("commit lsn")?;
+                let wal = std::mem::take(&mut r.buf);
+                let length_ok = end_lsn.0.checked_sub(begin_lsn.0) == Some(wal.len() as u64);
+                if !length_ok || wal.len() > MAX_APPEND_PAYLOAD_BYTES {
+                    return Err(DecodeError::AppendLengthMismatch {
+                        begin: begin_lsn,
+                        end: end_lsn,
+                        payload_bytes: wal.len(),
+                    });
+                }
+                ProposerMessage::AppendRequest(AppendRequest { cluster, term, begin_lsn, end_lsn, commit_lsn, wal })
+            }
+            other => return Err(DecodeError::UnknownTag(other)),
+        };
+        r.finish()?;
+        Ok(decoded)
+    }
+}
+
+impl AcceptorMessage {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64);
+        match self {
+            AcceptorMessage::GreetingResponse(m) => {
+                out.put_u8(tag::GREETING_RESPONSE);
+                out.put_u64(m.node_id.0);
+                out.put_u64(m.term.0);
+            }
+            AcceptorMessage::VoteResponse(m) => {
+                out.put_u8(tag::VOTE_RESPONSE);
+                out.put_u64(m.term.0);
+                out.put_u8(u8::from(m.vote_given));
+                out.put_u64(m.flush_lsn.0);
+                out.put_u64(m.commit_lsn.0);
+                out.put_u64(m.timeline_start_lsn.0);
+                put_history(&mut out, &m.term_history);
+            }
+            AcceptorMessage::AppendResponse(m) => {
+                out.put_u8(tag::APPEND_RESPONSE);
+                out.put_u64(m.term.0);
+                out.put_u64(m.flush_lsn.0);
+                out.put_u64(m.commit_lsn.0);
+            }
+        }
+        out.freeze()
+    }
+
+    pub fn decode(message: Bytes) -> Result<AcceptorMessage, DecodeError> {
+        let (tag, mut r) = start_reading(message)?;
+        let decoded = match tag {
+            tag::GREETING_RESPONSE => AcceptorMessage::GreetingResponse(GreetingResponse {
+                node_id: NodeId(r.u64("node id")?),
+                term: r.term("term")?,
+            }),
+            tag::VOTE_RESPONSE => AcceptorMessage::VoteResponse(VoteResponse {
+                term: r.term("term")?,
+                vote_given: r.bool("vote given")?,
+                flush_lsn: r.lsn("flush lsn")?,
+                commit_lsn: r.lsn("commit lsn")?,
+                timeline_start_lsn: r.lsn("timeline start lsn")?,
+                term_history: r.history()?,
+            }),
+            tag::APPEND_RESPONSE => AcceptorMessage::AppendResponse(AppendResponse {
+                term: r.term("term")?,
+                flush_lsn: r.lsn("flush lsn")?,
+                commit_lsn: r.lsn("commit lsn")?,
+            }),
+            other => return Err(DecodeError::UnknownTag(other)),
+        };
+        r.finish()?;
+        Ok(decoded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cluster() -> impl Strategy<Value = ClusterId> {
+        (any::<u64>(), any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(|(s, t, l)| ClusterId {
+            system_id: SystemId(s),
+            tenant_id: TenantId(t),
+            timeline_id: TimelineId(l),
+        })
+    }
+
+    fn history() -> impl Strategy<Value = TermHistory> {
+        proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8).prop_map(|entries| {
+            TermHistory(entries.into_iter().map(|(t, l)| TermStart { term: Term(t), start_lsn: Lsn(l) }).collect())
+        })
+    }
+
+    fn proposer_message() -> impl Strategy<Value = ProposerMessage> {
+        prop_oneof![
+            (any::<u32>(), cluster(), any::<u32>(), any::<u32>(), any::<[u8; 16]>()).prop_map(|(v, c, pg, seg, id)| {
+                ProposerMessage::Greeting(Greeting {
+                    protocol_version: v,
+                    cluster: c,
+                    pg_version: pg,
+                    wal_segment_size_bytes: seg,
+                    proposer_id: id,
+                })
+            }),
+            (cluster(), any::<u64>())
+                .prop_map(|(c, t)| ProposerMessage::VoteRequest(VoteRequest { cluster: c, term: Term(t) })),
+            (cluster(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(|(c, t, s, ts, h)| {
+                ProposerMessage::ProposerElected(ProposerElected {
+                    cluster: c,
+                    term: Term(t),
+                    term_start_lsn: Lsn(s),
+                    timeline_start_lsn: Lsn(ts),
+                    term_history: h,
+                })
+            }),
+            (cluster(), any::<u64>(), 0u64..1 << 40, any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512))
+                .prop_map(|(c, t, begin, commit, wal)| {
+                    ProposerMessage::AppendRequest(AppendRequest {
+                        cluster: c,
+                        term: Term(t),
+                        begin_lsn: Lsn(begin),
+                        end_lsn: Lsn(begin + wal.len() as u64),
+                        commit_lsn: Lsn(commit),
+                        wal: Bytes::from(wal),
+                    })
+                }),
+        ]
+    }
+
+    fn acceptor_message() -> impl Strategy<Value = AcceptorMessage> {
+        prop_oneof![
+            (any::<u64>(), any::<u64>()).prop_map(|(n, t)| {
+                AcceptorMessage::GreetingResponse(GreetingResponse { node_id: NodeId(n), term: Term(t) })
+            }),
+            (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(
+                |(t, given, f, c, s, h)| {
+                    AcceptorMessage::VoteResponse(VoteResponse {
+                        term: Term(t),
+                        vote_given: given,
+                        flush_lsn: Lsn(f),
+                        commit_lsn: Lsn(c),
+                        timeline_start_lsn: Lsn(s),
+                        term_history: h,
+                    })
+                }
+            ),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(t, f, c)| {
+                AcceptorMessage::AppendResponse(AppendResponse { term: Term(t), flush_lsn: Lsn(f), commit_lsn: Lsn(c) })
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn proposer_messages_round_trip(message in proposer_message()) {
+            prop_assert_eq!(ProposerMessage::decode(message.encode()).unwrap(), message);
+        }
+
+        #[test]
+        fn acceptor_messages_round_trip(message in acceptor_message()) {
+            prop_assert_eq!(AcceptorMessage::decode(message.encode()).unwrap(), message);
+        }
+
+        /// Every strict prefix of a valid message is a typed error, never a panic.
+        #[test]
+        fn truncated_messages_are_errors(message in proposer_message(), cut in any::<prop::sample::Index>()) {
+            let encoded = message.encode();
+            let len = cut.index(encoded.len());
+            // An append cut inside its payload is caught by the length check.
+            prop_assert!(ProposerMessage::decode(encoded.slice(..len)).is_err());
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ProposerMessage::decode(Bytes::from(bytes.clone()));
+            let _ = AcceptorMessage::decode(Bytes::from(bytes));
+        }
+    }
+
+    #[test]
+    fn history_length_is_checked_before_allocating() {
+        let mut out = BytesMut::new();
+        out.put_u8(tag::VOTE_RESPONSE);
+        out.put_slice(&[0u8; 8 + 1 + 8 + 8 + 8]);
+        out.put_u32(u32::MAX);
+        assert_eq!(AcceptorMessage::decode(out.freeze()), Err(DecodeError::HistoryTooLong { entries: u32::MAX }));
+    }
+
+    #[test]
+    fn oversized_messages_are_refused() {
+        let huge = Bytes::from(vec![tag::APPEND_REQUEST; MAX_MESSAGE_BYTES + 1]);
+        assert!(matches!(ProposerMessage::decode(huge), Err(DecodeError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,98 @@
+//! Runs an acceptor against storage: executes its actions in order and
+//! releases replies only after they are durable. Synchronous and generic over
+//! the storage traits, so tests and the simulation drive the same code the
+//! service's per-timeline owner task does.
+
+use crate::acceptor::{Acceptor, AcceptorConfig, AcceptorError, Ready, RecoveredWal, StorageAction};
+use crate::ids::NodeId;
+use crate::protocol::{AcceptorMessage, ProposerMessage};
+use crate::recovery::RecoveredTimeline;
+use crate::storage::control_file::FileControlStore;
+use crate::storage::segments::SegmentStorage;
+use crate::storage::{ControlStore, StorageError, WalStorage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TimelineError {
+    /// The proposer sent something the rules refuse; the timeline is intact.
+    #[error(transparent)]
+    Refused(#[from] AcceptorError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+pub struct Timeline<W: WalStorage, C: ControlStore> {
+    acceptor: Acceptor,
+    wal: W,
+    control: C,
+}
+
+impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
+    pub fn new(acceptor: Acceptor, wal: W, control: C) -> Self {
+        Timeline { acceptor, wal, control }
+    }
+
+    pub fn acceptor(&self) -> &Acceptor {
+        &self.acceptor
+    }
+    pub fn wal(&self) -> &W {
+        &self.wal
+    }
+    pub fn wal_mut(&mut self) -> &mut W {
+        &mut self.wal
+    }
+    pub fn control(&self) -> &C {
+        &self.control
+    }
+    pub fn into_parts(self) -> (Acceptor, W, C) {
+        (self.acceptor, self.wal, self.control)
+    }
+
+    /// Handle one message. Appends are written but acknowledged only by a
+    /// later [`Timeline::sync_and_ack`] (group commit: many appends, one sync).
+    pub fn handle(&mut self, message: ProposerMessage) -> Result<Option<AcceptorMessage>, TimelineError> {
+        let ready = self.acceptor.handle(message)?;
+        Ok(self.apply(ready)?)
+    }
+
+    /// Sync everything written and return the append acknowledgement, if any
+    /// append is waiting for one.
+    pub fn sync_and_ack(&mut self) -> Result<Option<AcceptorMessage>, TimelineError> {
+        if !self.acceptor.ack_pending() && self.wal.flush_lsn() == self.wal.write_lsn() {
+            return Ok(None);
+        }
+        let synced = self.wal.sync()?;
+        let ready = self.acceptor.on_synced(synced);
+        Ok(self.apply(ready)?)
+    }
+
+    /// Persist the control state (used at shutdown).
+    pub fn checkpoint(&mut self) -> Result<(), TimelineError> {
+        let ready = self.acceptor.checkpoint();
+        self.apply(ready)?;
+        Ok(())
+    }
+
+    fn apply(&mut self, ready: Ready) -> Result<Option<AcceptorMessage>, StorageError> {
+        for action in ready.actions {
+            match action {
+                StorageAction::InitializeWal { start_lsn } => self.wal.initialize(start_lsn)?,
+                StorageAction::TruncateWal { end_lsn } => self.wal.truncate(end_lsn)?,
+                StorageAction::WriteWal { start_lsn, wal } => self.wal.write(start_lsn, &wal)?,
+                StorageAction::PersistControl(state) => self.control.persist(&state)?,
+            }
+        }
+        Ok(ready.reply)
+    }
+}
+
+/// A timeline on disk: segment files and a control file.
+pub type FileTimeline = Timeline<SegmentStorage, FileControlStore>;
+
+impl FileTimeline {
+    /// The timeline a restart resumes with, from what recovery found.
+    pub fn from_recovered(recovered: RecoveredTimeline, node_id: NodeId, config: AcceptorConfig) -> FileTimeline {
+        let wal = RecoveredWal { end_lsn: recovered.end_lsn, decoder: recovered.decoder };
+        let acceptor = Acceptor::new(node_id, config, recovered.control, wal);
+        Timeline::new(acceptor, recovered.storage, recovered.control_store)
+    }
+}
