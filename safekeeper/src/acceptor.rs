@@ -356,19 +356,16 @@ impl Acceptor {
 }
 
 /// Feed appended WAL to a copy of the decoder so a rejected append leaves the
-/// acceptor's decoder untouched.
+/// acceptor's decoder untouched. Postgres never streams a zero length where
+/// a record starts, so that is refused too.
 fn decode_appended(decoder: &WalDecoder, append: &AppendRequest) -> Result<WalDecoder, AcceptorError> {
     let (begin_lsn, end_lsn) = (append.begin_lsn, append.end_lsn);
     let mut trial = decoder.clone();
     trial.feed(&append.wal);
-    loop {
-        match trial.next_record() {
-            Ok(DecodeStep::Record(_)) => continue,
-            Ok(DecodeStep::NeedMoreInput) => return Ok(trial),
-            // Postgres never streams a zero length at a record start.
-            Ok(DecodeStep::EndOfWal { lsn }) => return Err(AcceptorError::ZeroLengthRecord { lsn }),
-            Err(source) => return Err(AcceptorError::InvalidWal { begin_lsn, end_lsn, source }),
-        }
+    match trial.decode_available(|_| {}) {
+        Ok(DecodeStep::EndOfWal { lsn }) => Err(AcceptorError::ZeroLengthRecord { lsn }),
+        Ok(_) => Ok(trial),
+        Err(source) => Err(AcceptorError::InvalidWal { begin_lsn, end_lsn, source }),
     }
 }
 

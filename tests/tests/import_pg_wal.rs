@@ -64,7 +64,8 @@ fn imported_wal_equals_pg_wal_and_pg_waldump_reads_it() -> Result<()> {
     let tenant_id: TenantId = TENANT.parse()?;
     let timeline_id: TimelineId = TIMELINE.parse()?;
     let pg_wal = pg.pg_wal_dir();
-    let request = ImportRequest { datadir: datadir.path(), node_id: NodeId(1), tenant_id, timeline_id, pg_wal: &pg_wal };
+    let request =
+        ImportRequest { datadir: datadir.path(), node_id: NodeId(1), tenant_id, timeline_id, pg_wal: &pg_wal };
     let segment_size = WalSegmentSize::new(pg.wal_segment_size_bytes())?;
     let dir = timeline_dir(datadir.path(), tenant_id, timeline_id);
 

@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safekeeper::lsn::{Lsn, SegmentNo, WalSegmentSize};
 use safekeeper::wal::format::{page_header_bytes, RECORD_HEADER_BYTES, WAL_PAGE_SIZE_BYTES};
+use safekeeper::wal::generator::decode_in_chunks;
 use safekeeper::wal::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 
 /// PG15 resource manager names as pg_waldump prints them, by id.
@@ -104,35 +105,6 @@ impl WalRange {
     }
 }
 
-/// Feed `bytes` (starting where `decoder` expects) in seeded random chunks
-/// of 1..=max_chunk bytes; stop at the first error.
-fn decode(
-    mut decoder: WalDecoder,
-    bytes: &[u8],
-    seed: u64,
-    max_chunk: usize,
-) -> (Vec<DecodedRecord>, Result<DecodeStep, WalDecodeError>) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut records = Vec::new();
-    let mut rest = bytes;
-    let mut last = Ok(DecodeStep::NeedMoreInput);
-    while !rest.is_empty() {
-        let (chunk, later) = rest.split_at(rng.gen_range(1..=max_chunk).min(rest.len()));
-        rest = later;
-        decoder.feed(chunk);
-        last = loop {
-            match decoder.next_record() {
-                Ok(DecodeStep::Record(record)) => records.push(record),
-                other => break other,
-            }
-        };
-        if last.is_err() {
-            break;
-        }
-    }
-    (records, last)
-}
-
 /// Generate WAL with pgbench, large rows, a 20 MiB logical message, a switch
 /// and a checkpoint; stop the server; return everything in pg_wal up to the
 /// flush LSN.
@@ -222,7 +194,7 @@ fn check_corruption(
     let mut bytes = wal.slice(from, target.end_lsn + CORRUPTION_TAIL_BYTES).to_vec();
     let at = lsn_of_record_byte(target.start_lsn, offset, wal.segment_size);
     bytes[(at - from) as usize] ^= rng.gen_range(1..=255u8);
-    let (decoded, outcome) = decode(decoder, &bytes, rng.gen(), MAX_CHUNK_BYTES);
+    let (decoded, outcome) = decode_in_chunks(decoder, &bytes, rng.gen(), MAX_CHUNK_BYTES);
     let context =
         format!("byte {offset} (at {at}) of the {}-byte record at {}", target.total_len_bytes, target.start_lsn);
     ensure!(decoded.iter().all(|record| record.start_lsn < target.start_lsn), "{context}: decoded past it");
@@ -250,7 +222,7 @@ fn decoder_matches_pg_waldump_on_real_wal() -> Result<()> {
 
     // 1. Whole input at once; the same as pg_waldump.
     let decoder = WalDecoder::at_segment_start(wal.start, segment_size);
-    let (records, outcome) = decode(decoder.clone(), &wal.bytes, 0, wal.bytes.len());
+    let (records, outcome) = decode_in_chunks(decoder.clone(), &wal.bytes, 0, wal.bytes.len());
     ensure!(outcome == Ok(DecodeStep::NeedMoreInput), "decoding ended with {outcome:?}");
     let first = records.first().context("no records decoded")?;
     let dumped = pg_waldump(&pg, first.start_lsn, wal.end())?;
@@ -279,11 +251,15 @@ fn decoder_matches_pg_waldump_on_real_wal() -> Result<()> {
     // 2. Random chunkings decode the same.
     let seed = std::env::var("WAL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
     println!("chunking/corruption seed {seed} (set WAL_TEST_SEED to replay)");
-    let (chunked, outcome) = decode(decoder, &wal.bytes, seed, MAX_CHUNK_BYTES);
+    let (chunked, outcome) = decode_in_chunks(decoder, &wal.bytes, seed, MAX_CHUNK_BYTES);
     ensure!(outcome == Ok(DecodeStep::NeedMoreInput) && chunked == records, "chunked decoding differs (seed {seed})");
     let small_chunks_end = first.start_lsn + (4 << 20);
-    let (small, _) =
-        decode(WalDecoder::at_segment_start(wal.start, segment_size), wal.slice(wal.start, small_chunks_end), seed, 64);
+    let (small, _) = decode_in_chunks(
+        WalDecoder::at_segment_start(wal.start, segment_size),
+        wal.slice(wal.start, small_chunks_end),
+        seed,
+        64,
+    );
     ensure!(!small.is_empty() && records.starts_with(&small), "small-chunk decoding differs (seed {seed})");
 
     // 3. Corruption is caught at the record that holds it.

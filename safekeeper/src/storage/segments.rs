@@ -104,7 +104,8 @@ impl MappedSegment {
         let Some((start, end)) = self.dirty else {
             return Ok(false);
         };
-        self.map.flush_range(start, end - start).map_err(|source| StorageError::SyncFailed {
+        let r = if exp("SK_SYNC") == "fdatasync" { self.file.sync_data() } else { self.map.flush_range(start, end - start) };
+        r.map_err(|source| StorageError::SyncFailed {
             what: format!("msync of {} bytes {start}..{end}", self.path.display()),
             source,
         })?;
@@ -130,7 +131,7 @@ pub struct SegmentStorage {
     /// Least recently used first; never more than `MAX_MAPPED_SEGMENTS`.
     mapped: Vec<MappedSegment>,
     /// A segment being zero-filled ahead of need under its temp name.
-    spare: Option<(SegmentNo, std::thread::JoinHandle<Result<(), StorageError>>)>,
+    spare: Option<(SegmentNo, std::thread::JoinHandle<Result<NewSegment, StorageError>>)>,
     /// Handle of the segment last read with `pread`.
     read_handle: Option<(SegmentNo, File)>,
     stats: SegmentStorageStats,
@@ -273,24 +274,28 @@ impl SegmentStorage {
         // A spare prepared in the background for exactly this segment saves
         // the zero-fill on the append path. If it failed (say ENOSPC), the
         // synchronous attempt below reports the error properly.
-        let spare_ready = match self.take_spare() {
-            Some((spare, Ok(()))) if spare == segment => true,
-            Some((spare, Ok(()))) => {
-                let _ = fs::remove_file(temp_segment_path(&self.segment_path(spare)));
-                false
+        let new = match self.take_spare() {
+            Some((spare, Ok(new))) if spare == segment => new,
+            taken => {
+                if let Some((spare, Ok(_))) = taken {
+                    let _ = fs::remove_file(temp_segment_path(&self.segment_path(spare)));
+                }
+                match create_segment_file(&tmp_path, self.segment_size.bytes()) {
+                    Ok(new) => new,
+                    Err(err) => {
+                        // Best effort: open() removes leftover temp files anyway.
+                        let _ = fs::remove_file(&tmp_path);
+                        return Err(err);
+                    }
+                }
             }
-            _ => false,
         };
-        if !spare_ready {
-            if let Err(err) = create_zeroed_file(&tmp_path, self.segment_size.bytes()) {
-                // Best effort: open() removes leftover temp files anyway.
-                let _ = fs::remove_file(&tmp_path);
-                return Err(err);
-            }
-        }
         fs::rename(&tmp_path, &final_path)
             .map_err(|e| io_error(format!("renaming {} to {}", tmp_path.display(), final_path.display()), e))?;
         fsync_dir(&self.dir)?;
+        // The map of the new segment is kept: it was populated for writing
+        // while nothing waited for it (see `create_segment_file`).
+        self.insert_map(MappedSegment { segment, path: final_path, file: new.file, map: new.map, dirty: None })?;
         if self.first_segment == self.end_segment {
             self.first_segment = segment;
         }
@@ -308,7 +313,7 @@ impl SegmentStorage {
         let tmp_path = temp_segment_path(&self.segment_path(segment));
         let size_bytes = self.segment_size.bytes();
         let worker = std::thread::Builder::new().name("segment-spare".to_string()).spawn(move || {
-            let result = create_zeroed_file(&tmp_path, size_bytes);
+            let result = create_segment_file(&tmp_path, size_bytes);
             if result.is_err() {
                 let _ = fs::remove_file(&tmp_path);
             }
@@ -319,7 +324,7 @@ impl SegmentStorage {
     }
 
     /// Wait for the spare being prepared, if any.
-    fn take_spare(&mut self) -> Option<(SegmentNo, Result<(), StorageError>)> {
+    fn take_spare(&mut self) -> Option<(SegmentNo, Result<NewSegment, StorageError>)> {
         let (segment, handle) = self.spare.take()?;
         let result = handle.join().unwrap_or_else(|_| panic!("the segment spare thread panicked"));
         Some((segment, result))
@@ -327,7 +332,7 @@ impl SegmentStorage {
 
     /// Remove a prepared spare that will not be used.
     fn discard_spare(&mut self) {
-        if let Some((segment, Ok(()))) = self.take_spare() {
+        if let Some((segment, Ok(_))) = self.take_spare() {
             let _ = fs::remove_file(temp_segment_path(&self.segment_path(segment)));
         }
     }
@@ -339,11 +344,8 @@ impl SegmentStorage {
         if let Some(index) = self.mapped.iter().position(|m| m.segment == segment) {
             let recent = self.mapped.remove(index);
             self.mapped.push(recent);
+            Ok(self.mapped.last_mut().expect("the segment was just pushed"))
         } else {
-            if self.mapped.len() == MAX_MAPPED_SEGMENTS {
-                let mut oldest = self.mapped.remove(0);
-                self.stats.msyncs += u64::from(oldest.sync()?);
-            }
             let path = self.segment_path(segment);
             let file = OpenOptions::new()
                 .read(true)
@@ -357,9 +359,20 @@ impl SegmentStorage {
             let map =
                 unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_error(format!("mapping {}", path.display()), e))?;
             assert_eq!(map.len() as u64, self.segment_size.bytes(), "{} changed size while open", path.display());
-            self.stats.maps_created += 1;
-            self.mapped.push(MappedSegment { segment, path, file, map, dirty: None });
+            self.insert_map(MappedSegment { segment, path, file, map, dirty: None })
         }
+    }
+
+    /// Add `mapped` as the most recently used map, first syncing and
+    /// unmapping the least recently used one if the bound is reached.
+    fn insert_map(&mut self, mapped: MappedSegment) -> Result<&mut MappedSegment, StorageError> {
+        debug_assert!(self.mapped.iter().all(|m| m.segment != mapped.segment));
+        if self.mapped.len() == MAX_MAPPED_SEGMENTS {
+            let mut oldest = self.mapped.remove(0);
+            self.stats.msyncs += u64::from(oldest.sync()?);
+        }
+        self.stats.maps_created += 1;
+        self.mapped.push(mapped);
         Ok(self.mapped.last_mut().expect("the segment was just pushed"))
     }
 
@@ -604,8 +617,28 @@ fn temp_segment_path(final_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A new segment file (under its temp name) and its map, ready for writes.
+struct NewSegment {
+    file: File,
+    map: MmapMut,
+}
+
+fn exp(name: &str) -> String {
+    std::env::var(name).unwrap_or_default()
+}
+
 /// Create `path` with `size_bytes` of zeros in real (written) blocks, fsynced.
-fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<(), StorageError> {
+fn create_segment_file(path: &Path, size_bytes: u64) -> Result<NewSegment, StorageError> {
+    let file = create_zeroed_file(path, size_bytes)?;
+    // SAFETY: as in `mapped_segment`.
+    let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_error(format!("mapping {}", path.display()), e))?;
+    if exp("SK_POPULATE") == "1" {
+        map.advise(memmap2::Advice::PopulateWrite).map_err(|e| io_error(format!("populating {}", path.display()), e))?;
+    }
+    Ok(NewSegment { file, map })
+}
+
+fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<File, StorageError> {
     let describe = |action: &str| format!("{action} {}", path.display());
     let file = OpenOptions::new()
         .read(true)
@@ -622,14 +655,17 @@ fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<(), StorageError> 
         Err(errno) => return Err(io_error(describe("fallocate of"), io::Error::from(errno))),
     }
     let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES.min(size_bytes) as usize];
-    let mut offset = 0;
+    let mut offset = if exp("SK_ZEROFILL") == "falloc" { size_bytes } else { 0 };
     while offset < size_bytes {
         let len = (size_bytes - offset).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..len], offset).map_err(|e| io_error(describe("zero-filling"), e))?;
         offset += len as u64;
     }
-    file.sync_all()
-        .map_err(|source| StorageError::SyncFailed { what: format!("fsync of new segment {}", path.display()), source })
+    file.sync_all().map_err(|source| StorageError::SyncFailed {
+        what: format!("fsync of new segment {}", path.display()),
+        source,
+    })?;
+    Ok(file)
 }
 
 /// List the segment files of `dir`: valid names, exact size, contiguous.

@@ -305,6 +305,18 @@ impl WalDecoder {
         }
     }
 
+    /// Decode every complete record fed so far, handing each to
+    /// `on_record`; returns the step that stopped it (`NeedMoreInput` or
+    /// `EndOfWal`), or the first error.
+    pub fn decode_available(&mut self, mut on_record: impl FnMut(DecodedRecord)) -> Result<DecodeStep, WalDecodeError> {
+        loop {
+            match self.next_record()? {
+                DecodeStep::Record(record) => on_record(record),
+                step => return Ok(step),
+            }
+        }
+    }
+
     /// The restart point after the last record returned: its `end_lsn`.
     /// For an XLOG SWITCH that is the next segment start, but only once the
     /// padding up to it has been fed and consumed; until then it stays at the
@@ -630,10 +642,8 @@ mod tests {
     use crate::wal::format::{
         encode_record, PageHeader, PG_FIRST_TIMELINE_ID, SHORT_PAGE_HEADER_BYTES, XLP_BKP_REMOVABLE,
     };
-    use crate::wal::generator::WalGenerator;
+    use crate::wal::generator::{decode_in_chunks, WalGenerator};
     use proptest::prelude::*;
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
 
     const PAGE: usize = WAL_PAGE_SIZE_BYTES as usize;
 
@@ -641,42 +651,12 @@ mod tests {
         WalSegmentSize::new(1 << 20).unwrap()
     }
 
-    /// Decode until the decoder stops returning records.
     fn drain(decoder: &mut WalDecoder, out: &mut Vec<DecodedRecord>) -> Result<DecodeStep, WalDecodeError> {
-        loop {
-            match decoder.next_record()? {
-                DecodeStep::Record(record) => out.push(record),
-                step => return Ok(step),
-            }
-        }
-    }
-
-    /// Feed `bytes` in chunks of 1..=`max_chunk` bytes (seeded), draining
-    /// after each; returns the records and the final step or error.
-    fn decode_chunked(
-        mut decoder: WalDecoder,
-        bytes: &[u8],
-        seed: u64,
-        max_chunk: usize,
-    ) -> (Vec<DecodedRecord>, Result<DecodeStep, WalDecodeError>) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut records = Vec::new();
-        let mut rest = bytes;
-        let mut last = Ok(DecodeStep::NeedMoreInput);
-        while !rest.is_empty() {
-            let (chunk, later) = rest.split_at(rng.gen_range(1..=max_chunk).min(rest.len()));
-            rest = later;
-            decoder.feed(chunk);
-            last = drain(&mut decoder, &mut records);
-            if last.is_err() {
-                break;
-            }
-        }
-        (records, last)
+        decoder.decode_available(|record| out.push(record))
     }
 
     fn decode_all(decoder: WalDecoder, bytes: &[u8]) -> (Vec<DecodedRecord>, Result<DecodeStep, WalDecodeError>) {
-        decode_chunked(decoder, bytes, 0, bytes.len().max(1))
+        decode_in_chunks(decoder, bytes, 0, bytes.len().max(1))
     }
 
     fn first_error(decoder: WalDecoder, bytes: &[u8]) -> WalDecodeError {
@@ -730,11 +710,11 @@ mod tests {
         assert_eq!(whole, expected);
         assert_eq!(step, Ok(DecodeStep::NeedMoreInput));
         for seed in 0..4 {
-            assert_eq!(decode_chunked(decoder.clone(), &bytes, seed, 20_000).0, expected, "seed {seed}");
+            assert_eq!(decode_in_chunks(decoder.clone(), &bytes, seed, 20_000).0, expected, "seed {seed}");
         }
         // One byte at a time over the first part (the whole is slow in debug).
         let head = &bytes[..200_000];
-        let (by_byte, _) = decode_chunked(decoder, head, 1, 1);
+        let (by_byte, _) = decode_in_chunks(decoder, head, 1, 1);
         assert!(!by_byte.is_empty());
         assert_eq!(by_byte[..], expected[..by_byte.len()]);
         assert!(by_byte.len() + 1 >= expected.iter().filter(|r| r.end_lsn <= start + head.len() as u64).count());
@@ -751,7 +731,7 @@ mod tests {
         let after = generator.append_record(11, 0, 3, b"after");
         assert_eq!(straddling.start_lsn, Lsn(PAGE as u64 - 8));
         let (_, bytes) = generator.take_bytes();
-        let (records, _) = decode_chunked(from_start(), &bytes, 9, 13);
+        let (records, _) = decode_in_chunks(from_start(), &bytes, 9, 13);
         assert_eq!(records, vec![first, straddling, after]);
     }
 
@@ -766,7 +746,7 @@ mod tests {
         let (_, bytes) = generator.take_bytes();
         assert_eq!(huge.start_lsn.segment_no(seg).0, 0);
         assert_eq!(huge.end_lsn.segment_no(seg).0, 2);
-        assert_eq!(decode_chunked(from_start(), &bytes, 3, 100_000).0, vec![huge, next.clone()]);
+        assert_eq!(decode_in_chunks(from_start(), &bytes, 3, 100_000).0, vec![huge, next.clone()]);
 
         let middle = 1 << 20;
         let (records, step) = decode_all(WalDecoder::at_segment_start(Lsn(middle as u64), seg), &bytes[middle..]);
@@ -897,7 +877,7 @@ mod tests {
             &[0xFF, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         );
         wal.extend_from_slice(&overwrite);
-        let (decoded, step) = decode_chunked(from_start(), &wal, 4, 3000);
+        let (decoded, step) = decode_in_chunks(from_start(), &wal, 4, 3000);
         assert_eq!(step, Ok(DecodeStep::NeedMoreInput));
         assert_eq!(decoded.len(), 2);
         assert_eq!(decoded[0], records[0]);
@@ -1060,8 +1040,8 @@ mod tests {
         /// Rule: no input makes the decoder panic or loop.
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..20_000), seed: u64, boundary in 0u64..(4 << 20)) {
-            let _ = decode_chunked(from_start(), &bytes, seed, 5000);
-            let _ = decode_chunked(WalDecoder::at_record_boundary(Lsn(boundary), seg_1mib()), &bytes, seed, 5000);
+            let _ = decode_in_chunks(from_start(), &bytes, seed, 5000);
+            let _ = decode_in_chunks(WalDecoder::at_record_boundary(Lsn(boundary), seg_1mib()), &bytes, seed, 5000);
         }
 
         /// Rule: corrupting valid WAL yields an error or fewer records, and
@@ -1073,7 +1053,7 @@ mod tests {
             for (at, value) in flips {
                 bytes[at] = value;
             }
-            let (decoded, _) = decode_chunked(from_start(), &bytes, seed, 9000);
+            let (decoded, _) = decode_in_chunks(from_start(), &bytes, seed, 9000);
             prop_assert_eq!(&decoded[..], &records[..decoded.len()]);
         }
     }

@@ -8,7 +8,7 @@
 //! It is deterministic: all content comes from the caller.
 
 use crate::lsn::{Lsn, WalSegmentSize};
-use crate::wal::decoder::DecodedRecord;
+use crate::wal::decoder::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 use crate::wal::format::{
     encode_record, is_switch_record, page_header_bytes, LongPageHeaderFields, PageHeader, PG15_PAGE_MAGIC,
     PG_FIRST_TIMELINE_ID, RECORD_ALIGN_BYTES, RM_XLOG_ID, WAL_PAGE_SIZE_BYTES, XLOG_SWITCH, XLP_BKP_REMOVABLE,
@@ -203,6 +203,31 @@ fn main_data_block(payload: &[u8]) -> Vec<u8> {
     }
     body.extend_from_slice(payload);
     body
+}
+
+/// Feed `bytes` (starting where `decoder` expects) in chunks of
+/// 1..=`max_chunk_bytes` bytes drawn from `seed`, as a replication stream
+/// might cut them; stop at the first error. Returns the records and the
+/// last step or error.
+pub fn decode_in_chunks(
+    mut decoder: WalDecoder,
+    bytes: &[u8],
+    seed: u64,
+    max_chunk_bytes: usize,
+) -> (Vec<DecodedRecord>, Result<DecodeStep, WalDecodeError>) {
+    assert!(max_chunk_bytes > 0);
+    let mut rng = SplitMix64(seed);
+    let mut records = Vec::new();
+    let mut rest = bytes;
+    let mut last = Ok(DecodeStep::NeedMoreInput);
+    while !rest.is_empty() && last.is_ok() {
+        let chunk_bytes = (1 + rng.next() % max_chunk_bytes as u64) as usize;
+        let (chunk, later) = rest.split_at(chunk_bytes.min(rest.len()));
+        rest = later;
+        decoder.feed(chunk);
+        last = decoder.decode_available(|record| records.push(record));
+    }
+    (records, last)
 }
 
 /// A tiny deterministic PRNG (SplitMix64) so generated WAL depends only on
