@@ -142,12 +142,9 @@ impl PgWal {
             let len = IMPORT_APPEND_BYTES.min((position.next_segment_start(self.segment_size) - position) as usize);
             decoder.feed(&self.read(position, len)?);
             position = position + len as u64;
-            loop {
-                match decoder.next_record() {
-                    Ok(DecodeStep::Record(_)) => continue,
-                    Ok(DecodeStep::NeedMoreInput) => break,
-                    Ok(DecodeStep::EndOfWal { .. }) | Err(_) => return Ok(decoder.boundary_lsn()),
-                }
+            // A zero length or bytes that do not decode end the valid WAL.
+            if !matches!(decoder.decode_available(|_| {}), Ok(DecodeStep::NeedMoreInput)) {
+                break;
             }
         }
         Ok(decoder.boundary_lsn())

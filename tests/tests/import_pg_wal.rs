@@ -100,3 +100,46 @@ fn imported_wal_equals_pg_wal_and_pg_waldump_reads_it() -> Result<()> {
     pg.stop()?;
     Ok(())
 }
+
+/// A `pg_wal`-like directory holding one generated segment of `system_id`.
+fn generated_pg_wal(system_id: u64, records: usize) -> Result<(tempfile::TempDir, Lsn)> {
+    use safekeeper::wal::generator::WalGenerator;
+    let segment_size = WalSegmentSize::new(1 << 20)?;
+    let start = Lsn(1 << 20);
+    let mut generator = WalGenerator::new(system_id, segment_size, start);
+    generator.append_random_records(records, system_id, 3000);
+    let (_, mut bytes) = generator.take_bytes();
+    bytes.resize(segment_size.bytes() as usize, 0);
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join(start.segment_no(segment_size).file_name(1, segment_size)), bytes)?;
+    Ok((dir, generator.end_lsn()))
+}
+
+/// Every file under `dir` with its bytes, to show nothing changed.
+fn snapshot(dir: &Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut files = vec![];
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        files.push((path.clone(), std::fs::read(&path)?));
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[test]
+fn import_refuses_wal_of_another_system_and_writes_nothing() -> Result<()> {
+    let (first, end) = generated_pg_wal(111, 200)?;
+    let datadir = tempfile::tempdir()?;
+    let (tenant_id, timeline_id) = (TENANT.parse()?, TIMELINE.parse()?);
+    let request = |pg_wal| ImportRequest { datadir: datadir.path(), node_id: NodeId(1), tenant_id, timeline_id, pg_wal };
+    let summary = import_pg_wal(&request(first.path()))?;
+    ensure!(summary.flush_lsn == end, "imported {} of generated WAL ending at {end}", summary.flush_lsn);
+
+    let dir = timeline_dir(datadir.path(), tenant_id, timeline_id);
+    let before = snapshot(&dir)?;
+    let (other, _) = generated_pg_wal(222, 10)?;
+    let error = import_pg_wal(&request(other.path())).expect_err("another system's WAL must be refused");
+    ensure!(error.to_string().contains("111") && error.to_string().contains("222"), "unclear error: {error}");
+    ensure!(snapshot(&dir)? == before, "a refused import changed the timeline");
+    Ok(())
+}
