@@ -1,7 +1,8 @@
 //! Append-and-sync throughput of `SegmentStorage` against a baseline of
 //! plain `write` + `fdatasync` into a preallocated, zero-filled file, on the
 //! same disk. Each append is followed by a sync (one acknowledged batch);
-//! the group-commit case syncs once per 16 appends.
+//! the group-commit case syncs once per 16 appends. Both write modes are
+//! measured; figures and analysis are in docs/storage.md.
 //!
 //! Run: `cargo bench -p safekeeper --bench storage_append`.
 
@@ -41,7 +42,12 @@ fn main() {
         for mode in [SegmentWriteMode::MemoryMap, SegmentWriteMode::Pwrite] {
             let storage = bench_storage(base.path(), case, mode);
             let ratio = baseline.as_secs_f64() / storage.as_secs_f64();
-            println!("    SegmentStorage {:<10} {:>8.1} MB/s   ratio {ratio:.2}", format!("{mode:?}"), mbps(storage));
+            let default = if mode == SegmentWriteMode::default() { " (default)" } else { "" };
+            println!(
+                "    SegmentStorage {:<10} {:>8.1} MB/s   ratio {ratio:.2}{default}",
+                format!("{mode:?}"),
+                mbps(storage)
+            );
         }
     }
 }

@@ -131,7 +131,8 @@ fn import_refuses_wal_of_another_system_and_writes_nothing() -> Result<()> {
     let (first, end) = generated_pg_wal(111, 200)?;
     let datadir = tempfile::tempdir()?;
     let (tenant_id, timeline_id) = (TENANT.parse()?, TIMELINE.parse()?);
-    let request = |pg_wal| ImportRequest { datadir: datadir.path(), node_id: NodeId(1), tenant_id, timeline_id, pg_wal };
+    let request =
+        |pg_wal| ImportRequest { datadir: datadir.path(), node_id: NodeId(1), tenant_id, timeline_id, pg_wal };
     let summary = import_pg_wal(&request(first.path()))?;
     ensure!(summary.flush_lsn == end, "imported {} of generated WAL ending at {end}", summary.flush_lsn);
 

@@ -12,9 +12,10 @@
 //!   zeros up front matters for speed: `fallocate` alone leaves "unwritten"
 //!   extents, and the first data sync of each would also have to journal an
 //!   extent conversion. With real blocks a steady-state sync is pure data.
-//! - WAL is copied into a shared memory map of the segment and made durable
-//!   by `msync` of the dirty byte range of each segment written since the last
-//!   sync (group commit: many writes, one sync per touched segment).
+//! - WAL is written into the segment's pages with `pwrite` (by default; or
+//!   copied into its shared memory map, see [`SegmentWriteMode`]) and made
+//!   durable by `msync` of the dirty byte range of each segment written since
+//!   the last sync (group commit: many writes, one sync per touched segment).
 //! - At most [`MAX_MAPPED_SEGMENTS`] segments are mapped at once; the least
 //!   recently used is synced (if dirty) and unmapped to make room.
 //! - Truncation zeroes the tail of the segment holding the new end, syncs it,
@@ -68,15 +69,22 @@ pub struct SegmentStorageStats {
 
 /// How WAL bytes reach a segment's pages. Either way they are made durable
 /// by msync of the segment's map (same pages: Linux has one page cache).
+///
+/// The default is [`Self::Pwrite`], chosen by measurement (docs/storage.md,
+/// "Memory map vs pwrite"): the design brief prefers writes through the map,
+/// but on ext4 the map stays at about 0.3-0.5x of `pwrite` + `fdatasync` for
+/// append+sync even with segments created before timing or pre-faulted, while
+/// `pwrite` matches the baseline once zero-filling is out of the way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SegmentWriteMode {
-    /// memcpy into the shared map, as the design brief asks.
-    #[default]
+    /// memcpy into the shared map, as the design brief describes. Each
+    /// append page takes a write fault (`page_mkwrite`) on the append path;
+    /// pre-faulting with `MADV_POPULATE_WRITE` does not help, because the
+    /// next msync's writeback write-protects the populated pages again.
     MemoryMap,
-    /// `pwrite` into the file. Measured about 3x faster for 128 KiB
-    /// append+sync on ext4 in a VM (docs/storage.md): writeback of a page
-    /// dirtied through a map must write-protect it again (rmap walk, TLB
-    /// flush), and the next write to it faults; `write` avoids both.
+    /// `pwrite` into the file: no faults, the kernel copies into the page
+    /// cache directly.
+    #[default]
     Pwrite,
 }
 
@@ -104,8 +112,7 @@ impl MappedSegment {
         let Some((start, end)) = self.dirty else {
             return Ok(false);
         };
-        let r = if exp("SK_SYNC") == "fdatasync" { self.file.sync_data() } else { self.map.flush_range(start, end - start) };
-        r.map_err(|source| StorageError::SyncFailed {
+        self.map.flush_range(start, end - start).map_err(|source| StorageError::SyncFailed {
             what: format!("msync of {} bytes {start}..{end}", self.path.display()),
             source,
         })?;
@@ -131,7 +138,7 @@ pub struct SegmentStorage {
     /// Least recently used first; never more than `MAX_MAPPED_SEGMENTS`.
     mapped: Vec<MappedSegment>,
     /// A segment being zero-filled ahead of need under its temp name.
-    spare: Option<(SegmentNo, std::thread::JoinHandle<Result<NewSegment, StorageError>>)>,
+    spare: Option<(SegmentNo, std::thread::JoinHandle<Result<(), StorageError>>)>,
     /// Handle of the segment last read with `pread`.
     read_handle: Option<(SegmentNo, File)>,
     stats: SegmentStorageStats,
@@ -274,28 +281,24 @@ impl SegmentStorage {
         // A spare prepared in the background for exactly this segment saves
         // the zero-fill on the append path. If it failed (say ENOSPC), the
         // synchronous attempt below reports the error properly.
-        let new = match self.take_spare() {
-            Some((spare, Ok(new))) if spare == segment => new,
-            taken => {
-                if let Some((spare, Ok(_))) = taken {
-                    let _ = fs::remove_file(temp_segment_path(&self.segment_path(spare)));
-                }
-                match create_segment_file(&tmp_path, self.segment_size.bytes()) {
-                    Ok(new) => new,
-                    Err(err) => {
-                        // Best effort: open() removes leftover temp files anyway.
-                        let _ = fs::remove_file(&tmp_path);
-                        return Err(err);
-                    }
-                }
+        let spare_ready = match self.take_spare() {
+            Some((spare, Ok(()))) if spare == segment => true,
+            Some((spare, Ok(()))) => {
+                let _ = fs::remove_file(temp_segment_path(&self.segment_path(spare)));
+                false
             }
+            _ => false,
         };
+        if !spare_ready {
+            if let Err(err) = create_zeroed_file(&tmp_path, self.segment_size.bytes()) {
+                // Best effort: open() removes leftover temp files anyway.
+                let _ = fs::remove_file(&tmp_path);
+                return Err(err);
+            }
+        }
         fs::rename(&tmp_path, &final_path)
             .map_err(|e| io_error(format!("renaming {} to {}", tmp_path.display(), final_path.display()), e))?;
         fsync_dir(&self.dir)?;
-        // The map of the new segment is kept: it was populated for writing
-        // while nothing waited for it (see `create_segment_file`).
-        self.insert_map(MappedSegment { segment, path: final_path, file: new.file, map: new.map, dirty: None })?;
         if self.first_segment == self.end_segment {
             self.first_segment = segment;
         }
@@ -313,7 +316,7 @@ impl SegmentStorage {
         let tmp_path = temp_segment_path(&self.segment_path(segment));
         let size_bytes = self.segment_size.bytes();
         let worker = std::thread::Builder::new().name("segment-spare".to_string()).spawn(move || {
-            let result = create_segment_file(&tmp_path, size_bytes);
+            let result = create_zeroed_file(&tmp_path, size_bytes);
             if result.is_err() {
                 let _ = fs::remove_file(&tmp_path);
             }
@@ -324,7 +327,7 @@ impl SegmentStorage {
     }
 
     /// Wait for the spare being prepared, if any.
-    fn take_spare(&mut self) -> Option<(SegmentNo, Result<NewSegment, StorageError>)> {
+    fn take_spare(&mut self) -> Option<(SegmentNo, Result<(), StorageError>)> {
         let (segment, handle) = self.spare.take()?;
         let result = handle.join().unwrap_or_else(|_| panic!("the segment spare thread panicked"));
         Some((segment, result))
@@ -332,7 +335,7 @@ impl SegmentStorage {
 
     /// Remove a prepared spare that will not be used.
     fn discard_spare(&mut self) {
-        if let Some((segment, Ok(_))) = self.take_spare() {
+        if let Some((segment, Ok(()))) = self.take_spare() {
             let _ = fs::remove_file(temp_segment_path(&self.segment_path(segment)));
         }
     }
@@ -344,8 +347,11 @@ impl SegmentStorage {
         if let Some(index) = self.mapped.iter().position(|m| m.segment == segment) {
             let recent = self.mapped.remove(index);
             self.mapped.push(recent);
-            Ok(self.mapped.last_mut().expect("the segment was just pushed"))
         } else {
+            if self.mapped.len() == MAX_MAPPED_SEGMENTS {
+                let mut oldest = self.mapped.remove(0);
+                self.stats.msyncs += u64::from(oldest.sync()?);
+            }
             let path = self.segment_path(segment);
             let file = OpenOptions::new()
                 .read(true)
@@ -359,20 +365,9 @@ impl SegmentStorage {
             let map =
                 unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_error(format!("mapping {}", path.display()), e))?;
             assert_eq!(map.len() as u64, self.segment_size.bytes(), "{} changed size while open", path.display());
-            self.insert_map(MappedSegment { segment, path, file, map, dirty: None })
+            self.stats.maps_created += 1;
+            self.mapped.push(MappedSegment { segment, path, file, map, dirty: None });
         }
-    }
-
-    /// Add `mapped` as the most recently used map, first syncing and
-    /// unmapping the least recently used one if the bound is reached.
-    fn insert_map(&mut self, mapped: MappedSegment) -> Result<&mut MappedSegment, StorageError> {
-        debug_assert!(self.mapped.iter().all(|m| m.segment != mapped.segment));
-        if self.mapped.len() == MAX_MAPPED_SEGMENTS {
-            let mut oldest = self.mapped.remove(0);
-            self.stats.msyncs += u64::from(oldest.sync()?);
-        }
-        self.stats.maps_created += 1;
-        self.mapped.push(mapped);
         Ok(self.mapped.last_mut().expect("the segment was just pushed"))
     }
 
@@ -617,28 +612,8 @@ fn temp_segment_path(final_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// A new segment file (under its temp name) and its map, ready for writes.
-struct NewSegment {
-    file: File,
-    map: MmapMut,
-}
-
-fn exp(name: &str) -> String {
-    std::env::var(name).unwrap_or_default()
-}
-
 /// Create `path` with `size_bytes` of zeros in real (written) blocks, fsynced.
-fn create_segment_file(path: &Path, size_bytes: u64) -> Result<NewSegment, StorageError> {
-    let file = create_zeroed_file(path, size_bytes)?;
-    // SAFETY: as in `mapped_segment`.
-    let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_error(format!("mapping {}", path.display()), e))?;
-    if exp("SK_POPULATE") == "1" {
-        map.advise(memmap2::Advice::PopulateWrite).map_err(|e| io_error(format!("populating {}", path.display()), e))?;
-    }
-    Ok(NewSegment { file, map })
-}
-
-fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<File, StorageError> {
+fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<(), StorageError> {
     let describe = |action: &str| format!("{action} {}", path.display());
     let file = OpenOptions::new()
         .read(true)
@@ -655,17 +630,14 @@ fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<File, StorageError
         Err(errno) => return Err(io_error(describe("fallocate of"), io::Error::from(errno))),
     }
     let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES.min(size_bytes) as usize];
-    let mut offset = if exp("SK_ZEROFILL") == "falloc" { size_bytes } else { 0 };
+    let mut offset = 0;
     while offset < size_bytes {
         let len = (size_bytes - offset).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..len], offset).map_err(|e| io_error(describe("zero-filling"), e))?;
         offset += len as u64;
     }
-    file.sync_all().map_err(|source| StorageError::SyncFailed {
-        what: format!("fsync of new segment {}", path.display()),
-        source,
-    })?;
-    Ok(file)
+    file.sync_all()
+        .map_err(|source| StorageError::SyncFailed { what: format!("fsync of new segment {}", path.display()), source })
 }
 
 /// List the segment files of `dir`: valid names, exact size, contiguous.
