@@ -1,0 +1,1 @@
+//! Proposer state machine (being written).

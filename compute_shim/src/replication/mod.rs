@@ -1,0 +1,1 @@
+//! Postgres replication client (being written).
