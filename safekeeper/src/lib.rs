@@ -11,6 +11,7 @@
 //! - [`recovery`]: finding the end of valid WAL after a restart.
 //! - [`datadir`]: the data directory lock and node id.
 //! - [`import`]: seeding a timeline from a Postgres `pg_wal` directory.
+//! - [`service`]: the network service (pg wire port, HTTP, timeline owners).
 
 pub mod acceptor;
 pub mod control;
@@ -20,6 +21,7 @@ pub mod import;
 pub mod lsn;
 pub mod protocol;
 pub mod recovery;
+pub mod service;
 pub mod storage;
 pub mod timeline;
 pub mod wal;

@@ -1,13 +1,15 @@
-//! `safekeeper` command line. Serving the network protocol arrives with the
-//! quorum-commit work; today the binary offers the operator tools built on
-//! the core: import a Postgres `pg_wal` into a timeline, and show what a data
+//! `safekeeper` command line. Without a subcommand it serves: the Postgres
+//! wire port proposers push WAL to and the HTTP status port (see
+//! docs/service.md). The subcommands are operator tools built on the core:
+//! import a Postgres `pg_wal` into a timeline, and show what a data
 //! directory holds (after the same recovery a restart runs).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use safekeeper::acceptor::AcceptorConfig;
@@ -15,13 +17,46 @@ use safekeeper::datadir::{ensure_node_id, lock_data_dir};
 use safekeeper::ids::{NodeId, TenantId, TimelineId};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
 use safekeeper::recovery::recover_timeline;
+use safekeeper::service::registry::list_timelines;
+use safekeeper::service::{self, ServiceConfig};
 use safekeeper::timeline::FileTimeline;
 
+/// Time the runtime gives leftover tasks after the service has stopped.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
 #[derive(Parser)]
-#[command(version, about = "WAL safekeeper for PostgreSQL 15")]
+#[command(
+    version,
+    about = "WAL safekeeper for PostgreSQL 15",
+    long_about = "WAL safekeeper for PostgreSQL 15. Without a subcommand, serves a data directory: \
+                  proposers push WAL over the Postgres wire protocol (START_WAL_PUSH) and operators \
+                  read status over HTTP. SIGTERM or SIGINT stops it cleanly.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// This safekeeper's node id; recorded in the data directory on first
+    /// start and checked on every later one.
+    #[arg(long, required = true)]
+    id: Option<u64>,
+    /// Data directory (created if missing): one subdirectory per tenant,
+    /// one per timeline below it. Only one process may use it at a time.
+    #[arg(long, required = true)]
+    datadir: Option<PathBuf>,
+    /// Address of the Postgres wire protocol port (START_WAL_PUSH).
+    #[arg(long, default_value = "127.0.0.1:5454", value_name = "HOST:PORT")]
+    listen_pg: String,
+    /// Address of the HTTP status port (/v1/status, /v1/tenant/{tenant}/timeline/{timeline}).
+    #[arg(long, default_value = "127.0.0.1:7676", value_name = "HOST:PORT")]
+    listen_http: String,
 }
 
 #[derive(Subcommand)]
@@ -55,7 +90,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    // A server should say that it started and why it stops: info by default.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -66,7 +104,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else { return serve(cli.serve) };
+    match command {
         Command::ImportPgWal { id, datadir, tenant_id, timeline_id, pg_wal } => {
             std::fs::create_dir_all(&datadir).with_context(|| format!("creating {}", datadir.display()))?;
             let _lock = lock_data_dir(&datadir)?;
@@ -121,18 +160,14 @@ fn status(datadir: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(json!({ "datadir": datadir.display().to_string(), "timelines": timelines }))
 }
 
-/// `(tenant, timeline)` pairs: directories named by 32-hex ids, two deep.
-fn list_timelines(datadir: &Path) -> anyhow::Result<Vec<(TenantId, TimelineId)>> {
-    let mut found = vec![];
-    for tenant in std::fs::read_dir(datadir).with_context(|| format!("reading {}", datadir.display()))? {
-        let tenant = tenant?;
-        let Ok(tenant_id) = tenant.file_name().to_string_lossy().parse::<TenantId>() else { continue };
-        for timeline in std::fs::read_dir(tenant.path())? {
-            if let Ok(timeline_id) = timeline?.file_name().to_string_lossy().parse::<TimelineId>() {
-                found.push((tenant_id, timeline_id));
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (Some(id), Some(datadir)) = (args.id, args.datadir) else {
+        anyhow::bail!("serving needs --id and --datadir");
+    };
+    let config =
+        ServiceConfig { node_id: NodeId(id), datadir, listen_pg: args.listen_pg, listen_http: args.listen_http };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let result = runtime.block_on(service::run(config));
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    result
 }

@@ -1,0 +1,152 @@
+//! The safekeeper service: the Postgres-wire port proposers push WAL to, the
+//! HTTP status port, and one owner thread per timeline. docs/service.md
+//! describes the behaviour; this module only wires the parts together.
+//!
+//! Table of contents:
+//! - [`pg_wire`]: server side of the Postgres v3 protocol (framing, bounds).
+//! - [`errors`]: ErrorResponse values and their SQLSTATEs.
+//! - [`connection`]: one connection: startup and simple queries.
+//! - [`push`]: START_WAL_PUSH, the CopyBoth phase.
+//! - [`owner`]: a timeline's owner thread and its group commit.
+//! - [`registry`]: the timelines: recovery at startup, atomic creation.
+//! - [`http`]: `GET /v1/status` and `GET /v1/tenant/{t}/timeline/{l}`.
+
+pub mod connection;
+pub mod errors;
+pub mod http;
+pub mod owner;
+pub mod pg_wire;
+pub mod push;
+pub mod registry;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+
+use crate::datadir::{ensure_node_id, lock_data_dir};
+use crate::ids::NodeId;
+use errors::{sqlstate, PgError};
+use registry::Timelines;
+
+/// Open pg connections at once; more are refused with SQLSTATE 53300. With
+/// at most one frame of `MAX_MESSAGE_BYTES` buffered per connection this
+/// also bounds the memory held by partially read messages.
+pub const MAX_PG_CONNECTIONS: usize = 512;
+/// How long each owner may take to finish its batch at shutdown.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ServiceConfig {
+    pub node_id: NodeId,
+    pub datadir: PathBuf,
+    pub listen_pg: String,
+    pub listen_http: String,
+}
+
+/// What every connection and HTTP handler shares (passed in, no globals).
+pub struct ServiceState {
+    pub node_id: NodeId,
+    pub timelines: Arc<Timelines>,
+    pub started_at: Instant,
+    connection_slots: Arc<Semaphore>,
+    next_connection_id: AtomicU64,
+}
+
+/// Lock the data directory, check the node id, recover every timeline,
+/// serve until SIGTERM/SIGINT, then let the owners finish and checkpoint.
+pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
+    let datadir = &config.datadir;
+    std::fs::create_dir_all(datadir).with_context(|| format!("creating {}", datadir.display()))?;
+    let _lock = lock_data_dir(datadir)?;
+    ensure_node_id(datadir, config.node_id)?;
+    // Registered before serving so a signal during startup is not lost.
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let timelines = Arc::new(Timelines::recover_all(datadir, config.node_id)?);
+    let pg_listener =
+        TcpListener::bind(&config.listen_pg).await.with_context(|| format!("listening on {}", config.listen_pg))?;
+    let http_listener =
+        TcpListener::bind(&config.listen_http).await.with_context(|| format!("listening on {}", config.listen_http))?;
+    let state = Arc::new(ServiceState {
+        node_id: config.node_id,
+        timelines: timelines.clone(),
+        started_at: Instant::now(),
+        connection_slots: Arc::new(Semaphore::new(MAX_PG_CONNECTIONS)),
+        next_connection_id: AtomicU64::new(1),
+    });
+    tracing::info!(
+        node_id = %config.node_id,
+        pg = %pg_listener.local_addr()?,
+        http = %http_listener.local_addr()?,
+        timelines = timelines.list().len(),
+        "safekeeper serving"
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(accept_pg(pg_listener, state.clone(), stopped.clone()));
+    let mut http_stopped = stopped;
+    let http = axum::serve(http_listener, http::router(state.clone()))
+        .with_graceful_shutdown(async move { _ = http_stopped.wait_for(|s| *s).await });
+    tokio::spawn(async move {
+        if let Err(error) = http.await {
+            tracing::error!("HTTP server failed: {error}");
+        }
+    });
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    stop.send_replace(true);
+    timelines.shutdown(SHUTDOWN_TIMEOUT).await;
+    tracing::info!("control files checkpointed; exiting");
+    Ok(())
+}
+
+async fn accept_pg(listener: TcpListener, state: Arc<ServiceState>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!("accept failed: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = state.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        match state.connection_slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    connection::serve(stream, state, id).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(refuse_connection(stream));
+            }
+        }
+    }
+}
+
+async fn refuse_connection(mut stream: TcpStream) {
+    let error =
+        PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("too many connections (limit {MAX_PG_CONNECTIONS})"));
+    let mut out = BytesMut::new();
+    pg_wire::encode::error_response(&mut out, &error);
+    let _ = tokio::time::timeout(connection::ERROR_FLUSH_TIMEOUT, stream.write_all(&out)).await;
+}

@@ -1,0 +1,275 @@
+//! The single owner of one timeline: a dedicated thread that runs the
+//! [`FileTimeline`] driver with group commit.
+//!
+//! Storage calls block (msync, fdatasync, fsync of the control file), so the
+//! owner is an OS thread fed by a bounded tokio channel, not an async task:
+//! a slow disk stalls this timeline's thread, never the runtime. One loop
+//! iteration is one batch: take everything queued (up to a bound), `handle`
+//! each message, one `sync_and_ack`, then hand the replies to the
+//! connections' reply queues and publish a status snapshot.
+//!
+//! Reply routing: a reply produced by `handle` (greeting, vote, elected,
+//! heartbeat, a fencing answer) is already durable and goes to its sender;
+//! the acknowledgement that `sync_and_ack` releases goes to every connection
+//! whose WAL was written in the batch. Replies leave only after the sync, so
+//! a connection sees them in the order it sent its messages.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::errors::{self, PgError};
+use crate::control::TermHistory;
+use crate::ids::{SystemId, TenantId, Term, TimelineId};
+use crate::lsn::Lsn;
+use crate::protocol::{AcceptorMessage, ProposerMessage};
+use crate::storage::StorageError;
+use crate::timeline::{FileTimeline, TimelineError};
+
+/// Messages queued for one owner; senders wait when it is full (backpressure
+/// on the proposers' connections, not unbounded memory: at most this many
+/// messages of at most `MAX_MESSAGE_BYTES` each).
+pub const OWNER_QUEUE_MESSAGES: usize = 256;
+/// Most messages handled before one sync.
+pub const MAX_BATCH_MESSAGES: usize = 64;
+/// Most WAL bytes written before one sync, so a batch's latency stays bounded.
+pub const MAX_BATCH_WAL_BYTES: usize = 16 << 20;
+/// Exit code after a failed sync (fail-stop).
+pub const FAIL_STOP_EXIT_CODE: i32 = 3;
+
+/// What a connection receives: a reply to encode as CopyData, or an error
+/// after which the connection closes.
+#[derive(Debug)]
+pub enum Outgoing {
+    Reply(AcceptorMessage),
+    Error(PgError),
+}
+
+/// A pushing connection as its timeline owner sees it.
+#[derive(Debug)]
+pub struct PushConnection {
+    pub id: u64,
+    replies: mpsc::Sender<Outgoing>,
+    /// Set once the connection was refused or dropped: the owner ignores
+    /// whatever it had queued after that.
+    closed: AtomicBool,
+    /// Set when the owner gives up on the connection (its reply queue was
+    /// full): the connection task closes the socket at once.
+    dropped: watch::Sender<bool>,
+}
+
+impl PushConnection {
+    pub fn new(id: u64, replies: mpsc::Sender<Outgoing>) -> Self {
+        PushConnection { id, replies, closed: AtomicBool::new(false), dropped: watch::Sender::new(false) }
+    }
+
+    pub fn dropped(&self) -> watch::Receiver<bool> {
+        self.dropped.subscribe()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Queue without waiting: the owner must never block on one slow client.
+    fn send(&self, item: Outgoing) {
+        match self.replies.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(connection = self.id, "reply queue full: the client is not reading; dropping it");
+                self.closed.store(true, Ordering::Relaxed);
+                self.dropped.send_replace(true);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.closed.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// Send a FATAL error; the connection closes once it is written.
+    fn refuse(&self, error: PgError) {
+        self.send(Outgoing::Error(error));
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+pub enum OwnerInput {
+    Push {
+        connection: Arc<PushConnection>,
+        message: ProposerMessage,
+    },
+    /// Finish the current batch, checkpoint the control file, acknowledge, exit.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What the HTTP status shows of a timeline, as of the owner's last batch.
+#[derive(Clone, Debug, Serialize)]
+pub struct TimelineSnapshot {
+    pub tenant_id: TenantId,
+    pub timeline_id: TimelineId,
+    pub system_id: SystemId,
+    pub pg_version: u32,
+    pub wal_seg_size: u64,
+    pub term: Term,
+    pub last_log_term: Term,
+    pub term_history: TermHistory,
+    pub timeline_start_lsn: Lsn,
+    pub flush_lsn: Lsn,
+    pub commit_lsn: Lsn,
+    /// Set when a storage error stopped the owner; the next push reopens it.
+    pub stopped_by_error: Option<String>,
+}
+
+fn snapshot_of(timeline: &FileTimeline) -> TimelineSnapshot {
+    let acceptor = timeline.acceptor();
+    let state = acceptor.state();
+    TimelineSnapshot {
+        tenant_id: state.cluster.tenant_id,
+        timeline_id: state.cluster.timeline_id,
+        system_id: state.cluster.system_id,
+        pg_version: state.pg_version,
+        wal_seg_size: state.wal_segment_size.bytes(),
+        term: state.term,
+        last_log_term: acceptor.last_log_term(),
+        term_history: state.term_history.clone(),
+        timeline_start_lsn: state.timeline_start_lsn,
+        flush_lsn: acceptor.flush_lsn(),
+        commit_lsn: acceptor.commit_lsn(),
+        stopped_by_error: None,
+    }
+}
+
+pub struct Owner {
+    pub inputs: mpsc::Sender<OwnerInput>,
+    pub snapshot: watch::Receiver<TimelineSnapshot>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Start the owner thread of `timeline`.
+pub fn spawn_owner(timeline: FileTimeline) -> std::io::Result<Owner> {
+    let (inputs, receiver) = mpsc::channel(OWNER_QUEUE_MESSAGES);
+    let initial = snapshot_of(&timeline);
+    let name = format!("owner-{}", &initial.timeline_id.to_string()[..8]);
+    let (snapshot_tx, snapshot) = watch::channel(initial);
+    let thread = std::thread::Builder::new().name(name).spawn(move || run(timeline, receiver, snapshot_tx))?;
+    Ok(Owner { inputs, snapshot, thread })
+}
+
+/// Log and exit: after a failed sync nothing can be known to be durable.
+pub fn fail_stop(error: &StorageError) -> ! {
+    tracing::error!("FATAL: {error}; fail-stop: exiting with code {FAIL_STOP_EXIT_CODE}");
+    eprintln!("safekeeper: FATAL: {error}; fail-stop");
+    std::process::exit(FAIL_STOP_EXIT_CODE)
+}
+
+fn run(mut timeline: FileTimeline, mut inputs: mpsc::Receiver<OwnerInput>, snapshot: watch::Sender<TimelineSnapshot>) {
+    while let Some(first) = inputs.blocking_recv() {
+        let batch = collect_batch(first, &mut inputs);
+        if let Err(error) = process_batch(&mut timeline, &batch.messages) {
+            tracing::error!(timeline = %snapshot.borrow().timeline_id, "owner stops after a storage error: {error}");
+            snapshot.send_modify(|s| s.stopped_by_error = Some(error.to_string()));
+            return;
+        }
+        snapshot.send_replace(snapshot_of(&timeline));
+        if let Some(done) = batch.shutdown {
+            checkpoint(&mut timeline);
+            let _ = done.send(());
+            return;
+        }
+    }
+    // Every sender is gone: the service is going away.
+    checkpoint(&mut timeline);
+}
+
+fn checkpoint(timeline: &mut FileTimeline) {
+    match timeline.checkpoint() {
+        Ok(()) => {}
+        Err(TimelineError::Storage(error)) if error.is_fatal() => fail_stop(&error),
+        Err(error) => tracing::error!("checkpoint at shutdown failed: {error}"),
+    }
+}
+
+struct Batch {
+    messages: Vec<(Arc<PushConnection>, ProposerMessage)>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> Batch {
+    let mut batch = Batch { messages: Vec::new(), shutdown: None };
+    let mut wal_bytes = 0;
+    let mut next = Some(first);
+    while let Some(input) = next.take() {
+        match input {
+            OwnerInput::Shutdown(done) => {
+                batch.shutdown = Some(done);
+                break;
+            }
+            OwnerInput::Push { connection, message } => {
+                if let ProposerMessage::AppendRequest(append) = &message {
+                    wal_bytes += append.wal.len();
+                }
+                batch.messages.push((connection, message));
+            }
+        }
+        if batch.messages.len() < MAX_BATCH_MESSAGES && wal_bytes < MAX_BATCH_WAL_BYTES {
+            next = inputs.try_recv().ok();
+        }
+    }
+    batch
+}
+
+/// Handle every message, sync once, deliver the replies. A non-fatal storage
+/// error is returned (the owner stops); a fatal one ends the process.
+fn process_batch(
+    timeline: &mut FileTimeline,
+    messages: &[(Arc<PushConnection>, ProposerMessage)],
+) -> Result<(), StorageError> {
+    let mut replies: Vec<(&Arc<PushConnection>, AcceptorMessage)> = Vec::new();
+    let mut awaiting_ack: Vec<&Arc<PushConnection>> = Vec::new();
+    for (connection, message) in messages {
+        if connection.is_closed() {
+            continue;
+        }
+        match timeline.handle(message.clone()) {
+            Ok(Some(reply)) => replies.push((connection, reply)),
+            // Only a write returns no reply: its ack comes with the sync.
+            Ok(None) => {
+                if !awaiting_ack.iter().any(|c| c.id == connection.id) {
+                    awaiting_ack.push(connection);
+                }
+            }
+            Err(TimelineError::Refused(error)) => {
+                tracing::warn!(connection = connection.id, "refused: {error}");
+                connection.refuse(errors::refusal(&error));
+            }
+            Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),
+        }
+    }
+    match timeline.sync_and_ack() {
+        Ok(Some(ack)) => replies.extend(awaiting_ack.into_iter().map(|c| (c, ack.clone()))),
+        Ok(None) => {}
+        Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),
+        Err(TimelineError::Refused(error)) => unreachable!("sync_and_ack refuses nothing: {error}"),
+    }
+    for (connection, reply) in replies {
+        if !connection.is_closed() {
+            connection.send(Outgoing::Reply(reply));
+        }
+    }
+    Ok(())
+}
+
+/// Fail-stop on a fatal error; otherwise tell every connection of the batch
+/// (their replies are lost) and hand the error back.
+fn storage_failed(error: StorageError, messages: &[(Arc<PushConnection>, ProposerMessage)]) -> StorageError {
+    if error.is_fatal() {
+        fail_stop(&error);
+    }
+    let reply = errors::storage_failure(&error);
+    for (connection, _) in messages {
+        if !connection.is_closed() {
+            connection.refuse(reply.clone());
+        }
+    }
+    error
+}

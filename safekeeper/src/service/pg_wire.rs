@@ -1,0 +1,412 @@
+//! The server side of the Postgres v3 wire protocol, as far as a safekeeper
+//! needs it: the startup packet, simple queries, ErrorResponse, CopyBoth.
+//! (postgres-protocol implements the client side only.)
+//!
+//! Every read is bounded twice: by size (a length prefix above the limit is
+//! refused before anything is allocated) and, once a frame has begun, by
+//! time (a peer that sends half a frame cannot hold the connection forever).
+
+use std::collections::HashMap;
+use std::io;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::errors::{sqlstate, PgError};
+
+/// Largest startup packet accepted (Postgres's own limit is 10,000 bytes).
+pub const MAX_STARTUP_PACKET_BYTES: usize = 10_000;
+/// Smallest: the length word and the protocol code.
+const MIN_STARTUP_PACKET_BYTES: usize = 8;
+/// Largest frame body accepted before START_WAL_PUSH (a query string).
+pub const MAX_QUERY_MESSAGE_BYTES: usize = 64 << 10;
+
+/// Protocol codes of the first packet (Postgres's `pqcomm.h`).
+const PROTOCOL_V3: u32 = 3 << 16;
+const SSL_REQUEST_CODE: u32 = (1234 << 16) | 5679;
+const GSSENC_REQUEST_CODE: u32 = (1234 << 16) | 5680;
+const CANCEL_REQUEST_CODE: u32 = (1234 << 16) | 5678;
+
+/// Message tags (frontend and backend) used here.
+pub mod tag {
+    pub const QUERY: u8 = b'Q';
+    pub const TERMINATE: u8 = b'X';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    /// Extended-query messages: refused (simple protocol only).
+    pub const EXTENDED_QUERY: &[u8] = b"PBEDSHF";
+}
+
+/// Why a read ended without a frame.
+#[derive(Debug)]
+pub enum WireError {
+    /// The peer went away (EOF or socket error): nothing to answer.
+    Disconnected(io::Error),
+    /// The peer broke the protocol: answer with this error and close.
+    Client(PgError),
+}
+
+impl From<PgError> for WireError {
+    fn from(error: PgError) -> Self {
+        WireError::Client(error)
+    }
+}
+
+/// What the first packet of a connection asks for.
+#[derive(Debug)]
+pub enum StartupRequest {
+    /// Protocol 3.0 with its parameters (user, database, options, ...).
+    Startup(HashMap<String, String>),
+    /// TLS or GSS encryption: we answer 'N' and expect the startup next.
+    EncryptionRequest,
+    /// A cancel key for some other connection: we keep no keys, so ignore it.
+    Cancel,
+}
+
+/// One frame after startup: a tag byte and its body (length word excluded).
+#[derive(Debug)]
+pub struct Frame {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+/// Read the first packet (untagged: length word, protocol code, body).
+pub async fn read_startup_packet<R: AsyncRead + Unpin>(reader: &mut R) -> Result<StartupRequest, WireError> {
+    let len = reader.read_u32().await.map_err(WireError::Disconnected)? as usize;
+    if !(MIN_STARTUP_PACKET_BYTES..=MAX_STARTUP_PACKET_BYTES).contains(&len) {
+        return Err(protocol_violation(format!(
+            "invalid startup packet length {len} (must be {MIN_STARTUP_PACKET_BYTES}..={MAX_STARTUP_PACKET_BYTES} bytes); \
+             is this a Postgres client?"
+        ))
+        .into());
+    }
+    let mut body = vec![0u8; len - 4];
+    reader.read_exact(&mut body).await.map_err(WireError::Disconnected)?;
+    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    match code {
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => Ok(StartupRequest::EncryptionRequest),
+        CANCEL_REQUEST_CODE => Ok(StartupRequest::Cancel),
+        PROTOCOL_V3 => Ok(StartupRequest::Startup(parse_startup_parameters(&body[4..])?)),
+        other => Err(PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("unsupported frontend protocol {}.{}: this server speaks 3.0", other >> 16, other & 0xFFFF),
+        )
+        .into()),
+    }
+}
+
+/// NUL-terminated name/value pairs, ended by an empty name.
+fn parse_startup_parameters(mut body: &[u8]) -> Result<HashMap<String, String>, PgError> {
+    let mut parameters = HashMap::new();
+    loop {
+        let name = take_cstring(&mut body, "startup parameter name")?;
+        if name.is_empty() {
+            break;
+        }
+        let value = take_cstring(&mut body, "startup parameter value")?;
+        parameters.insert(name, value);
+    }
+    if !body.is_empty() {
+        return Err(protocol_violation(format!("{} bytes after the startup parameters", body.len())));
+    }
+    Ok(parameters)
+}
+
+fn take_cstring(input: &mut &[u8], what: &str) -> Result<String, PgError> {
+    let end = input
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| protocol_violation(format!("{what} is not NUL-terminated")))?;
+    let text = std::str::from_utf8(&input[..end]).map_err(|_| protocol_violation(format!("{what} is not UTF-8")))?;
+    *input = &input[end + 1..];
+    Ok(text.to_string())
+}
+
+/// Read one tagged frame whose body may be at most `max_body_bytes`. Waiting
+/// for a frame to begin is unbounded in time (idle is allowed); once its tag
+/// has arrived, the rest must follow within `frame_timeout`.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_body_bytes: usize,
+    frame_timeout: Duration,
+) -> Result<Frame, WireError> {
+    let tag = reader.read_u8().await.map_err(WireError::Disconnected)?;
+    let rest = async {
+        let len = reader.read_u32().await.map_err(WireError::Disconnected)? as usize;
+        let body_bytes =
+            len.checked_sub(4).ok_or_else(|| protocol_violation(format!("invalid message length {len}")))?;
+        if body_bytes > max_body_bytes {
+            return Err(protocol_violation(format!(
+                "message '{}' of {body_bytes} bytes exceeds the limit of {max_body_bytes} bytes",
+                printable(tag)
+            ))
+            .into());
+        }
+        let mut body = vec![0u8; body_bytes];
+        reader.read_exact(&mut body).await.map_err(WireError::Disconnected)?;
+        Ok(Frame { tag, body: Bytes::from(body) })
+    };
+    match tokio::time::timeout(frame_timeout, rest).await {
+        Ok(result) => result,
+        Err(_) => Err(protocol_violation(format!(
+            "message '{}' not received in full within {} ms",
+            printable(tag),
+            frame_timeout.as_millis()
+        ))
+        .into()),
+    }
+}
+
+/// The text of a Query message (NUL-terminated UTF-8).
+pub fn query_text(body: &[u8]) -> Result<String, PgError> {
+    let mut input = body;
+    let text = take_cstring(&mut input, "query string")?;
+    if !input.is_empty() {
+        return Err(protocol_violation("bytes after the query string's terminator".to_string()));
+    }
+    Ok(text)
+}
+
+/// A tag byte for messages: the character if printable, else its hex code.
+pub fn printable(tag: u8) -> String {
+    if tag.is_ascii_graphic() {
+        (tag as char).to_string()
+    } else {
+        format!("\\x{tag:02x}")
+    }
+}
+
+pub fn protocol_violation(message: String) -> PgError {
+    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, message)
+}
+
+/// Backend messages, appended to an output buffer.
+pub mod encode {
+    use super::*;
+
+    fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+        out.put_u8(tag);
+        let len_at = out.len();
+        out.put_u32(0);
+        body(out);
+        let len = u32::try_from(out.len() - len_at).expect("backend messages are far below 4 GiB");
+        out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    fn cstring(out: &mut BytesMut, text: &str) {
+        // A NUL inside would end the string early; none of ours has one, and
+        // messages quoting client input go through `PgError` which strips them.
+        out.put_slice(text.as_bytes());
+        out.put_u8(0);
+    }
+
+    /// The answer to an SSL or GSS encryption request: not supported.
+    pub const ENCRYPTION_REFUSED: u8 = b'N';
+
+    pub fn authentication_ok(out: &mut BytesMut) {
+        message(out, tag::AUTHENTICATION, |out| out.put_u32(0));
+    }
+
+    pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+        message(out, tag::PARAMETER_STATUS, |out| {
+            cstring(out, name);
+            cstring(out, value);
+        });
+    }
+
+    /// Idle, not in a transaction.
+    pub fn ready_for_query(out: &mut BytesMut) {
+        message(out, tag::READY_FOR_QUERY, |out| out.put_u8(b'I'));
+    }
+
+    pub fn empty_query_response(out: &mut BytesMut) {
+        message(out, tag::EMPTY_QUERY_RESPONSE, |_| {});
+    }
+
+    pub fn error_response(out: &mut BytesMut, error: &PgError) {
+        message(out, tag::ERROR_RESPONSE, |out| {
+            for (field, value) in [(b'S', error.severity.as_str()), (b'V', error.severity.as_str()), (b'C', error.code)]
+            {
+                out.put_u8(field);
+                cstring(out, value);
+            }
+            out.put_u8(b'M');
+            cstring(out, &error.message);
+            out.put_u8(0);
+        });
+    }
+
+    /// CopyBoth with binary overall format and no columns, as walsenders send.
+    pub fn copy_both_response(out: &mut BytesMut) {
+        message(out, tag::COPY_BOTH_RESPONSE, |out| {
+            out.put_u8(1);
+            out.put_u16(0);
+        });
+    }
+
+    pub fn copy_data(out: &mut BytesMut, payload: &[u8]) {
+        message(out, tag::COPY_DATA, |out| out.put_slice(payload));
+    }
+}
+
+/// Tenant and timeline named by the startup packet: parameters `tenant_id`
+/// and `timeline_id`, or `-c name=value` settings in `options` (so that any
+/// libpq client, psql included, can name them).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StartupSettings {
+    pub tenant_id: Option<String>,
+    pub timeline_id: Option<String>,
+    pub application_name: Option<String>,
+}
+
+impl StartupSettings {
+    pub fn from_parameters(parameters: &HashMap<String, String>) -> Result<StartupSettings, PgError> {
+        let mut settings = StartupSettings::default();
+        if let Some(options) = parameters.get("options") {
+            for (name, value) in parse_options(options)? {
+                settings.set(&name, value);
+            }
+        }
+        // Explicit parameters win over `options`, as in Postgres.
+        for (name, value) in parameters {
+            settings.set(name, value.clone());
+        }
+        Ok(settings)
+    }
+
+    fn set(&mut self, name: &str, value: String) {
+        match name {
+            "tenant_id" => self.tenant_id = Some(value),
+            "timeline_id" => self.timeline_id = Some(value),
+            "application_name" => self.application_name = Some(value),
+            _ => {}
+        }
+    }
+}
+
+/// `options` as Postgres splits it: whitespace separates words, a backslash
+/// escapes the next character; `-c name=value`, `-cname=value` and
+/// `--name=value` set a parameter. Other switches are ignored.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
+    let words = split_options(options);
+    let mut settings = vec![];
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let assignment = if word == "-c" {
+            words.next().ok_or_else(|| invalid_options("-c at the end of options needs name=value"))?
+        } else if let Some(rest) = word.strip_prefix("-c").or_else(|| word.strip_prefix("--")) {
+            rest.to_string()
+        } else {
+            continue;
+        };
+        let (name, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| invalid_options(&format!("expected name=value in options, found {assignment:?}")))?;
+        settings.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(settings)
+}
+
+fn split_options(options: &str) -> Vec<String> {
+    let mut words = vec![];
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+fn invalid_options(message: &str) -> PgError {
+    PgError::fatal(sqlstate::INVALID_PARAMETER_VALUE, message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_packet(parameters: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = PROTOCOL_V3.to_be_bytes().to_vec();
+        for (name, value) in parameters {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend(body);
+        packet
+    }
+
+    async fn startup(bytes: &[u8]) -> Result<StartupRequest, WireError> {
+        read_startup_packet(&mut &bytes[..]).await
+    }
+
+    #[tokio::test]
+    async fn startup_parameters_and_options_name_the_timeline() {
+        let packet = startup_packet(&[("user", "x"), ("options", "-c tenant_id=aa  -ctimeline_id=bb --other=1")]);
+        let StartupRequest::Startup(parameters) = startup(&packet).await.unwrap() else { panic!("not a startup") };
+        let settings = StartupSettings::from_parameters(&parameters).unwrap();
+        assert_eq!(settings.tenant_id.as_deref(), Some("aa"));
+        assert_eq!(settings.timeline_id.as_deref(), Some("bb"));
+    }
+
+    #[tokio::test]
+    async fn explicit_parameters_win_over_options() {
+        let packet = startup_packet(&[("tenant_id", "direct"), ("options", "-c tenant_id=from\\ options")]);
+        let StartupRequest::Startup(parameters) = startup(&packet).await.unwrap() else { panic!("not a startup") };
+        assert_eq!(StartupSettings::from_parameters(&parameters).unwrap().tenant_id.as_deref(), Some("direct"));
+        assert_eq!(parse_options("-c a=b\\ c").unwrap(), vec![("a".to_string(), "b c".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn bad_startup_packets_are_protocol_errors_not_panics() {
+        let mut garbage = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        let too_long = (MAX_STARTUP_PACKET_BYTES as u32 + 1).to_be_bytes();
+        let unterminated = [0, 0, 0, 11, 0, 3, 0, 0, b'u', b's', b'r'];
+        for bytes in [&garbage[..], &too_long[..], &[0, 0, 0, 2][..], &unterminated[..]] {
+            match startup(bytes).await {
+                Err(WireError::Client(error)) => assert_eq!(error.code, sqlstate::PROTOCOL_VIOLATION, "{error:?}"),
+                other => panic!("expected a protocol violation for {bytes:?}, got {other:?}"),
+            }
+        }
+        garbage.truncate(2);
+        assert!(matches!(startup(&garbage).await, Err(WireError::Disconnected(_))));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading_the_body() {
+        let header = [b'd', 0xFF, 0xFF, 0xFF, 0xFF];
+        let result = read_frame(&mut &header[..], 1024, Duration::from_secs(1)).await;
+        let Err(WireError::Client(error)) = result else { panic!("expected a client error: {result:?}") };
+        assert!(error.message.contains("exceeds the limit of 1024 bytes"), "{}", error.message);
+    }
+
+    #[test]
+    fn error_response_layout() {
+        let mut out = BytesMut::new();
+        encode::error_response(&mut out, &PgError::error(sqlstate::SYNTAX_ERROR, "no".to_string()));
+        assert_eq!(&out[..], b"E\0\0\0\x1eSERROR\0VERROR\0C42601\0Mno\0\0");
+    }
+}

@@ -1,0 +1,163 @@
+//! START_WAL_PUSH: the connection in CopyBoth mode. Each CopyData from the
+//! proposer holds one encoded `ProposerMessage`, forwarded to the timeline's
+//! owner; each reply goes back as one CopyData holding an `AcceptorMessage`.
+//!
+//! Two halves run at once: this task reads frames and queues them for the
+//! owner (waiting when the owner's queue is full: backpressure), a writer
+//! task drains the connection's bounded reply queue onto the socket. The
+//! owner never waits for a connection: if the reply queue is full the
+//! connection is dropped. Any FATAL error is written by the writer (it owns
+//! the socket's write half) and then the connection closes.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use super::connection::{Reader, ERROR_FLUSH_TIMEOUT, FRAME_TIMEOUT};
+use super::errors::{sqlstate, PgError};
+use super::owner::{Outgoing, PushConnection};
+use super::pg_wire::{encode, printable, protocol_violation, read_frame, tag, WireError};
+use super::registry::{ProposerGuard, TimelineHandle};
+use super::ServiceState;
+use crate::ids::{TenantId, TimelineId};
+use crate::protocol::{ProposerMessage, MAX_MESSAGE_BYTES};
+
+/// Replies queued for one connection before it counts as too slow.
+pub const REPLY_QUEUE_MESSAGES: usize = 1024;
+/// Replies coalesced into one socket write.
+const WRITE_COALESCE_BYTES: usize = 64 << 10;
+
+pub async fn run(
+    state: Arc<ServiceState>,
+    connection_id: u64,
+    tenant_id: TenantId,
+    timeline_id: TimelineId,
+    mut reader: Reader,
+    mut write: OwnedWriteHalf,
+) {
+    let mut out = BytesMut::new();
+    encode::copy_both_response(&mut out);
+    if write.write_all(&out).await.is_err() {
+        return;
+    }
+    tracing::debug!(connection = connection_id, %tenant_id, %timeline_id, "START_WAL_PUSH");
+    let (replies, reply_queue) = mpsc::channel(REPLY_QUEUE_MESSAGES);
+    let connection = Arc::new(PushConnection::new(connection_id, replies.clone()));
+    let mut dropped = connection.dropped();
+    let mut writer = tokio::spawn(write_replies(write, reply_queue));
+    let mut forwarder = Forwarder { state, connection, tenant_id, timeline_id, timeline: None };
+    let ended = tokio::select! {
+        result = forwarder.run(&mut reader) => result,
+        // The writer ends after writing a FATAL error or when the socket fails.
+        _ = &mut writer => return,
+        _ = dropped.wait_for(|dropped| *dropped) => {
+            let message = "the client did not read its replies fast enough; connection dropped".to_string();
+            Err(WireError::Client(PgError::fatal(sqlstate::CONNECTION_FAILURE, message)))
+        }
+    };
+    if let Err(WireError::Client(error)) = ended {
+        tracing::debug!(connection = connection_id, "closing push connection: {error}");
+        if replies.try_send(Outgoing::Error(error)).is_ok() {
+            let _ = tokio::time::timeout(ERROR_FLUSH_TIMEOUT, &mut writer).await;
+        }
+    }
+    writer.abort();
+}
+
+struct Forwarder {
+    state: Arc<ServiceState>,
+    connection: Arc<PushConnection>,
+    tenant_id: TenantId,
+    timeline_id: TimelineId,
+    /// Opened by the first message (a Greeting creates a new timeline).
+    timeline: Option<(Arc<TimelineHandle>, ProposerGuard)>,
+}
+
+impl Forwarder {
+    /// Forward messages until the client ends the push or breaks the protocol.
+    async fn run(&mut self, reader: &mut Reader) -> Result<(), WireError> {
+        loop {
+            let frame = read_frame(reader, MAX_MESSAGE_BYTES, FRAME_TIMEOUT).await?;
+            match frame.tag {
+                tag::COPY_DATA => {}
+                // The proposer is done with this connection.
+                tag::COPY_DONE | tag::COPY_FAIL | tag::TERMINATE => return Ok(()),
+                other => {
+                    let message = format!("unexpected message type '{}' during START_WAL_PUSH", printable(other));
+                    return Err(protocol_violation(message).into());
+                }
+            }
+            let message = ProposerMessage::decode(frame.body)
+                .map_err(|e| protocol_violation(format!("invalid proposer message in CopyData: {e}")))?;
+            self.check_ids(&message)?;
+            let timeline = self.timeline(&message).await?;
+            timeline.push(self.connection.clone(), message).await?;
+        }
+    }
+
+    /// A message must be for the timeline this connection named at startup.
+    fn check_ids(&self, message: &ProposerMessage) -> Result<(), PgError> {
+        let cluster = message.cluster();
+        if cluster.tenant_id != self.tenant_id || cluster.timeline_id != self.timeline_id {
+            return Err(PgError::fatal(
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!(
+                    "message for timeline {}/{} on a connection opened for timeline {}/{}",
+                    cluster.tenant_id, cluster.timeline_id, self.tenant_id, self.timeline_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn timeline(&mut self, first: &ProposerMessage) -> Result<Arc<TimelineHandle>, PgError> {
+        if let Some((timeline, _)) = &self.timeline {
+            return Ok(timeline.clone());
+        }
+        let greeting = match first {
+            ProposerMessage::Greeting(greeting) => Some(greeting.clone()),
+            _ => None,
+        };
+        let timeline = self.state.timelines.open_for_push(*first.cluster(), greeting).await?;
+        let guard = timeline.proposer_guard();
+        self.timeline = Some((timeline.clone(), guard));
+        Ok(timeline)
+    }
+}
+
+/// Write replies as CopyData, coalescing whatever is queued into one write;
+/// an error is written last and ends the connection.
+async fn write_replies(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<Outgoing>) {
+    let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
+    while let Some(mut item) = queue.recv().await {
+        out.clear();
+        let finished = loop {
+            match item {
+                Outgoing::Reply(reply) => encode::copy_data(&mut out, &reply.encode()),
+                Outgoing::Error(error) => {
+                    encode::error_response(&mut out, &error);
+                    break true;
+                }
+            }
+            match queue.try_recv() {
+                Ok(next) if out.len() < WRITE_COALESCE_BYTES => item = next,
+                Ok(next) => {
+                    // Over the coalescing bound: write, then carry on with it.
+                    if write.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                    item = next;
+                }
+                Err(_) => break false,
+            }
+        };
+        if write.write_all(&out).await.is_err() || finished {
+            let _ = write.shutdown().await;
+            return;
+        }
+    }
+}

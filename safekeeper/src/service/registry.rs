@@ -1,0 +1,314 @@
+//! The timelines this safekeeper serves: recovered at startup, created on a
+//! proposer's first Greeting, each run by its owner thread.
+//!
+//! A new timeline's directory appears atomically: it is built under a temp
+//! name (`<timeline>.creating`) holding its first control file, fsynced,
+//! renamed to `<timeline>` and the tenant directory fsynced. A crash leaves
+//! either no timeline or a complete empty one; a leftover temp directory is
+//! removed at the next startup.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::errors::{sqlstate, PgError};
+use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineSnapshot};
+use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
+use crate::control::{ControlState, TermHistory};
+use crate::ids::{ClusterId, NodeId, TenantId, Term, TimelineId};
+use crate::import::timeline_dir;
+use crate::lsn::{Lsn, WalSegmentSize};
+use crate::protocol::{Greeting, ProposerMessage};
+use crate::recovery::recover_timeline;
+use crate::storage::control_file::FileControlStore;
+use crate::storage::segments::SegmentStorage;
+use crate::storage::{fsync_dir, ControlStore, StorageError};
+use crate::timeline::{FileTimeline, Timeline};
+
+/// Suffix of a timeline directory under construction.
+const CREATING_SUFFIX: &str = ".creating";
+/// Postgres major versions whose WAL this safekeeper decodes (PG15 only).
+const SUPPORTED_PG_VERSIONS: std::ops::Range<u32> = 150_000..160_000;
+
+/// One timeline's owner, as connections and the HTTP API reach it.
+pub struct TimelineHandle {
+    inputs: mpsc::Sender<OwnerInput>,
+    snapshot: watch::Receiver<TimelineSnapshot>,
+    thread: std::thread::JoinHandle<()>,
+    proposers: AtomicUsize,
+}
+
+impl TimelineHandle {
+    pub fn snapshot(&self) -> TimelineSnapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Connections currently in START_WAL_PUSH on this timeline.
+    pub fn connected_proposers(&self) -> usize {
+        self.proposers.load(Ordering::Relaxed)
+    }
+
+    fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    /// Count a pushing connection for as long as the guard lives.
+    pub fn proposer_guard(self: &Arc<Self>) -> ProposerGuard {
+        self.proposers.fetch_add(1, Ordering::Relaxed);
+        ProposerGuard(self.clone())
+    }
+
+    /// Queue a message for the owner, waiting while its queue is full.
+    pub async fn push(&self, connection: Arc<PushConnection>, message: ProposerMessage) -> Result<(), PgError> {
+        self.inputs.send(OwnerInput::Push { connection, message }).await.map_err(|_| {
+            PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "the timeline's owner has stopped (shutdown or storage error); reconnect to reopen it".to_string(),
+            )
+        })
+    }
+}
+
+pub struct ProposerGuard(Arc<TimelineHandle>);
+
+impl Drop for ProposerGuard {
+    fn drop(&mut self) {
+        self.0.proposers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type TimelineKey = (TenantId, TimelineId);
+
+pub struct Timelines {
+    datadir: PathBuf,
+    node_id: NodeId,
+    entries: Mutex<BTreeMap<TimelineKey, Arc<TimelineHandle>>>,
+}
+
+impl Timelines {
+    /// Recover every timeline under `datadir` and start its owner. Blocking
+    /// (recovery reads WAL); a timeline that fails to recover stops startup,
+    /// because serving without it would hide lost or damaged WAL.
+    pub fn recover_all(datadir: &Path, node_id: NodeId) -> anyhow::Result<Timelines> {
+        remove_unfinished_creations(datadir)?;
+        let mut entries = BTreeMap::new();
+        for key @ (tenant_id, timeline_id) in list_timelines(datadir)? {
+            let dir = timeline_dir(datadir, tenant_id, timeline_id);
+            let recovered = recover_timeline(&dir).with_context(|| format!("recovering {}", dir.display()))?;
+            let Some(recovered) = recovered else { continue };
+            let timeline = FileTimeline::from_recovered(recovered, node_id, AcceptorConfig::default());
+            tracing::info!(%tenant_id, %timeline_id, flush_lsn = %timeline.acceptor().flush_lsn(), "recovered timeline");
+            entries.insert(key, Arc::new(start(timeline)?));
+        }
+        Ok(Timelines { datadir: datadir.to_path_buf(), node_id, entries: Mutex::new(entries) })
+    }
+
+    fn entries(&self) -> MutexGuard<'_, BTreeMap<TimelineKey, Arc<TimelineHandle>>> {
+        // A panic while holding this lock is a bug elsewhere; the map itself
+        // is always consistent (single inserts/removes), so keep serving.
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn get(&self, tenant_id: TenantId, timeline_id: TimelineId) -> Option<Arc<TimelineHandle>> {
+        self.entries().get(&(tenant_id, timeline_id)).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<TimelineHandle>> {
+        self.entries().values().cloned().collect()
+    }
+
+    /// The running owner of a timeline: reopened from disk if a storage
+    /// error stopped it, created from `greeting` if it does not exist.
+    pub async fn open_for_push(
+        self: &Arc<Self>,
+        cluster: ClusterId,
+        greeting: Option<Greeting>,
+    ) -> Result<Arc<TimelineHandle>, PgError> {
+        if let Some(handle) = self.get(cluster.tenant_id, cluster.timeline_id).filter(|h| h.is_running()) {
+            return Ok(handle);
+        }
+        let timelines = self.clone();
+        tokio::task::spawn_blocking(move || timelines.open_blocking(cluster, greeting.as_ref()))
+            .await
+            .unwrap_or_else(|join_error| Err(internal(format!("opening the timeline panicked: {join_error}"))))
+    }
+
+    fn open_blocking(&self, cluster: ClusterId, greeting: Option<&Greeting>) -> Result<Arc<TimelineHandle>, PgError> {
+        let key = (cluster.tenant_id, cluster.timeline_id);
+        // Held across creation so two proposers cannot create one timeline twice.
+        let mut entries = self.entries();
+        let existing = entries.get(&key).cloned();
+        let timeline = match existing {
+            Some(handle) if handle.is_running() => return Ok(handle),
+            Some(_) => self.reopen(key)?,
+            None => {
+                let Some(greeting) = greeting else {
+                    return Err(PgError::fatal(
+                        sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        format!(
+                            "timeline {}/{} does not exist here; a push must begin with a Greeting to create it",
+                            key.0, key.1
+                        ),
+                    ));
+                };
+                self.create(greeting)?
+            }
+        };
+        let handle = Arc::new(start(timeline).map_err(|e| internal(format!("starting the owner thread: {e:#}")))?);
+        entries.insert(key, handle.clone());
+        Ok(handle)
+    }
+
+    fn reopen(&self, (tenant_id, timeline_id): TimelineKey) -> Result<FileTimeline, PgError> {
+        let dir = timeline_dir(&self.datadir, tenant_id, timeline_id);
+        tracing::info!(%tenant_id, %timeline_id, "reopening a timeline stopped by a storage error");
+        match recover_timeline(&dir) {
+            Ok(Some(recovered)) => Ok(FileTimeline::from_recovered(recovered, self.node_id, AcceptorConfig::default())),
+            Ok(None) => Err(internal(format!("timeline directory {} vanished", dir.display()))),
+            Err(error) => Err(PgError::fatal(sqlstate::IO_ERROR, format!("reopening {}: {error}", dir.display()))),
+        }
+    }
+
+    /// Create an empty timeline defined by the greeting (cluster id, Postgres
+    /// version, segment size), as the importer builds a fresh one.
+    fn create(&self, greeting: &Greeting) -> Result<FileTimeline, PgError> {
+        let state = fresh_control_state(greeting)?;
+        let cluster = greeting.cluster;
+        let dir = create_timeline_dir(&self.datadir, &state).map_err(|error| {
+            if error.is_fatal() {
+                fail_stop(&error);
+            }
+            PgError::fatal(
+                sqlstate::IO_ERROR,
+                format!("creating timeline {}/{}: {error}", cluster.tenant_id, cluster.timeline_id),
+            )
+        })?;
+        tracing::info!(tenant_id = %cluster.tenant_id, timeline_id = %cluster.timeline_id, system_id = %cluster.system_id, "created timeline");
+        let io = |error: StorageError| PgError::fatal(sqlstate::IO_ERROR, error.to_string());
+        let storage = SegmentStorage::open(&dir, state.wal_segment_size).map_err(io)?;
+        let control = FileControlStore::new(&dir).map_err(io)?;
+        let empty = RecoveredWal { end_lsn: Lsn::INVALID, decoder: None };
+        let acceptor = Acceptor::new(self.node_id, AcceptorConfig::default(), state, empty);
+        Ok(Timeline::new(acceptor, storage, control))
+    }
+
+    /// Ask every owner to finish its batch, checkpoint and stop; wait at most
+    /// `timeout` for each step.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let mut acks = Vec::new();
+        for handle in self.list() {
+            let (done, ack) = oneshot::channel();
+            match tokio::time::timeout(timeout, handle.inputs.send(OwnerInput::Shutdown(done))).await {
+                Ok(Ok(())) => acks.push((handle.snapshot().timeline_id, ack)),
+                Ok(Err(_)) => {} // the owner already stopped
+                Err(_) => {
+                    tracing::warn!(timeline = %handle.snapshot().timeline_id, "owner queue still full at shutdown")
+                }
+            }
+        }
+        for (timeline_id, ack) in acks {
+            if tokio::time::timeout(timeout, ack).await.is_err() {
+                tracing::warn!(%timeline_id, "owner did not finish its batch within {timeout:?}");
+            }
+        }
+    }
+}
+
+fn start(timeline: FileTimeline) -> anyhow::Result<TimelineHandle> {
+    let owner = spawn_owner(timeline).context("spawning a timeline owner thread")?;
+    Ok(TimelineHandle {
+        inputs: owner.inputs,
+        snapshot: owner.snapshot,
+        thread: owner.thread,
+        proposers: AtomicUsize::new(0),
+    })
+}
+
+fn internal(message: String) -> PgError {
+    PgError::fatal("XX000", message)
+}
+
+fn fresh_control_state(greeting: &Greeting) -> Result<ControlState, PgError> {
+    let invalid = |message: String| PgError::fatal(sqlstate::INVALID_PARAMETER_VALUE, message);
+    if !SUPPORTED_PG_VERSIONS.contains(&greeting.pg_version) {
+        return Err(PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("Postgres version {} is not supported: this safekeeper stores PG15 WAL", greeting.pg_version),
+        ));
+    }
+    let wal_segment_size =
+        WalSegmentSize::new(u64::from(greeting.wal_segment_size_bytes)).map_err(|e| invalid(e.to_string()))?;
+    Ok(ControlState {
+        cluster: greeting.cluster,
+        pg_version: greeting.pg_version,
+        wal_segment_size,
+        term: Term(0),
+        term_history: TermHistory::default(),
+        timeline_start_lsn: Lsn::INVALID,
+        commit_lsn: Lsn::INVALID,
+    })
+}
+
+/// Build `<datadir>/<tenant>/<timeline>` with its first control file under a
+/// temp name, then rename it into place (see the module docs).
+fn create_timeline_dir(datadir: &Path, state: &ControlState) -> Result<PathBuf, StorageError> {
+    let cluster = state.cluster;
+    let tenant_dir = datadir.join(cluster.tenant_id.to_string());
+    let io = |what: String| move |source| StorageError::Io { what, source };
+    if !tenant_dir.exists() {
+        fs::create_dir(&tenant_dir).map_err(io(format!("creating {}", tenant_dir.display())))?;
+        fsync_dir(datadir)?;
+    }
+    let final_dir = tenant_dir.join(cluster.timeline_id.to_string());
+    let temp_dir = tenant_dir.join(format!("{}{CREATING_SUFFIX}", cluster.timeline_id));
+    if temp_dir.exists() {
+        fs::remove_dir_all(&temp_dir).map_err(io(format!("removing {}", temp_dir.display())))?;
+    }
+    fs::create_dir(&temp_dir).map_err(io(format!("creating {}", temp_dir.display())))?;
+    // `persist` writes, fsyncs and renames the control file, then fsyncs temp_dir.
+    FileControlStore::new(&temp_dir)?.persist(state)?;
+    fs::rename(&temp_dir, &final_dir).map_err(io(format!("renaming {} into place", temp_dir.display())))?;
+    fsync_dir(&tenant_dir)?;
+    Ok(final_dir)
+}
+
+/// Remove timeline directories whose creation a crash interrupted.
+fn remove_unfinished_creations(datadir: &Path) -> anyhow::Result<()> {
+    for tenant in fs::read_dir(datadir).with_context(|| format!("reading {}", datadir.display()))? {
+        let tenant = tenant?;
+        if tenant.file_name().to_string_lossy().parse::<TenantId>().is_err() || !tenant.path().is_dir() {
+            continue;
+        }
+        for entry in fs::read_dir(tenant.path())? {
+            let path = entry?.path();
+            if path.to_string_lossy().ends_with(CREATING_SUFFIX) {
+                tracing::info!(dir = %path.display(), "removing a timeline directory whose creation was interrupted");
+                fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                fsync_dir(&tenant.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(tenant, timeline)` pairs: directories named by 32-hex ids, two deep.
+pub fn list_timelines(datadir: &Path) -> anyhow::Result<Vec<(TenantId, TimelineId)>> {
+    let mut found = vec![];
+    for tenant in fs::read_dir(datadir).with_context(|| format!("reading {}", datadir.display()))? {
+        let tenant = tenant?;
+        let Ok(tenant_id) = tenant.file_name().to_string_lossy().parse::<TenantId>() else { continue };
+        for timeline in fs::read_dir(tenant.path())? {
+            if let Ok(timeline_id) = timeline?.file_name().to_string_lossy().parse::<TimelineId>() {
+                found.push((tenant_id, timeline_id));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}

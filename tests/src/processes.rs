@@ -1,0 +1,249 @@
+//! Project binaries as child processes: build them once, start them on free
+//! loopback ports, stop them by pid. Every wait is bounded.
+//!
+//! The tests crate cannot use `CARGO_BIN_EXE_*` of another package, so
+//! [`binary`] runs `cargo build -p <package>` once per test process and
+//! returns `target/debug/<name>`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long `cargo build` of one package may take.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a started service may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a signalled process may take to exit.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Bytes of a child's log quoted in error messages.
+const LOG_TAIL_BYTES: usize = 4096;
+/// Largest HTTP response [`http_get`] reads.
+const MAX_HTTP_RESPONSE_BYTES: u64 = 4 << 20;
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Path of `target/debug/<name>`, built by `cargo build -p <package>` the
+/// first time it is asked for in this process.
+pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(package) {
+        return Ok(path.clone());
+    }
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut command = Command::new(cargo);
+    command.current_dir(&root).args(["build", "--quiet", "-p", package, "--bin", name]);
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().context("spawning cargo build")?;
+    let stderr = child.stderr.take();
+    let stderr = thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = stderr {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    });
+    let Some(status) = wait_bounded(&mut child, BUILD_TIMEOUT)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("cargo build -p {package} did not finish within {BUILD_TIMEOUT:?}");
+    };
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        bail!("cargo build -p {package} failed: {stderr}");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let path = target.join("debug").join(name);
+    built.insert(package.to_string(), path.clone());
+    Ok(path)
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+pub fn free_loopback_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Wait for `child` up to `timeout`; `None` if it is still running.
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for a child")? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// A `safekeeper` serving a data directory; SIGKILLed when dropped.
+pub struct Safekeeper {
+    child: Option<Child>,
+    pub id: u64,
+    pub datadir: PathBuf,
+    pub pg_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub log_path: PathBuf,
+}
+
+impl Safekeeper {
+    /// Start on fresh free ports and wait until both ports accept.
+    pub fn start(id: u64, datadir: &Path) -> Result<Safekeeper> {
+        let pg_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        Safekeeper::start_at(id, datadir, pg_addr, http_addr)
+    }
+
+    /// Start on the given addresses (a restart keeps its ports).
+    pub fn start_at(id: u64, datadir: &Path, pg_addr: SocketAddr, http_addr: SocketAddr) -> Result<Safekeeper> {
+        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
+        let mut safekeeper = Safekeeper {
+            child: Some(Safekeeper::spawn(id, datadir, pg_addr, http_addr, &log_path)?),
+            id,
+            datadir: datadir.to_path_buf(),
+            pg_addr,
+            http_addr,
+            log_path,
+        };
+        safekeeper.wait_ready()?;
+        Ok(safekeeper)
+    }
+
+    fn spawn(id: u64, datadir: &Path, pg: SocketAddr, http: SocketAddr, log_path: &Path) -> Result<Child> {
+        let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut command = Command::new(binary("safekeeper", "safekeeper")?);
+        command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
+        command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
+        command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        command.spawn().context("spawning safekeeper")
+    }
+
+    /// Run a second `safekeeper` on `datadir` and expect it to exit; returns
+    /// its exit status and output.
+    pub fn run_expecting_exit(id: u64, datadir: &Path) -> Result<(ExitStatus, String)> {
+        let pg = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
+        let mut child = Safekeeper::spawn(id, datadir, pg, http, &log_path)?;
+        let Some(status) = wait_bounded(&mut child, EXIT_TIMEOUT)? else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("safekeeper on {} kept running", datadir.display());
+        };
+        Ok((status, std::fs::read_to_string(&log_path).unwrap_or_default()))
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child_mut()?.try_wait()? {
+                bail!("safekeeper exited at startup ({status}): {}", self.log_tail());
+            }
+            let connect = |addr| TcpStream::connect_timeout(&addr, POLL_INTERVAL * 10).is_ok();
+            if connect(self.pg_addr) && connect(self.http_addr) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("safekeeper not ready within {READY_TIMEOUT:?}: {}", self.log_tail());
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn child_mut(&mut self) -> Result<&mut Child> {
+        self.child.as_mut().ok_or_else(|| anyhow!("safekeeper already stopped"))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing safekeeper")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Send `signal` and wait (bounded) for the exit status.
+    pub fn stop_with(&mut self, signal: Signal) -> Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("safekeeper already stopped"))?;
+        kill(Pid::from_raw(child.id() as i32), signal)?;
+        match wait_bounded(&mut child, EXIT_TIMEOUT)? {
+            Some(status) => Ok(status),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("safekeeper did not exit within {EXIT_TIMEOUT:?} of {signal}: {}", self.log_tail())
+            }
+        }
+    }
+
+    /// Whether the process is still running (reaping it if it exited).
+    pub fn exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child_mut()?.try_wait()?)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let start = text.len().saturating_sub(LOG_TAIL_BYTES);
+        text.get(start..).unwrap_or(&text).to_string()
+    }
+
+    /// `GET path` on the HTTP port.
+    pub fn http_get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        http_get(self.http_addr, path)
+    }
+}
+
+impl Drop for Safekeeper {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A minimal HTTP/1.1 GET (no client crate needed): status and JSON body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, serde_json::Value)> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(MAX_HTTP_RESPONSE_BYTES).read_to_end(&mut response)?;
+    let text = String::from_utf8(response).context("HTTP response is not UTF-8")?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
+    let status =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status in {head:?}"))?;
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        bail!("chunked response not expected from GET {path}: {head}");
+    }
+    let json = serde_json::from_str(body).with_context(|| format!("GET {path}: body is not JSON: {body:?}"))?;
+    Ok((status, json))
+}

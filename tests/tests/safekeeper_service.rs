@@ -1,0 +1,516 @@
+//! The `safekeeper` binary as a real process: a proposer pushing generated
+//! WAL over the Postgres wire protocol, malformed input that must be refused
+//! without harming other connections, psql, the HTTP status API, and the
+//! data directory lock. Every socket read has a timeout; every child is
+//! stopped by pid.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use integration_tests::pg::DEFAULT_PG_BIN_DIR;
+use integration_tests::processes::{wait_bounded, Safekeeper};
+use nix::sys::signal::Signal;
+use safekeeper::control::{TermHistory, TermStart};
+use safekeeper::ids::{ClusterId, SystemId, TenantId, Term, TimelineId};
+use safekeeper::lsn::{Lsn, WalSegmentSize};
+use safekeeper::protocol::{
+    AcceptorMessage, AppendRequest, AppendResponse, Greeting, ProposerElected, ProposerMessage, VoteRequest,
+    PROTOCOL_VERSION,
+};
+use safekeeper::wal::format::PG15_VERSION_NUM;
+use safekeeper::wal::generator::WalGenerator;
+use tempfile::TempDir;
+
+const TENANT: &str = "0123456789abcdef0123456789abcdef";
+const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
+const SYSTEM_ID: u64 = 7_300_000_000_000_000_001;
+/// A segment start: a new timeline begins at the first byte of a segment.
+const TIMELINE_START: Lsn = Lsn(0x100_0000);
+/// WAL per append, as a proposer relays one replication message.
+const APPEND_BYTES: u64 = 128 << 10;
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
+const PSQL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest server message the test client accepts.
+const MAX_SERVER_MESSAGE_BYTES: usize = 1 << 20;
+
+fn cluster(system_id: u64) -> ClusterId {
+    ClusterId {
+        system_id: SystemId(system_id),
+        tenant_id: TENANT.parse().expect("valid id"),
+        timeline_id: TIMELINE.parse().expect("valid id"),
+    }
+}
+
+/// An ErrorResponse as the client sees it.
+#[derive(Debug)]
+struct ServerError {
+    severity: String,
+    code: String,
+    message: String,
+}
+
+/// A tiny frontend for the Postgres wire protocol (blocking, timeouts set).
+struct WireClient {
+    stream: TcpStream,
+}
+
+impl WireClient {
+    fn raw(addr: SocketAddr) -> Result<TcpStream> {
+        let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT)?;
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        stream.set_write_timeout(Some(READ_TIMEOUT))?;
+        Ok(stream)
+    }
+
+    /// Connect and complete the startup (up to the first ReadyForQuery).
+    fn connect(addr: SocketAddr, parameters: &[(&str, &str)]) -> Result<WireClient> {
+        let mut client = WireClient { stream: WireClient::raw(addr)? };
+        client.stream.write_all(&startup_packet(parameters))?;
+        loop {
+            match client.read_message()? {
+                (b'Z', _) => return Ok(client),
+                (b'E', body) => bail!("startup refused: {:?}", parse_error(&body)),
+                (b'R' | b'S' | b'K', _) => {}
+                (tag, _) => bail!("unexpected message {:?} during startup", tag as char),
+            }
+        }
+    }
+
+    fn for_timeline(addr: SocketAddr) -> Result<WireClient> {
+        WireClient::connect(addr, &[("user", "proposer"), ("tenant_id", TENANT), ("timeline_id", TIMELINE)])
+    }
+
+    fn send(&mut self, tag: u8, body: &[u8]) -> Result<()> {
+        let mut frame = vec![tag];
+        frame.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        frame.extend_from_slice(body);
+        self.stream.write_all(&frame)?;
+        Ok(())
+    }
+
+    fn read_message(&mut self) -> Result<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        self.stream.read_exact(&mut header).context("reading a message header")?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        ensure!((4..=MAX_SERVER_MESSAGE_BYTES).contains(&len), "bad server message length {len}");
+        let mut body = vec![0u8; len - 4];
+        self.stream.read_exact(&mut body)?;
+        Ok((header[0], body))
+    }
+
+    fn query(&mut self, text: &str) -> Result<()> {
+        let mut body = text.as_bytes().to_vec();
+        body.push(0);
+        self.send(b'Q', &body)
+    }
+
+    /// The next ErrorResponse (skipping nothing else: anything else fails).
+    fn expect_error(&mut self) -> Result<ServerError> {
+        match self.read_message()? {
+            (b'E', body) => Ok(parse_error(&body)),
+            (tag, _) => bail!("expected ErrorResponse, got {:?}", tag as char),
+        }
+    }
+
+    /// The server closed the connection (EOF, or a reset after our writes).
+    fn expect_closed(&mut self) -> Result<()> {
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => Ok(()),
+            Ok(_) => bail!("expected the connection to be closed, got more bytes"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+            Err(e) => Err(e).context("expected a closed connection"),
+        }
+    }
+
+    fn start_wal_push(&mut self) -> Result<()> {
+        self.query("START_WAL_PUSH")?;
+        let (tag, _) = self.read_message()?;
+        ensure!(tag == b'W', "expected CopyBothResponse, got {:?}", tag as char);
+        Ok(())
+    }
+
+    fn send_proposer(&mut self, message: &ProposerMessage) -> Result<()> {
+        self.send(b'd', &message.encode())
+    }
+
+    fn recv_acceptor(&mut self) -> Result<AcceptorMessage> {
+        match self.read_message()? {
+            (b'd', body) => Ok(AcceptorMessage::decode(body.into())?),
+            (b'E', body) => bail!("server error: {:?}", parse_error(&body)),
+            (tag, _) => bail!("unexpected message {:?} in CopyBoth", tag as char),
+        }
+    }
+}
+
+fn startup_packet(parameters: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (3u32 << 16).to_be_bytes().to_vec();
+    for (name, value) in parameters {
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = (body.len() as u32 + 4).to_be_bytes().to_vec();
+    packet.extend(body);
+    packet
+}
+
+fn parse_error(body: &[u8]) -> ServerError {
+    let mut error = ServerError { severity: String::new(), code: String::new(), message: String::new() };
+    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let value = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'S' => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            _ => {}
+        }
+    }
+    error
+}
+
+/// A one-connection proposer driving generated WAL into a safekeeper.
+struct Proposer {
+    client: WireClient,
+    cluster: ClusterId,
+    term: Term,
+    generator: WalGenerator,
+    segment_size: WalSegmentSize,
+}
+
+impl Proposer {
+    fn connect(addr: SocketAddr) -> Result<Proposer> {
+        let mut client = WireClient::for_timeline(addr)?;
+        client.start_wal_push()?;
+        let segment_size = WalSegmentSize::DEFAULT;
+        Ok(Proposer {
+            client,
+            cluster: cluster(SYSTEM_ID),
+            term: Term(0),
+            generator: WalGenerator::new(SYSTEM_ID, segment_size, TIMELINE_START),
+            segment_size,
+        })
+    }
+
+    fn greeting(&self) -> ProposerMessage {
+        ProposerMessage::Greeting(Greeting {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: self.cluster,
+            pg_version: PG15_VERSION_NUM,
+            wal_segment_size_bytes: self.segment_size.bytes() as u32,
+            proposer_id: [7; 16],
+        })
+    }
+
+    /// Greet, win term `term` and announce a history starting at the
+    /// timeline start (the safekeeper is empty).
+    fn elect(&mut self, term: Term) -> Result<()> {
+        self.client.send_proposer(&self.greeting())?;
+        ensure!(matches!(self.client.recv_acceptor()?, AcceptorMessage::GreetingResponse(_)));
+        self.client.send_proposer(&ProposerMessage::VoteRequest(VoteRequest { cluster: self.cluster, term }))?;
+        match self.client.recv_acceptor()? {
+            AcceptorMessage::VoteResponse(vote) if vote.vote_given => {}
+            other => bail!("vote not given: {other:?}"),
+        }
+        let history = TermHistory(vec![TermStart { term, start_lsn: TIMELINE_START }]);
+        let elected = ProposerElected {
+            cluster: self.cluster,
+            term,
+            term_start_lsn: TIMELINE_START,
+            timeline_start_lsn: TIMELINE_START,
+            term_history: history,
+        };
+        self.client.send_proposer(&ProposerMessage::ProposerElected(elected))?;
+        ensure!(matches!(self.client.recv_acceptor()?, AcceptorMessage::AppendResponse(_)));
+        self.term = term;
+        Ok(())
+    }
+
+    fn append(&self, begin_lsn: Lsn, wal: Vec<u8>, commit_lsn: Lsn) -> ProposerMessage {
+        let end_lsn = begin_lsn + wal.len() as u64;
+        let (cluster, term, wal) = (self.cluster, self.term, wal.into());
+        ProposerMessage::AppendRequest(AppendRequest { cluster, term, begin_lsn, end_lsn, commit_lsn, wal })
+    }
+
+    /// Send everything generated since the last call in segment-bounded
+    /// appends (pipelined), then read acks until the flush reaches the end.
+    fn push_generated(&mut self, commit_lsn: Lsn) -> Result<AppendResponse> {
+        let (mut position, bytes) = self.generator.take_bytes();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let to_segment_end = position.next_segment_start(self.segment_size) - position;
+            let len = (rest.len() as u64).min(APPEND_BYTES).min(to_segment_end) as usize;
+            let message = self.append(position, rest[..len].to_vec(), commit_lsn);
+            self.client.send_proposer(&message)?;
+            position = position + len as u64;
+            rest = &rest[len..];
+        }
+        let end = self.generator.end_lsn();
+        loop {
+            match self.client.recv_acceptor()? {
+                AcceptorMessage::AppendResponse(ack) if ack.flush_lsn >= end => {
+                    ensure!(ack.flush_lsn == end, "flush {} past the generated end {end}", ack.flush_lsn);
+                    return Ok(ack);
+                }
+                AcceptorMessage::AppendResponse(_) => {}
+                other => bail!("unexpected reply {other:?}"),
+            }
+        }
+    }
+
+    fn generate(&mut self, records: usize, seed: u64) {
+        self.generator.append_random_records(records, seed, 2000);
+    }
+
+    /// An empty append carrying `commit_lsn`; returns the ack.
+    fn heartbeat(&mut self, flush_lsn: Lsn, commit_lsn: Lsn) -> Result<AppendResponse> {
+        self.client.send_proposer(&self.append(flush_lsn, Vec::new(), commit_lsn))?;
+        match self.client.recv_acceptor()? {
+            AcceptorMessage::AppendResponse(ack) => Ok(ack),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+}
+
+fn timeline_path() -> String {
+    format!("/v1/tenant/{TENANT}/timeline/{TIMELINE}")
+}
+
+fn json_lsn(value: &serde_json::Value, field: &str) -> Result<Lsn> {
+    value[field].as_str().with_context(|| format!("{field} missing in {value}"))?.parse().context("bad LSN")
+}
+
+fn datadir() -> Result<(TempDir, std::path::PathBuf)> {
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path().join("sk");
+    Ok((temp, dir))
+}
+
+#[test]
+fn pushed_wal_is_acked_reported_and_survives_sigkill() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let mut safekeeper = Safekeeper::start(1, &dir)?;
+    let mut proposer = Proposer::connect(safekeeper.pg_addr)?;
+    proposer.elect(Term(1))?;
+
+    // Fill a segment to its end with an XLOG SWITCH, then continue in the
+    // next one: appends must be split at the boundary.
+    proposer.generate(2_000, 1);
+    proposer.generator.append_switch();
+    proposer.generate(2_000, 2);
+    let ack = proposer.push_generated(Lsn::INVALID)?;
+    let end = proposer.generator.end_lsn();
+    ensure!(end > TIMELINE_START.next_segment_start(WalSegmentSize::DEFAULT), "WAL reaches the second segment");
+    ensure!(ack.term == Term(1) && ack.flush_lsn == end, "{ack:?}");
+    let ack = proposer.heartbeat(end, end)?;
+    ensure!(ack.commit_lsn == end, "commit follows the proposer's commit: {ack:?}");
+
+    let (status, timeline) = safekeeper.http_get(&timeline_path())?;
+    ensure!(status == 200, "{timeline}");
+    ensure!(timeline["term"] == 1 && timeline["last_log_term"] == 1, "{timeline}");
+    ensure!(json_lsn(&timeline, "flush_lsn")? == end && json_lsn(&timeline, "commit_lsn")? == end, "{timeline}");
+    ensure!(json_lsn(&timeline, "timeline_start_lsn")? == TIMELINE_START, "{timeline}");
+    ensure!(timeline["system_id"] == SYSTEM_ID && timeline["wal_seg_size"] == 16 << 20, "{timeline}");
+    ensure!(timeline["pg_version"] == PG15_VERSION_NUM && timeline["connected_proposers"] == 1, "{timeline}");
+    ensure!(timeline["term_history"][0]["start_lsn"] == TIMELINE_START.to_string(), "{timeline}");
+
+    safekeeper.kill()?;
+    let mut restarted = Safekeeper::start(1, &dir)?;
+    let (status, after) = restarted.http_get(&timeline_path())?;
+    ensure!(status == 200 && after["term"] == 1 && json_lsn(&after, "flush_lsn")? == end, "after SIGKILL: {after}");
+    ensure!(after["connected_proposers"] == 0, "{after}");
+
+    // A clean stop exits 0 and keeps the same state.
+    let status = restarted.stop_with(Signal::SIGTERM)?;
+    ensure!(status.success(), "SIGTERM exit: {status}: {}", restarted.log_tail());
+    let again = Safekeeper::start(1, &dir)?;
+    let (_, final_state) = again.http_get(&timeline_path())?;
+    ensure!(json_lsn(&final_state, "flush_lsn")? == end && json_lsn(&final_state, "commit_lsn")? == end);
+    Ok(())
+}
+
+/// Send `bytes` on a fresh raw connection and return what comes back.
+fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Result<WireClient> {
+    let mut client = WireClient { stream: WireClient::raw(addr)? };
+    client.stream.write_all(bytes)?;
+    Ok(client)
+}
+
+fn check_error(error: &ServerError, code: &str, words: &str) -> Result<()> {
+    ensure!(error.code == code, "expected SQLSTATE {code}, got {error:?}");
+    ensure!(error.message.contains(words), "message {:?} should mention {words:?}", error.message);
+    Ok(())
+}
+
+#[test]
+fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let safekeeper = Safekeeper::start(2, &dir)?;
+    let addr = safekeeper.pg_addr;
+    let mut proposer = Proposer::connect(addr)?;
+    proposer.elect(Term(1))?;
+    let mut seed = 10;
+    let mut keep_pushing = |proposer: &mut Proposer| -> Result<()> {
+        seed += 1;
+        proposer.generate(50, seed);
+        proposer.push_generated(Lsn::INVALID).map(drop).context("the healthy proposer stopped being acked")
+    };
+    keep_pushing(&mut proposer)?;
+
+    // Garbage instead of a startup packet.
+    let mut client = raw_exchange(addr, b"hello, is anybody there?\r\n")?;
+    check_error(&client.expect_error()?, "08P01", "startup packet length")?;
+    client.expect_closed()?;
+    keep_pushing(&mut proposer)?;
+
+    // A truncated startup packet, then the client gives up: a clean close.
+    let mut client = raw_exchange(addr, &[0, 0, 0, 100, 0, 3])?;
+    client.stream.shutdown(Shutdown::Write)?;
+    client.expect_closed()?;
+
+    // An oversized frame is refused from its length alone.
+    let mut client = WireClient::for_timeline(addr)?;
+    client.start_wal_push()?;
+    client.stream.write_all(&[b'd', 0x7F, 0xFF, 0xFF, 0xFF])?;
+    check_error(&client.expect_error()?, "08P01", "exceeds the limit")?;
+    client.expect_closed()?;
+    keep_pushing(&mut proposer)?;
+
+    // Unknown commands: an error naming the command, and the session ends.
+    for command in ["SELECT 1", "FOO"] {
+        let mut client = WireClient::for_timeline(addr)?;
+        client.query(command)?;
+        let error = client.expect_error()?;
+        check_error(&error, "42601", "unsupported command")?;
+        ensure!(error.message.contains(command) && error.message.contains("START_WAL_PUSH"), "{error:?}");
+        client.expect_closed()?;
+    }
+    // A message type that has no place here ends the session.
+    let mut client = WireClient::for_timeline(addr)?;
+    client.send(b'd', b"stray copy data")?;
+    check_error(&client.expect_error()?, "08P01", "unexpected message type 'd'")?;
+    client.expect_closed()?;
+
+    // CopyData that is not a proposer message.
+    let mut client = WireClient::for_timeline(addr)?;
+    client.start_wal_push()?;
+    client.send(b'd', b"\x7Fnot a proposer message")?;
+    check_error(&client.expect_error()?, "08P01", "invalid proposer message")?;
+    client.expect_closed()?;
+    keep_pushing(&mut proposer)?;
+
+    // Refused messages write nothing: the control file and flush stay put.
+    let control_path = dir.join(TENANT).join(TIMELINE).join("safekeeper.control");
+    let control_before = std::fs::read(&control_path).with_context(|| format!("reading {}", control_path.display()))?;
+    let (_, before) = safekeeper.http_get(&timeline_path())?;
+
+    // Another Postgres system's greeting on this timeline.
+    let mut client = WireClient::for_timeline(addr)?;
+    client.start_wal_push()?;
+    let mut stranger = proposer.greeting();
+    if let ProposerMessage::Greeting(greeting) = &mut stranger {
+        greeting.cluster.system_id = SystemId(SYSTEM_ID + 1);
+    }
+    client.send_proposer(&stranger)?;
+    check_error(&client.expect_error()?, "22023", "cluster")?;
+    client.expect_closed()?;
+
+    // Invalid WAL at the write position, in the elected term.
+    let mut client = WireClient::for_timeline(addr)?;
+    client.start_wal_push()?;
+    let flush = proposer.generator.end_lsn();
+    client.send_proposer(&proposer.append(flush, vec![0xAB; 4096], Lsn::INVALID))?;
+    check_error(&client.expect_error()?, "XX001", "invalid WAL")?;
+    client.expect_closed()?;
+
+    // A message naming another timeline than the connection's.
+    let mut client = WireClient::for_timeline(addr)?;
+    client.start_wal_push()?;
+    let mut elsewhere = proposer.greeting();
+    if let ProposerMessage::Greeting(greeting) = &mut elsewhere {
+        greeting.cluster.timeline_id = TimelineId([1; 16]);
+        greeting.cluster.tenant_id = TenantId([2; 16]);
+    }
+    client.send_proposer(&elsewhere)?;
+    check_error(&client.expect_error()?, "22023", "on a connection opened for timeline")?;
+
+    let (_, after) = safekeeper.http_get(&timeline_path())?;
+    ensure!(before["flush_lsn"] == after["flush_lsn"] && before["term"] == after["term"], "{before} vs {after}");
+    ensure!(std::fs::read(&control_path)? == control_before, "a refused message changed the control file");
+    let (status, other) =
+        safekeeper.http_get("/v1/tenant/02020202020202020202020202020202/timeline/01010101010101010101010101010101")?;
+    ensure!(status == 404, "no timeline was created for the stray message: {other}");
+    keep_pushing(&mut proposer)?;
+    Ok(())
+}
+
+#[test]
+fn psql_connects_and_gets_an_error_for_unknown_commands() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let safekeeper = Safekeeper::start(3, &dir)?;
+    let connstr = format!(
+        "host=127.0.0.1 port={} user=operator dbname=x connect_timeout=10 options='-c tenant_id={TENANT} -c timeline_id={TIMELINE}'",
+        safekeeper.pg_addr.port()
+    );
+    let psql = std::path::Path::new(DEFAULT_PG_BIN_DIR).join("psql");
+    let mut child = Command::new(&psql)
+        .arg(&connstr)
+        .args(["-X", "-c", "FOO"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {}", psql.display()))?;
+    let Some(status) = wait_bounded(&mut child, PSQL_TIMEOUT)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("psql hung on an unknown command");
+    };
+    let mut stderr = String::new();
+    child.stderr.take().context("stderr")?.read_to_string(&mut stderr)?;
+    ensure!(!status.success(), "psql should fail on an unknown command");
+    ensure!(stderr.contains("FATAL:") && stderr.contains("unsupported command \"FOO\""), "psql said: {stderr}");
+    Ok(())
+}
+
+#[test]
+fn http_status_answers_json_and_rejects_bad_ids() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let safekeeper = Safekeeper::start(4, &dir)?;
+    let (status, node) = safekeeper.http_get("/v1/status")?;
+    ensure!(status == 200 && node["node_id"] == 4 && node["timelines"].as_array().is_some(), "{node}");
+    ensure!(node["uptime_s"].is_u64() && node["version"].is_string(), "{node}");
+
+    let (status, body) = safekeeper.http_get(&timeline_path())?;
+    ensure!(status == 404 && body["error"].as_str().is_some_and(|e| e.contains("does not exist")), "{body}");
+    let (status, body) = safekeeper.http_get(&format!("/v1/tenant/nothex/timeline/{TIMELINE}"))?;
+    ensure!(status == 400 && body["error"].as_str().is_some_and(|e| e.contains("tenant id")), "{body}");
+    let (status, body) = safekeeper.http_get(&format!("/v1/tenant/{TENANT}/timeline/123"))?;
+    ensure!(status == 400 && body["error"].as_str().is_some_and(|e| e.contains("timeline id")), "{body}");
+    let (status, body) = safekeeper.http_get("/v1/nothing/here")?;
+    ensure!(status == 404 && body["error"].is_string(), "{body}");
+
+    // A created timeline shows up in the node status.
+    let mut proposer = Proposer::connect(safekeeper.pg_addr)?;
+    proposer.elect(Term(3))?;
+    let (_, node) = safekeeper.http_get("/v1/status")?;
+    let timelines = node["timelines"].as_array().context("timelines")?;
+    ensure!(timelines.len() == 1 && timelines[0]["timeline_id"] == TIMELINE && timelines[0]["term"] == 3, "{node}");
+    Ok(())
+}
+
+#[test]
+fn a_second_safekeeper_on_the_same_datadir_is_refused() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let first = Safekeeper::start(5, &dir)?;
+    let (status, output) = Safekeeper::run_expecting_exit(5, &dir)?;
+    ensure!(!status.success(), "the second safekeeper must fail");
+    let holder = first.pid().context("first is running")?;
+    ensure!(output.contains("in use by another safekeeper") && output.contains(&format!("pid {holder}")), "{output}");
+    Ok(())
+}
