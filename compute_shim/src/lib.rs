@@ -4,6 +4,8 @@
 //! - [`proposer`]: the proposer as a pure state machine (election, quorum
 //!   commit, pipelined appends).
 //! - [`replication`]: the Postgres replication-protocol client.
+//! - [`safekeeper_link`]: the WAL push connection to one safekeeper.
 
 pub mod proposer;
 pub mod replication;
+pub mod safekeeper_link;

@@ -16,7 +16,7 @@ pub mod client;
 pub mod config;
 mod error;
 pub mod stream;
-mod wire;
+pub(crate) mod wire;
 
 pub use auth::AuthMethod;
 pub use client::{ReplicationClient, SlotPosition, SystemIdentity};
