@@ -1,1 +1,506 @@
-//! Proposer state machine (being written).
+//! The proposer as a pure state machine: no I/O, no clock (time comes in as
+//! `now_ms`), outputs are polled. docs/proposer.md explains the rules.
+//!
+//! Inputs: [`Proposer::on_connected`], [`Proposer::on_disconnected`],
+//! [`Proposer::on_message`], [`Proposer::on_wal`], [`Proposer::tick`].
+//! Outputs: [`Proposer::poll_transmit`], [`Proposer::commit_lsn`],
+//! [`Proposer::wal_wanted_from`], [`Proposer::status`].
+//!
+//! - [`config`]: configuration and limits.
+//! - [`election`]: votes, donor choice, the new term's history.
+//! - [`commit`]: the quorum commit rule.
+//! - [`flow`]: what to send a safekeeper next (segments, window).
+//! - [`wal_buffer`]: WAL held until the safekeepers flushed it.
+//! - [`peer`]: per-safekeeper state; [`status`]: the status snapshot.
+
+mod commit;
+mod config;
+mod election;
+mod error;
+mod flow;
+mod peer;
+mod status;
+mod wal_buffer;
+
+#[cfg(test)]
+mod tests;
+
+use safekeeper::ids::Term;
+use safekeeper::lsn::Lsn;
+use safekeeper::protocol::{
+    AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
+    VoteRequest, VoteResponse, PROTOCOL_VERSION,
+};
+
+pub use config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
+pub use error::{PeerFault, ProposerError};
+pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
+
+use election::{Election, Vote};
+use peer::{Link, Peer};
+use wal_buffer::WalBuffer;
+
+enum Campaign {
+    /// Waiting for greetings from a quorum to pick a term.
+    Greeting,
+    Voting {
+        term: Term,
+    },
+    Elected(Box<Election>),
+}
+
+pub struct Proposer {
+    config: ProposerConfig,
+    peers: Vec<Peer>,
+    campaign: Campaign,
+    /// Set once any safekeeper shows a term that is not ours to use.
+    fenced_by: Option<Term>,
+    commit_lsn: Lsn,
+    /// Created by the first WAL from Postgres, after the election.
+    wal: Option<WalBuffer>,
+    /// The time of the latest input, stamped on what `poll_transmit` sends.
+    now_ms: u64,
+    /// Where `poll_transmit` looks first, so no safekeeper starves.
+    next_poll_index: usize,
+    /// When a quorum had greeted: the term is picked once every connected
+    /// safekeeper greeted too, or a heartbeat interval later.
+    quorum_greeted_at_ms: Option<u64>,
+}
+
+impl Proposer {
+    pub fn new(config: ProposerConfig) -> Self {
+        config.assert_valid();
+        Proposer {
+            peers: (0..config.safekeeper_count).map(|_| Peer::new()).collect(),
+            config,
+            campaign: Campaign::Greeting,
+            fenced_by: None,
+            commit_lsn: Lsn::INVALID,
+            wal: None,
+            now_ms: 0,
+            next_poll_index: 0,
+            quorum_greeted_at_ms: None,
+        }
+    }
+
+    /// A (re)connection to safekeeper `sk`: greet it. Whatever it needs next
+    /// (a vote request, ProposerElected, WAL from its flush) follows its answer.
+    pub fn on_connected(&mut self, sk: usize, now_ms: u64) {
+        self.now_ms = now_ms;
+        if self.peers[sk].link != Link::Disconnected {
+            self.on_disconnected(sk, now_ms);
+        }
+        let greeting = Greeting {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: self.config.cluster,
+            pg_version: self.config.pg_version,
+            wal_segment_size_bytes: u32::try_from(self.config.wal_segment_size.bytes()).expect("at most 1 GiB"),
+            proposer_id: self.config.proposer_id,
+        };
+        let peer = &mut self.peers[sk];
+        peer.link = Link::AwaitingGreeting;
+        peer.queue(ProposerMessage::Greeting(greeting));
+    }
+
+    /// The connection to `sk` is gone: nothing queued for it may reach the
+    /// next one. What it acknowledged stays known (it is durable there).
+    pub fn on_disconnected(&mut self, sk: usize, now_ms: u64) {
+        self.now_ms = now_ms;
+        let peer = &mut self.peers[sk];
+        peer.link = Link::Disconnected;
+        peer.outbox.clear();
+        peer.awaited_for_wal_start = false;
+    }
+
+    /// A message from `sk` on its current connection. `Err(Fenced)` and the
+    /// other fatal errors mean the shim must exit; a `Peer` fault means this
+    /// connection should be dropped (then `on_disconnected`).
+    pub fn on_message(&mut self, sk: usize, message: AcceptorMessage, now_ms: u64) -> Result<(), ProposerError> {
+        self.check_not_fenced()?;
+        self.now_ms = now_ms;
+        let result = match message {
+            AcceptorMessage::GreetingResponse(response) => self.on_greeting_response(sk, response),
+            AcceptorMessage::VoteResponse(response) => self.on_vote_response(sk, response),
+            AcceptorMessage::AppendResponse(response) => self.on_append_response(sk, response),
+        };
+        if let Err(ProposerError::Fenced { term }) = result {
+            self.fenced_by = Some(term);
+        }
+        result
+    }
+
+    /// WAL from Postgres, contiguous from `wal_wanted_from()`. Call
+    /// [`Proposer::can_accept_wal`] first: a full buffer is refused unchanged.
+    pub fn on_wal(&mut self, start_lsn: Lsn, wal: &[u8]) -> Result<(), ProposerError> {
+        self.check_not_fenced()?;
+        let expected = self.wal_wanted_from().ok_or(ProposerError::WalNotWanted)?;
+        if start_lsn != expected {
+            return Err(ProposerError::WalNotContiguous { expected, got: start_lsn });
+        }
+        let incoming_bytes = wal.len() as u64;
+        let max_bytes = self.config.max_buffered_wal_bytes;
+        let buffer = self.wal.get_or_insert_with(|| WalBuffer::new(start_lsn, max_bytes));
+        if !buffer.fits(incoming_bytes) {
+            self.make_room();
+        }
+        let buffer = self.wal.as_mut().expect("created above");
+        if !buffer.fits(incoming_bytes) {
+            return Err(ProposerError::WalBufferFull { buffered_bytes: buffer.len_bytes(), incoming_bytes, max_bytes });
+        }
+        buffer.push(wal);
+        Ok(())
+    }
+
+    /// Whether `on_wal` can take `len_bytes` more now; the driver stops
+    /// reading Postgres while it cannot (backpressure).
+    pub fn can_accept_wal(&self, len_bytes: u64) -> bool {
+        match &self.wal {
+            None => len_bytes <= self.config.max_buffered_wal_bytes,
+            Some(buffer) => {
+                let floor = self.trim_floor(TrimScope::Connected).unwrap_or(buffer.start_lsn());
+                let keep_bytes = buffer.end_lsn().checked_sub(floor.max(buffer.start_lsn())).unwrap_or(0);
+                keep_bytes + len_bytes <= buffer.max_bytes()
+            }
+        }
+    }
+
+    /// The passage of time: idle safekeepers become due for a heartbeat.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        if matches!(self.campaign, Campaign::Greeting) && self.fenced_by.is_none() {
+            self.start_voting_if_quorum_greeted();
+        }
+    }
+
+    /// The next message to send, and to which safekeeper.
+    pub fn poll_transmit(&mut self) -> Option<(usize, ProposerMessage)> {
+        if self.fenced_by.is_some() {
+            return None;
+        }
+        let count = self.peers.len();
+        for step in 0..count {
+            let sk = (self.next_poll_index + step) % count;
+            if let Some(message) = self.next_message(sk) {
+                self.next_poll_index = (sk + 1) % count;
+                self.peers[sk].last_sent_ms = self.now_ms;
+                return Some((sk, message));
+            }
+        }
+        None
+    }
+
+    /// The LSN a quorum has durably flushed: what the shim reports to
+    /// Postgres as write/flush/apply. Never moves backwards.
+    pub fn commit_lsn(&self) -> Lsn {
+        self.commit_lsn
+    }
+
+    /// Once elected and the safekeepers told where their logs end: where
+    /// Postgres streaming must start (START_REPLICATION). Once WAL flows it
+    /// is where the next WAL must start (for a Postgres reconnection).
+    pub fn wal_wanted_from(&self) -> Option<Lsn> {
+        let Campaign::Elected(election) = &self.campaign else { return None };
+        if self.fenced_by.is_some() {
+            return None;
+        }
+        if let Some(buffer) = &self.wal {
+            return Some(buffer.end_lsn());
+        }
+        if self.peers.iter().any(|peer| peer.awaited_for_wal_start) {
+            return None;
+        }
+        let lowest_needed = self.peers.iter().filter_map(|peer| peer.flush_lsn).fold(election.term_start_lsn, Lsn::min);
+        // Below where Postgres can stream, a safekeeper is too far behind.
+        Some(lowest_needed.max(self.config.timeline_start_lsn))
+    }
+
+    pub fn status(&self) -> ProposerStatus {
+        let (phase, term, term_start_lsn) = match &self.campaign {
+            Campaign::Greeting => (Phase::Greeting, None, None),
+            Campaign::Voting { term } => (Phase::Voting, Some(*term), None),
+            Campaign::Elected(e) => (Phase::Elected, Some(e.term), Some(e.term_start_lsn)),
+        };
+        let phase = if self.fenced_by.is_some() { Phase::Fenced } else { phase };
+        ProposerStatus {
+            phase,
+            term,
+            term_start_lsn,
+            commit_lsn: self.commit_lsn,
+            buffered_wal_start_lsn: self.wal.as_ref().map(WalBuffer::start_lsn),
+            buffered_wal_end_lsn: self.wal.as_ref().map(WalBuffer::end_lsn),
+            safekeepers: self
+                .peers
+                .iter()
+                .map(|peer| SafekeeperStatus {
+                    state: peer.state(),
+                    node_id: peer.node_id,
+                    term: peer.reported_term,
+                    flush_lsn: peer.flush_lsn,
+                })
+                .collect(),
+        }
+    }
+
+    fn check_not_fenced(&self) -> Result<(), ProposerError> {
+        match self.fenced_by {
+            Some(term) => Err(ProposerError::Fenced { term }),
+            None => Ok(()),
+        }
+    }
+
+    /// Our term: campaigned for or won.
+    fn term(&self) -> Option<Term> {
+        match &self.campaign {
+            Campaign::Greeting => None,
+            Campaign::Voting { term } => Some(*term),
+            Campaign::Elected(election) => Some(election.term),
+        }
+    }
+
+    /// A term above ours means another proposer has taken over.
+    fn check_term(&self, reported: Term) -> Result<(), ProposerError> {
+        match self.term() {
+            Some(ours) if reported > ours => Err(ProposerError::Fenced { term: reported }),
+            _ => Ok(()),
+        }
+    }
+
+    fn unexpected(&self, sk: usize, message: &'static str) -> ProposerError {
+        let state = self.peers[sk].link_name();
+        ProposerError::Peer { safekeeper: sk, fault: PeerFault::Unexpected { message, state } }
+    }
+
+    fn on_greeting_response(&mut self, sk: usize, response: GreetingResponse) -> Result<(), ProposerError> {
+        if self.peers[sk].link != Link::AwaitingGreeting {
+            return Err(self.unexpected(sk, "GreetingResponse"));
+        }
+        let peer = &mut self.peers[sk];
+        peer.node_id = Some(response.node_id);
+        peer.reported_term = Some(response.term);
+        peer.link = Link::Greeted;
+        self.check_term(response.term)?;
+        match &self.campaign {
+            Campaign::Greeting => self.start_voting_if_quorum_greeted(),
+            Campaign::Voting { term } => self.ask_for_vote(sk, *term),
+            Campaign::Elected(_) => self.send_elected(sk),
+        }
+        Ok(())
+    }
+
+    /// Term = max(terms seen) + 1, once a quorum has greeted us.
+    fn start_voting_if_quorum_greeted(&mut self) {
+        let greeted_terms: Vec<Term> = self.peers.iter().filter_map(|peer| peer.reported_term).collect();
+        if greeted_terms.len() < self.config.quorum() {
+            return;
+        }
+        // Waiting briefly for the rest avoids picking a term that a slower
+        // greeting then shows to be stale (which would fence us).
+        let greeted_at_ms = *self.quorum_greeted_at_ms.get_or_insert(self.now_ms);
+        let awaiting = self.peers.iter().any(|peer| peer.link == Link::AwaitingGreeting);
+        if awaiting && self.now_ms.saturating_sub(greeted_at_ms) < self.config.heartbeat_interval_ms {
+            return;
+        }
+        let highest = greeted_terms.into_iter().max().unwrap_or_default();
+        let term = Term(highest.0.checked_add(1).expect("term overflow"));
+        self.campaign = Campaign::Voting { term };
+        for sk in 0..self.peers.len() {
+            if self.peers[sk].link == Link::Greeted {
+                self.ask_for_vote(sk, term);
+            }
+        }
+    }
+
+    fn ask_for_vote(&mut self, sk: usize, term: Term) {
+        let peer = &mut self.peers[sk];
+        if peer.vote.is_some() {
+            peer.link = Link::Voted; // reconnected after voting for us
+        } else if peer.reported_term < Some(term) {
+            peer.link = Link::AwaitingVote;
+            peer.queue(ProposerMessage::VoteRequest(VoteRequest { cluster: self.config.cluster, term }));
+        }
+        // A safekeeper already at our term cannot vote for it (it may have
+        // voted for us on a lost connection, or for a rival); it joins once
+        // we are elected.
+    }
+
+    fn on_vote_response(&mut self, sk: usize, response: VoteResponse) -> Result<(), ProposerError> {
+        if self.peers[sk].link != Link::AwaitingVote {
+            return Err(self.unexpected(sk, "VoteResponse"));
+        }
+        self.check_term(response.term)?;
+        let term = match &self.campaign {
+            Campaign::Greeting => unreachable!("votes are requested only with a term"),
+            Campaign::Voting { term } => *term,
+            Campaign::Elected(_) => {
+                // A vote after we won: it only needs to learn the outcome.
+                self.peers[sk].reported_term = Some(response.term);
+                self.send_elected(sk);
+                self.peers[sk].awaited_for_wal_start = self.wal.is_none();
+                return Ok(());
+            }
+        };
+        self.peers[sk].reported_term = Some(response.term);
+        if !response.vote_given {
+            // It has promised our term or a higher one to someone else.
+            if response.term >= term {
+                return Err(ProposerError::Fenced { term: response.term });
+            }
+            return Err(ProposerError::Peer {
+                safekeeper: sk,
+                fault: PeerFault::WrongTerm { expected: term, got: response.term },
+            });
+        }
+        let vote =
+            Vote::from_response(response, term).map_err(|fault| ProposerError::Peer { safekeeper: sk, fault })?;
+        let peer = &mut self.peers[sk];
+        peer.vote = Some(vote);
+        peer.link = Link::Voted;
+        let votes: Vec<(usize, &Vote)> =
+            self.peers.iter().enumerate().filter_map(|(sk, peer)| peer.vote.as_ref().map(|vote| (sk, vote))).collect();
+        if votes.len() >= self.config.quorum() {
+            let election = election::decide(term, &votes, &self.config)?;
+            self.become_elected(election);
+        }
+        Ok(())
+    }
+
+    fn become_elected(&mut self, election: Election) {
+        assert!(self.commit_lsn <= election.term_start_lsn, "the new term starts after everything committed");
+        self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
+        self.campaign = Campaign::Elected(Box::new(election));
+        for sk in 0..self.peers.len() {
+            if matches!(self.peers[sk].link, Link::Voted | Link::Greeted) {
+                self.send_elected(sk);
+                self.peers[sk].awaited_for_wal_start = true;
+            }
+        }
+    }
+
+    /// ProposerElected needs no vote: an acceptor takes it for any term not
+    /// below its own. Only we can have won our term, so one at our term
+    /// (a reconnection, or a voter whose answer was lost) gets it too.
+    fn send_elected(&mut self, sk: usize) {
+        let Campaign::Elected(election) = &self.campaign else { unreachable!("called once elected") };
+        let peer = &mut self.peers[sk];
+        assert!(peer.reported_term <= Some(election.term), "higher terms are fenced before this");
+        peer.link = Link::AwaitingElectedAck;
+        peer.queue(ProposerMessage::ProposerElected(ProposerElected {
+            cluster: self.config.cluster,
+            term: election.term,
+            term_start_lsn: election.term_start_lsn,
+            timeline_start_lsn: election.timeline_start_lsn,
+            term_history: election.history.clone(),
+        }));
+    }
+
+    fn on_append_response(&mut self, sk: usize, response: AppendResponse) -> Result<(), ProposerError> {
+        self.check_term(response.term)?;
+        let Campaign::Elected(election) = &self.campaign else { return Err(self.unexpected(sk, "AppendResponse")) };
+        let term = election.term;
+        let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
+        if response.term != term {
+            return Err(peer_fault(PeerFault::WrongTerm { expected: term, got: response.term }));
+        }
+        let peer = &mut self.peers[sk];
+        peer.reported_term = Some(response.term);
+        match peer.link {
+            Link::AwaitingElectedAck => {
+                // Its log now matches ours up to its flush: send from there.
+                peer.record_flush(response.flush_lsn).map_err(peer_fault)?;
+                peer.link = Link::Streaming { next_lsn: response.flush_lsn };
+                peer.awaited_for_wal_start = false;
+            }
+            Link::Streaming { next_lsn } => {
+                if response.flush_lsn > next_lsn {
+                    return Err(peer_fault(PeerFault::FlushBeyondSent {
+                        reported: response.flush_lsn,
+                        sent: next_lsn,
+                    }));
+                }
+                peer.record_flush(response.flush_lsn).map_err(peer_fault)?;
+            }
+            Link::TooFarBehind => peer.record_flush(response.flush_lsn).map_err(peer_fault)?,
+            _ => return Err(self.unexpected(sk, "AppendResponse")),
+        }
+        self.advance_commit();
+        if let Some(floor) = self.trim_floor(TrimScope::All) {
+            self.wal.as_mut().expect("a floor implies a buffer").trim_to(floor);
+        }
+        Ok(())
+    }
+
+    fn advance_commit(&mut self) {
+        let Campaign::Elected(election) = &self.campaign else { return };
+        let flushes = self.peers.iter().filter_map(|peer| peer.flush_lsn);
+        if let Some(quorum_lsn) = commit::quorum_flush_lsn(flushes, election.term_start_lsn, self.config.quorum()) {
+            self.commit_lsn = self.commit_lsn.max(quorum_lsn);
+        }
+    }
+
+    /// Trim down to what the connected safekeepers still need, giving up on
+    /// absent ones (they will be too far behind if they come back).
+    fn make_room(&mut self) {
+        if let Some(floor) = self.trim_floor(TrimScope::Connected) {
+            self.wal.as_mut().expect("a floor implies a buffer").trim_to(floor);
+        }
+    }
+
+    /// The lowest acknowledged flush still inside the buffer, among all
+    /// safekeepers that acknowledged in our term or only connected ones.
+    fn trim_floor(&self, scope: TrimScope) -> Option<Lsn> {
+        let buffer = self.wal.as_ref()?;
+        self.peers
+            .iter()
+            .filter(|peer| scope == TrimScope::All || matches!(peer.link, Link::Streaming { .. }))
+            .filter(|peer| peer.link != Link::TooFarBehind)
+            .filter_map(|peer| peer.flush_lsn)
+            .filter(|&flush| flush >= buffer.start_lsn())
+            .min()
+    }
+
+    /// A control message if one is queued, else WAL, else a heartbeat if due.
+    fn next_message(&mut self, sk: usize) -> Option<ProposerMessage> {
+        if let Some(message) = self.peers[sk].outbox.pop_front() {
+            return Some(message);
+        }
+        let Campaign::Elected(election) = &self.campaign else { return None };
+        let peer = &mut self.peers[sk];
+        let Link::Streaming { next_lsn } = peer.link else { return None };
+        let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
+        let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {
+            cluster: self.config.cluster,
+            term: election.term,
+            begin_lsn,
+            end_lsn,
+            commit_lsn: self.commit_lsn,
+            wal,
+        };
+        if let Some(buffer) = &self.wal {
+            if next_lsn < buffer.start_lsn() {
+                peer.link = Link::TooFarBehind;
+                return None;
+            }
+            let window = self.config.max_in_flight_bytes;
+            let segment_size = self.config.wal_segment_size;
+            if let Some((begin, end)) =
+                flow::next_append_range(next_lsn, flush_lsn, buffer.end_lsn(), segment_size, window)
+            {
+                peer.link = Link::Streaming { next_lsn: end };
+                return Some(ProposerMessage::AppendRequest(append(begin, end, buffer.slice(begin, end))));
+            }
+        }
+        let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
+        if idle_ms >= self.config.heartbeat_interval_ms {
+            return Some(ProposerMessage::AppendRequest(append(next_lsn, next_lsn, Default::default())));
+        }
+        None
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TrimScope {
+    /// Keep WAL for every safekeeper that acknowledged in our term.
+    All,
+    /// Keep WAL only for connected, streaming ones.
+    Connected,
+}

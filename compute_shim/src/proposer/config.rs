@@ -1,0 +1,60 @@
+//! Proposer configuration and the fixed limits it is checked against.
+
+use safekeeper::ids::ClusterId;
+use safekeeper::lsn::{Lsn, WalSegmentSize};
+use safekeeper::protocol::MAX_APPEND_PAYLOAD_BYTES;
+
+/// Largest WAL payload the proposer puts in one AppendRequest: the size of a
+/// Postgres XLogData message, so one chunk from Postgres is one append.
+pub const MAX_APPEND_CHUNK_BYTES: u64 = 128 * 1024;
+const _: () = assert!(MAX_APPEND_CHUNK_BYTES as usize <= MAX_APPEND_PAYLOAD_BYTES);
+
+/// Most safekeepers one proposer drives (a quorum of 8 is plenty).
+pub const MAX_SAFEKEEPERS: usize = 15;
+
+/// Control messages (Greeting, VoteRequest, ProposerElected) queued for one
+/// safekeeper. At most one of each is outstanding per connection.
+pub const MAX_QUEUED_CONTROL_MESSAGES: usize = 4;
+
+#[derive(Clone, Debug)]
+pub struct ProposerConfig {
+    pub cluster: ClusterId,
+    pub pg_version: u32,
+    pub wal_segment_size: WalSegmentSize,
+    pub safekeeper_count: usize,
+    /// WAL sent to one safekeeper beyond its acknowledged flush LSN. Must
+    /// exceed the largest WAL record: an acceptor acknowledges only record
+    /// ends, so a record longer than the window can never be acknowledged.
+    pub max_in_flight_bytes: u64,
+    /// WAL from Postgres held for safekeepers that have not flushed it yet.
+    pub max_buffered_wal_bytes: u64,
+    /// An idle safekeeper gets an empty append (carrying commit_lsn) this often.
+    pub heartbeat_interval_ms: u64,
+    pub proposer_id: [u8; 16],
+    /// The segment start from which Postgres can stream (the segment holding
+    /// the slot's restart_lsn, or IDENTIFY_SYSTEM's xlogpos for a new slot).
+    /// A timeline whose safekeepers are all empty starts here.
+    pub timeline_start_lsn: Lsn,
+    /// Postgres's flush LSN at startup (IDENTIFY_SYSTEM's xlogpos). The
+    /// proposer refuses to lead if the safekeepers' log ends beyond it.
+    pub postgres_flush_lsn: Lsn,
+}
+
+impl ProposerConfig {
+    /// Majority of the safekeepers.
+    pub fn quorum(&self) -> usize {
+        self.safekeeper_count / 2 + 1
+    }
+
+    /// The config is built by the driver from constants and Postgres's
+    /// answers; a bad one is a programming error, so this panics.
+    pub(super) fn assert_valid(&self) {
+        assert!((1..=MAX_SAFEKEEPERS).contains(&self.safekeeper_count), "1..={MAX_SAFEKEEPERS} safekeepers");
+        assert!(self.max_in_flight_bytes >= MAX_APPEND_CHUNK_BYTES, "in-flight window below one append");
+        assert!(self.max_buffered_wal_bytes >= MAX_APPEND_CHUNK_BYTES, "WAL buffer below one XLogData message");
+        assert!(self.heartbeat_interval_ms > 0, "heartbeat interval must be positive");
+        let start = self.timeline_start_lsn;
+        assert!(start.is_valid() && start.is_segment_start(self.wal_segment_size), "timeline start {start}");
+        assert!(self.postgres_flush_lsn >= start, "Postgres's flush LSN is below where it can stream from");
+    }
+}

@@ -1,0 +1,192 @@
+//! Votes and the outcome of an election: the donor, the term start and the
+//! history the new term writes under.
+
+use safekeeper::control::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
+use safekeeper::ids::Term;
+use safekeeper::lsn::Lsn;
+use safekeeper::protocol::VoteResponse;
+
+use super::config::ProposerConfig;
+use super::error::{PeerFault, ProposerError};
+
+/// A granted vote: what the voter's durable log looks like.
+#[derive(Clone, Debug)]
+pub(super) struct Vote {
+    pub flush_lsn: Lsn,
+    pub commit_lsn: Lsn,
+    pub timeline_start_lsn: Lsn,
+    /// The history entries the voter's log reaches.
+    pub history: TermHistory,
+}
+
+impl Vote {
+    /// Check a granted vote for term `term`; a malformed one is a fault of
+    /// that safekeeper, never a panic.
+    pub fn from_response(response: VoteResponse, term: Term) -> Result<Vote, PeerFault> {
+        assert!(response.vote_given, "callers handle refusals");
+        if response.term != term {
+            return Err(PeerFault::WrongTerm { expected: term, got: response.term });
+        }
+        let bad = |reason| Err(PeerFault::BadVote { reason });
+        let history = &response.term_history;
+        if !history.is_well_formed() {
+            return bad("term history out of order");
+        }
+        if history.last_term() >= term {
+            return bad("history holds a term not below the one voted for");
+        }
+        if history.0.iter().any(|entry| entry.start_lsn > response.flush_lsn) {
+            return bad("history entry starts beyond the flush LSN");
+        }
+        if response.commit_lsn > response.flush_lsn {
+            return bad("commit LSN beyond the flush LSN");
+        }
+        Ok(Vote {
+            flush_lsn: response.flush_lsn,
+            commit_lsn: response.commit_lsn,
+            timeline_start_lsn: response.timeline_start_lsn,
+            history: response.term_history,
+        })
+    }
+
+    /// The term that wrote the voter's last WAL byte.
+    pub fn last_log_term(&self) -> Term {
+        self.history.last_term()
+    }
+}
+
+/// What a won election fixes for the whole term.
+#[derive(Clone, Debug)]
+pub(super) struct Election {
+    pub term: Term,
+    /// Where this term starts writing: the donor's flush LSN.
+    pub term_start_lsn: Lsn,
+    pub timeline_start_lsn: Lsn,
+    /// The donor's history plus (term, term_start_lsn).
+    pub history: TermHistory,
+    /// The highest commit LSN a voter reported: committed by earlier terms.
+    pub known_commit_lsn: Lsn,
+}
+
+/// Decide the election from a quorum of `votes` (safekeeper index, vote).
+///
+/// The donor is the voter with the highest (last_log_term, flush_lsn): as in
+/// Raft's election restriction, its log holds every committed byte, because
+/// a commit needs a quorum at the committing term's start and any two quorums
+/// intersect. Refuses to lead when Postgres cannot continue that log.
+pub(super) fn decide(term: Term, votes: &[(usize, &Vote)], config: &ProposerConfig) -> Result<Election, ProposerError> {
+    assert!(votes.len() >= config.quorum(), "an election needs a quorum of votes");
+    let (_, donor) = votes.iter().max_by_key(|(_, vote)| (vote.last_log_term(), vote.flush_lsn)).expect("non-empty");
+    let (term_start_lsn, timeline_start_lsn) = if donor.flush_lsn.is_valid() {
+        (donor.flush_lsn, donor.timeline_start_lsn)
+    } else {
+        // Every voter is empty: a new timeline starts where Postgres can
+        // stream from, at a segment start (as pg_receivewal does).
+        (config.timeline_start_lsn, config.timeline_start_lsn)
+    };
+    if term_start_lsn > config.postgres_flush_lsn {
+        return Err(ProposerError::PostgresBehind { term_start_lsn, postgres_flush_lsn: config.postgres_flush_lsn });
+    }
+    if term_start_lsn < config.timeline_start_lsn {
+        return Err(ProposerError::PostgresWalGone { term_start_lsn, timeline_start_lsn: config.timeline_start_lsn });
+    }
+    let mut known_commit_lsn = Lsn::INVALID;
+    for &(safekeeper, vote) in votes {
+        if vote.commit_lsn > term_start_lsn {
+            return Err(ProposerError::CommitAboveTermStart {
+                safekeeper,
+                commit_lsn: vote.commit_lsn,
+                term_start_lsn,
+            });
+        }
+        known_commit_lsn = known_commit_lsn.max(vote.commit_lsn);
+    }
+    if donor.history.0.len() >= MAX_TERM_HISTORY_ENTRIES {
+        return Err(ProposerError::TermHistoryFull);
+    }
+    let mut history = donor.history.clone();
+    history.0.push(TermStart { term, start_lsn: term_start_lsn });
+    assert!(history.is_well_formed(), "votes were checked: donor terms are below ours, starts below its flush");
+    Ok(Election { term, term_start_lsn, timeline_start_lsn, history, known_commit_lsn })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safekeeper::ids::ClusterId;
+    use safekeeper::lsn::WalSegmentSize;
+
+    const SEG: u64 = 1 << 20;
+
+    fn config() -> ProposerConfig {
+        ProposerConfig {
+            cluster: ClusterId::default(),
+            pg_version: 150000,
+            wal_segment_size: WalSegmentSize::new(SEG).unwrap(),
+            safekeeper_count: 3,
+            max_in_flight_bytes: 1 << 20,
+            max_buffered_wal_bytes: 4 << 20,
+            heartbeat_interval_ms: 100,
+            proposer_id: [0; 16],
+            timeline_start_lsn: Lsn(SEG),
+            postgres_flush_lsn: Lsn(10 * SEG),
+        }
+    }
+
+    fn vote(entries: &[(u64, u64)], flush: u64, commit: u64) -> Vote {
+        let history = entries.iter().map(|&(t, s)| TermStart { term: Term(t), start_lsn: Lsn(s) }).collect();
+        Vote {
+            flush_lsn: Lsn(flush),
+            commit_lsn: Lsn(commit),
+            timeline_start_lsn: Lsn(SEG),
+            history: TermHistory(history),
+        }
+    }
+
+    /// Rule: the donor is the voter with the highest (last_log_term, flush_lsn),
+    /// so a longer log from an older term loses to a shorter, newer one.
+    #[test]
+    fn donor_is_highest_last_term_then_flush() {
+        let old_long = vote(&[(1, SEG)], 5 * SEG, SEG);
+        let new_short = vote(&[(1, SEG), (2, 2 * SEG)], 3 * SEG, SEG);
+        let election = decide(Term(3), &[(0, &old_long), (1, &new_short)], &config()).unwrap();
+        assert_eq!(election.term_start_lsn, Lsn(3 * SEG));
+        assert_eq!(election.history.0.last(), Some(&TermStart { term: Term(3), start_lsn: Lsn(3 * SEG) }));
+        assert_eq!(election.history.0.len(), 3);
+    }
+
+    #[test]
+    fn empty_cluster_starts_at_the_timeline_start() {
+        let empty = vote(&[], 0, 0);
+        let election = decide(Term(1), &[(0, &empty), (1, &empty)], &config()).unwrap();
+        assert_eq!((election.term_start_lsn, election.timeline_start_lsn), (Lsn(SEG), Lsn(SEG)));
+    }
+
+    /// Rule: refuse to lead when Postgres's WAL ends before the quorum's log.
+    #[test]
+    fn refuses_when_postgres_is_behind() {
+        let ahead = vote(&[(1, SEG)], 11 * SEG, SEG);
+        let result = decide(Term(2), &[(0, &ahead), (1, &ahead)], &config());
+        assert!(matches!(result, Err(ProposerError::PostgresBehind { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn malformed_votes_are_peer_faults() {
+        let response = |history: Vec<(u64, u64)>, flush: u64, commit: u64| VoteResponse {
+            term: Term(5),
+            vote_given: true,
+            flush_lsn: Lsn(flush),
+            commit_lsn: Lsn(commit),
+            timeline_start_lsn: Lsn(SEG),
+            term_history: TermHistory(
+                history.into_iter().map(|(t, s)| TermStart { term: Term(t), start_lsn: Lsn(s) }).collect(),
+            ),
+        };
+        assert!(Vote::from_response(response(vec![(2, SEG), (1, SEG)], SEG, 0), Term(5)).is_err());
+        assert!(Vote::from_response(response(vec![(5, SEG)], SEG, 0), Term(5)).is_err());
+        assert!(Vote::from_response(response(vec![(1, 2 * SEG)], SEG, 0), Term(5)).is_err());
+        assert!(Vote::from_response(response(vec![(1, SEG)], SEG, 2 * SEG), Term(5)).is_err());
+        assert!(Vote::from_response(response(vec![(1, SEG)], 2 * SEG, SEG), Term(4)).is_err());
+        assert!(Vote::from_response(response(vec![(1, SEG)], 2 * SEG, SEG), Term(5)).is_ok());
+    }
+}

@@ -1,0 +1,61 @@
+//! What can go wrong: fatal conditions the shim must exit on, and faults of
+//! one safekeeper's input after which the driver drops that connection.
+
+use safekeeper::ids::Term;
+use safekeeper::lsn::Lsn;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposerError {
+    #[error(
+        "fenced: a safekeeper is at term {term}, not below ours; another compute_shim has taken over, stepping down"
+    )]
+    Fenced { term: Term },
+    #[error(
+        "Postgres's WAL ends at {postgres_flush_lsn}, before the safekeepers' log ends at {term_start_lsn}: Postgres \
+         lost WAL the safekeepers hold; refusing to lead (committed WAL is never truncated to fit Postgres)"
+    )]
+    PostgresBehind { term_start_lsn: Lsn, postgres_flush_lsn: Lsn },
+    #[error(
+        "Postgres can stream only from {timeline_start_lsn}, after the safekeepers' log ends at {term_start_lsn}: \
+         the WAL in between is gone; refusing to lead"
+    )]
+    PostgresWalGone { term_start_lsn: Lsn, timeline_start_lsn: Lsn },
+    #[error(
+        "safekeeper {safekeeper} reports commit LSN {commit_lsn} above the most advanced voter's log end \
+         {term_start_lsn}: the safekeepers' state is inconsistent; refusing to lead"
+    )]
+    CommitAboveTermStart { safekeeper: usize, commit_lsn: Lsn, term_start_lsn: Lsn },
+    #[error("the donor's term history is full; cannot start another term")]
+    TermHistoryFull,
+    #[error("safekeeper {safekeeper}: {fault}")]
+    Peer { safekeeper: usize, fault: PeerFault },
+    #[error("WAL from Postgres before the proposer asked for it (see wal_wanted_from)")]
+    WalNotWanted,
+    #[error("WAL from Postgres starts at {got}, expected {expected}")]
+    WalNotContiguous { expected: Lsn, got: Lsn },
+    #[error("WAL buffer full: {buffered_bytes} bytes held, {incoming_bytes} more would pass {max_bytes}")]
+    WalBufferFull { buffered_bytes: u64, incoming_bytes: u64, max_bytes: u64 },
+}
+
+impl ProposerError {
+    /// Whether the shim must stop. A peer fault only ends that safekeeper's
+    /// connection; a full buffer means "stop reading Postgres for now".
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, ProposerError::Peer { .. } | ProposerError::WalBufferFull { .. })
+    }
+}
+
+/// A safekeeper broke the protocol; its connection should be dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerFault {
+    #[error("unexpected {message} while {state}")]
+    Unexpected { message: &'static str, state: &'static str },
+    #[error("answered in term {got}, expected {expected}")]
+    WrongTerm { expected: Term, got: Term },
+    #[error("flush LSN went back from {previous} to {reported}")]
+    FlushWentBack { previous: Lsn, reported: Lsn },
+    #[error("flush LSN {reported} is beyond the {sent} we sent")]
+    FlushBeyondSent { reported: Lsn, sent: Lsn },
+    #[error("malformed vote: {reason}")]
+    BadVote { reason: &'static str },
+}

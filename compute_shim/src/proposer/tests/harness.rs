@@ -1,0 +1,358 @@
+//! A deterministic network: real acceptors (`Timeline` over in-memory
+//! storage), one link per (proposer, safekeeper) whose messages the test
+//! delivers, drops or interleaves, and a Postgres model streaming generated
+//! WAL. Acceptors validate every WAL byte, so a wrong split or offset fails.
+
+use std::collections::VecDeque;
+
+use safekeeper::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
+use safekeeper::control::{ControlState, TermHistory};
+use safekeeper::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use safekeeper::lsn::{Lsn, WalSegmentSize};
+use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
+use safekeeper::storage::memory::{MemoryControlStore, MemoryWalStorage};
+use safekeeper::storage::WalStorage;
+use safekeeper::timeline::Timeline;
+use safekeeper::wal::generator::WalGenerator;
+
+use crate::proposer::{Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
+
+pub const SYSTEM_ID: u64 = 7_000_000_000_000_000_002;
+pub const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
+pub const TIMELINE_START: Lsn = Lsn(0x100_0000);
+pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+const MAX_ROUNDS: usize = 100_000;
+
+pub type MemTimeline = Timeline<MemoryWalStorage, MemoryControlStore>;
+
+pub fn segment_size() -> WalSegmentSize {
+    WalSegmentSize::new(SEGMENT_SIZE_BYTES).expect("valid")
+}
+
+pub fn cluster() -> ClusterId {
+    ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([3; 16]), timeline_id: TimelineId([4; 16]) }
+}
+
+fn new_acceptor(node_id: u64) -> MemTimeline {
+    let state = ControlState {
+        cluster: cluster(),
+        pg_version: 150000,
+        wal_segment_size: segment_size(),
+        term: Term(0),
+        term_history: TermHistory::default(),
+        timeline_start_lsn: Lsn(0),
+        commit_lsn: Lsn(0),
+    };
+    let acceptor = Acceptor::new(
+        NodeId(node_id),
+        AcceptorConfig::default(),
+        state,
+        RecoveredWal { end_lsn: Lsn(0), decoder: None },
+    );
+    Timeline::new(acceptor, MemoryWalStorage::new(), MemoryControlStore::default())
+}
+
+/// WAL of a Postgres primary from `TIMELINE_START`; `flushed_bytes` of it
+/// exist so far (always a record end).
+#[derive(Clone)]
+pub struct Postgres {
+    pub wal: Vec<u8>,
+    pub record_ends: Vec<Lsn>,
+    pub flushed_bytes: usize,
+}
+
+impl Postgres {
+    /// WAL of `records` random records (`seed`), all flushed.
+    pub fn generate(records: usize, seed: u64) -> Postgres {
+        Self::branches(records, 0, &[seed]).1.remove(0)
+    }
+
+    /// Primaries sharing `prefix_records` records, then each writing
+    /// `branch_records` of its own (one per seed): what a replaced compute
+    /// looks like. Returns the fork point and the primaries.
+    pub fn branches(prefix_records: usize, branch_records: usize, seeds: &[u64]) -> (Lsn, Vec<Postgres>) {
+        let mut generator = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+        let prefix = generator.append_random_records(prefix_records, 1, 6_000);
+        let fork_lsn = generator.end_lsn();
+        let primaries = seeds
+            .iter()
+            .map(|&seed| {
+                let mut branch = generator.clone();
+                let records = branch.append_random_records(branch_records, seed, 6_000);
+                let record_ends: Vec<Lsn> = prefix.iter().chain(&records).map(|record| record.end_lsn).collect();
+                let (_, wal) = branch.take_bytes();
+                Postgres { flushed_bytes: wal.len(), wal, record_ends }
+            })
+            .collect();
+        (fork_lsn, primaries)
+    }
+
+    pub fn flush_lsn(&self) -> Lsn {
+        TIMELINE_START + self.flushed_bytes as u64
+    }
+
+    /// Pretend only WAL up to `lsn` (a record end) was written so far.
+    pub fn set_flush_lsn(&mut self, lsn: Lsn) {
+        assert!(self.record_ends.contains(&lsn) || lsn == TIMELINE_START);
+        self.flushed_bytes = (lsn - TIMELINE_START) as usize;
+    }
+
+    pub fn bytes(&self, begin: Lsn, end: Lsn) -> &[u8] {
+        &self.wal[(begin - TIMELINE_START) as usize..(end - TIMELINE_START) as usize]
+    }
+}
+
+/// One direction-pair of an in-memory connection.
+#[derive(Default)]
+pub struct Link {
+    pub up: bool,
+    pub to_acceptor: VecDeque<ProposerMessage>,
+    pub to_proposer: VecDeque<AcceptorMessage>,
+}
+
+/// A compute: a proposer and the Postgres it streams from.
+pub struct Compute {
+    pub proposer: Proposer,
+    pub postgres: Postgres,
+    pub links: Vec<Link>,
+    /// Where Postgres's stream to the proposer has reached.
+    pub streamed_lsn: Option<Lsn>,
+    /// A fatal error it stopped on (the shim would have exited).
+    pub stopped: Option<ProposerError>,
+    /// Size of the WAL pieces Postgres sends (XLogData messages).
+    pub wal_piece_bytes: usize,
+}
+
+pub struct Net {
+    pub acceptors: Vec<MemTimeline>,
+    pub computes: Vec<Compute>,
+    pub now_ms: u64,
+    /// The compute whose appends an acceptor's next sync acknowledges.
+    ack_to: Vec<Option<usize>>,
+    pub max_in_flight_bytes: u64,
+    pub max_buffered_wal_bytes: u64,
+}
+
+impl Net {
+    pub fn new(safekeepers: usize) -> Net {
+        Net {
+            acceptors: (0..safekeepers).map(|i| new_acceptor(i as u64 + 1)).collect(),
+            computes: vec![],
+            now_ms: 1_000,
+            ack_to: vec![None; safekeepers],
+            max_in_flight_bytes: 256 << 10,
+            max_buffered_wal_bytes: 4 << 20,
+        }
+    }
+
+    /// Start a compute_shim for `postgres`; nothing is connected yet.
+    pub fn start_compute(&mut self, postgres: Postgres) -> usize {
+        let config = ProposerConfig {
+            cluster: cluster(),
+            pg_version: 150000,
+            wal_segment_size: segment_size(),
+            safekeeper_count: self.acceptors.len(),
+            max_in_flight_bytes: self.max_in_flight_bytes,
+            max_buffered_wal_bytes: self.max_buffered_wal_bytes,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            proposer_id: [self.computes.len() as u8; 16],
+            timeline_start_lsn: TIMELINE_START,
+            postgres_flush_lsn: postgres.flush_lsn(),
+        };
+        self.computes.push(Compute {
+            proposer: Proposer::new(config),
+            postgres,
+            links: (0..self.acceptors.len()).map(|_| Link::default()).collect(),
+            streamed_lsn: None,
+            stopped: None,
+            wal_piece_bytes: MAX_APPEND_CHUNK_BYTES as usize,
+        });
+        self.computes.len() - 1
+    }
+
+    pub fn connect(&mut self, c: usize, sk: usize) {
+        let compute = &mut self.computes[c];
+        compute.links[sk] = Link { up: true, ..Link::default() };
+        compute.proposer.on_connected(sk, self.now_ms);
+    }
+
+    pub fn connect_all(&mut self, c: usize) {
+        (0..self.acceptors.len()).for_each(|sk| self.connect(c, sk));
+    }
+
+    /// Drop a connection: whatever was in flight on it is lost.
+    pub fn disconnect(&mut self, c: usize, sk: usize) {
+        let compute = &mut self.computes[c];
+        compute.links[sk] = Link::default();
+        compute.proposer.on_disconnected(sk, self.now_ms);
+    }
+
+    /// The compute's process dies: every connection of it is gone.
+    pub fn kill(&mut self, c: usize) {
+        let compute = &mut self.computes[c];
+        compute.links.iter_mut().for_each(|link| *link = Link::default());
+        compute.stopped.get_or_insert(ProposerError::WalNotWanted);
+    }
+
+    pub fn is_running(&self, c: usize) -> bool {
+        self.computes[c].stopped.is_none()
+    }
+
+    /// Move the proposer's output onto its links and Postgres's WAL into it.
+    pub fn pump(&mut self, c: usize) -> bool {
+        if !self.is_running(c) {
+            return false;
+        }
+        let mut moved = self.feed_wal(c);
+        let compute = &mut self.computes[c];
+        while let Some((sk, message)) = compute.proposer.poll_transmit() {
+            assert!(compute.links[sk].up, "the proposer sent to a closed connection");
+            compute.links[sk].to_acceptor.push_back(message);
+            moved = true;
+        }
+        moved
+    }
+
+    /// Postgres streams what it has, in pieces, while the proposer has room.
+    fn feed_wal(&mut self, c: usize) -> bool {
+        let compute = &mut self.computes[c];
+        let Some(wanted) = compute.proposer.wal_wanted_from() else { return false };
+        let from = *compute.streamed_lsn.get_or_insert(wanted);
+        assert_eq!(from, wanted, "the proposer wants WAL where the stream is");
+        let mut at = from;
+        while at < compute.postgres.flush_lsn() {
+            let end = compute.postgres.flush_lsn().min(at + compute.wal_piece_bytes as u64);
+            if !compute.proposer.can_accept_wal(end - at) {
+                break;
+            }
+            compute.proposer.on_wal(at, compute.postgres.bytes(at, end)).expect("room was checked");
+            at = end;
+        }
+        compute.streamed_lsn = Some(at);
+        at != from
+    }
+
+    /// Deliver the oldest message on the link to the acceptor.
+    pub fn deliver_to_acceptor(&mut self, c: usize, sk: usize) -> bool {
+        let Some(message) = self.computes[c].links[sk].to_acceptor.pop_front() else { return false };
+        let is_write = matches!(&message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty());
+        let reply = match self.acceptors[sk].handle(message) {
+            Ok(reply) => reply,
+            Err(error) => panic!("safekeeper {sk} refused compute {c}'s message: {error}"),
+        };
+        if is_write {
+            self.ack_to[sk] = Some(c);
+        }
+        if let Some(reply) = reply {
+            self.computes[c].links[sk].to_proposer.push_back(reply);
+        }
+        true
+    }
+
+    /// The acceptor syncs and acknowledges to whoever wrote.
+    pub fn sync(&mut self, sk: usize) -> bool {
+        let reply = self.acceptors[sk].sync_and_ack().expect("memory storage does not fail");
+        let (Some(reply), Some(c)) = (reply, self.ack_to[sk]) else { return false };
+        let link = &mut self.computes[c].links[sk];
+        if link.up {
+            link.to_proposer.push_back(reply);
+        }
+        true
+    }
+
+    /// Deliver the oldest reply on the link to the proposer. A fatal error
+    /// stops the compute (the shim exits); a peer fault is a bug here.
+    pub fn deliver_to_proposer(&mut self, c: usize, sk: usize) -> bool {
+        let Some(message) = self.computes[c].links[sk].to_proposer.pop_front() else { return false };
+        if !self.is_running(c) {
+            return true;
+        }
+        if let Err(error) = self.computes[c].proposer.on_message(sk, message, self.now_ms) {
+            assert!(error.is_fatal(), "compute {c} found safekeeper {sk} faulty: {error}");
+            self.kill(c);
+            self.computes[c].stopped = Some(error);
+        }
+        true
+    }
+
+    /// One round: every compute sends, every acceptor handles and syncs,
+    /// every reply is delivered. Returns whether anything moved.
+    pub fn round(&mut self) -> bool {
+        let mut moved = false;
+        for c in 0..self.computes.len() {
+            moved |= self.pump(c);
+            for sk in 0..self.acceptors.len() {
+                while self.deliver_to_acceptor(c, sk) {
+                    moved = true;
+                }
+            }
+        }
+        for sk in 0..self.acceptors.len() {
+            moved |= self.sync(sk);
+        }
+        for c in 0..self.computes.len() {
+            for sk in 0..self.acceptors.len() {
+                while self.deliver_to_proposer(c, sk) {
+                    moved = true;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Rounds until nothing moves.
+    pub fn run_until_quiet(&mut self) {
+        for _ in 0..MAX_ROUNDS {
+            if !self.round() {
+                return;
+            }
+        }
+        panic!("the network never went quiet");
+    }
+
+    /// Rounds until `done` holds.
+    pub fn run_until(&mut self, mut done: impl FnMut(&Net) -> bool) {
+        for _ in 0..MAX_ROUNDS {
+            if done(self) {
+                return;
+            }
+            self.round();
+        }
+        panic!("the condition never held");
+    }
+
+    pub fn advance_time(&mut self, ms: u64) {
+        self.now_ms += ms;
+        for compute in &mut self.computes {
+            compute.proposer.tick(self.now_ms);
+        }
+    }
+
+    pub fn commit_lsn(&self, c: usize) -> Lsn {
+        self.computes[c].proposer.commit_lsn()
+    }
+
+    pub fn elected_term(&self, c: usize) -> Option<Term> {
+        let status = self.computes[c].proposer.status();
+        (status.phase == Phase::Elected).then_some(status.term).flatten()
+    }
+
+    /// Durable WAL of an acceptor, from the timeline start.
+    pub fn durable_wal(&self, sk: usize) -> &[u8] {
+        let wal = self.acceptors[sk].wal();
+        if !wal.start_lsn().is_valid() {
+            return &[];
+        }
+        assert_eq!(wal.start_lsn(), TIMELINE_START);
+        &wal.contents()[..(wal.flush_lsn() - TIMELINE_START) as usize]
+    }
+
+    /// Acceptors whose durable WAL holds `postgres`'s bytes up to `lsn`.
+    pub fn holders(&self, postgres: &Postgres, lsn: Lsn) -> usize {
+        if lsn <= TIMELINE_START {
+            return self.acceptors.len(); // nothing committed yet
+        }
+        let expected = postgres.bytes(TIMELINE_START, lsn);
+        (0..self.acceptors.len()).filter(|&sk| self.durable_wal(sk).starts_with(expected)).count()
+    }
+}

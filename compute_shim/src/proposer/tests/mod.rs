@@ -1,0 +1,10 @@
+//! The proposer against real acceptors over a simulated network.
+//!
+//! - [`harness`]: in-memory acceptors, links under the test's control, a
+//!   Postgres that serves generated WAL.
+//! - [`scenarios`]: one test per rule.
+//! - [`random`]: a seeded simulation with disconnects and proposer restarts.
+
+mod harness;
+mod random;
+mod scenarios;

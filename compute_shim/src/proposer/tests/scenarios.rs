@@ -1,0 +1,201 @@
+//! One test per proposer rule (docs/proposer.md), against real acceptors.
+
+use safekeeper::ids::Term;
+use safekeeper::lsn::Lsn;
+
+use super::harness::{Net, Postgres, TIMELINE_START};
+use crate::proposer::{PeerState, ProposerError};
+
+/// The first record end at or past `lsn`.
+fn record_end_after(postgres: &Postgres, lsn: Lsn) -> Lsn {
+    *postgres.record_ends.iter().find(|&&end| end >= lsn).expect("enough WAL")
+}
+
+/// Rules: election by a quorum (term = max seen + 1), streaming split at
+/// segment ends and 128 KiB, commit = quorum-th highest flush.
+#[test]
+fn three_safekeepers_elect_stream_and_commit() {
+    let postgres = Postgres::generate(900, 1);
+    assert!(postgres.flush_lsn() > TIMELINE_START + (2 << 20), "WAL crosses segment boundaries");
+    let mut net = Net::new(3);
+    let c = net.start_compute(postgres.clone());
+    net.connect_all(c);
+    net.run_until_quiet();
+    assert_eq!(net.elected_term(c), Some(Term(1)));
+    assert_eq!(net.commit_lsn(c), postgres.flush_lsn());
+    for sk in 0..3 {
+        assert!(net.durable_wal(sk) == postgres.wal.as_slice(), "safekeeper {sk} holds the primary's bytes");
+    }
+}
+
+/// Rule: commit needs a quorum; one safekeeper alone never advances it, and
+/// a reconnected one catches up from its flush and restores the quorum.
+#[test]
+fn commit_needs_a_majority() {
+    let mut postgres = Postgres::generate(600, 2);
+    let full = postgres.flush_lsn();
+    let half = record_end_after(&postgres, TIMELINE_START + (full - TIMELINE_START) / 2);
+    postgres.set_flush_lsn(half);
+    let mut net = Net::new(3);
+    let c = net.start_compute(postgres);
+    net.connect_all(c);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(c), half);
+
+    net.disconnect(c, 1);
+    net.disconnect(c, 2);
+    net.computes[c].postgres.set_flush_lsn(full);
+    net.run_until_quiet();
+    net.advance_time(1_000);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(c), half, "one of three safekeepers is not a quorum");
+
+    net.connect(c, 1);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(c), full);
+    assert_eq!(net.holders(&net.computes[c].postgres, full), 2);
+}
+
+/// Rules: a restarted proposer is elected in a higher term, takes the voter
+/// with the highest (last_log_term, flush) as donor, starts its term there
+/// and truncates no committed WAL; a safekeeper whose position the proposer
+/// no longer buffers is reported too far behind, not skipped silently.
+#[test]
+fn restarted_proposer_continues_from_the_best_donor() {
+    let mut postgres = Postgres::generate(700, 3);
+    let ends: Vec<Lsn> =
+        [1, 2, 3].iter().map(|i| record_end_after(&postgres, TIMELINE_START + i * (600 << 10))).collect();
+    let (a, b, c_end) = (ends[0], ends[1], ends[2]);
+    postgres.set_flush_lsn(a);
+    let mut net = Net::new(3);
+    let first = net.start_compute(postgres.clone());
+    net.connect_all(first);
+    net.run_until_quiet();
+    net.disconnect(first, 2);
+    net.computes[first].postgres.set_flush_lsn(b);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(first), b);
+    net.disconnect(first, 1);
+    net.computes[first].postgres.set_flush_lsn(c_end);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(first), b, "only safekeeper 0 got past B");
+    net.kill(first);
+
+    // Safekeepers: 0 at C (uncommitted tail), 1 at B, 2 at A; elect with 1 and 2.
+    postgres.set_flush_lsn(c_end);
+    let second = net.start_compute(postgres.clone());
+    net.connect(second, 1);
+    net.connect(second, 2);
+    net.run_until_quiet();
+    let status = net.computes[second].proposer.status();
+    assert_eq!((status.term, status.term_start_lsn), (Some(Term(2)), Some(b)), "donor: safekeeper 1 at B");
+    assert_eq!(net.commit_lsn(second), c_end);
+    assert_eq!(net.holders(&postgres, c_end), 3);
+
+    net.connect(second, 0);
+    net.run_until_quiet();
+    let status = net.computes[second].proposer.status();
+    assert_eq!(status.safekeepers[0].state, PeerState::TooFarBehind);
+    assert!(net.acceptors[0].acceptor().flush_lsn() >= b, "its committed WAL was kept");
+}
+
+/// Rule: only flushes at or past the term start count (Raft's figure 8).
+/// Term 2 writes [A,B) to safekeeper 0 only; term 3 writes a different
+/// [A,C) to safekeeper 2 only; term 4 (donor 0, term start B) gets
+/// safekeeper 1 to D, A < D < B. Then [A,D) sits on a majority (0 and 1)
+/// in term 2's bytes, yet term 5 (voters 1 and 2) picks donor 2 (last term
+/// 3) and truncates 1 to A. The term-4 proposer must not have committed D.
+#[test]
+fn old_term_wal_on_a_majority_is_not_committed_by_counting() {
+    let (a, mut primaries) = Postgres::branches(150, 500, &[11, 12]);
+    let (mut x, mut y) = (primaries.remove(0), primaries.remove(0));
+    let b = record_end_after(&x, a + (600 << 10));
+    let c_end = record_end_after(&y, a + (300 << 10));
+    let mut net = Net::new(3);
+    let elected = |c: usize| move |net: &Net| net.elected_term(c).is_some();
+
+    x.set_flush_lsn(a);
+    let t1 = net.start_compute(x.clone());
+    net.connect_all(t1);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(t1), a);
+    net.kill(t1);
+
+    // Term 2: voters 0 and 1; WAL [A,B) reaches only 0.
+    x.set_flush_lsn(b);
+    let t2 = net.start_compute(x.clone());
+    net.connect(t2, 0);
+    net.connect(t2, 1);
+    net.run_until(|net| net.computes[t2].proposer.status().safekeepers[1].state == PeerState::Streaming);
+    net.disconnect(t2, 1);
+    net.run_until_quiet();
+    assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b);
+    net.kill(t2);
+
+    // Term 3: voters 1 and 2; ProposerElected reaches only 2, which gets Y's [A,C).
+    y.set_flush_lsn(c_end);
+    let t3 = net.start_compute(y.clone());
+    net.connect(t3, 1);
+    net.connect(t3, 2);
+    net.run_until(elected(t3));
+    net.disconnect(t3, 1);
+    net.run_until_quiet();
+    assert_eq!(net.acceptors[2].acceptor().flush_lsn(), c_end);
+    net.kill(t3);
+
+    // Term 4: voters 0 (last term 2, B) and 1 (last term 2, A): term start B.
+    let t4 = net.start_compute(x.clone());
+    net.connect(t4, 0);
+    net.connect(t4, 1);
+    net.run_until(|net| net.computes[t4].proposer.wal_wanted_from().is_some());
+    assert_eq!(net.computes[t4].proposer.status().term_start_lsn, Some(b));
+    net.pump(t4);
+    assert!(net.deliver_to_acceptor(t4, 1), "the first append to safekeeper 1");
+    net.computes[t4].links[1].to_acceptor.clear();
+    net.sync(1);
+    while net.deliver_to_proposer(t4, 1) {}
+    let d = net.acceptors[1].acceptor().flush_lsn();
+    assert!(a < d && d < b, "safekeeper 1 got part of [A,B): {d}");
+    assert_eq!(net.holders(&x, d), 2, "[A,D) of term 2 is on a majority");
+    assert_eq!(net.commit_lsn(t4), a, "yet it is not committed by counting");
+    net.kill(t4);
+
+    // Term 5: voters 1 (last term 2, D) and 2 (last term 3, C): donor 2.
+    let t5 = net.start_compute(y.clone());
+    net.connect(t5, 1);
+    net.connect(t5, 2);
+    net.run_until_quiet();
+    assert_eq!(net.computes[t5].proposer.status().term_start_lsn, Some(c_end));
+    assert_eq!(net.commit_lsn(t5), c_end);
+    assert_eq!(net.holders(&y, c_end), 2);
+    assert!(net.holders(&x, d) < 2, "D would have been a lost commit");
+}
+
+/// Rule: a safekeeper answering with a higher term fences the proposer,
+/// which stops with an error naming that term.
+#[test]
+fn a_newer_proposer_fences_the_old_one() {
+    let mut postgres = Postgres::generate(300, 5);
+    let full = postgres.flush_lsn();
+    let half = record_end_after(&postgres, TIMELINE_START + (full - TIMELINE_START) / 2);
+    postgres.set_flush_lsn(half);
+    let mut net = Net::new(3);
+    let old = net.start_compute(postgres.clone());
+    net.connect_all(old);
+    net.run_until_quiet();
+    assert_eq!(net.elected_term(old), Some(Term(1)));
+
+    postgres.set_flush_lsn(full);
+    let new = net.start_compute(postgres);
+    net.connect_all(new);
+    net.run_until_quiet();
+    assert_eq!(net.elected_term(new), Some(Term(2)));
+    assert!(net.is_running(old), "the old proposer has not heard of term 2 yet");
+
+    net.advance_time(1_000); // its next exchange: a heartbeat
+    net.run_until_quiet();
+    let error = net.computes[old].stopped.clone().expect("fenced");
+    assert_eq!(error, ProposerError::Fenced { term: Term(2) });
+    assert!(error.is_fatal() && error.to_string().contains("term 2"), "{error}");
+    assert_eq!(net.commit_lsn(new), full);
+}
