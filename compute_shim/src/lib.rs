@@ -5,7 +5,10 @@
 //!   commit, pipelined appends).
 //! - [`replication`]: the Postgres replication-protocol client.
 //! - [`safekeeper_link`]: the WAL push connection to one safekeeper.
+//! - [`driver`]: the tokio glue that runs the proposer against Postgres and
+//!   the safekeepers, and the HTTP status port.
 
+pub mod driver;
 pub mod proposer;
 pub mod replication;
 pub mod safekeeper_link;

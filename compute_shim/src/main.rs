@@ -1,1 +1,106 @@
-fn main() {}
+//! `compute_shim`: streams a Postgres primary's WAL to a group of
+//! safekeepers as the proposer of their consensus, and reports the quorum
+//! commit LSN back to Postgres as a synchronous standby (docs/proposer.md,
+//! docs/operations.md).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::watch;
+
+use compute_shim::driver::startup::{connect_postgres, ShimOptions};
+use compute_shim::driver::{self, http, ShimStatus};
+use compute_shim::proposer::MAX_SAFEKEEPERS;
+use safekeeper::ids::{TenantId, TimelineId};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Streams a PostgreSQL 15 primary's WAL to a quorum of safekeepers",
+    long_about = "Streams a PostgreSQL 15 primary's WAL to a quorum of safekeepers. Connects to Postgres \
+                  as a physical replication client (like pg_receivewal --synchronous), wins an election \
+                  among the safekeepers in a term above every term they have seen, and reports as its \
+                  flush position the LSN a majority of safekeepers has fsynced. Set Postgres's \
+                  synchronous_standby_names to the --application-name so commits wait for that quorum. \
+                  Exits non-zero when another compute_shim takes over (fenced), when a safekeeper \
+                  refuses the cluster, when Postgres lacks WAL the safekeepers hold, or when the \
+                  replication stream ends; a restart campaigns in a new term."
+)]
+struct Cli {
+    /// Postgres connection string (keyword/value or postgresql:// URI) of a
+    /// role with the REPLICATION attribute; trust, md5 and SCRAM work.
+    #[arg(long, value_name = "CONNSTR")]
+    pg: String,
+    /// The safekeepers' Postgres-protocol addresses, comma separated (an odd
+    /// number; commit needs a majority).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',', required = true)]
+    safekeepers: Vec<String>,
+    /// Tenant id (32 hex characters).
+    #[arg(long)]
+    tenant_id: TenantId,
+    /// Timeline id (32 hex characters).
+    #[arg(long)]
+    timeline_id: TimelineId,
+    /// The application_name Postgres sees; put it in synchronous_standby_names.
+    #[arg(long, default_value = "safekeepers")]
+    application_name: String,
+    /// The physical replication slot (created if missing) that keeps
+    /// Postgres from recycling WAL the quorum has not committed.
+    #[arg(long, default_value = "safekeepers")]
+    slot: String,
+    /// Address of the HTTP status port (GET /v1/status).
+    #[arg(long, default_value = "127.0.0.1:7677", value_name = "HOST:PORT")]
+    listen_http: SocketAddr,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("compute_shim: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("compute_shim: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_SAFEKEEPERS).contains(&cli.safekeepers.len()),
+        "--safekeepers lists {} addresses; 1 to {MAX_SAFEKEEPERS} are supported",
+        cli.safekeepers.len()
+    );
+    let listener = tokio::net::TcpListener::bind(cli.listen_http)
+        .await
+        .with_context(|| format!("binding the HTTP port {}", cli.listen_http))?;
+    let options = ShimOptions {
+        pg_conninfo: cli.pg,
+        safekeepers: cli.safekeepers,
+        tenant_id: cli.tenant_id,
+        timeline_id: cli.timeline_id,
+        application_name: cli.application_name,
+        slot: cli.slot,
+    };
+    let setup = connect_postgres(&options).await.context("connecting to Postgres")?;
+    tracing::info!(system_id = %setup.cluster.system_id, timeline_start = %setup.timeline_start_lsn,
+        postgres_flush = %setup.pg_flush_lsn, "connected to Postgres; campaigning");
+    let (status_tx, status_rx) = watch::channel(ShimStatus::default());
+    let server = axum::serve(listener, http::router(status_rx));
+    tokio::select! {
+        served = server => served.context("HTTP server stopped")?,
+        result = driver::run(setup, status_tx) => result?,
+    }
+    Ok(())
+}

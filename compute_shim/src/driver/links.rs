@@ -1,0 +1,170 @@
+//! One task per safekeeper keeps a WAL push link up: it reconnects with a
+//! bounded backoff, forwards the acceptor's messages to the driver as
+//! [`LinkEvent`]s and writes the proposer's messages it is given.
+//!
+//! Each (re)connection has a generation number. The driver tags what it
+//! sends with the generation it last saw connect, so messages meant for a
+//! connection that has since died are dropped instead of reaching the next
+//! one ahead of its greeting.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use safekeeper::ids::{TenantId, TimelineId};
+use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
+
+use crate::safekeeper_link::{connect, LinkError, LinkReader, LinkWriter};
+
+/// Messages queued for one safekeeper; the proposer's in-flight bound keeps
+/// the queue far below this.
+pub const LINK_OUTBOX_MESSAGES: usize = 4096;
+pub const LINK_CONNECT_TIMEOUT_MS: u64 = 3_000;
+const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
+const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+
+#[derive(Debug)]
+pub enum LinkEvent {
+    Connected {
+        safekeeper: usize,
+        generation: u64,
+    },
+    Message {
+        safekeeper: usize,
+        generation: u64,
+        message: AcceptorMessage,
+    },
+    Disconnected {
+        safekeeper: usize,
+        generation: u64,
+        reason: String,
+    },
+    /// The safekeeper refuses this cluster or its parameters (another
+    /// system id, segment size or Postgres version under the same ids): a
+    /// misconfiguration that retrying cannot fix. The link task has stopped.
+    Refused {
+        safekeeper: usize,
+        reason: String,
+    },
+}
+
+/// A message for the connection of `generation`.
+pub struct Outgoing {
+    pub generation: u64,
+    pub message: ProposerMessage,
+}
+
+/// The driver's handle on one link task.
+pub struct LinkControl {
+    pub outbox: mpsc::Sender<Outgoing>,
+    /// The generation the driver wants dropped (a protocol fault, or an
+    /// outbox that stopped draining). Beside the outbox so it works when
+    /// the outbox is full; a new connection then starts with a greeting.
+    pub drop_generation: watch::Sender<u64>,
+}
+
+pub struct LinkTarget {
+    pub index: usize,
+    pub addr: String,
+    pub tenant_id: TenantId,
+    pub timeline_id: TimelineId,
+}
+
+/// Start the task for one safekeeper.
+pub fn spawn_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>) -> LinkControl {
+    let (outbox, inbox) = mpsc::channel(LINK_OUTBOX_MESSAGES);
+    let (drop_generation, drops) = watch::channel(0);
+    tokio::spawn(run_link(target, events, Inbox { messages: inbox, drops }));
+    LinkControl { outbox, drop_generation }
+}
+
+struct Inbox {
+    messages: mpsc::Receiver<Outgoing>,
+    drops: watch::Receiver<u64>,
+}
+
+async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox: Inbox) {
+    let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
+    let mut generation = 0u64;
+    loop {
+        let connected = connect(&target.addr, target.tenant_id, target.timeline_id, LINK_CONNECT_TIMEOUT_MS).await;
+        let (reader, writer) = match connected {
+            Ok(link) => link,
+            Err(error) if refuses_cluster(&error) => {
+                let _ = events.send(LinkEvent::Refused { safekeeper: target.index, reason: error.to_string() }).await;
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(safekeeper = %target.addr, "connect failed: {error}");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MAX_MS);
+                continue;
+            }
+        };
+        backoff_ms = RECONNECT_BACKOFF_MIN_MS;
+        generation += 1;
+        let safekeeper = target.index;
+        if events.send(LinkEvent::Connected { safekeeper, generation }).await.is_err() {
+            return; // the driver is gone
+        }
+        let ended = serve(safekeeper, generation, reader, writer, &events, &mut inbox).await;
+        let event = match ended {
+            Err(error) if refuses_cluster(&error) => LinkEvent::Refused { safekeeper, reason: error.to_string() },
+            Err(error) => LinkEvent::Disconnected { safekeeper, generation, reason: error.to_string() },
+            Ok(reason) => LinkEvent::Disconnected { safekeeper, generation, reason },
+        };
+        tracing::info!(safekeeper = %target.addr, "link lost: {event:?}");
+        let refused = matches!(event, LinkEvent::Refused { .. });
+        if events.send(event).await.is_err() || refused {
+            return;
+        }
+    }
+}
+
+/// SQLSTATEs with which a safekeeper refuses a cluster, not a connection:
+/// invalid_parameter_value (another system id, segment size or ids) and
+/// feature_not_supported (another Postgres version).
+const REFUSAL_SQLSTATES: [&str; 2] = ["22023", "0A000"];
+
+fn refuses_cluster(error: &LinkError) -> bool {
+    match error {
+        LinkError::Wire { source, .. } => source.sqlstate().is_some_and(|code| REFUSAL_SQLSTATES.contains(&code)),
+        _ => false,
+    }
+}
+
+/// Shuttle messages until the connection fails or the driver drops it;
+/// `Ok` carries why it ended when the socket did not fail.
+async fn serve(
+    safekeeper: usize,
+    generation: u64,
+    mut reader: LinkReader,
+    mut writer: LinkWriter,
+    events: &mpsc::Sender<LinkEvent>,
+    inbox: &mut Inbox,
+) -> Result<String, LinkError> {
+    loop {
+        tokio::select! {
+            outgoing = inbox.messages.recv() => {
+                let Some(outgoing) = outgoing else { return Ok("the driver stopped".to_string()) };
+                if outgoing.generation == generation {
+                    writer.send(&outgoing.message).await?;
+                } // else: meant for an earlier connection
+            }
+            incoming = reader.next_message() => {
+                let message = incoming?;
+                if events.send(LinkEvent::Message { safekeeper, generation, message }).await.is_err() {
+                    return Ok("the driver stopped".to_string());
+                }
+            }
+            changed = inbox.drops.changed() => {
+                if changed.is_err() {
+                    return Ok("the driver stopped".to_string());
+                }
+                if *inbox.drops.borrow_and_update() == generation {
+                    return Ok("dropped by the driver".to_string());
+                }
+            }
+        }
+    }
+}

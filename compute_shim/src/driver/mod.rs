@@ -1,0 +1,289 @@
+//! The tokio glue around the pure proposer: Postgres's replication stream
+//! in, safekeeper links in and out, the quorum commit LSN back to Postgres
+//! as its standby's write/flush/apply position, and a status snapshot for
+//! the HTTP endpoint. All consensus decisions are the proposer's; this
+//! module only moves bytes and time.
+//!
+//! - [`startup`]: what the shim learns from Postgres before it campaigns.
+//! - [`links`]: one task per safekeeper connection.
+//! - [`http`]: `GET /v1/status`.
+
+pub mod http;
+pub mod links;
+pub mod startup;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use safekeeper::ids::{SystemId, TenantId, TimelineId};
+use safekeeper::lsn::Lsn;
+use safekeeper::protocol::ProposerMessage;
+
+use crate::proposer::{Proposer, ProposerError, ProposerStatus};
+use crate::replication::{ReplicationClient, ReplicationError, ReplicationEvent, ReplicationStream};
+use links::{spawn_link, LinkControl, LinkEvent, LinkTarget, Outgoing};
+use startup::ShimSetup;
+
+/// Link events queued for the driver.
+const LINK_EVENTS_QUEUE: usize = 4096;
+/// How often the proposer's clock advances without other input, and how
+/// often the status snapshot is refreshed.
+const TICK_INTERVAL: Duration = Duration::from_millis(20);
+/// A status update goes to Postgres at least this often even when commit
+/// does not move, so its wal_sender_timeout never fires while the shim
+/// holds back reading (backpressure) or the quorum is down.
+const STATUS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest XLogData payload a walsender sends (PG15's MAX_SEND_SIZE, 16
+/// pages of 8 KiB): the room the proposer must have before we read more.
+const MAX_XLOG_DATA_BYTES: u64 = 128 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error(transparent)]
+    Proposer(#[from] ProposerError),
+    #[error("Postgres replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("safekeeper {addr} refuses this cluster: {reason}")]
+    SafekeeperRefused { addr: String, reason: String },
+    #[error("{0}")]
+    Stopped(String),
+}
+
+/// What `GET /v1/status` shows: who we are, where Postgres's stream is,
+/// and the proposer's own snapshot.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShimStatus {
+    pub system_id: SystemId,
+    pub tenant_id: TenantId,
+    pub timeline_id: TimelineId,
+    pub slot: String,
+    pub postgres_timeline: u32,
+    /// Where START_REPLICATION began; `None` until elected.
+    pub streaming_from_lsn: Option<Lsn>,
+    /// End of the WAL received from Postgres.
+    pub received_lsn: Option<Lsn>,
+    /// The flush position last reported to Postgres (= commit LSN).
+    pub reported_flush_lsn: Lsn,
+    pub safekeeper_addrs: Vec<String>,
+    #[serde(flatten)]
+    pub proposer: ProposerStatus,
+}
+
+/// One safekeeper's connection task and the generation it last reported.
+struct LinkHandle {
+    control: LinkControl,
+    generation: u64,
+    /// The driver dropped the current connection: ignore what it still says.
+    dropped: bool,
+}
+
+impl LinkHandle {
+    /// Queue a message for the current connection; `false` if the queue is full.
+    fn send(&self, message: ProposerMessage) -> bool {
+        self.control.outbox.try_send(Outgoing { generation: self.generation, message }).is_ok()
+    }
+
+    /// End the current connection; the task reconnects.
+    fn drop_connection(&mut self) {
+        self.dropped = true;
+        self.control.drop_generation.send_replace(self.generation);
+    }
+}
+
+struct Driver {
+    proposer: Proposer,
+    links: Vec<LinkHandle>,
+    addrs: Vec<String>,
+    /// The replication connection until streaming starts.
+    client: Option<ReplicationClient>,
+    stream: Option<ReplicationStream>,
+    slot: String,
+    pg_timeline: u32,
+    status: ShimStatus,
+    last_status_sent_at: Instant,
+    started_at: Instant,
+}
+
+/// Run until fenced, refused, or until Postgres's stream fails. Every
+/// return is an error: the shim exits non-zero and a restart is a new term.
+pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<(), ShimError> {
+    let (event_tx, mut events) = mpsc::channel(LINK_EVENTS_QUEUE);
+    let mut driver = Driver::new(setup, &event_tx);
+    drop(event_tx);
+    let mut tick = tokio::time::interval(TICK_INTERVAL);
+    loop {
+        let want_wal = driver.stream.is_some() && driver.proposer.can_accept_wal(MAX_XLOG_DATA_BYTES);
+        tokio::select! {
+            event = events.recv() => {
+                let event = event.ok_or_else(|| ShimError::Stopped("all safekeeper links stopped".into()))?;
+                driver.on_link_event(event)?;
+            }
+            event = next_wal(&mut driver.stream), if want_wal => driver.on_replication_event(event?)?,
+            _ = tick.tick() => {
+                driver.proposer.tick(driver.now_ms());
+                status.send_replace(driver.snapshot());
+            }
+        }
+        driver.flush_transmits();
+        driver.start_streaming_when_wanted().await?;
+        driver.report_commit(&status).await?;
+    }
+}
+
+impl Driver {
+    fn new(setup: ShimSetup, events: &mpsc::Sender<LinkEvent>) -> Driver {
+        let links = setup
+            .safekeepers
+            .iter()
+            .enumerate()
+            .map(|(index, addr)| {
+                let target = LinkTarget {
+                    index,
+                    addr: addr.clone(),
+                    tenant_id: setup.cluster.tenant_id,
+                    timeline_id: setup.cluster.timeline_id,
+                };
+                LinkHandle { control: spawn_link(target, events.clone()), generation: 0, dropped: false }
+            })
+            .collect();
+        let status = ShimStatus {
+            system_id: setup.cluster.system_id,
+            tenant_id: setup.cluster.tenant_id,
+            timeline_id: setup.cluster.timeline_id,
+            slot: setup.slot.clone(),
+            postgres_timeline: setup.pg_timeline,
+            safekeeper_addrs: setup.safekeepers.clone(),
+            ..ShimStatus::default()
+        };
+        Driver {
+            proposer: Proposer::new(setup.proposer_config()),
+            links,
+            addrs: setup.safekeepers,
+            client: Some(setup.client),
+            stream: None,
+            slot: setup.slot,
+            pg_timeline: setup.pg_timeline,
+            status,
+            last_status_sent_at: Instant::now(),
+            started_at: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started_at.elapsed().as_millis() as u64
+    }
+
+    fn on_link_event(&mut self, event: LinkEvent) -> Result<(), ShimError> {
+        let now_ms = self.now_ms();
+        match event {
+            LinkEvent::Connected { safekeeper, generation } => {
+                self.links[safekeeper].generation = generation;
+                self.links[safekeeper].dropped = false;
+                self.proposer.on_connected(safekeeper, now_ms);
+            }
+            LinkEvent::Message { safekeeper, generation, message } => {
+                let link = &self.links[safekeeper];
+                if generation != link.generation || link.dropped {
+                    return Ok(()); // from a connection the proposer already forgot
+                }
+                match self.proposer.on_message(safekeeper, message, now_ms) {
+                    Err(ProposerError::Peer { fault, .. }) => {
+                        tracing::warn!(safekeeper = %self.addrs[safekeeper], "protocol fault, reconnecting: {fault}");
+                        self.disconnect(safekeeper);
+                    }
+                    other => other?,
+                }
+            }
+            LinkEvent::Disconnected { safekeeper, generation, reason } => {
+                let link = &self.links[safekeeper];
+                if generation == link.generation && !link.dropped {
+                    tracing::warn!(safekeeper = %self.addrs[safekeeper], "disconnected: {reason}");
+                    self.proposer.on_disconnected(safekeeper, now_ms);
+                }
+            }
+            LinkEvent::Refused { safekeeper, reason } => {
+                return Err(ShimError::SafekeeperRefused { addr: self.addrs[safekeeper].clone(), reason });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), ShimError> {
+        match event {
+            ReplicationEvent::XLogData { start, data, .. } => {
+                self.proposer.on_wal(start, &data)?;
+                self.status.received_lsn = Some(start + data.len() as u64);
+                Ok(())
+            }
+            ReplicationEvent::Keepalive { .. } => Ok(()),
+            ReplicationEvent::End => Err(ShimError::Stopped("Postgres ended the replication stream".into())),
+        }
+    }
+
+    fn flush_transmits(&mut self) {
+        while let Some((safekeeper, message)) = self.proposer.poll_transmit() {
+            if !self.links[safekeeper].send(message) {
+                // Not draining: drop the connection rather than the message
+                // (a gap would be refused anyway); the next connection
+                // resumes from the safekeeper's flush LSN.
+                tracing::warn!(safekeeper = %self.addrs[safekeeper], "outbox full, reconnecting");
+                self.disconnect(safekeeper);
+            }
+        }
+    }
+
+    fn disconnect(&mut self, safekeeper: usize) {
+        self.links[safekeeper].drop_connection();
+        self.proposer.on_disconnected(safekeeper, self.now_ms());
+    }
+
+    /// Once elected and the safekeepers told where their logs end, start
+    /// Postgres's stream where the most behind of them needs it.
+    async fn start_streaming_when_wanted(&mut self) -> Result<(), ShimError> {
+        if self.stream.is_some() {
+            return Ok(());
+        }
+        let Some(from) = self.proposer.wal_wanted_from() else { return Ok(()) };
+        let client = self.client.take().expect("streaming starts once");
+        tracing::info!(%from, slot = %self.slot, "elected; starting replication");
+        self.stream = Some(client.start_replication(&self.slot, from, self.pg_timeline).await?);
+        self.status.streaming_from_lsn = Some(from);
+        Ok(())
+    }
+
+    /// Tell Postgres the quorum commit LSN as write/flush/apply: it releases
+    /// commits waiting for synchronous replication up to there. The status
+    /// snapshot follows at once, so an operator who saw a commit return
+    /// sees a commit LSN covering it.
+    async fn report_commit(&mut self, status: &watch::Sender<ShimStatus>) -> Result<(), ShimError> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(()) };
+        let commit = self.proposer.commit_lsn();
+        let moved = commit > self.status.reported_flush_lsn;
+        if !moved && self.last_status_sent_at.elapsed() < STATUS_REFRESH_INTERVAL {
+            return Ok(());
+        }
+        // Before anything is committed there is nothing true to report: a
+        // zero flush keeps Postgres from counting us as a sync standby.
+        let reported = commit.max(self.status.reported_flush_lsn);
+        stream.send_status(reported, reported, reported, false).await?;
+        self.status.reported_flush_lsn = reported;
+        self.last_status_sent_at = Instant::now();
+        if moved {
+            status.send_replace(self.snapshot());
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> ShimStatus {
+        ShimStatus { proposer: self.proposer.status(), ..self.status.clone() }
+    }
+}
+
+async fn next_wal(stream: &mut Option<ReplicationStream>) -> Result<ReplicationEvent, ShimError> {
+    match stream.as_mut() {
+        Some(stream) => Ok(stream.next_event().await?),
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,94 @@
+//! What the shim learns from Postgres before any safekeeper is contacted:
+//! the cluster identity, the segment size, and where its WAL starts.
+
+use safekeeper::ids::{ClusterId, SystemId, TenantId, TimelineId};
+use safekeeper::lsn::{Lsn, WalSegmentSize};
+use safekeeper::wal::format::PG15_VERSION_NUM;
+
+use super::ShimError;
+use crate::proposer::ProposerConfig;
+use crate::replication::{ReplicationClient, ReplicationConfig};
+
+/// Unacknowledged WAL in flight to one safekeeper.
+pub const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
+/// WAL kept for safekeepers that have not flushed it yet.
+pub const MAX_BUFFERED_WAL_BYTES: u64 = 256 << 20;
+pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+
+pub struct ShimOptions {
+    pub pg_conninfo: String,
+    pub safekeepers: Vec<String>,
+    pub tenant_id: TenantId,
+    pub timeline_id: TimelineId,
+    pub application_name: String,
+    pub slot: String,
+}
+
+pub struct ShimSetup {
+    pub client: ReplicationClient,
+    pub cluster: ClusterId,
+    pub safekeepers: Vec<String>,
+    pub slot: String,
+    pub pg_timeline: u32,
+    pub wal_segment_size: WalSegmentSize,
+    /// The segment start of the slot's restart LSN: where a new timeline's WAL begins.
+    pub timeline_start_lsn: Lsn,
+    /// Postgres's end of WAL when we connected.
+    pub pg_flush_lsn: Lsn,
+}
+
+/// Connect to Postgres as a physical replication client and read what the
+/// proposer needs; create the slot if it is missing.
+pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimError> {
+    let config = ReplicationConfig::parse(&options.pg_conninfo)?.with_application_name(&options.application_name);
+    let mut client = ReplicationClient::connect(config).await?;
+    let identity = client.identify_system().await?;
+    let segment_size_bytes = client.show_wal_segment_size().await?;
+    let wal_segment_size = WalSegmentSize::new(segment_size_bytes)
+        .map_err(|e| ShimError::Stopped(format!("Postgres reports an unusable wal_segment_size: {e}")))?;
+    client.create_physical_slot_if_missing(&options.slot).await?;
+    let slot = client.read_slot(&options.slot).await?;
+    // A new slot reserves nothing yet; Postgres still holds the segment of
+    // its current flush position.
+    let restart_lsn = slot.and_then(|slot| slot.restart_lsn).filter(|lsn| lsn.is_valid()).unwrap_or(identity.xlogpos);
+    Ok(ShimSetup {
+        client,
+        cluster: ClusterId {
+            system_id: SystemId(identity.system_id),
+            tenant_id: options.tenant_id,
+            timeline_id: options.timeline_id,
+        },
+        safekeepers: options.safekeepers.clone(),
+        slot: options.slot.clone(),
+        pg_timeline: identity.timeline,
+        wal_segment_size,
+        timeline_start_lsn: restart_lsn.segment_start(wal_segment_size),
+        pg_flush_lsn: identity.xlogpos,
+    })
+}
+
+impl ShimSetup {
+    pub fn proposer_config(&self) -> ProposerConfig {
+        ProposerConfig {
+            cluster: self.cluster,
+            pg_version: PG15_VERSION_NUM,
+            wal_segment_size: self.wal_segment_size,
+            safekeeper_count: self.safekeepers.len(),
+            max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
+            max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            proposer_id: rand_id(),
+            timeline_start_lsn: self.timeline_start_lsn,
+            postgres_flush_lsn: self.pg_flush_lsn,
+        }
+    }
+}
+
+/// A proposer instance id for logs: time and pid are unique enough.
+fn rand_id() -> [u8; 16] {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut id = [0u8; 16];
+    id[..12].copy_from_slice(&nanos.to_be_bytes()[4..]);
+    id[12..].copy_from_slice(&std::process::id().to_be_bytes());
+    id
+}
