@@ -2,8 +2,13 @@
 //!
 //! - [`pg`]: a real PostgreSQL 15 cluster in a temp dir (initdb, start/stop
 //!   by pid, psql/pgbench, pg_wal access).
-//! - [`processes`]: project binaries (the safekeeper) as child processes on
-//!   free loopback ports, and a minimal HTTP GET.
+//! - [`processes`]: project binaries (safekeeper, compute_shim) as child
+//!   processes on free loopback ports, and a minimal HTTP GET.
+//! - [`cluster`]: Postgres whose commits wait for three safekeepers
+//!   through compute_shim.
+//! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
 
+pub mod cluster;
 pub mod pg;
 pub mod processes;
+pub mod wal_files;

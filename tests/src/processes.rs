@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -94,82 +94,26 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<Option<ExitS
     }
 }
 
-/// A `safekeeper` serving a data directory; SIGKILLed when dropped.
-pub struct Safekeeper {
+/// A service child process writing to its own log file; SIGKILLed when
+/// dropped. Every wait on it is bounded.
+pub struct ServiceProcess {
     child: Option<Child>,
-    pub id: u64,
-    pub datadir: PathBuf,
-    pub pg_addr: SocketAddr,
-    pub http_addr: SocketAddr,
+    name: &'static str,
     pub log_path: PathBuf,
 }
 
-impl Safekeeper {
-    /// Start on fresh free ports and wait until both ports accept.
-    pub fn start(id: u64, datadir: &Path) -> Result<Safekeeper> {
-        let pg_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        Safekeeper::start_at(id, datadir, pg_addr, http_addr)
-    }
-
-    /// Start on the given addresses (a restart keeps its ports).
-    pub fn start_at(id: u64, datadir: &Path, pg_addr: SocketAddr, http_addr: SocketAddr) -> Result<Safekeeper> {
-        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
-        let mut safekeeper = Safekeeper {
-            child: Some(Safekeeper::spawn(id, datadir, pg_addr, http_addr, &log_path)?),
-            id,
-            datadir: datadir.to_path_buf(),
-            pg_addr,
-            http_addr,
-            log_path,
-        };
-        safekeeper.wait_ready()?;
-        Ok(safekeeper)
-    }
-
-    fn spawn(id: u64, datadir: &Path, pg: SocketAddr, http: SocketAddr, log_path: &Path) -> Result<Child> {
+impl ServiceProcess {
+    /// Spawn `command` with stdout and stderr going to `log_path`.
+    pub fn spawn(name: &'static str, mut command: Command, log_path: &Path) -> Result<ServiceProcess> {
         let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut command = Command::new(binary("safekeeper", "safekeeper")?);
-        command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
-        command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
         command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        command.spawn().context("spawning safekeeper")
-    }
-
-    /// Run a second `safekeeper` on `datadir` and expect it to exit; returns
-    /// its exit status and output.
-    pub fn run_expecting_exit(id: u64, datadir: &Path) -> Result<(ExitStatus, String)> {
-        let pg = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
-        let mut child = Safekeeper::spawn(id, datadir, pg, http, &log_path)?;
-        let Some(status) = wait_bounded(&mut child, EXIT_TIMEOUT)? else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("safekeeper on {} kept running", datadir.display());
-        };
-        Ok((status, std::fs::read_to_string(&log_path).unwrap_or_default()))
-    }
-
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child_mut()?.try_wait()? {
-                bail!("safekeeper exited at startup ({status}): {}", self.log_tail());
-            }
-            let connect = |addr| TcpStream::connect_timeout(&addr, POLL_INTERVAL * 10).is_ok();
-            if connect(self.pg_addr) && connect(self.http_addr) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("safekeeper not ready within {READY_TIMEOUT:?}: {}", self.log_tail());
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        let child = command.spawn().with_context(|| format!("spawning {name}"))?;
+        Ok(ServiceProcess { child: Some(child), name, log_path: log_path.to_path_buf() })
     }
 
     fn child_mut(&mut self) -> Result<&mut Child> {
-        self.child.as_mut().ok_or_else(|| anyhow!("safekeeper already stopped"))
+        let name = self.name;
+        self.child.as_mut().ok_or_else(|| anyhow!("{name} already stopped"))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -179,22 +123,38 @@ impl Safekeeper {
     /// SIGKILL and reap.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            child.kill().context("killing safekeeper")?;
+            child.kill().with_context(|| format!("killing {}", self.name))?;
             child.wait()?;
         }
         Ok(())
     }
 
+    /// Send `signal` without waiting (SIGSTOP/SIGCONT, or a stop whose exit
+    /// is awaited later with [`ServiceProcess::wait_exit`]).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("{} already stopped", self.name))?;
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
     /// Send `signal` and wait (bounded) for the exit status.
     pub fn stop_with(&mut self, signal: Signal) -> Result<ExitStatus> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("safekeeper already stopped"))?;
-        kill(Pid::from_raw(child.id() as i32), signal)?;
-        match wait_bounded(&mut child, EXIT_TIMEOUT)? {
-            Some(status) => Ok(status),
+        self.signal(signal)?;
+        self.wait_exit(EXIT_TIMEOUT)?.ok_or_else(|| {
+            anyhow!("{} did not exit within {EXIT_TIMEOUT:?} of {signal}: {}", self.name, self.log_tail())
+        })
+    }
+
+    /// Wait up to `timeout` for the process to exit on its own; `None` if
+    /// it is still running (it is then killed, so nothing outlives a test).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let Some(mut child) = self.child.take() else { bail!("{} already stopped", self.name) };
+        match wait_bounded(&mut child, timeout)? {
+            Some(status) => Ok(Some(status)),
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("safekeeper did not exit within {EXIT_TIMEOUT:?} of {signal}: {}", self.log_tail())
+                Ok(None)
             }
         }
     }
@@ -210,15 +170,149 @@ impl Safekeeper {
         text.get(start..).unwrap_or(&text).to_string()
     }
 
+    /// Wait (bounded) until every address accepts TCP connections.
+    fn wait_listening(&mut self, addrs: &[SocketAddr]) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child_mut()?.try_wait()? {
+                bail!("{} exited at startup ({status}): {}", self.name, self.log_tail());
+            }
+            if addrs.iter().all(|&addr| TcpStream::connect_timeout(&addr, POLL_INTERVAL * 10).is_ok()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{} not ready within {READY_TIMEOUT:?}: {}", self.name, self.log_tail());
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// A `safekeeper` serving a data directory; SIGKILLed when dropped.
+pub struct Safekeeper {
+    pub process: ServiceProcess,
+    pub id: u64,
+    pub datadir: PathBuf,
+    pub pg_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+impl Safekeeper {
+    /// Start on fresh free ports and wait until both ports accept.
+    pub fn start(id: u64, datadir: &Path) -> Result<Safekeeper> {
+        let pg_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        Safekeeper::start_at(id, datadir, pg_addr, http_addr)
+    }
+
+    /// Start on the given addresses (a restart keeps its ports).
+    pub fn start_at(id: u64, datadir: &Path, pg_addr: SocketAddr, http_addr: SocketAddr) -> Result<Safekeeper> {
+        let mut process = Safekeeper::spawn(id, datadir, pg_addr, http_addr)?;
+        process.wait_listening(&[pg_addr, http_addr])?;
+        Ok(Safekeeper { process, id, datadir: datadir.to_path_buf(), pg_addr, http_addr })
+    }
+
+    fn spawn(id: u64, datadir: &Path, pg: SocketAddr, http: SocketAddr) -> Result<ServiceProcess> {
+        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
+        let mut command = Command::new(binary("safekeeper", "safekeeper")?);
+        command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
+        command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
+        ServiceProcess::spawn("safekeeper", command, &log_path)
+    }
+
+    /// Run a second `safekeeper` on `datadir` and expect it to exit; returns
+    /// its exit status and output.
+    pub fn run_expecting_exit(id: u64, datadir: &Path) -> Result<(ExitStatus, String)> {
+        let pg = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let mut process = Safekeeper::spawn(id, datadir, pg, http)?;
+        let status = process
+            .wait_exit(EXIT_TIMEOUT)?
+            .ok_or_else(|| anyhow!("safekeeper on {} kept running", datadir.display()))?;
+        Ok((status, process.log_tail()))
+    }
+
+    /// The same safekeeper started again on its data directory and ports.
+    pub fn restart(&self) -> Result<Safekeeper> {
+        Safekeeper::start_at(self.id, &self.datadir, self.pg_addr, self.http_addr)
+    }
+
     /// `GET path` on the HTTP port.
     pub fn http_get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
         http_get(self.http_addr, path)
     }
 }
 
-impl Drop for Safekeeper {
-    fn drop(&mut self) {
-        let _ = self.kill();
+/// A `compute_shim` streaming a Postgres primary to safekeepers; SIGKILLed
+/// when dropped.
+pub struct ComputeShim {
+    pub process: ServiceProcess,
+    pub http_addr: SocketAddr,
+}
+
+/// What a `compute_shim` is started with.
+#[derive(Clone, Debug)]
+pub struct ShimArgs {
+    pub pg_conninfo: String,
+    pub safekeepers: Vec<SocketAddr>,
+    pub tenant_id: String,
+    pub timeline_id: String,
+    pub application_name: String,
+    pub slot: String,
+}
+
+impl ComputeShim {
+    /// Start and wait until its HTTP port answers (not until it is elected:
+    /// see [`ComputeShim::wait_elected`]).
+    pub fn start(args: &ShimArgs, log_dir: &Path) -> Result<ComputeShim> {
+        let mut shim = ComputeShim::spawn(args, log_dir)?;
+        shim.process.wait_listening(&[shim.http_addr])?;
+        Ok(shim)
+    }
+
+    /// Start without waiting for anything (for a shim expected to exit).
+    pub fn spawn(args: &ShimArgs, log_dir: &Path) -> Result<ComputeShim> {
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let addrs: Vec<String> = args.safekeepers.iter().map(SocketAddr::to_string).collect();
+        let mut command = Command::new(binary("compute_shim", "compute_shim")?);
+        command.arg("--pg").arg(&args.pg_conninfo).arg("--safekeepers").arg(addrs.join(","));
+        command.arg("--tenant-id").arg(&args.tenant_id).arg("--timeline-id").arg(&args.timeline_id);
+        command.arg("--application-name").arg(&args.application_name).arg("--slot").arg(&args.slot);
+        command.arg("--listen-http").arg(http_addr.to_string());
+        let log_path = log_dir.join(format!("compute_shim.{}.log", unique_suffix()));
+        let process = ServiceProcess::spawn("compute_shim", command, &log_path)?;
+        Ok(ComputeShim { process, http_addr })
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) = http_get(self.http_addr, "/v1/status")?;
+        ensure!(code == 200, "compute_shim status answered {code}: {body}");
+        Ok(body)
+    }
+
+    /// Wait (bounded) until the shim is elected and streaming from Postgres.
+    pub fn wait_elected(&mut self, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.exit_status()? {
+                bail!("compute_shim exited ({status}): {}", self.process.log_tail());
+            }
+            if let Ok(status) = self.status() {
+                if status["phase"] == "elected" && !status["streaming_from_lsn"].is_null() {
+                    return Ok(status);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("compute_shim not elected within {timeout:?}: {}", self.process.log_tail());
+            }
+            thread::sleep(POLL_INTERVAL * 5);
+        }
     }
 }
 

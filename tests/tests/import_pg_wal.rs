@@ -3,12 +3,9 @@
 //! read the safekeeper's timeline directory, and a second import (a new
 //! term) must continue exactly where the first ended.
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
-
 use anyhow::{ensure, Context, Result};
 use integration_tests::pg::{PgCluster, PgOptions};
+use integration_tests::wal_files::{read_wal, snapshot_files, waldump_lsns};
 use safekeeper::ids::{NodeId, TenantId, TimelineId};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
 use safekeeper::lsn::{Lsn, WalSegmentSize};
@@ -16,42 +13,9 @@ use safekeeper::recovery::recover_timeline;
 
 const TENANT: &str = "0123456789abcdef0123456789abcdef";
 const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
-const PG_WALDUMP_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn flush_lsn(pg: &PgCluster) -> Result<Lsn> {
     Ok(pg.psql("SELECT pg_current_wal_flush_lsn()")?.trim().parse()?)
-}
-
-/// Bytes `[start, end)` of the WAL in `dir` (Postgres-named segment files).
-fn read_wal(dir: &Path, segment_size: WalSegmentSize, start: Lsn, end: Lsn) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut position = start;
-    while position < end {
-        let segment = position.segment_no(segment_size);
-        let path = dir.join(segment.file_name(1, segment_size));
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let from = position.segment_offset(segment_size) as usize;
-        let to = (end.min(position.next_segment_start(segment_size)) - segment.start_lsn(segment_size)) as usize;
-        out.extend_from_slice(&bytes[from..to]);
-        position = position.next_segment_start(segment_size);
-    }
-    Ok(out)
-}
-
-/// Record LSNs `pg_waldump` lists in `[start, end)` of `dir`.
-fn waldump_lsns(pg: &PgCluster, dir: &Path, start: Lsn, end: Lsn) -> Result<Vec<Lsn>> {
-    let mut command = Command::new(pg.bin("pg_waldump"));
-    command.arg("-p").arg(dir).arg("-s").arg(start.to_string()).arg("-e").arg(end.to_string());
-    let output = pg.run(command, PG_WALDUMP_TIMEOUT)?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    ensure!(output.status.success(), "pg_waldump on {} failed: {stderr}", dir.display());
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| {
-            let lsn = line.split("lsn: ").nth(1).context("no lsn")?.split(',').next().context("no comma")?;
-            Ok(lsn.parse()?)
-        })
-        .collect()
 }
 
 #[test]
@@ -115,17 +79,6 @@ fn generated_pg_wal(system_id: u64, records: usize) -> Result<(tempfile::TempDir
     Ok((dir, generator.end_lsn()))
 }
 
-/// Every file under `dir` with its bytes, to show nothing changed.
-fn snapshot(dir: &Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
-    let mut files = vec![];
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        files.push((path.clone(), std::fs::read(&path)?));
-    }
-    files.sort();
-    Ok(files)
-}
-
 #[test]
 fn import_refuses_wal_of_another_system_and_writes_nothing() -> Result<()> {
     let (first, end) = generated_pg_wal(111, 200)?;
@@ -137,10 +90,10 @@ fn import_refuses_wal_of_another_system_and_writes_nothing() -> Result<()> {
     ensure!(summary.flush_lsn == end, "imported {} of generated WAL ending at {end}", summary.flush_lsn);
 
     let dir = timeline_dir(datadir.path(), tenant_id, timeline_id);
-    let before = snapshot(&dir)?;
+    let before = snapshot_files(&dir)?;
     let (other, _) = generated_pg_wal(222, 10)?;
     let error = import_pg_wal(&request(other.path())).expect_err("another system's WAL must be refused");
     ensure!(error.to_string().contains("111") && error.to_string().contains("222"), "unclear error: {error}");
-    ensure!(snapshot(&dir)? == before, "a refused import changed the timeline");
+    ensure!(snapshot_files(&dir)? == before, "a refused import changed the timeline");
     Ok(())
 }

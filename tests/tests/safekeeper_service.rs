@@ -319,15 +319,15 @@ fn pushed_wal_is_acked_reported_and_survives_sigkill() -> Result<()> {
     ensure!(timeline["pg_version"] == PG15_VERSION_NUM && timeline["connected_proposers"] == 1, "{timeline}");
     ensure!(timeline["term_history"][0]["start_lsn"] == TIMELINE_START.to_string(), "{timeline}");
 
-    safekeeper.kill()?;
+    safekeeper.process.kill()?;
     let mut restarted = Safekeeper::start(1, &dir)?;
     let (status, after) = restarted.http_get(&timeline_path())?;
     ensure!(status == 200 && after["term"] == 1 && json_lsn(&after, "flush_lsn")? == end, "after SIGKILL: {after}");
     ensure!(after["connected_proposers"] == 0, "{after}");
 
     // A clean stop exits 0 and keeps the same state.
-    let status = restarted.stop_with(Signal::SIGTERM)?;
-    ensure!(status.success(), "SIGTERM exit: {status}: {}", restarted.log_tail());
+    let status = restarted.process.stop_with(Signal::SIGTERM)?;
+    ensure!(status.success(), "SIGTERM exit: {status}: {}", restarted.process.log_tail());
     let again = Safekeeper::start(1, &dir)?;
     let (_, final_state) = again.http_get(&timeline_path())?;
     ensure!(json_lsn(&final_state, "flush_lsn")? == end && json_lsn(&final_state, "commit_lsn")? == end);
@@ -510,7 +510,7 @@ fn a_second_safekeeper_on_the_same_datadir_is_refused() -> Result<()> {
     let first = Safekeeper::start(5, &dir)?;
     let (status, output) = Safekeeper::run_expecting_exit(5, &dir)?;
     ensure!(!status.success(), "the second safekeeper must fail");
-    let holder = first.pid().context("first is running")?;
+    let holder = first.process.pid().context("first is running")?;
     ensure!(output.contains("in use by another safekeeper") && output.contains(&format!("pid {holder}")), "{output}");
     Ok(())
 }

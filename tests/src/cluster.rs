@@ -1,0 +1,163 @@
+//! A quorum-commit cluster for tests: a real PostgreSQL 15 primary whose
+//! commits wait for `compute_shim` (its only synchronous standby), three
+//! `safekeeper` processes, and bounded waits on their HTTP status.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use safekeeper::lsn::{Lsn, WalSegmentSize};
+use serde_json::Value;
+
+use crate::pg::{PgCluster, PgOptions};
+use crate::processes::{ComputeShim, Safekeeper, ShimArgs};
+
+pub const TENANT: &str = "0123456789abcdef0123456789abcdef";
+pub const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
+/// What Postgres's synchronous_standby_names waits for.
+pub const SHIM_APPLICATION_NAME: &str = "safekeepers";
+pub const SHIM_SLOT: &str = "safekeepers";
+pub const SAFEKEEPER_COUNT: usize = 3;
+/// How long a fresh shim may take to be elected and streaming.
+pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+pub struct QuorumCluster {
+    /// Declared first so the processes stop before their directories go.
+    pub shim: Option<ComputeShim>,
+    pub safekeepers: Vec<Safekeeper>,
+    pub pg: PgCluster,
+    pub dir: tempfile::TempDir,
+}
+
+impl QuorumCluster {
+    /// Postgres with `options` plus the quorum-commit settings, three
+    /// safekeepers, and an elected shim.
+    pub fn start(options: PgOptions) -> Result<QuorumCluster> {
+        let options = options
+            .setting("synchronous_standby_names", &format!("'{SHIM_APPLICATION_NAME}'"))
+            .setting("synchronous_commit", "on")
+            // pg_wal keeps everything, so tests can compare it byte for byte.
+            .setting("wal_keep_size", "1GB");
+        let mut pg = PgCluster::init(options)?;
+        pg.start()?;
+        let dir = tempfile::Builder::new().prefix("quorum-").tempdir()?;
+        let safekeepers = (1..=SAFEKEEPER_COUNT as u64)
+            .map(|id| Safekeeper::start(id, &dir.path().join(format!("sk{id}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let mut cluster = QuorumCluster { shim: None, safekeepers, pg, dir };
+        cluster.start_shim()?;
+        Ok(cluster)
+    }
+
+    pub fn shim_args(&self) -> ShimArgs {
+        ShimArgs {
+            pg_conninfo: self.pg.connection_string("postgres"),
+            safekeepers: self.safekeeper_addrs(),
+            tenant_id: TENANT.to_string(),
+            timeline_id: TIMELINE.to_string(),
+            application_name: SHIM_APPLICATION_NAME.to_string(),
+            slot: SHIM_SLOT.to_string(),
+        }
+    }
+
+    pub fn safekeeper_addrs(&self) -> Vec<SocketAddr> {
+        self.safekeepers.iter().map(|sk| sk.pg_addr).collect()
+    }
+
+    /// Start a shim with the default arguments and wait until it is elected.
+    pub fn start_shim(&mut self) -> Result<Value> {
+        let mut shim = ComputeShim::start(&self.shim_args(), self.dir.path())?;
+        let status = shim.wait_elected(ELECTION_TIMEOUT)?;
+        self.shim = Some(shim);
+        Ok(status)
+    }
+
+    pub fn shim(&self) -> Result<&ComputeShim> {
+        self.shim.as_ref().context("no compute_shim running")
+    }
+
+    pub fn segment_size(&self) -> Result<WalSegmentSize> {
+        Ok(WalSegmentSize::new(self.pg.wal_segment_size_bytes())?)
+    }
+
+    /// `<datadir>/<tenant>/<timeline>` of safekeeper `index`.
+    pub fn timeline_dir(&self, index: usize) -> PathBuf {
+        self.safekeepers[index].datadir.join(TENANT).join(TIMELINE)
+    }
+
+    pub fn timeline_status(&self, index: usize) -> Result<Value> {
+        let (code, body) = self.safekeepers[index].http_get(&format!("/v1/tenant/{TENANT}/timeline/{TIMELINE}"))?;
+        if code != 200 {
+            bail!("safekeeper {index} timeline status answered {code}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// SIGKILL safekeeper `index`.
+    pub fn kill_safekeeper(&mut self, index: usize) -> Result<()> {
+        self.safekeepers[index].process.kill()
+    }
+
+    /// Start safekeeper `index` again on its data directory and ports.
+    pub fn restart_safekeeper(&mut self, index: usize) -> Result<()> {
+        let restarted = self.safekeepers[index].restart()?;
+        self.safekeepers[index] = restarted;
+        Ok(())
+    }
+
+    pub fn pg_flush_lsn(&self) -> Result<Lsn> {
+        Ok(self.pg.psql("SELECT pg_current_wal_flush_lsn()")?.parse()?)
+    }
+
+    pub fn shim_commit_lsn(&self) -> Result<Lsn> {
+        json_lsn(&self.shim()?.status()?, "commit_lsn")
+    }
+
+    /// Wait until the shim's commit LSN reaches `lsn`; returns it.
+    pub fn wait_shim_commit(&self, lsn: Lsn, timeout: Duration) -> Result<Lsn> {
+        wait_for(timeout, &format!("compute_shim commit to reach {lsn}"), || {
+            let commit = self.shim_commit_lsn()?;
+            Ok((commit >= lsn).then_some(commit))
+        })
+    }
+
+    /// Wait until safekeeper `index` has flushed `lsn`.
+    pub fn wait_safekeeper_flush(&self, index: usize, lsn: Lsn, timeout: Duration) -> Result<()> {
+        wait_for(timeout, &format!("safekeeper {index} to flush {lsn}"), || {
+            Ok((json_lsn(&self.timeline_status(index)?, "flush_lsn")? >= lsn).then_some(()))
+        })
+    }
+
+    /// Where the safekeepers' timeline begins (a segment start).
+    pub fn timeline_start_lsn(&self, index: usize) -> Result<Lsn> {
+        json_lsn(&self.timeline_status(index)?, "timeline_start_lsn")
+    }
+}
+
+/// An LSN field ("X/Y") of a JSON status.
+pub fn json_lsn(value: &Value, field: &str) -> Result<Lsn> {
+    let text = value[field].as_str().with_context(|| format!("no {field} in {value}"))?;
+    Ok(text.parse()?)
+}
+
+/// Poll `check` until it yields a value or `timeout` passes. Errors from
+/// `check` (a process still starting, say) count as "not yet".
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() >= deadline {
+            let detail = last_error.map(|e| format!(" (last error: {e:#})")).unwrap_or_default();
+            bail!("timed out after {timeout:?} waiting for {what}{detail}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
