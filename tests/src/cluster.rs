@@ -35,12 +35,16 @@ pub struct QuorumCluster {
 impl QuorumCluster {
     /// Postgres with `options` plus the quorum-commit settings, three
     /// safekeepers, and an elected shim.
-    pub fn start(options: PgOptions) -> Result<QuorumCluster> {
-        let options = options
-            .setting("synchronous_standby_names", &format!("'{SHIM_APPLICATION_NAME}'"))
-            .setting("synchronous_commit", "on")
+    /// Settings in `options` come last, so a test can override these.
+    pub fn start(mut options: PgOptions) -> Result<QuorumCluster> {
+        let quorum_settings = [
+            ("synchronous_standby_names", format!("'{SHIM_APPLICATION_NAME}'")),
+            ("synchronous_commit", "on".to_string()),
             // pg_wal keeps everything, so tests can compare it byte for byte.
-            .setting("wal_keep_size", "1GB");
+            ("wal_keep_size", "1GB".to_string()),
+        ];
+        let quorum_settings = quorum_settings.into_iter().map(|(name, value)| (name.to_string(), value));
+        options.settings.splice(0..0, quorum_settings);
         let mut pg = PgCluster::init(options)?;
         pg.start()?;
         let dir = tempfile::Builder::new().prefix("quorum-").tempdir()?;

@@ -290,8 +290,11 @@ impl ComputeShim {
         Ok(ComputeShim { process, http_addr })
     }
 
+    /// `GET /v1/status`; if the shim is not answering, the error quotes
+    /// its log (it may have exited).
     pub fn status(&self) -> Result<serde_json::Value> {
-        let (code, body) = http_get(self.http_addr, "/v1/status")?;
+        let (code, body) = http_get(self.http_addr, "/v1/status")
+            .with_context(|| format!("compute_shim status; its log ends: {}", self.process.log_tail()))?;
         ensure!(code == 200, "compute_shim status answered {code}: {body}");
         Ok(body)
     }

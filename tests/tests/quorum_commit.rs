@@ -199,6 +199,64 @@ fn a_shim_killed_under_load_restarts_in_a_higher_term_and_loses_nothing() -> Res
     Ok(())
 }
 
+/// Write `megabytes` of WAL through acknowledged commits.
+fn write_wal(pg: &PgCluster, megabytes: u32) -> Result<()> {
+    let rows = megabytes * 8_000;
+    pg.psql_with_timeout(
+        &format!("CREATE TABLE IF NOT EXISTS filler (v bigint, pad text); INSERT INTO filler SELECT g, repeat('x', 100) FROM generate_series(1, {rows}) g"),
+        COMMIT_TIMEOUT * 4,
+    )?;
+    Ok(())
+}
+
+/// Rule: a safekeeper that was down while a new shim took over is brought
+/// up to date from Postgres (as long as Postgres still holds the WAL), even
+/// though it is behind everything the new shim buffered.
+#[test]
+fn a_safekeeper_rejoining_after_a_shim_restart_catches_up_from_postgres() -> Result<()> {
+    let mut cluster = QuorumCluster::start(options())?;
+    cluster.kill_safekeeper(2)?;
+    write_wal(&cluster.pg, 4)?;
+    cluster.shim.take().context("shim")?.process.kill()?;
+    cluster.start_shim()?;
+    write_wal(&cluster.pg, 2)?;
+    cluster.restart_safekeeper(2)?;
+    write_wal(&cluster.pg, 1)?;
+    let commit = cluster.wait_shim_commit(cluster.pg_flush_lsn()?, COMMIT_TIMEOUT)?;
+    cluster.wait_safekeeper_flush(2, commit, CATCH_UP_TIMEOUT)?;
+    let segment_size = cluster.segment_size()?;
+    let start = cluster.timeline_start_lsn(2)?;
+    let primary = read_wal(&cluster.pg.pg_wal_dir(), segment_size, start, commit)?;
+    ensure!(read_wal(&cluster.timeline_dir(2), segment_size, start, commit)? == primary, "caught-up WAL differs");
+    let status = cluster.shim()?.status()?;
+    ensure!(status["safekeepers"][2]["state"] == "streaming", "safekeeper 2 is not streaming: {status}");
+    Ok(())
+}
+
+/// Rule: once Postgres has recycled the WAL a returning safekeeper needs,
+/// the shim reports it too far behind in its status (peer recovery is what
+/// would bring it back), and commits go on with the other two.
+#[test]
+fn a_safekeeper_behind_recycled_wal_is_reported_too_far_behind() -> Result<()> {
+    let mut cluster = QuorumCluster::start(options().setting("wal_keep_size", "0"))?;
+    cluster.kill_safekeeper(2)?;
+    for _ in 0..3 {
+        write_wal(&cluster.pg, 3)?;
+        cluster.pg.psql("SELECT pg_switch_wal(); CHECKPOINT")?;
+    }
+    cluster.shim.take().context("shim")?.process.kill()?;
+    cluster.start_shim()?;
+    cluster.restart_safekeeper(2)?;
+    wait_for(CATCH_UP_TIMEOUT, "safekeeper 2 to be reported too far behind", || {
+        let status = cluster.shim()?.status()?;
+        Ok((status["safekeepers"][2]["state"] == "too-far-behind").then_some(()))
+    })?;
+    cluster.pg.psql("CREATE TABLE after_recycling (v int)")?;
+    insert_acknowledged(&cluster.pg, "after_recycling", 1)?;
+    ensure!(cluster.shim()?.process.pid().is_some(), "the shim stopped");
+    Ok(())
+}
+
 /// Rule: fencing. A second shim wins a higher term; the first steps down,
 /// exiting non-zero with a message naming that term, and commits go on
 /// through the second alone.

@@ -134,7 +134,9 @@ fn refuses_cluster(error: &LinkError) -> bool {
 }
 
 /// Shuttle messages until the connection fails or the driver drops it;
-/// `Ok` carries why it ended when the socket did not fail.
+/// `Ok` carries why it ended when the socket did not fail. Reading and
+/// writing run side by side: a safekeeper that stops reading our appends
+/// until we read its replies must never deadlock with us.
 async fn serve(
     safekeeper: usize,
     generation: u64,
@@ -143,28 +145,36 @@ async fn serve(
     events: &mpsc::Sender<LinkEvent>,
     inbox: &mut Inbox,
 ) -> Result<String, LinkError> {
-    loop {
-        tokio::select! {
-            outgoing = inbox.messages.recv() => {
-                let Some(outgoing) = outgoing else { return Ok("the driver stopped".to_string()) };
-                if outgoing.generation == generation {
-                    writer.send(&outgoing.message).await?;
-                } // else: meant for an earlier connection
-            }
-            incoming = reader.next_message() => {
-                let message = incoming?;
-                if events.send(LinkEvent::Message { safekeeper, generation, message }).await.is_err() {
-                    return Ok("the driver stopped".to_string());
-                }
-            }
-            changed = inbox.drops.changed() => {
-                if changed.is_err() {
-                    return Ok("the driver stopped".to_string());
-                }
-                if *inbox.drops.borrow_and_update() == generation {
-                    return Ok("dropped by the driver".to_string());
-                }
+    let driver_stopped = || Ok("the driver stopped".to_string());
+    let reading = async {
+        loop {
+            let message = reader.next_message().await?;
+            if events.send(LinkEvent::Message { safekeeper, generation, message }).await.is_err() {
+                return driver_stopped();
             }
         }
+    };
+    let writing = async {
+        while let Some(outgoing) = inbox.messages.recv().await {
+            if outgoing.generation == generation {
+                writer.send(&outgoing.message).await?;
+            } // else: meant for an earlier connection
+        }
+        driver_stopped()
+    };
+    let dropped = async {
+        loop {
+            if inbox.drops.changed().await.is_err() {
+                return driver_stopped();
+            }
+            if *inbox.drops.borrow_and_update() == generation {
+                return Ok("dropped by the driver".to_string());
+            }
+        }
+    };
+    tokio::select! {
+        ended = reading => ended,
+        ended = writing => ended,
+        ended = dropped => ended,
     }
 }

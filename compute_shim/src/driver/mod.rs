@@ -22,7 +22,7 @@ use safekeeper::lsn::Lsn;
 use safekeeper::protocol::ProposerMessage;
 
 use crate::proposer::{Proposer, ProposerError, ProposerStatus};
-use crate::replication::{ReplicationClient, ReplicationError, ReplicationEvent, ReplicationStream};
+use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use links::{spawn_link, LinkControl, LinkEvent, LinkTarget, Outgoing};
 use startup::ShimSetup;
 
@@ -38,6 +38,12 @@ const STATUS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest XLogData payload a walsender sends (PG15's MAX_SEND_SIZE, 16
 /// pages of 8 KiB): the room the proposer must have before we read more.
 const MAX_XLOG_DATA_BYTES: u64 = 128 * 1024;
+/// "replication slot … is active for PID …".
+const OBJECT_IN_USE: &str = "55006";
+/// How long the slot may stay held by another walsender before the shim
+/// gives up (another live shim on the same slot, say).
+const SLOT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+const SLOT_BUSY_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -98,7 +104,16 @@ struct Driver {
     addrs: Vec<String>,
     /// The replication connection until streaming starts.
     client: Option<ReplicationClient>,
+    /// For new replication connections: a restart at another LSN.
+    replication_config: ReplicationConfig,
     stream: Option<ReplicationStream>,
+    /// A new stream reports our position at once: until it does, Postgres
+    /// counts no synchronous standby and commits wait.
+    status_due: bool,
+    /// The slot was still held by a walsender that has not noticed its
+    /// client left (ours before a restart, or a killed shim's): since when,
+    /// and when to try again.
+    slot_busy: Option<SlotBusy>,
     slot: String,
     pg_timeline: u32,
     status: ShimStatus,
@@ -120,14 +135,14 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
                 let event = event.ok_or_else(|| ShimError::Stopped("all safekeeper links stopped".into()))?;
                 driver.on_link_event(event)?;
             }
-            event = next_wal(&mut driver.stream), if want_wal => driver.on_replication_event(event?)?,
+            event = next_wal(&mut driver.stream), if want_wal => driver.on_replication_event(event)?,
             _ = tick.tick() => {
                 driver.proposer.tick(driver.now_ms());
                 status.send_replace(driver.snapshot());
             }
         }
         driver.flush_transmits();
-        driver.start_streaming_when_wanted().await?;
+        driver.stream_where_wanted().await?;
         driver.report_commit(&status).await?;
     }
 }
@@ -161,8 +176,11 @@ impl Driver {
             proposer: Proposer::new(setup.proposer_config()),
             links,
             addrs: setup.safekeepers,
+            replication_config: setup.client.config().clone(),
             client: Some(setup.client),
             stream: None,
+            status_due: false,
+            slot_busy: None,
             slot: setup.slot,
             pg_timeline: setup.pg_timeline,
             status,
@@ -210,7 +228,15 @@ impl Driver {
         Ok(())
     }
 
-    fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), ShimError> {
+    fn on_replication_event(&mut self, event: Result<ReplicationEvent, ShimError>) -> Result<(), ShimError> {
+        let event = match event {
+            Ok(event) => event,
+            Err(ShimError::Replication(error)) if is_wal_removed(&error) => {
+                let stream = self.stream.take().expect("the event came from a stream");
+                return self.on_wal_removed(stream.received_end(), &error);
+            }
+            Err(error) => return Err(error),
+        };
         match event {
             ReplicationEvent::XLogData { start, data, .. } => {
                 self.proposer.on_wal(start, &data)?;
@@ -220,6 +246,27 @@ impl Driver {
             ReplicationEvent::Keepalive { .. } => Ok(()),
             ReplicationEvent::End => Err(ShimError::Stopped("Postgres ended the replication stream".into())),
         }
+    }
+
+    /// Try again shortly, for a bounded time: a walsender whose client is
+    /// gone exits as soon as it notices.
+    fn on_slot_busy(&mut self, error: ReplicationError) -> Result<(), ShimError> {
+        let now = Instant::now();
+        let since = self.slot_busy.as_ref().map_or(now, |busy| busy.since);
+        if now - since >= SLOT_BUSY_TIMEOUT {
+            return Err(error.into());
+        }
+        tracing::info!("{error}; retrying");
+        self.slot_busy = Some(SlotBusy { since, retry_at: now + SLOT_BUSY_RETRY_INTERVAL });
+        Ok(())
+    }
+
+    /// The stream needed WAL at `lsn` that Postgres already removed: the
+    /// proposer gives up on the safekeepers that needed it (or stops, if
+    /// the quorum did). The next iteration streams from where it says.
+    fn on_wal_removed(&mut self, lsn: Lsn, error: &ReplicationError) -> Result<(), ShimError> {
+        tracing::warn!(%lsn, "Postgres no longer has this WAL: {error}");
+        Ok(self.proposer.on_wal_unavailable(lsn)?)
     }
 
     fn flush_transmits(&mut self) {
@@ -239,17 +286,36 @@ impl Driver {
         self.proposer.on_disconnected(safekeeper, self.now_ms());
     }
 
-    /// Once elected and the safekeepers told where their logs end, start
-    /// Postgres's stream where the most behind of them needs it.
-    async fn start_streaming_when_wanted(&mut self) -> Result<(), ShimError> {
-        if self.stream.is_some() {
+    /// Keep Postgres's stream where the proposer wants WAL from: start it
+    /// once elected, restart it lower to catch up a safekeeper that joined
+    /// behind the buffer, and back at the buffer's end afterwards.
+    async fn stream_where_wanted(&mut self) -> Result<(), ShimError> {
+        let Some(wanted) = self.proposer.wal_wanted_from() else { return Ok(()) };
+        if let Some(stream) = &self.stream {
+            if stream.received_end() == wanted {
+                return Ok(());
+            }
+            tracing::info!(from = %stream.received_end(), to = %wanted, "restarting replication");
+        }
+        if self.slot_busy.as_ref().is_some_and(|busy| Instant::now() < busy.retry_at) {
             return Ok(());
         }
-        let Some(from) = self.proposer.wal_wanted_from() else { return Ok(()) };
-        let client = self.client.take().expect("streaming starts once");
-        tracing::info!(%from, slot = %self.slot, "elected; starting replication");
-        self.stream = Some(client.start_replication(&self.slot, from, self.pg_timeline).await?);
-        self.status.streaming_from_lsn = Some(from);
+        // One walsender per slot: the old stream goes first.
+        self.stream = None;
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => ReplicationClient::connect(self.replication_config.clone()).await?,
+        };
+        tracing::info!(from = %wanted, slot = %self.slot, "starting replication");
+        let stream = match client.start_replication(&self.slot, wanted, self.pg_timeline).await {
+            Err(error) if is_wal_removed(&error) => return self.on_wal_removed(wanted, &error),
+            Err(error) if error.sqlstate() == Some(OBJECT_IN_USE) => return self.on_slot_busy(error),
+            started => started?,
+        };
+        self.slot_busy = None;
+        self.stream = Some(stream);
+        self.status.streaming_from_lsn = Some(wanted);
+        self.status_due = true;
         Ok(())
     }
 
@@ -261,7 +327,7 @@ impl Driver {
         let Some(stream) = self.stream.as_mut() else { return Ok(()) };
         let commit = self.proposer.commit_lsn();
         let moved = commit > self.status.reported_flush_lsn;
-        if !moved && self.last_status_sent_at.elapsed() < STATUS_REFRESH_INTERVAL {
+        if !moved && !self.status_due && self.last_status_sent_at.elapsed() < STATUS_REFRESH_INTERVAL {
             return Ok(());
         }
         // Before anything is committed there is nothing true to report: a
@@ -270,6 +336,7 @@ impl Driver {
         stream.send_status(reported, reported, reported, false).await?;
         self.status.reported_flush_lsn = reported;
         self.last_status_sent_at = Instant::now();
+        self.status_due = false;
         if moved {
             status.send_replace(self.snapshot());
         }
@@ -278,6 +345,23 @@ impl Driver {
 
     fn snapshot(&self) -> ShimStatus {
         ShimStatus { proposer: self.proposer.status(), ..self.status.clone() }
+    }
+}
+
+struct SlotBusy {
+    since: Instant,
+    retry_at: Instant,
+}
+
+/// Postgres's answer when a stream needs a WAL segment it already removed:
+/// "requested WAL segment … has already been removed" (undefined_file).
+fn is_wal_removed(error: &ReplicationError) -> bool {
+    const UNDEFINED_FILE: &str = "58P01";
+    match error {
+        ReplicationError::Server(server) => {
+            server.code == UNDEFINED_FILE || server.message.contains("has already been removed")
+        }
+        _ => false,
     }
 }
 

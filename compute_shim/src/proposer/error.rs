@@ -25,6 +25,11 @@ pub enum ProposerError {
          {term_start_lsn}: the safekeepers' state is inconsistent; refusing to lead"
     )]
     CommitAboveTermStart { safekeeper: usize, commit_lsn: Lsn, term_start_lsn: Lsn },
+    #[error(
+        "Postgres removed WAL at {lsn} that the safekeepers still need (a replication slot should have kept \
+         it); refusing to go on"
+    )]
+    PostgresWalRemoved { lsn: Lsn },
     #[error("the donor's term history is full; cannot start another term")]
     TermHistoryFull,
     #[error("safekeeper {safekeeper}: {fault}")]

@@ -58,6 +58,11 @@ pub struct Proposer {
     commit_lsn: Lsn,
     /// Created by the first WAL from Postgres, after the election.
     wal: Option<WalBuffer>,
+    /// WAL re-read from Postgres below `wal` for a safekeeper that (re)joined
+    /// behind it; joined to the front of `wal` once it reaches its start.
+    catch_up: Option<WalBuffer>,
+    /// Postgres no longer holds WAL below this (a segment it removed).
+    postgres_wal_removed_below: Lsn,
     /// The time of the latest input, stamped on what `poll_transmit` sends.
     now_ms: u64,
     /// Where `poll_transmit` looks first, so no safekeeper starves.
@@ -77,6 +82,8 @@ impl Proposer {
             fenced_by: None,
             commit_lsn: Lsn::INVALID,
             wal: None,
+            catch_up: None,
+            postgres_wal_removed_below: Lsn::INVALID,
             now_ms: 0,
             next_poll_index: 0,
             quorum_greeted_at_ms: None,
@@ -137,6 +144,12 @@ impl Proposer {
         if start_lsn != expected {
             return Err(ProposerError::WalNotContiguous { expected, got: start_lsn });
         }
+        if let Some(buffer) = &self.wal {
+            if start_lsn < buffer.start_lsn() {
+                self.on_catch_up_wal(start_lsn, wal);
+                return Ok(());
+            }
+        }
         let incoming_bytes = wal.len() as u64;
         let max_bytes = self.config.max_buffered_wal_bytes;
         let buffer = self.wal.get_or_insert_with(|| WalBuffer::new(start_lsn, max_bytes));
@@ -152,10 +165,12 @@ impl Proposer {
     }
 
     /// Whether `on_wal` can take `len_bytes` more now; the driver stops
-    /// reading Postgres while it cannot (backpressure).
+    /// reading Postgres while it cannot (backpressure). A catch-up always
+    /// fits: it starts only if the buffer could hold all WAL from its start.
     pub fn can_accept_wal(&self, len_bytes: u64) -> bool {
         match &self.wal {
             None => len_bytes <= self.config.max_buffered_wal_bytes,
+            Some(buffer) if self.wal_wanted_from().is_some_and(|lsn| lsn < buffer.start_lsn()) => true,
             Some(buffer) => {
                 let floor = self.trim_floor(TrimScope::Connected).unwrap_or(buffer.start_lsn());
                 let keep_bytes = buffer.end_lsn().checked_sub(floor.max(buffer.start_lsn())).unwrap_or(0);
@@ -197,21 +212,52 @@ impl Proposer {
 
     /// Once elected and the safekeepers told where their logs end: where
     /// Postgres streaming must start (START_REPLICATION). Once WAL flows it
-    /// is where the next WAL must start (for a Postgres reconnection).
+    /// is where the next WAL must start. When it differs from where the
+    /// stream is, the driver restarts the stream there: below the buffer
+    /// to catch up a safekeeper that (re)joined behind it, and back at the
+    /// buffer's end once that is done.
     pub fn wal_wanted_from(&self) -> Option<Lsn> {
         let Campaign::Elected(election) = &self.campaign else { return None };
         if self.fenced_by.is_some() {
             return None;
         }
         if let Some(buffer) = &self.wal {
-            return Some(buffer.end_lsn());
+            if let Some(catch_up) = &self.catch_up {
+                return Some(catch_up.end_lsn());
+            }
+            return Some(self.catch_up_wanted(buffer).unwrap_or(buffer.end_lsn()));
         }
         if self.peers.iter().any(|peer| peer.awaited_for_wal_start) {
             return None;
         }
-        let lowest_needed = self.peers.iter().filter_map(|peer| peer.flush_lsn).fold(election.term_start_lsn, Lsn::min);
+        let lowest_needed = self
+            .peers
+            .iter()
+            .filter_map(|peer| peer.flush_lsn)
+            .filter(|&flush| flush >= self.postgres_wal_removed_below)
+            .fold(election.term_start_lsn, Lsn::min);
         // Below where Postgres can stream, a safekeeper is too far behind.
         Some(lowest_needed.max(self.config.timeline_start_lsn))
+    }
+
+    /// Postgres answered that it no longer holds the WAL at `lsn` (its
+    /// segment was removed). WAL that only lagging safekeepers needed (below
+    /// the buffer, or below the term start before streaming began) is given
+    /// up: they are reported too far behind. Anything else is fatal:
+    /// Postgres lost WAL the quorum needs.
+    pub fn on_wal_unavailable(&mut self, lsn: Lsn) -> Result<(), ProposerError> {
+        let quorum_needs_from = match (&self.wal, &self.campaign) {
+            (Some(buffer), _) => buffer.start_lsn(),
+            (None, Campaign::Elected(election)) => election.term_start_lsn,
+            (None, _) => Lsn::INVALID,
+        };
+        if lsn >= quorum_needs_from {
+            return Err(ProposerError::PostgresWalRemoved { lsn });
+        }
+        let removed_below = lsn.next_segment_start(self.config.wal_segment_size);
+        self.postgres_wal_removed_below = self.postgres_wal_removed_below.max(removed_below);
+        self.catch_up = None;
+        Ok(())
     }
 
     pub fn status(&self) -> ProposerStatus {
@@ -228,6 +274,8 @@ impl Proposer {
             commit_lsn: self.commit_lsn,
             buffered_wal_start_lsn: self.wal.as_ref().map(WalBuffer::start_lsn),
             buffered_wal_end_lsn: self.wal.as_ref().map(WalBuffer::end_lsn),
+            catch_up_wal_start_lsn: self.catch_up.as_ref().map(WalBuffer::start_lsn),
+            catch_up_wal_end_lsn: self.catch_up.as_ref().map(WalBuffer::end_lsn),
             safekeepers: self
                 .peers
                 .iter()
@@ -458,6 +506,33 @@ impl Proposer {
             .min()
     }
 
+    /// The lowest position of a streaming safekeeper below the buffer that
+    /// Postgres may still be able to resend: where a catch-up starts.
+    fn catch_up_wanted(&self, buffer: &WalBuffer) -> Option<Lsn> {
+        self.peers
+            .iter()
+            .filter_map(|peer| match peer.link {
+                Link::Streaming { next_lsn } if next_lsn < buffer.start_lsn() => Some(next_lsn),
+                _ => None,
+            })
+            .filter(|&lsn| can_catch_up(lsn, buffer, self.postgres_wal_removed_below, &self.config))
+            .min()
+    }
+
+    /// Catch-up WAL: kept until it reaches the buffer's start, then joined
+    /// to its front. Bytes at or past the start are already buffered.
+    fn on_catch_up_wal(&mut self, start_lsn: Lsn, wal: &[u8]) {
+        let buffer = self.wal.as_mut().expect("a catch-up is below the buffer");
+        let catch_up =
+            self.catch_up.get_or_insert_with(|| WalBuffer::new(start_lsn, self.config.max_buffered_wal_bytes));
+        assert_eq!(catch_up.end_lsn(), start_lsn, "catch-up WAL is contiguous");
+        let needed_bytes = (buffer.start_lsn() - start_lsn).min(wal.len() as u64) as usize;
+        catch_up.push(&wal[..needed_bytes]);
+        if catch_up.end_lsn() == buffer.start_lsn() {
+            buffer.prepend(self.catch_up.take().expect("present"));
+        }
+    }
+
     /// A control message if one is queued, else WAL, else a heartbeat if due.
     fn next_message(&mut self, sk: usize) -> Option<ProposerMessage> {
         if let Some(message) = self.peers[sk].outbox.pop_front() {
@@ -467,6 +542,10 @@ impl Proposer {
         let peer = &mut self.peers[sk];
         let Link::Streaming { next_lsn } = peer.link else { return None };
         let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
+        if next_lsn < self.postgres_wal_removed_below {
+            peer.link = Link::TooFarBehind; // whether or not WAL flows yet
+            return None;
+        }
         let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {
             cluster: self.config.cluster,
             term: election.term,
@@ -476,17 +555,27 @@ impl Proposer {
             wal,
         };
         if let Some(buffer) = &self.wal {
-            if next_lsn < buffer.start_lsn() {
+            // Behind the buffer: served from the catch-up WAL once it has
+            // arrived, or too far behind if Postgres cannot resend it.
+            let source = if next_lsn >= buffer.start_lsn() {
+                Some(buffer)
+            } else {
+                self.catch_up.as_ref().filter(|catch_up| catch_up.holds(next_lsn))
+            };
+            let removed_below = self.postgres_wal_removed_below;
+            if source.is_none() && !can_catch_up(next_lsn, buffer, removed_below, &self.config) {
                 peer.link = Link::TooFarBehind;
                 return None;
             }
             let window = self.config.max_in_flight_bytes;
             let segment_size = self.config.wal_segment_size;
-            if let Some((begin, end)) =
-                flow::next_append_range(next_lsn, flush_lsn, buffer.end_lsn(), segment_size, window)
-            {
-                peer.link = Link::Streaming { next_lsn: end };
-                return Some(ProposerMessage::AppendRequest(append(begin, end, buffer.slice(begin, end))));
+            if let Some(source) = source {
+                if let Some((begin, end)) =
+                    flow::next_append_range(next_lsn, flush_lsn, source.end_lsn(), segment_size, window)
+                {
+                    peer.link = Link::Streaming { next_lsn: end };
+                    return Some(ProposerMessage::AppendRequest(append(begin, end, source.slice(begin, end))));
+                }
             }
         }
         let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
@@ -495,6 +584,13 @@ impl Proposer {
         }
         None
     }
+}
+
+/// Whether WAL from `lsn` can be re-read from Postgres and held with the
+/// buffer: Postgres has not removed it, and all of `[lsn, buffer end)`
+/// fits the buffer's bound (so a catch-up can never stall the stream).
+fn can_catch_up(lsn: Lsn, buffer: &WalBuffer, removed_below: Lsn, config: &ProposerConfig) -> bool {
+    lsn >= removed_below && buffer.end_lsn() - lsn <= config.max_buffered_wal_bytes
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -27,8 +27,9 @@ pub(super) enum Link {
     Streaming {
         next_lsn: Lsn,
     },
-    /// Its position is below the WAL we still hold; peer recovery (copying
-    /// from another safekeeper) is what would bring it back.
+    /// Its position is below the WAL we still hold, and Postgres no longer
+    /// has that WAL either (or it would not fit the buffer); peer recovery
+    /// (copying from another safekeeper) is what would bring it back.
     TooFarBehind,
 }
 

@@ -15,6 +15,9 @@ pub struct ProposerStatus {
     /// WAL held for safekeepers: `[start, end)`.
     pub buffered_wal_start_lsn: Option<Lsn>,
     pub buffered_wal_end_lsn: Option<Lsn>,
+    /// WAL re-read from Postgres for a safekeeper behind the buffer.
+    pub catch_up_wal_start_lsn: Option<Lsn>,
+    pub catch_up_wal_end_lsn: Option<Lsn>,
     pub safekeepers: Vec<SafekeeperStatus>,
 }
 

@@ -48,6 +48,20 @@ impl WalBuffer {
         self.start_lsn = lsn;
     }
 
+    /// Put `earlier`, which ends where this buffer starts, in front of it.
+    pub fn prepend(&mut self, earlier: WalBuffer) {
+        assert_eq!(earlier.end_lsn(), self.start_lsn, "prepended WAL must end where the buffer starts");
+        let mut bytes = earlier.bytes;
+        bytes.extend_from_slice(&self.bytes);
+        self.bytes = bytes;
+        self.start_lsn = earlier.start_lsn;
+    }
+
+    /// Whether `lsn` is inside `[start_lsn, end_lsn)`.
+    pub fn holds(&self, lsn: Lsn) -> bool {
+        self.start_lsn <= lsn && lsn < self.end_lsn()
+    }
+
     /// A copy of `[begin, end)`, which must lie inside the buffer.
     pub fn slice(&self, begin: Lsn, end: Lsn) -> Bytes {
         assert!(self.start_lsn <= begin && begin <= end && end <= self.end_lsn(), "slice {begin}..{end} outside");
@@ -72,5 +86,17 @@ mod tests {
         assert_eq!(buffer.start_lsn(), Lsn(102), "trimming never moves back");
         buffer.trim_to(Lsn(500));
         assert_eq!((buffer.start_lsn(), buffer.len_bytes()), (Lsn(105), 0), "clamped to the end");
+    }
+
+    #[test]
+    fn prepend_joins_earlier_wal() {
+        let mut later = WalBuffer::new(Lsn(103), 8);
+        later.push(&[4, 5]);
+        let mut earlier = WalBuffer::new(Lsn(100), 8);
+        earlier.push(&[1, 2, 3]);
+        later.prepend(earlier);
+        assert_eq!((later.start_lsn(), later.end_lsn()), (Lsn(100), Lsn(105)));
+        assert_eq!(&later.slice(Lsn(100), Lsn(105))[..], &[1, 2, 3, 4, 5]);
+        assert!(later.holds(Lsn(104)) && !later.holds(Lsn(105)));
     }
 }

@@ -33,7 +33,7 @@ pub fn cluster() -> ClusterId {
     ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([3; 16]), timeline_id: TimelineId([4; 16]) }
 }
 
-fn new_acceptor(node_id: u64) -> MemTimeline {
+pub fn new_acceptor(node_id: u64) -> MemTimeline {
     let state = ControlState {
         cluster: cluster(),
         pg_version: 150000,
@@ -59,6 +59,8 @@ pub struct Postgres {
     pub wal: Vec<u8>,
     pub record_ends: Vec<Lsn>,
     pub flushed_bytes: usize,
+    /// Postgres removed its WAL below this (recycled segments).
+    pub oldest_lsn: Lsn,
 }
 
 impl Postgres {
@@ -81,7 +83,7 @@ impl Postgres {
                 let records = branch.append_random_records(branch_records, seed, 6_000);
                 let record_ends: Vec<Lsn> = prefix.iter().chain(&records).map(|record| record.end_lsn).collect();
                 let (_, wal) = branch.take_bytes();
-                Postgres { flushed_bytes: wal.len(), wal, record_ends }
+                Postgres { flushed_bytes: wal.len(), wal, record_ends, oldest_lsn: TIMELINE_START }
             })
             .collect();
         (fork_lsn, primaries)
@@ -214,22 +216,30 @@ impl Net {
     }
 
     /// Postgres streams what it has, in pieces, while the proposer has room.
+    /// Where the proposer wants WAL from elsewhere, the stream restarts
+    /// there, as the driver's does; WAL Postgres removed is refused.
     fn feed_wal(&mut self, c: usize) -> bool {
         let compute = &mut self.computes[c];
-        let Some(wanted) = compute.proposer.wal_wanted_from() else { return false };
-        let from = *compute.streamed_lsn.get_or_insert(wanted);
-        assert_eq!(from, wanted, "the proposer wants WAL where the stream is");
-        let mut at = from;
-        while at < compute.postgres.flush_lsn() {
-            let end = compute.postgres.flush_lsn().min(at + compute.wal_piece_bytes as u64);
-            if !compute.proposer.can_accept_wal(end - at) {
+        let mut moved = false;
+        while let Some(wanted) = compute.proposer.wal_wanted_from() {
+            if compute.streamed_lsn != Some(wanted) {
+                if wanted < compute.postgres.oldest_lsn {
+                    compute.streamed_lsn = None;
+                    compute.proposer.on_wal_unavailable(wanted).expect("only a catch-up reaches removed WAL");
+                    moved = true;
+                    continue;
+                }
+                compute.streamed_lsn = Some(wanted);
+            }
+            let end = compute.postgres.flush_lsn().min(wanted + compute.wal_piece_bytes as u64);
+            if wanted >= end || !compute.proposer.can_accept_wal(end - wanted) {
                 break;
             }
-            compute.proposer.on_wal(at, compute.postgres.bytes(at, end)).expect("room was checked");
-            at = end;
+            compute.proposer.on_wal(wanted, compute.postgres.bytes(wanted, end)).expect("room was checked");
+            compute.streamed_lsn = Some(end);
+            moved = true;
         }
-        compute.streamed_lsn = Some(at);
-        at != from
+        moved
     }
 
     /// Deliver the oldest message on the link to the acceptor.

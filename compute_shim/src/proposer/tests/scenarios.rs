@@ -3,7 +3,7 @@
 use safekeeper::ids::Term;
 use safekeeper::lsn::Lsn;
 
-use super::harness::{Net, Postgres, TIMELINE_START};
+use super::harness::{new_acceptor, segment_size, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};
 
 /// The first record end at or past `lsn`.
@@ -62,7 +62,7 @@ fn commit_needs_a_majority() {
 /// no longer buffers is reported too far behind, not skipped silently.
 #[test]
 fn restarted_proposer_continues_from_the_best_donor() {
-    let mut postgres = Postgres::generate(700, 3);
+    let mut postgres = Postgres::generate(1200, 3);
     let ends: Vec<Lsn> =
         [1, 2, 3].iter().map(|i| record_end_after(&postgres, TIMELINE_START + i * (600 << 10))).collect();
     let (a, b, c_end) = (ends[0], ends[1], ends[2]);
@@ -92,11 +92,33 @@ fn restarted_proposer_continues_from_the_best_donor() {
     assert_eq!(net.commit_lsn(second), c_end);
     assert_eq!(net.holders(&postgres, c_end), 3);
 
+    // Safekeeper 0 rejoins below the buffer (trimmed past B): while
+    // Postgres still holds that WAL, the stream restarts there for it.
     net.connect(second, 0);
     net.run_until_quiet();
     let status = net.computes[second].proposer.status();
+    assert_eq!(status.safekeepers[0].state, PeerState::Streaming);
+    assert_eq!(net.holders(&postgres, c_end), 3, "caught up from Postgres");
+    assert_eq!(status.catch_up_wal_start_lsn, None, "the catch-up WAL joined the buffer");
+
+    // It falls behind again and Postgres removes the WAL it would need: the
+    // next compute reports it too far behind, not silently skipped, and
+    // the quorum goes on.
+    let end = *postgres.record_ends.last().expect("records");
+    assert!(end.segment_start(segment_size()) > c_end, "generate more WAL");
+    net.disconnect(second, 0);
+    net.computes[second].postgres.set_flush_lsn(end);
+    net.run_until_quiet();
+    net.kill(second);
+    let mut recycled = postgres.clone();
+    recycled.set_flush_lsn(end);
+    recycled.oldest_lsn = end.segment_start(segment_size());
+    let third = net.start_compute(recycled);
+    net.connect_all(third);
+    net.run_until_quiet();
+    let status = net.computes[third].proposer.status();
     assert_eq!(status.safekeepers[0].state, PeerState::TooFarBehind);
-    assert!(net.acceptors[0].acceptor().flush_lsn() >= b, "its committed WAL was kept");
+    assert_eq!(net.commit_lsn(third), end, "the quorum goes on");
 }
 
 /// Rule: only flushes at or past the term start count (Raft's figure 8).
