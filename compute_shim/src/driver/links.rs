@@ -145,12 +145,12 @@ async fn serve(
     events: &mpsc::Sender<LinkEvent>,
     inbox: &mut Inbox,
 ) -> Result<String, LinkError> {
-    let driver_stopped = || Ok("the driver stopped".to_string());
+    const DRIVER_STOPPED: &str = "the driver stopped";
     let reading = async {
         loop {
             let message = reader.next_message().await?;
             if events.send(LinkEvent::Message { safekeeper, generation, message }).await.is_err() {
-                return driver_stopped();
+                return Ok(DRIVER_STOPPED.to_string());
             }
         }
     };
@@ -160,12 +160,12 @@ async fn serve(
                 writer.send(&outgoing.message).await?;
             } // else: meant for an earlier connection
         }
-        driver_stopped()
+        Ok(DRIVER_STOPPED.to_string())
     };
     let dropped = async {
         loop {
             if inbox.drops.changed().await.is_err() {
-                return driver_stopped();
+                return Ok(DRIVER_STOPPED.to_string());
             }
             if *inbox.drops.borrow_and_update() == generation {
                 return Ok("dropped by the driver".to_string());

@@ -33,7 +33,7 @@ pub fn cluster() -> ClusterId {
     ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([3; 16]), timeline_id: TimelineId([4; 16]) }
 }
 
-pub fn new_acceptor(node_id: u64) -> MemTimeline {
+fn new_acceptor(node_id: u64) -> MemTimeline {
     let state = ControlState {
         cluster: cluster(),
         pg_version: 150000,

@@ -3,7 +3,7 @@
 use safekeeper::ids::Term;
 use safekeeper::lsn::Lsn;
 
-use super::harness::{new_acceptor, segment_size, Net, Postgres, TIMELINE_START};
+use super::harness::{segment_size, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};
 
 /// The first record end at or past `lsn`.
