@@ -38,6 +38,9 @@ const STATUS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest XLogData payload a walsender sends (PG15's MAX_SEND_SIZE, 16
 /// pages of 8 KiB): the room the proposer must have before we read more.
 const MAX_XLOG_DATA_BYTES: u64 = 128 * 1024;
+/// Events taken in one go before the proposer's output is sent: bounds the
+/// latency a burst adds to its first commit.
+const MAX_EVENTS_PER_BATCH: usize = 256;
 /// "replication slot … is active for PID …".
 const OBJECT_IN_USE: &str = "55006";
 /// How long the slot may stay held by another walsender before the shim
@@ -129,7 +132,7 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
     drop(event_tx);
     let mut tick = tokio::time::interval(TICK_INTERVAL);
     loop {
-        let want_wal = driver.stream.is_some() && driver.proposer.can_accept_wal(MAX_XLOG_DATA_BYTES);
+        let want_wal = driver.wants_wal();
         tokio::select! {
             event = events.recv() => {
                 let event = event.ok_or_else(|| ShimError::Stopped("all safekeeper links stopped".into()))?;
@@ -141,6 +144,7 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
                 status.send_replace(driver.snapshot());
             }
         }
+        driver.drain_ready(&mut events)?;
         driver.flush_transmits();
         driver.stream_where_wanted().await?;
         driver.report_commit(&status).await?;
@@ -191,6 +195,38 @@ impl Driver {
 
     fn now_ms(&self) -> u64 {
         self.started_at.elapsed().as_millis() as u64
+    }
+
+    /// Whether to read Postgres's stream now: it is where the proposer
+    /// wants WAL from (else it is restarted first) and there is room.
+    fn wants_wal(&self) -> bool {
+        let Some(stream) = &self.stream else { return false };
+        self.proposer.wal_wanted_from() == Some(stream.received_end())
+            && self.proposer.can_accept_wal(MAX_XLOG_DATA_BYTES)
+    }
+
+    /// Take in everything that already arrived before acting on it: a burst
+    /// of commits becomes one append per safekeeper and one status update,
+    /// not one of each per commit (fewer messages and syscalls everywhere).
+    fn drain_ready(&mut self, events: &mut mpsc::Receiver<LinkEvent>) -> Result<(), ShimError> {
+        for _ in 0..MAX_EVENTS_PER_BATCH {
+            let mut progressed = false;
+            if let Ok(event) = events.try_recv() {
+                self.on_link_event(event)?;
+                progressed = true;
+            }
+            if self.wants_wal() {
+                let stream = self.stream.as_mut().expect("wants_wal checked");
+                if let Some(event) = stream.try_next_event().map_err(ShimError::from).transpose() {
+                    self.on_replication_event(event)?;
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn on_link_event(&mut self, event: LinkEvent) -> Result<(), ShimError> {

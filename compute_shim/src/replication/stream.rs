@@ -97,14 +97,8 @@ impl ReplicationStream {
     /// only after the whole timeout does it fail.
     pub async fn next_event(&mut self) -> Result<ReplicationEvent, ReplicationError> {
         loop {
-            if self.ended {
-                return Ok(ReplicationEvent::End);
-            }
-            if let Some(frame) = self.reader.try_frame()? {
-                match self.handle(frame)? {
-                    Some(event) => return Ok(event),
-                    None => continue,
-                }
+            if let Some(event) = self.try_next_event()? {
+                return Ok(event);
             }
             let silence = Duration::from_millis(self.stream_timeout_ms);
             let now = Instant::now();
@@ -132,6 +126,18 @@ impl ReplicationStream {
                 () = sleep_until(wake_at) => {}
             }
         }
+    }
+
+    /// The next event if it is already buffered, without waiting: a caller
+    /// drains a burst of WAL before acting on it once.
+    pub fn try_next_event(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
+        while !self.ended {
+            let Some(frame) = self.reader.try_frame()? else { return Ok(None) };
+            if let Some(event) = self.handle(frame)? {
+                return Ok(Some(event));
+            }
+        }
+        Ok(Some(ReplicationEvent::End))
     }
 
     /// Report positions (a standby status update, 'r'). Postgres releases a
