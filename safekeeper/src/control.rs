@@ -47,3 +47,18 @@ pub struct ControlState {
     /// here (a record boundary), so it is the checkpoint of the WAL scan.
     pub commit_lsn: Lsn,
 }
+
+impl ControlState {
+    /// A timeline that holds no WAL and has seen no term yet.
+    pub fn new_timeline(cluster: ClusterId, pg_version: u32, wal_segment_size: WalSegmentSize) -> ControlState {
+        ControlState {
+            cluster,
+            pg_version,
+            wal_segment_size,
+            term: Term(0),
+            term_history: TermHistory::default(),
+            timeline_start_lsn: Lsn::INVALID,
+            commit_lsn: Lsn::INVALID,
+        }
+    }
+}

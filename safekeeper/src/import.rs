@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
-use crate::control::{ControlState, TermHistory, TermStart};
+use crate::control::{ControlState, TermStart};
 use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
 use crate::protocol::{
@@ -201,15 +201,7 @@ fn open_timeline(
     if let Some(recovered) = recover_timeline(dir)? {
         return Ok(FileTimeline::from_recovered(recovered, node_id, config));
     }
-    let state = ControlState {
-        cluster,
-        pg_version: PG15_VERSION_NUM,
-        wal_segment_size: segment_size,
-        term: Term(0),
-        term_history: TermHistory::default(),
-        timeline_start_lsn: Lsn::INVALID,
-        commit_lsn: Lsn::INVALID,
-    };
+    let state = ControlState::new_timeline(cluster, PG15_VERSION_NUM, segment_size);
     let storage = SegmentStorage::open(dir, segment_size).map_err(TimelineError::from)?;
     let control = FileControlStore::new(dir).map_err(TimelineError::from)?;
     let acceptor = Acceptor::new(node_id, config, state, RecoveredWal { end_lsn: Lsn::INVALID, decoder: None });

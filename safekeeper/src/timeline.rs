@@ -4,10 +4,13 @@
 //! service's per-timeline owner task does.
 
 use crate::acceptor::{Acceptor, AcceptorConfig, AcceptorError, Ready, RecoveredWal, StorageAction};
+use crate::control::ControlState;
 use crate::ids::NodeId;
+use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage};
 use crate::recovery::RecoveredTimeline;
 use crate::storage::control_file::FileControlStore;
+use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
 use crate::storage::segments::SegmentStorage;
 use crate::storage::{ControlStore, StorageError, WalStorage};
 
@@ -82,6 +85,23 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
             }
         }
         Ok(ready.reply)
+    }
+}
+
+/// A timeline in memory (tests and simulations): storage that keeps
+/// written and synced bytes apart.
+pub type MemoryTimeline = Timeline<MemoryWalStorage, MemoryControlStore>;
+
+impl MemoryTimeline {
+    /// An empty timeline (no WAL yet) with the given control state.
+    pub fn empty(node_id: NodeId, state: ControlState) -> MemoryTimeline {
+        let acceptor = Acceptor::new(
+            node_id,
+            AcceptorConfig::default(),
+            state,
+            RecoveredWal { end_lsn: Lsn::INVALID, decoder: None },
+        );
+        Timeline::new(acceptor, MemoryWalStorage::new(), MemoryControlStore::default())
     }
 }
 

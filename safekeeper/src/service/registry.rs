@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::errors::{sqlstate, PgError};
 use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineSnapshot};
 use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
-use crate::control::{ControlState, TermHistory};
-use crate::ids::{ClusterId, NodeId, TenantId, Term, TimelineId};
+use crate::control::ControlState;
+use crate::ids::{ClusterId, NodeId, TenantId, TimelineId};
 use crate::import::timeline_dir;
 use crate::lsn::{Lsn, WalSegmentSize};
 use crate::protocol::{Greeting, ProposerMessage};
@@ -244,15 +244,7 @@ fn fresh_control_state(greeting: &Greeting) -> Result<ControlState, PgError> {
     }
     let wal_segment_size =
         WalSegmentSize::new(u64::from(greeting.wal_segment_size_bytes)).map_err(|e| invalid(e.to_string()))?;
-    Ok(ControlState {
-        cluster: greeting.cluster,
-        pg_version: greeting.pg_version,
-        wal_segment_size,
-        term: Term(0),
-        term_history: TermHistory::default(),
-        timeline_start_lsn: Lsn::INVALID,
-        commit_lsn: Lsn::INVALID,
-    })
+    Ok(ControlState::new_timeline(greeting.cluster, greeting.pg_version, wal_segment_size))
 }
 
 /// Build `<datadir>/<tenant>/<timeline>` with its first control file under a

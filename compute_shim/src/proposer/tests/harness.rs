@@ -5,14 +5,12 @@
 
 use std::collections::VecDeque;
 
-use safekeeper::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
-use safekeeper::control::{ControlState, TermHistory};
+use safekeeper::control::ControlState;
 use safekeeper::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use safekeeper::lsn::{Lsn, WalSegmentSize};
 use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
-use safekeeper::storage::memory::{MemoryControlStore, MemoryWalStorage};
 use safekeeper::storage::WalStorage;
-use safekeeper::timeline::Timeline;
+use safekeeper::timeline::MemoryTimeline;
 use safekeeper::wal::generator::WalGenerator;
 
 use crate::proposer::{Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
@@ -23,8 +21,6 @@ pub const TIMELINE_START: Lsn = Lsn(0x100_0000);
 pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
 const MAX_ROUNDS: usize = 100_000;
 
-pub type MemTimeline = Timeline<MemoryWalStorage, MemoryControlStore>;
-
 pub fn segment_size() -> WalSegmentSize {
     WalSegmentSize::new(SEGMENT_SIZE_BYTES).expect("valid")
 }
@@ -33,23 +29,8 @@ pub fn cluster() -> ClusterId {
     ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([3; 16]), timeline_id: TimelineId([4; 16]) }
 }
 
-fn new_acceptor(node_id: u64) -> MemTimeline {
-    let state = ControlState {
-        cluster: cluster(),
-        pg_version: 150000,
-        wal_segment_size: segment_size(),
-        term: Term(0),
-        term_history: TermHistory::default(),
-        timeline_start_lsn: Lsn(0),
-        commit_lsn: Lsn(0),
-    };
-    let acceptor = Acceptor::new(
-        NodeId(node_id),
-        AcceptorConfig::default(),
-        state,
-        RecoveredWal { end_lsn: Lsn(0), decoder: None },
-    );
-    Timeline::new(acceptor, MemoryWalStorage::new(), MemoryControlStore::default())
+fn new_acceptor(node_id: u64) -> MemoryTimeline {
+    MemoryTimeline::empty(NodeId(node_id), ControlState::new_timeline(cluster(), 150000, segment_size()))
 }
 
 /// WAL of a Postgres primary from `TIMELINE_START`; `flushed_bytes` of it
@@ -126,7 +107,7 @@ pub struct Compute {
 }
 
 pub struct Net {
-    pub acceptors: Vec<MemTimeline>,
+    pub acceptors: Vec<MemoryTimeline>,
     pub computes: Vec<Compute>,
     pub now_ms: u64,
     /// The compute whose appends an acceptor's next sync acknowledges.
