@@ -165,12 +165,18 @@ pub fn fail_stop(error: &StorageError) -> ! {
 fn run(mut timeline: FileTimeline, mut inputs: mpsc::Receiver<OwnerInput>, snapshot: watch::Sender<TimelineSnapshot>) {
     while let Some(first) = inputs.blocking_recv() {
         let batch = collect_batch(first, &mut inputs);
-        if let Err(error) = process_batch(&mut timeline, &batch.messages) {
-            tracing::error!(timeline = %snapshot.borrow().timeline_id, "owner stops after a storage error: {error}");
-            snapshot.send_modify(|s| s.stopped_by_error = Some(error.to_string()));
-            return;
-        }
+        let replies = match process_batch(&mut timeline, &batch.messages) {
+            Ok(replies) => replies,
+            Err(error) => {
+                tracing::error!(timeline = %snapshot.borrow().timeline_id, "owner stops after a storage error: {error}");
+                snapshot.send_modify(|s| s.stopped_by_error = Some(error.to_string()));
+                return;
+            }
+        };
+        // Status first: whoever saw an acknowledgement sees a status that
+        // covers it.
         snapshot.send_replace(snapshot_of(&timeline));
+        deliver(replies);
         if let Some(done) = batch.shutdown {
             checkpoint(&mut timeline);
             let _ = done.send(());
@@ -218,13 +224,17 @@ fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> 
     batch
 }
 
-/// Handle every message, sync once, deliver the replies. A non-fatal storage
-/// error is returned (the owner stops); a fatal one ends the process.
-fn process_batch(
+/// A reply and the connection it goes to.
+type Reply<'a> = (&'a Arc<PushConnection>, AcceptorMessage);
+
+/// Handle every message and sync once; returns the replies, to deliver
+/// once the status is published. A non-fatal storage error is returned (the
+/// owner stops); a fatal one ends the process.
+fn process_batch<'a>(
     timeline: &mut FileTimeline,
-    messages: &[(Arc<PushConnection>, ProposerMessage)],
-) -> Result<(), StorageError> {
-    let mut replies: Vec<(&Arc<PushConnection>, AcceptorMessage)> = Vec::new();
+    messages: &'a [(Arc<PushConnection>, ProposerMessage)],
+) -> Result<Vec<Reply<'a>>, StorageError> {
+    let mut replies: Vec<Reply<'a>> = Vec::new();
     let mut awaiting_ack: Vec<&Arc<PushConnection>> = Vec::new();
     for (connection, message) in messages {
         if connection.is_closed() {
@@ -251,12 +261,16 @@ fn process_batch(
         Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),
         Err(TimelineError::Refused(error)) => unreachable!("sync_and_ack refuses nothing: {error}"),
     }
+    Ok(replies)
+}
+
+/// Replies go out in the order their messages came in.
+fn deliver(replies: Vec<Reply<'_>>) {
     for (connection, reply) in replies {
         if !connection.is_closed() {
             connection.send(Outgoing::Reply(reply));
         }
     }
-    Ok(())
 }
 
 /// Fail-stop on a fatal error; otherwise tell every connection of the batch
