@@ -8,6 +8,7 @@
 //! - [`connection`]: one connection: startup and simple queries.
 //! - [`push`]: START_WAL_PUSH, the CopyBoth phase.
 //! - [`owner`]: a timeline's owner thread and its group commit.
+//! - [`replies`]: how replies get from an owner onto a connection's socket.
 //! - [`registry`]: the timelines: recovery at startup, atomic creation.
 //! - [`http`]: `GET /v1/status` and `GET /v1/tenant/{t}/timeline/{l}`.
 
@@ -18,6 +19,7 @@ pub mod owner;
 pub mod pg_wire;
 pub mod push;
 pub mod registry;
+pub mod replies;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

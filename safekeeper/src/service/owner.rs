@@ -14,13 +14,13 @@
 //! whose WAL was written in the batch. Replies leave only after the sync, so
 //! a connection sees them in the order it sent its messages.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::errors::{self, PgError};
+use super::errors;
+pub use super::replies::{Outgoing, PushConnection};
 use crate::control::TermHistory;
 use crate::ids::{SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
@@ -38,60 +38,6 @@ pub const MAX_BATCH_MESSAGES: usize = 64;
 pub const MAX_BATCH_WAL_BYTES: usize = 16 << 20;
 /// Exit code after a failed sync (fail-stop).
 pub const FAIL_STOP_EXIT_CODE: i32 = 3;
-
-/// What a connection receives: a reply to encode as CopyData, or an error
-/// after which the connection closes.
-#[derive(Debug)]
-pub enum Outgoing {
-    Reply(AcceptorMessage),
-    Error(PgError),
-}
-
-/// A pushing connection as its timeline owner sees it.
-#[derive(Debug)]
-pub struct PushConnection {
-    pub id: u64,
-    replies: mpsc::Sender<Outgoing>,
-    /// Set once the connection was refused or dropped: the owner ignores
-    /// whatever it had queued after that.
-    closed: AtomicBool,
-    /// Set when the owner gives up on the connection (its reply queue was
-    /// full): the connection task closes the socket at once.
-    dropped: watch::Sender<bool>,
-}
-
-impl PushConnection {
-    pub fn new(id: u64, replies: mpsc::Sender<Outgoing>) -> Self {
-        PushConnection { id, replies, closed: AtomicBool::new(false), dropped: watch::Sender::new(false) }
-    }
-
-    pub fn dropped(&self) -> watch::Receiver<bool> {
-        self.dropped.subscribe()
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
-    }
-
-    /// Queue without waiting: the owner must never block on one slow client.
-    fn send(&self, item: Outgoing) {
-        match self.replies.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(connection = self.id, "reply queue full: the client is not reading; dropping it");
-                self.closed.store(true, Ordering::Relaxed);
-                self.dropped.send_replace(true);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.closed.store(true, Ordering::Relaxed),
-        }
-    }
-
-    /// Send a FATAL error; the connection closes once it is written.
-    fn refuse(&self, error: PgError) {
-        self.send(Outgoing::Error(error));
-        self.closed.store(true, Ordering::Relaxed);
-    }
-}
 
 pub enum OwnerInput {
     Push {
@@ -268,7 +214,7 @@ fn process_batch<'a>(
 fn deliver(replies: Vec<Reply<'_>>) {
     for (connection, reply) in replies {
         if !connection.is_closed() {
-            connection.send(Outgoing::Reply(reply));
+            connection.reply(&reply);
         }
     }
 }

@@ -9,6 +9,7 @@
 //! connection is dropped. Any FATAL error is written by the writer (it owns
 //! the socket's write half) and then the connection closes.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -18,9 +19,9 @@ use tokio::sync::mpsc;
 
 use super::connection::{Reader, ERROR_FLUSH_TIMEOUT, FRAME_TIMEOUT};
 use super::errors::{sqlstate, PgError};
-use super::owner::{Outgoing, PushConnection};
 use super::pg_wire::{encode, printable, protocol_violation, read_frame, tag, WireError};
 use super::registry::{ProposerGuard, TimelineHandle};
+use super::replies::{Outgoing, PushConnection};
 use super::ServiceState;
 use crate::ids::{TenantId, TimelineId};
 use crate::protocol::{ProposerMessage, MAX_MESSAGE_BYTES};
@@ -45,9 +46,11 @@ pub async fn run(
     }
     tracing::debug!(connection = connection_id, %tenant_id, %timeline_id, "START_WAL_PUSH");
     let (replies, reply_queue) = mpsc::channel(REPLY_QUEUE_MESSAGES);
-    let connection = Arc::new(PushConnection::new(connection_id, replies.clone()));
+    // A second handle for the owner's direct writes (see `replies`).
+    let direct_socket = write.as_ref().as_fd().try_clone_to_owned().map(std::net::TcpStream::from).ok();
+    let connection = Arc::new(PushConnection::new(connection_id, replies, direct_socket));
     let mut dropped = connection.dropped();
-    let mut writer = tokio::spawn(write_replies(write, reply_queue));
+    let mut writer = tokio::spawn(write_replies(write, reply_queue, connection.clone()));
     let mut forwarder = Forwarder { state, connection, tenant_id, timeline_id, timeline: None };
     let ended = tokio::select! {
         result = forwarder.run(&mut reader) => result,
@@ -60,7 +63,7 @@ pub async fn run(
     };
     if let Err(WireError::Client(error)) = ended {
         tracing::debug!(connection = connection_id, "closing push connection: {error}");
-        if replies.try_send(Outgoing::Error(error)).is_ok() {
+        if forwarder.connection.refuse(error) {
             let _ = tokio::time::timeout(ERROR_FLUSH_TIMEOUT, &mut writer).await;
         }
     }
@@ -128,15 +131,34 @@ impl Forwarder {
     }
 }
 
-/// Write replies as CopyData, coalescing whatever is queued into one write;
-/// an error is written last and ends the connection.
-async fn write_replies(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<Outgoing>) {
+/// Closes the owner's direct path however the writer task ends (aborted
+/// included), so the socket really closes with the connection.
+struct WriterStopped(Arc<PushConnection>);
+
+impl Drop for WriterStopped {
+    fn drop(&mut self) {
+        self.0.writer_stopped();
+    }
+}
+
+/// Write queued replies, coalescing whatever is queued into one write, and
+/// tell the connection how many items went out (the owner writes directly
+/// only while none are pending); an error is written last and ends the
+/// connection.
+async fn write_replies(
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Outgoing>,
+    connection: Arc<PushConnection>,
+) {
+    let _stopped = WriterStopped(connection.clone());
     let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
     while let Some(mut item) = queue.recv().await {
         out.clear();
+        let mut items = 0;
         let finished = loop {
+            items += 1;
             match item {
-                Outgoing::Reply(reply) => encode::copy_data(&mut out, &reply.encode()),
+                Outgoing::Bytes(bytes) => out.extend_from_slice(&bytes),
                 Outgoing::Error(error) => {
                     encode::error_response(&mut out, &error);
                     break true;
@@ -149,7 +171,9 @@ async fn write_replies(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<Outg
                     if write.write_all(&out).await.is_err() {
                         return;
                     }
+                    connection.written(items);
                     out.clear();
+                    items = 0;
                     item = next;
                 }
                 Err(_) => break false,
@@ -159,5 +183,6 @@ async fn write_replies(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<Outg
             let _ = write.shutdown().await;
             return;
         }
+        connection.written(items);
     }
 }
