@@ -108,17 +108,32 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
             return; // the driver is gone
         }
         let ended = serve(safekeeper, generation, reader, writer, &events, &mut inbox).await;
-        let event = match ended {
-            Err(error) if refuses_cluster(&error) => LinkEvent::Refused { safekeeper, reason: error.to_string() },
+        let event = match &ended {
+            Ok(LinkEnd::DriverStopped) => return,
+            Ok(LinkEnd::DroppedByDriver) => {
+                let reason = "dropped by the driver (a protocol fault or an outbox not draining)".to_string();
+                LinkEvent::Disconnected { safekeeper, generation, reason }
+            }
+            Err(error) if refuses_cluster(error) => LinkEvent::Refused { safekeeper, reason: error.to_string() },
             Err(error) => LinkEvent::Disconnected { safekeeper, generation, reason: error.to_string() },
-            Ok(reason) => LinkEvent::Disconnected { safekeeper, generation, reason },
         };
         tracing::info!(safekeeper = %target.addr, "link lost: {event:?}");
         let refused = matches!(event, LinkEvent::Refused { .. });
         if events.send(event).await.is_err() || refused {
             return;
         }
+        if matches!(ended, Ok(LinkEnd::DroppedByDriver)) {
+            // A safekeeper that keeps breaking the protocol is not retried
+            // in a tight loop.
+            tokio::time::sleep(Duration::from_millis(RECONNECT_BACKOFF_MIN_MS)).await;
+        }
     }
+}
+
+/// Why a connection ended without a socket error.
+enum LinkEnd {
+    DriverStopped,
+    DroppedByDriver,
 }
 
 /// SQLSTATEs with which a safekeeper refuses a cluster, not a connection:
@@ -133,8 +148,8 @@ fn refuses_cluster(error: &LinkError) -> bool {
     }
 }
 
-/// Shuttle messages until the connection fails or the driver drops it;
-/// `Ok` carries why it ended when the socket did not fail. Reading and
+/// Shuttle messages until the connection fails or the driver drops it or
+/// stops. Reading and
 /// writing run side by side: a safekeeper that stops reading our appends
 /// until we read its replies must never deadlock with us.
 async fn serve(
@@ -144,13 +159,12 @@ async fn serve(
     mut writer: LinkWriter,
     events: &mpsc::Sender<LinkEvent>,
     inbox: &mut Inbox,
-) -> Result<String, LinkError> {
-    const DRIVER_STOPPED: &str = "the driver stopped";
+) -> Result<LinkEnd, LinkError> {
     let reading = async {
         loop {
             let message = reader.next_message().await?;
             if events.send(LinkEvent::Message { safekeeper, generation, message }).await.is_err() {
-                return Ok(DRIVER_STOPPED.to_string());
+                return Ok(LinkEnd::DriverStopped);
             }
         }
     };
@@ -160,15 +174,15 @@ async fn serve(
                 writer.send(&outgoing.message).await?;
             } // else: meant for an earlier connection
         }
-        Ok(DRIVER_STOPPED.to_string())
+        Ok(LinkEnd::DriverStopped)
     };
     let dropped = async {
         loop {
             if inbox.drops.changed().await.is_err() {
-                return Ok(DRIVER_STOPPED.to_string());
+                return Ok(LinkEnd::DriverStopped);
             }
             if *inbox.drops.borrow_and_update() == generation {
-                return Ok("dropped by the driver".to_string());
+                return Ok(LinkEnd::DroppedByDriver);
             }
         }
     };
