@@ -86,6 +86,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "--safekeepers lists {} addresses; 1 to {MAX_SAFEKEEPERS} are supported",
         cli.safekeepers.len()
     );
+    let mut distinct = cli.safekeepers.clone();
+    distinct.sort();
+    distinct.dedup();
+    anyhow::ensure!(
+        distinct.len() == cli.safekeepers.len(),
+        "--safekeepers lists an address twice: one safekeeper must never count twice toward a quorum"
+    );
     let listener = tokio::net::TcpListener::bind(cli.listen_http)
         .await
         .with_context(|| format!("binding the HTTP port {}", cli.listen_http))?;

@@ -1,7 +1,7 @@
 //! What can go wrong: fatal conditions the shim must exit on, and faults of
 //! one safekeeper's input after which the driver drops that connection.
 
-use safekeeper::ids::Term;
+use safekeeper::ids::{NodeId, Term};
 use safekeeper::lsn::Lsn;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +30,11 @@ pub enum ProposerError {
          it); refusing to go on"
     )]
     PostgresWalRemoved { lsn: Lsn },
+    #[error(
+        "safekeepers {first} and {second} are the same node (id {node_id}): it would count twice toward a quorum; \
+         fix --safekeepers"
+    )]
+    DuplicateSafekeeper { node_id: NodeId, first: usize, second: usize },
     #[error("the donor's term history is full; cannot start another term")]
     TermHistoryFull,
     #[error("safekeeper {safekeeper}: {fault}")]

@@ -322,6 +322,13 @@ impl Proposer {
         if self.peers[sk].link != Link::AwaitingGreeting {
             return Err(self.unexpected(sk, "GreetingResponse"));
         }
+        // Two entries reaching one safekeeper (a typo, or two names for one
+        // host) would let it count twice toward every quorum.
+        if let Some(other) = self.peers.iter().position(|peer| peer.node_id == Some(response.node_id)) {
+            if other != sk {
+                return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first: other, second: sk });
+            }
+        }
         let peer = &mut self.peers[sk];
         peer.node_id = Some(response.node_id);
         peer.reported_term = Some(response.term);

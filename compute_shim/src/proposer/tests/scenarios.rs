@@ -1,9 +1,11 @@
 //! One test per proposer rule (docs/proposer.md), against real acceptors.
 
-use safekeeper::ids::Term;
+use safekeeper::control::ControlState;
+use safekeeper::ids::{NodeId, Term};
 use safekeeper::lsn::Lsn;
+use safekeeper::timeline::MemoryTimeline;
 
-use super::harness::{segment_size, Net, Postgres, TIMELINE_START};
+use super::harness::{cluster, segment_size, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};
 
 /// The first record end at or past `lsn`.
@@ -26,6 +28,20 @@ fn three_safekeepers_elect_stream_and_commit() {
     for sk in 0..3 {
         assert!(net.durable_wal(sk) == postgres.wal.as_slice(), "safekeeper {sk} holds the primary's bytes");
     }
+}
+
+/// Rule: one safekeeper listed twice (two addresses reaching one node)
+/// must never count twice toward a quorum: the shim stops and says so.
+#[test]
+fn the_same_safekeeper_twice_is_refused() {
+    let mut net = Net::new(3);
+    net.acceptors[2] = MemoryTimeline::empty(NodeId(1), ControlState::new_timeline(cluster(), 150000, segment_size()));
+    let c = net.start_compute(Postgres::generate(50, 4));
+    net.connect_all(c);
+    net.run_until_quiet();
+    let stopped = net.computes[c].stopped.clone();
+    assert!(matches!(stopped, Some(ProposerError::DuplicateSafekeeper { node_id: NodeId(1), .. })), "{stopped:?}");
+    assert_eq!(net.commit_lsn(c), Lsn::INVALID);
 }
 
 /// Rule: commit needs a quorum; one safekeeper alone never advances it, and
