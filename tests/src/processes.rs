@@ -94,6 +94,34 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<Option<ExitS
     }
 }
 
+/// A helper child (psql, pgbench) that is killed and reaped if the test
+/// returns before it finished.
+pub struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> KillOnDrop {
+        KillOnDrop(Some(child))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("present until into_inner")
+    }
+
+    /// The child, no longer killed on drop (to collect its output).
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("present until into_inner")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A service child process writing to its own log file; SIGKILLed when
 /// dropped. Every wait on it is bounded.
 pub struct ServiceProcess {

@@ -5,14 +5,14 @@
 //! commit records of every transaction a client saw acknowledged.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, ELECTION_TIMEOUT, SHIM_APPLICATION_NAME};
 use integration_tests::pg::{PgCluster, PgOptions};
-use integration_tests::processes::{wait_bounded, ComputeShim, EXIT_TIMEOUT};
+use integration_tests::processes::{wait_bounded, ComputeShim, KillOnDrop, EXIT_TIMEOUT};
 use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files, waldump_lsns};
 use safekeeper::lsn::Lsn;
 
@@ -41,12 +41,12 @@ fn first_line_number(output: &str) -> Result<u32> {
     line.trim().parse().with_context(|| format!("expected an xid, psql printed {output:?}"))
 }
 
-/// Start `psql -c sql` without waiting for it.
-fn spawn_psql(pg: &PgCluster, sql: &str) -> Result<Child> {
+/// Start `psql -c sql` without waiting for it (killed if the test fails).
+fn spawn_psql(pg: &PgCluster, sql: &str) -> Result<KillOnDrop> {
     let mut psql = pg.command("psql");
     psql.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql]);
     psql.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    Ok(psql.spawn()?)
+    Ok(KillOnDrop::new(psql.spawn()?))
 }
 
 /// The safekeepers' committed WAL up to the shim's commit LSN, decoded on
@@ -116,16 +116,14 @@ fn commits_survive_a_minority_and_wait_without_a_majority() -> Result<()> {
 
     cluster.kill_safekeeper(1)?;
     let mut blocked = spawn_psql(&cluster.pg, "INSERT INTO acked VALUES (10) RETURNING txid_current() % 4294967296")?;
-    if let Some(status) = wait_bounded(&mut blocked, NO_QUORUM_HOLD)? {
+    if let Some(status) = wait_bounded(blocked.child(), NO_QUORUM_HOLD)? {
         bail!("a commit returned ({status}) with two of three safekeepers down");
     }
     cluster.restart_safekeeper(1)?;
-    let Some(status) = wait_bounded(&mut blocked, COMMIT_TIMEOUT)? else {
-        let _ = blocked.kill();
-        let _ = blocked.wait();
+    let Some(status) = wait_bounded(blocked.child(), COMMIT_TIMEOUT)? else {
         bail!("the blocked commit did not return after a safekeeper came back");
     };
-    let output = blocked.wait_with_output()?;
+    let output = blocked.into_inner().wait_with_output()?;
     ensure!(status.success(), "blocked commit failed: {}", String::from_utf8_lossy(&output.stderr));
     acknowledged.insert(first_line_number(&String::from_utf8(output.stdout)?)?);
 
@@ -151,7 +149,8 @@ fn a_shim_killed_under_load_restarts_in_a_higher_term_and_loses_nothing() -> Res
     let load_seconds = 12;
     let mut pgbench = cluster.pg.command("pgbench");
     pgbench.args(["-n", "-c", "4", "-T", &load_seconds.to_string(), "-f"]).arg(&script);
-    let mut pgbench = pgbench.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut pgbench =
+        KillOnDrop::new(pgbench.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
 
     thread::sleep(Duration::from_secs(3));
     let old_commit = cluster.shim_commit_lsn()?;
@@ -168,12 +167,10 @@ fn a_shim_killed_under_load_restarts_in_a_higher_term_and_loses_nothing() -> Res
     let new_term = status["term"].as_u64().context("term")?;
     ensure!(new_term > old_term, "restarted shim is in term {new_term}, not above {old_term}");
 
-    let Some(exit) = wait_bounded(&mut pgbench, Duration::from_secs(load_seconds + 60))? else {
-        let _ = pgbench.kill();
-        let _ = pgbench.wait();
+    let Some(exit) = wait_bounded(pgbench.child(), Duration::from_secs(load_seconds + 60))? else {
         bail!("pgbench did not finish");
     };
-    let output = pgbench.wait_with_output()?;
+    let output = pgbench.into_inner().wait_with_output()?;
     let report = String::from_utf8_lossy(&output.stdout);
     ensure!(exit.success(), "pgbench failed: {report}{}", String::from_utf8_lossy(&output.stderr));
     let processed: u64 = report
@@ -253,7 +250,8 @@ fn a_safekeeper_behind_recycled_wal_is_reported_too_far_behind() -> Result<()> {
     })?;
     cluster.pg.psql("CREATE TABLE after_recycling (v int)")?;
     insert_acknowledged(&cluster.pg, "after_recycling", 1)?;
-    ensure!(cluster.shim()?.process.pid().is_some(), "the shim stopped");
+    let shim = cluster.shim.as_mut().context("shim")?;
+    ensure!(shim.process.exit_status()?.is_none(), "the shim stopped: {}", shim.process.log_tail());
     Ok(())
 }
 
@@ -311,7 +309,7 @@ fn a_shim_for_another_system_is_refused_and_nothing_is_written() -> Result<()> {
     let exit = shim.process.wait_exit(EXIT_TIMEOUT)?.context("a refused shim kept running")?;
     let log = shim.process.log_tail();
     ensure!(!exit.success(), "refused shim exited successfully");
-    ensure!(log.contains("refuses this cluster") && log.contains("cluster"), "unclear refusal: {log}");
+    ensure!(log.contains("refuses this cluster") && log.contains("system"), "unclear refusal: {log}");
 
     for (index, (status, files)) in before.iter().enumerate() {
         let now = cluster.timeline_status(index)?;

@@ -122,11 +122,10 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
         if events.send(event).await.is_err() || refused {
             return;
         }
-        if matches!(ended, Ok(LinkEnd::DroppedByDriver)) {
-            // A safekeeper that keeps breaking the protocol is not retried
-            // in a tight loop.
-            tokio::time::sleep(Duration::from_millis(RECONNECT_BACKOFF_MIN_MS)).await;
-        }
+        // A safekeeper that keeps ending connections (breaking the
+        // protocol, or refusing with FATAL: disk full, say) is not retried
+        // in a tight loop.
+        tokio::time::sleep(Duration::from_millis(RECONNECT_BACKOFF_MIN_MS)).await;
     }
 }
 

@@ -145,6 +145,11 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
             }
         }
         driver.drain_ready(&mut events)?;
+        if !driver.wants_wal() {
+            if let Some(stream) = driver.stream.as_mut() {
+                stream.not_listening();
+            }
+        }
         driver.flush_transmits();
         driver.stream_where_wanted().await?;
         driver.report_commit(&status).await?;
@@ -374,7 +379,11 @@ impl Driver {
         self.last_status_sent_at = Instant::now();
         self.status_due = false;
         if moved {
-            status.send_replace(self.snapshot());
+            // Cheap on the commit path: the full snapshot waits for the tick.
+            status.send_modify(|snapshot| {
+                snapshot.proposer.commit_lsn = commit;
+                snapshot.reported_flush_lsn = reported;
+            });
         }
         Ok(())
     }

@@ -35,6 +35,11 @@ pub enum ProposerError {
          fix --safekeepers"
     )]
     DuplicateSafekeeper { node_id: NodeId, first: usize, second: usize },
+    #[error(
+        "safekeeper {safekeeper} answered as node {now}, earlier as node {previous}: a replaced node does not hold \
+         what the old one acknowledged; restart the shim (membership changes are not supported yet)"
+    )]
+    SafekeeperReplaced { safekeeper: usize, previous: NodeId, now: NodeId },
     #[error("the donor's term history is full; cannot start another term")]
     TermHistoryFull,
     #[error("safekeeper {safekeeper}: {fault}")]

@@ -70,6 +70,9 @@ pub struct Proposer {
     /// When a quorum had greeted: the term is picked once every connected
     /// safekeeper greeted too, or a heartbeat interval later.
     quorum_greeted_at_ms: Option<u64>,
+    /// When we won: streaming waits for every voter's log end, but for at
+    /// most a heartbeat interval once a quorum has answered.
+    elected_at_ms: u64,
 }
 
 impl Proposer {
@@ -87,6 +90,7 @@ impl Proposer {
             now_ms: 0,
             next_poll_index: 0,
             quorum_greeted_at_ms: None,
+            elected_at_ms: 0,
         }
     }
 
@@ -228,7 +232,14 @@ impl Proposer {
             return Some(self.catch_up_wanted(buffer).unwrap_or(buffer.end_lsn()));
         }
         if self.peers.iter().any(|peer| peer.awaited_for_wal_start) {
-            return None;
+            // A stalled safekeeper must not hold up every commit: once a
+            // quorum answered, the rest get a heartbeat interval (a late one
+            // is caught up from Postgres later).
+            let answered = self.peers.iter().filter(|peer| matches!(peer.link, Link::Streaming { .. })).count();
+            let waited_ms = self.now_ms.saturating_sub(self.elected_at_ms);
+            if answered < self.config.quorum() || waited_ms < self.config.heartbeat_interval_ms {
+                return None;
+            }
         }
         let lowest_needed = self
             .peers
@@ -321,6 +332,10 @@ impl Proposer {
     fn on_greeting_response(&mut self, sk: usize, response: GreetingResponse) -> Result<(), ProposerError> {
         if self.peers[sk].link != Link::AwaitingGreeting {
             return Err(self.unexpected(sk, "GreetingResponse"));
+        }
+        if let Some(previous) = self.peers[sk].node_id.filter(|&previous| previous != response.node_id) {
+            // What the old node acknowledged is not on the new one.
+            return Err(ProposerError::SafekeeperReplaced { safekeeper: sk, previous, now: response.node_id });
         }
         // Two entries reaching one safekeeper (a typo, or two names for one
         // host) would let it count twice toward every quorum.
@@ -423,6 +438,7 @@ impl Proposer {
         assert!(self.commit_lsn <= election.term_start_lsn, "the new term starts after everything committed");
         self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
         self.campaign = Campaign::Elected(Box::new(election));
+        self.elected_at_ms = self.now_ms;
         for sk in 0..self.peers.len() {
             if matches!(self.peers[sk].link, Link::Voted | Link::Greeted) {
                 self.send_elected(sk);
@@ -549,8 +565,8 @@ impl Proposer {
         let peer = &mut self.peers[sk];
         let Link::Streaming { next_lsn } = peer.link else { return None };
         let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
-        if next_lsn < self.postgres_wal_removed_below {
-            peer.link = Link::TooFarBehind; // whether or not WAL flows yet
+        if self.wal.is_none() && next_lsn < self.postgres_wal_removed_below {
+            peer.link = Link::TooFarBehind; // before WAL flows; with a buffer, `can_catch_up` decides
             return None;
         }
         let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {

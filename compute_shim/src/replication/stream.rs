@@ -128,6 +128,14 @@ impl ReplicationStream {
         }
     }
 
+    /// The caller is not reading for now (backpressure): silence while it
+    /// does not listen proves nothing about the walsender, so the silence
+    /// timeout counts from when it listens again.
+    pub fn not_listening(&mut self) {
+        self.last_received_at = Instant::now();
+        self.pinged = false;
+    }
+
     /// The next event if it is already buffered, without waiting: a caller
     /// drains a burst of WAL before acting on it once.
     pub fn try_next_event(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {

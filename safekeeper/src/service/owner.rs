@@ -5,8 +5,9 @@
 //! owner is an OS thread fed by a bounded tokio channel, not an async task:
 //! a slow disk stalls this timeline's thread, never the runtime. One loop
 //! iteration is one batch: take everything queued (up to a bound), `handle`
-//! each message, one `sync_and_ack`, then hand the replies to the
-//! connections' reply queues and publish a status snapshot.
+//! each message, one `sync_and_ack`, publish a status snapshot, then hand
+//! the replies to the connections (`super::replies`: written directly to an
+//! idle connection's socket, else queued for its writer task).
 //!
 //! Reply routing: a reply produced by `handle` (greeting, vote, elected,
 //! heartbeat, a fencing answer) is already durable and goes to its sender;
@@ -20,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::errors;
-pub use super::replies::{Outgoing, PushConnection};
+pub use super::replies::PushConnection;
 use crate::control::TermHistory;
 use crate::ids::{SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;

@@ -4,10 +4,11 @@
 //!
 //! Two halves run at once: this task reads frames and queues them for the
 //! owner (waiting when the owner's queue is full: backpressure), a writer
-//! task drains the connection's bounded reply queue onto the socket. The
-//! owner never waits for a connection: if the reply queue is full the
-//! connection is dropped. Any FATAL error is written by the writer (it owns
-//! the socket's write half) and then the connection closes.
+//! task drains the connection's bounded reply queue onto the socket (the
+//! owner writes replies itself while that queue is idle: see
+//! `super::replies`). The owner never waits for a connection: if the reply
+//! queue is full the connection is dropped. Any FATAL error is written by
+//! the writer and then the connection closes.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -50,7 +51,10 @@ pub async fn run(
     let direct_socket = write.as_ref().as_fd().try_clone_to_owned().map(std::net::TcpStream::from).ok();
     let connection = Arc::new(PushConnection::new(connection_id, replies, direct_socket));
     let mut dropped = connection.dropped();
-    let mut writer = tokio::spawn(write_replies(write, reply_queue, connection.clone()));
+    // Built here, not in the task: an abort before its first poll still
+    // closes the direct path.
+    let stopped = WriterStopped(connection.clone());
+    let mut writer = tokio::spawn(write_replies(write, reply_queue, stopped));
     let mut forwarder = Forwarder { state, connection, tenant_id, timeline_id, timeline: None };
     let ended = tokio::select! {
         result = forwarder.run(&mut reader) => result,
@@ -145,12 +149,8 @@ impl Drop for WriterStopped {
 /// tell the connection how many items went out (the owner writes directly
 /// only while none are pending); an error is written last and ends the
 /// connection.
-async fn write_replies(
-    mut write: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Outgoing>,
-    connection: Arc<PushConnection>,
-) {
-    let _stopped = WriterStopped(connection.clone());
+async fn write_replies(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<Outgoing>, stopped: WriterStopped) {
+    let connection = &stopped.0;
     let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
     while let Some(mut item) = queue.recv().await {
         out.clear();
