@@ -158,7 +158,7 @@ impl Proposer {
         let max_bytes = self.config.max_buffered_wal_bytes;
         let buffer = self.wal.get_or_insert_with(|| WalBuffer::new(start_lsn, max_bytes));
         if !buffer.fits(incoming_bytes) {
-            self.make_room();
+            self.trim_buffer(TrimScope::Connected);
         }
         let buffer = self.wal.as_mut().expect("created above");
         if !buffer.fits(incoming_bytes) {
@@ -494,9 +494,7 @@ impl Proposer {
             _ => return Err(self.unexpected(sk, "AppendResponse")),
         }
         self.advance_commit();
-        if let Some(floor) = self.trim_floor(TrimScope::All) {
-            self.wal.as_mut().expect("a floor implies a buffer").trim_to(floor);
-        }
+        self.trim_buffer(TrimScope::All);
         Ok(())
     }
 
@@ -508,10 +506,11 @@ impl Proposer {
         }
     }
 
-    /// Trim down to what the connected safekeepers still need, giving up on
-    /// absent ones (they will be too far behind if they come back).
-    fn make_room(&mut self) {
-        if let Some(floor) = self.trim_floor(TrimScope::Connected) {
+    /// Forget buffered WAL below what the safekeepers in `scope` still need.
+    /// `Connected` (to make room) gives up on absent ones: they will be
+    /// caught up from Postgres, or too far behind, if they come back.
+    fn trim_buffer(&mut self, scope: TrimScope) {
+        if let Some(floor) = self.trim_floor(scope) {
             self.wal.as_mut().expect("a floor implies a buffer").trim_to(floor);
         }
     }
