@@ -323,6 +323,17 @@ impl Acceptor {
         self.append_response_ready(actions)
     }
 
+    /// Record what the WAL consumer confirmed (retention's input); persisted
+    /// with the next control-file write. Never moves backwards.
+    pub fn note_remote_consistent_lsn(&mut self, lsn: Lsn) {
+        self.state.remote_consistent_lsn = self.state.remote_consistent_lsn.max(lsn);
+    }
+
+    /// The commit LSN the control file holds (where recovery would start).
+    pub fn persisted_commit_lsn(&self) -> Lsn {
+        self.persisted_commit_lsn
+    }
+
     /// Persist the current state now (e.g. at shutdown) so recovery starts late.
     pub fn checkpoint(&mut self) -> Ready {
         Ready { actions: vec![self.persist_action()], reply: None }

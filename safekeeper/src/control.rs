@@ -46,6 +46,11 @@ pub struct ControlState {
     /// Commit LSN as of the last control-file write; recovery decodes from
     /// here (a record boundary), so it is the checkpoint of the WAL scan.
     pub commit_lsn: Lsn,
+    /// Highest position the WAL consumer (the page server) reported durable
+    /// on its side; retention removes WAL only below it. Zero: none yet.
+    /// (Absent from control files written before retention existed.)
+    #[serde(default)]
+    pub remote_consistent_lsn: Lsn,
 }
 
 impl ControlState {
@@ -59,6 +64,7 @@ impl ControlState {
             term_history: TermHistory::default(),
             timeline_start_lsn: Lsn::INVALID,
             commit_lsn: Lsn::INVALID,
+            remote_consistent_lsn: Lsn::INVALID,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`acceptor`]: the consensus acceptor as a pure state machine.
 //! - [`timeline`]: the driver that runs an acceptor against storage.
 //! - [`recovery`]: finding the end of valid WAL after a restart.
+//! - [`retention`]: which WAL may be removed once consumed.
 //! - [`datadir`]: the data directory lock and node id.
 //! - [`import`]: seeding a timeline from a Postgres `pg_wal` directory.
 //! - [`service`]: the network service (pg wire port, HTTP, timeline owners).
@@ -21,6 +22,7 @@ pub mod import;
 pub mod lsn;
 pub mod protocol;
 pub mod recovery;
+pub mod retention;
 pub mod service;
 pub mod storage;
 pub mod timeline;

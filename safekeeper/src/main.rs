@@ -17,6 +17,7 @@ use safekeeper::datadir::{ensure_node_id, lock_data_dir};
 use safekeeper::ids::{NodeId, TenantId, TimelineId};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
 use safekeeper::recovery::recover_timeline;
+use safekeeper::retention::RetentionPolicy;
 use safekeeper::service::registry::list_timelines;
 use safekeeper::service::{self, ServiceConfig};
 use safekeeper::timeline::FileTimeline;
@@ -54,9 +55,15 @@ struct ServeArgs {
     /// Address of the Postgres wire protocol port (START_WAL_PUSH).
     #[arg(long, default_value = "127.0.0.1:5454", value_name = "HOST:PORT")]
     listen_pg: String,
-    /// Address of the HTTP status port (/v1/status, /v1/tenant/{tenant}/timeline/{timeline}).
+    /// Address of the HTTP API (status, WAL and segment downloads, consumer
+    /// feedback, metrics; docs/http-api.md).
     #[arg(long, default_value = "127.0.0.1:7676", value_name = "HOST:PORT")]
     listen_http: String,
+    /// WAL retention: bytes kept below what the page server confirmed (its
+    /// remote_consistent_lsn) and the commit LSN, beyond the one segment
+    /// always kept. Without any consumer feedback nothing is removed.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    wal_keep_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -165,7 +172,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("serving needs --id and --datadir");
     };
     let config =
-        ServiceConfig { node_id: NodeId(id), datadir, listen_pg: args.listen_pg, listen_http: args.listen_http };
+        ServiceConfig {
+        node_id: NodeId(id),
+        datadir,
+        listen_pg: args.listen_pg,
+        listen_http: args.listen_http,
+        retention: RetentionPolicy { keep_bytes: args.wal_keep_bytes },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let result = runtime.block_on(service::run(config));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);

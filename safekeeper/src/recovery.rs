@@ -230,6 +230,7 @@ mod tests {
             term_history: TermHistory::default(),
             timeline_start_lsn: start,
             commit_lsn: commit,
+            remote_consistent_lsn: Lsn::INVALID,
         }
     }
 

@@ -9,6 +9,7 @@ use crate::ids::NodeId;
 use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage};
 use crate::recovery::RecoveredTimeline;
+use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
 use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
 use crate::storage::segments::SegmentStorage;
@@ -73,6 +74,32 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
         let ready = self.acceptor.checkpoint();
         self.apply(ready)?;
         Ok(())
+    }
+
+    /// Retention: note the consumer's confirmed position and remove the
+    /// segments `policy` allows. Returns the new first LSN kept when
+    /// something was removed. The control file is written first, so the
+    /// commit LSN recovery starts decoding from is never in removed WAL, and
+    /// the consumer's position survives a restart.
+    pub fn apply_retention(
+        &mut self,
+        remote_consistent_lsn: Lsn,
+        policy: &RetentionPolicy,
+    ) -> Result<Option<Lsn>, TimelineError> {
+        self.acceptor.note_remote_consistent_lsn(remote_consistent_lsn);
+        let state = self.acceptor.state();
+        let end = policy.removable_end(state.commit_lsn, state.remote_consistent_lsn, state.wal_segment_size);
+        if end <= self.wal.start_lsn() {
+            return Ok(None);
+        }
+        self.checkpoint()?;
+        assert!(
+            end <= self.acceptor.persisted_commit_lsn(),
+            "retention would remove WAL at {end}, above the persisted commit LSN {}",
+            self.acceptor.persisted_commit_lsn()
+        );
+        self.wal.remove_below(end)?;
+        Ok(Some(end))
     }
 
     fn apply(&mut self, ready: Ready) -> Result<Option<AcceptorMessage>, StorageError> {

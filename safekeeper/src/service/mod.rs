@@ -13,8 +13,10 @@
 //! - [`http`]: `GET /v1/status` and `GET /v1/tenant/{t}/timeline/{l}`.
 
 pub mod connection;
+pub mod consumers;
 pub mod errors;
 pub mod http;
+pub mod metrics;
 pub mod owner;
 pub mod pg_wire;
 pub mod push;
@@ -35,6 +37,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::datadir::{ensure_node_id, lock_data_dir};
 use crate::ids::NodeId;
+use crate::retention::RetentionPolicy;
 use errors::{sqlstate, PgError};
 use registry::Timelines;
 
@@ -50,6 +53,7 @@ pub struct ServiceConfig {
     pub datadir: PathBuf,
     pub listen_pg: String,
     pub listen_http: String,
+    pub retention: RetentionPolicy,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -72,7 +76,7 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let timelines = Arc::new(Timelines::recover_all(datadir, config.node_id)?);
+    let timelines = Arc::new(Timelines::recover_all(datadir, config.node_id, config.retention)?);
     let pg_listener =
         TcpListener::bind(&config.listen_pg).await.with_context(|| format!("listening on {}", config.listen_pg))?;
     let http_listener =

@@ -15,18 +15,22 @@
 //! whose WAL was written in the batch. Replies leave only after the sync, so
 //! a connection sees them in the order it sent its messages.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::errors;
+use super::metrics::TimelineMetrics;
 pub use super::replies::PushConnection;
 use crate::control::TermHistory;
 use crate::ids::{SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage};
-use crate::storage::StorageError;
+use crate::retention::RetentionPolicy;
+use crate::storage::{StorageError, WalStorage};
 use crate::timeline::{FileTimeline, TimelineError};
 
 /// Messages queued for one owner; senders wait when it is full (backpressure
@@ -45,8 +49,19 @@ pub enum OwnerInput {
         connection: Arc<PushConnection>,
         message: ProposerMessage,
     },
+    /// New consumer feedback arrived (in [`TimelineShared`]): apply retention.
+    Wake,
     /// Finish the current batch, checkpoint the control file, acknowledge, exit.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What the owner shares with the HTTP API and WAL readers besides the
+/// snapshot.
+pub struct TimelineShared {
+    /// Highest `remote_consistent_lsn` a consumer posted; the owner applies
+    /// it (retention) and persists it.
+    pub remote_consistent_lsn: AtomicU64,
+    pub metrics: TimelineMetrics,
 }
 
 /// What the HTTP status shows of a timeline, as of the owner's last batch.
@@ -63,13 +78,21 @@ pub struct TimelineSnapshot {
     pub timeline_start_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub commit_lsn: Lsn,
+    pub remote_consistent_lsn: Lsn,
+    /// First WAL byte still on disk (retention removed what is below).
+    pub oldest_kept_lsn: Lsn,
+    /// Bytes of segment files on disk.
+    pub disk_bytes: u64,
+    /// Segments removed by retention since this process started.
+    pub removed_segments: u64,
     /// Set when a storage error stopped the owner; the next push reopens it.
     pub stopped_by_error: Option<String>,
 }
 
-fn snapshot_of(timeline: &FileTimeline) -> TimelineSnapshot {
+fn snapshot_of(timeline: &FileTimeline, removed_segments: u64) -> TimelineSnapshot {
     let acceptor = timeline.acceptor();
     let state = acceptor.state();
+    let wal = timeline.wal();
     TimelineSnapshot {
         tenant_id: state.cluster.tenant_id,
         timeline_id: state.cluster.timeline_id,
@@ -82,6 +105,10 @@ fn snapshot_of(timeline: &FileTimeline) -> TimelineSnapshot {
         timeline_start_lsn: state.timeline_start_lsn,
         flush_lsn: acceptor.flush_lsn(),
         commit_lsn: acceptor.commit_lsn(),
+        remote_consistent_lsn: state.remote_consistent_lsn,
+        oldest_kept_lsn: wal.start_lsn(),
+        disk_bytes: wal.files_end_lsn().checked_sub(wal.start_lsn()).unwrap_or(0),
+        removed_segments,
         stopped_by_error: None,
     }
 }
@@ -93,12 +120,18 @@ pub struct Owner {
 }
 
 /// Start the owner thread of `timeline`.
-pub fn spawn_owner(timeline: FileTimeline) -> std::io::Result<Owner> {
+pub fn spawn_owner(
+    timeline: FileTimeline,
+    shared: Arc<TimelineShared>,
+    retention: RetentionPolicy,
+) -> std::io::Result<Owner> {
     let (inputs, receiver) = mpsc::channel(OWNER_QUEUE_MESSAGES);
-    let initial = snapshot_of(&timeline);
+    let initial = snapshot_of(&timeline, 0);
+    shared.remote_consistent_lsn.fetch_max(initial.remote_consistent_lsn.0, Ordering::Relaxed);
     let name = format!("owner-{}", &initial.timeline_id.to_string()[..8]);
     let (snapshot_tx, snapshot) = watch::channel(initial);
-    let thread = std::thread::Builder::new().name(name).spawn(move || run(timeline, receiver, snapshot_tx))?;
+    let owner = OwnerThread { timeline, shared, retention, snapshot: snapshot_tx, removed_segments: 0 };
+    let thread = std::thread::Builder::new().name(name).spawn(move || owner.run(receiver))?;
     Ok(Owner { inputs, snapshot, thread })
 }
 
@@ -109,29 +142,65 @@ pub fn fail_stop(error: &StorageError) -> ! {
     std::process::exit(FAIL_STOP_EXIT_CODE)
 }
 
-fn run(mut timeline: FileTimeline, mut inputs: mpsc::Receiver<OwnerInput>, snapshot: watch::Sender<TimelineSnapshot>) {
-    while let Some(first) = inputs.blocking_recv() {
-        let batch = collect_batch(first, &mut inputs);
-        let replies = match process_batch(&mut timeline, &batch.messages) {
-            Ok(replies) => replies,
-            Err(error) => {
-                tracing::error!(timeline = %snapshot.borrow().timeline_id, "owner stops after a storage error: {error}");
-                snapshot.send_modify(|s| s.stopped_by_error = Some(error.to_string()));
+/// The owner thread's state.
+struct OwnerThread {
+    timeline: FileTimeline,
+    shared: Arc<TimelineShared>,
+    retention: RetentionPolicy,
+    snapshot: watch::Sender<TimelineSnapshot>,
+    removed_segments: u64,
+}
+
+impl OwnerThread {
+    fn run(mut self, mut inputs: mpsc::Receiver<OwnerInput>) {
+        while let Some(first) = inputs.blocking_recv() {
+            let batch = collect_batch(first, &mut inputs);
+            let replies = match process_batch(&mut self.timeline, &batch.messages, &self.shared.metrics) {
+                Ok(replies) => replies,
+                Err(error) => return self.stop_after(error),
+            };
+            if let Err(error) = self.apply_retention() {
+                return self.stop_after(error);
+            }
+            // Status first: whoever saw an acknowledgement sees a status that
+            // covers it.
+            self.snapshot.send_replace(snapshot_of(&self.timeline, self.removed_segments));
+            deliver(replies);
+            if let Some(done) = batch.shutdown {
+                checkpoint(&mut self.timeline);
+                let _ = done.send(());
                 return;
             }
-        };
-        // Status first: whoever saw an acknowledgement sees a status that
-        // covers it.
-        snapshot.send_replace(snapshot_of(&timeline));
-        deliver(replies);
-        if let Some(done) = batch.shutdown {
-            checkpoint(&mut timeline);
-            let _ = done.send(());
-            return;
+        }
+        // Every sender is gone: the service is going away.
+        checkpoint(&mut self.timeline);
+    }
+
+    fn stop_after(&self, error: StorageError) {
+        tracing::error!(timeline = %self.snapshot.borrow().timeline_id, "owner stops after a storage error: {error}");
+        self.snapshot.send_modify(|s| s.stopped_by_error = Some(error.to_string()));
+    }
+
+    /// Remove what the retention policy allows (cheap when nothing is due:
+    /// a few comparisons per batch).
+    fn apply_retention(&mut self) -> Result<(), StorageError> {
+        let remote_consistent_lsn = Lsn(self.shared.remote_consistent_lsn.load(Ordering::Relaxed));
+        let old_start = self.timeline.wal().start_lsn();
+        match self.timeline.apply_retention(remote_consistent_lsn, &self.retention) {
+            Ok(Some(new_start)) => {
+                let segment_bytes = self.timeline.wal().segment_size().bytes();
+                let removed = (new_start - old_start) / segment_bytes;
+                self.removed_segments += removed;
+                self.shared.metrics.removed_segments.inc_by(removed);
+                tracing::info!(%old_start, %new_start, removed, "WAL retention removed segments");
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(TimelineError::Storage(error)) if error.is_fatal() => fail_stop(&error),
+            Err(TimelineError::Storage(error)) => Err(error),
+            Err(TimelineError::Refused(error)) => unreachable!("retention refuses nothing: {error}"),
         }
     }
-    // Every sender is gone: the service is going away.
-    checkpoint(&mut timeline);
 }
 
 fn checkpoint(timeline: &mut FileTimeline) {
@@ -157,6 +226,7 @@ fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> 
                 batch.shutdown = Some(done);
                 break;
             }
+            OwnerInput::Wake => {}
             OwnerInput::Push { connection, message } => {
                 if let ProposerMessage::AppendRequest(append) = &message {
                     wal_bytes += append.wal.len();
@@ -180,9 +250,11 @@ type Reply<'a> = (&'a Arc<PushConnection>, AcceptorMessage);
 fn process_batch<'a>(
     timeline: &mut FileTimeline,
     messages: &'a [(Arc<PushConnection>, ProposerMessage)],
+    metrics: &TimelineMetrics,
 ) -> Result<Vec<Reply<'a>>, StorageError> {
     let mut replies: Vec<Reply<'a>> = Vec::new();
     let mut awaiting_ack: Vec<&Arc<PushConnection>> = Vec::new();
+    let mut appends = 0u64;
     for (connection, message) in messages {
         if connection.is_closed() {
             continue;
@@ -191,6 +263,10 @@ fn process_batch<'a>(
             Ok(Some(reply)) => replies.push((connection, reply)),
             // Only a write returns no reply: its ack comes with the sync.
             Ok(None) => {
+                if let ProposerMessage::AppendRequest(append) = message {
+                    appends += 1;
+                    metrics.wal_bytes_written.inc_by(append.wal.len() as u64);
+                }
                 if !awaiting_ack.iter().any(|c| c.id == connection.id) {
                     awaiting_ack.push(connection);
                 }
@@ -202,7 +278,13 @@ fn process_batch<'a>(
             Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),
         }
     }
-    match timeline.sync_and_ack() {
+    let sync_started = Instant::now();
+    let synced = timeline.sync_and_ack();
+    if appends > 0 {
+        metrics.sync_seconds.observe(sync_started.elapsed().as_secs_f64());
+        metrics.appends_per_sync.observe(appends as f64);
+    }
+    match synced {
         Ok(Some(ack)) => replies.extend(awaiting_ack.into_iter().map(|c| (c, ack.clone()))),
         Ok(None) => {}
         Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),

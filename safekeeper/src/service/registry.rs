@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,7 +18,9 @@ use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::errors::{sqlstate, PgError};
-use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineSnapshot};
+use super::consumers::Consumers;
+use super::metrics::Metrics;
+use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineShared, TimelineSnapshot};
 use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
 use crate::control::ControlState;
 use crate::ids::{ClusterId, NodeId, TenantId, TimelineId};
@@ -26,6 +28,7 @@ use crate::import::timeline_dir;
 use crate::lsn::{Lsn, WalSegmentSize};
 use crate::protocol::{Greeting, ProposerMessage};
 use crate::recovery::recover_timeline;
+use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
 use crate::storage::segments::SegmentStorage;
 use crate::storage::{fsync_dir, ControlStore, StorageError};
@@ -33,6 +36,8 @@ use crate::timeline::{FileTimeline, Timeline};
 
 /// Suffix of a timeline directory under construction.
 const CREATING_SUFFIX: &str = ".creating";
+/// Suffix of a timeline directory being deleted.
+const DELETING_SUFFIX: &str = ".deleting";
 /// Postgres major versions whose WAL this safekeeper decodes (PG15 only).
 const SUPPORTED_PG_VERSIONS: std::ops::Range<u32> = 150_000..160_000;
 
@@ -42,11 +47,32 @@ pub struct TimelineHandle {
     snapshot: watch::Receiver<TimelineSnapshot>,
     thread: std::thread::JoinHandle<()>,
     proposers: AtomicUsize,
+    /// The timeline's directory: WAL readers read its segment files.
+    pub dir: PathBuf,
+    pub shared: Arc<TimelineShared>,
+    pub consumers: Arc<Consumers>,
 }
 
 impl TimelineHandle {
     pub fn snapshot(&self) -> TimelineSnapshot {
         self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot (consumers wait on it for
+    /// the commit LSN to move).
+    pub fn watch_snapshot(&self) -> watch::Receiver<TimelineSnapshot> {
+        self.snapshot.clone()
+    }
+
+    /// A consumer confirmed everything below `lsn` (monotonic); the owner
+    /// applies retention and persists it.
+    pub fn note_remote_consistent_lsn(&self, lsn: Lsn) {
+        let previous = self.shared.remote_consistent_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        if lsn.0 > previous {
+            // A full queue means the owner is busy and applies retention
+            // after its current batch anyway.
+            let _ = self.inputs.try_send(OwnerInput::Wake);
+        }
     }
 
     /// Connections currently in START_WAL_PUSH on this timeline.
@@ -88,6 +114,8 @@ type TimelineKey = (TenantId, TimelineId);
 pub struct Timelines {
     datadir: PathBuf,
     node_id: NodeId,
+    retention: RetentionPolicy,
+    pub metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<TimelineKey, Arc<TimelineHandle>>>,
 }
 
@@ -95,8 +123,9 @@ impl Timelines {
     /// Recover every timeline under `datadir` and start its owner. Blocking
     /// (recovery reads WAL); a timeline that fails to recover stops startup,
     /// because serving without it would hide lost or damaged WAL.
-    pub fn recover_all(datadir: &Path, node_id: NodeId) -> anyhow::Result<Timelines> {
+    pub fn recover_all(datadir: &Path, node_id: NodeId, retention: RetentionPolicy) -> anyhow::Result<Timelines> {
         remove_unfinished_creations(datadir)?;
+        let metrics = Arc::new(Metrics::new());
         let mut entries = BTreeMap::new();
         for key @ (tenant_id, timeline_id) in list_timelines(datadir)? {
             let dir = timeline_dir(datadir, tenant_id, timeline_id);
@@ -104,9 +133,9 @@ impl Timelines {
             let Some(recovered) = recovered else { continue };
             let timeline = FileTimeline::from_recovered(recovered, node_id, AcceptorConfig::default());
             tracing::info!(%tenant_id, %timeline_id, flush_lsn = %timeline.acceptor().flush_lsn(), "recovered timeline");
-            entries.insert(key, Arc::new(start(timeline)?));
+            entries.insert(key, Arc::new(start(timeline, &metrics, retention)?));
         }
-        Ok(Timelines { datadir: datadir.to_path_buf(), node_id, entries: Mutex::new(entries) })
+        Ok(Timelines { datadir: datadir.to_path_buf(), node_id, retention, metrics, entries: Mutex::new(entries) })
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<TimelineKey, Arc<TimelineHandle>>> {
@@ -160,7 +189,10 @@ impl Timelines {
                 self.create(greeting)?
             }
         };
-        let handle = Arc::new(start(timeline).map_err(|e| internal(format!("starting the owner thread: {e:#}")))?);
+        let handle = Arc::new(
+            start(timeline, &self.metrics, self.retention)
+                .map_err(|e| internal(format!("starting the owner thread: {e:#}")))?,
+        );
         entries.insert(key, handle.clone());
         Ok(handle)
     }
@@ -203,30 +235,78 @@ impl Timelines {
     pub async fn shutdown(&self, timeout: Duration) {
         let mut acks = Vec::new();
         for handle in self.list() {
-            let (done, ack) = oneshot::channel();
-            match tokio::time::timeout(timeout, handle.inputs.send(OwnerInput::Shutdown(done))).await {
-                Ok(Ok(())) => acks.push((handle.snapshot().timeline_id, ack)),
-                Ok(Err(_)) => {} // the owner already stopped
-                Err(_) => {
-                    tracing::warn!(timeline = %handle.snapshot().timeline_id, "owner queue still full at shutdown")
-                }
-            }
+            acks.extend(request_stop(&handle, timeout).await);
         }
         for (timeline_id, ack) in acks {
-            if tokio::time::timeout(timeout, ack).await.is_err() {
-                tracing::warn!(%timeline_id, "owner did not finish its batch within {timeout:?}");
-            }
+            wait_stopped(timeline_id, ack, timeout).await;
+        }
+    }
+
+    /// Stop a timeline's owner and durably remove its directory: renamed to
+    /// `<timeline>.deleting` (fsynced) first, so a crash midway leaves no
+    /// half-deleted timeline that startup would try to recover; startup
+    /// finishes such a removal. `false` if the timeline does not exist.
+    pub async fn delete(&self, tenant_id: TenantId, timeline_id: TimelineId, timeout: Duration) -> anyhow::Result<bool> {
+        let Some(handle) = self.entries().remove(&(tenant_id, timeline_id)) else {
+            return Ok(false);
+        };
+        if let Some((id, ack)) = request_stop(&handle, timeout).await {
+            wait_stopped(id, ack, timeout).await;
+        }
+        self.metrics.remove_timeline(tenant_id, timeline_id);
+        let dir = handle.dir.clone();
+        tokio::task::spawn_blocking(move || remove_timeline_dir(&dir)).await??;
+        tracing::info!(%tenant_id, %timeline_id, "deleted timeline");
+        Ok(true)
+    }
+}
+
+async fn request_stop(handle: &TimelineHandle, timeout: Duration) -> Option<(TimelineId, oneshot::Receiver<()>)> {
+    let (done, ack) = oneshot::channel();
+    let timeline_id = handle.snapshot().timeline_id;
+    match tokio::time::timeout(timeout, handle.inputs.send(OwnerInput::Shutdown(done))).await {
+        Ok(Ok(())) => Some((timeline_id, ack)),
+        Ok(Err(_)) => None, // the owner already stopped
+        Err(_) => {
+            tracing::warn!(%timeline_id, "owner queue still full at shutdown");
+            None
         }
     }
 }
 
-fn start(timeline: FileTimeline) -> anyhow::Result<TimelineHandle> {
-    let owner = spawn_owner(timeline).context("spawning a timeline owner thread")?;
+async fn wait_stopped(timeline_id: TimelineId, ack: oneshot::Receiver<()>, timeout: Duration) {
+    if tokio::time::timeout(timeout, ack).await.is_err() {
+        tracing::warn!(%timeline_id, "owner did not finish its batch within {timeout:?}");
+    }
+}
+
+fn remove_timeline_dir(dir: &Path) -> anyhow::Result<()> {
+    let parent = dir.parent().context("a timeline directory has a tenant directory")?;
+    let mut doomed = dir.as_os_str().to_owned();
+    doomed.push(DELETING_SUFFIX);
+    fs::rename(dir, &doomed).with_context(|| format!("renaming {} for deletion", dir.display()))?;
+    fsync_dir(parent)?;
+    fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", Path::new(&doomed).display()))?;
+    fsync_dir(parent)?;
+    Ok(())
+}
+
+fn start(timeline: FileTimeline, metrics: &Metrics, retention: RetentionPolicy) -> anyhow::Result<TimelineHandle> {
+    let cluster = timeline.acceptor().state().cluster;
+    let dir = timeline.wal().dir().to_path_buf();
+    let shared = Arc::new(TimelineShared {
+        remote_consistent_lsn: AtomicU64::new(0),
+        metrics: metrics.timeline(cluster.tenant_id, cluster.timeline_id),
+    });
+    let owner = spawn_owner(timeline, shared.clone(), retention).context("spawning a timeline owner thread")?;
     Ok(TimelineHandle {
         inputs: owner.inputs,
         snapshot: owner.snapshot,
         thread: owner.thread,
         proposers: AtomicUsize::new(0),
+        dir,
+        shared,
+        consumers: Arc::default(),
     })
 }
 
@@ -270,7 +350,7 @@ fn create_timeline_dir(datadir: &Path, state: &ControlState) -> Result<PathBuf, 
     Ok(final_dir)
 }
 
-/// Remove timeline directories whose creation a crash interrupted.
+/// Remove timeline directories whose creation or deletion a crash interrupted.
 fn remove_unfinished_creations(datadir: &Path) -> anyhow::Result<()> {
     for tenant in fs::read_dir(datadir).with_context(|| format!("reading {}", datadir.display()))? {
         let tenant = tenant?;
@@ -279,8 +359,9 @@ fn remove_unfinished_creations(datadir: &Path) -> anyhow::Result<()> {
         }
         for entry in fs::read_dir(tenant.path())? {
             let path = entry?.path();
-            if path.to_string_lossy().ends_with(CREATING_SUFFIX) {
-                tracing::info!(dir = %path.display(), "removing a timeline directory whose creation was interrupted");
+            let name = path.to_string_lossy();
+            if name.ends_with(CREATING_SUFFIX) || name.ends_with(DELETING_SUFFIX) {
+                tracing::info!(dir = %path.display(), "removing a timeline directory whose creation or deletion was interrupted");
                 fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
                 fsync_dir(&tenant.path())?;
             }

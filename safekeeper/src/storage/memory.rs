@@ -104,6 +104,18 @@ impl WalStorage for MemoryWalStorage {
         buf.copy_from_slice(&self.bytes[offset..offset + buf.len()]);
         Ok(())
     }
+
+    fn remove_below(&mut self, end: Lsn) -> Result<(), StorageError> {
+        assert!(end <= self.flush_lsn(), "removing WAL at {end} above the flush LSN {}", self.flush_lsn());
+        if end <= self.start_lsn {
+            return Ok(());
+        }
+        let removed_bytes = self.offset(end);
+        self.bytes.drain(..removed_bytes);
+        self.durable_len -= removed_bytes;
+        self.start_lsn = end;
+        Ok(())
+    }
 }
 
 /// The control state as last persisted (the in-memory "file").

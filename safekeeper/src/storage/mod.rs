@@ -7,6 +7,7 @@
 
 pub mod control_file;
 pub mod memory;
+pub mod reader;
 pub mod segments;
 
 use std::fs::{File, OpenOptions};
@@ -43,6 +44,10 @@ pub enum StorageError {
     NotContiguous { start: Lsn, write_lsn: Lsn },
     #[error("WAL range {start}..{end} is not on disk (kept: {kept_start}..{kept_end})")]
     RangeNotAvailable { start: Lsn, end: Lsn, kept_start: Lsn, kept_end: Lsn },
+    /// A segment file that should exist is gone: removed by retention
+    /// while a consumer was about to read it.
+    #[error("segment file {path} was removed (WAL retention)")]
+    SegmentRemoved { path: String },
     #[error("segment file {path} is corrupt: {reason}")]
     CorruptSegment { path: String, reason: String },
     #[error("control file {path} is corrupt: {reason}")]
@@ -79,6 +84,11 @@ pub trait WalStorage {
     fn truncate(&mut self, end: Lsn) -> Result<(), StorageError>;
     /// Read `buf.len()` bytes starting at `start`, all below `write_lsn()`.
     fn read(&mut self, start: Lsn, buf: &mut [u8]) -> Result<(), StorageError>;
+    /// Durably remove the WAL below `end` (a segment start at or below the
+    /// flush LSN's segment): whole segments only, oldest first, so what
+    /// remains is contiguous even after a crash midway. Retention calls it;
+    /// what is removed is gone for good.
+    fn remove_below(&mut self, end: Lsn) -> Result<(), StorageError>;
 }
 
 /// Where the control state lives durably.

@@ -36,6 +36,7 @@ use memmap2::MmapMut;
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
+use super::reader::SegmentReader;
 use super::{fsync_dir, io_error, StorageError, SyncedLsn, WalStorage};
 use crate::lsn::{Lsn, PgTimelineId, SegmentNo, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
 
@@ -139,8 +140,8 @@ pub struct SegmentStorage {
     mapped: Vec<MappedSegment>,
     /// A segment being zero-filled ahead of need under its temp name.
     spare: Option<(SegmentNo, std::thread::JoinHandle<Result<(), StorageError>>)>,
-    /// Handle of the segment last read with `pread`.
-    read_handle: Option<(SegmentNo, File)>,
+    /// Reads with `pread` (recovery and `read`).
+    reader: SegmentReader,
     stats: SegmentStorageStats,
 }
 
@@ -169,7 +170,7 @@ impl SegmentStorage {
             recovery_pending: !segments.is_empty(),
             sync_failed: false,
             mapped: Vec::with_capacity(MAX_MAPPED_SEGMENTS),
-            read_handle: None,
+            reader: SegmentReader::new(dir, segment_size),
             spare: None,
             stats: SegmentStorageStats::default(),
         })
@@ -209,7 +210,7 @@ impl SegmentStorage {
     pub fn remove_all_segments(&mut self) -> Result<(), StorageError> {
         self.guarded(|storage| {
             storage.mapped.clear();
-            storage.read_handle = None;
+            storage.reader.forget_from(SegmentNo(0));
             storage.remove_segments_from(storage.first_segment)?;
             storage.recovery_pending = false;
             storage.write_lsn = Lsn::INVALID;
@@ -402,9 +403,7 @@ impl SegmentStorage {
         let later = SegmentNo(end_segment.0 + 1);
         // Bytes of later segments are being discarded: unmap without msync.
         self.mapped.retain(|m| m.segment < later);
-        if self.read_handle.as_ref().is_some_and(|(segment, _)| *segment >= later) {
-            self.read_handle = None;
-        }
+        self.reader.forget_from(later);
         if self.has_file(end_segment) {
             let offset = end.segment_offset(self.segment_size) as usize;
             let mapped = self.mapped_segment(end_segment)?;
@@ -420,6 +419,29 @@ impl SegmentStorage {
         self.write_lsn = end;
         self.flush_lsn = end;
         Ok(())
+    }
+
+    /// Remove segment files below `end_removed`, lowest first (the files
+    /// left stay contiguous if we die midway), then fsync the directory.
+    fn remove_segments_below(&mut self, end_removed: SegmentNo) -> Result<(), StorageError> {
+        let end_removed = end_removed.min(self.end_segment);
+        if self.first_segment >= end_removed {
+            return Ok(());
+        }
+        // Below the flush LSN, so synced already; sync anyway rather than
+        // reason about a map being dropped dirty.
+        for mapped in self.mapped.iter_mut().filter(|m| m.segment < end_removed) {
+            self.stats.msyncs += u64::from(mapped.sync()?);
+        }
+        self.mapped.retain(|m| m.segment >= end_removed);
+        self.reader.forget_from(SegmentNo(0));
+        while self.first_segment < end_removed {
+            let path = self.segment_path(self.first_segment);
+            fs::remove_file(&path).map_err(|e| io_error(format!("removing {}", path.display()), e))?;
+            self.first_segment = SegmentNo(self.first_segment.0 + 1);
+            self.stats.segments_removed += 1;
+        }
+        fsync_dir(&self.dir)
     }
 
     /// Remove segment files `>= first_removed`, highest first, then fsync
@@ -442,18 +464,6 @@ impl SegmentStorage {
             self.end_segment = SegmentNo(0);
         }
         fsync_dir(&self.dir)
-    }
-
-    /// `pread` exactly `buf.len()` bytes of `segment` at `offset`.
-    fn pread(&mut self, segment: SegmentNo, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        let path = self.segment_path(segment);
-        if self.read_handle.as_ref().is_none_or(|(cached, _)| *cached != segment) {
-            let file = File::open(&path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
-            self.read_handle = Some((segment, file));
-        }
-        let (_, file) = self.read_handle.as_ref().expect("handle opened above");
-        file.read_exact_at(buf, offset)
-            .map_err(|e| io_error(format!("reading {} bytes at offset {offset} of {}", buf.len(), path.display()), e))
     }
 
     /// End of the bytes `read` may return.
@@ -574,18 +584,20 @@ impl WalStorage for SegmentStorage {
         if start < kept_start || end > kept_end {
             return Err(StorageError::RangeNotAvailable { start, end, kept_start, kept_end });
         }
-        let mut pos = start;
-        let mut filled = 0;
-        while filled < buf.len() {
-            let segment = pos.segment_no(self.segment_size);
-            let offset = pos.segment_offset(self.segment_size);
-            let len = ((self.segment_size.bytes() - offset) as usize).min(buf.len() - filled);
-            self.pread(segment, offset, &mut buf[filled..filled + len])?;
-            filled += len;
-            pos = pos + len as u64;
-        }
+        self.reader.read_exact(start, buf)?;
         self.stats.bytes_read += buf.len() as u64;
         Ok(())
+    }
+
+    fn remove_below(&mut self, end: Lsn) -> Result<(), StorageError> {
+        assert!(!self.recovery_pending, "remove_below before recovery set the end of WAL");
+        assert!(end.is_segment_start(self.segment_size), "retention removes whole segments, {end} is not a boundary");
+        assert!(
+            end <= self.flush_lsn.segment_start(self.segment_size),
+            "removing WAL below {end} would remove the segment of the flush LSN {}",
+            self.flush_lsn
+        );
+        self.guarded(|storage| storage.remove_segments_below(end.segment_no(storage.segment_size)))
     }
 }
 

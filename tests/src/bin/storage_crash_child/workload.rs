@@ -38,6 +38,7 @@ pub fn new_control_state(commit_lsn: Lsn) -> ControlState {
         term_history: TermHistory(vec![TermStart { term: Term(1), start_lsn: START_LSN }]),
         timeline_start_lsn: START_LSN,
         commit_lsn,
+        remote_consistent_lsn: Lsn::INVALID,
     }
 }
 
