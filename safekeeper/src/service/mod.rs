@@ -10,7 +10,9 @@
 //! - [`owner`]: a timeline's owner thread and its group commit.
 //! - [`replies`]: how replies get from an owner onto a connection's socket.
 //! - [`registry`]: the timelines: recovery at startup, atomic creation.
-//! - [`http`]: `GET /v1/status` and `GET /v1/tenant/{t}/timeline/{l}`.
+//! - [`http`]: the HTTP API (status, WAL, segments, feedback, metrics).
+//! - [`consumers`]: who is reading a timeline's WAL.
+//! - [`metrics`]: Prometheus metrics.
 
 pub mod connection;
 pub mod consumers;

@@ -1,0 +1,187 @@
+//! The HTTP API (axum); docs/http-api.md is its contract.
+//!
+//! - this file: the router, JSON errors, status, feedback, deletion, metrics;
+//! - [`wal`]: serving committed WAL (`/wal` byte ranges and whole segments).
+//!
+//! Every error is JSON `{"error": "..."}`; a client's mistake is a 4xx,
+//! never a 500.
+
+mod wal;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::metrics::TimelineGauges;
+use super::registry::TimelineHandle;
+use super::{ServiceState, SHUTDOWN_TIMEOUT};
+use crate::ids::{TenantId, TimelineId};
+use crate::lsn::Lsn;
+
+pub fn router(state: Arc<ServiceState>) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
+    let timeline = "/v1/tenant/{tenant_id}/timeline/{timeline_id}";
+    Router::new()
+        .route("/v1/status", get(node_status))
+        .route("/v1/timelines", get(list_timelines))
+        .route("/metrics", get(metrics))
+        .route(timeline, get(timeline_status).delete(delete_timeline))
+        .route(&format!("{timeline}/feedback"), post(feedback))
+        .route(&format!("{timeline}/wal"), get(wal::get_wal))
+        .route(&format!("{timeline}/segment/{{name}}"), get(wal::get_segment))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>()
+}
+
+/// An error answer: status code and a message for the JSON body.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// The timeline named by the path, or a 400 (bad id) / 404 (unknown).
+fn lookup(state: &ServiceState, tenant_id: &str, timeline_id: &str) -> Result<Arc<TimelineHandle>, ApiError> {
+    let (tenant_id, timeline_id) = parse_ids(tenant_id, timeline_id)?;
+    state.timelines.get(tenant_id, timeline_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
+        )
+    })
+}
+
+fn parse_ids(tenant_id: &str, timeline_id: &str) -> Result<(TenantId, TimelineId), ApiError> {
+    let bad_request = |e: crate::ids::IdParseError| ApiError::bad_request(e.to_string());
+    Ok((tenant_id.parse().map_err(bad_request)?, timeline_id.parse().map_err(bad_request)?))
+}
+
+/// Parse an LSN given by a client, naming the parameter in the error.
+fn parse_lsn(name: &str, text: &str) -> Result<Lsn, ApiError> {
+    text.parse().map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
+}
+
+async fn node_status(State(state): State<Arc<ServiceState>>) -> Json<Value> {
+    let timelines: Vec<Value> = state
+        .timelines
+        .list()
+        .iter()
+        .map(|handle| {
+            let snapshot = handle.snapshot();
+            json!({
+                "tenant_id": snapshot.tenant_id,
+                "timeline_id": snapshot.timeline_id,
+                "term": snapshot.term,
+                "flush_lsn": snapshot.flush_lsn,
+                "commit_lsn": snapshot.commit_lsn,
+                "connected_proposers": handle.connected_proposers(),
+            })
+        })
+        .collect();
+    Json(json!({
+        "node_id": state.node_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started_at.elapsed().as_secs(),
+        "timelines": timelines,
+    }))
+}
+
+async fn list_timelines(State(state): State<Arc<ServiceState>>) -> Json<Value> {
+    let ids: Vec<Value> = state
+        .timelines
+        .list()
+        .iter()
+        .map(|handle| {
+            let snapshot = handle.snapshot();
+            json!({ "tenant_id": snapshot.tenant_id, "timeline_id": snapshot.timeline_id })
+        })
+        .collect();
+    Json(Value::Array(ids))
+}
+
+/// Everything an operator needs about one timeline.
+fn timeline_json(handle: &TimelineHandle) -> Json<Value> {
+    let mut body = serde_json::to_value(handle.snapshot()).expect("a snapshot always serializes");
+    body["connected_proposers"] = json!(handle.connected_proposers());
+    body["consumers"] = json!(handle.consumers.list());
+    Json(body)
+}
+
+async fn timeline_status(
+    State(state): State<Arc<ServiceState>>,
+    Path((tenant_id, timeline_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let handle = lookup(&state, &tenant_id, &timeline_id)?;
+    Ok(timeline_json(&handle))
+}
+
+#[derive(Deserialize)]
+struct Feedback {
+    remote_consistent_lsn: String,
+}
+
+async fn feedback(
+    State(state): State<Arc<ServiceState>>,
+    Path((tenant_id, timeline_id)): Path<(String, String)>,
+    body: Result<Json<Feedback>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let handle = lookup(&state, &tenant_id, &timeline_id)?;
+    let Json(feedback) = body.map_err(|e| ApiError::bad_request(format!("feedback body: {}", e.body_text())))?;
+    let lsn = parse_lsn("remote_consistent_lsn", &feedback.remote_consistent_lsn)?;
+    handle.note_remote_consistent_lsn(lsn);
+    Ok(timeline_json(&handle))
+}
+
+async fn delete_timeline(
+    State(state): State<Arc<ServiceState>>,
+    Path((tenant_id, timeline_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant_id, timeline_id) = parse_ids(&tenant_id, &timeline_id)?;
+    match state.timelines.delete(tenant_id, timeline_id, SHUTDOWN_TIMEOUT).await {
+        Ok(true) => Ok(Json(json!({ "deleted": true }))),
+        Ok(false) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
+        )),
+        Err(error) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("deleting: {error:#}"))),
+    }
+}
+
+async fn metrics(State(state): State<Arc<ServiceState>>) -> Response {
+    let metrics = &state.timelines.metrics;
+    for handle in state.timelines.list() {
+        let s = handle.snapshot();
+        let gauges = TimelineGauges {
+            flush_lsn: s.flush_lsn.0,
+            commit_lsn: s.commit_lsn.0,
+            remote_consistent_lsn: s.remote_consistent_lsn.0,
+            oldest_kept_lsn: s.oldest_kept_lsn.0,
+            term: s.term.0,
+            disk_bytes: s.disk_bytes,
+            connected_proposers: handle.connected_proposers(),
+            connected_consumers: handle.consumers.count(),
+        };
+        metrics.set_gauges(s.tenant_id, s.timeline_id, &gauges);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.encode()).into_response()
+}

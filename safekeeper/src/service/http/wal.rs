@@ -1,0 +1,222 @@
+//! Serving committed WAL over HTTP: `GET .../wal` (a byte range, long poll)
+//! and `GET .../segment/{name}` (one whole committed segment).
+//!
+//! Both read the segment files directly (`SegmentReader`), chunk by chunk on
+//! blocking threads, and stream the chunks: memory per response is one
+//! chunk, whatever the range. The range never goes past the commit LSN seen
+//! when the response starts, and committed bytes never change, so reading
+//! beside the owner thread needs no coordination with it. Retention may
+//! remove a segment meanwhile: before the headers are sent that is a 410;
+//! after, the body is cut short (the client sees fewer bytes than
+//! `x-end-lsn` promised, or curl's "partial file").
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use prometheus::IntCounter;
+use serde::Deserialize;
+
+use super::{lookup, parse_lsn, ApiError};
+use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use crate::service::consumers::{ConsumerGuard, ConsumerKind};
+use crate::service::owner::TimelineSnapshot;
+use crate::service::registry::TimelineHandle;
+use crate::service::ServiceState;
+use crate::storage::reader::SegmentReader;
+use crate::storage::segments::PG_TIMELINE_ID;
+use crate::storage::StorageError;
+
+/// Bytes read from disk and sent as one body chunk.
+pub const READ_CHUNK_BYTES: usize = 1 << 20;
+/// Longest long poll a client may ask for; larger `wait_ms` is clamped.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+#[derive(Deserialize)]
+pub struct WalParams {
+    start_lsn: Option<String>,
+    end_lsn: Option<String>,
+    wait_ms: Option<String>,
+}
+
+pub async fn get_wal(
+    State(state): State<Arc<ServiceState>>,
+    Path((tenant_id, timeline_id)): Path<(String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    params: Result<Query<WalParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let handle = lookup(&state, &tenant_id, &timeline_id)?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let start = parse_lsn("start_lsn", params.start_lsn.as_deref().ok_or_else(|| missing("start_lsn"))?)?;
+    let end_limit = params.end_lsn.as_deref().map(|text| parse_lsn("end_lsn", text)).transpose()?;
+    if end_limit.is_some_and(|end| end < start) {
+        return Err(ApiError::bad_request(format!("end_lsn {} is below start_lsn {start}", end_limit.unwrap())));
+    }
+    let wait = match params.wait_ms.as_deref() {
+        None => Duration::ZERO,
+        Some(text) => {
+            let ms: u64 = text.parse().map_err(|_| ApiError::bad_request(format!("wait_ms: not a number: {text:?}")))?;
+            Duration::from_millis(ms.min(MAX_WAIT_MS))
+        }
+    };
+    let mut snapshot = handle.snapshot();
+    check_kept(&snapshot, start)?;
+    if snapshot.commit_lsn <= start && !wait.is_zero() {
+        snapshot = wait_for_commit_past(&handle, start, wait).await;
+        check_kept(&snapshot, start)?;
+    }
+    let end = snapshot.commit_lsn.min(end_limit.unwrap_or(Lsn(u64::MAX))).max(start);
+    let body = stream_range(&handle, &snapshot, start, end, ConsumerKind::Http, peer).await?;
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: String| {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from_str(&value).expect("LSNs are ASCII"));
+    };
+    set("x-start-lsn", start.to_string());
+    set("x-end-lsn", end.to_string());
+    set("x-commit-lsn", snapshot.commit_lsn.to_string());
+    set("x-flush-lsn", snapshot.flush_lsn.to_string());
+    set("x-term", snapshot.term.0.to_string());
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Ok(response)
+}
+
+pub async fn get_segment(
+    State(state): State<Arc<ServiceState>>,
+    Path((tenant_id, timeline_id, name)): Path<(String, String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    let handle = lookup(&state, &tenant_id, &timeline_id)?;
+    let snapshot = handle.snapshot();
+    let segment_size = segment_size_of(&snapshot);
+    let (pg_timeline, segment) = SegmentNo::parse_file_name(&name, segment_size)
+        .map_err(|e| ApiError::bad_request(format!("segment name: {e}")))?;
+    let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, format!("segment {name}: {why}"));
+    if pg_timeline != PG_TIMELINE_ID {
+        return Err(not_found(format!("only Postgres timeline {PG_TIMELINE_ID} is stored here")));
+    }
+    let start = segment.start_lsn(segment_size);
+    let end = start + segment_size.bytes();
+    if !snapshot.timeline_start_lsn.is_valid() || start < snapshot.timeline_start_lsn {
+        return Err(not_found(format!("before this timeline's WAL starts ({})", snapshot.timeline_start_lsn)));
+    }
+    check_kept(&snapshot, start)?;
+    if snapshot.commit_lsn < end {
+        return Err(not_found(format!("not fully committed yet (commit LSN {})", snapshot.commit_lsn)));
+    }
+    let body = stream_range(&handle, &snapshot, start, end, ConsumerKind::Http, peer).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::CONTENT_LENGTH, HeaderValue::from(segment_size.bytes())),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn missing(name: &str) -> ApiError {
+    ApiError::bad_request(format!("query parameter {name} is required"))
+}
+
+fn segment_size_of(snapshot: &TimelineSnapshot) -> WalSegmentSize {
+    WalSegmentSize::new(snapshot.wal_seg_size).expect("a timeline's segment size was checked at creation")
+}
+
+/// 410 if `lsn` is below the WAL still kept.
+fn check_kept(snapshot: &TimelineSnapshot, lsn: Lsn) -> Result<(), ApiError> {
+    if snapshot.oldest_kept_lsn.is_valid() && lsn < snapshot.oldest_kept_lsn {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "WAL at {lsn} was removed; this safekeeper keeps WAL from {} (start from a snapshot)",
+                snapshot.oldest_kept_lsn
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Wait up to `wait` for the commit LSN to pass `start`; the last snapshot.
+async fn wait_for_commit_past(handle: &TimelineHandle, start: Lsn, wait: Duration) -> TimelineSnapshot {
+    let mut snapshots = handle.watch_snapshot();
+    // A closed channel (owner gone) or the timeout: answer with what we have.
+    let _ = tokio::time::timeout(wait, snapshots.wait_for(|s| s.commit_lsn > start)).await;
+    let latest = snapshots.borrow().clone();
+    latest
+}
+
+/// The body streaming `[start, end)`. The first chunk is read before the
+/// headers go out, so a removed segment is still a clean 410.
+async fn stream_range(
+    handle: &Arc<TimelineHandle>,
+    snapshot: &TimelineSnapshot,
+    start: Lsn,
+    end: Lsn,
+    kind: ConsumerKind,
+    peer: SocketAddr,
+) -> Result<Body, ApiError> {
+    let reader = SegmentReader::new(&handle.dir, segment_size_of(snapshot));
+    let guard = handle.consumers.register(kind, peer.to_string(), start);
+    let chunks = ChunkReader { reader, pos: start, end, guard, served: handle.shared.metrics.wal_bytes_served.clone() };
+    let (chunks, first) = chunks.next_chunk().await;
+    let first = match first {
+        None => return Ok(Body::empty()),
+        Some(Ok(bytes)) => bytes,
+        Some(Err(StorageError::SegmentRemoved { .. })) => {
+            check_kept(&handle.snapshot(), start)?;
+            return Err(ApiError::new(StatusCode::GONE, format!("WAL at {start} was removed meanwhile")));
+        }
+        Some(Err(error)) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())),
+    };
+    let rest = stream::unfold(Some(chunks), |chunks| async move {
+        let (chunks, next) = chunks?.next_chunk().await;
+        match next? {
+            Ok(bytes) => Some((Ok(bytes), Some(chunks))),
+            Err(error) => {
+                tracing::warn!("WAL stream cut short: {error}");
+                Some((Err(std::io::Error::other(error.to_string())), None))
+            }
+        }
+    });
+    Ok(Body::from_stream(stream::once(async { Ok::<_, std::io::Error>(first) }).chain(rest)))
+}
+
+/// Reads `[pos, end)` chunk by chunk on blocking threads.
+struct ChunkReader {
+    reader: SegmentReader,
+    pos: Lsn,
+    end: Lsn,
+    guard: ConsumerGuard,
+    served: IntCounter,
+}
+
+impl ChunkReader {
+    /// The next chunk, or `None` at the end.
+    async fn next_chunk(mut self) -> (Self, Option<Result<Bytes, StorageError>>) {
+        if self.pos >= self.end {
+            return (self, None);
+        }
+        let len = ((self.end - self.pos) as usize).min(READ_CHUNK_BYTES);
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            let result = self.reader.read_exact(self.pos, &mut buf).map(|()| Bytes::from(buf));
+            (self, result)
+        })
+        .await;
+        let (mut chunks, result) = joined.expect("reading a segment file does not panic");
+        if result.is_ok() {
+            chunks.pos = chunks.pos + len as u64;
+            chunks.guard.set_position(chunks.pos);
+            chunks.served.inc_by(len as u64);
+        }
+        (chunks, Some(result))
+    }
+}
