@@ -171,8 +171,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (Some(id), Some(datadir)) = (args.id, args.datadir) else {
         anyhow::bail!("serving needs --id and --datadir");
     };
-    let config =
-        ServiceConfig {
+    let config = ServiceConfig {
         node_id: NodeId(id),
         datadir,
         listen_pg: args.listen_pg,

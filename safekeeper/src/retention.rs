@@ -22,12 +22,7 @@ pub struct RetentionPolicy {
 impl RetentionPolicy {
     /// The segment start below which every segment may be removed (`Lsn(0)`:
     /// nothing may go).
-    pub fn removable_end(
-        &self,
-        commit_lsn: Lsn,
-        remote_consistent_lsn: Lsn,
-        segment_size: WalSegmentSize,
-    ) -> Lsn {
+    pub fn removable_end(&self, commit_lsn: Lsn, remote_consistent_lsn: Lsn, segment_size: WalSegmentSize) -> Lsn {
         let confirmed = commit_lsn.min(remote_consistent_lsn);
         let slack_bytes = segment_size.bytes().saturating_add(self.keep_bytes);
         let end = Lsn(confirmed.0.saturating_sub(slack_bytes)).segment_start(segment_size);

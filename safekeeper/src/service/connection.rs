@@ -1,5 +1,7 @@
-//! One client connection on the pg port: startup, then simple queries until
-//! START_WAL_PUSH hands the connection to [`super::push`].
+//! One client connection on the pg port: startup, then simple queries
+//! (`super::commands`) until START_WAL_PUSH hands the connection to
+//! [`super::push`]; START_REPLICATION streams ([`super::replication`]) and
+//! returns here when the client ends the copy.
 //!
 //! Time limits: the startup packet must arrive within [`STARTUP_TIMEOUT`]
 //! (an idle half-open connection must not hold a connection slot); once a
@@ -14,13 +16,17 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use super::commands::{parse_command, Command};
 use super::errors::{sqlstate, PgError};
 use super::pg_wire::{
     encode, printable, protocol_violation, query_text, read_frame, read_startup_packet, tag, StartupRequest,
     StartupSettings, WireError, MAX_QUERY_MESSAGE_BYTES,
 };
+use super::registry::TimelineHandle;
+use super::replication::{self, StreamEnd};
 use super::{push, ServiceState};
 use crate::ids::{TenantId, TimelineId};
+use crate::storage::segments::PG_TIMELINE_ID;
 use std::sync::Arc;
 
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,14 +38,12 @@ pub const READ_BUFFER_BYTES: usize = 64 << 10;
 /// SSL and GSS requests answered before the startup packet (one of each).
 const MAX_ENCRYPTION_REQUESTS: usize = 2;
 pub const SERVER_VERSION: &str = "15.0 (safekeeper)";
-const START_WAL_PUSH: &str = "START_WAL_PUSH";
-/// Characters of an unknown query quoted back in the error.
-const QUOTED_QUERY_CHARS: usize = 80;
 
 pub type Reader = BufReader<OwnedReadHalf>;
 
 /// Serve one connection until it ends; never panics on client bytes.
 pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u64) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".to_string());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let settings = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&mut reader, &mut write)).await {
@@ -51,11 +55,11 @@ pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u
             return send_error(&mut write, protocol_violation(message).into()).await;
         }
     };
-    match query_loop(&mut reader, &mut write, &settings).await {
-        Ok(Some((tenant_id, timeline_id))) => {
+    match query_loop(reader, &mut write, &settings, &state, &peer).await {
+        Ok(SessionEnd::Push(tenant_id, timeline_id, reader)) => {
             push::run(state, connection_id, tenant_id, timeline_id, reader, write).await;
         }
-        Ok(None) => {}
+        Ok(SessionEnd::Closed) => {}
         Err(error) => send_error(&mut write, error).await,
     }
 }
@@ -113,41 +117,72 @@ fn timeline_ids(settings: &StartupSettings) -> Result<Option<(TenantId, Timeline
     Ok(tenant_id.zip(timeline_id))
 }
 
-/// Simple queries until START_WAL_PUSH (returns its timeline) or Terminate
-/// (returns `None`). An unknown command is an ERROR and the session goes
-/// on, as in Postgres; a protocol violation ends it.
+/// What the session does after its simple queries.
+enum SessionEnd {
+    Push(TenantId, TimelineId, Reader),
+    Closed,
+}
+
+/// Simple queries until START_WAL_PUSH (returns its timeline) or Terminate.
+/// START_REPLICATION streams and comes back here when the client ends the
+/// copy. A command we do not know or a protocol violation ends the session
+/// (like any bad input on this port); a command we know but cannot serve
+/// (a timeline we do not have, WAL already removed) is an ERROR and the
+/// session goes on, as in Postgres.
 async fn query_loop(
-    reader: &mut Reader,
+    mut reader: Reader,
     write: &mut OwnedWriteHalf,
     settings: &StartupSettings,
-) -> Result<Option<(TenantId, TimelineId)>, WireError> {
+    state: &ServiceState,
+    peer: &str,
+) -> Result<SessionEnd, WireError> {
     loop {
-        let frame = read_frame(reader, MAX_QUERY_MESSAGE_BYTES, FRAME_TIMEOUT).await?;
+        let frame = read_frame(&mut reader, MAX_QUERY_MESSAGE_BYTES, FRAME_TIMEOUT).await?;
         let mut out = BytesMut::new();
         match frame.tag {
             tag::QUERY => {
-                let query = query_text(&frame.body)?;
-                let command = query.trim().trim_end_matches(';').trim_end();
-                if command.is_empty() {
-                    encode::empty_query_response(&mut out);
-                } else if command.eq_ignore_ascii_case(START_WAL_PUSH) {
-                    match timeline_ids(settings)? {
-                        Some(ids) => return Ok(Some(ids)),
-                        None => encode::error_response(&mut out, &missing_ids()),
+                let command = parse_command(&query_text(&frame.body)?)
+                    .map_err(|e| PgError::fatal(sqlstate::SYNTAX_ERROR, e.to_string()))?;
+                let answered = match command {
+                    Command::Empty => {
+                        encode::empty_query_response(&mut out);
+                        Ok(())
                     }
-                } else {
-                    // Like any other bad input on this port: refuse and close.
-                    return Err(unknown_command(command).into());
+                    Command::StartWalPush => match timeline_ids(settings)? {
+                        Some((tenant_id, timeline_id)) => return Ok(SessionEnd::Push(tenant_id, timeline_id, reader)),
+                        None => Err(missing_ids()),
+                    },
+                    Command::IdentifySystem => {
+                        resolve_timeline(state, settings).map(|handle| identify_system(&mut out, &handle))
+                    }
+                    Command::Show(name) => show(&mut out, state, settings, &name),
+                    Command::StartReplication(request) => {
+                        match resolve_timeline(state, settings)
+                            .and_then(|handle| replication::check_request(&handle, &request).map(|()| handle))
+                        {
+                            Ok(handle) => {
+                                match replication::run(handle, &request, reader, write, peer.to_string()).await? {
+                                    StreamEnd::CopyDone(returned) => reader = returned,
+                                    StreamEnd::Closed => return Ok(SessionEnd::Closed),
+                                }
+                                Ok(())
+                            }
+                            Err(error) => Err(error),
+                        }
+                    }
+                };
+                if let Err(error) = answered {
+                    encode::error_response(&mut out, &error);
                 }
                 encode::ready_for_query(&mut out);
             }
-            tag::TERMINATE => return Ok(None),
+            tag::TERMINATE => return Ok(SessionEnd::Closed),
             other if tag::EXTENDED_QUERY.contains(&other) => {
                 let message = "the extended query protocol is not supported; send simple queries".to_string();
                 return Err(PgError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, message).into());
             }
             other => {
-                let message = format!("unexpected message type '{}' before START_WAL_PUSH", printable(other));
+                let message = format!("unexpected message type '{}' outside of a copy", printable(other));
                 return Err(protocol_violation(message).into());
             }
         }
@@ -155,22 +190,77 @@ async fn query_loop(
     }
 }
 
+/// The timeline a replication client means: the one named at startup, or
+/// the only timeline here (so plain `pg_receivewal -h -p` works against a
+/// single-timeline safekeeper).
+fn resolve_timeline(state: &ServiceState, settings: &StartupSettings) -> Result<Arc<TimelineHandle>, PgError> {
+    match timeline_ids(settings)? {
+        Some((tenant_id, timeline_id)) => state.timelines.get(tenant_id, timeline_id).ok_or_else(|| {
+            PgError::error(
+                sqlstate::UNDEFINED_OBJECT,
+                format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
+            )
+        }),
+        None => match state.timelines.list().as_slice() {
+            [only] => Ok(only.clone()),
+            [] => Err(PgError::error(sqlstate::UNDEFINED_OBJECT, "this safekeeper has no timeline yet".to_string())),
+            _ => Err(missing_ids()),
+        },
+    }
+}
+
+/// IDENTIFY_SYSTEM as a walsender answers it; the WAL position is the
+/// commit LSN (nothing beyond it is ever streamed).
+fn identify_system(out: &mut BytesMut, handle: &TimelineHandle) {
+    let snapshot = handle.snapshot();
+    encode::row_description(
+        out,
+        &[
+            ("systemid", encode::TEXT_OID),
+            ("timeline", encode::INT4_OID),
+            ("xlogpos", encode::TEXT_OID),
+            ("dbname", encode::TEXT_OID),
+        ],
+    );
+    let system_id = snapshot.system_id.0.to_string();
+    let timeline = PG_TIMELINE_ID.to_string();
+    let position = snapshot.commit_lsn.to_string();
+    encode::data_row(out, &[Some(&system_id), Some(&timeline), Some(&position), None]);
+    encode::command_complete(out, "IDENTIFY_SYSTEM");
+}
+
+/// SHOW for the settings replication clients ask about.
+fn show(out: &mut BytesMut, state: &ServiceState, settings: &StartupSettings, name: &str) -> Result<(), PgError> {
+    let value = match name {
+        "wal_segment_size" => {
+            let bytes = resolve_timeline(state, settings)?.snapshot().wal_seg_size;
+            // Postgres's GUC unit display; clients parse "<n>MB" / "<n>GB".
+            if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+                format!("{}GB", bytes >> 30)
+            } else {
+                format!("{}MB", bytes >> 20)
+            }
+        }
+        "server_version" => SERVER_VERSION.to_string(),
+        "integer_datetimes" => "on".to_string(),
+        _ => {
+            return Err(PgError::error(
+                sqlstate::UNDEFINED_OBJECT,
+                format!("unrecognized configuration parameter \"{name}\""),
+            ))
+        }
+    };
+    encode::row_description(out, &[(name, encode::TEXT_OID)]);
+    encode::data_row(out, &[Some(&value)]);
+    encode::command_complete(out, "SHOW");
+    Ok(())
+}
+
 fn missing_ids() -> PgError {
     PgError::error(
         sqlstate::INVALID_PARAMETER_VALUE,
-        "START_WAL_PUSH needs the startup parameters tenant_id and timeline_id \
+        "name the timeline with the startup parameters tenant_id and timeline_id \
          (or options '-c tenant_id=<32 hex> -c timeline_id=<32 hex>')"
             .to_string(),
-    )
-}
-
-fn unknown_command(command: &str) -> PgError {
-    let mut quoted: String = command.chars().take(QUOTED_QUERY_CHARS).collect();
-    if quoted.len() < command.len() {
-        quoted.push_str("...");
-    }
-    PgError::fatal(
-        sqlstate::SYNTAX_ERROR,
-        format!("unsupported command \"{quoted}\": this safekeeper port accepts only {START_WAL_PUSH}"),
     )
 }

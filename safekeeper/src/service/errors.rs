@@ -23,6 +23,9 @@ pub mod sqlstate {
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const DISK_FULL: &str = "53100";
     pub const IO_ERROR: &str = "58030";
+    /// Postgres's "requested WAL segment has already been removed".
+    pub const UNDEFINED_FILE: &str = "58P01";
+    pub const UNDEFINED_OBJECT: &str = "42704";
     /// The timeline's owner is gone (it stopped after a storage error, or
     /// the server is shutting down).
     pub const ADMIN_SHUTDOWN: &str = "57P01";

@@ -6,14 +6,18 @@
 //! - [`pg_wire`]: server side of the Postgres v3 protocol (framing, bounds).
 //! - [`errors`]: ErrorResponse values and their SQLSTATEs.
 //! - [`connection`]: one connection: startup and simple queries.
+//! - [`commands`]: the simple-query commands, parsed.
 //! - [`push`]: START_WAL_PUSH, the CopyBoth phase.
+//! - [`replication`]: START_REPLICATION for pg_receivewal and standbys.
 //! - [`owner`]: a timeline's owner thread and its group commit.
 //! - [`replies`]: how replies get from an owner onto a connection's socket.
 //! - [`registry`]: the timelines: recovery at startup, atomic creation.
 //! - [`http`]: the HTTP API (status, WAL, segments, feedback, metrics).
 //! - [`consumers`]: who is reading a timeline's WAL.
+//! - [`wal_reader`]: reading committed WAL for consumers.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod commands;
 pub mod connection;
 pub mod consumers;
 pub mod errors;
@@ -23,7 +27,9 @@ pub mod owner;
 pub mod pg_wire;
 pub mod push;
 pub mod registry;
+pub mod replication;
 pub mod replies;
+pub mod wal_reader;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

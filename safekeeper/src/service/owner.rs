@@ -89,6 +89,12 @@ pub struct TimelineSnapshot {
     pub stopped_by_error: Option<String>,
 }
 
+impl TimelineSnapshot {
+    pub fn segment_size(&self) -> crate::lsn::WalSegmentSize {
+        crate::lsn::WalSegmentSize::new(self.wal_seg_size).expect("a timeline's segment size was checked at creation")
+    }
+}
+
 fn snapshot_of(timeline: &FileTimeline, removed_segments: u64) -> TimelineSnapshot {
     let acceptor = timeline.acceptor();
     let state = acceptor.state();

@@ -41,6 +41,8 @@ pub mod tag {
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
     pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const DATA_ROW: u8 = b'D';
     pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
     /// Extended-query messages: refused (simple protocol only).
     pub const EXTENDED_QUERY: &[u8] = b"PBEDSHF";
@@ -255,6 +257,56 @@ pub mod encode {
 
     pub fn copy_data(out: &mut BytesMut, payload: &[u8]) {
         message(out, tag::COPY_DATA, |out| out.put_slice(payload));
+    }
+
+    pub fn copy_done(out: &mut BytesMut) {
+        message(out, tag::COPY_DONE, |_| {});
+    }
+
+    pub fn command_complete(out: &mut BytesMut, command_tag: &str) {
+        message(out, tag::COMMAND_COMPLETE, |out| cstring(out, command_tag));
+    }
+
+    /// Type OIDs of the columns we return.
+    pub const TEXT_OID: u32 = 25;
+    pub const INT4_OID: u32 = 23;
+    pub const INT8_OID: u32 = 20;
+
+    /// A RowDescription of text-format columns `(name, type oid)`.
+    pub fn row_description(out: &mut BytesMut, columns: &[(&str, u32)]) {
+        message(out, tag::ROW_DESCRIPTION, |out| {
+            out.put_u16(u16::try_from(columns.len()).expect("a handful of columns"));
+            for &(name, type_oid) in columns {
+                cstring(out, name);
+                out.put_u32(0); // table oid
+                out.put_u16(0); // column number
+                out.put_u32(type_oid);
+                let type_len_bytes: i16 = match type_oid {
+                    INT4_OID => 4,
+                    INT8_OID => 8,
+                    _ => -1,
+                };
+                out.put_i16(type_len_bytes);
+                out.put_i32(-1); // type modifier
+                out.put_u16(0); // text format
+            }
+        });
+    }
+
+    /// A DataRow of text values (`None` is SQL NULL).
+    pub fn data_row(out: &mut BytesMut, values: &[Option<&str>]) {
+        message(out, tag::DATA_ROW, |out| {
+            out.put_u16(u16::try_from(values.len()).expect("a handful of columns"));
+            for value in values {
+                match value {
+                    Some(text) => {
+                        out.put_u32(u32::try_from(text.len()).expect("short values"));
+                        out.put_slice(text.as_bytes());
+                    }
+                    None => out.put_i32(-1),
+                }
+            }
+        });
     }
 }
 

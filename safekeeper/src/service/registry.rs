@@ -17,8 +17,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::errors::{sqlstate, PgError};
 use super::consumers::Consumers;
+use super::errors::{sqlstate, PgError};
 use super::metrics::Metrics;
 use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineShared, TimelineSnapshot};
 use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
@@ -246,7 +246,12 @@ impl Timelines {
     /// `<timeline>.deleting` (fsynced) first, so a crash midway leaves no
     /// half-deleted timeline that startup would try to recover; startup
     /// finishes such a removal. `false` if the timeline does not exist.
-    pub async fn delete(&self, tenant_id: TenantId, timeline_id: TimelineId, timeout: Duration) -> anyhow::Result<bool> {
+    pub async fn delete(
+        &self,
+        tenant_id: TenantId,
+        timeline_id: TimelineId,
+        timeout: Duration,
+    ) -> anyhow::Result<bool> {
         let Some(handle) = self.entries().remove(&(tenant_id, timeline_id)) else {
             return Ok(false);
         };

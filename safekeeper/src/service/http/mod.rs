@@ -26,7 +26,9 @@ use super::{ServiceState, SHUTDOWN_TIMEOUT};
 use crate::ids::{TenantId, TimelineId};
 use crate::lsn::Lsn;
 
-pub fn router(state: Arc<ServiceState>) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
+pub fn router(
+    state: Arc<ServiceState>,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
     let timeline = "/v1/tenant/{tenant_id}/timeline/{timeline_id}";
     Router::new()
         .route("/v1/status", get(node_status))

@@ -19,18 +19,16 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
-use prometheus::IntCounter;
 use serde::Deserialize;
 
 use super::{lookup, parse_lsn, ApiError};
 use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
-use crate::service::consumers::{ConsumerGuard, ConsumerKind};
+use crate::service::consumers::ConsumerKind;
 use crate::service::owner::TimelineSnapshot;
 use crate::service::registry::TimelineHandle;
+use crate::service::wal_reader::ChunkReader;
 use crate::service::ServiceState;
-use crate::storage::reader::SegmentReader;
 use crate::storage::segments::PG_TIMELINE_ID;
 use crate::storage::StorageError;
 
@@ -62,7 +60,8 @@ pub async fn get_wal(
     let wait = match params.wait_ms.as_deref() {
         None => Duration::ZERO,
         Some(text) => {
-            let ms: u64 = text.parse().map_err(|_| ApiError::bad_request(format!("wait_ms: not a number: {text:?}")))?;
+            let ms: u64 =
+                text.parse().map_err(|_| ApiError::bad_request(format!("wait_ms: not a number: {text:?}")))?;
             Duration::from_millis(ms.min(MAX_WAIT_MS))
         }
     };
@@ -127,7 +126,7 @@ fn missing(name: &str) -> ApiError {
 }
 
 fn segment_size_of(snapshot: &TimelineSnapshot) -> WalSegmentSize {
-    WalSegmentSize::new(snapshot.wal_seg_size).expect("a timeline's segment size was checked at creation")
+    snapshot.segment_size()
 }
 
 /// 410 if `lsn` is below the WAL still kept.
@@ -163,10 +162,8 @@ async fn stream_range(
     kind: ConsumerKind,
     peer: SocketAddr,
 ) -> Result<Body, ApiError> {
-    let reader = SegmentReader::new(&handle.dir, segment_size_of(snapshot));
-    let guard = handle.consumers.register(kind, peer.to_string(), start);
-    let chunks = ChunkReader { reader, pos: start, end, guard, served: handle.shared.metrics.wal_bytes_served.clone() };
-    let (chunks, first) = chunks.next_chunk().await;
+    let chunks = ChunkReader::new(handle, segment_size_of(snapshot), start, end, kind, peer.to_string());
+    let (chunks, first) = chunks.next_chunk(READ_CHUNK_BYTES).await;
     let first = match first {
         None => return Ok(Body::empty()),
         Some(Ok(bytes)) => bytes,
@@ -177,7 +174,7 @@ async fn stream_range(
         Some(Err(error)) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())),
     };
     let rest = stream::unfold(Some(chunks), |chunks| async move {
-        let (chunks, next) = chunks?.next_chunk().await;
+        let (chunks, next) = chunks?.next_chunk(READ_CHUNK_BYTES).await;
         match next? {
             Ok(bytes) => Some((Ok(bytes), Some(chunks))),
             Err(error) => {
@@ -187,36 +184,4 @@ async fn stream_range(
         }
     });
     Ok(Body::from_stream(stream::once(async { Ok::<_, std::io::Error>(first) }).chain(rest)))
-}
-
-/// Reads `[pos, end)` chunk by chunk on blocking threads.
-struct ChunkReader {
-    reader: SegmentReader,
-    pos: Lsn,
-    end: Lsn,
-    guard: ConsumerGuard,
-    served: IntCounter,
-}
-
-impl ChunkReader {
-    /// The next chunk, or `None` at the end.
-    async fn next_chunk(mut self) -> (Self, Option<Result<Bytes, StorageError>>) {
-        if self.pos >= self.end {
-            return (self, None);
-        }
-        let len = ((self.end - self.pos) as usize).min(READ_CHUNK_BYTES);
-        let joined = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            let result = self.reader.read_exact(self.pos, &mut buf).map(|()| Bytes::from(buf));
-            (self, result)
-        })
-        .await;
-        let (mut chunks, result) = joined.expect("reading a segment file does not panic");
-        if result.is_ok() {
-            chunks.pos = chunks.pos + len as u64;
-            chunks.guard.set_position(chunks.pos);
-            chunks.served.inc_by(len as u64);
-        }
-        (chunks, Some(result))
-    }
 }

@@ -1,0 +1,186 @@
+//! The simple-query commands the pg port understands, parsed from text.
+//!
+//! - `START_WAL_PUSH`: a proposer pushes WAL (our protocol, `super::push`).
+//! - `IDENTIFY_SYSTEM`, `SHOW <name>`, `START_REPLICATION [SLOT s]
+//!   [PHYSICAL] X/Y [TIMELINE n]`: what standard physical replication
+//!   clients (pg_receivewal, a standby's walreceiver) send to a walsender;
+//!   answered with the committed WAL (`super::replication`).
+//!
+//! Parsing is pure so it can be tested (and fuzzed) without a socket.
+
+use crate::lsn::Lsn;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Empty,
+    StartWalPush,
+    IdentifySystem,
+    Show(String),
+    StartReplication(StartReplication),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartReplication {
+    /// Accepted and shown in status; a safekeeper keeps no slots (its
+    /// retention follows the page server's feedback, not replication clients).
+    pub slot: Option<String>,
+    pub start_lsn: Lsn,
+    /// Postgres timeline asked for (1 if not given).
+    pub pg_timeline: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("unsupported command \"{0}\": this port accepts START_WAL_PUSH, IDENTIFY_SYSTEM, SHOW and START_REPLICATION (physical)")]
+    Unsupported(String),
+    #[error("syntax error in {command}: {reason}")]
+    Syntax { command: &'static str, reason: String },
+}
+
+/// Characters of an unknown command quoted back in the error.
+const QUOTED_COMMAND_CHARS: usize = 80;
+
+pub fn parse_command(query: &str) -> Result<Command, CommandError> {
+    let command = query.trim().trim_end_matches(';').trim_end();
+    let words = split_words(command);
+    let Some(first) = words.first() else {
+        return Ok(Command::Empty);
+    };
+    let keyword = first.to_ascii_uppercase();
+    let rest = &words[1..];
+    match keyword.as_str() {
+        "START_WAL_PUSH" if rest.is_empty() => Ok(Command::StartWalPush),
+        "IDENTIFY_SYSTEM" if rest.is_empty() => Ok(Command::IdentifySystem),
+        "SHOW" => match rest {
+            [name] => Ok(Command::Show(name.trim_matches('"').to_ascii_lowercase())),
+            _ => Err(syntax("SHOW", "expected one parameter name")),
+        },
+        "START_REPLICATION" => parse_start_replication(rest).map(Command::StartReplication),
+        _ => Err(CommandError::Unsupported(quote(command))),
+    }
+}
+
+fn parse_start_replication(words: &[String]) -> Result<StartReplication, CommandError> {
+    let mut words = words.iter().peekable();
+    let mut slot = None;
+    if words.peek().is_some_and(|w| w.eq_ignore_ascii_case("SLOT")) {
+        words.next();
+        let name = words.next().ok_or_else(|| syntax("START_REPLICATION", "SLOT needs a name"))?;
+        slot = Some(name.trim_matches('"').to_string());
+    }
+    if words.peek().is_some_and(|w| w.eq_ignore_ascii_case("LOGICAL")) {
+        return Err(syntax("START_REPLICATION", "logical replication is not served by a safekeeper"));
+    }
+    if words.peek().is_some_and(|w| w.eq_ignore_ascii_case("PHYSICAL")) {
+        words.next();
+    }
+    let lsn_text = words.next().ok_or_else(|| syntax("START_REPLICATION", "a start LSN X/Y is required"))?;
+    let start_lsn = lsn_text.parse::<Lsn>().map_err(|e| syntax("START_REPLICATION", e.to_string()))?;
+    let mut pg_timeline = 1;
+    if let Some(word) = words.next() {
+        if !word.eq_ignore_ascii_case("TIMELINE") {
+            return Err(syntax("START_REPLICATION", format!("unexpected {:?} after the start LSN", quote(word))));
+        }
+        let number = words.next().ok_or_else(|| syntax("START_REPLICATION", "TIMELINE needs a number"))?;
+        pg_timeline = number
+            .parse()
+            .map_err(|_| syntax("START_REPLICATION", format!("timeline {:?} is not a number", quote(number))))?;
+    }
+    if let Some(extra) = words.next() {
+        return Err(syntax("START_REPLICATION", format!("unexpected {:?} at the end", quote(extra))));
+    }
+    Ok(StartReplication { slot, start_lsn, pg_timeline })
+}
+
+fn syntax(command: &'static str, reason: impl Into<String>) -> CommandError {
+    CommandError::Syntax { command, reason: reason.into() }
+}
+
+fn quote(text: &str) -> String {
+    let mut quoted: String = text.chars().take(QUOTED_COMMAND_CHARS).collect();
+    if quoted.len() < text.len() {
+        quoted.push_str("...");
+    }
+    quoted
+}
+
+/// Whitespace-separated words; a double-quoted word may hold spaces.
+fn split_words(text: &str) -> Vec<String> {
+    let mut words = vec![];
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                word.push(c);
+            }
+            c if c.is_whitespace() && !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn start(slot: Option<&str>, lsn: u64, pg_timeline: u32) -> Command {
+        Command::StartReplication(StartReplication { slot: slot.map(str::to_string), start_lsn: Lsn(lsn), pg_timeline })
+    }
+
+    #[test]
+    fn parses_what_replication_clients_send() {
+        assert_eq!(parse_command("IDENTIFY_SYSTEM"), Ok(Command::IdentifySystem));
+        assert_eq!(parse_command("identify_system;"), Ok(Command::IdentifySystem));
+        assert_eq!(parse_command("SHOW wal_segment_size"), Ok(Command::Show("wal_segment_size".into())));
+        assert_eq!(parse_command("START_WAL_PUSH"), Ok(Command::StartWalPush));
+        assert_eq!(parse_command("  ;"), Ok(Command::Empty));
+        // pg_receivewal
+        assert_eq!(parse_command("START_REPLICATION 0/3000000 TIMELINE 1"), Ok(start(None, 0x300_0000, 1)));
+        // a standby's walreceiver with primary_slot_name
+        assert_eq!(
+            parse_command("START_REPLICATION SLOT \"standby_1\" 1/AB000000 TIMELINE 1"),
+            Ok(start(Some("standby_1"), 0x1_AB00_0000, 1))
+        );
+        assert_eq!(parse_command("START_REPLICATION PHYSICAL 0/10"), Ok(start(None, 0x10, 1)));
+    }
+
+    #[test]
+    fn refuses_with_reasons() {
+        let syntax_reason = |q: &str| match parse_command(q) {
+            Err(CommandError::Syntax { reason, .. }) => reason,
+            other => panic!("{q}: {other:?}"),
+        };
+        assert!(syntax_reason("START_REPLICATION").contains("start LSN"));
+        assert!(syntax_reason("START_REPLICATION 0/XYZ").contains("0/XYZ"));
+        assert!(syntax_reason("START_REPLICATION SLOT s LOGICAL 0/1").contains("logical"));
+        assert!(syntax_reason("START_REPLICATION 0/1 TIMELINE x").contains("not a number"));
+        assert!(syntax_reason("START_REPLICATION 0/1 TIMELINE 1 extra").contains("extra"));
+        assert!(syntax_reason("SHOW").contains("one parameter"));
+        assert!(matches!(parse_command("DROP TABLE x"), Err(CommandError::Unsupported(_))));
+        assert!(matches!(parse_command("START_WAL_PUSH now"), Err(CommandError::Unsupported(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(text in ".{0,200}") {
+            let _ = parse_command(&text);
+        }
+
+        #[test]
+        fn lsn_round_trips(lsn in any::<u64>(), tli in 1u32..) {
+            let query = format!("START_REPLICATION {} TIMELINE {tli}", Lsn(lsn));
+            prop_assert_eq!(parse_command(&query), Ok(start(None, lsn, tli)));
+        }
+    }
+}

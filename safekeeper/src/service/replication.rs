@@ -1,0 +1,299 @@
+//! START_REPLICATION for standard physical replication clients
+//! (pg_receivewal, a standby's walreceiver): the committed WAL, streamed as
+//! a walsender streams it.
+//!
+//! CopyBoth, as in Postgres: we send XLogData (`'w'`, start, WAL end, send
+//! time, bytes; at most [`MAX_XLOGDATA_BYTES`] each) and keepalives (`'k'`)
+//! every [`KEEPALIVE_INTERVAL`]; the client sends status updates (`'r'`:
+//! written/flushed/applied positions) and hot-standby feedback (`'h'`,
+//! ignored: a safekeeper has no snapshots to protect). Only WAL below the
+//! commit LSN is ever sent: a standby must never replay WAL that a new
+//! proposer could still truncate.
+//!
+//! A task reads the client's messages (its silence for
+//! [`CLIENT_SILENCE_TIMEOUT`] ends the stream, like `wal_sender_timeout`);
+//! this task waits for the commit LSN to move and writes. A client that
+//! stops reading is dropped after [`CLIENT_WRITE_TIMEOUT`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use super::commands::StartReplication;
+use super::connection::{Reader, FRAME_TIMEOUT};
+use super::consumers::ConsumerKind;
+use super::errors::{sqlstate, PgError};
+use super::pg_wire::{encode, printable, protocol_violation, read_frame, tag, WireError};
+use super::registry::TimelineHandle;
+use super::wal_reader::ChunkReader;
+use crate::lsn::Lsn;
+use crate::storage::segments::PG_TIMELINE_ID;
+use crate::storage::StorageError;
+
+/// WAL bytes per XLogData message (Postgres's MAX_SEND_SIZE: 16 pages).
+pub const MAX_XLOGDATA_BYTES: usize = 128 << 10;
+/// WAL read from disk at once (split into several XLogData messages).
+const READ_CHUNK_BYTES: usize = 1 << 20;
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Postgres's default `wal_sender_timeout`.
+pub const CLIENT_SILENCE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Client messages during streaming are small (status: 34 bytes).
+const MAX_CLIENT_MESSAGE_BYTES: usize = 1024;
+/// Microseconds from the Unix epoch to Postgres's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// How a replication stream ended.
+pub enum StreamEnd {
+    /// The client sent CopyDone: the session goes on with queries.
+    CopyDone(Reader),
+    /// The client left (Terminate or a closed socket).
+    Closed,
+}
+
+/// Check the request; an ERROR here leaves the session usable.
+pub fn check_request(handle: &TimelineHandle, request: &StartReplication) -> Result<(), PgError> {
+    let snapshot = handle.snapshot();
+    if request.pg_timeline != PG_TIMELINE_ID {
+        return Err(PgError::error(
+            sqlstate::INVALID_PARAMETER_VALUE,
+            format!(
+                "requested timeline {} is not in this server's history (a safekeeper stores timeline {PG_TIMELINE_ID})",
+                request.pg_timeline
+            ),
+        ));
+    }
+    let start = request.start_lsn;
+    let kept_from = snapshot.oldest_kept_lsn.max(snapshot.timeline_start_lsn);
+    if !kept_from.is_valid() || start < kept_from {
+        let segment = start.segment_no(snapshot.segment_size()).file_name(PG_TIMELINE_ID, snapshot.segment_size());
+        return Err(PgError::error(
+            sqlstate::UNDEFINED_FILE,
+            format!(
+                "requested WAL segment {segment} has already been removed (this safekeeper keeps WAL from {kept_from})"
+            ),
+        ));
+    }
+    if start > snapshot.flush_lsn {
+        return Err(PgError::error(
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "requested starting point {start} is ahead of the WAL flush position of this server {}",
+                snapshot.flush_lsn
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Stream committed WAL from `request.start_lsn` until the client ends.
+pub async fn run(
+    handle: Arc<TimelineHandle>,
+    request: &StartReplication,
+    reader: Reader,
+    write: &mut OwnedWriteHalf,
+    peer: String,
+) -> Result<StreamEnd, WireError> {
+    let mut out = BytesMut::new();
+    encode::copy_both_response(&mut out);
+    write_bounded(write, &out).await?;
+    let mut snapshots = handle.watch_snapshot();
+    let segment_size = snapshots.borrow().segment_size();
+    let start = request.start_lsn;
+    let mut chunks = ChunkReader::new(&handle, segment_size, start, start, ConsumerKind::Replication, peer);
+    let (from_client, mut client_messages) = mpsc::channel(16);
+    let mut client = tokio::spawn(read_client(reader, from_client));
+    let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
+    tracing::debug!(slot = ?request.slot, %start, "START_REPLICATION");
+    loop {
+        let commit_lsn = snapshots.borrow_and_update().commit_lsn;
+        chunks.extend_to(commit_lsn);
+        chunks = send_available(chunks, commit_lsn, write).await?;
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() {
+                client.abort();
+                let message = "the timeline's owner stopped; reconnect".to_string();
+                return Err(PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message).into());
+            },
+            message = client_messages.recv() => match message {
+                Some(reported_flush_lsn) => chunks.consumer().set_reported_flush(reported_flush_lsn),
+                // The reader task ended: CopyDone, Terminate or an error.
+                None => break,
+            },
+            _ = keepalive.tick() => {
+                let mut out = BytesMut::new();
+                encode::copy_data(&mut out, &keepalive_message(commit_lsn));
+                write_bounded(write, &out).await?;
+            }
+        }
+    }
+    match (&mut client).await {
+        Ok(Ok(Some(reader))) => {
+            let mut out = BytesMut::new();
+            encode::copy_done(&mut out);
+            encode::command_complete(&mut out, "START_STREAMING");
+            write_bounded(write, &out).await?;
+            Ok(StreamEnd::CopyDone(reader))
+        }
+        Ok(Ok(None)) => Ok(StreamEnd::Closed),
+        Ok(Err(error)) => Err(error),
+        Err(join_error) => Err(PgError::fatal("XX000", format!("replication reader failed: {join_error}")).into()),
+    }
+}
+
+/// Send everything from the reader's position up to `commit_lsn`.
+async fn send_available(
+    mut chunks: ChunkReader,
+    commit_lsn: Lsn,
+    write: &mut OwnedWriteHalf,
+) -> Result<ChunkReader, WireError> {
+    loop {
+        let start = chunks.position();
+        let (next, chunk) = chunks.next_chunk(READ_CHUNK_BYTES).await;
+        chunks = next;
+        let bytes = match chunk {
+            None => return Ok(chunks),
+            Some(Ok(bytes)) => bytes,
+            Some(Err(error @ StorageError::SegmentRemoved { .. })) => {
+                return Err(PgError::fatal(sqlstate::UNDEFINED_FILE, error.to_string()).into())
+            }
+            Some(Err(error)) => return Err(PgError::fatal(sqlstate::IO_ERROR, error.to_string()).into()),
+        };
+        let mut out = BytesMut::with_capacity(bytes.len() + 64);
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let len = (bytes.len() - offset).min(MAX_XLOGDATA_BYTES);
+            let piece = bytes.slice(offset..offset + len);
+            encode::copy_data(&mut out, &xlogdata_message(start + offset as u64, commit_lsn, &piece));
+            offset += len;
+        }
+        write_bounded(write, &out).await?;
+    }
+}
+
+async fn write_bounded(write: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), WireError> {
+    match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, write.write_all(bytes)).await {
+        Ok(result) => result.map_err(WireError::Disconnected),
+        Err(_) => Err(WireError::Disconnected(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the replication client read nothing for {} s", CLIENT_WRITE_TIMEOUT.as_secs()),
+        ))),
+    }
+}
+
+/// Read the client's messages, passing on each status update's flush LSN.
+/// `Some(reader)` after CopyDone, `None` after Terminate or a closed socket.
+async fn read_client(mut reader: Reader, reported: mpsc::Sender<Lsn>) -> Result<Option<Reader>, WireError> {
+    loop {
+        let frame = match tokio::time::timeout(
+            CLIENT_SILENCE_TIMEOUT,
+            read_frame(&mut reader, MAX_CLIENT_MESSAGE_BYTES, FRAME_TIMEOUT),
+        )
+        .await
+        {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(WireError::Disconnected(_))) => return Ok(None),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {
+                let message = format!(
+                    "terminating replication: no message from the client for {} s",
+                    CLIENT_SILENCE_TIMEOUT.as_secs()
+                );
+                return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, message).into());
+            }
+        };
+        match frame.tag {
+            tag::COPY_DATA => {
+                if let Some(flush_lsn) = parse_client_message(&frame.body)? {
+                    // Full: the streaming side is busy; the next one will do.
+                    let _ = reported.try_send(flush_lsn);
+                }
+            }
+            tag::COPY_DONE => return Ok(Some(reader)),
+            tag::TERMINATE => return Ok(None),
+            other => {
+                let message = format!("unexpected message type '{}' during START_REPLICATION", printable(other));
+                return Err(protocol_violation(message).into());
+            }
+        }
+    }
+}
+
+/// The flush LSN of a standby status update; `None` for hot-standby feedback.
+fn parse_client_message(body: &Bytes) -> Result<Option<Lsn>, PgError> {
+    match body.first() {
+        // 'r', write, flush, apply (u64 each), send time (i64), reply requested (u8)
+        Some(b'r') if body.len() == 34 => {
+            let flush = u64::from_be_bytes(body[9..17].try_into().expect("8 bytes"));
+            Ok(Some(Lsn(flush)))
+        }
+        Some(b'h') => Ok(None),
+        Some(&kind) => Err(protocol_violation(format!(
+            "unexpected replication message '{}' of {} bytes",
+            printable(kind),
+            body.len()
+        ))),
+        None => Err(protocol_violation("empty CopyData during START_REPLICATION".to_string())),
+    }
+}
+
+fn xlogdata_message(start: Lsn, wal_end: Lsn, wal: &[u8]) -> BytesMut {
+    let mut message = BytesMut::with_capacity(25 + wal.len());
+    message.put_u8(b'w');
+    message.put_u64(start.0);
+    message.put_u64(wal_end.0);
+    message.put_i64(pg_now_us());
+    message.put_slice(wal);
+    message
+}
+
+fn keepalive_message(wal_end: Lsn) -> BytesMut {
+    let mut message = BytesMut::with_capacity(18);
+    message.put_u8(b'k');
+    message.put_u64(wal_end.0);
+    message.put_i64(pg_now_us());
+    message.put_u8(0); // no reply requested
+    message
+}
+
+/// Now, in microseconds since 2000-01-01 (Postgres's timestamp epoch).
+fn pg_now_us() -> i64 {
+    let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    unix_us - PG_EPOCH_OFFSET_US
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_updates_give_the_flush_lsn() {
+        let mut body = BytesMut::new();
+        body.put_u8(b'r');
+        body.put_u64(0x10);
+        body.put_u64(0x20);
+        body.put_u64(0x30);
+        body.put_i64(0);
+        body.put_u8(0);
+        assert_eq!(parse_client_message(&body.freeze()).unwrap(), Some(Lsn(0x20)));
+        assert_eq!(parse_client_message(&Bytes::from_static(b"h123")).unwrap(), None);
+        assert!(parse_client_message(&Bytes::from_static(b"r12")).is_err());
+        assert!(parse_client_message(&Bytes::from_static(b"")).is_err());
+        assert!(parse_client_message(&Bytes::from_static(b"z")).is_err());
+    }
+
+    #[test]
+    fn xlogdata_layout_matches_postgres() {
+        let message = xlogdata_message(Lsn(0x0102), Lsn(0x0304), b"wal");
+        assert_eq!(message[0], b'w');
+        assert_eq!(&message[1..9], &0x0102u64.to_be_bytes());
+        assert_eq!(&message[9..17], &0x0304u64.to_be_bytes());
+        assert_eq!(&message[25..], b"wal");
+        let keepalive = keepalive_message(Lsn(7));
+        assert_eq!((keepalive[0], keepalive.len(), keepalive[17]), (b'k', 18, 0));
+    }
+}
