@@ -115,6 +115,48 @@ impl PgCluster {
         Ok(cluster)
     }
 
+    /// A new cluster (not started) from `pg_basebackup` of the running
+    /// `source`, with `-X wal_mode` (`none`, `fetch` or `stream`). Its
+    /// configuration is the source's, then this harness's (own port and
+    /// socket), then `options.settings`; the caller adds `standby.signal` or
+    /// `recovery.signal` with [`PgCluster::write_data_file`].
+    pub fn from_base_backup(source: &PgCluster, options: PgOptions, wal_mode: &str) -> Result<PgCluster> {
+        let run_as = postgres_identity()?;
+        let base_dir = tempfile::Builder::new().prefix("pg-backup-").tempdir().context("creating a temp dir")?;
+        if let Some(user) = run_as {
+            check_traversable(base_dir.path())?;
+            nix::unistd::chown(base_dir.path(), Some(user.uid.into()), Some(user.gid.into()))
+                .with_context(|| format!("giving {} to the {PG_OS_USER} user", base_dir.path().display()))?;
+        }
+        let mut cluster = PgCluster { options, run_as, base_dir, port: free_loopback_port()?, postmaster: None };
+        let mut backup = source.command("pg_basebackup");
+        backup.arg("-D").arg(cluster.data_dir()).args(["-X", wal_mode, "-c", "fast", "--no-sync"]);
+        cluster.run_checked(backup, cluster.options.command_timeout).context("pg_basebackup")?;
+        cluster.write_config()?;
+        Ok(cluster)
+    }
+
+    /// Write `contents` to `name` in the data directory, readable by Postgres.
+    pub fn write_data_file(&self, name: &str, contents: &str) -> Result<()> {
+        let path = self.data_dir().join(name);
+        fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        if let Some(user) = self.run_as {
+            nix::unistd::chown(&path, Some(user.uid.into()), Some(user.gid.into()))?;
+        }
+        Ok(())
+    }
+
+    /// A directory under this cluster's temp dir that Postgres programs
+    /// (pg_receivewal, say) may write to.
+    pub fn scratch_dir(&self, name: &str) -> Result<PathBuf> {
+        let path = self.base_dir.path().join(name);
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        if let Some(user) = self.run_as {
+            nix::unistd::chown(&path, Some(user.uid.into()), Some(user.gid.into()))?;
+        }
+        Ok(path)
+    }
+
     fn write_config(&mut self) -> Result<()> {
         let segment_mib = self.options.wal_segment_size_mib;
         let socket_dir = self.base_dir.path().display().to_string();
@@ -242,6 +284,17 @@ impl PgCluster {
         let mut psql = self.command("psql");
         psql.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql]);
         let output = self.run_checked(psql, timeout).with_context(|| format!("psql -c {sql:?}"))?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_string())
+    }
+
+    /// Run `sql` with psql over a physical replication connection to
+    /// 127.0.0.1:`port` (a walsender, or a safekeeper's pg port).
+    pub fn psql_replication(&self, port: u16, sql: &str) -> Result<String> {
+        let mut psql = self.command("psql");
+        let conninfo = format!("host=127.0.0.1 port={port} user={PG_SUPERUSER} replication=true");
+        psql.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &conninfo, "-c", sql]);
+        let output =
+            self.run_checked(psql, self.options.command_timeout).with_context(|| format!("psql -c {sql:?}"))?;
         Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_string())
     }
 

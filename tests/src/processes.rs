@@ -372,3 +372,53 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, serde_json::Value)
     let json = serde_json::from_str(body).with_context(|| format!("GET {path}: body is not JSON: {body:?}"))?;
     Ok((status, json))
 }
+
+/// An HTTP answer: status, headers (lowercase names), body bytes.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("body is not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Result<&str> {
+        self.headers.get(name).map(String::as_str).ok_or_else(|| anyhow!("no header {name} in {:?}", self.headers))
+    }
+}
+
+/// One HTTP request with a bounded wait (chunked bodies decoded); a 4xx or
+/// 5xx is an answer, not an error. `body` is sent as JSON when given.
+pub fn http_request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<HttpAnswer> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let request = agent.request(method, &format!("http://{addr}{path}"));
+    let result = match body {
+        Some(json) => request.set("content-type", "application/json").send_string(&json.to_string()),
+        None => request.call(),
+    };
+    let response = match result {
+        Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+        Err(error) => bail!("{method} {path}: {error}"),
+    };
+    let status = response.status();
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .filter_map(|name| response.header(&name).map(|value| (name.to_ascii_lowercase(), value.to_string())))
+        .collect();
+    let mut body = Vec::new();
+    response.into_reader().take(MAX_HTTP_BODY_BYTES).read_to_end(&mut body)?;
+    Ok(HttpAnswer { status, headers, body })
+}
+
+/// Largest body [`http_request`] reads (WAL ranges in tests stay far below).
+const MAX_HTTP_BODY_BYTES: u64 = 1 << 30;

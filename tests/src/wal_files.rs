@@ -22,13 +22,19 @@ const XLOG_XACT_COMMIT: u8 = 0x00;
 /// Postgres's timeline 1: every test cluster's WAL is on it.
 const PG_TIMELINE: u32 = 1;
 
-/// Bytes `[start, end)` of the WAL in `dir` (Postgres-named segment files).
+/// Bytes `[start, end)` of the WAL in `dir` (Postgres-named segment files,
+/// or `.partial` ones as pg_receivewal leaves them).
 pub fn read_wal(dir: &Path, segment_size: WalSegmentSize, start: Lsn, end: Lsn) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut position = start;
     while position < end {
         let segment = position.segment_no(segment_size);
-        let path = dir.join(segment.file_name(PG_TIMELINE, segment_size));
+        // pg_receivewal names the segment it is still writing `<name>.partial`.
+        let name = segment.file_name(PG_TIMELINE, segment_size);
+        let mut path = dir.join(&name);
+        if !path.exists() && dir.join(format!("{name}.partial")).exists() {
+            path = dir.join(format!("{name}.partial"));
+        }
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         ensure!(bytes.len() as u64 == segment_size.bytes(), "{} is not a whole segment", path.display());
         let from = position.segment_offset(segment_size) as usize;

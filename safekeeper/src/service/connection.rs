@@ -242,6 +242,9 @@ fn show(out: &mut BytesMut, state: &ServiceState, settings: &StartupSettings, na
             }
         }
         "server_version" => SERVER_VERSION.to_string(),
+        // pg_receivewal creates its files with the server's data directory
+        // permissions; ours are owner-only.
+        "data_directory_mode" => "0700".to_string(),
         "integer_datetimes" => "on".to_string(),
         _ => {
             return Err(PgError::error(
