@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use integration_tests::pg::DEFAULT_PG_BIN_DIR;
-use integration_tests::processes::{wait_bounded, Safekeeper};
+use integration_tests::processes::{http_request, wait_bounded, Safekeeper};
 use nix::sys::signal::Signal;
 use safekeeper::control::{TermHistory, TermStart};
 use safekeeper::ids::{ClusterId, SystemId, TenantId, Term, TimelineId};
@@ -501,6 +501,44 @@ fn http_status_answers_json_and_rejects_bad_ids() -> Result<()> {
     let (_, node) = safekeeper.http_get("/v1/status")?;
     let timelines = node["timelines"].as_array().context("timelines")?;
     ensure!(timelines.len() == 1 && timelines[0]["timeline_id"] == TIMELINE && timelines[0]["term"] == 3, "{node}");
+    Ok(())
+}
+
+/// DELETE stops the owner and removes the directory for good (also across
+/// a restart); /v1/timelines and /metrics follow.
+#[test]
+fn deleted_timeline_is_gone_and_metrics_follow() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let safekeeper = Safekeeper::start(5, &dir)?;
+    let mut proposer = Proposer::connect(safekeeper.pg_addr)?;
+    proposer.elect(Term(1))?;
+    proposer.generate(500, 7);
+    proposer.push_generated(Lsn::INVALID)?;
+    let end = proposer.generator.end_lsn();
+    proposer.heartbeat(end, end)?;
+    let (_, list) = safekeeper.http_get("/v1/timelines")?;
+    ensure!(list.as_array().is_some_and(|l| l.len() == 1 && l[0]["timeline_id"] == TIMELINE), "{list}");
+    let metrics = http_request("GET", safekeeper.http_addr, "/metrics", None, Duration::from_secs(10))?;
+    let text = String::from_utf8(metrics.body)?;
+    let series = format!("safekeeper_commit_lsn{{tenant_id=\"{TENANT}\",timeline_id=\"{TIMELINE}\"}} {}", end.0);
+    ensure!(text.contains(&series), "no {series} in:\n{text}");
+    ensure!(text.contains("safekeeper_wal_sync_seconds_bucket") && text.contains("process_resident_memory_bytes"));
+    drop(proposer);
+
+    let deleted = http_request("DELETE", safekeeper.http_addr, &timeline_path(), None, Duration::from_secs(30))?;
+    ensure!(deleted.status == 200 && deleted.json()?["deleted"] == true, "{:?}", deleted.json());
+    let timeline_dir = dir.join(TENANT).join(TIMELINE);
+    ensure!(!timeline_dir.exists(), "{} still exists", timeline_dir.display());
+    let (status, _) = safekeeper.http_get(&timeline_path())?;
+    ensure!(status == 404);
+    let again = http_request("DELETE", safekeeper.http_addr, &timeline_path(), None, Duration::from_secs(30))?;
+    ensure!(again.status == 404);
+    let (_, list) = safekeeper.http_get("/v1/timelines")?;
+    ensure!(list.as_array().is_some_and(Vec::is_empty), "{list}");
+    drop(safekeeper);
+    let restarted = Safekeeper::start(5, &dir)?;
+    let (status, _) = restarted.http_get(&timeline_path())?;
+    ensure!(status == 404, "a deleted timeline came back after a restart");
     Ok(())
 }
 

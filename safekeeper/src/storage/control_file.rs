@@ -200,6 +200,24 @@ mod tests {
         }
     }
 
+    /// Control files written before retention existed have no
+    /// remote_consistent_lsn: they load with zero (nothing confirmed).
+    #[test]
+    fn body_without_remote_consistent_lsn_loads_as_zero() {
+        let mut body = serde_json::to_value(state(2)).unwrap();
+        body.as_object_mut().unwrap().remove("remote_consistent_lsn");
+        let body = serde_json::to_vec(&body).unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&CONTROL_FILE_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&CONTROL_FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let loaded = decode_control_file(&bytes).unwrap();
+        assert_eq!(loaded, ControlState { remote_consistent_lsn: Lsn::INVALID, ..state(2) });
+    }
+
     #[test]
     fn persists_and_loads() {
         let dir = tempfile::tempdir().unwrap();
