@@ -196,10 +196,10 @@ fn retention_follows_feedback() -> Result<()> {
     };
     let files_before: Vec<usize> = (0..3).map(files).collect::<Result<_>>()?;
     thread::sleep(Duration::from_millis(300));
-    for index in 0..3 {
+    for (index, &files_then) in files_before.iter().enumerate() {
         let status = cluster.timeline_status(index)?;
         ensure!(json_lsn(&status, "oldest_kept_lsn")? == start, "removed without feedback: {status}");
-        ensure!(files(index)? == files_before[index]);
+        ensure!(files(index)? == files_then);
     }
 
     // The page server confirms everything below `confirmed`.
@@ -210,14 +210,14 @@ fn retention_follows_feedback() -> Result<()> {
         let answer = http_request("POST", sk.http_addr, &timeline_path("/feedback"), Some(&body), HTTP_TIMEOUT)?;
         ensure!(answer.status == 200, "feedback answered {}: {:?}", answer.status, answer.json());
     }
-    for index in 0..3 {
+    for (index, &files_then) in files_before.iter().enumerate() {
         wait_for(TIMEOUT, &format!("safekeeper {index} to remove old segments"), || {
             Ok((json_lsn(&cluster.timeline_status(index)?, "oldest_kept_lsn")? == expected_oldest).then_some(()))
         })?;
         let status = cluster.timeline_status(index)?;
         let removed = (expected_oldest - start) / segment_size.bytes();
         ensure!(status["removed_segments"] == removed, "removed_segments: {status}");
-        ensure!(files(index)? as u64 == files_before[index] as u64 - removed, "segment files on disk");
+        ensure!(files(index)? as u64 == files_then as u64 - removed, "segment files on disk");
         let metrics = String::from_utf8(get(&cluster, index, "/metrics")?.body)?;
         ensure!(metrics
             .lines()
@@ -292,12 +292,12 @@ fn http_wal_api_answers_and_refuses() -> Result<()> {
 
     // Bad requests: the documented status and a JSON message each.
     let bad = [
-        (format!("/wal?start_lsn=garbage"), 400, "start_lsn"),
-        (format!("/wal"), 400, "start_lsn"),
+        ("/wal?start_lsn=garbage".to_string(), 400, "start_lsn"),
+        ("/wal".to_string(), 400, "start_lsn"),
         (format!("/wal?start_lsn={start}&end_lsn=0/1"), 400, "below"),
         (format!("/wal?start_lsn={start}&wait_ms=-5"), 400, "wait_ms"),
-        (format!("/segment/nonsense"), 400, "segment"),
-        (format!("/segment/000000020000000000000001"), 404, "timeline"),
+        ("/segment/nonsense".to_string(), 400, "segment"),
+        ("/segment/000000020000000000000001".to_string(), 404, "timeline"),
         (format!("/segment/{}", end.segment_no(segment_size).file_name(1, segment_size)), 404, "not fully committed"),
     ];
     for (suffix, status, needle) in bad {
