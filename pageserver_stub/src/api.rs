@@ -89,8 +89,10 @@ impl WalResponseHeaders {
         if end_lsn > limit {
             return Err(HeaderError::EndPastLimit { end_lsn, limit });
         }
-        // Bytes past commit could still be truncated away: never decode them.
-        if end_lsn > commit_lsn {
+        // Bytes past commit could still be truncated away: never decode
+        // them. An empty body is fine even when we are ahead of this
+        // safekeeper's commit LSN (`end` is then `start`).
+        if end_lsn > start_lsn && end_lsn > commit_lsn {
             return Err(HeaderError::EndPastCommit { end_lsn, commit_lsn });
         }
         Ok(parsed)
@@ -202,10 +204,9 @@ mod tests {
         assert_eq!(status.system_id, 7_300_000_000_000_000_001);
         assert_eq!(status.commit_lsn, Lsn(0x200_0000));
         assert_eq!(status.oldest_kept_lsn, Some(Lsn(0x100_0000)));
-        let as_text = text.replace("7300000000000000001", "\"7300000000000000001\"").replace(
-            r#""oldest_kept_lsn": "0/1000000","#,
-            "",
-        );
+        let as_text = text
+            .replace("7300000000000000001", "\"7300000000000000001\"")
+            .replace(r#""oldest_kept_lsn": "0/1000000","#, "");
         let status: TimelineStatus = serde_json::from_str(&as_text).unwrap();
         assert_eq!(status.system_id, 7_300_000_000_000_000_001);
         assert_eq!(status.oldest_kept_lsn, None);
@@ -217,6 +218,9 @@ mod tests {
         let (start, limit) = (Lsn(0x100), Lsn(0x10000));
         let ok = WalResponseHeaders::parse(&headers("0/100", "0/200", "0/300"), start, limit).unwrap();
         assert_eq!(ok.body_len_bytes(), 0x100);
+        // A long poll that timed out on a safekeeper behind us: empty, fine.
+        let behind = WalResponseHeaders::parse(&headers("0/100", "0/100", "0/80"), start, limit).unwrap();
+        assert_eq!(behind.body_len_bytes(), 0);
         let cases = [
             (headers("0/100", "0/200", "nope"), "not an LSN"),
             (headers("0/180", "0/200", "0/300"), "asked from 0/100"),
@@ -250,7 +254,10 @@ mod tests {
         for bad in ["127.0.0.1", ":80", "host:port", "a/b:80", "h:70000"] {
             assert!(bad.parse::<SafekeeperAddress>().is_err(), "{bad}");
         }
-        assert_eq!(error_message(br#"{"error": "WAL below 0/1000000 was removed"}"#), "WAL below 0/1000000 was removed");
+        assert_eq!(
+            error_message(br#"{"error": "WAL below 0/1000000 was removed"}"#),
+            "WAL below 0/1000000 was removed"
+        );
         assert_eq!(error_message(b"plain text\n"), "plain text");
         assert_eq!(feedback_body(Lsn(0x1_0000_0028)), r#"{"remote_consistent_lsn":"1/28"}"#);
     }

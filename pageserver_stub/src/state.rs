@@ -25,6 +25,9 @@ const STATE_TMP_FILE_NAME: &str = "pageserver_stub.state.json.tmp";
 pub const LOCK_FILE_NAME: &str = "pageserver_stub.lock";
 /// Bump when the meaning of a field changes; older files are refused.
 pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Far beyond any real WAL position (2^62 bytes); a larger saved position is
+/// damage, and arithmetic on it could overflow.
+const MAX_PLAUSIBLE_LSN: Lsn = Lsn(1 << 62);
 /// A valid state file is a few KiB (at most 256 counters); anything much
 /// larger is not ours, and reading it whole would be a memory hazard.
 const MAX_STATE_FILE_BYTES: u64 = 1 << 20;
@@ -125,6 +128,9 @@ impl SavedState {
         if !self.last_record_end_lsn.is_valid() || self.records == 0 {
             // A state is saved only after a record was decoded.
             return Err("it records no decoded record".to_string());
+        }
+        if self.last_record_end_lsn > MAX_PLAUSIBLE_LSN {
+            return Err(format!("position {} is beyond any WAL ever written", self.last_record_end_lsn));
         }
         let stats = WalStats::from_names(&self.per_rmgr).map_err(|e| e.to_string())?;
         let total = stats.total();
@@ -277,6 +283,8 @@ mod tests {
         unknown_rmgr.per_rmgr.insert("Heap3".to_string(), Counter::default());
         let mut never_decoded = sample_state();
         never_decoded.last_record_end_lsn = Lsn::INVALID;
+        let mut implausible = sample_state();
+        implausible.last_record_end_lsn = Lsn(u64::MAX - 8);
         let bad_files: Vec<Vec<u8>> = vec![
             b"not json".to_vec(),
             good[..good.len() / 2].to_vec(),
@@ -284,6 +292,7 @@ mod tests {
             serde_json::to_vec(&inconsistent).unwrap(),
             serde_json::to_vec(&unknown_rmgr).unwrap(),
             serde_json::to_vec(&never_decoded).unwrap(),
+            serde_json::to_vec(&implausible).unwrap(),
             String::from_utf8(good.clone()).unwrap().replace("\"records\": 4", "\"records\": \"4\"").into_bytes(),
         ];
         for bad in bad_files {

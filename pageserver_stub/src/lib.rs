@@ -1,0 +1,34 @@
+//! The page server stub: follows the safekeepers of one timeline, pulls the
+//! committed WAL over HTTP from whichever has the highest commit LSN, decodes
+//! and checks every record, counts them per resource manager, saves its
+//! position durably and reports it back (docs/pageserver-stub.md).
+//!
+//! Table of contents:
+//! - [`config`]: what a run is given (addresses, ids, time limits).
+//! - [`api`]: the safekeeper HTTP contract as the stub reads it.
+//! - [`follower`]: which safekeeper to pull from (pure, time injected).
+//! - [`pull`]: the HTTP client: status, streamed WAL, feedback.
+//! - [`ingest`]: the shared WAL decoder plus counters that match the saved position.
+//! - [`stats`]: per-resource-manager counters and PG15's rmgr names.
+//! - [`state`]: the durable state file and the data directory lock.
+//! - [`background`]: status pollers, the feedback reporter, the status server.
+//! - [`http`]: the status document and its route.
+//! - [`discovery`]: waiting for a safekeeper to report the timeline.
+//! - [`driver`]: the pull loop: choose, pull, decode, save, report.
+//! - [`run`]: one run start to end, tying the pieces together.
+
+pub mod api;
+pub mod background;
+pub mod config;
+pub mod discovery;
+pub mod driver;
+pub mod follower;
+pub mod http;
+pub mod ingest;
+pub mod pull;
+pub mod run;
+pub mod state;
+pub mod stats;
+
+pub use config::{RecordObserver, StubConfig, Tuning};
+pub use run::{run, RunSummary};
