@@ -347,6 +347,48 @@ impl ComputeShim {
     }
 }
 
+/// A `pageserver_stub` following the safekeepers; SIGKILLed when dropped.
+pub struct PageserverStub {
+    pub process: ServiceProcess,
+    pub http_addr: SocketAddr,
+    pub datadir: PathBuf,
+    pub safekeepers_http: Vec<SocketAddr>,
+}
+
+impl PageserverStub {
+    /// Start on a fresh port and wait until its HTTP port answers.
+    pub fn start(safekeepers_http: &[SocketAddr], tenant_id: &str, timeline_id: &str, datadir: &Path) -> Result<Self> {
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+        let addrs: Vec<String> = safekeepers_http.iter().map(SocketAddr::to_string).collect();
+        let mut command = Command::new(binary("pageserver_stub", "pageserver_stub")?);
+        command.arg("--safekeepers-http").arg(addrs.join(","));
+        command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
+        command.arg("--datadir").arg(datadir).arg("--listen-http").arg(http_addr.to_string());
+        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
+        let mut process = ServiceProcess::spawn("pageserver_stub", command, &log_path)?;
+        process.wait_listening(&[http_addr])?;
+        Ok(PageserverStub {
+            process,
+            http_addr,
+            datadir: datadir.to_path_buf(),
+            safekeepers_http: safekeepers_http.to_vec(),
+        })
+    }
+
+    /// Start again on the same data directory (a new port).
+    pub fn restart(&self, tenant_id: &str, timeline_id: &str) -> Result<Self> {
+        PageserverStub::start(&self.safekeepers_http, tenant_id, timeline_id, &self.datadir)
+    }
+
+    /// `GET /v1/status`; the error quotes its log if it does not answer.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) = http_get(self.http_addr, "/v1/status")
+            .with_context(|| format!("pageserver_stub status; its log ends: {}", self.process.log_tail()))?;
+        ensure!(code == 200, "pageserver_stub status answered {code}: {body}");
+        Ok(body)
+    }
+}
+
 fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
