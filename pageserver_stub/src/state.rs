@@ -8,14 +8,14 @@
 //! same directory, because two writers would each save their own counts.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use safekeeper::datadir::{lock_dir, DataDirError, DataDirLock};
 use safekeeper::ids::{TenantId, TimelineId};
 use safekeeper::lsn::{Lsn, WalSegmentSize};
+use safekeeper::storage::{write_file_atomically, StorageError};
 use serde::{Deserialize, Serialize};
 
 use crate::stats::{Counter, WalStats};
@@ -66,8 +66,10 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
     #[error("state file {path} belongs to {what} {saved}, but the safekeepers serve {served}: this data directory is for another cluster or timeline")]
     IdentityMismatch { path: PathBuf, what: &'static str, saved: String, served: String },
-    #[error("data directory {dir} is in use by another pageserver_stub (pid {holder}); only one may use it", holder = holder_pid.map_or_else(|| "unknown".to_string(), |pid| pid.to_string()))]
-    Locked { dir: PathBuf, holder_pid: Option<u32> },
+    #[error(transparent)]
+    Lock(#[from] DataDirError),
+    #[error("saving the state file: {0}")]
+    Save(#[from] StorageError),
     #[error("{action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: io::Error },
 }
@@ -168,64 +170,20 @@ pub fn load(datadir: &Path) -> Result<Option<SavedState>, StateError> {
     Ok(Some(state))
 }
 
-/// Replace the state file atomically and durably.
+/// Replace the state file atomically and durably (temp file, fsync,
+/// rename, directory fsync: a crash leaves the old or the new state).
 pub fn save(datadir: &Path, state: &SavedState) -> Result<(), StateError> {
     let mut text = serde_json::to_vec_pretty(state).expect("a SavedState always serializes");
     text.push(b'\n');
-    let tmp_path = datadir.join(STATE_TMP_FILE_NAME);
-    // A temp file left by a crash is simply overwritten.
-    let mut tmp = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp_path)
-        .map_err(io_error("creating", &tmp_path))?;
-    tmp.write_all(&text).map_err(io_error("writing", &tmp_path))?;
-    tmp.sync_all().map_err(io_error("fsyncing", &tmp_path))?;
-    drop(tmp);
-    let path = state_file_path(datadir);
-    std::fs::rename(&tmp_path, &path).map_err(io_error("renaming the temp file over", &path))?;
-    // The rename is durable only once the directory entry is.
-    File::open(datadir).and_then(|dir| dir.sync_all()).map_err(io_error("fsyncing the directory", datadir))
+    Ok(write_file_atomically(datadir, STATE_FILE_NAME, STATE_TMP_FILE_NAME, &text)?)
 }
 
-/// The held lock on a data directory; released when dropped or when the
-/// process dies however it dies (flock), so a stale file never blocks.
-#[derive(Debug)]
-pub struct DataDirLock {
-    _lock: Flock<File>,
-}
-
-/// Create `datadir` if needed and lock it, failing at once if another
-/// process holds the lock.
+/// Create `datadir` if needed and lock it (flock, released however the
+/// process dies), failing at once if another process holds the lock: two
+/// stubs would each save their own counts.
 pub fn lock_data_dir(datadir: &Path) -> Result<DataDirLock, StateError> {
     std::fs::create_dir_all(datadir).map_err(io_error("creating", datadir))?;
-    let path = datadir.join(LOCK_FILE_NAME);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io_error("opening", &path))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => lock,
-        Err((file, Errno::EWOULDBLOCK)) => {
-            return Err(StateError::Locked { dir: datadir.to_path_buf(), holder_pid: read_pid(file) });
-        }
-        Err((_, errno)) => return Err(io_error("locking", &path)(io::Error::from(errno))),
-    };
-    // The pid only helps the error message of a second stub; not synced.
-    lock.set_len(0)
-        .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
-        .map_err(io_error("writing the pid into", &path))?;
-    Ok(DataDirLock { _lock: lock })
-}
-
-fn read_pid(file: File) -> Option<u32> {
-    let mut text = String::new();
-    file.take(64).read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
+    Ok(lock_dir(datadir, LOCK_FILE_NAME, "pageserver_stub")?)
 }
 
 #[cfg(test)]

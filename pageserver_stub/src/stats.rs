@@ -6,60 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use safekeeper::wal::format::{MAX_BUILTIN_RMGR_ID, MIN_CUSTOM_RMGR_ID};
 use safekeeper::wal::DecodedRecord;
 use serde::{Deserialize, Serialize};
 
-/// PG15's built-in resource managers by id (src/include/access/rmgrlist.h).
-pub const PG15_RMGR_NAMES: [&str; MAX_BUILTIN_RMGR_ID as usize + 1] = [
-    "XLOG",
-    "Transaction",
-    "Storage",
-    "CLOG",
-    "Database",
-    "Tablespace",
-    "MultiXact",
-    "RelMap",
-    "Standby",
-    "Heap2",
-    "Heap",
-    "Btree",
-    "Hash",
-    "Gin",
-    "Gist",
-    "Sequence",
-    "SPGist",
-    "BRIN",
-    "CommitTs",
-    "ReplicationOrigin",
-    "Generic",
-    "LogicalMessage",
-];
-
-/// Prefix of custom resource manager names; pg_waldump prints them as
-/// `custom128` .. `custom255`.
-const CUSTOM_RMGR_PREFIX: &str = "custom";
-
-/// The name pg_waldump prints for a resource manager id. Ids between the
-/// built-in and custom ranges are not valid WAL (the decoder rejects them);
-/// they get a name anyway so that naming never fails.
-pub fn rmgr_name(rmgr_id: u8) -> String {
-    match PG15_RMGR_NAMES.get(usize::from(rmgr_id)) {
-        Some(name) => (*name).to_string(),
-        None if rmgr_id >= MIN_CUSTOM_RMGR_ID => format!("{CUSTOM_RMGR_PREFIX}{rmgr_id:03}"),
-        None => format!("unknown{rmgr_id}"),
-    }
-}
-
-/// The id behind a name [`rmgr_name`] produced for valid WAL.
-pub fn rmgr_id_by_name(name: &str) -> Option<u8> {
-    if let Some(id) = PG15_RMGR_NAMES.iter().position(|known| *known == name) {
-        return u8::try_from(id).ok();
-    }
-    let id: u8 = name.strip_prefix(CUSTOM_RMGR_PREFIX)?.parse().ok()?;
-    // Only the canonical spelling, so every id has exactly one name.
-    (id >= MIN_CUSTOM_RMGR_ID && rmgr_name(id) == name).then_some(id)
-}
+pub use safekeeper::wal::format::{rmgr_id_by_name, rmgr_name, PG15_RMGR_NAMES};
 
 /// Records and their bytes (`xl_tot_len`: header and data, without page
 /// headers or alignment padding).
@@ -141,6 +91,7 @@ impl WalStats {
 mod tests {
     use super::*;
     use safekeeper::lsn::Lsn;
+    use safekeeper::wal::format::{MAX_BUILTIN_RMGR_ID, MIN_CUSTOM_RMGR_ID};
 
     fn record(rmgr_id: u8, total_len_bytes: u32) -> DecodedRecord {
         DecodedRecord {

@@ -31,10 +31,10 @@ const MAX_LOCK_FILE_BYTES: u64 = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error(
-        "data directory {dir} is in use by another safekeeper (pid {holder}); only one process may use a data directory",
+        "data directory {dir} is in use by another {program} (pid {holder}); only one process may use a data directory",
         holder = holder_pid.map_or_else(|| "unknown".to_string(), |pid| pid.to_string())
     )]
-    Locked { dir: String, holder_pid: Option<u32> },
+    Locked { dir: String, program: &'static str, holder_pid: Option<u32> },
     #[error("data directory {dir} belongs to node id {stored}, but this safekeeper was started with --id {requested}")]
     NodeIdMismatch { dir: String, stored: NodeId, requested: NodeId },
     #[error("node id file {path} is damaged: {reason}")]
@@ -62,7 +62,15 @@ impl DataDirLock {
 /// Take the exclusive lock of `datadir`, failing at once if another process
 /// (or another handle in this one) holds it.
 pub fn lock_data_dir(datadir: &Path) -> Result<DataDirLock, DataDirError> {
-    let path = datadir.join(LOCK_FILE_NAME);
+    lock_dir(datadir, LOCK_FILE_NAME, "safekeeper")
+}
+
+/// Lock `dir` through its file `lock_file_name` (see the module docs); the
+/// error names `program` as the holder. Other programs with a data
+/// directory (pageserver_stub) use it too.
+pub fn lock_dir(dir: &Path, lock_file_name: &str, program: &'static str) -> Result<DataDirLock, DataDirError> {
+    let datadir = dir;
+    let path = datadir.join(lock_file_name);
     let io_err = |what: &str, source| DataDirError::Io { what: format!("{what} {}", path.display()), source };
     let file = OpenOptions::new()
         .read(true)
@@ -74,7 +82,8 @@ pub fn lock_data_dir(datadir: &Path) -> Result<DataDirLock, DataDirError> {
     let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => lock,
         Err((mut file, Errno::EWOULDBLOCK)) => {
-            return Err(DataDirError::Locked { dir: datadir.display().to_string(), holder_pid: read_pid(&mut file) })
+            let holder_pid = read_pid(&mut file);
+            return Err(DataDirError::Locked { dir: datadir.display().to_string(), program, holder_pid });
         }
         Err((_, errno)) => return Err(io_err("locking", io::Error::from(errno))),
     };

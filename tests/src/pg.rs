@@ -95,13 +95,7 @@ impl PgCluster {
     /// Create a fresh cluster with `initdb` and write its configuration. The
     /// server is not started.
     pub fn init(options: PgOptions) -> Result<PgCluster> {
-        let run_as = postgres_identity()?;
-        let base_dir = tempfile::Builder::new().prefix("pg-test-").tempdir().context("creating a temp dir")?;
-        if let Some(user) = run_as {
-            check_traversable(base_dir.path())?;
-            nix::unistd::chown(base_dir.path(), Some(user.uid.into()), Some(user.gid.into()))
-                .with_context(|| format!("giving {} to the {PG_OS_USER} user", base_dir.path().display()))?;
-        }
+        let (run_as, base_dir) = base_dir_for_postgres("pg-test-")?;
         let mut cluster = PgCluster { options, run_as, base_dir, port: free_loopback_port()?, postmaster: None };
         let segsize = cluster.options.wal_segment_size_mib.to_string();
         let data_dir = cluster.data_dir();
@@ -121,13 +115,7 @@ impl PgCluster {
     /// socket), then `options.settings`; the caller adds `standby.signal` or
     /// `recovery.signal` with [`PgCluster::write_data_file`].
     pub fn from_base_backup(source: &PgCluster, options: PgOptions, wal_mode: &str) -> Result<PgCluster> {
-        let run_as = postgres_identity()?;
-        let base_dir = tempfile::Builder::new().prefix("pg-backup-").tempdir().context("creating a temp dir")?;
-        if let Some(user) = run_as {
-            check_traversable(base_dir.path())?;
-            nix::unistd::chown(base_dir.path(), Some(user.uid.into()), Some(user.gid.into()))
-                .with_context(|| format!("giving {} to the {PG_OS_USER} user", base_dir.path().display()))?;
-        }
+        let (run_as, base_dir) = base_dir_for_postgres("pg-backup-")?;
         let mut cluster = PgCluster { options, run_as, base_dir, port: free_loopback_port()?, postmaster: None };
         let mut backup = source.command("pg_basebackup");
         backup.arg("-D").arg(cluster.data_dir()).args(["-X", wal_mode, "-c", "fast", "--no-sync"]);
@@ -407,6 +395,18 @@ fn postgres_identity() -> Result<Option<RunAs>> {
         .context("looking up the postgres OS user")?
         .ok_or_else(|| anyhow!("running as root needs an OS user {PG_OS_USER:?} to run Postgres as"))?;
     Ok(Some(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw() }))
+}
+
+/// A fresh temp dir owned by whoever runs Postgres, and that identity.
+fn base_dir_for_postgres(prefix: &str) -> Result<(Option<RunAs>, tempfile::TempDir)> {
+    let run_as = postgres_identity()?;
+    let base_dir = tempfile::Builder::new().prefix(prefix).tempdir().context("creating a temp dir")?;
+    if let Some(user) = run_as {
+        check_traversable(base_dir.path())?;
+        nix::unistd::chown(base_dir.path(), Some(user.uid.into()), Some(user.gid.into()))
+            .with_context(|| format!("giving {} to the {PG_OS_USER} user", base_dir.path().display()))?;
+    }
+    Ok((run_as, base_dir))
 }
 
 /// The Postgres user must be able to reach the temp dir through its parents.

@@ -9,35 +9,10 @@ use integration_tests::pg::{PgCluster, PgOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safekeeper::lsn::{Lsn, SegmentNo, WalSegmentSize};
-use safekeeper::wal::format::{page_header_bytes, RECORD_HEADER_BYTES, WAL_PAGE_SIZE_BYTES};
+use safekeeper::wal::format::{page_header_bytes, rmgr_name, RECORD_HEADER_BYTES, WAL_PAGE_SIZE_BYTES};
 use safekeeper::wal::generator::decode_in_chunks;
 use safekeeper::wal::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 
-/// PG15 resource manager names as pg_waldump prints them, by id.
-const PG15_RMGR_NAMES: [&str; 22] = [
-    "XLOG",
-    "Transaction",
-    "Storage",
-    "CLOG",
-    "Database",
-    "Tablespace",
-    "MultiXact",
-    "RelMap",
-    "Standby",
-    "Heap2",
-    "Heap",
-    "Btree",
-    "Hash",
-    "Gin",
-    "Gist",
-    "Sequence",
-    "SPGist",
-    "BRIN",
-    "CommitTs",
-    "ReplicationOrigin",
-    "Generic",
-    "LogicalMessage",
-];
 /// Bytes decoded past a corrupted record before giving up on seeing an error.
 const CORRUPTION_TAIL_BYTES: u64 = 64 * 1024;
 /// Largest random chunk fed to the decoder (a replication message is 128 KiB).
@@ -55,9 +30,7 @@ struct DumpedRecord {
 
 impl DumpedRecord {
     fn from_decoded(record: &DecodedRecord) -> DumpedRecord {
-        let rmgr = PG15_RMGR_NAMES
-            .get(usize::from(record.rmgr_id))
-            .map_or_else(|| format!("custom{}", record.rmgr_id), |name| name.to_string());
+        let rmgr = rmgr_name(record.rmgr_id);
         DumpedRecord {
             rmgr,
             total_len_bytes: record.total_len_bytes,

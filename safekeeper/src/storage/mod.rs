@@ -123,7 +123,7 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
 /// rename it over `name`, fsync `dir`. A crash at any point leaves either
 /// the old or the new file under `name` (rename is atomic), plus perhaps a
 /// stale temp file that the next write truncates.
-pub(crate) fn write_file_atomically(dir: &Path, name: &str, tmp_name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+pub fn write_file_atomically(dir: &Path, name: &str, tmp_name: &str, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp_path = dir.join(tmp_name);
     let describe = |action: &str| format!("{action} {}", tmp_path.display());
     let mut tmp = OpenOptions::new()
