@@ -107,6 +107,7 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(accept_pg(pg_listener, state.clone(), stopped.clone()));
     let mut http_stopped = stopped;
+    let http_listener = http::StallGuardListener::new(http_listener, http::WRITE_STALL_TIMEOUT);
     let http = axum::serve(http_listener, http::router(state.clone()))
         .with_graceful_shutdown(async move { _ = http_stopped.wait_for(|s| *s).await });
     tokio::spawn(async move {

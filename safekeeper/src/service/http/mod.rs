@@ -1,14 +1,17 @@
 //! The HTTP API (axum); docs/http-api.md is its contract.
 //!
 //! - this file: the router, JSON errors, status, feedback, deletion, metrics;
-//! - [`wal`]: serving committed WAL (`/wal` byte ranges and whole segments).
+//! - [`wal`]: serving committed WAL (`/wal` byte ranges and whole segments);
+//! - [`stall_guard`]: connections that drop a client who stops reading.
 //!
 //! Every error is JSON `{"error": "..."}`; a client's mistake is a 4xx,
 //! never a 500.
 
+mod stall_guard;
 mod wal;
 
-use std::net::SocketAddr;
+pub use stall_guard::{PeerAddr, StallGuardListener, WRITE_STALL_TIMEOUT};
+
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -28,7 +31,7 @@ use crate::lsn::Lsn;
 
 pub fn router(
     state: Arc<ServiceState>,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, PeerAddr> {
     let timeline = "/v1/tenant/{tenant_id}/timeline/{timeline_id}";
     Router::new()
         .route("/v1/status", get(node_status))
@@ -40,7 +43,7 @@ pub fn router(
         .route(&format!("{timeline}/segment/{{name}}"), get(wal::get_segment))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
-        .into_make_service_with_connect_info::<SocketAddr>()
+        .into_make_service_with_connect_info::<PeerAddr>()
 }
 
 /// An error answer: status code and a message for the JSON body.

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 
-use super::{lookup, parse_lsn, ApiError};
+use super::{lookup, parse_lsn, ApiError, PeerAddr};
 use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
 use crate::service::consumers::ConsumerKind;
 use crate::service::owner::TimelineSnapshot;
@@ -47,7 +47,7 @@ pub struct WalParams {
 pub async fn get_wal(
     State(state): State<Arc<ServiceState>>,
     Path((tenant_id, timeline_id)): Path<(String, String)>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     params: Result<Query<WalParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
@@ -90,7 +90,7 @@ pub async fn get_wal(
 pub async fn get_segment(
     State(state): State<Arc<ServiceState>>,
     Path((tenant_id, timeline_id, name)): Path<(String, String, String)>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
 ) -> Result<Response, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     let snapshot = handle.snapshot();
