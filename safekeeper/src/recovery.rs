@@ -160,7 +160,8 @@ fn recover_wal(control: &ControlState, storage: &mut SegmentStorage) -> Result<R
         return Err(missing(storage));
     }
     let mut decoder = decoder_at(scan_start, wal_start, segment_size);
-    let (stop, records_decoded) = decode_to_end(storage, &mut decoder)?;
+    let files_end = storage.files_end_lsn();
+    let (stop, records_decoded) = decode_to_end(storage, &mut decoder, files_end)?;
     let end = decoder.boundary_lsn();
     if let ScanStop::InvalidTail(err) = &stop {
         tracing::info!(dir = %storage.dir().display(), %end, "WAL ends at an invalid tail: {err}");
@@ -173,7 +174,7 @@ fn recover_wal(control: &ControlState, storage: &mut SegmentStorage) -> Result<R
 /// A decoder for WAL continuing at the record boundary `lsn`. At the first
 /// byte of the WAL kept, the segment may begin with the tail of a record
 /// from an earlier segment, which only `at_segment_start` knows to skip.
-fn decoder_at(lsn: Lsn, wal_start: Lsn, segment_size: WalSegmentSize) -> WalDecoder {
+pub fn decoder_at(lsn: Lsn, wal_start: Lsn, segment_size: WalSegmentSize) -> WalDecoder {
     if lsn == wal_start {
         WalDecoder::at_segment_start(lsn, segment_size)
     } else {
@@ -181,10 +182,14 @@ fn decoder_at(lsn: Lsn, wal_start: Lsn, segment_size: WalSegmentSize) -> WalDeco
     }
 }
 
-/// Feed the segment files to `decoder` from its position until the WAL
-/// stops being valid or the files end. Reads at most one chunk past the end.
-fn decode_to_end(storage: &mut SegmentStorage, decoder: &mut WalDecoder) -> Result<(ScanStop, u64), StorageError> {
-    let files_end = storage.files_end_lsn();
+/// Feed the stored WAL to `decoder` from its position until the WAL stops
+/// being valid or `files_end` (the end of what may be read) is reached.
+/// Reads at most one chunk past the end of valid WAL.
+pub fn decode_to_end(
+    storage: &mut impl WalStorage,
+    decoder: &mut WalDecoder,
+    files_end: Lsn,
+) -> Result<(ScanStop, u64), StorageError> {
     let mut buf = vec![0u8; RECOVERY_READ_CHUNK_BYTES];
     let mut records = 0;
     loop {

@@ -8,7 +8,7 @@ use crate::control::ControlState;
 use crate::ids::NodeId;
 use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage};
-use crate::recovery::RecoveredTimeline;
+use crate::recovery::{decode_to_end, decoder_at, RecoveredTimeline};
 use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
 use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
@@ -129,6 +129,49 @@ impl MemoryTimeline {
             RecoveredWal { end_lsn: Lsn::INVALID, decoder: None },
         );
         Timeline::new(acceptor, MemoryWalStorage::new(), MemoryControlStore::default())
+    }
+}
+
+impl MemoryTimeline {
+    /// The process dies and restarts: WAL not synced is lost except the
+    /// first `keep_unsynced_bytes` of it (a disk may persist some writes
+    /// early), the acceptor restarts from the last persisted control state,
+    /// and the end of WAL is found as recovery finds it on disk (decoding
+    /// from the persisted commit LSN to the first invalid record, removing
+    /// what lies beyond).
+    pub fn crash_and_restart(self, keep_unsynced_bytes: usize) -> MemoryTimeline {
+        let (acceptor, mut wal, control) = self.into_parts();
+        let node_id = acceptor.node_id();
+        wal.crash(keep_unsynced_bytes);
+        let state = control.persisted.clone().unwrap_or_else(|| {
+            let fresh = acceptor.state();
+            ControlState::new_timeline(fresh.cluster, fresh.pg_version, fresh.wal_segment_size)
+        });
+        if !state.timeline_start_lsn.is_valid() {
+            // WAL initialized but never recorded in the control file: as on
+            // disk, nothing in it was acknowledged, so it is rolled back.
+            return Timeline::new(
+                Acceptor::new(
+                    node_id,
+                    AcceptorConfig::default(),
+                    state,
+                    RecoveredWal { end_lsn: Lsn::INVALID, decoder: None },
+                ),
+                MemoryWalStorage::new(),
+                control,
+            );
+        }
+        let segment_size = state.wal_segment_size;
+        let wal_start = wal.start_lsn();
+        assert!(wal_start.is_valid(), "memory WAL is initialized before its control state records it");
+        let scan_start = state.commit_lsn.max(wal_start);
+        let mut decoder = decoder_at(scan_start, wal_start, segment_size);
+        let written_end = wal.write_lsn();
+        decode_to_end(&mut wal, &mut decoder, written_end).expect("memory storage does not fail");
+        let end = decoder.boundary_lsn();
+        wal.truncate(end).expect("memory storage does not fail");
+        let recovered = RecoveredWal { end_lsn: end, decoder: Some(decoder_at(end, wal_start, segment_size)) };
+        Timeline::new(Acceptor::new(node_id, AcceptorConfig::default(), state, recovered), wal, control)
     }
 }
 

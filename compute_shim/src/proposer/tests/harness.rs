@@ -91,6 +91,10 @@ pub struct Link {
     pub up: bool,
     pub to_acceptor: VecDeque<ProposerMessage>,
     pub to_proposer: VecDeque<AcceptorMessage>,
+    /// A one-way partition: messages in this direction wait (as TCP would
+    /// keep retransmitting) until it heals or the connection is dropped.
+    pub blocked_to_acceptor: bool,
+    pub blocked_to_proposer: bool,
 }
 
 /// A compute: a proposer and the Postgres it streams from.
@@ -108,6 +112,8 @@ pub struct Compute {
 
 pub struct Net {
     pub acceptors: Vec<MemoryTimeline>,
+    /// Safekeepers whose process is down: connections to them fail.
+    pub down: Vec<bool>,
     pub computes: Vec<Compute>,
     pub now_ms: u64,
     /// The compute whose appends an acceptor's next sync acknowledges.
@@ -120,6 +126,7 @@ impl Net {
     pub fn new(safekeepers: usize) -> Net {
         Net {
             acceptors: (0..safekeepers).map(|i| new_acceptor(i as u64 + 1)).collect(),
+            down: vec![false; safekeepers],
             computes: vec![],
             now_ms: 1_000,
             ack_to: vec![None; safekeepers],
@@ -154,6 +161,7 @@ impl Net {
     }
 
     pub fn connect(&mut self, c: usize, sk: usize) {
+        assert!(!self.down[sk], "connecting to a safekeeper that is down");
         let compute = &mut self.computes[c];
         compute.links[sk] = Link { up: true, ..Link::default() };
         compute.proposer.on_connected(sk, self.now_ms);
@@ -163,8 +171,33 @@ impl Net {
         (0..self.acceptors.len()).for_each(|sk| self.connect(c, sk));
     }
 
+    /// Safekeeper `sk`'s process dies: its connections drop, WAL it had
+    /// not synced is lost but for `keep_unsynced_bytes` of it. It stays
+    /// down until [`Net::restart_safekeeper`].
+    pub fn crash_safekeeper(&mut self, sk: usize, keep_unsynced_bytes: usize) {
+        for c in 0..self.computes.len() {
+            if self.computes[c].links[sk].up {
+                self.disconnect(c, sk);
+            }
+        }
+        self.ack_to[sk] = None;
+        let placeholder = new_acceptor(sk as u64 + 1);
+        let crashed = std::mem::replace(&mut self.acceptors[sk], placeholder);
+        self.acceptors[sk] = crashed.crash_and_restart(keep_unsynced_bytes);
+        self.down[sk] = true;
+    }
+
+    pub fn restart_safekeeper(&mut self, sk: usize) {
+        self.down[sk] = false;
+    }
+
     /// Drop a connection: whatever was in flight on it is lost.
     pub fn disconnect(&mut self, c: usize, sk: usize) {
+        // As in the service, an acknowledgement owed to a closed connection
+        // goes nowhere (it must not reach the next one).
+        if self.ack_to[sk] == Some(c) {
+            self.ack_to[sk] = None;
+        }
         let compute = &mut self.computes[c];
         compute.links[sk] = Link::default();
         compute.proposer.on_disconnected(sk, self.now_ms);
@@ -225,6 +258,9 @@ impl Net {
 
     /// Deliver the oldest message on the link to the acceptor.
     pub fn deliver_to_acceptor(&mut self, c: usize, sk: usize) -> bool {
+        if self.computes[c].links[sk].blocked_to_acceptor {
+            return false;
+        }
         let Some(message) = self.computes[c].links[sk].to_acceptor.pop_front() else { return false };
         let is_write = matches!(&message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty());
         let reply = match self.acceptors[sk].handle(message) {
@@ -254,6 +290,9 @@ impl Net {
     /// Deliver the oldest reply on the link to the proposer. A fatal error
     /// stops the compute (the shim exits); a peer fault is a bug here.
     pub fn deliver_to_proposer(&mut self, c: usize, sk: usize) -> bool {
+        if self.computes[c].links[sk].blocked_to_proposer {
+            return false;
+        }
         let Some(message) = self.computes[c].links[sk].to_proposer.pop_front() else { return false };
         if !self.is_running(c) {
             return true;
@@ -326,6 +365,22 @@ impl Net {
     pub fn elected_term(&self, c: usize) -> Option<Term> {
         let status = self.computes[c].proposer.status();
         (status.phase == Phase::Elected).then_some(status.term).flatten()
+    }
+
+    /// Each acceptor's term, history, flush and commit (for failure messages).
+    pub fn describe_acceptors(&self) -> String {
+        let describe = |(sk, timeline): (usize, &MemoryTimeline)| {
+            let acceptor = timeline.acceptor();
+            format!(
+                "sk{sk}{} term {} history {:?} flush {} commit {}",
+                if self.down[sk] { " (down)" } else { "" },
+                acceptor.term(),
+                acceptor.state().term_history.0.iter().map(|e| (e.term.0, e.start_lsn.to_string())).collect::<Vec<_>>(),
+                acceptor.flush_lsn(),
+                acceptor.commit_lsn()
+            )
+        };
+        self.acceptors.iter().enumerate().map(describe).collect::<Vec<_>>().join("; ")
     }
 
     /// Durable WAL of an acceptor, from the timeline start.
