@@ -449,6 +449,115 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
     Ok(())
 }
 
+/// Random bytes, random frames and random HTTP requests against both ports
+/// of a running safekeeper while a proposer streams: every connection is
+/// refused or answered, no HTTP answer to a client's request is a 500, the
+/// proposer keeps being acknowledged, and the process never panics.
+#[test]
+fn random_input_on_both_ports_leaves_a_streaming_proposer_unaffected() -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let (_temp, dir) = datadir()?;
+    let mut safekeeper = Safekeeper::start(6, &dir)?;
+    let mut proposer = Proposer::connect(safekeeper.pg_addr)?;
+    proposer.elect(Term(1))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5AFE);
+    let random_bytes = |rng: &mut rand::rngs::StdRng, max: usize| -> Vec<u8> {
+        let len = rng.gen_range(0..max);
+        (0..len).map(|_| rng.gen()).collect()
+    };
+    // Fire and forget: write, read whatever comes back until the server
+    // closes or a short timeout, ignore every error (resets are fine).
+    let throw_at = |addr: SocketAddr, bytes: &[u8]| {
+        if let Ok(mut stream) = TcpStream::connect_timeout(&addr, READ_TIMEOUT) {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = stream.write_all(bytes);
+            let _ = stream.shutdown(Shutdown::Write);
+            let mut sink = Vec::new();
+            let _ = stream.take(1 << 20).read_to_end(&mut sink);
+        }
+    };
+    let paths = ["/wal", "/segment/", "/feedback", "", "/nothing"];
+    let alphabet: Vec<char> = "0123456789abcdefABCDEF/%?&=+-_.:~ \u{7f}é😀xyz".chars().collect();
+    for round in 0..300 {
+        match rng.gen_range(0..6) {
+            0 => throw_at(safekeeper.pg_addr, &random_bytes(&mut rng, 3000)),
+            1 => {
+                // A valid startup, then a random frame, possibly truncated.
+                let mut bytes = startup_packet(&[("user", "fuzz"), ("tenant_id", TENANT), ("timeline_id", TIMELINE)]);
+                let body = random_bytes(&mut rng, 600);
+                let tag = [b'Q', b'd', b'c', b'X', b'p', rng.gen()][rng.gen_range(0..6)];
+                bytes.push(tag);
+                bytes.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                bytes.extend_from_slice(&body);
+                bytes.truncate(rng.gen_range(0..=bytes.len()));
+                throw_at(safekeeper.pg_addr, &bytes);
+            }
+            2 => {
+                // START_WAL_PUSH, then random CopyData bodies.
+                let mut bytes = startup_packet(&[("user", "fuzz"), ("tenant_id", TENANT), ("timeline_id", TIMELINE)]);
+                let query = b"START_WAL_PUSH\0";
+                bytes.push(b'Q');
+                bytes.extend_from_slice(&(query.len() as u32 + 4).to_be_bytes());
+                bytes.extend_from_slice(query);
+                let body = random_bytes(&mut rng, 300);
+                bytes.push(b'd');
+                bytes.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                bytes.extend_from_slice(&body);
+                throw_at(safekeeper.pg_addr, &bytes);
+            }
+            3 => throw_at(safekeeper.http_addr, &random_bytes(&mut rng, 3000)),
+            4 => {
+                // A well-formed request with random path and query text.
+                let text: String =
+                    (0..rng.gen_range(0..40)).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
+                let encoded: String = text.bytes().map(|b| format!("%{b:02X}")).collect();
+                let raw = if rng.gen_bool(0.5) { text.replace(' ', "+") } else { encoded };
+                let path = format!(
+                    "{}{}?start_lsn={raw}&end_lsn={raw}&wait_ms={raw}",
+                    timeline_path(),
+                    paths[rng.gen_range(0..paths.len())]
+                );
+                let method = ["GET", "POST", "DELETE", "PUT"][rng.gen_range(0..3)];
+                let body = (method == "POST").then(|| serde_json::json!({ "remote_consistent_lsn": text }));
+                // DELETE only on a timeline that does not exist: this one must keep serving.
+                let path = if method == "DELETE" { path.replace(TIMELINE, &"9".repeat(32)) } else { path };
+                if let Ok(answer) =
+                    http_request(method, safekeeper.http_addr, &path, body.as_ref(), Duration::from_secs(10))
+                {
+                    ensure!(
+                        answer.status != 500,
+                        "{method} {path} answered 500: {:?}",
+                        String::from_utf8_lossy(&answer.body)
+                    );
+                    ensure!(answer.status == 200 || answer.json().is_ok(), "{method} {path}: error body is not JSON");
+                }
+            }
+            _ => {
+                // A truncated HTTP request.
+                let mut request = format!(
+                    "GET {}/wal?start_lsn=0/0 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc",
+                    timeline_path()
+                )
+                .into_bytes();
+                request.truncate(rng.gen_range(0..=request.len()));
+                throw_at(safekeeper.http_addr, &request);
+            }
+        }
+        if round % 25 == 0 {
+            proposer.generate(20, round);
+            proposer.push_generated(Lsn::INVALID).context("the streaming proposer stopped being acknowledged")?;
+            ensure!(safekeeper.http_get("/v1/status")?.0 == 200);
+        }
+    }
+    proposer.generate(20, 9999);
+    let ack = proposer.push_generated(Lsn::INVALID)?;
+    ensure!(ack.flush_lsn == proposer.generator.end_lsn(), "{ack:?}");
+    ensure!(safekeeper.process.exit_status()?.is_none(), "the safekeeper exited: {}", safekeeper.process.log_tail());
+    let log = std::fs::read_to_string(&safekeeper.process.log_path)?;
+    ensure!(!log.contains("panicked"), "a panic in the log:\n{log}");
+    Ok(())
+}
+
 #[test]
 fn psql_connects_and_gets_an_error_for_unknown_commands() -> Result<()> {
     let (_temp, dir) = datadir()?;

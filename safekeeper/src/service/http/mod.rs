@@ -42,6 +42,7 @@ pub fn router(
         .route(&format!("{timeline}/wal"), get(wal::get_wal))
         .route(&format!("{timeline}/segment/{{name}}"), get(wal::get_segment))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::middleware::map_response(errors_as_json))
         .with_state(state)
         .into_make_service_with_connect_info::<PeerAddr>()
 }
@@ -64,6 +65,28 @@ impl IntoResponse for ApiError {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
+
+/// axum's own rejections (405 for a wrong method, a path or body it could
+/// not decode) come as plain text: give every error the documented JSON form.
+async fn errors_as_json(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (_, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_ERROR_TEXT_BYTES).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    ApiError::new(status, text).into_response()
+}
+
+/// Longest plain-text error body carried over into the JSON one.
+const MAX_ERROR_TEXT_BYTES: usize = 4096;
 
 /// The timeline named by the path, or a 400 (bad id) / 404 (unknown).
 fn lookup(state: &ServiceState, tenant_id: &str, timeline_id: &str) -> Result<Arc<TimelineHandle>, ApiError> {
