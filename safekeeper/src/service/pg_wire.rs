@@ -461,4 +461,56 @@ mod tests {
         encode::error_response(&mut out, &PgError::error(sqlstate::SYNTAX_ERROR, "no".to_string()));
         assert_eq!(&out[..], b"E\0\0\0\x1eSERROR\0VERROR\0C42601\0Mno\0\0");
     }
+
+    /// Rule: no bytes a client sends make the frontend decoders panic or
+    /// allocate beyond their bounds: each returns a frame or a typed error.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+            tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(future)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn startup_packets(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let mut reader = bytes.as_slice();
+                if let Ok(StartupRequest::Startup(parameters)) = block_on(read_startup_packet(&mut reader)) {
+                    let _ = StartupSettings::from_parameters(&parameters);
+                }
+            }
+
+            /// A valid header whose body is random: what the parameter
+            /// parser sees.
+            #[test]
+            fn startup_parameters(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let mut packet = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+                packet.extend_from_slice(&PROTOCOL_V3.to_be_bytes());
+                packet.extend_from_slice(&body);
+                let mut reader = packet.as_slice();
+                if let Ok(StartupRequest::Startup(parameters)) = block_on(read_startup_packet(&mut reader)) {
+                    let _ = StartupSettings::from_parameters(&parameters);
+                }
+            }
+
+            #[test]
+            fn options_strings(options in ".{0,120}") {
+                let parameters = HashMap::from([("options".to_string(), options)]);
+                let _ = StartupSettings::from_parameters(&parameters);
+            }
+
+            #[test]
+            fn frames(bytes in proptest::collection::vec(any::<u8>(), 0..400), max_body_bytes in 0usize..512) {
+                let mut reader = bytes.as_slice();
+                let result = block_on(read_frame(&mut reader, max_body_bytes, Duration::from_secs(1)));
+                if let Ok(frame) = result {
+                    prop_assert!(frame.body.len() <= max_body_bytes);
+                    let _ = query_text(&frame.body);
+                }
+            }
+        }
+    }
 }

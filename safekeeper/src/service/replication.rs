@@ -296,4 +296,13 @@ mod tests {
         let keepalive = keepalive_message(Lsn(7));
         assert_eq!((keepalive[0], keepalive.len(), keepalive[17]), (b'k', 18, 0));
     }
+
+    proptest::proptest! {
+        /// Rule: any CopyData body from a replication client is a status, a
+        /// feedback message or a typed error; never a panic.
+        #[test]
+        fn client_messages_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = parse_client_message(&Bytes::from(bytes));
+        }
+    }
 }

@@ -303,4 +303,26 @@ mod tests {
         assert!(corrupt_reason(dir.path()).contains("larger than the maximum"));
         assert_eq!(fs::read(&path).unwrap(), bytes);
     }
+
+    proptest::proptest! {
+        /// Rule: any file content decodes to a state or a typed error.
+        #[test]
+        fn random_files_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = decode_control_file(&bytes);
+        }
+
+        /// A valid header and CRC around a random body: the JSON and the
+        /// term-history checks must refuse it cleanly.
+        #[test]
+        fn random_bodies_with_a_valid_crc_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let mut bytes = Vec::new();
+            bytes.extend_from_slice(&CONTROL_FILE_MAGIC.to_le_bytes());
+            bytes.extend_from_slice(&CONTROL_FORMAT_VERSION.to_le_bytes());
+            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&body);
+            let crc = crc32c::crc32c(&bytes);
+            bytes.extend_from_slice(&crc.to_le_bytes());
+            let _ = decode_control_file(&bytes);
+        }
+    }
 }
