@@ -70,12 +70,22 @@ pub struct Proposer {
     /// When a quorum had greeted: the term is picked once every connected
     /// safekeeper greeted too, or a heartbeat interval later.
     quorum_greeted_at_ms: Option<u64>,
+    /// Tests only ([`Proposer::break_commit_rule_for_tests`]): count flushes
+    /// below the term start too, to show that the checks catch the result.
+    count_flushes_below_term_start: bool,
     /// When we won: streaming waits for every voter's log end, but for at
     /// most a heartbeat interval once a quorum has answered.
     elected_at_ms: u64,
 }
 
 impl Proposer {
+    /// Drop the commit rule's term-start floor (Raft's figure 8), for the
+    /// test that shows the checks catch a broken rule.
+    #[cfg(test)]
+    pub(crate) fn break_commit_rule_for_tests(&mut self) {
+        self.count_flushes_below_term_start = true;
+    }
+
     pub fn new(config: ProposerConfig) -> Self {
         config.assert_valid();
         Proposer {
@@ -90,6 +100,7 @@ impl Proposer {
             now_ms: 0,
             next_poll_index: 0,
             quorum_greeted_at_ms: None,
+            count_flushes_below_term_start: false,
             elected_at_ms: 0,
         }
     }
@@ -501,7 +512,8 @@ impl Proposer {
     fn advance_commit(&mut self) {
         let Campaign::Elected(election) = &self.campaign else { return };
         let flushes = self.peers.iter().filter_map(|peer| peer.flush_lsn);
-        if let Some(quorum_lsn) = commit::quorum_flush_lsn(flushes, election.term_start_lsn, self.config.quorum()) {
+        let counted_from = if self.count_flushes_below_term_start { Lsn::INVALID } else { election.term_start_lsn };
+        if let Some(quorum_lsn) = commit::quorum_flush_lsn(flushes, counted_from, self.config.quorum()) {
             self.commit_lsn = self.commit_lsn.max(quorum_lsn);
         }
     }

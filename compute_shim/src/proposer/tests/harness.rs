@@ -393,6 +393,20 @@ impl Net {
         &wal.contents()[..(wal.flush_lsn() - TIMELINE_START) as usize]
     }
 
+    /// The simulation's safety invariant: an acknowledged commit stays
+    /// durable, with the primary's bytes, on a majority.
+    pub fn check_commit_on_majority(&self, postgres: &Postgres, commit: Lsn) -> Result<(), String> {
+        let holders = self.holders(postgres, commit);
+        if holders > self.acceptors.len() / 2 {
+            return Ok(());
+        }
+        Err(format!(
+            "acknowledged commit {commit} is no longer on a majority ({holders} of {} hold its bytes); {}",
+            self.acceptors.len(),
+            self.describe_acceptors()
+        ))
+    }
+
     /// Acceptors whose durable WAL holds `postgres`'s bytes up to `lsn`.
     pub fn holders(&self, postgres: &Postgres, lsn: Lsn) -> usize {
         if lsn <= TIMELINE_START {

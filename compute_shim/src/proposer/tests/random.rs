@@ -206,7 +206,7 @@ impl Simulation {
             self.last_commit[c] = commit;
             if commit > self.highest_commit {
                 self.highest_commit = commit;
-                assert!(self.net.holders(&self.postgres, commit) > SAFEKEEPERS / 2, "commit {commit}");
+                self.net.check_commit_on_majority(&self.postgres, commit).unwrap();
             }
             if let Some(term) = self.net.elected_term(c) {
                 let first = *self.elected.entry(term).or_insert_with(|| {
@@ -222,11 +222,7 @@ impl Simulation {
                 assert_eq!(first, c, "two proposers elected in term {term}");
             }
         }
-        assert!(
-            self.net.holders(&self.postgres, self.highest_commit) > SAFEKEEPERS / 2,
-            "commit {} is no longer on a quorum",
-            self.highest_commit
-        );
+        self.net.check_commit_on_majority(&self.postgres, self.highest_commit).unwrap();
         self.check_safekeepers();
     }
 

@@ -145,15 +145,47 @@ fn restarted_proposer_continues_from_the_best_donor() {
 /// 3) and truncates 1 to A. The term-4 proposer must not have committed D.
 #[test]
 fn old_term_wal_on_a_majority_is_not_committed_by_counting() {
+    let outcome = figure_8(false);
+    assert_eq!(outcome.term_4_commit, outcome.a, "[A,D) of term 2 on a majority is not committed by counting");
+    outcome.violation.unwrap();
+}
+
+/// The checks bite: with the commit rule's term-start floor removed, the
+/// same run commits D in term 4, and the simulation's invariant (an
+/// acknowledged commit stays on a majority with its bytes) reports the
+/// loss once term 5 truncates it.
+#[test]
+fn a_commit_rule_without_the_term_start_floor_is_caught() {
+    let outcome = figure_8(true);
+    assert!(outcome.term_4_commit > outcome.a, "the broken rule commits [A,D) by counting");
+    let violation = outcome.violation.expect_err("the invariant must report the lost commit");
+    assert!(violation.contains("no longer on a majority"), "{violation}");
+}
+
+struct Figure8 {
+    a: Lsn,
+    term_4_commit: Lsn,
+    /// The invariant checked after term 5 ran, for term 4's commit.
+    violation: Result<(), String>,
+}
+
+fn figure_8(break_commit_rule: bool) -> Figure8 {
     let (a, mut primaries) = Postgres::branches(150, 500, &[11, 12]);
     let (mut x, mut y) = (primaries.remove(0), primaries.remove(0));
     let b = record_end_after(&x, a + (600 << 10));
     let c_end = record_end_after(&y, a + (300 << 10));
     let mut net = Net::new(3);
     let elected = |c: usize| move |net: &Net| net.elected_term(c).is_some();
+    let start = |net: &mut Net, postgres: &Postgres| {
+        let c = net.start_compute(postgres.clone());
+        if break_commit_rule {
+            net.computes[c].proposer.break_commit_rule_for_tests();
+        }
+        c
+    };
 
     x.set_flush_lsn(a);
-    let t1 = net.start_compute(x.clone());
+    let t1 = start(&mut net, &x);
     net.connect_all(t1);
     net.run_until_quiet();
     assert_eq!(net.commit_lsn(t1), a);
@@ -161,7 +193,7 @@ fn old_term_wal_on_a_majority_is_not_committed_by_counting() {
 
     // Term 2: voters 0 and 1; WAL [A,B) reaches only 0.
     x.set_flush_lsn(b);
-    let t2 = net.start_compute(x.clone());
+    let t2 = start(&mut net, &x);
     net.connect(t2, 0);
     net.connect(t2, 1);
     net.run_until(|net| net.computes[t2].proposer.status().safekeepers[1].state == PeerState::Streaming);
@@ -172,7 +204,7 @@ fn old_term_wal_on_a_majority_is_not_committed_by_counting() {
 
     // Term 3: voters 1 and 2; ProposerElected reaches only 2, which gets Y's [A,C).
     y.set_flush_lsn(c_end);
-    let t3 = net.start_compute(y.clone());
+    let t3 = start(&mut net, &y);
     net.connect(t3, 1);
     net.connect(t3, 2);
     net.run_until(elected(t3));
@@ -182,7 +214,7 @@ fn old_term_wal_on_a_majority_is_not_committed_by_counting() {
     net.kill(t3);
 
     // Term 4: voters 0 (last term 2, B) and 1 (last term 2, A): term start B.
-    let t4 = net.start_compute(x.clone());
+    let t4 = start(&mut net, &x);
     net.connect(t4, 0);
     net.connect(t4, 1);
     net.run_until(|net| net.computes[t4].proposer.wal_wanted_from().is_some());
@@ -195,18 +227,19 @@ fn old_term_wal_on_a_majority_is_not_committed_by_counting() {
     let d = net.acceptors[1].acceptor().flush_lsn();
     assert!(a < d && d < b, "safekeeper 1 got part of [A,B): {d}");
     assert_eq!(net.holders(&x, d), 2, "[A,D) of term 2 is on a majority");
-    assert_eq!(net.commit_lsn(t4), a, "yet it is not committed by counting");
+    let term_4_commit = net.commit_lsn(t4);
     net.kill(t4);
 
     // Term 5: voters 1 (last term 2, D) and 2 (last term 3, C): donor 2.
-    let t5 = net.start_compute(y.clone());
+    let t5 = start(&mut net, &y);
     net.connect(t5, 1);
     net.connect(t5, 2);
     net.run_until_quiet();
     assert_eq!(net.computes[t5].proposer.status().term_start_lsn, Some(c_end));
     assert_eq!(net.commit_lsn(t5), c_end);
     assert_eq!(net.holders(&y, c_end), 2);
-    assert!(net.holders(&x, d) < 2, "D would have been a lost commit");
+    let violation = net.check_commit_on_majority(&x, term_4_commit);
+    Figure8 { a, term_4_commit, violation }
 }
 
 /// Rule: a safekeeper answering with a higher term fences the proposer,
