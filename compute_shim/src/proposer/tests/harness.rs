@@ -37,7 +37,8 @@ fn new_acceptor(node_id: u64) -> MemoryTimeline {
 /// exist so far (always a record end).
 #[derive(Clone)]
 pub struct Postgres {
-    pub wal: Vec<u8>,
+    /// Shared by clones: a run starts many computes on one primary.
+    pub wal: std::sync::Arc<[u8]>,
     pub record_ends: Vec<Lsn>,
     pub flushed_bytes: usize,
     /// Postgres removed its WAL below this (recycled segments).
@@ -64,7 +65,7 @@ impl Postgres {
                 let records = branch.append_random_records(branch_records, seed, 6_000);
                 let record_ends: Vec<Lsn> = prefix.iter().chain(&records).map(|record| record.end_lsn).collect();
                 let (_, wal) = branch.take_bytes();
-                Postgres { flushed_bytes: wal.len(), wal, record_ends, oldest_lsn: TIMELINE_START }
+                Postgres { flushed_bytes: wal.len(), wal: wal.into(), record_ends, oldest_lsn: TIMELINE_START }
             })
             .collect();
         (fork_lsn, primaries)
@@ -265,7 +266,17 @@ impl Net {
         let is_write = matches!(&message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty());
         let reply = match self.acceptors[sk].handle(message) {
             Ok(reply) => reply,
-            Err(error) => panic!("safekeeper {sk} refused compute {c}'s message: {error}"),
+            Err(error) => {
+                // Legitimate only when the compute's primary diverged from
+                // the log (another lineage): the shim would exit refused.
+                let log = self.acceptors[sk].wal().contents();
+                assert!(
+                    !self.computes[c].postgres.wal.starts_with(log),
+                    "safekeeper {sk} refused compute {c}'s message although its log continues that primary's WAL: {error}"
+                );
+                self.kill(c);
+                return true;
+            }
         };
         if is_write {
             self.ack_to[sk] = Some(c);
@@ -412,7 +423,11 @@ impl Net {
         if lsn <= TIMELINE_START {
             return self.acceptors.len(); // nothing committed yet
         }
-        let expected = postgres.bytes(TIMELINE_START, lsn);
-        (0..self.acceptors.len()).filter(|&sk| self.durable_wal(sk).starts_with(expected)).count()
+        self.holders_of(postgres.bytes(TIMELINE_START, lsn))
+    }
+
+    /// Acceptors whose durable WAL begins with `wal` (from the timeline start).
+    pub fn holders_of(&self, wal: &[u8]) -> usize {
+        (0..self.acceptors.len()).filter(|&sk| self.durable_wal(sk).starts_with(wal)).count()
     }
 }

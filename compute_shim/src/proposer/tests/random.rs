@@ -51,9 +51,9 @@ const REGRESSION_SEEDS: &[u64] = &[2743, 10360];
 
 #[test]
 fn random_failures_keep_commits_safe() {
-    let postgres = Postgres::generate(380, 99);
+    let (_, lineages) = Postgres::branches(150, 230, &[99, 77]);
     for seed in seeds_to_run() {
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| Simulation::new(seed, &postgres).run())) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| Simulation::new(seed, &lineages).run())) {
             eprintln!(
                 "simulation failed with seed {seed}; replay it alone with:\n  \
                  SIM_SEED={seed} cargo test -p compute_shim --lib random_failures_keep_commits_safe -- --nocapture"
@@ -80,7 +80,13 @@ fn seeds_to_run() -> Vec<u64> {
 struct Simulation {
     rng: StdRng,
     net: Net,
-    postgres: Postgres,
+    /// Postgres primaries sharing WAL up to a fork point, then each writing
+    /// its own: a failover, or two primaries restored from one backup.
+    lineages: Vec<Postgres>,
+    /// The lineage each compute streams.
+    lineage_of: Vec<usize>,
+    /// The committed WAL as first acknowledged: it must never change.
+    committed: Vec<u8>,
     /// Commit each compute last reported.
     last_commit: Vec<Lsn>,
     highest_commit: Lsn,
@@ -91,17 +97,21 @@ struct Simulation {
 }
 
 impl Simulation {
-    fn new(seed: u64, postgres: &Postgres) -> Simulation {
+    fn new(seed: u64, lineages: &[Postgres]) -> Simulation {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut postgres = postgres.clone();
-        postgres.set_flush_lsn(postgres.record_ends[rng.gen_range(0..postgres.record_ends.len() / 3)]);
+        let mut lineages = lineages.to_vec();
+        // Within the shared prefix, so every lineage can start there.
+        let initial = lineages[0].record_ends[rng.gen_range(0..lineages[0].record_ends.len() / 3)];
+        lineages.iter_mut().for_each(|postgres| postgres.set_flush_lsn(initial));
         let mut net = Net::new(SAFEKEEPERS);
         net.max_in_flight_bytes = [128 << 10, 300 << 10][rng.gen_range(0..2)];
         net.max_buffered_wal_bytes = [256 << 10, 4 << 20][rng.gen_range(0..2)];
         Simulation {
             rng,
             net,
-            postgres,
+            lineages,
+            lineage_of: vec![],
+            committed: vec![],
             last_commit: vec![],
             highest_commit: Lsn::INVALID,
             elected: HashMap::new(),
@@ -120,7 +130,14 @@ impl Simulation {
     }
 
     fn start_compute(&mut self) {
-        let c = self.net.start_compute(self.postgres.clone());
+        // Mostly the same primary's shim restarting; sometimes another one.
+        let lineage = match self.lineage_of.last() {
+            Some(&previous) if self.rng.gen_bool(0.3) => (previous + 1) % self.lineages.len(),
+            Some(&previous) => previous,
+            None => 0,
+        };
+        self.lineage_of.push(lineage);
+        let c = self.net.start_compute(self.lineages[lineage].clone());
         self.net.computes[c].wal_piece_bytes = self.rng.gen_range(1_000..140_000);
         self.last_commit.push(Lsn::INVALID);
         for sk in 0..SAFEKEEPERS {
@@ -174,12 +191,16 @@ impl Simulation {
     }
 
     fn postgres_writes_more(&mut self) {
-        let ends = &self.postgres.record_ends;
-        let next = ends.partition_point(|&end| end <= self.postgres.flush_lsn());
+        let lineage = self.rng.gen_range(0..self.lineages.len());
+        let postgres = &mut self.lineages[lineage];
+        let ends = &postgres.record_ends;
+        let next = ends.partition_point(|&end| end <= postgres.flush_lsn());
         let Some(&lsn) = ends.get((next + self.rng.gen_range(0..20)).min(ends.len() - 1)) else { return };
-        self.postgres.set_flush_lsn(lsn);
-        for compute in &mut self.net.computes {
-            compute.postgres.set_flush_lsn(lsn);
+        postgres.set_flush_lsn(lsn);
+        for (c, compute) in self.net.computes.iter_mut().enumerate() {
+            if self.lineage_of[c] == lineage {
+                compute.postgres.set_flush_lsn(lsn);
+            }
         }
     }
 
@@ -190,13 +211,12 @@ impl Simulation {
             if let Some(error) = &self.net.computes[c].stopped {
                 let expected = match error {
                     ProposerError::Fenced { .. } | ProposerError::WalNotWanted => true,
-                    // Its startup snapshot of Postgres's flush LSN was passed
-                    // by WAL another (older) proposer streamed meanwhile: the
-                    // shim exits and its restart succeeds. Real data loss
-                    // (Postgres really behind) is not excused.
-                    ProposerError::PostgresBehind { term_start_lsn, .. } => {
-                        self.postgres.flush_lsn() >= *term_start_lsn
-                    }
+                    // Refusing to lead is right when its primary is another
+                    // lineage, or its startup snapshot of the flush LSN was
+                    // passed by WAL an older proposer streamed meanwhile (the
+                    // shim exits; its restart succeeds). Safety is judged by
+                    // the committed WAL, not by who may lead.
+                    ProposerError::PostgresBehind { .. } => true,
                     _ => false,
                 };
                 assert!(expected, "compute {c} stopped: {error}");
@@ -206,7 +226,7 @@ impl Simulation {
             self.last_commit[c] = commit;
             if commit > self.highest_commit {
                 self.highest_commit = commit;
-                self.net.check_commit_on_majority(&self.postgres, commit).unwrap();
+                self.record_committed(c, commit);
             }
             if let Some(term) = self.net.elected_term(c) {
                 let first = *self.elected.entry(term).or_insert_with(|| {
@@ -222,8 +242,37 @@ impl Simulation {
                 assert_eq!(first, c, "two proposers elected in term {term}");
             }
         }
-        self.net.check_commit_on_majority(&self.postgres, self.highest_commit).unwrap();
+        let holders = self.net.holders_of(&self.committed);
+        assert!(
+            holders > SAFEKEEPERS / 2,
+            "the committed WAL up to {} is no longer on a majority ({holders} hold it); {}",
+            self.highest_commit,
+            self.net.describe_acceptors()
+        );
         self.check_safekeepers();
+    }
+
+    /// Compute `c` reported `commit`, the highest so far: a majority must
+    /// hold the same bytes up to it, and they extend the committed WAL.
+    fn record_committed(&mut self, c: usize, commit: Lsn) {
+        let len = (commit - TIMELINE_START) as usize;
+        let prefixes: Vec<&[u8]> = (0..SAFEKEEPERS)
+            .map(|sk| self.net.durable_wal(sk))
+            .filter(|wal| wal.len() >= len)
+            .map(|wal| &wal[..len])
+            .collect();
+        let majority = prefixes
+            .iter()
+            .find(|candidate| prefixes.iter().filter(|other| other == candidate).count() > SAFEKEEPERS / 2)
+            .unwrap_or_else(|| {
+                panic!(
+                    "compute {c} reported commit {commit}, but no majority holds the same bytes up to it; {}",
+                    self.net.describe_acceptors()
+                )
+            });
+        assert!(majority.starts_with(&self.committed), "commit {commit} changed WAL committed before");
+        let known = self.committed.len();
+        self.committed.extend_from_slice(&majority[known..]);
     }
 
     /// Each safekeeper: its committed WAL is Postgres's, its commit LSN
@@ -241,8 +290,10 @@ impl Simulation {
             );
             self.persisted_commit[sk] = persisted;
             if commit > TIMELINE_START {
-                let held = &self.net.durable_wal(sk)[..(commit - TIMELINE_START) as usize];
-                assert!(held == self.postgres.bytes(TIMELINE_START, commit), "safekeeper {sk}: committed bytes differ");
+                let len = (commit - TIMELINE_START) as usize;
+                assert!(len <= self.committed.len(), "safekeeper {sk}: commit {commit} beyond any acknowledged");
+                let held = &self.net.durable_wal(sk)[..len];
+                assert!(held == &self.committed[..len], "safekeeper {sk}: committed bytes differ");
             }
         }
     }
@@ -254,9 +305,28 @@ impl Simulation {
         for sk in 0..SAFEKEEPERS {
             self.net.restart_safekeeper(sk);
         }
-        assert!(self.net.holders(&self.postgres, self.highest_commit) > SAFEKEEPERS / 2);
+        assert!(self.net.holders_of(&self.committed) > SAFEKEEPERS / 2);
+        // The operator starts a primary that has written all its WAL and
+        // whose WAL continues the safekeepers' log; the wrong one refuses to
+        // lead (or is refused), and then the other one is tried.
+        let mut failures = vec![];
+        for lineage in 0..self.lineages.len() {
+            let mut postgres = self.lineages[lineage].clone();
+            postgres.set_flush_lsn(*postgres.record_ends.last().expect("records"));
+            match self.heal_with(lineage, postgres) {
+                Ok(()) => return,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("no primary could lead the healed cluster: {failures:?}");
+    }
+
+    /// A fresh proposer for `postgres` with every safekeeper connected must
+    /// commit all of its WAL, or stop refusing to lead.
+    fn heal_with(&mut self, lineage: usize, postgres: Postgres) -> Result<(), String> {
+        self.lineage_of.push(lineage);
         let c = self.net.computes.len();
-        self.net.start_compute(self.postgres.clone());
+        self.net.start_compute(postgres.clone());
         self.last_commit.push(Lsn::INVALID);
         self.net.connect_all(c);
         // Checked round by round, so the new election is seen as it happens.
@@ -268,12 +338,14 @@ impl Simulation {
         }
         self.check();
         let status = self.net.computes[c].proposer.status();
-        assert_eq!(
-            self.net.commit_lsn(c),
-            self.postgres.flush_lsn(),
-            "a healed cluster commits everything: {status:?} stopped {:?}",
-            self.net.computes[c].stopped
-        );
-        assert_eq!(self.net.holders(&self.postgres, self.postgres.flush_lsn()), SAFEKEEPERS);
+        if self.net.commit_lsn(c) == postgres.flush_lsn() {
+            assert_eq!(self.net.holders(&postgres, postgres.flush_lsn()), SAFEKEEPERS);
+            return Ok(());
+        }
+        let refused = matches!(self.net.computes[c].stopped, Some(ProposerError::PostgresBehind { .. }))
+            || status.phase != crate::proposer::Phase::Elected;
+        assert!(refused, "a healed cluster commits everything of an elected primary: {status:?}");
+        self.net.kill(c);
+        Err(format!("lineage {lineage}: {status:?} stopped {:?}", self.net.computes[c].stopped))
     }
 }
