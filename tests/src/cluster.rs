@@ -30,13 +30,24 @@ pub struct QuorumCluster {
     pub safekeepers: Vec<Safekeeper>,
     pub pg: PgCluster,
     pub dir: tempfile::TempDir,
+    /// Where the shim connects instead of the safekeepers' own pg ports
+    /// (fault proxies in front of them, say).
+    pub shim_targets: Option<Vec<SocketAddr>>,
 }
 
 impl QuorumCluster {
     /// Postgres with `options` plus the quorum-commit settings, three
     /// safekeepers, and an elected shim.
     /// Settings in `options` come last, so a test can override these.
-    pub fn start(mut options: PgOptions) -> Result<QuorumCluster> {
+    pub fn start(options: PgOptions) -> Result<QuorumCluster> {
+        let mut cluster = QuorumCluster::start_without_shim(options)?;
+        cluster.start_shim()?;
+        Ok(cluster)
+    }
+
+    /// Postgres and three safekeepers; the caller starts the shim (after
+    /// setting `shim_targets`, say).
+    pub fn start_without_shim(mut options: PgOptions) -> Result<QuorumCluster> {
         let quorum_settings = [
             ("synchronous_standby_names", format!("'{SHIM_APPLICATION_NAME}'")),
             ("synchronous_commit", "on".to_string()),
@@ -51,15 +62,13 @@ impl QuorumCluster {
         let safekeepers = (1..=SAFEKEEPER_COUNT as u64)
             .map(|id| Safekeeper::start(id, &dir.path().join(format!("sk{id}"))))
             .collect::<Result<Vec<_>>>()?;
-        let mut cluster = QuorumCluster { shim: None, safekeepers, pg, dir };
-        cluster.start_shim()?;
-        Ok(cluster)
+        Ok(QuorumCluster { shim: None, safekeepers, pg, dir, shim_targets: None })
     }
 
     pub fn shim_args(&self) -> ShimArgs {
         ShimArgs {
             pg_conninfo: self.pg.connection_string("postgres"),
-            safekeepers: self.safekeeper_addrs(),
+            safekeepers: self.shim_targets.clone().unwrap_or_else(|| self.safekeeper_addrs()),
             tenant_id: TENANT.to_string(),
             timeline_id: TIMELINE.to_string(),
             application_name: SHIM_APPLICATION_NAME.to_string(),

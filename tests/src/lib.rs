@@ -7,8 +7,10 @@
 //! - [`cluster`]: Postgres whose commits wait for three safekeepers
 //!   through compute_shim.
 //! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
+//! - [`fault_proxy`]: a TCP proxy that injects network faults on command.
 
 pub mod cluster;
+pub mod fault_proxy;
 pub mod pg;
 pub mod processes;
 pub mod wal_files;

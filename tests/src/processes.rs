@@ -229,6 +229,8 @@ pub struct Safekeeper {
     pub datadir: PathBuf,
     pub pg_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Flags beyond id, datadir and addresses (kept across restarts).
+    pub extra_args: Vec<String>,
 }
 
 impl Safekeeper {
@@ -241,16 +243,34 @@ impl Safekeeper {
 
     /// Start on the given addresses (a restart keeps its ports).
     pub fn start_at(id: u64, datadir: &Path, pg_addr: SocketAddr, http_addr: SocketAddr) -> Result<Safekeeper> {
-        let mut process = Safekeeper::spawn(id, datadir, pg_addr, http_addr)?;
-        process.wait_listening(&[pg_addr, http_addr])?;
-        Ok(Safekeeper { process, id, datadir: datadir.to_path_buf(), pg_addr, http_addr })
+        Safekeeper::start_with_args(id, datadir, pg_addr, http_addr, vec![])
     }
 
-    fn spawn(id: u64, datadir: &Path, pg: SocketAddr, http: SocketAddr) -> Result<ServiceProcess> {
+    /// Start with `extra_args` (e.g. `--wal-keep-bytes N`) on the given addresses.
+    pub fn start_with_args(
+        id: u64,
+        datadir: &Path,
+        pg_addr: SocketAddr,
+        http_addr: SocketAddr,
+        extra_args: Vec<String>,
+    ) -> Result<Safekeeper> {
+        let mut process = Safekeeper::spawn(id, datadir, pg_addr, http_addr, &extra_args)?;
+        process.wait_listening(&[pg_addr, http_addr])?;
+        Ok(Safekeeper { process, id, datadir: datadir.to_path_buf(), pg_addr, http_addr, extra_args })
+    }
+
+    fn spawn(
+        id: u64,
+        datadir: &Path,
+        pg: SocketAddr,
+        http: SocketAddr,
+        extra_args: &[String],
+    ) -> Result<ServiceProcess> {
         let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
         let mut command = Command::new(binary("safekeeper", "safekeeper")?);
         command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
         command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
+        command.args(extra_args);
         ServiceProcess::spawn("safekeeper", command, &log_path)
     }
 
@@ -259,7 +279,7 @@ impl Safekeeper {
     pub fn run_expecting_exit(id: u64, datadir: &Path) -> Result<(ExitStatus, String)> {
         let pg = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let mut process = Safekeeper::spawn(id, datadir, pg, http)?;
+        let mut process = Safekeeper::spawn(id, datadir, pg, http, &[])?;
         let status = process
             .wait_exit(EXIT_TIMEOUT)?
             .ok_or_else(|| anyhow!("safekeeper on {} kept running", datadir.display()))?;
@@ -268,7 +288,7 @@ impl Safekeeper {
 
     /// The same safekeeper started again on its data directory and ports.
     pub fn restart(&self) -> Result<Safekeeper> {
-        Safekeeper::start_at(self.id, &self.datadir, self.pg_addr, self.http_addr)
+        Safekeeper::start_with_args(self.id, &self.datadir, self.pg_addr, self.http_addr, self.extra_args.clone())
     }
 
     /// `GET path` on the HTTP port.
