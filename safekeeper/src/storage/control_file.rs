@@ -200,21 +200,25 @@ mod tests {
         }
     }
 
+    /// A well-formed file (magic, version, length, CRC) around any body.
+    fn file_around(body: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&CONTROL_FILE_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&CONTROL_FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(body);
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
     /// Control files written before retention existed have no
     /// remote_consistent_lsn: they load with zero (nothing confirmed).
     #[test]
     fn body_without_remote_consistent_lsn_loads_as_zero() {
         let mut body = serde_json::to_value(state(2)).unwrap();
         body.as_object_mut().unwrap().remove("remote_consistent_lsn");
-        let body = serde_json::to_vec(&body).unwrap();
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&CONTROL_FILE_MAGIC.to_le_bytes());
-        bytes.extend_from_slice(&CONTROL_FORMAT_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        let crc = crc32c::crc32c(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        let loaded = decode_control_file(&bytes).unwrap();
+        let loaded = decode_control_file(&file_around(&serde_json::to_vec(&body).unwrap())).unwrap();
         assert_eq!(loaded, ControlState { remote_consistent_lsn: Lsn::INVALID, ..state(2) });
     }
 
@@ -315,14 +319,7 @@ mod tests {
         /// term-history checks must refuse it cleanly.
         #[test]
         fn random_bodies_with_a_valid_crc_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
-            let mut bytes = Vec::new();
-            bytes.extend_from_slice(&CONTROL_FILE_MAGIC.to_le_bytes());
-            bytes.extend_from_slice(&CONTROL_FORMAT_VERSION.to_le_bytes());
-            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&body);
-            let crc = crc32c::crc32c(&bytes);
-            bytes.extend_from_slice(&crc.to_le_bytes());
-            let _ = decode_control_file(&bytes);
+            let _ = decode_control_file(&file_around(&body));
         }
     }
 }

@@ -162,6 +162,33 @@ fn a_commit_rule_without_the_term_start_floor_is_caught() {
     assert!(violation.contains("no longer on a majority"), "{violation}");
 }
 
+/// Term 1 commits [.., A) on all three safekeepers; term 2 (voters 0 and 1)
+/// writes `x`'s [A,B) to safekeeper 0 only. Both proposers are gone after.
+fn leave_uncommitted_tail(
+    net: &mut Net,
+    x: &mut Postgres,
+    a: Lsn,
+    b: Lsn,
+    start: &mut impl FnMut(&mut Net, &Postgres) -> usize,
+) {
+    x.set_flush_lsn(a);
+    let t1 = start(net, x);
+    net.connect_all(t1);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(t1), a);
+    net.kill(t1);
+
+    x.set_flush_lsn(b);
+    let t2 = start(net, x);
+    net.connect(t2, 0);
+    net.connect(t2, 1);
+    net.run_until(|net| net.computes[t2].proposer.status().safekeepers[1].state == PeerState::Streaming);
+    net.disconnect(t2, 1);
+    net.run_until_quiet();
+    assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b);
+    net.kill(t2);
+}
+
 struct Figure8 {
     a: Lsn,
     term_4_commit: Lsn,
@@ -176,7 +203,7 @@ fn figure_8(break_commit_rule: bool) -> Figure8 {
     let c_end = record_end_after(&y, a + (300 << 10));
     let mut net = Net::new(3);
     let elected = |c: usize| move |net: &Net| net.elected_term(c).is_some();
-    let start = |net: &mut Net, postgres: &Postgres| {
+    let mut start = |net: &mut Net, postgres: &Postgres| {
         let c = net.start_compute(postgres.clone());
         if break_commit_rule {
             net.computes[c].proposer.break_commit_rule_for_tests();
@@ -184,23 +211,7 @@ fn figure_8(break_commit_rule: bool) -> Figure8 {
         c
     };
 
-    x.set_flush_lsn(a);
-    let t1 = start(&mut net, &x);
-    net.connect_all(t1);
-    net.run_until_quiet();
-    assert_eq!(net.commit_lsn(t1), a);
-    net.kill(t1);
-
-    // Term 2: voters 0 and 1; WAL [A,B) reaches only 0.
-    x.set_flush_lsn(b);
-    let t2 = start(&mut net, &x);
-    net.connect(t2, 0);
-    net.connect(t2, 1);
-    net.run_until(|net| net.computes[t2].proposer.status().safekeepers[1].state == PeerState::Streaming);
-    net.disconnect(t2, 1);
-    net.run_until_quiet();
-    assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b);
-    net.kill(t2);
+    leave_uncommitted_tail(&mut net, &mut x, a, b, &mut start);
 
     // Term 3: voters 1 and 2; ProposerElected reaches only 2, which gets Y's [A,C).
     y.set_flush_lsn(c_end);
@@ -285,23 +296,7 @@ fn a_diverged_primary_must_not_catch_up_below_its_term_start() {
     let b = record_end_after(&x, a + (400 << 10));
     let mut net = Net::new(3);
 
-    x.set_flush_lsn(a);
-    let t1 = net.start_compute(x.clone());
-    net.connect_all(t1);
-    net.run_until_quiet();
-    assert_eq!(net.commit_lsn(t1), a);
-    net.kill(t1);
-
-    // Term 2 (X): voters 0 and 1; [A,B) reaches only 0.
-    x.set_flush_lsn(b);
-    let t2 = net.start_compute(x.clone());
-    net.connect(t2, 0);
-    net.connect(t2, 1);
-    net.run_until(|net| net.computes[t2].proposer.status().safekeepers[1].state == PeerState::Streaming);
-    net.disconnect(t2, 1);
-    net.run_until_quiet();
-    assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b);
-    net.kill(t2);
+    leave_uncommitted_tail(&mut net, &mut x, a, b, &mut |net: &mut Net, x: &Postgres| net.start_compute(x.clone()));
 
     // Term 3 (Y, which has written past B): voters 0 and 2.
     let t3 = net.start_compute(y.clone());
