@@ -38,6 +38,8 @@ pub const DEFAULT_SEEDS: u64 = 1_000;
 const STEPS_PER_SEED: usize = 400;
 const SAFEKEEPERS: usize = 3;
 const MAX_COMPUTES_PER_SEED: usize = 6;
+/// Rounds a two-voter election gets in a minority-term step.
+const MINORITY_ELECTION_ROUNDS: usize = 50;
 /// Rounds the healed cluster gets to go quiet (it needs far fewer).
 const MAX_HEAL_ROUNDS: usize = 100_000;
 
@@ -49,14 +51,31 @@ const MAX_HEAL_ROUNDS: usize = 100_000;
 /// `check`).
 const REGRESSION_SEEDS: &[u64] = &[2743, 10360];
 
+/// One Postgres primary (its shim restarts, two shims may overlap).
 #[test]
 fn random_failures_keep_commits_safe() {
+    simulate("random_failures_keep_commits_safe", &[Postgres::generate(380, 99)], REGRESSION_SEEDS);
+}
+
+/// Two primaries whose WAL diverges at a fork point (a restored and
+/// promoted primary while the old one's uncommitted tail sits on a
+/// safekeeper). Finds the hole of docs/proposer.md "Open: a diverged
+/// primary": seed 1634 wedges the cluster (safekeepers caught up from a
+/// primary that differs from the donor's log below the term start; no
+/// primary can lead after). Run it with `--ignored` once that is fixed.
+#[test]
+#[ignore = "known hole: catch-up from Postgres below the term start trusts that Postgres's WAL equals the log"]
+fn two_primaries_keep_commits_safe() {
     let (_, lineages) = Postgres::branches(150, 230, &[99, 77]);
-    for seed in seeds_to_run() {
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| Simulation::new(seed, &lineages).run())) {
+    simulate("two_primaries_keep_commits_safe", &lineages, &[1634]);
+}
+
+fn simulate(test_name: &str, lineages: &[Postgres], regression_seeds: &[u64]) {
+    for seed in seeds_to_run(regression_seeds) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| Simulation::new(seed, lineages).run())) {
             eprintln!(
                 "simulation failed with seed {seed}; replay it alone with:\n  \
-                 SIM_SEED={seed} cargo test -p compute_shim --lib random_failures_keep_commits_safe -- --nocapture"
+                 SIM_SEED={seed} cargo test -p compute_shim --lib {test_name} -- --nocapture --include-ignored"
             );
             resume_unwind(panic);
         }
@@ -64,7 +83,7 @@ fn random_failures_keep_commits_safe() {
 }
 
 /// `SIM_SEED` alone, else the regression seeds and `0..SIM_SEEDS`.
-fn seeds_to_run() -> Vec<u64> {
+fn seeds_to_run(regression_seeds: &[u64]) -> Vec<u64> {
     let from_env = |name: &str| {
         std::env::var(name)
             .ok()
@@ -74,7 +93,7 @@ fn seeds_to_run() -> Vec<u64> {
         return vec![seed];
     }
     let count = from_env("SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
-    REGRESSION_SEEDS.iter().copied().chain(0..count).collect()
+    regression_seeds.iter().copied().chain(0..count).collect()
 }
 
 struct Simulation {
@@ -129,7 +148,45 @@ impl Simulation {
         self.heal_and_check_liveness();
     }
 
+    /// The shape of Raft's figure 8: the current proposer dies, a new one
+    /// is elected by exactly two safekeepers and loses one of them right
+    /// away, leaving its term's WAL on one safekeeper only.
+    fn minority_term(&mut self) {
+        let current = self.net.computes.len() - 1;
+        self.net.kill(current);
+        let up: Vec<usize> = (0..SAFEKEEPERS).filter(|&sk| !self.net.down[sk]).collect();
+        if up.len() < 2 {
+            return self.start_compute();
+        }
+        let first = up[self.rng.gen_range(0..up.len())];
+        let second = loop {
+            let sk = up[self.rng.gen_range(0..up.len())];
+            if sk != first {
+                break sk;
+            }
+        };
+        let c = self.start_compute_connected(&[first, second]);
+        for _ in 0..MINORITY_ELECTION_ROUNDS {
+            if self.net.elected_term(c).is_some() || !self.net.is_running(c) {
+                break;
+            }
+            self.net.round();
+            self.check();
+        }
+        if self.net.is_running(c) {
+            let lost = if self.rng.gen_bool(0.5) { first } else { second };
+            self.net.disconnect(c, lost);
+        }
+    }
+
     fn start_compute(&mut self) {
+        let connected: Vec<usize> =
+            (0..SAFEKEEPERS).filter(|&sk| !self.net.down[sk] && self.rng.gen_bool(0.8)).collect();
+        self.start_compute_connected(&connected);
+    }
+
+    /// A new proposer connected to `safekeepers`; returns its index.
+    fn start_compute_connected(&mut self, safekeepers: &[usize]) -> usize {
         // Mostly the same primary's shim restarting; sometimes another one.
         let lineage = match self.lineage_of.last() {
             Some(&previous) if self.rng.gen_bool(0.3) => (previous + 1) % self.lineages.len(),
@@ -140,11 +197,10 @@ impl Simulation {
         let c = self.net.start_compute(self.lineages[lineage].clone());
         self.net.computes[c].wal_piece_bytes = self.rng.gen_range(1_000..140_000);
         self.last_commit.push(Lsn::INVALID);
-        for sk in 0..SAFEKEEPERS {
-            if !self.net.down[sk] && self.rng.gen_bool(0.8) {
-                self.net.connect(c, sk);
-            }
+        for &sk in safekeepers {
+            self.net.connect(c, sk);
         }
+        c
     }
 
     fn random_step(&mut self) {
@@ -169,13 +225,14 @@ impl Simulation {
             890..=909 if self.net.down[sk] => self.net.restart_safekeeper(sk),
             910..=939 => self.net.advance_time(self.rng.gen_range(10..250)),
             940..=979 => self.postgres_writes_more(),
-            980..=999 if self.net.computes.len() < MAX_COMPUTES_PER_SEED => {
+            980..=989 if self.net.computes.len() < MAX_COMPUTES_PER_SEED => {
                 let current = self.net.computes.len() - 1;
                 if self.rng.gen_bool(0.5) {
                     self.net.kill(current);
                 }
                 self.start_compute();
             }
+            990..=999 if self.net.computes.len() < MAX_COMPUTES_PER_SEED => self.minority_term(),
             _ => {}
         }
     }
@@ -342,9 +399,14 @@ impl Simulation {
             assert_eq!(self.net.holders(&postgres, postgres.flush_lsn()), SAFEKEEPERS);
             return Ok(());
         }
-        let refused = matches!(self.net.computes[c].stopped, Some(ProposerError::PostgresBehind { .. }))
-            || status.phase != crate::proposer::Phase::Elected;
-        assert!(refused, "a healed cluster commits everything of an elected primary: {status:?}");
+        // It refused to lead, or a safekeeper refused its WAL (another
+        // lineage's log): `check` already judged the reason.
+        let refused = self.net.computes[c].stopped.is_some() || status.phase != crate::proposer::Phase::Elected;
+        assert!(
+            refused,
+            "a healed cluster commits everything of an elected primary: {status:?}; {}",
+            self.net.describe_acceptors()
+        );
         self.net.kill(c);
         Err(format!("lineage {lineage}: {status:?} stopped {:?}", self.net.computes[c].stopped))
     }
