@@ -11,8 +11,9 @@ pub enum ProposerError {
     )]
     Fenced { term: Term },
     #[error(
-        "Postgres's WAL ends at {postgres_flush_lsn}, before the safekeepers' log ends at {term_start_lsn}: Postgres \
-         lost WAL the safekeepers hold; refusing to lead (committed WAL is never truncated to fit Postgres)"
+        "Postgres's WAL ended at {postgres_flush_lsn} when this shim started, before the safekeepers' log ends at \
+         {term_start_lsn}: either another shim streamed newer WAL of this Postgres meanwhile (restart this one), or \
+         Postgres lost WAL the safekeepers hold; refusing to lead (committed WAL is never truncated to fit Postgres)"
     )]
     PostgresBehind { term_start_lsn: Lsn, postgres_flush_lsn: Lsn },
     #[error(
