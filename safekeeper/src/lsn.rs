@@ -132,6 +132,12 @@ impl Lsn {
     pub fn checked_sub(self, other: Lsn) -> Option<u64> {
         self.0.checked_sub(other.0)
     }
+
+    /// `self + bytes`, or `None` past the end of the LSN space (for
+    /// positions a client named: `+` panics on overflow).
+    pub fn checked_add(self, bytes: u64) -> Option<Lsn> {
+        self.0.checked_add(bytes).map(Lsn)
+    }
 }
 
 impl SegmentNo {

@@ -70,7 +70,8 @@ fn pg_receivewal_from_a_safekeeper_matches_pg_wal() -> Result<()> {
     let sk = &cluster.safekeepers[0];
     let conninfo = format!("host=127.0.0.1 port={} user=postgres options='{}'", sk.pg_addr.port(), timeline_options());
     let mut receivewal = pg.command("pg_receivewal");
-    receivewal.arg("-D").arg(&out_dir).args(["-d", &conninfo, "--no-loop", "--status-interval=1"]);
+    // --slot: PG15's pg_receivewal asks READ_REPLICATION_SLOT first.
+    receivewal.arg("-D").arg(&out_dir).args(["-d", &conninfo, "--no-loop", "--status-interval=1", "--slot=archiver"]);
     let log_path = cluster.dir.path().join("pg_receivewal.log");
     receivewal.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log_path)?);
     let mut receivewal = KillOnDrop::new(receivewal.spawn().context("spawning pg_receivewal")?);
@@ -298,6 +299,8 @@ fn http_wal_api_answers_and_refuses() -> Result<()> {
         (format!("/wal?start_lsn={start}&wait_ms=-5"), 400, "wait_ms"),
         ("/segment/nonsense".to_string(), 400, "segment"),
         ("/segment/000000020000000000000001".to_string(), 404, "timeline"),
+        // The last segment name of the LSN space (1 MiB segments): no overflow.
+        ("/segment/00000001FFFFFFFF00000FFF".to_string(), 404, "segment"),
         (format!("/segment/{}", end.segment_no(segment_size).file_name(1, segment_size)), 404, "not fully committed"),
     ];
     for (suffix, status, needle) in bad {

@@ -16,6 +16,8 @@ pub enum Command {
     StartWalPush,
     IdentifySystem,
     Show(String),
+    /// `READ_REPLICATION_SLOT name` (pg_receivewal --slot asks it first).
+    ReadReplicationSlot(String),
     StartReplication(StartReplication),
 }
 
@@ -31,7 +33,7 @@ pub struct StartReplication {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {
-    #[error("unsupported command \"{0}\": this port accepts START_WAL_PUSH, IDENTIFY_SYSTEM, SHOW and START_REPLICATION (physical)")]
+    #[error("unsupported command \"{0}\": this port accepts START_WAL_PUSH, IDENTIFY_SYSTEM, SHOW, READ_REPLICATION_SLOT and START_REPLICATION (physical)")]
     Unsupported(String),
     #[error("syntax error in {command}: {reason}")]
     Syntax { command: &'static str, reason: String },
@@ -54,6 +56,10 @@ pub fn parse_command(query: &str) -> Result<Command, CommandError> {
         "SHOW" => match rest {
             [name] => Ok(Command::Show(name.trim_matches('"').to_ascii_lowercase())),
             _ => Err(syntax("SHOW", "expected one parameter name")),
+        },
+        "READ_REPLICATION_SLOT" => match rest {
+            [name] => Ok(Command::ReadReplicationSlot(name.trim_matches('"').to_string())),
+            _ => Err(syntax("READ_REPLICATION_SLOT", "expected one slot name")),
         },
         "START_REPLICATION" => parse_start_replication(rest).map(Command::StartReplication),
         _ => Err(CommandError::Unsupported(quote(command))),
@@ -144,6 +150,7 @@ mod tests {
         assert_eq!(parse_command("identify_system;"), Ok(Command::IdentifySystem));
         assert_eq!(parse_command("SHOW wal_segment_size"), Ok(Command::Show("wal_segment_size".into())));
         assert_eq!(parse_command("START_WAL_PUSH"), Ok(Command::StartWalPush));
+        assert_eq!(parse_command("READ_REPLICATION_SLOT \"s1\""), Ok(Command::ReadReplicationSlot("s1".into())));
         assert_eq!(parse_command("  ;"), Ok(Command::Empty));
         // pg_receivewal
         assert_eq!(parse_command("START_REPLICATION 0/3000000 TIMELINE 1"), Ok(start(None, 0x300_0000, 1)));

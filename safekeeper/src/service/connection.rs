@@ -156,6 +156,20 @@ async fn query_loop(
                         resolve_timeline(state, settings).map(|handle| identify_system(&mut out, &handle))
                     }
                     Command::Show(name) => show(&mut out, state, settings, &name),
+                    Command::ReadReplicationSlot(_) => {
+                        // A safekeeper keeps no slots: a physical slot with no
+                        // position, so the client starts where
+                        // IDENTIFY_SYSTEM says, as with a new slot.
+                        let columns = [
+                            ("slot_type", encode::TEXT_OID),
+                            ("restart_lsn", encode::TEXT_OID),
+                            ("restart_tli", encode::INT8_OID),
+                        ];
+                        encode::row_description(&mut out, &columns);
+                        encode::data_row(&mut out, &[Some("physical"), None, None]);
+                        encode::command_complete(&mut out, "READ_REPLICATION_SLOT");
+                        Ok(())
+                    }
                     Command::StartReplication(request) => {
                         match resolve_timeline(state, settings)
                             .and_then(|handle| replication::check_request(&handle, &request).map(|()| handle))

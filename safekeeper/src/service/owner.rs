@@ -203,7 +203,12 @@ impl OwnerThread {
             }
             Ok(None) => Ok(()),
             Err(TimelineError::Storage(error)) if error.is_fatal() => fail_stop(&error),
-            Err(TimelineError::Storage(error)) => Err(error),
+            // Removal is housekeeping: WAL acceptance goes on, and the next
+            // batch tries again (a segment left behind is only disk space).
+            Err(TimelineError::Storage(error)) => {
+                tracing::warn!("WAL retention failed, will retry: {error}");
+                Ok(())
+            }
             Err(TimelineError::Refused(error)) => unreachable!("retention refuses nothing: {error}"),
         }
     }

@@ -245,25 +245,44 @@ impl Timelines {
     /// Stop a timeline's owner and durably remove its directory: renamed to
     /// `<timeline>.deleting` (fsynced) first, so a crash midway leaves no
     /// half-deleted timeline that startup would try to recover; startup
-    /// finishes such a removal. `false` if the timeline does not exist.
+    /// finishes such a removal. The directory goes only once the owner
+    /// thread has exited: one still finishing a batch would otherwise write
+    /// its checkpoint into a timeline created anew at the same path.
     pub async fn delete(
         &self,
         tenant_id: TenantId,
         timeline_id: TimelineId,
         timeout: Duration,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<DeleteOutcome> {
         let Some(handle) = self.entries().remove(&(tenant_id, timeline_id)) else {
-            return Ok(false);
+            return Ok(DeleteOutcome::NotFound);
         };
         if let Some((id, ack)) = request_stop(&handle, timeout).await {
             wait_stopped(id, ack, timeout).await;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while handle.is_running() {
+            if tokio::time::Instant::now() >= deadline {
+                self.entries().insert((tenant_id, timeline_id), handle);
+                return Ok(DeleteOutcome::OwnerBusy);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.metrics.remove_timeline(tenant_id, timeline_id);
         let dir = handle.dir.clone();
         tokio::task::spawn_blocking(move || remove_timeline_dir(&dir)).await??;
         tracing::info!(%tenant_id, %timeline_id, "deleted timeline");
-        Ok(true)
+        Ok(DeleteOutcome::Deleted)
     }
+}
+
+/// What `Timelines::delete` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    /// The owner did not stop in time (a slow sync); nothing was removed.
+    OwnerBusy,
 }
 
 async fn request_stop(handle: &TimelineHandle, timeout: Duration) -> Option<(TimelineId, oneshot::Receiver<()>)> {

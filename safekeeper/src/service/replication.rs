@@ -11,12 +11,13 @@
 //! proposer could still truncate.
 //!
 //! A task reads the client's messages (its silence for
-//! [`CLIENT_SILENCE_TIMEOUT`] ends the stream, like `wal_sender_timeout`);
+//! [`CLIENT_SILENCE_TIMEOUT`] ends the stream, like `wal_sender_timeout`;
+//! after half of it keepalives ask for a reply, as a walsender's do);
 //! this task waits for the commit LSN to move and writes. A client that
 //! stops reading is dropped after [`CLIENT_WRITE_TIMEOUT`].
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -106,7 +107,8 @@ pub async fn run(
     let start = request.start_lsn;
     let mut chunks = ChunkReader::new(&handle, segment_size, start, start, ConsumerKind::Replication, peer);
     let (from_client, mut client_messages) = mpsc::channel(16);
-    let mut client = tokio::spawn(read_client(reader, from_client));
+    let mut client = AbortOnDrop(tokio::spawn(read_client(reader, from_client)));
+    let mut last_heard = Instant::now();
     let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
     tracing::debug!(slot = ?request.slot, %start, "START_REPLICATION");
     loop {
@@ -115,23 +117,31 @@ pub async fn run(
         chunks = send_available(chunks, commit_lsn, write).await?;
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() {
-                client.abort();
                 let message = "the timeline's owner stopped; reconnect".to_string();
                 return Err(PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message).into());
             },
             message = client_messages.recv() => match message {
-                Some(reported_flush_lsn) => chunks.consumer().set_reported_flush(reported_flush_lsn),
+                Some(heard) => {
+                    last_heard = Instant::now();
+                    if let Some(reported_flush_lsn) = heard {
+                        chunks.consumer().set_reported_flush(reported_flush_lsn);
+                    }
+                }
                 // The reader task ended: CopyDone, Terminate or an error.
                 None => break,
             },
             _ = keepalive.tick() => {
                 let mut out = BytesMut::new();
-                encode::copy_data(&mut out, &keepalive_message(commit_lsn));
+                // Like a walsender: a client silent for half the timeout
+                // is asked to answer (one with status replies turned off
+                // answers only when asked).
+                let reply_requested = last_heard.elapsed() >= CLIENT_SILENCE_TIMEOUT / 2;
+                encode::copy_data(&mut out, &keepalive_message(commit_lsn, reply_requested));
                 write_bounded(write, &out).await?;
             }
         }
     }
-    match (&mut client).await {
+    match (&mut client.0).await {
         Ok(Ok(Some(reader))) => {
             let mut out = BytesMut::new();
             encode::copy_done(&mut out);
@@ -187,7 +197,20 @@ async fn write_bounded(write: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), W
 
 /// Read the client's messages, passing on each status update's flush LSN.
 /// `Some(reader)` after CopyDone, `None` after Terminate or a closed socket.
-async fn read_client(mut reader: Reader, reported: mpsc::Sender<Lsn>) -> Result<Option<Reader>, WireError> {
+/// The reader task; aborted when the stream ends on any path (an error
+/// return included), so it never outlives its connection.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Read the client's messages: each one is passed on (with the flush LSN
+/// of a status update), so the stream knows the client is alive.
+/// `Some(reader)` after CopyDone, `None` after Terminate or a closed socket.
+async fn read_client(mut reader: Reader, heard: mpsc::Sender<Option<Lsn>>) -> Result<Option<Reader>, WireError> {
     loop {
         let frame = match tokio::time::timeout(
             CLIENT_SILENCE_TIMEOUT,
@@ -208,10 +231,9 @@ async fn read_client(mut reader: Reader, reported: mpsc::Sender<Lsn>) -> Result<
         };
         match frame.tag {
             tag::COPY_DATA => {
-                if let Some(flush_lsn) = parse_client_message(&frame.body)? {
-                    // Full: the streaming side is busy; the next one will do.
-                    let _ = reported.try_send(flush_lsn);
-                }
+                let flush_lsn = parse_client_message(&frame.body)?;
+                // Full: the streaming side is busy; the next one will do.
+                let _ = heard.try_send(flush_lsn);
             }
             tag::COPY_DONE => return Ok(Some(reader)),
             tag::TERMINATE => return Ok(None),
@@ -251,12 +273,12 @@ fn xlogdata_message(start: Lsn, wal_end: Lsn, wal: &[u8]) -> BytesMut {
     message
 }
 
-fn keepalive_message(wal_end: Lsn) -> BytesMut {
+fn keepalive_message(wal_end: Lsn, reply_requested: bool) -> BytesMut {
     let mut message = BytesMut::with_capacity(18);
     message.put_u8(b'k');
     message.put_u64(wal_end.0);
     message.put_i64(pg_now_us());
-    message.put_u8(0); // no reply requested
+    message.put_u8(u8::from(reply_requested));
     message
 }
 
@@ -293,8 +315,9 @@ mod tests {
         assert_eq!(&message[1..9], &0x0102u64.to_be_bytes());
         assert_eq!(&message[9..17], &0x0304u64.to_be_bytes());
         assert_eq!(&message[25..], b"wal");
-        let keepalive = keepalive_message(Lsn(7));
+        let keepalive = keepalive_message(Lsn(7), false);
         assert_eq!((keepalive[0], keepalive.len(), keepalive[17]), (b'k', 18, 0));
+        assert_eq!(keepalive_message(Lsn(7), true)[17], 1);
     }
 
     proptest::proptest! {

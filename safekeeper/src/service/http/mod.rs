@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::metrics::TimelineGauges;
-use super::registry::TimelineHandle;
+use super::registry::{DeleteOutcome, TimelineHandle};
 use super::{ServiceState, SHUTDOWN_TIMEOUT};
 use crate::ids::{TenantId, TimelineId};
 use crate::lsn::Lsn;
@@ -186,10 +186,14 @@ async fn delete_timeline(
 ) -> Result<Json<Value>, ApiError> {
     let (tenant_id, timeline_id) = parse_ids(&tenant_id, &timeline_id)?;
     match state.timelines.delete(tenant_id, timeline_id, SHUTDOWN_TIMEOUT).await {
-        Ok(true) => Ok(Json(json!({ "deleted": true }))),
-        Ok(false) => Err(ApiError::new(
+        Ok(DeleteOutcome::Deleted) => Ok(Json(json!({ "deleted": true }))),
+        Ok(DeleteOutcome::NotFound) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
+        )),
+        Ok(DeleteOutcome::OwnerBusy) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the timeline's owner did not stop in time (a slow disk?); nothing was removed, retry",
         )),
         Err(error) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("deleting: {error:#}"))),
     }

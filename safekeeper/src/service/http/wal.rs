@@ -102,7 +102,9 @@ pub async fn get_segment(
         return Err(not_found(format!("only Postgres timeline {PG_TIMELINE_ID} is stored here")));
     }
     let start = segment.start_lsn(segment_size);
-    let end = start + segment_size.bytes();
+    let end = start
+        .checked_add(segment_size.bytes())
+        .ok_or_else(|| not_found("past the end of the LSN space".to_string()))?;
     if !snapshot.timeline_start_lsn.is_valid() || start < snapshot.timeline_start_lsn {
         return Err(not_found(format!("before this timeline's WAL starts ({})", snapshot.timeline_start_lsn)));
     }
