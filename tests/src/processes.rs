@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -29,7 +29,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes of a child's log quoted in error messages.
 const LOG_TAIL_BYTES: usize = 4096;
 /// Largest HTTP response [`http_get`] reads.
-const MAX_HTTP_RESPONSE_BYTES: u64 = 4 << 20;
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The workspace root (this crate lives in `<root>/tests`).
@@ -415,24 +414,10 @@ fn unique_suffix() -> String {
     format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A minimal HTTP/1.1 GET (no client crate needed): status and JSON body.
+/// `GET path` answered with JSON (an error body included): status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, serde_json::Value)> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.take(MAX_HTTP_RESPONSE_BYTES).read_to_end(&mut response)?;
-    let text = String::from_utf8(response).context("HTTP response is not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
-    let status =
-        head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status in {head:?}"))?;
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        bail!("chunked response not expected from GET {path}: {head}");
-    }
-    let json = serde_json::from_str(body).with_context(|| format!("GET {path}: body is not JSON: {body:?}"))?;
-    Ok((status, json))
+    let answer = http_request("GET", addr, path, None, HTTP_TIMEOUT)?;
+    Ok((answer.status, answer.json().with_context(|| format!("GET {path}"))?))
 }
 
 /// An HTTP answer: status, headers (lowercase names), body bytes.
