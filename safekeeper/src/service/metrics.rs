@@ -55,6 +55,22 @@ pub struct TimelineGauges {
     pub connected_consumers: usize,
 }
 
+impl TimelineGauges {
+    /// The values in the order of [`Metrics::gauge_families`].
+    fn in_family_order(&self) -> [u64; 8] {
+        [
+            self.flush_lsn,
+            self.commit_lsn,
+            self.remote_consistent_lsn,
+            self.oldest_kept_lsn,
+            self.term,
+            self.disk_bytes,
+            self.connected_proposers as u64,
+            self.connected_consumers as u64,
+        ]
+    }
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGaugeVec {
     let family = IntGaugeVec::new(Opts::new(name, help), TIMELINE_LABELS).expect("valid metric definition");
     registry.register(Box::new(family.clone())).expect("metric names are unique");
@@ -144,6 +160,7 @@ impl Metrics {
         }
     }
 
+    /// The gauge families, in the order of [`TimelineGauges::in_family_order`].
     fn gauge_families(&self) -> [&IntGaugeVec; 8] {
         [
             &self.flush_lsn,
@@ -162,17 +179,7 @@ impl Metrics {
         let (tenant, timeline) = (tenant_id.to_string(), timeline_id.to_string());
         let labels = [tenant.as_str(), timeline.as_str()];
         let as_i64 = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
-        let pairs = [
-            (&self.flush_lsn, values.flush_lsn),
-            (&self.commit_lsn, values.commit_lsn),
-            (&self.remote_consistent_lsn, values.remote_consistent_lsn),
-            (&self.oldest_kept_lsn, values.oldest_kept_lsn),
-            (&self.term, values.term),
-            (&self.disk_bytes, values.disk_bytes),
-            (&self.connected_proposers, values.connected_proposers as u64),
-            (&self.connected_consumers, values.connected_consumers as u64),
-        ];
-        for (family, value) in pairs {
+        for (family, value) in self.gauge_families().into_iter().zip(values.in_family_order()) {
             family.with_label_values(&labels).set(as_i64(value));
         }
     }

@@ -95,7 +95,7 @@ impl TimelineSnapshot {
     }
 }
 
-fn snapshot_of(timeline: &FileTimeline, removed_segments: u64) -> TimelineSnapshot {
+fn snapshot_of(timeline: &FileTimeline, metrics: &TimelineMetrics) -> TimelineSnapshot {
     let acceptor = timeline.acceptor();
     let state = acceptor.state();
     let wal = timeline.wal();
@@ -114,7 +114,7 @@ fn snapshot_of(timeline: &FileTimeline, removed_segments: u64) -> TimelineSnapsh
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),
         disk_bytes: wal.files_end_lsn().checked_sub(wal.start_lsn()).unwrap_or(0),
-        removed_segments,
+        removed_segments: metrics.removed_segments.get(),
         stopped_by_error: None,
     }
 }
@@ -132,11 +132,11 @@ pub fn spawn_owner(
     retention: RetentionPolicy,
 ) -> std::io::Result<Owner> {
     let (inputs, receiver) = mpsc::channel(OWNER_QUEUE_MESSAGES);
-    let initial = snapshot_of(&timeline, 0);
+    let initial = snapshot_of(&timeline, &shared.metrics);
     shared.remote_consistent_lsn.fetch_max(initial.remote_consistent_lsn.0, Ordering::Relaxed);
     let name = format!("owner-{}", &initial.timeline_id.to_string()[..8]);
     let (snapshot_tx, snapshot) = watch::channel(initial);
-    let owner = OwnerThread { timeline, shared, retention, snapshot: snapshot_tx, removed_segments: 0 };
+    let owner = OwnerThread { timeline, shared, retention, snapshot: snapshot_tx };
     let thread = std::thread::Builder::new().name(name).spawn(move || owner.run(receiver))?;
     Ok(Owner { inputs, snapshot, thread })
 }
@@ -154,7 +154,6 @@ struct OwnerThread {
     shared: Arc<TimelineShared>,
     retention: RetentionPolicy,
     snapshot: watch::Sender<TimelineSnapshot>,
-    removed_segments: u64,
 }
 
 impl OwnerThread {
@@ -170,7 +169,7 @@ impl OwnerThread {
             }
             // Status first: whoever saw an acknowledgement sees a status that
             // covers it.
-            self.snapshot.send_replace(snapshot_of(&self.timeline, self.removed_segments));
+            self.snapshot.send_replace(snapshot_of(&self.timeline, &self.shared.metrics));
             deliver(replies);
             if let Some(done) = batch.shutdown {
                 checkpoint(&mut self.timeline);
@@ -196,7 +195,6 @@ impl OwnerThread {
             Ok(Some(new_start)) => {
                 let segment_bytes = self.timeline.wal().segment_size().bytes();
                 let removed = (new_start - old_start) / segment_bytes;
-                self.removed_segments += removed;
                 self.shared.metrics.removed_segments.inc_by(removed);
                 tracing::info!(%old_start, %new_start, removed, "WAL retention removed segments");
                 Ok(())

@@ -91,12 +91,14 @@ const MAX_ERROR_TEXT_BYTES: usize = 4096;
 /// The timeline named by the path, or a 400 (bad id) / 404 (unknown).
 fn lookup(state: &ServiceState, tenant_id: &str, timeline_id: &str) -> Result<Arc<TimelineHandle>, ApiError> {
     let (tenant_id, timeline_id) = parse_ids(tenant_id, timeline_id)?;
-    state.timelines.get(tenant_id, timeline_id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
-        )
-    })
+    state.timelines.get(tenant_id, timeline_id).ok_or_else(|| unknown_timeline(tenant_id, timeline_id))
+}
+
+fn unknown_timeline(tenant_id: TenantId, timeline_id: TimelineId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
+    )
 }
 
 fn parse_ids(tenant_id: &str, timeline_id: &str) -> Result<(TenantId, TimelineId), ApiError> {
@@ -187,10 +189,7 @@ async fn delete_timeline(
     let (tenant_id, timeline_id) = parse_ids(&tenant_id, &timeline_id)?;
     match state.timelines.delete(tenant_id, timeline_id, SHUTDOWN_TIMEOUT).await {
         Ok(DeleteOutcome::Deleted) => Ok(Json(json!({ "deleted": true }))),
-        Ok(DeleteOutcome::NotFound) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("timeline {tenant_id}/{timeline_id} does not exist on this safekeeper"),
-        )),
+        Ok(DeleteOutcome::NotFound) => Err(unknown_timeline(tenant_id, timeline_id)),
         Ok(DeleteOutcome::OwnerBusy) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the timeline's owner did not stop in time (a slow disk?); nothing was removed, retry",

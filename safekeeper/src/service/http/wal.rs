@@ -23,7 +23,7 @@ use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 
 use super::{lookup, parse_lsn, ApiError, PeerAddr};
-use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use crate::lsn::{Lsn, SegmentNo};
 use crate::service::consumers::ConsumerKind;
 use crate::service::owner::TimelineSnapshot;
 use crate::service::registry::TimelineHandle;
@@ -94,7 +94,7 @@ pub async fn get_segment(
 ) -> Result<Response, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     let snapshot = handle.snapshot();
-    let segment_size = segment_size_of(&snapshot);
+    let segment_size = snapshot.segment_size();
     let (pg_timeline, segment) = SegmentNo::parse_file_name(&name, segment_size)
         .map_err(|e| ApiError::bad_request(format!("segment name: {e}")))?;
     let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, format!("segment {name}: {why}"));
@@ -125,10 +125,6 @@ pub async fn get_segment(
 
 fn missing(name: &str) -> ApiError {
     ApiError::bad_request(format!("query parameter {name} is required"))
-}
-
-fn segment_size_of(snapshot: &TimelineSnapshot) -> WalSegmentSize {
-    snapshot.segment_size()
 }
 
 /// 410 if `lsn` is below the WAL still kept.
@@ -164,7 +160,7 @@ async fn stream_range(
     kind: ConsumerKind,
     peer: SocketAddr,
 ) -> Result<Body, ApiError> {
-    let chunks = ChunkReader::new(handle, segment_size_of(snapshot), start, end, kind, peer.to_string());
+    let chunks = ChunkReader::new(handle, snapshot.segment_size(), start, end, kind, peer.to_string());
     let (chunks, first) = chunks.next_chunk(READ_CHUNK_BYTES).await;
     let first = match first {
         None => return Ok(Body::empty()),
