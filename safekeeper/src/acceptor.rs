@@ -14,7 +14,9 @@
 //!   a lower term is answered with the current term (fencing);
 //! - flush acknowledgements are record boundaries of synced WAL, so recovery
 //!   (which decodes to the last complete record) never loses an acked byte;
-//! - commit_lsn never moves backwards and never passes the local flush LSN.
+//! - commit_lsn never moves backwards and never passes the local flush LSN;
+//! - a WAL digest is given only of durable WAL, and only to the proposer
+//!   whose ProposerElected we accepted (it vouches for the bytes of its term).
 
 use bytes::Bytes;
 
@@ -23,7 +25,7 @@ use crate::ids::{ClusterId, NodeId, Term};
 use crate::lsn::Lsn;
 use crate::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
-    VoteRequest, VoteResponse, PROTOCOL_VERSION,
+    VoteRequest, VoteResponse, WalDigestRequest, PROTOCOL_VERSION,
 };
 use crate::storage::SyncedLsn;
 use crate::wal::{DecodeStep, WalDecodeError, WalDecoder};
@@ -62,6 +64,17 @@ pub enum StorageAction {
 pub struct Ready {
     pub actions: Vec<StorageAction>,
     pub reply: Option<AcceptorMessage>,
+    /// A reply only storage can complete: the driver digests this durable
+    /// WAL range and sends a `WalDigestResponse` (never with `reply`).
+    pub digest: Option<DigestToSend>,
+}
+
+/// WAL the driver reads and digests as the reply to a `WalDigestRequest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DigestToSend {
+    pub term: Term,
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +99,8 @@ pub enum AcceptorError {
     BadTermHistory { reason: String },
     #[error("timeline start {lsn} is not a segment start")]
     BadTimelineStart { lsn: Lsn },
+    #[error("WAL digest of {start_lsn}..{end_lsn} asked for, but this safekeeper holds durable WAL only in {held_start_lsn}..{flush_lsn}")]
+    DigestOutOfRange { start_lsn: Lsn, end_lsn: Lsn, held_start_lsn: Lsn, flush_lsn: Lsn },
 }
 
 /// Position of this acceptor's WAL. `flush_lsn <= written_boundary_lsn <= write_lsn`.
@@ -182,6 +197,7 @@ impl Acceptor {
             ProposerMessage::VoteRequest(request) => Ok(self.handle_vote(&request)),
             ProposerMessage::ProposerElected(elected) => self.handle_elected(&elected),
             ProposerMessage::AppendRequest(append) => self.handle_append(append),
+            ProposerMessage::WalDigestRequest(request) => self.handle_digest_request(&request),
         }
     }
 
@@ -197,7 +213,7 @@ impl Acceptor {
             }
         }
         let reply = GreetingResponse { node_id: self.node_id, term: self.state.term };
-        Ok(Ready { actions: vec![], reply: Some(AcceptorMessage::GreetingResponse(reply)) })
+        Ok(Ready { reply: Some(AcceptorMessage::GreetingResponse(reply)), ..Ready::default() })
     }
 
     fn handle_vote(&mut self, request: &VoteRequest) -> Ready {
@@ -216,7 +232,7 @@ impl Acceptor {
             timeline_start_lsn: self.state.timeline_start_lsn,
             term_history: log_history(&self.state.term_history, self.wal.flush_lsn),
         };
-        Ready { actions, reply: Some(AcceptorMessage::VoteResponse(reply)) }
+        Ready { actions, reply: Some(AcceptorMessage::VoteResponse(reply)), digest: None }
     }
 
     fn handle_elected(&mut self, elected: &ProposerElected) -> Result<Ready, AcceptorError> {
@@ -307,7 +323,26 @@ impl Acceptor {
         self.wal.write_lsn = end_lsn;
         self.ack_pending = true;
         let write = StorageAction::WriteWal { start_lsn: begin_lsn, wal: append.wal };
-        Ok(Ready { actions: vec![write], reply: None })
+        Ok(Ready { actions: vec![write], ..Ready::default() })
+    }
+
+    /// The range must be durable here and lie in our log as the proposer
+    /// knows it: after its ProposerElected, our log agrees with its history
+    /// up to our flush LSN. (Whether retention kept the start is the
+    /// driver's check: the acceptor does not track removed segments.)
+    fn handle_digest_request(&mut self, request: &WalDigestRequest) -> Result<Ready, AcceptorError> {
+        if request.term < self.state.term {
+            return Ok(self.append_response_ready(vec![]));
+        }
+        if self.elected_term != Some(request.term) {
+            return Err(AcceptorError::NotElected { term: request.term });
+        }
+        let (start_lsn, end_lsn) = (request.start_lsn, request.end_lsn);
+        let held_start_lsn = self.state.timeline_start_lsn;
+        if start_lsn < held_start_lsn || end_lsn > self.wal.flush_lsn || start_lsn >= end_lsn {
+            return Err(AcceptorError::DigestOutOfRange { start_lsn, end_lsn, held_start_lsn, flush_lsn: self.wal.flush_lsn });
+        }
+        Ok(Ready { digest: Some(DigestToSend { term: self.state.term, start_lsn, end_lsn }), ..Ready::default() })
     }
 
     /// Everything written is durable: advance flush to the written record
@@ -318,7 +353,7 @@ impl Acceptor {
         self.wal.flush_lsn = self.wal.written_boundary_lsn;
         let actions = self.advance_commit();
         if !std::mem::take(&mut self.ack_pending) {
-            return Ready { actions, reply: None };
+            return Ready { actions, ..Ready::default() };
         }
         self.append_response_ready(actions)
     }
@@ -336,7 +371,7 @@ impl Acceptor {
 
     /// Persist the current state now (e.g. at shutdown) so recovery starts late.
     pub fn checkpoint(&mut self) -> Ready {
-        Ready { actions: vec![self.persist_action()], reply: None }
+        Ready { actions: vec![self.persist_action()], ..Ready::default() }
     }
 
     fn advance_commit(&mut self) -> Vec<StorageAction> {
@@ -362,7 +397,7 @@ impl Acceptor {
     fn append_response_ready(&self, actions: Vec<StorageAction>) -> Ready {
         let reply =
             AppendResponse { term: self.state.term, flush_lsn: self.wal.flush_lsn, commit_lsn: self.state.commit_lsn };
-        Ready { actions, reply: Some(AcceptorMessage::AppendResponse(reply)) }
+        Ready { actions, reply: Some(AcceptorMessage::AppendResponse(reply)), digest: None }
     }
 }
 

@@ -6,18 +6,24 @@
 //! place the wire layout is written down in code (docs/protocol.md in prose).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
 
 use crate::control::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
 use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
 
-/// Version of this encoding, exchanged in the greeting.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this encoding, exchanged in the greeting. 2 added the WAL
+/// digest exchange.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest WAL payload in one AppendRequest. The proposer splits larger runs.
 pub const MAX_APPEND_PAYLOAD_BYTES: usize = 1 << 20;
 /// Largest encoded message of either direction (payload plus headers, or a
 /// full term history).
 pub const MAX_MESSAGE_BYTES: usize = MAX_APPEND_PAYLOAD_BYTES + 4096;
+
+/// Largest range one WalDigestRequest may cover: bounds the reading the
+/// owner thread does for one message.
+pub const MAX_DIGEST_RANGE_BYTES: u64 = 16 << 20;
 
 const CLUSTER_ID_BYTES: usize = 8 + 16 + 16;
 const TERM_START_BYTES: usize = 16;
@@ -27,9 +33,11 @@ mod tag {
     pub const VOTE_REQUEST: u8 = b'v';
     pub const PROPOSER_ELECTED: u8 = b'e';
     pub const APPEND_REQUEST: u8 = b'a';
+    pub const WAL_DIGEST_REQUEST: u8 = b'd';
     pub const GREETING_RESPONSE: u8 = b'G';
     pub const VOTE_RESPONSE: u8 = b'V';
     pub const APPEND_RESPONSE: u8 = b'A';
+    pub const WAL_DIGEST_RESPONSE: u8 = b'D';
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,12 +79,25 @@ pub struct AppendRequest {
     pub wal: Bytes,
 }
 
+/// Ask an acceptor that accepted our ProposerElected for the digest of its
+/// WAL in `[start_lsn, end_lsn)`, below its flush LSN: the new proposer
+/// compares it with Postgres's bytes there before sending any WAL
+/// (docs/protocol.md, "Checking Postgres against the log").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalDigestRequest {
+    pub cluster: ClusterId,
+    pub term: Term,
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProposerMessage {
     Greeting(Greeting),
     VoteRequest(VoteRequest),
     ProposerElected(ProposerElected),
     AppendRequest(AppendRequest),
+    WalDigestRequest(WalDigestRequest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,11 +126,36 @@ pub struct AppendResponse {
     pub commit_lsn: Lsn,
 }
 
+/// SHA-256 of a WAL byte range.
+pub type WalDigest = [u8; 32];
+
+/// The one way both sides compute a [`WalDigest`], fed in any number of pieces.
+#[derive(Clone, Default)]
+pub struct WalDigester(Sha256);
+
+impl WalDigester {
+    pub fn update(&mut self, wal: &[u8]) {
+        self.0.update(wal);
+    }
+    pub fn finish(self) -> WalDigest {
+        self.0.finalize().into()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalDigestResponse {
+    pub term: Term,
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub digest: WalDigest,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AcceptorMessage {
     GreetingResponse(GreetingResponse),
     VoteResponse(VoteResponse),
     AppendResponse(AppendResponse),
+    WalDigestResponse(WalDigestResponse),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +176,8 @@ pub enum DecodeError {
     AppendLengthMismatch { begin: Lsn, end: Lsn, payload_bytes: usize },
     #[error("bad boolean byte {0}")]
     BadBool(u8),
+    #[error("WAL digest range {start}..{end} is empty, reversed or longer than {MAX_DIGEST_RANGE_BYTES} bytes")]
+    BadDigestRange { start: Lsn, end: Lsn },
 }
 
 /// Bounds-checked reader over one message; every read names its field.
@@ -161,6 +209,19 @@ impl Reader {
         let mut out = [0u8; 16];
         self.buf.copy_to_slice(&mut out);
         Ok(out)
+    }
+    fn bytes32(&mut self, field: &'static str) -> Result<[u8; 32], DecodeError> {
+        self.need(field, 32)?;
+        let mut out = [0u8; 32];
+        self.buf.copy_to_slice(&mut out);
+        Ok(out)
+    }
+    fn digest_range(&mut self) -> Result<(Lsn, Lsn), DecodeError> {
+        let (start, end) = (self.lsn("start lsn")?, self.lsn("end lsn")?);
+        match end.0.checked_sub(start.0) {
+            Some(1..=MAX_DIGEST_RANGE_BYTES) => Ok((start, end)),
+            _ => Err(DecodeError::BadDigestRange { start, end }),
+        }
     }
     fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
         match self.u8(field)? {
@@ -238,6 +299,7 @@ impl ProposerMessage {
             ProposerMessage::VoteRequest(m) => &m.cluster,
             ProposerMessage::ProposerElected(m) => &m.cluster,
             ProposerMessage::AppendRequest(m) => &m.cluster,
+            ProposerMessage::WalDigestRequest(m) => &m.cluster,
         }
     }
 
@@ -274,6 +336,13 @@ impl ProposerMessage {
                 out.put_u64(m.end_lsn.0);
                 out.put_u64(m.commit_lsn.0);
                 out.put_slice(&m.wal);
+            }
+            ProposerMessage::WalDigestRequest(m) => {
+                out.put_u8(tag::WAL_DIGEST_REQUEST);
+                put_cluster(&mut out, &m.cluster);
+                out.put_u64(m.term.0);
+                out.put_u64(m.start_lsn.0);
+                out.put_u64(m.end_lsn.0);
             }
         }
         out.freeze()
@@ -318,6 +387,12 @@ impl ProposerMessage {
                 }
                 ProposerMessage::AppendRequest(AppendRequest { cluster, term, begin_lsn, end_lsn, commit_lsn, wal })
             }
+            tag::WAL_DIGEST_REQUEST => {
+                let cluster = r.cluster()?;
+                let term = r.term("term")?;
+                let (start_lsn, end_lsn) = r.digest_range()?;
+                ProposerMessage::WalDigestRequest(WalDigestRequest { cluster, term, start_lsn, end_lsn })
+            }
             other => return Err(DecodeError::UnknownTag(other)),
         };
         r.finish()?;
@@ -349,6 +424,13 @@ impl AcceptorMessage {
                 out.put_u64(m.flush_lsn.0);
                 out.put_u64(m.commit_lsn.0);
             }
+            AcceptorMessage::WalDigestResponse(m) => {
+                out.put_u8(tag::WAL_DIGEST_RESPONSE);
+                out.put_u64(m.term.0);
+                out.put_u64(m.start_lsn.0);
+                out.put_u64(m.end_lsn.0);
+                out.put_slice(&m.digest);
+            }
         }
         out.freeze()
     }
@@ -373,6 +455,16 @@ impl AcceptorMessage {
                 flush_lsn: r.lsn("flush lsn")?,
                 commit_lsn: r.lsn("commit lsn")?,
             }),
+            tag::WAL_DIGEST_RESPONSE => {
+                let term = r.term("term")?;
+                let (start_lsn, end_lsn) = r.digest_range()?;
+                AcceptorMessage::WalDigestResponse(WalDigestResponse {
+                    term,
+                    start_lsn,
+                    end_lsn,
+                    digest: r.bytes32("digest")?,
+                })
+            }
             other => return Err(DecodeError::UnknownTag(other)),
         };
         r.finish()?;
@@ -432,6 +524,14 @@ mod tests {
                         wal: Bytes::from(wal),
                     })
                 }),
+            (cluster(), any::<u64>(), 0u64..1 << 40, 1..=MAX_DIGEST_RANGE_BYTES).prop_map(|(c, t, start, len)| {
+                ProposerMessage::WalDigestRequest(WalDigestRequest {
+                    cluster: c,
+                    term: Term(t),
+                    start_lsn: Lsn(start),
+                    end_lsn: Lsn(start + len),
+                })
+            }),
         ]
     }
 
@@ -454,6 +554,14 @@ mod tests {
             ),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(t, f, c)| {
                 AcceptorMessage::AppendResponse(AppendResponse { term: Term(t), flush_lsn: Lsn(f), commit_lsn: Lsn(c) })
+            }),
+            (any::<u64>(), 0u64..1 << 40, 1..=MAX_DIGEST_RANGE_BYTES, any::<[u8; 32]>()).prop_map(|(t, start, len, d)| {
+                AcceptorMessage::WalDigestResponse(WalDigestResponse {
+                    term: Term(t),
+                    start_lsn: Lsn(start),
+                    end_lsn: Lsn(start + len),
+                    digest: d,
+                })
             }),
         ]
     }
@@ -492,6 +600,41 @@ mod tests {
         out.put_slice(&[0u8; 8 + 1 + 8 + 8 + 8]);
         out.put_u32(u32::MAX);
         assert_eq!(AcceptorMessage::decode(out.freeze()), Err(DecodeError::HistoryTooLong { entries: u32::MAX }));
+    }
+
+    #[test]
+    fn digest_ranges_are_checked() {
+        let request = |start: u64, end: u64| {
+            ProposerMessage::WalDigestRequest(WalDigestRequest {
+                cluster: ClusterId::default(),
+                term: Term(1),
+                start_lsn: Lsn(start),
+                end_lsn: Lsn(end),
+            })
+            .encode()
+        };
+        for (start, end) in [(10, 10), (10, 9), (0, MAX_DIGEST_RANGE_BYTES + 1)] {
+            let result = ProposerMessage::decode(request(start, end));
+            assert!(matches!(result, Err(DecodeError::BadDigestRange { .. })), "{start}..{end}: {result:?}");
+        }
+        assert!(ProposerMessage::decode(request(0, MAX_DIGEST_RANGE_BYTES)).is_ok());
+    }
+
+    #[test]
+    fn digests_do_not_depend_on_how_the_bytes_are_split() {
+        let wal: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let mut whole = WalDigester::default();
+        whole.update(&wal);
+        let mut pieces = WalDigester::default();
+        for piece in wal.chunks(333) {
+            pieces.update(piece);
+        }
+        let whole = whole.finish();
+        assert_eq!(whole, pieces.finish());
+        let mut changed = WalDigester::default();
+        changed.update(&wal[..9_999]);
+        changed.update(&[wal[9_999] ^ 1]);
+        assert_ne!(whole, changed.finish());
     }
 
     #[test]

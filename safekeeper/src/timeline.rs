@@ -3,11 +3,11 @@
 //! the storage traits, so tests and the simulation drive the same code the
 //! service's per-timeline owner task does.
 
-use crate::acceptor::{Acceptor, AcceptorConfig, AcceptorError, Ready, RecoveredWal, StorageAction};
+use crate::acceptor::{Acceptor, AcceptorConfig, AcceptorError, DigestToSend, Ready, RecoveredWal, StorageAction};
 use crate::control::ControlState;
 use crate::ids::NodeId;
 use crate::lsn::Lsn;
-use crate::protocol::{AcceptorMessage, ProposerMessage};
+use crate::protocol::{AcceptorMessage, ProposerMessage, WalDigestResponse, WalDigester};
 use crate::recovery::{decode_to_end, decoder_at, RecoveredTimeline};
 use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
@@ -55,7 +55,36 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
     /// later [`Timeline::sync_and_ack`] (group commit: many appends, one sync).
     pub fn handle(&mut self, message: ProposerMessage) -> Result<Option<AcceptorMessage>, TimelineError> {
         let ready = self.acceptor.handle(message)?;
+        if let Some(digest) = ready.digest {
+            return self.digest_reply(digest);
+        }
         Ok(self.apply(ready)?)
+    }
+
+    /// Read and digest durable WAL for a `WalDigestRequest` the acceptor
+    /// allowed, unless retention already removed its start.
+    fn digest_reply(&mut self, range: DigestToSend) -> Result<Option<AcceptorMessage>, TimelineError> {
+        let DigestToSend { term, start_lsn, end_lsn } = range;
+        if start_lsn < self.wal.start_lsn() {
+            return Err(TimelineError::Refused(AcceptorError::DigestOutOfRange {
+                start_lsn,
+                end_lsn,
+                held_start_lsn: self.wal.start_lsn(),
+                flush_lsn: self.acceptor.flush_lsn(),
+            }));
+        }
+        const READ_BYTES: u64 = 1 << 20;
+        let mut digester = WalDigester::default();
+        let mut buf = vec![0u8; (end_lsn - start_lsn).min(READ_BYTES) as usize];
+        let mut lsn = start_lsn;
+        while lsn < end_lsn {
+            let piece = &mut buf[..(end_lsn - lsn).min(READ_BYTES) as usize];
+            self.wal.read(lsn, piece)?;
+            digester.update(piece);
+            lsn = lsn + piece.len() as u64;
+        }
+        let digest = digester.finish();
+        Ok(Some(AcceptorMessage::WalDigestResponse(WalDigestResponse { term, start_lsn, end_lsn, digest })))
     }
 
     /// Sync everything written and return the append acknowledgement, if any

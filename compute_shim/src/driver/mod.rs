@@ -140,7 +140,7 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
             }
             event = next_wal(&mut driver.stream), if want_wal => driver.on_replication_event(event)?,
             _ = tick.tick() => {
-                driver.proposer.tick(driver.now_ms());
+                driver.proposer.tick(driver.now_ms())?;
                 status.send_replace(driver.snapshot());
             }
         }

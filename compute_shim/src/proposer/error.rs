@@ -27,6 +27,24 @@ pub enum ProposerError {
     )]
     CommitAboveTermStart { safekeeper: usize, commit_lsn: Lsn, term_start_lsn: Lsn },
     #[error(
+        "Postgres's WAL in {start_lsn}..{end_lsn}, just below where the safekeepers' log ends, differs from that log \
+         (as safekeeper {safekeeper} holds it): this Postgres is not the primary that wrote the log (a server \
+         restored from a backup and promoted, or one whose WAL forked from an unacknowledged tail a safekeeper \
+         kept); refusing to lead, nothing was sent. docs/operations.md, \"Postgres's WAL differs from the log\""
+    )]
+    PostgresDiverged { start_lsn: Lsn, end_lsn: Lsn, safekeeper: usize },
+    #[error(
+        "no safekeeper holding the log up to the term start {term_start_lsn} has been reachable for {waited_ms} ms, \
+         so Postgres's WAL cannot be checked against it; exiting so that a new election picks a log the \
+         reachable safekeepers hold"
+    )]
+    NoLogHolder { term_start_lsn: Lsn, waited_ms: u64 },
+    #[error(
+        "Postgres removed WAL at {lsn} while this shim was comparing it with the safekeepers' log; exiting so that \
+         a restart compares from where Postgres's WAL now begins"
+    )]
+    LogCheckWalRemoved { lsn: Lsn },
+    #[error(
         "Postgres removed WAL at {lsn} that the safekeepers still need (a replication slot should have kept \
          it); refusing to go on"
     )]
@@ -74,4 +92,6 @@ pub enum PeerFault {
     FlushBeyondSent { reported: Lsn, sent: Lsn },
     #[error("malformed vote: {reason}")]
     BadVote { reason: &'static str },
+    #[error("WAL digest of {got:?} answered, {asked:?} asked for")]
+    WrongDigestRange { asked: (Lsn, Lsn), got: (Lsn, Lsn) },
 }

@@ -9,6 +9,7 @@
 //! - [`config`]: configuration and limits.
 //! - [`election`]: votes, donor choice, the new term's history.
 //! - [`commit`]: the quorum commit rule.
+//! - [`log_check`]: Postgres's WAL below the term start must be the log's.
 //! - [`flow`]: what to send a safekeeper next (segments, window).
 //! - [`wal_buffer`]: WAL held until the safekeepers flushed it.
 //! - [`peer`]: per-safekeeper state; [`status`]: the status snapshot.
@@ -18,6 +19,7 @@ mod config;
 mod election;
 mod error;
 mod flow;
+mod log_check;
 mod peer;
 mod status;
 mod wal_buffer;
@@ -29,7 +31,7 @@ use safekeeper::ids::Term;
 use safekeeper::lsn::Lsn;
 use safekeeper::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
-    VoteRequest, VoteResponse, PROTOCOL_VERSION,
+    VoteRequest, VoteResponse, WalDigestRequest, WalDigestResponse, PROTOCOL_VERSION,
 };
 
 pub use config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
@@ -37,6 +39,7 @@ pub use error::{PeerFault, ProposerError};
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 
 use election::{Election, Vote};
+use log_check::{LogCheck, Verdict};
 use peer::{Link, Peer};
 use wal_buffer::WalBuffer;
 
@@ -76,6 +79,17 @@ pub struct Proposer {
     /// When we won: streaming waits for every voter's log end, but for at
     /// most a heartbeat interval once a quorum has answered.
     elected_at_ms: u64,
+    /// No WAL is sent in our term until Postgres's WAL below the term start
+    /// is shown to be the log's (`log_check`).
+    log_check: LogCheckState,
+}
+
+enum LogCheckState {
+    /// Starts with Postgres's first WAL (its range depends on where
+    /// Postgres could stream from).
+    NotStarted,
+    Running(LogCheck),
+    Passed,
 }
 
 impl Proposer {
@@ -102,6 +116,7 @@ impl Proposer {
             quorum_greeted_at_ms: None,
             count_flushes_below_term_start: false,
             elected_at_ms: 0,
+            log_check: LogCheckState::NotStarted,
         }
     }
 
@@ -132,6 +147,10 @@ impl Proposer {
         peer.link = Link::Disconnected;
         peer.outbox.clear();
         peer.awaited_for_wal_start = false;
+        if let LogCheckState::Running(check) = &mut self.log_check {
+            check.on_disconnected(sk);
+            self.ask_for_log_digest();
+        }
     }
 
     /// A message from `sk` on its current connection. `Err(Fenced)` and the
@@ -144,6 +163,7 @@ impl Proposer {
             AcceptorMessage::GreetingResponse(response) => self.on_greeting_response(sk, response),
             AcceptorMessage::VoteResponse(response) => self.on_vote_response(sk, response),
             AcceptorMessage::AppendResponse(response) => self.on_append_response(sk, response),
+            AcceptorMessage::WalDigestResponse(response) => self.on_digest_response(sk, response),
         };
         if let Err(ProposerError::Fenced { term }) = result {
             self.fenced_by = Some(term);
@@ -164,6 +184,9 @@ impl Proposer {
                 self.on_catch_up_wal(start_lsn, wal);
                 return Ok(());
             }
+        }
+        if self.check_postgres_wal(start_lsn, wal)? {
+            return Ok(());
         }
         let incoming_bytes = wal.len() as u64;
         let max_bytes = self.config.max_buffered_wal_bytes;
@@ -195,11 +218,19 @@ impl Proposer {
     }
 
     /// The passage of time: idle safekeepers become due for a heartbeat.
-    pub fn tick(&mut self, now_ms: u64) {
+    /// Fatal when the log check found nobody to ask for too long.
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), ProposerError> {
         self.now_ms = now_ms;
         if matches!(self.campaign, Campaign::Greeting) && self.fenced_by.is_none() {
             self.start_voting_if_quorum_greeted();
         }
+        if let LogCheckState::Running(check) = &self.log_check {
+            let waited_ms = check.unasked_since_ms.map_or(0, |since| now_ms.saturating_sub(since));
+            if waited_ms >= LOG_CHECK_HOLDER_WAIT_HEARTBEATS * self.config.heartbeat_interval_ms {
+                return Err(ProposerError::NoLogHolder { term_start_lsn: check.end_lsn, waited_ms });
+            }
+        }
+        Ok(())
     }
 
     /// The next message to send, and to which safekeeper.
@@ -242,6 +273,15 @@ impl Proposer {
             }
             return Some(self.catch_up_wanted(buffer).unwrap_or(buffer.end_lsn()));
         }
+        match &self.log_check {
+            LogCheckState::NotStarted if self.log_check_start(election) < election.term_start_lsn => {
+                return Some(self.log_check_start(election));
+            }
+            LogCheckState::Running(check) if check.postgres_wanted_from().is_some() => {
+                return check.postgres_wanted_from();
+            }
+            _ => {}
+        }
         if self.peers.iter().any(|peer| peer.awaited_for_wal_start) {
             // A stalled safekeeper must not hold up every commit: once a
             // quorum answered, the rest get a heartbeat interval (a late one
@@ -262,12 +302,110 @@ impl Proposer {
         Some(lowest_needed.max(self.config.timeline_start_lsn))
     }
 
+    /// Where the log check's range starts: `CHECKED_BYTES` below the term
+    /// start, but not below where the timeline or Postgres's WAL begins.
+    fn log_check_start(&self, election: &Election) -> Lsn {
+        let floor = election.timeline_start_lsn.max(self.config.timeline_start_lsn).max(self.postgres_wal_removed_below);
+        let below = Lsn(election.term_start_lsn.0.saturating_sub(log_check::CHECKED_BYTES));
+        below.max(floor).min(election.term_start_lsn)
+    }
+
+    /// Before the buffer: Postgres streams the log check's range first (on
+    /// its own, so a buffer filled for lagging safekeepers cannot hold it
+    /// up), then from where the safekeepers need WAL. Returns whether `wal`
+    /// was the check's.
+    fn check_postgres_wal(&mut self, start_lsn: Lsn, wal: &[u8]) -> Result<bool, ProposerError> {
+        let Campaign::Elected(election) = &self.campaign else { unreachable!("WAL flows once elected") };
+        if let LogCheckState::NotStarted = self.log_check {
+            let check_start = self.log_check_start(election);
+            if check_start == election.term_start_lsn {
+                // Nothing below the term start can be streamed (a new
+                // timeline, or Postgres's WAL there is gone): the first
+                // WAL starts the term.
+                self.log_check = LogCheckState::Passed;
+                return Ok(false);
+            }
+            assert_eq!(start_lsn, check_start, "wal_wanted_from asked for the check's range");
+            self.log_check = LogCheckState::Running(LogCheck::new(check_start, election.term_start_lsn));
+            self.ask_for_log_digest();
+        }
+        let LogCheckState::Running(check) = &mut self.log_check else { return Ok(false) };
+        if check.postgres_wanted_from().is_none() {
+            return Ok(false);
+        }
+        check.on_postgres_wal(start_lsn, wal);
+        self.conclude_log_check()?;
+        Ok(true)
+    }
+
+    /// Ask a safekeeper whose log is ours up to the term start (it
+    /// acknowledged our ProposerElected with a flush there) for its digest.
+    fn ask_for_log_digest(&mut self) {
+        let (LogCheckState::Running(check), Campaign::Elected(election)) = (&mut self.log_check, &self.campaign) else {
+            return;
+        };
+        if check.asked.is_some() {
+            return;
+        }
+        let holder = self.peers.iter().position(|peer| {
+            matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|f| f >= check.end_lsn)
+        });
+        let Some(sk) = holder else {
+            check.unasked_since_ms.get_or_insert(self.now_ms);
+            return;
+        };
+        check.asked = Some(sk);
+        check.unasked_since_ms = None;
+        self.peers[sk].queue(ProposerMessage::WalDigestRequest(WalDigestRequest {
+            cluster: self.config.cluster,
+            term: election.term,
+            start_lsn: check.start_lsn,
+            end_lsn: check.end_lsn,
+        }));
+    }
+
+    fn on_digest_response(&mut self, sk: usize, response: WalDigestResponse) -> Result<(), ProposerError> {
+        self.check_term(response.term)?;
+        let Some(term) = self.term() else { return Err(self.unexpected(sk, "WalDigestResponse")) };
+        let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
+        if response.term != term {
+            return Err(peer_fault(PeerFault::WrongTerm { expected: term, got: response.term }));
+        }
+        let LogCheckState::Running(check) = &mut self.log_check else {
+            return Err(self.unexpected(sk, "WalDigestResponse"));
+        };
+        check.on_answer(sk, &response).map_err(peer_fault)?;
+        self.conclude_log_check()
+    }
+
+    /// Fatal on a mismatch; WAL starts flowing to the safekeepers on a match.
+    fn conclude_log_check(&mut self) -> Result<(), ProposerError> {
+        let LogCheckState::Running(check) = &self.log_check else { return Ok(()) };
+        match check.verdict() {
+            Verdict::Waiting => Ok(()),
+            Verdict::Same => {
+                self.log_check = LogCheckState::Passed;
+                Ok(())
+            }
+            Verdict::Different => Err(ProposerError::PostgresDiverged {
+                start_lsn: check.start_lsn,
+                end_lsn: check.end_lsn,
+                safekeeper: check.asked.expect("an answer came from the asked safekeeper"),
+            }),
+        }
+    }
+
     /// Postgres answered that it no longer holds the WAL at `lsn` (its
     /// segment was removed). WAL that only lagging safekeepers needed (below
     /// the buffer, or below the term start before streaming began) is given
     /// up: they are reported too far behind. Anything else is fatal:
     /// Postgres lost WAL the quorum needs.
     pub fn on_wal_unavailable(&mut self, lsn: Lsn) -> Result<(), ProposerError> {
+        if let LogCheckState::Running(check) = &self.log_check {
+            if check.postgres_wanted_from().is_some() {
+                return Err(ProposerError::LogCheckWalRemoved { lsn });
+            }
+        }
         let quorum_needs_from = match (&self.wal, &self.campaign) {
             (Some(buffer), _) => buffer.start_lsn(),
             (None, Campaign::Elected(election)) => election.term_start_lsn,
@@ -298,6 +436,7 @@ impl Proposer {
             buffered_wal_end_lsn: self.wal.as_ref().map(WalBuffer::end_lsn),
             catch_up_wal_start_lsn: self.catch_up.as_ref().map(WalBuffer::start_lsn),
             catch_up_wal_end_lsn: self.catch_up.as_ref().map(WalBuffer::end_lsn),
+            postgres_wal_checked: matches!(self.log_check, LogCheckState::Passed),
             safekeepers: self
                 .peers
                 .iter()
@@ -491,6 +630,7 @@ impl Proposer {
                 peer.record_flush(response.flush_lsn).map_err(peer_fault)?;
                 peer.link = Link::Streaming { next_lsn: response.flush_lsn };
                 peer.awaited_for_wal_start = false;
+                self.ask_for_log_digest();
             }
             Link::Streaming { next_lsn } => {
                 if response.flush_lsn > next_lsn {
@@ -588,7 +728,8 @@ impl Proposer {
             commit_lsn: self.commit_lsn,
             wal,
         };
-        if let Some(buffer) = &self.wal {
+        let log_checked = matches!(self.log_check, LogCheckState::Passed);
+        if let Some(buffer) = self.wal.as_ref().filter(|_| log_checked) {
             // Behind the buffer: served from the catch-up WAL once it has
             // arrived, or too far behind if Postgres cannot resend it.
             let source = if next_lsn >= buffer.start_lsn() {
@@ -626,6 +767,12 @@ impl Proposer {
 fn can_catch_up(lsn: Lsn, buffer: &WalBuffer, removed_below: Lsn, config: &ProposerConfig) -> bool {
     lsn >= removed_below && buffer.end_lsn() - lsn <= config.max_buffered_wal_bytes
 }
+
+/// How long (in heartbeat intervals) the log check waits for a safekeeper
+/// holding the log up to the term start to connect before the shim gives
+/// up: the donor may be gone for good, and only a new election (a restart)
+/// can pick a log the remaining safekeepers hold.
+const LOG_CHECK_HOLDER_WAIT_HEARTBEATS: u64 = 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TrimScope {

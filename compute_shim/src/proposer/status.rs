@@ -18,6 +18,9 @@ pub struct ProposerStatus {
     /// WAL re-read from Postgres for a safekeeper behind the buffer.
     pub catch_up_wal_start_lsn: Option<Lsn>,
     pub catch_up_wal_end_lsn: Option<Lsn>,
+    /// Whether Postgres's WAL below the term start was found to be the
+    /// safekeepers' log; no WAL is sent before.
+    pub postgres_wal_checked: bool,
     pub safekeepers: Vec<SafekeeperStatus>,
 }
 

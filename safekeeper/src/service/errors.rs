@@ -87,7 +87,7 @@ pub fn refusal(error: &AcceptorError) -> PgError {
         ClusterMismatch { .. } | ParameterMismatch { .. } => sqlstate::INVALID_PARAMETER_VALUE,
         InvalidWal { .. } | ZeroLengthRecord { .. } => sqlstate::DATA_CORRUPTED,
         BadTermHistory { .. } | BadTimelineStart { .. } | CrossesSegment { .. } => sqlstate::PROTOCOL_VIOLATION,
-        NotElected { .. } | NotContiguous { .. } | TruncateBelowCommit { .. } => {
+        NotElected { .. } | NotContiguous { .. } | TruncateBelowCommit { .. } | DigestOutOfRange { .. } => {
             sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE
         }
     };

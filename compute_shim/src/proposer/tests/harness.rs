@@ -240,7 +240,10 @@ impl Net {
             if compute.streamed_lsn != Some(wanted) {
                 if wanted < compute.postgres.oldest_lsn {
                     compute.streamed_lsn = None;
-                    compute.proposer.on_wal_unavailable(wanted).expect("only a catch-up reaches removed WAL");
+                    if let Err(error) = compute.proposer.on_wal_unavailable(wanted) {
+                        self.stop(c, error);
+                        return true;
+                    }
                     moved = true;
                     continue;
                 }
@@ -250,7 +253,12 @@ impl Net {
             if wanted >= end || !compute.proposer.can_accept_wal(end - wanted) {
                 break;
             }
-            compute.proposer.on_wal(wanted, compute.postgres.bytes(wanted, end)).expect("room was checked");
+            let fed = compute.proposer.on_wal(wanted, compute.postgres.bytes(wanted, end));
+            if let Err(error) = fed {
+                assert!(!matches!(error, ProposerError::WalBufferFull { .. }), "room was checked");
+                self.stop(c, error);
+                return true;
+            }
             compute.streamed_lsn = Some(end);
             moved = true;
         }
@@ -309,11 +317,16 @@ impl Net {
             return true;
         }
         if let Err(error) = self.computes[c].proposer.on_message(sk, message, self.now_ms) {
-            assert!(error.is_fatal(), "compute {c} found safekeeper {sk} faulty: {error}");
-            self.kill(c);
-            self.computes[c].stopped = Some(error);
+            self.stop(c, error);
         }
         true
+    }
+
+    /// The proposer returned a fatal error: the shim would exit with it.
+    fn stop(&mut self, c: usize, error: ProposerError) {
+        assert!(error.is_fatal(), "compute {c}: {error}");
+        self.kill(c);
+        self.computes[c].stopped = Some(error);
     }
 
     /// One round: every compute sends, every acceptor handles and syncs,
@@ -364,8 +377,12 @@ impl Net {
 
     pub fn advance_time(&mut self, ms: u64) {
         self.now_ms += ms;
-        for compute in &mut self.computes {
-            compute.proposer.tick(self.now_ms);
+        for c in 0..self.computes.len() {
+            if self.is_running(c) {
+                if let Err(error) = self.computes[c].proposer.tick(self.now_ms) {
+                    self.stop(c, error);
+                }
+            }
         }
     }
 

@@ -228,7 +228,9 @@ fn figure_8(break_commit_rule: bool) -> Figure8 {
     let t4 = start(&mut net, &x);
     net.connect(t4, 0);
     net.connect(t4, 1);
-    net.run_until(|net| net.computes[t4].proposer.wal_wanted_from().is_some());
+    // No WAL is sent before the log check (x's WAL below B is the log on
+    // safekeeper 0) has passed.
+    net.run_until(|net| net.computes[t4].proposer.status().postgres_wal_checked);
     assert_eq!(net.computes[t4].proposer.status().term_start_lsn, Some(b));
     net.pump(t4);
     assert!(net.deliver_to_acceptor(t4, 1), "the first append to safekeeper 1");
@@ -282,34 +284,35 @@ fn a_newer_proposer_fences_the_old_one() {
     assert_eq!(net.commit_lsn(new), full);
 }
 
-/// Known hole, kept failing and ignored until fixed (docs/proposer.md,
-/// "Open: a diverged primary"): two primaries restored from one backup
-/// (same system id, same Postgres timeline) diverge at A. X's proposer
-/// leaves [A,B) on safekeeper 0 only. Y's proposer is elected by 0 and 2:
-/// donor 0, term start B. It catches 2 up from its own Postgres below B,
-/// with Y's bytes, and commits B counting 0 (X's bytes) and 2 (Y's bytes).
+/// Rule: before sending any WAL, a new term checks that Postgres's WAL just
+/// below the term start is the log (docs/proposer.md, "Checking Postgres
+/// against the log"). Two primaries restored from one backup (same system
+/// id, same Postgres timeline) diverge at A. X's proposer leaves [A,B) on
+/// safekeeper 0 only. Y's proposer is elected by 0 and 2: donor 0, term
+/// start B. Without the check it would catch 2 up with Y's bytes below B
+/// and commit B counting 0 (X's bytes) and 2 (Y's bytes). With it, Y is
+/// refused before anything is sent, whether the fork lies below the
+/// checked range or inside it.
 #[test]
-#[ignore = "known hole: catch-up from Postgres below the term start trusts that Postgres's WAL equals the log"]
-fn a_diverged_primary_must_not_catch_up_below_its_term_start() {
-    let (a, mut primaries) = Postgres::branches(150, 500, &[21, 22]);
-    let (mut x, y) = (primaries.remove(0), primaries.remove(0));
-    let b = record_end_after(&x, a + (400 << 10));
-    let mut net = Net::new(3);
+fn a_diverged_primary_is_refused_before_sending_any_wal() {
+    for tail_kib in [400, 20] {
+        let (a, mut primaries) = Postgres::branches(150, 500, &[21, 22]);
+        let (mut x, y) = (primaries.remove(0), primaries.remove(0));
+        let b = record_end_after(&x, a + (tail_kib << 10));
+        let mut net = Net::new(3);
+        leave_uncommitted_tail(&mut net, &mut x, a, b, &mut |net: &mut Net, x: &Postgres| {
+            net.start_compute(x.clone())
+        });
 
-    leave_uncommitted_tail(&mut net, &mut x, a, b, &mut |net: &mut Net, x: &Postgres| net.start_compute(x.clone()));
-
-    // Term 3 (Y, which has written past B): voters 0 and 2.
-    let t3 = net.start_compute(y.clone());
-    net.connect(t3, 0);
-    net.connect(t3, 2);
-    // Safekeeper 0 would refuse Y's WAL at B; hold its link until 2 is done.
-    net.run_until(|net| net.computes[t3].proposer.status().safekeepers[0].state == PeerState::Streaming);
-    net.computes[t3].links[0].blocked_to_acceptor = true;
-    net.run_until_quiet();
-    let commit = net.commit_lsn(t3);
-    let sk0 = net.durable_wal(0);
-    let sk2 = net.durable_wal(2);
-    let common = (commit - TIMELINE_START) as usize;
-    let agree = sk0.len() >= common && sk2.len() >= common && sk0[..common] == sk2[..common];
-    assert!(agree || commit <= a, "commit {commit}: safekeepers 0 and 2 hold different bytes below it");
+        let t3 = net.start_compute(y.clone());
+        net.connect(t3, 0);
+        net.connect(t3, 2);
+        net.run_until_quiet();
+        let error = net.computes[t3].stopped.clone().expect("Y's proposer must refuse to lead");
+        assert!(matches!(error, ProposerError::PostgresDiverged { safekeeper: 0, .. }), "tail {tail_kib} KiB: {error}");
+        assert!(error.is_fatal() && error.to_string().contains("not the primary that wrote the log"), "{error}");
+        assert_eq!(net.acceptors[2].acceptor().flush_lsn(), a, "none of Y's WAL reached safekeeper 2");
+        assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b, "safekeeper 0 keeps X's tail");
+        assert_eq!(net.commit_lsn(t3), a);
+    }
 }
