@@ -555,14 +555,16 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(t, f, c)| {
                 AcceptorMessage::AppendResponse(AppendResponse { term: Term(t), flush_lsn: Lsn(f), commit_lsn: Lsn(c) })
             }),
-            (any::<u64>(), 0u64..1 << 40, 1..=MAX_DIGEST_RANGE_BYTES, any::<[u8; 32]>()).prop_map(|(t, start, len, d)| {
-                AcceptorMessage::WalDigestResponse(WalDigestResponse {
-                    term: Term(t),
-                    start_lsn: Lsn(start),
-                    end_lsn: Lsn(start + len),
-                    digest: d,
-                })
-            }),
+            (any::<u64>(), 0u64..1 << 40, 1..=MAX_DIGEST_RANGE_BYTES, any::<[u8; 32]>()).prop_map(
+                |(t, start, len, d)| {
+                    AcceptorMessage::WalDigestResponse(WalDigestResponse {
+                        term: Term(t),
+                        start_lsn: Lsn(start),
+                        end_lsn: Lsn(start + len),
+                        digest: d,
+                    })
+                }
+            ),
         ]
     }
 

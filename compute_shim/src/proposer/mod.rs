@@ -88,7 +88,7 @@ enum LogCheckState {
     /// Starts with Postgres's first WAL (its range depends on where
     /// Postgres could stream from).
     NotStarted,
-    Running(LogCheck),
+    Running(Box<LogCheck>),
     Passed,
 }
 
@@ -305,7 +305,8 @@ impl Proposer {
     /// Where the log check's range starts: `CHECKED_BYTES` below the term
     /// start, but not below where the timeline or Postgres's WAL begins.
     fn log_check_start(&self, election: &Election) -> Lsn {
-        let floor = election.timeline_start_lsn.max(self.config.timeline_start_lsn).max(self.postgres_wal_removed_below);
+        let floor =
+            election.timeline_start_lsn.max(self.config.timeline_start_lsn).max(self.postgres_wal_removed_below);
         let below = Lsn(election.term_start_lsn.0.saturating_sub(log_check::CHECKED_BYTES));
         below.max(floor).min(election.term_start_lsn)
     }
@@ -326,7 +327,7 @@ impl Proposer {
                 return Ok(false);
             }
             assert_eq!(start_lsn, check_start, "wal_wanted_from asked for the check's range");
-            self.log_check = LogCheckState::Running(LogCheck::new(check_start, election.term_start_lsn));
+            self.log_check = LogCheckState::Running(Box::new(LogCheck::new(check_start, election.term_start_lsn)));
             self.ask_for_log_digest();
         }
         let LogCheckState::Running(check) = &mut self.log_check else { return Ok(false) };

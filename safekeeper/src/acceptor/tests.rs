@@ -424,3 +424,41 @@ mod random_sequences {
         }
     }
 }
+
+fn digest_request(term: u64, start_lsn: Lsn, end_lsn: Lsn) -> ProposerMessage {
+    ProposerMessage::WalDigestRequest(crate::protocol::WalDigestRequest {
+        cluster: cluster(),
+        term: Term(term),
+        start_lsn,
+        end_lsn,
+    })
+}
+
+/// Rule: a digest is of durable WAL, computed from storage, and given only
+/// to the proposer whose ProposerElected was accepted; a lower term is
+/// answered with ours (fencing).
+#[test]
+fn wal_digest_is_of_durable_wal_for_the_elected_proposer_only() {
+    let (mut timeline, generator) = timeline_with_wal(40);
+    let flush = generator.end_lsn();
+    let start = Lsn(flush.0 - 70_000);
+    let reply = timeline.handle(digest_request(1, start, flush)).unwrap();
+    let Some(AcceptorMessage::WalDigestResponse(response)) = reply else { panic!("expected a digest: {reply:?}") };
+    let mut bytes = vec![0u8; (flush - start) as usize];
+    timeline.wal_mut().read(start, &mut bytes).unwrap();
+    let mut expected = crate::protocol::WalDigester::default();
+    expected.update(&bytes);
+    assert_eq!((response.term, response.start_lsn, response.end_lsn), (Term(1), start, flush));
+    assert_eq!(response.digest, expected.finish());
+
+    let beyond = timeline.handle(digest_request(1, start, flush + 1));
+    assert!(matches!(beyond, Err(TimelineError::Refused(AcceptorError::DigestOutOfRange { .. }))), "{beyond:?}");
+    let below = timeline.handle(digest_request(1, Lsn(TIMELINE_START.0 - 1), start));
+    assert!(matches!(below, Err(TimelineError::Refused(AcceptorError::DigestOutOfRange { .. }))), "{below:?}");
+
+    vote_response(timeline.handle(vote(3)).unwrap());
+    let not_elected = timeline.handle(digest_request(3, start, flush));
+    assert!(matches!(not_elected, Err(TimelineError::Refused(AcceptorError::NotElected { .. }))), "{not_elected:?}");
+    let fenced = append_response(timeline.handle(digest_request(1, start, flush)).unwrap());
+    assert_eq!(fenced.term, Term(3));
+}

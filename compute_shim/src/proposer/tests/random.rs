@@ -19,6 +19,10 @@
 //! At the end every fault heals and a fresh proposer with every safekeeper
 //! connected must commit all of Postgres's WAL (liveness).
 //!
+//! A search biased to Raft's figure 8 (`run_minority_terms`) must find the
+//! lost commit when the commit rule is broken on purpose, and nothing with
+//! the real rule.
+//!
 //! `SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`]); `SIM_SEED=S` runs
 //! seed S alone. A failure prints its seed and the command that replays it.
 
@@ -40,6 +44,13 @@ const SAFEKEEPERS: usize = 3;
 const MAX_COMPUTES_PER_SEED: usize = 6;
 /// Rounds a two-voter election gets in a minority-term step.
 const MINORITY_ELECTION_ROUNDS: usize = 50;
+/// Minority terms in one seed of the figure-8 search.
+const FIGURE_8_MINORITY_TERMS: usize = 6;
+/// Rounds a short-lived minority term runs before it dies.
+const SHORT_TERM_MAX_ROUNDS: usize = 12;
+/// Seeds the search for the broken commit rule may take (it finds one
+/// well within this; see `random_search_finds_a_broken_commit_rule`).
+const BROKEN_RULE_SEARCH_SEEDS: u64 = 5_000;
 /// Rounds the healed cluster gets to go quiet (it needs far fewer).
 const MAX_HEAL_ROUNDS: usize = 100_000;
 
@@ -69,9 +80,54 @@ fn two_primaries_keep_commits_safe() {
     simulate("two_primaries_keep_commits_safe", &lineages, &[1634]);
 }
 
+/// The simulation bites: with the commit rule's term-start floor removed
+/// (Raft's figure 8 becomes possible), random search over the two-primary
+/// runs, biased towards short minority terms, must find a violation of the
+/// committed-WAL invariants.
+#[test]
+fn random_search_finds_a_broken_commit_rule() {
+    let (_, lineages) = Postgres::branches(150, 230, &[99, 77]);
+    for seed in 0..BROKEN_RULE_SEARCH_SEEDS {
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let mut simulation = Simulation::new(seed, &lineages);
+            simulation.break_commit_rule = true;
+            simulation.figure_8_bias = true;
+            simulation.run_minority_terms()
+        }));
+        let Err(panic) = run else { continue };
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+            .unwrap_or_default();
+        let lost_commit = ["no longer on a majority", "no majority holds", "changed WAL committed before"];
+        assert!(
+            lost_commit.iter().any(|symptom| message.contains(symptom)),
+            "seed {seed} failed, but not on the committed WAL: {message}"
+        );
+        eprintln!("the broken commit rule was caught at seed {seed} (the panic above)");
+        return;
+    }
+    panic!("{BROKEN_RULE_SEARCH_SEEDS} seeds did not catch the broken commit rule");
+}
+
+/// The figure-8 search's runs with the real commit rule: no violation.
+#[test]
+fn minority_terms_keep_commits_safe() {
+    let (_, lineages) = Postgres::branches(150, 230, &[99, 77]);
+    simulate_with("minority_terms_keep_commits_safe", &lineages, &[], |mut simulation| {
+        simulation.figure_8_bias = true;
+        simulation.run_minority_terms()
+    });
+}
+
 fn simulate(test_name: &str, lineages: &[Postgres], regression_seeds: &[u64]) {
+    simulate_with(test_name, lineages, regression_seeds, Simulation::run);
+}
+
+fn simulate_with(test_name: &str, lineages: &[Postgres], regression_seeds: &[u64], run: impl Fn(Simulation)) {
     for seed in seeds_to_run(regression_seeds) {
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| Simulation::new(seed, lineages).run())) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(Simulation::new(seed, lineages)))) {
             eprintln!(
                 "simulation failed with seed {seed}; replay it alone with:\n  \
                  SIM_SEED={seed} cargo test -p compute_shim --lib {test_name} -- --nocapture --include-ignored"
@@ -109,9 +165,19 @@ struct Simulation {
     last_commit: Vec<Lsn>,
     highest_commit: Lsn,
     elected: HashMap<Term, usize>,
+    /// For every term a safekeeper has reached: the highest commit
+    /// acknowledged before any vote for it was granted. Its term must start
+    /// at or after it (votes describe the logs at grant time, so a vote
+    /// delivered late does not make later commits "before the election").
+    committed_before_votes: HashMap<Term, Lsn>,
+    highest_term_seen: Term,
     /// Each safekeeper's commit LSN as last seen, in memory and persisted.
     acceptor_commit: Vec<Lsn>,
     persisted_commit: Vec<Lsn>,
+    /// Every proposer counts flushes below its term start (tests only).
+    break_commit_rule: bool,
+    /// The search for figure 8: lineages switch more often.
+    figure_8_bias: bool,
 }
 
 impl Simulation {
@@ -133,8 +199,12 @@ impl Simulation {
             last_commit: vec![],
             highest_commit: Lsn::INVALID,
             elected: HashMap::new(),
+            committed_before_votes: HashMap::new(),
+            highest_term_seen: Term(0),
             acceptor_commit: vec![Lsn::INVALID; SAFEKEEPERS],
             persisted_commit: vec![Lsn::INVALID; SAFEKEEPERS],
+            break_commit_rule: false,
+            figure_8_bias: false,
         }
     }
 
@@ -148,8 +218,10 @@ impl Simulation {
     }
 
     /// The shape of Raft's figure 8: the current proposer dies, a new one
-    /// is elected by exactly two safekeepers and loses one of them right
-    /// away, leaving its term's WAL on one safekeeper only.
+    /// is elected by exactly two safekeepers and either loses one of them
+    /// right away, leaving its term's WAL on one safekeeper only, or runs a
+    /// few rounds with both and dies (so a lagging voter holds part of the
+    /// donor's older-term WAL: figure 8's step c).
     fn minority_term(&mut self) {
         let current = self.net.computes.len() - 1;
         self.net.kill(current);
@@ -172,9 +244,18 @@ impl Simulation {
             self.net.round();
             self.check();
         }
-        if self.net.is_running(c) {
+        if !self.net.is_running(c) {
+            return;
+        }
+        if self.rng.gen_bool(0.5) {
             let lost = if self.rng.gen_bool(0.5) { first } else { second };
             self.net.disconnect(c, lost);
+        } else {
+            for _ in 0..self.rng.gen_range(0..SHORT_TERM_MAX_ROUNDS) {
+                self.net.round();
+                self.check();
+            }
+            self.net.kill(c);
         }
     }
 
@@ -187,19 +268,41 @@ impl Simulation {
     /// A new proposer connected to `safekeepers`; returns its index.
     fn start_compute_connected(&mut self, safekeepers: &[usize]) -> usize {
         // Mostly the same primary's shim restarting; sometimes another one.
+        let switch_probability = if self.figure_8_bias { 0.6 } else { 0.3 };
         let lineage = match self.lineage_of.last() {
-            Some(&previous) if self.rng.gen_bool(0.3) => (previous + 1) % self.lineages.len(),
+            Some(&previous) if self.rng.gen_bool(switch_probability) => (previous + 1) % self.lineages.len(),
             Some(&previous) => previous,
             None => 0,
         };
         self.lineage_of.push(lineage);
         let c = self.net.start_compute(self.lineages[lineage].clone());
+        if self.break_commit_rule {
+            self.net.computes[c].proposer.break_commit_rule_for_tests();
+        }
         self.net.computes[c].wal_piece_bytes = self.rng.gen_range(1_000..140_000);
         self.last_commit.push(Lsn::INVALID);
         for &sk in safekeepers {
             self.net.connect(c, sk);
         }
         c
+    }
+
+    /// The figure-8 search: a first proposer commits on all three, then a
+    /// run of minority terms on random pairs and lineages, each followed by
+    /// a few rounds, with Postgres writing more in between.
+    fn run_minority_terms(mut self) {
+        self.start_compute();
+        for _ in 0..FIGURE_8_MINORITY_TERMS {
+            for _ in 0..self.rng.gen_range(0..3) {
+                self.postgres_writes_more();
+            }
+            self.minority_term();
+            for _ in 0..self.rng.gen_range(0..SHORT_TERM_MAX_ROUNDS) {
+                self.net.round();
+                self.check();
+            }
+        }
+        self.heal_and_check_liveness();
     }
 
     fn random_step(&mut self) {
@@ -261,8 +364,14 @@ impl Simulation {
     }
 
     fn check(&mut self) {
-        // Elections seen now happened after everything acknowledged so far.
-        let acknowledged_before = self.highest_commit;
+        // Votes granted in the last step came after everything acknowledged
+        // by the previous check (a vote for a term moves an acceptor to it).
+        let highest_term =
+            (0..SAFEKEEPERS).map(|sk| self.net.acceptors[sk].acceptor().term()).max().expect("safekeepers");
+        for term in self.highest_term_seen.0 + 1..=highest_term.0 {
+            self.committed_before_votes.insert(Term(term), self.highest_commit);
+        }
+        self.highest_term_seen = self.highest_term_seen.max(highest_term);
         for c in 0..self.net.computes.len() {
             if let Some(error) = &self.net.computes[c].stopped {
                 let expected = match error {
@@ -292,6 +401,7 @@ impl Simulation {
             if let Some(term) = self.net.elected_term(c) {
                 let first = *self.elected.entry(term).or_insert_with(|| {
                     let start = self.net.computes[c].proposer.status().term_start_lsn.expect("elected");
+                    let acknowledged_before = self.committed_before_votes[&term];
                     assert!(
                         start >= acknowledged_before,
                         "compute {c}'s term {term} starts at {start}, below the acknowledged commit {acknowledged_before}; \

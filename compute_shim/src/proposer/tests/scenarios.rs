@@ -300,9 +300,7 @@ fn a_diverged_primary_is_refused_before_sending_any_wal() {
         let (mut x, y) = (primaries.remove(0), primaries.remove(0));
         let b = record_end_after(&x, a + (tail_kib << 10));
         let mut net = Net::new(3);
-        leave_uncommitted_tail(&mut net, &mut x, a, b, &mut |net: &mut Net, x: &Postgres| {
-            net.start_compute(x.clone())
-        });
+        leave_uncommitted_tail(&mut net, &mut x, a, b, &mut |net: &mut Net, x: &Postgres| net.start_compute(x.clone()));
 
         let t3 = net.start_compute(y.clone());
         net.connect(t3, 0);
