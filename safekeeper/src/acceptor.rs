@@ -339,7 +339,7 @@ impl Acceptor {
         }
         let (start_lsn, end_lsn) = (request.start_lsn, request.end_lsn);
         let held_start_lsn = self.state.timeline_start_lsn;
-        if start_lsn < held_start_lsn || end_lsn > self.wal.flush_lsn || start_lsn >= end_lsn {
+        if start_lsn < held_start_lsn || end_lsn > self.wal.flush_lsn || start_lsn > end_lsn {
             return Err(AcceptorError::DigestOutOfRange {
                 start_lsn,
                 end_lsn,

@@ -80,9 +80,10 @@ pub struct AppendRequest {
 }
 
 /// Ask an acceptor that accepted our ProposerElected for the digest of its
-/// WAL in `[start_lsn, end_lsn)`, below its flush LSN: the new proposer
-/// compares it with Postgres's bytes there before sending any WAL
-/// (docs/protocol.md, "Checking Postgres against the log").
+/// WAL in `[start_lsn, end_lsn)` (possibly empty), below its flush LSN, and
+/// for the start of its last record ending at `end_lsn`: the new proposer
+/// compares them with Postgres's WAL before sending any
+/// (docs/proposer.md, "Checking Postgres against the log").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalDigestRequest {
     pub cluster: ClusterId,
@@ -148,6 +149,9 @@ pub struct WalDigestResponse {
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
     pub digest: WalDigest,
+    /// Start of the last record ending at or before `end_lsn` (what the
+    /// `xl_prev` of the next record must name), or 0 if not held.
+    pub last_record_start_lsn: Lsn,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +180,7 @@ pub enum DecodeError {
     AppendLengthMismatch { begin: Lsn, end: Lsn, payload_bytes: usize },
     #[error("bad boolean byte {0}")]
     BadBool(u8),
-    #[error("WAL digest range {start}..{end} is empty, reversed or longer than {MAX_DIGEST_RANGE_BYTES} bytes")]
+    #[error("WAL digest range {start}..{end} is reversed or longer than {MAX_DIGEST_RANGE_BYTES} bytes")]
     BadDigestRange { start: Lsn, end: Lsn },
 }
 
@@ -219,7 +223,7 @@ impl Reader {
     fn digest_range(&mut self) -> Result<(Lsn, Lsn), DecodeError> {
         let (start, end) = (self.lsn("start lsn")?, self.lsn("end lsn")?);
         match end.0.checked_sub(start.0) {
-            Some(1..=MAX_DIGEST_RANGE_BYTES) => Ok((start, end)),
+            Some(0..=MAX_DIGEST_RANGE_BYTES) => Ok((start, end)),
             _ => Err(DecodeError::BadDigestRange { start, end }),
         }
     }
@@ -430,6 +434,7 @@ impl AcceptorMessage {
                 out.put_u64(m.start_lsn.0);
                 out.put_u64(m.end_lsn.0);
                 out.put_slice(&m.digest);
+                out.put_u64(m.last_record_start_lsn.0);
             }
         }
         out.freeze()
@@ -463,6 +468,7 @@ impl AcceptorMessage {
                     start_lsn,
                     end_lsn,
                     digest: r.bytes32("digest")?,
+                    last_record_start_lsn: r.lsn("last record start lsn")?,
                 })
             }
             other => return Err(DecodeError::UnknownTag(other)),
@@ -524,7 +530,7 @@ mod tests {
                         wal: Bytes::from(wal),
                     })
                 }),
-            (cluster(), any::<u64>(), 0u64..1 << 40, 1..=MAX_DIGEST_RANGE_BYTES).prop_map(|(c, t, start, len)| {
+            (cluster(), any::<u64>(), 0u64..1 << 40, 0..=MAX_DIGEST_RANGE_BYTES).prop_map(|(c, t, start, len)| {
                 ProposerMessage::WalDigestRequest(WalDigestRequest {
                     cluster: c,
                     term: Term(t),
@@ -555,13 +561,14 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(t, f, c)| {
                 AcceptorMessage::AppendResponse(AppendResponse { term: Term(t), flush_lsn: Lsn(f), commit_lsn: Lsn(c) })
             }),
-            (any::<u64>(), 0u64..1 << 40, 1..=MAX_DIGEST_RANGE_BYTES, any::<[u8; 32]>()).prop_map(
-                |(t, start, len, d)| {
+            (any::<u64>(), 0u64..1 << 40, 0..=MAX_DIGEST_RANGE_BYTES, any::<[u8; 32]>(), any::<u64>()).prop_map(
+                |(t, start, len, d, last)| {
                     AcceptorMessage::WalDigestResponse(WalDigestResponse {
                         term: Term(t),
                         start_lsn: Lsn(start),
                         end_lsn: Lsn(start + len),
                         digest: d,
+                        last_record_start_lsn: Lsn(last),
                     })
                 }
             ),
@@ -615,11 +622,12 @@ mod tests {
             })
             .encode()
         };
-        for (start, end) in [(10, 10), (10, 9), (0, MAX_DIGEST_RANGE_BYTES + 1)] {
+        for (start, end) in [(10, 9), (0, MAX_DIGEST_RANGE_BYTES + 1)] {
             let result = ProposerMessage::decode(request(start, end));
             assert!(matches!(result, Err(DecodeError::BadDigestRange { .. })), "{start}..{end}: {result:?}");
         }
         assert!(ProposerMessage::decode(request(0, MAX_DIGEST_RANGE_BYTES)).is_ok());
+        assert!(ProposerMessage::decode(request(10, 10)).is_ok(), "an empty range asks only for the last record");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::control::ControlState;
 use crate::ids::NodeId;
 use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage, WalDigestResponse, WalDigester};
-use crate::recovery::{decode_to_end, decoder_at, RecoveredTimeline};
+use crate::recovery::{decode_to_end, decoder_at, last_record_start, RecoveredTimeline};
 use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
 use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
@@ -84,7 +84,15 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
             lsn = lsn + piece.len() as u64;
         }
         let digest = digester.finish();
-        Ok(Some(AcceptorMessage::WalDigestResponse(WalDigestResponse { term, start_lsn, end_lsn, digest })))
+        let segment_size = self.acceptor.state().wal_segment_size;
+        let last_record_start_lsn = last_record_start(&mut self.wal, end_lsn, segment_size)?.unwrap_or(Lsn::INVALID);
+        Ok(Some(AcceptorMessage::WalDigestResponse(WalDigestResponse {
+            term,
+            start_lsn,
+            end_lsn,
+            digest,
+            last_record_start_lsn,
+        })))
     }
 
     /// Sync everything written and return the append acknowledgement, if any

@@ -318,25 +318,24 @@ impl Proposer {
     fn check_postgres_wal(&mut self, start_lsn: Lsn, wal: &[u8]) -> Result<bool, ProposerError> {
         let Campaign::Elected(election) = &self.campaign else { unreachable!("WAL flows once elected") };
         if let LogCheckState::NotStarted = self.log_check {
+            // An empty range (nothing below the term start can be streamed:
+            // a new timeline, or Postgres's WAL there is gone) checks the
+            // first record after the term start instead.
             let check_start = self.log_check_start(election);
-            if check_start == election.term_start_lsn {
-                // Nothing below the term start can be streamed (a new
-                // timeline, or Postgres's WAL there is gone): the first
-                // WAL starts the term.
-                self.log_check = LogCheckState::Passed;
-                return Ok(false);
-            }
             assert_eq!(start_lsn, check_start, "wal_wanted_from asked for the check's range");
-            self.log_check = LogCheckState::Running(Box::new(LogCheck::new(check_start, election.term_start_lsn)));
+            let check = LogCheck::new(check_start, election.term_start_lsn, self.config.wal_segment_size);
+            self.log_check = LogCheckState::Running(Box::new(check));
             self.ask_for_log_digest();
         }
         let LogCheckState::Running(check) = &mut self.log_check else { return Ok(false) };
-        if check.postgres_wanted_from().is_none() {
-            return Ok(false);
+        let check_only = check.postgres_wanted_from().is_some();
+        if check_only {
+            check.on_postgres_wal(start_lsn, wal);
+        } else {
+            check.on_wal_after_term_start(start_lsn, wal);
         }
-        check.on_postgres_wal(start_lsn, wal);
         self.conclude_log_check()?;
-        Ok(true)
+        Ok(check_only)
     }
 
     /// Ask a safekeeper whose log is ours up to the term start (it

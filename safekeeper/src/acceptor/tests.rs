@@ -451,6 +451,22 @@ fn wal_digest_is_of_durable_wal_for_the_elected_proposer_only() {
     assert_eq!((response.term, response.start_lsn, response.end_lsn), (Term(1), start, flush));
     assert_eq!(response.digest, expected.finish());
 
+    // The last record's start is found from storage, even across a segment
+    // boundary with nothing starting after it (a record spanning segments).
+    let mut generator = generator;
+    let spanning = generator.append_record(10, 0, 7, &vec![7u8; (SEGMENT_SIZE_BYTES + 5_000) as usize]);
+    let (wal_start, wal) = generator.take_bytes();
+    send_wal(&mut timeline, 1, wal_start, &wal, Lsn(0));
+    let end = generator.end_lsn();
+    assert!(end.0 - spanning.start_lsn.0 > SEGMENT_SIZE_BYTES, "the record spans a whole segment");
+    let reply = timeline.handle(digest_request(1, end, end)).unwrap();
+    let Some(AcceptorMessage::WalDigestResponse(last)) = reply else { panic!("expected a digest: {reply:?}") };
+    assert_eq!(last.last_record_start_lsn, spanning.start_lsn, "the record ending at {end}");
+    let before = timeline.handle(digest_request(1, spanning.start_lsn, spanning.start_lsn)).unwrap();
+    let Some(AcceptorMessage::WalDigestResponse(before)) = before else { panic!("expected a digest") };
+    assert!(before.last_record_start_lsn < spanning.start_lsn && before.last_record_start_lsn >= start);
+    let flush = end;
+
     let beyond = timeline.handle(digest_request(1, start, flush + 1));
     assert!(matches!(beyond, Err(TimelineError::Refused(AcceptorError::DigestOutOfRange { .. }))), "{beyond:?}");
     let below = timeline.handle(digest_request(1, Lsn(TIMELINE_START.0 - 1), start));

@@ -100,7 +100,10 @@ fn random_search_finds_a_broken_commit_rule() {
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
             .unwrap_or_default();
-        let lost_commit = ["no longer on a majority", "no majority holds", "changed WAL committed before"];
+        // A lost commit shows as committed WAL off a majority or changed,
+        // or as a safekeeper refusing to truncate below its commit LSN.
+        let lost_commit =
+            ["no longer on a majority", "no majority holds", "changed WAL committed before", "refusing to truncate"];
         assert!(
             lost_commit.iter().any(|symptom| message.contains(symptom)),
             "seed {seed} failed, but not on the committed WAL: {message}"
