@@ -287,6 +287,13 @@ fn put_cluster(out: &mut BytesMut, cluster: &ClusterId) {
     out.put_slice(&cluster.timeline_id.0);
 }
 
+/// What every proposer message after the greeting starts with.
+fn put_head(out: &mut BytesMut, tag: u8, cluster: &ClusterId, term: Term) {
+    out.put_u8(tag);
+    put_cluster(out, cluster);
+    out.put_u64(term.0);
+}
+
 fn put_history(out: &mut BytesMut, history: &TermHistory) {
     let entries = u32::try_from(history.0.len()).expect("term history length fits u32");
     out.put_u32(entries);
@@ -319,32 +326,24 @@ impl ProposerMessage {
                 out.put_slice(&m.proposer_id);
             }
             ProposerMessage::VoteRequest(m) => {
-                out.put_u8(tag::VOTE_REQUEST);
-                put_cluster(&mut out, &m.cluster);
-                out.put_u64(m.term.0);
+                put_head(&mut out, tag::VOTE_REQUEST, &m.cluster, m.term);
             }
             ProposerMessage::ProposerElected(m) => {
-                out.put_u8(tag::PROPOSER_ELECTED);
-                put_cluster(&mut out, &m.cluster);
-                out.put_u64(m.term.0);
+                put_head(&mut out, tag::PROPOSER_ELECTED, &m.cluster, m.term);
                 out.put_u64(m.term_start_lsn.0);
                 out.put_u64(m.timeline_start_lsn.0);
                 put_history(&mut out, &m.term_history);
             }
             ProposerMessage::AppendRequest(m) => {
                 out.reserve(m.wal.len() + 80);
-                out.put_u8(tag::APPEND_REQUEST);
-                put_cluster(&mut out, &m.cluster);
-                out.put_u64(m.term.0);
+                put_head(&mut out, tag::APPEND_REQUEST, &m.cluster, m.term);
                 out.put_u64(m.begin_lsn.0);
                 out.put_u64(m.end_lsn.0);
                 out.put_u64(m.commit_lsn.0);
                 out.put_slice(&m.wal);
             }
             ProposerMessage::WalDigestRequest(m) => {
-                out.put_u8(tag::WAL_DIGEST_REQUEST);
-                put_cluster(&mut out, &m.cluster);
-                out.put_u64(m.term.0);
+                put_head(&mut out, tag::WAL_DIGEST_REQUEST, &m.cluster, m.term);
                 out.put_u64(m.start_lsn.0);
                 out.put_u64(m.end_lsn.0);
             }
