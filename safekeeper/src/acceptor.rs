@@ -363,6 +363,15 @@ impl Acceptor {
         self.append_response_ready(actions)
     }
 
+    /// The driver, after truncating storage: a decoder at the new write
+    /// position that also knows the record before it (see
+    /// `recovery::resume_decoder`), replacing the one `reset_wal_position` made.
+    pub fn resume_decoding_with(&mut self, decoder: WalDecoder) {
+        assert_eq!(decoder.boundary_lsn(), self.wal.write_lsn, "the decoder resumes at the write position");
+        assert_eq!(self.wal.write_lsn, self.wal.written_boundary_lsn, "nothing written since the truncation");
+        self.wal.decoder = Some(decoder);
+    }
+
     /// Record what the WAL consumer confirmed (retention's input); persisted
     /// with the next control-file write. Never moves backwards.
     pub fn note_remote_consistent_lsn(&mut self, lsn: Lsn) {

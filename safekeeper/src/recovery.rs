@@ -167,7 +167,7 @@ fn recover_wal(control: &ControlState, storage: &mut SegmentStorage) -> Result<R
         tracing::info!(dir = %storage.dir().display(), %end, "WAL ends at an invalid tail: {err}");
     }
     storage.set_recovered_end(scan_start, end)?;
-    let decoder = Some(decoder_at(end, wal_start, segment_size));
+    let decoder = Some(resume_decoder(storage, end, segment_size)?);
     Ok(RecoveredWal { end_lsn: end, decoder, stop, scan_start_lsn: scan_start, records_decoded })
 }
 
@@ -180,6 +180,22 @@ pub fn decoder_at(lsn: Lsn, wal_start: Lsn, segment_size: WalSegmentSize) -> Wal
     } else {
         WalDecoder::at_record_boundary(lsn, segment_size)
     }
+}
+
+/// A decoder continuing the stored WAL at the record boundary `lsn`, which
+/// checks that the next record links back to the last one stored.
+pub fn resume_decoder(
+    storage: &mut impl WalStorage,
+    lsn: Lsn,
+    segment_size: WalSegmentSize,
+) -> Result<WalDecoder, StorageError> {
+    let mut decoder = decoder_at(lsn, storage.start_lsn(), segment_size);
+    if lsn != storage.start_lsn() {
+        if let Some(prev) = last_record_start(storage, lsn, segment_size)? {
+            decoder.expect_prev_record(prev);
+        }
+    }
+    Ok(decoder)
 }
 
 /// Feed the stored WAL to `decoder` from its position until the WAL stops

@@ -8,7 +8,7 @@ use crate::control::ControlState;
 use crate::ids::NodeId;
 use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage, WalDigestResponse, WalDigester};
-use crate::recovery::{decode_to_end, decoder_at, last_record_start, RecoveredTimeline};
+use crate::recovery::{decode_to_end, decoder_at, last_record_start, resume_decoder, RecoveredTimeline};
 use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
 use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
@@ -143,7 +143,13 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
         for action in ready.actions {
             match action {
                 StorageAction::InitializeWal { start_lsn } => self.wal.initialize(start_lsn)?,
-                StorageAction::TruncateWal { end_lsn } => self.wal.truncate(end_lsn)?,
+                StorageAction::TruncateWal { end_lsn } => {
+                    self.wal.truncate(end_lsn)?;
+                    // The acceptor's decoder restarts at the truncation
+                    // point; the stored WAL says which record it follows.
+                    let decoder = resume_decoder(&mut self.wal, end_lsn, self.acceptor.state().wal_segment_size)?;
+                    self.acceptor.resume_decoding_with(decoder);
+                }
                 StorageAction::WriteWal { start_lsn, wal } => self.wal.write(start_lsn, &wal)?,
                 StorageAction::PersistControl(state) => self.control.persist(&state)?,
             }
@@ -207,7 +213,8 @@ impl MemoryTimeline {
         decode_to_end(&mut wal, &mut decoder, written_end).expect("memory storage does not fail");
         let end = decoder.boundary_lsn();
         wal.truncate(end).expect("memory storage does not fail");
-        let recovered = RecoveredWal { end_lsn: end, decoder: Some(decoder_at(end, wal_start, segment_size)) };
+        let decoder = resume_decoder(&mut wal, end, segment_size).expect("memory storage does not fail");
+        let recovered = RecoveredWal { end_lsn: end, decoder: Some(decoder) };
         Timeline::new(Acceptor::new(node_id, AcceptorConfig::default(), state, recovered), wal, control)
     }
 }

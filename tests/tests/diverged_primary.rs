@@ -20,13 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{wait_bounded, ComputeShim, KillOnDrop};
 use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files};
 use nix::sys::signal::Signal;
 use safekeeper::lsn::{Lsn, PgTimelineId, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
+use safekeeper::wal::{DecodeStep, WalDecoder};
 
 /// Any single wait: commits, flushes, recovery, promotion.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -115,29 +116,38 @@ fn flush_lsn(pg: &PgCluster) -> Result<Lsn> {
     Ok(pg.psql("SELECT pg_current_wal_flush_lsn()")?.parse()?)
 }
 
-/// Rule: a shim whose Postgres is not the primary that wrote the
-/// safekeepers' log (here: restored from a backup and the committed
-/// segments, promoted, and written past an unacknowledged tail one
-/// safekeeper holds) exits with `PostgresDiverged` and changes nothing;
-/// the primary that did write it passes the same check and commits.
-#[test]
-fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Result<()> {
-    let began = Instant::now();
-    let step = |what: &str| println!("[{:>5.1}s] {what}", began.elapsed().as_secs_f64());
+/// Both tests' start: P streaming through its shim to three safekeepers,
+/// a base backup of P taken before the workload (Q, not started yet) and
+/// the committed rows.
+struct Setup {
+    cluster: QuorumCluster,
+    /// Restores WAL with `restore_command` from safekeeper 0, but no
+    /// segment named by a file in `withheld`.
+    q: PgCluster,
+    p_system_id: String,
+    segment_size: WalSegmentSize,
+    /// The end of the segment the committed rows end in (P switched to the
+    /// next one): committed on all three safekeepers.
+    boundary: Lsn,
+    withheld: PathBuf,
+}
 
-    // 1. P, three safekeepers, an elected shim; a base backup of P taken
-    //    before the workload (its WAL comes from safekeeper 0 later).
-    let mut cluster = QuorumCluster::start(options())?;
+fn start_p_and_commit_rows(options: PgOptions, step: &dyn Fn(&str)) -> Result<Setup> {
+    let cluster = QuorumCluster::start(options.clone())?;
     let segment_size = cluster.segment_size()?;
     let (p_system_id, p_timeline, _) = identify_system(&cluster.pg)?;
     ensure!(p_timeline == 1, "P is on Postgres timeline {p_timeline}");
+    let withheld = cluster.dir.path().join("withheld-segments");
+    std::fs::create_dir(&withheld)?;
     let sk0_http = cluster.safekeepers[0].http_addr;
-    let restore_command =
-        format!("'curl -sf http://{sk0_http}/v1/tenant/{TENANT}/timeline/{TIMELINE}/segment/%f -o %p'");
+    let restore_command = format!(
+        "'test ! -e {}/%f && curl -sf http://{sk0_http}/v1/tenant/{TENANT}/timeline/{TIMELINE}/segment/%f -o %p'",
+        withheld.display()
+    );
     // No recovery target: archive recovery replays every segment the
-    // safekeeper serves (only fully committed ones), then promotes.
-    let mut q =
-        PgCluster::from_base_backup(&cluster.pg, options().setting("restore_command", &restore_command), "none")?;
+    // safekeeper serves (only fully committed ones) and is not withheld,
+    // then promotes.
+    let q = PgCluster::from_base_backup(&cluster.pg, options.setting("restore_command", &restore_command), "none")?;
     step("P, safekeepers and shim up; base backup of P taken");
 
     let pg = &cluster.pg;
@@ -150,6 +160,23 @@ fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Resu
         if switched.is_segment_start(segment_size) { switched } else { switched.next_segment_start(segment_size) };
     wait_committed_everywhere(&cluster, boundary)?;
     step(&format!("{COMMITTED_ROWS} rows committed on all three safekeepers (up to {boundary})"));
+    Ok(Setup { cluster, q, p_system_id, segment_size, boundary, withheld })
+}
+
+/// Rule: a shim whose Postgres is not the primary that wrote the
+/// safekeepers' log (here: restored from a backup and the committed
+/// segments, promoted, and written past an unacknowledged tail one
+/// safekeeper holds) exits with `PostgresDiverged` and changes nothing;
+/// the primary that did write it passes the same check and commits.
+#[test]
+fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Result<()> {
+    let began = Instant::now();
+    let step = |what: &str| println!("[{:>5.1}s] {what}", began.elapsed().as_secs_f64());
+
+    // 1. P, three safekeepers, an elected shim, a base backup of P, the
+    //    committed rows.
+    let Setup { mut cluster, mut q, p_system_id, segment_size, .. } = start_p_and_commit_rows(options(), &step)?;
+    let pg = &cluster.pg;
 
     // 2. Two safekeepers down: a big transaction's WAL reaches only
     //    safekeeper 0, and its commit waits for a quorum that never comes.
@@ -359,4 +386,232 @@ fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Resu
         elected["term"]
     ));
     Ok(())
+}
+
+/// Rows Q writes per round on its own timeline before its segment switch.
+const Q_FORK_ROWS_PER_ROUND: u32 = 500;
+/// Q writes until its WAL is this close below the boundary, then switches.
+const Q_SWITCH_BELOW_BOUNDARY: u64 = 300 * 1024;
+/// Postgres's `SizeOfXLogLongPHD`: a segment's first page header.
+const LONG_PAGE_HEADER_BYTES: u64 = 40;
+
+/// Rule: with nothing below the term start to compare (the term starts at
+/// a segment start and Postgres's slot restarts in that segment, so the
+/// check's range is empty), the first record Postgres writes after the
+/// term start must link back (`xl_prev`) to the log's last record; a
+/// promoted primary whose WAL forked below and whose own segment switch
+/// lands exactly on the term start is refused, and nothing is sent.
+///
+/// P's log ends with a segment switch at the boundary B, committed on all
+/// three safekeepers. Q is restored without the last committed segment
+/// (its timeline 2 forks inside or just below it), writes, switches
+/// segments so that its next record starts at B too, writes a row and a
+/// checkpoint (a new slot restarts at the redo pointer, past B). All three
+/// safekeepers are restarted (restarted acceptors do not check the first
+/// record's back-link themselves: before the fix, Q's WAL was accepted and
+/// committed at B, breaking the xl_prev chain there).
+#[test]
+fn a_promoted_primary_continuing_at_a_segment_start_is_refused() -> Result<()> {
+    let began = Instant::now();
+    let step = |what: &str| println!("[{:>5.1}s] {what}", began.elapsed().as_secs_f64());
+
+    // 1. P, three safekeepers, an elected shim, a base backup of P, the
+    //    committed rows. No autovacuum: P's log must end at the switch.
+    let Setup { mut cluster, mut q, p_system_id, segment_size, mut boundary, withheld } =
+        start_p_and_commit_rows(options().setting("autovacuum", "off"), &step)?;
+    // A record P writes on its own after the switch (the background
+    // writer's standby snapshot) would end the log past B: switch again.
+    for attempt in 0.. {
+        let insert: Lsn = cluster.pg.psql("SELECT pg_current_wal_insert_lsn()")?.parse()?;
+        // Nothing past the segment's first page header.
+        if insert.segment_no(segment_size) == boundary.segment_no(segment_size)
+            && insert - boundary <= LONG_PAGE_HEADER_BYTES
+        {
+            break;
+        }
+        ensure!(attempt < 3, "P keeps writing WAL after its segment switch at {boundary} (now at {insert})");
+        cluster.pg.psql("SELECT pg_switch_wal()")?;
+        boundary = insert.next_segment_start(segment_size);
+        wait_committed_everywhere(&cluster, boundary)?;
+    }
+    cluster.shim.take().context("shim")?.process.kill()?;
+    cluster.pg.stop_immediate()?;
+    let count = cluster.safekeepers.len();
+    for index in 0..count {
+        let (flush, commit, _) = positions(&cluster, index)?;
+        ensure!(
+            (flush, commit) == (boundary, boundary),
+            "safekeeper {index} at flush {flush}, commit {commit}: the log should end at the switch {boundary}"
+        );
+    }
+    let last_segment = Lsn(boundary.0 - 1).segment_no(segment_size).file_name(1, segment_size);
+    std::fs::write(withheld.join(&last_segment), "")?;
+    // The oracle's half from the log: its last record (P's switch).
+    let log_start = cluster.timeline_start_lsn(0)?;
+    let mut decoder = WalDecoder::at_segment_start(log_start, segment_size);
+    decoder.feed(&read_wal(&cluster.timeline_dir(0), segment_size, log_start, boundary)?);
+    let mut log_last = None;
+    decoder.decode_available(|record| log_last = Some((record.start_lsn, record.end_lsn)))?;
+    let (log_last, log_last_end) = log_last.context("no record in the log")?;
+    ensure!(log_last_end == boundary, "the log's last record {log_last} ends at {log_last_end}, not {boundary}");
+    step(&format!(
+        "shim and P stopped; the log ends at {boundary} (last record at {log_last}) on all three; Q will not get \
+         {last_segment}"
+    ));
+
+    // 2. Q: restored without the last committed segment, promoted; it
+    //    writes up to near B, switches (its next record starts at B),
+    //    writes a row past B and checkpoints there.
+    q.write_data_file("recovery.signal", "")?;
+    q.start()?;
+    wait_for(TIMEOUT, "Q to finish archive recovery and promote", || {
+        Ok((q.psql("SELECT pg_is_in_recovery()")? == "f").then_some(()))
+    })
+    .with_context(|| format!("Q's log: {}", q.log_tail()))?;
+    let (q_system_id, q_timeline, promoted_at) = identify_system(&q)?;
+    ensure!(q_system_id == p_system_id, "Q is system {q_system_id}, P was {p_system_id}");
+    ensure!(q_timeline == 2, "Q promoted onto Postgres timeline {q_timeline}, expected 2");
+    ensure!(promoted_at < boundary, "Q promoted at {promoted_at}, not below {boundary}");
+    let insert_lsn = |pg: &PgCluster| -> Result<Lsn> { Ok(pg.psql("SELECT pg_current_wal_insert_lsn()")?.parse()?) };
+    let mut round = 0;
+    while insert_lsn(&q)? < Lsn(boundary.0 - Q_SWITCH_BELOW_BOUNDARY) {
+        ensure!(round < Q_MAX_ROUNDS, "Q's WAL did not near {boundary} in {Q_MAX_ROUNDS} rounds");
+        let from = 200_001 + round * Q_FORK_ROWS_PER_ROUND;
+        q.psql(&format!(
+            "SET synchronous_commit = local; \
+             INSERT INTO t SELECT g, repeat('q', 200) FROM generate_series({from}, {}) g",
+            from + Q_FORK_ROWS_PER_ROUND - 1
+        ))?;
+        round += 1;
+    }
+    let before_switch = insert_lsn(&q)?;
+    ensure!(before_switch < boundary, "Q's WAL passed {boundary} ({before_switch}) before its switch");
+    let q_switched: Lsn = q.psql("SELECT pg_switch_wal()")?.parse()?;
+    // (It returns where the switch record ends; the segment's rest is padding.)
+    ensure!(
+        q_switched < boundary && q_switched.next_segment_start(segment_size) == boundary,
+        "Q's switch record ends at {q_switched}: its next segment does not start at {boundary}"
+    );
+    q.psql("SET synchronous_commit = local; INSERT INTO t VALUES (300001, 'after the switch')")?;
+    q.psql("CHECKPOINT")?;
+    let redo: Lsn = q.psql("SELECT redo_lsn FROM pg_control_checkpoint()")?.parse()?;
+    let q_flush = flush_lsn(&q)?;
+    ensure!(
+        redo >= boundary && q_flush < boundary.next_segment_start(segment_size),
+        "Q's redo {redo} / flush {q_flush} should lie in the segment starting at {boundary}"
+    );
+    // The oracle's half from Q, independent of the shim: Q's first record
+    // at B does not link back to the log's last record.
+    let mut decoder = WalDecoder::at_segment_start(boundary, segment_size);
+    decoder.feed(&read_pg_wal(&q.pg_wal_dir(), q_timeline, segment_size, boundary, q_flush)?);
+    let DecodeStep::Record(q_first) = decoder.next_record()? else { bail!("no record in Q's WAL at {boundary}") };
+    ensure!(
+        q_first.start_lsn.segment_no(segment_size) == boundary.segment_no(segment_size)
+            && q_first.prev_lsn != log_last
+            && q_first.prev_lsn < boundary,
+        "Q's first record at {} links back to {}; the log's last record is at {log_last}",
+        q_first.start_lsn,
+        q_first.prev_lsn
+    );
+    let rows = q.psql("SELECT count(*) FROM t")?;
+    step(&format!(
+        "Q promoted on timeline {q_timeline} at {promoted_at} ({rows} rows), switched at {before_switch} -> \
+         {q_switched}; its first record at {} links back to {} (the log's last is {log_last}); redo {redo}, flush \
+         {q_flush}",
+        q_first.start_lsn, q_first.prev_lsn
+    ));
+
+    // 3. All three safekeepers restarted, then a shim on Q: elected with
+    //    the term starting at B, an empty check range, refused on Q's
+    //    first record's back-link; nothing sent.
+    for index in 0..count {
+        cluster.kill_safekeeper(index)?;
+        cluster.restart_safekeeper(index)?;
+    }
+    let before: Vec<(Lsn, Lsn, u64)> = (0..count)
+        .map(|index| {
+            wait_for(TIMEOUT, &format!("safekeeper {index} to answer"), || positions(&cluster, index).map(Some))
+        })
+        .collect::<Result<_>>()?;
+    let files_before: Vec<_> =
+        (0..count).map(|index| segment_files(&cluster.timeline_dir(index))).collect::<Result<_>>()?;
+    let names_before: Vec<_> =
+        (0..count).map(|index| file_names(&cluster.timeline_dir(index))).collect::<Result<_>>()?;
+    for (index, &(flush, commit, _)) in before.iter().enumerate() {
+        ensure!(
+            flush == boundary && commit <= boundary,
+            "restarted safekeeper {index} at flush {flush}, commit {commit}"
+        );
+    }
+    let restarted: Vec<String> =
+        before.iter().map(|(flush, commit, term)| format!("{flush}/{commit}/{term}")).collect();
+    step(&format!("all three safekeepers restarted (flush/commit/term {restarted:?}); files: {names_before:?}"));
+
+    let mut args = cluster.shim_args();
+    args.pg_conninfo = q.connection_string("postgres");
+    let spawned = Instant::now();
+    let mut shim = ComputeShim::spawn(&args, cluster.dir.path())?;
+    let exit =
+        wait_for(SHIM_EXIT_TIMEOUT, "the shim on Q to exit", || shim.process.exit_status()).with_context(|| {
+            let shim_status = shim.status().map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}"));
+            let sk_status: Vec<String> = (0..count)
+                .map(|i| cluster.timeline_status(i).map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}")))
+                .collect();
+            format!(
+                "the shim on Q kept running; its status: {shim_status}\nsafekeepers: {sk_status:#?}\nits log: {}",
+                shim.process.log_tail()
+            )
+        })?;
+    let exited_after = spawned.elapsed();
+    let log = std::fs::read_to_string(&shim.process.log_path)?;
+    println!("--- compute_shim on Q ({exit}, after {exited_after:?}) ---\n{log}---");
+    ensure!(!exit.success(), "the shim on Q exited successfully");
+    ensure!(log.contains(DIVERGED), "the shim on Q did not report divergence: {log}");
+    ensure!(
+        log.contains(&format!("Postgres's WAL in {boundary}..{boundary}")),
+        "the refusal names another range than the empty {boundary}..{boundary}: {log}"
+    );
+    let mut terms = Vec::new();
+    let mut voted = 0;
+    for index in 0..count {
+        let (flush, commit, term) =
+            wait_for(TIMEOUT, &format!("safekeeper {index} to answer"), || positions(&cluster, index).map(Some))?;
+        let (flush_then, commit_then, term_then) = before[index];
+        ensure!(
+            (flush, commit) == (flush_then, commit_then),
+            "safekeeper {index} moved: flush {flush_then} -> {flush}, commit {commit_then} -> {commit}"
+        );
+        ensure!(term >= term_then, "safekeeper {index}: term {term_then} -> {term}");
+        voted += usize::from(term > term_then);
+        ensure!(
+            segment_files(&cluster.timeline_dir(index))? == files_before[index],
+            "safekeeper {index}'s segment files changed"
+        );
+        let names = file_names(&cluster.timeline_dir(index))?;
+        ensure!(names == names_before[index], "safekeeper {index}'s files: {:?} -> {names:?}", names_before[index]);
+        // The log still decodes (page headers, CRCs, the xl_prev chain) up
+        // to its end.
+        let start = cluster.timeline_start_lsn(index)?;
+        committed_xids(&cluster.timeline_dir(index), segment_size, start, flush)?;
+        terms.push(format!("{term_then}->{term}"));
+    }
+    ensure!(voted * 2 > count, "the shim on Q was not elected (terms {terms:?}) before it refused");
+    step(&format!(
+        "the shim on Q exited ({exit}) after {:.1}s: elected (terms {}), refused on the empty range at {boundary}; no \
+         flush, commit, file or segment byte changed on any safekeeper",
+        exited_after.as_secs_f64(),
+        terms.join(", ")
+    ));
+    Ok(())
+}
+
+/// The names of the files in a safekeeper timeline directory, but for a
+/// segment being zero-filled (`.partial-tmp`).
+fn file_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .filter(|name| !name.as_ref().is_ok_and(|name: &String| name.ends_with("-tmp")))
+        .collect::<Result<_>>()?;
+    names.sort();
+    Ok(names)
 }

@@ -478,3 +478,58 @@ fn wal_digest_is_of_durable_wal_for_the_elected_proposer_only() {
     let fenced = append_response(timeline.handle(digest_request(1, start, flush)).unwrap());
     assert_eq!(fenced.term, Term(3));
 }
+
+/// Two histories sharing a record boundary E: `ours` ends with two records
+/// before E, `theirs` with one record spanning both, so the next record of
+/// `theirs` links back (xl_prev) to a start that is not our last record's.
+/// Returns (our WAL up to E with one record after it, E, their record at E).
+fn forked_at_a_shared_boundary() -> (Vec<u8>, Lsn, Vec<u8>) {
+    let mut ours = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+    let mut theirs = ours.clone();
+    // Long data blocks: 24-byte header + 5-byte block header + payload,
+    // 8-aligned: 1032 + 1032 bytes = one 2064-byte record, on the first page.
+    ours.append_record(10, 0, 1, &[1u8; 1003]);
+    ours.append_record(10, 0, 2, &[2u8; 1003]);
+    let spanning = theirs.append_record(10, 0, 3, &[3u8; 2035]);
+    let boundary = ours.end_lsn();
+    assert_eq!(spanning.end_lsn, boundary, "both histories have a record boundary at {boundary}");
+    ours.append_record(10, 0, 4, &[4u8; 500]);
+    let (_, ours) = ours.take_bytes();
+    theirs.take_bytes();
+    theirs.append_record(10, 0, 5, &[5u8; 500]);
+    let (at, theirs) = theirs.take_bytes();
+    assert_eq!(at, boundary);
+    (ours, boundary, theirs)
+}
+
+/// Rule: a record appended where the acceptor resumed (after a restart or
+/// a truncation) must link back to the last record stored before it: WAL
+/// of another history is refused even when its records are valid.
+#[test]
+fn the_first_record_after_a_restart_or_truncation_must_link_back_to_the_log() {
+    let (ours, boundary, theirs) = forked_at_a_shared_boundary();
+    let until_boundary = &ours[..(boundary - TIMELINE_START) as usize];
+    let refused = |timeline: &mut MemoryTimeline, term: u64| {
+        let result = timeline.handle(append(term, boundary, &theirs, Lsn(0)));
+        let error = result.expect_err("their record does not link back to ours");
+        assert!(error.to_string().contains("links back to"), "{error}");
+    };
+
+    // Restart: the recovered acceptor resumes at the boundary.
+    let mut timeline = new_timeline();
+    vote_response(timeline.handle(vote(1)).unwrap());
+    append_response(timeline.handle(elected(1, &[(1, TIMELINE_START)])).unwrap());
+    send_wal(&mut timeline, 1, TIMELINE_START, until_boundary, Lsn(0));
+    let mut timeline = timeline.crash_and_restart(0);
+    vote_response(timeline.handle(vote(2)).unwrap());
+    append_response(timeline.handle(elected(2, &[(1, TIMELINE_START), (2, boundary)])).unwrap());
+    refused(&mut timeline, 2);
+    let ack = send_wal(&mut timeline, 2, boundary, &ours[until_boundary.len()..], Lsn(0));
+    assert_eq!(ack.flush_lsn, TIMELINE_START + ours.len() as u64, "our own next record is accepted");
+
+    // Truncation: term 3 continues the log from the boundary.
+    vote_response(timeline.handle(vote(3)).unwrap());
+    let elected_3 = elected(3, &[(1, TIMELINE_START), (3, boundary)]);
+    assert_eq!(append_response(timeline.handle(elected_3).unwrap()).flush_lsn, boundary, "truncated to {boundary}");
+    refused(&mut timeline, 3);
+}

@@ -258,6 +258,18 @@ impl WalDecoder {
         Self::new(lsn, seg, Phase::RecordStart)
     }
 
+    /// Check the next record's `xl_prev` against `prev_record_lsn`, the
+    /// start of the record before this boundary when the caller knows it
+    /// (a decoder restarted mid-log otherwise cannot, and would accept a
+    /// record from another history). Only on a fresh record-boundary decoder.
+    pub fn expect_prev_record(&mut self, prev_record_lsn: Lsn) {
+        assert!(
+            matches!(self.phase, Phase::RecordStart) && self.input.is_empty() && self.expected_prev.is_none(),
+            "expect_prev_record is for a decoder just created at a record boundary"
+        );
+        self.expected_prev = Some(prev_record_lsn);
+    }
+
     fn new(lsn: Lsn, seg: WalSegmentSize, phase: Phase) -> Self {
         WalDecoder {
             segment_size: seg,
