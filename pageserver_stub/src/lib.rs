@@ -5,9 +5,8 @@
 //!
 //! Table of contents:
 //! - [`config`]: what a run is given (addresses, ids, time limits).
-//! - [`api`]: the safekeeper HTTP contract as the stub reads it.
+//! - [`api`], [`pull`]: the safekeeper's HTTP client (`safekeeper::client`).
 //! - [`follower`]: which safekeeper to pull from (pure, time injected).
-//! - [`pull`]: the HTTP client: status, streamed WAL, feedback.
 //! - [`ingest`]: the shared WAL decoder plus counters that match the saved position.
 //! - [`stats`]: per-resource-manager counters and PG15's rmgr names.
 //! - [`state`]: the durable state file and the data directory lock.
@@ -17,7 +16,6 @@
 //! - [`driver`]: the pull loop: choose, pull, decode, save, report.
 //! - [`run`]: one run start to end, tying the pieces together.
 
-pub mod api;
 pub mod background;
 pub mod config;
 pub mod discovery;
@@ -25,10 +23,11 @@ pub mod driver;
 pub mod follower;
 pub mod http;
 pub mod ingest;
-pub mod pull;
 pub mod run;
 pub mod state;
 pub mod stats;
+
+pub use safekeeper::client::{api, pull};
 
 pub use config::{RecordObserver, StubConfig, Tuning};
 pub use run::{run, RunSummary};

@@ -13,8 +13,10 @@
 //! - [`datadir`]: the data directory lock and node id.
 //! - [`import`]: seeding a timeline from a Postgres `pg_wal` directory.
 //! - [`service`]: the network service (pg wire port, HTTP, timeline owners).
+//! - [`client`]: a client of that HTTP API (peer recovery, the page server stub).
 
 pub mod acceptor;
+pub mod client;
 pub mod control;
 pub mod datadir;
 pub mod ids;

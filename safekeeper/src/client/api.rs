@@ -5,9 +5,9 @@
 
 use std::fmt;
 
+use crate::ids::{TenantId, TimelineId};
+use crate::lsn::Lsn;
 use hyper::HeaderMap;
-use safekeeper::ids::{TenantId, TimelineId};
-use safekeeper::lsn::Lsn;
 use serde::{Deserialize, Deserializer};
 
 pub const HEADER_START_LSN: &str = "x-start-lsn";
