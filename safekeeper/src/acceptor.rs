@@ -69,6 +69,17 @@ pub struct Ready {
     pub digest: Option<DigestToSend>,
 }
 
+/// A piece of committed WAL copied from a peer (peer recovery), with what
+/// the peer said of its log when it was read.
+#[derive(Clone, Debug)]
+pub struct PeerWal {
+    pub begin_lsn: Lsn,
+    pub wal: Bytes,
+    /// The peer's term history and commit LSN.
+    pub source_history: TermHistory,
+    pub source_commit_lsn: Lsn,
+}
+
 /// WAL the driver reads and digests as the reply to a `WalDigestRequest`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DigestToSend {
@@ -99,6 +110,8 @@ pub enum AcceptorError {
     BadTermHistory { reason: String },
     #[error("timeline start {lsn} is not a segment start")]
     BadTimelineStart { lsn: Lsn },
+    #[error("WAL {begin_lsn}..{end_lsn} from a peer refused: {reason}")]
+    PeerWalRefused { begin_lsn: Lsn, end_lsn: Lsn, reason: String },
     #[error("WAL digest of {start_lsn}..{end_lsn} asked for, but this safekeeper holds durable WAL only in {held_start_lsn}..{flush_lsn}")]
     DigestOutOfRange { start_lsn: Lsn, end_lsn: Lsn, held_start_lsn: Lsn, flush_lsn: Lsn },
 }
@@ -309,6 +322,44 @@ impl Acceptor {
             let actions = self.advance_commit();
             return Ok(self.append_response_ready(actions));
         }
+        let write = self.write_wal(begin_lsn, append.wal)?;
+        self.ack_pending = true;
+        Ok(Ready { actions: vec![write], ..Ready::default() })
+    }
+
+    /// Committed WAL copied from a peer safekeeper (peer recovery): the
+    /// same checks as a proposer's append (contiguous, one segment, valid
+    /// records continuing ours), and the peer's log must be ours: only
+    /// under a ProposerElected accepted in our current term (so our history
+    /// is that proposer's), only up to the peer's commit LSN, and only if
+    /// the peer's term history agrees with ours up to the end of the copy.
+    /// Nobody waits for an acknowledgement: the flush LSN shows progress.
+    pub fn handle_peer_wal(&mut self, wal: &PeerWal) -> Result<Ready, AcceptorError> {
+        let (begin_lsn, end_lsn) = (wal.begin_lsn, wal.begin_lsn + wal.wal.len() as u64);
+        let refuse =
+            |reason: &str| Err(AcceptorError::PeerWalRefused { begin_lsn, end_lsn, reason: reason.to_string() });
+        if self.elected_term != Some(self.state.term) {
+            return refuse("no proposer of our current term has been accepted yet");
+        }
+        if wal.wal.is_empty() || end_lsn > wal.source_commit_lsn {
+            return refuse("empty, or beyond the peer's commit LSN");
+        }
+        let ours = LogView { history: &self.state.term_history, end_lsn };
+        let theirs = LogView { history: &wal.source_history, end_lsn };
+        if highest_common_point(ours, theirs).is_none_or(|common| common < end_lsn) {
+            return refuse("the peer's term history disagrees with ours below the end of the copy");
+        }
+        let write = self.write_wal(begin_lsn, wal.wal.clone())?;
+        // The peer's commit LSN is a commit of the one log, and our bytes
+        // up to it are now the same as the peer's.
+        self.proposer_commit_lsn = self.proposer_commit_lsn.max(wal.source_commit_lsn);
+        Ok(Ready { actions: vec![write], ..Ready::default() })
+    }
+
+    /// Check WAL to be written at the write position and take it in (its
+    /// records are decoded on a copy of the decoder: a refusal changes nothing).
+    fn write_wal(&mut self, begin_lsn: Lsn, wal: Bytes) -> Result<StorageAction, AcceptorError> {
+        let end_lsn = begin_lsn + wal.len() as u64;
         if begin_lsn != self.wal.write_lsn {
             return Err(AcceptorError::NotContiguous { begin_lsn, write_lsn: self.wal.write_lsn });
         }
@@ -317,13 +368,11 @@ impl Acceptor {
             return Err(AcceptorError::CrossesSegment { begin_lsn, end_lsn });
         }
         let decoder = self.wal.decoder.as_ref().expect("a timeline that accepted ProposerElected has WAL");
-        let decoder = decode_appended(decoder, &append)?;
+        let decoder = decode_appended(decoder, begin_lsn, &wal)?;
         self.wal.written_boundary_lsn = decoder.boundary_lsn();
         self.wal.decoder = Some(decoder);
         self.wal.write_lsn = end_lsn;
-        self.ack_pending = true;
-        let write = StorageAction::WriteWal { start_lsn: begin_lsn, wal: append.wal };
-        Ok(Ready { actions: vec![write], ..Ready::default() })
+        Ok(StorageAction::WriteWal { start_lsn: begin_lsn, wal })
     }
 
     /// The range must be durable here and lie in our log as the proposer
@@ -418,10 +467,10 @@ impl Acceptor {
 /// Feed appended WAL to a copy of the decoder so a rejected append leaves the
 /// acceptor's decoder untouched. Postgres never streams a zero length where
 /// a record starts, so that is refused too.
-fn decode_appended(decoder: &WalDecoder, append: &AppendRequest) -> Result<WalDecoder, AcceptorError> {
-    let (begin_lsn, end_lsn) = (append.begin_lsn, append.end_lsn);
+fn decode_appended(decoder: &WalDecoder, begin_lsn: Lsn, wal: &[u8]) -> Result<WalDecoder, AcceptorError> {
+    let end_lsn = begin_lsn + wal.len() as u64;
     let mut trial = decoder.clone();
-    trial.feed(&append.wal);
+    trial.feed(wal);
     match trial.decode_available(|_| {}) {
         Ok(DecodeStep::EndOfWal { lsn }) => Err(AcceptorError::ZeroLengthRecord { lsn }),
         Ok(_) => Ok(trial),

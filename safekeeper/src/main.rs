@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use safekeeper::acceptor::AcceptorConfig;
+use safekeeper::client::api::SafekeeperAddress;
 use safekeeper::datadir::{ensure_node_id, lock_data_dir};
 use safekeeper::ids::{NodeId, TenantId, TimelineId};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
@@ -64,6 +65,12 @@ struct ServeArgs {
     /// always kept. Without any consumer feedback nothing is removed.
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     wal_keep_bytes: u64,
+    /// HTTP address of another safekeeper of the same group (repeat for
+    /// each). A timeline that falls behind the commit LSN they report
+    /// copies the missing committed WAL from the most advanced of them
+    /// (peer recovery, docs/service.md).
+    #[arg(long = "peer-http", value_name = "HOST:PORT")]
+    peer_http: Vec<SafekeeperAddress>,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +184,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen_pg: args.listen_pg,
         listen_http: args.listen_http,
         retention: RetentionPolicy { keep_bytes: args.wal_keep_bytes },
+        peers: args.peer_http,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let result = runtime.block_on(service::run(config));

@@ -3,7 +3,9 @@
 //! the storage traits, so tests and the simulation drive the same code the
 //! service's per-timeline owner task does.
 
-use crate::acceptor::{Acceptor, AcceptorConfig, AcceptorError, DigestToSend, Ready, RecoveredWal, StorageAction};
+use crate::acceptor::{
+    Acceptor, AcceptorConfig, AcceptorError, DigestToSend, PeerWal, Ready, RecoveredWal, StorageAction,
+};
 use crate::control::ControlState;
 use crate::ids::NodeId;
 use crate::lsn::Lsn;
@@ -93,6 +95,14 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
             digest,
             last_record_start_lsn,
         })))
+    }
+
+    /// Write committed WAL copied from a peer (peer recovery); durable with
+    /// the next [`Timeline::sync_and_ack`].
+    pub fn append_peer_wal(&mut self, wal: &PeerWal) -> Result<(), TimelineError> {
+        let ready = self.acceptor.handle_peer_wal(wal)?;
+        self.apply(ready)?;
+        Ok(())
     }
 
     /// Sync everything written and return the append acknowledgement, if any

@@ -12,7 +12,7 @@ use safekeeper::lsn::{Lsn, WalSegmentSize};
 use serde_json::Value;
 
 use crate::pg::{PgCluster, PgOptions};
-use crate::processes::{ComputeShim, Safekeeper, ShimArgs};
+use crate::processes::{free_loopback_port, ComputeShim, Safekeeper, ShimArgs};
 
 pub const TENANT: &str = "0123456789abcdef0123456789abcdef";
 pub const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
@@ -23,6 +23,17 @@ pub const SAFEKEEPER_COUNT: usize = 3;
 /// How long a fresh shim may take to be elected and streaming.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Whether the safekeepers are started knowing each other (`--peer-http`).
+#[derive(Clone, Copy)]
+enum PeerRecovery {
+    On,
+    Off,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
 
 pub struct QuorumCluster {
     /// Declared first so the processes stop before their directories go.
@@ -47,7 +58,19 @@ impl QuorumCluster {
 
     /// Postgres and three safekeepers; the caller starts the shim (after
     /// setting `shim_targets`, say).
-    pub fn start_without_shim(mut options: PgOptions) -> Result<QuorumCluster> {
+    pub fn start_without_shim(options: PgOptions) -> Result<QuorumCluster> {
+        QuorumCluster::start_safekeepers(options, PeerRecovery::On)
+    }
+
+    /// As [`QuorumCluster::start`], but the safekeepers do not know each
+    /// other: no peer recovery (what the shim does alone).
+    pub fn start_without_peer_recovery(options: PgOptions) -> Result<QuorumCluster> {
+        let mut cluster = QuorumCluster::start_safekeepers(options, PeerRecovery::Off)?;
+        cluster.start_shim()?;
+        Ok(cluster)
+    }
+
+    fn start_safekeepers(mut options: PgOptions, peer_recovery: PeerRecovery) -> Result<QuorumCluster> {
         let quorum_settings = [
             ("synchronous_standby_names", format!("'{SHIM_APPLICATION_NAME}'")),
             ("synchronous_commit", "on".to_string()),
@@ -59,8 +82,22 @@ impl QuorumCluster {
         let mut pg = PgCluster::init(options)?;
         pg.start()?;
         let dir = tempfile::Builder::new().prefix("quorum-").tempdir()?;
-        let safekeepers = (1..=SAFEKEEPER_COUNT as u64)
-            .map(|id| Safekeeper::start(id, &dir.path().join(format!("sk{id}"))))
+        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..SAFEKEEPER_COUNT)
+            .map(|_| Ok((loopback(free_loopback_port()?), loopback(free_loopback_port()?))))
+            .collect::<Result<_>>()?;
+        let safekeepers = (0..SAFEKEEPER_COUNT)
+            .map(|index| {
+                let peers = addrs.iter().enumerate().filter(|&(other, _)| other != index);
+                let peer_args = match peer_recovery {
+                    PeerRecovery::On => {
+                        peers.flat_map(|(_, (_, http))| ["--peer-http".to_string(), http.to_string()]).collect()
+                    }
+                    PeerRecovery::Off => vec![],
+                };
+                let (pg_addr, http_addr) = addrs[index];
+                let id = index as u64 + 1;
+                Safekeeper::start_with_args(id, &dir.path().join(format!("sk{id}")), pg_addr, http_addr, peer_args)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(QuorumCluster { shim: None, safekeepers, pg, dir, shim_targets: None })
     }

@@ -231,11 +231,12 @@ fn a_safekeeper_rejoining_after_a_shim_restart_catches_up_from_postgres() -> Res
 }
 
 /// Rule: once Postgres has recycled the WAL a returning safekeeper needs,
-/// the shim reports it too far behind in its status (peer recovery is what
-/// would bring it back), and commits go on with the other two.
+/// the shim reports it too far behind in its status, and commits go on
+/// with the other two. (Safekeepers that know their peers catch up from
+/// them instead: tests/tests/peer_recovery.rs.)
 #[test]
 fn a_safekeeper_behind_recycled_wal_is_reported_too_far_behind() -> Result<()> {
-    let mut cluster = QuorumCluster::start(options().setting("wal_keep_size", "0"))?;
+    let mut cluster = QuorumCluster::start_without_peer_recovery(options().setting("wal_keep_size", "0"))?;
     cluster.kill_safekeeper(2)?;
     for _ in 0..3 {
         write_wal(&cluster.pg, 3)?;

@@ -2,6 +2,7 @@
 //! over random message sequences.
 
 use super::*;
+use crate::acceptor::PeerWal;
 use crate::control::TermStart;
 use crate::ids::{SystemId, TenantId, TimelineId};
 use crate::lsn::WalSegmentSize;
@@ -532,4 +533,53 @@ fn the_first_record_after_a_restart_or_truncation_must_link_back_to_the_log() {
     let elected_3 = elected(3, &[(1, TIMELINE_START), (3, boundary)]);
     assert_eq!(append_response(timeline.handle(elected_3).unwrap()).flush_lsn, boundary, "truncated to {boundary}");
     refused(&mut timeline, 3);
+}
+
+fn peer_wal(begin_lsn: Lsn, wal: &[u8], history_entries: &[(u64, Lsn)], source_commit_lsn: Lsn) -> PeerWal {
+    PeerWal { begin_lsn, wal: Bytes::copy_from_slice(wal), source_history: history(history_entries), source_commit_lsn }
+}
+
+/// Rule: WAL copied from a peer goes through the append checks and is
+/// taken only from a peer whose log is ours (history agreeing up to the
+/// end of the copy), only up to its commit LSN, and only under a
+/// ProposerElected of our current term.
+#[test]
+fn peer_wal_is_taken_only_from_a_log_that_is_ours() {
+    let (mut timeline, mut generator) = timeline_with_wal(5);
+    let flush = generator.end_lsn();
+    let (start, more) = generate(&mut generator, 3);
+    assert_eq!(start, flush);
+    let piece = &more[..more.len().min(20_000)];
+    let end = flush + piece.len() as u64;
+    let ours = [(1, TIMELINE_START)];
+    let refused = |timeline: &mut MemoryTimeline, wal: PeerWal, why: &str| {
+        let error = timeline.append_peer_wal(&wal).expect_err(why);
+        assert!(matches!(error, TimelineError::Refused(_)), "{why}: {error}");
+        assert_eq!(timeline.acceptor().write_lsn(), flush, "{why}: nothing written");
+    };
+    refused(&mut timeline, peer_wal(flush, piece, &ours, Lsn(end.0 - 1)), "beyond the peer's commit");
+    refused(&mut timeline, peer_wal(flush, piece, &[(2, TIMELINE_START)], end), "another history");
+    refused(
+        &mut timeline,
+        peer_wal(flush, piece, &[(1, TIMELINE_START), (2, flush)], end),
+        "term 2 from the copy's start",
+    );
+    refused(&mut timeline, peer_wal(flush + 8, &piece[8..], &ours, end), "not at the write position");
+    let mut garbage = piece.to_vec();
+    garbage[100] ^= 0xff;
+    refused(&mut timeline, peer_wal(flush, &garbage, &ours, end), "invalid WAL");
+
+    // A later history entry beyond the copy does not matter.
+    let commit = generator.end_lsn();
+    timeline.append_peer_wal(&peer_wal(flush, piece, &[(1, TIMELINE_START), (4, commit)], commit)).unwrap();
+    assert_eq!(timeline.sync_and_ack().unwrap(), None, "nobody waits for an acknowledgement");
+    assert!(timeline.acceptor().flush_lsn() > flush, "the copy is durable up to its last record end");
+    assert_eq!(timeline.acceptor().commit_lsn(), timeline.acceptor().flush_lsn(), "the peer's commit covers it");
+
+    // A vote for a new term: no copying until its ProposerElected arrives.
+    vote_response(timeline.handle(vote(2)).unwrap());
+    let at = timeline.acceptor().write_lsn();
+    let rest = &more[(at - flush) as usize..];
+    let error = timeline.append_peer_wal(&peer_wal(at, &rest[..100.min(rest.len())], &ours, commit)).unwrap_err();
+    assert!(error.to_string().contains("no proposer of our current term"), "{error}");
 }

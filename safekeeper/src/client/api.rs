@@ -28,6 +28,10 @@ pub struct TimelineStatus {
     /// (which keeps everything) may omit it.
     #[serde(default)]
     pub oldest_kept_lsn: Option<Lsn>,
+    /// (term, start LSN) entries describing its log (peer recovery checks
+    /// them against its own); absent means empty.
+    #[serde(default)]
+    pub term_history: crate::control::TermHistory,
 }
 
 /// The contract leaves the JSON type of `system_id` open: the safekeeper

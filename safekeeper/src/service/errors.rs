@@ -3,6 +3,7 @@
 //! ERROR leaves the session usable.
 
 use crate::acceptor::AcceptorError;
+use crate::lsn::Lsn;
 use crate::storage::StorageError;
 
 /// The SQLSTATE codes this server sends (Postgres's errcodes.txt names).
@@ -87,11 +88,22 @@ pub fn refusal(error: &AcceptorError) -> PgError {
         ClusterMismatch { .. } | ParameterMismatch { .. } => sqlstate::INVALID_PARAMETER_VALUE,
         InvalidWal { .. } | ZeroLengthRecord { .. } => sqlstate::DATA_CORRUPTED,
         BadTermHistory { .. } | BadTimelineStart { .. } | CrossesSegment { .. } => sqlstate::PROTOCOL_VIOLATION,
-        NotElected { .. } | NotContiguous { .. } | TruncateBelowCommit { .. } | DigestOutOfRange { .. } => {
-            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE
-        }
+        NotElected { .. }
+        | NotContiguous { .. }
+        | TruncateBelowCommit { .. }
+        | DigestOutOfRange { .. }
+        | PeerWalRefused { .. } => sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
     };
     PgError::fatal(code, format!("refused: {error}"))
+}
+
+/// Peer recovery caught this safekeeper up while a proposer considered it
+/// behind: the proposer reconnects and streams from the new position.
+pub fn caught_up_by_peers(flush_lsn: Lsn) -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        format!("caught up from peer safekeepers to {flush_lsn}; reconnect to stream from there"),
+    )
 }
 
 /// A non-fatal storage error: the timeline stops serving until reopened.

@@ -16,6 +16,7 @@
 //! - [`consumers`]: who is reading a timeline's WAL.
 //! - [`wal_reader`]: reading committed WAL for consumers.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`peer_recovery`]: copying committed WAL from a peer when behind.
 
 pub mod commands;
 pub mod connection;
@@ -24,6 +25,7 @@ pub mod errors;
 pub mod http;
 pub mod metrics;
 pub mod owner;
+pub mod peer_recovery;
 pub mod pg_wire;
 pub mod push;
 pub mod registry;
@@ -43,6 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 
+use crate::client::api::SafekeeperAddress;
 use crate::datadir::{ensure_node_id, lock_data_dir};
 use crate::ids::NodeId;
 use crate::retention::RetentionPolicy;
@@ -62,6 +65,9 @@ pub struct ServiceConfig {
     pub listen_pg: String,
     pub listen_http: String,
     pub retention: RetentionPolicy,
+    /// HTTP addresses of the other safekeepers: peer recovery copies
+    /// committed WAL from them.
+    pub peers: Vec<SafekeeperAddress>,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -84,7 +90,8 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let timelines = Arc::new(Timelines::recover_all(datadir, config.node_id, config.retention)?);
+    let peers: Arc<[SafekeeperAddress]> = config.peers.clone().into();
+    let timelines = Arc::new(Timelines::recover_all(datadir, config.node_id, config.retention, peers)?);
     let pg_listener =
         TcpListener::bind(&config.listen_pg).await.with_context(|| format!("listening on {}", config.listen_pg))?;
     let http_listener =

@@ -16,7 +16,7 @@
 //! a connection sees them in the order it sent its messages.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -24,7 +24,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::errors;
 use super::metrics::TimelineMetrics;
+use super::peer_recovery::PeerRecoveryStatus;
 pub use super::replies::PushConnection;
+use crate::acceptor::PeerWal;
 use crate::control::TermHistory;
 use crate::ids::{SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
@@ -49,6 +51,16 @@ pub enum OwnerInput {
         connection: Arc<PushConnection>,
         message: ProposerMessage,
     },
+    /// Committed WAL from a peer (peer recovery); `done` gets the flush LSN
+    /// once the batch holding it is durable, or why it was refused.
+    PeerWal {
+        wal: PeerWal,
+        done: oneshot::Sender<Result<Lsn, String>>,
+    },
+    /// Peer recovery caught this safekeeper up: connections of proposers
+    /// that may consider it too far behind are refused when they next
+    /// speak, so they reconnect and stream from its new flush LSN.
+    PeerRecoveryDone,
     /// New consumer feedback arrived (in [`TimelineShared`]): apply retention.
     Wake,
     /// Finish the current batch, checkpoint the control file, acknowledge, exit.
@@ -62,6 +74,11 @@ pub struct TimelineShared {
     /// it (retention) and persists it.
     pub remote_consistent_lsn: AtomicU64,
     pub metrics: TimelineMetrics,
+    /// When the owner last wrote WAL a proposer sent (peer recovery stays
+    /// out of the way of a proposer that streams).
+    pub last_proposer_wal: Mutex<Option<Instant>>,
+    /// What peer recovery is doing, for the status API.
+    pub peer_recovery: Mutex<PeerRecoveryStatus>,
 }
 
 /// What the HTTP status shows of a timeline, as of the owner's last batch.
@@ -78,6 +95,9 @@ pub struct TimelineSnapshot {
     pub timeline_start_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub commit_lsn: Lsn,
+    /// The term whose ProposerElected was accepted since the last restart
+    /// or vote (WAL is taken only in it).
+    pub elected_term: Option<Term>,
     pub remote_consistent_lsn: Lsn,
     /// First WAL byte still on disk (retention removed what is below).
     pub oldest_kept_lsn: Lsn,
@@ -111,6 +131,7 @@ fn snapshot_of(timeline: &FileTimeline, metrics: &TimelineMetrics) -> TimelineSn
         timeline_start_lsn: state.timeline_start_lsn,
         flush_lsn: acceptor.flush_lsn(),
         commit_lsn: acceptor.commit_lsn(),
+        elected_term: acceptor.elected_term(),
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),
         disk_bytes: wal.files_end_lsn().checked_sub(wal.start_lsn()).unwrap_or(0),
@@ -136,7 +157,7 @@ pub fn spawn_owner(
     shared.remote_consistent_lsn.fetch_max(initial.remote_consistent_lsn.0, Ordering::Relaxed);
     let name = format!("owner-{}", &initial.timeline_id.to_string()[..8]);
     let (snapshot_tx, snapshot) = watch::channel(initial);
-    let owner = OwnerThread { timeline, shared, retention, snapshot: snapshot_tx };
+    let owner = OwnerThread { timeline, shared, retention, snapshot: snapshot_tx, handoff: Handoff::default() };
     let thread = std::thread::Builder::new().name(name).spawn(move || owner.run(receiver))?;
     Ok(Owner { inputs, snapshot, thread })
 }
@@ -154,23 +175,43 @@ struct OwnerThread {
     shared: Arc<TimelineShared>,
     retention: RetentionPolicy,
     snapshot: watch::Sender<TimelineSnapshot>,
+    handoff: Handoff,
+}
+
+/// Connection ids only grow: after peer recovery, every proposer
+/// connection at or below the highest id seen is refused once.
+#[derive(Default)]
+struct Handoff {
+    highest_connection_id: u64,
+    refuse_up_to: u64,
 }
 
 impl OwnerThread {
     fn run(mut self, mut inputs: mpsc::Receiver<OwnerInput>) {
         while let Some(first) = inputs.blocking_recv() {
             let batch = collect_batch(first, &mut inputs);
-            let replies = match process_batch(&mut self.timeline, &batch.messages, &self.shared.metrics) {
-                Ok(replies) => replies,
+            if batch.peer_recovery_done {
+                self.handoff.refuse_up_to = self.handoff.highest_connection_id;
+            }
+            let outcome = match process_batch(&mut self.timeline, &batch.items, &self.shared.metrics, &mut self.handoff)
+            {
+                Ok(outcome) => outcome,
                 Err(error) => return self.stop_after(error),
             };
+            if outcome.proposer_wal {
+                *self.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            }
             if let Err(error) = self.apply_retention() {
                 return self.stop_after(error);
             }
             // Status first: whoever saw an acknowledgement sees a status that
             // covers it.
             self.snapshot.send_replace(snapshot_of(&self.timeline, &self.shared.metrics));
-            deliver(replies);
+            deliver(outcome.replies);
+            let flush_lsn = self.timeline.acceptor().flush_lsn();
+            for (done, result) in batch.peer_wal_done.into_iter().zip(outcome.peer_wal) {
+                let _ = done.send(result.map(|()| flush_lsn));
+            }
             if let Some(done) = batch.shutdown {
                 checkpoint(&mut self.timeline);
                 let _ = done.send(());
@@ -221,12 +262,21 @@ fn checkpoint(timeline: &mut FileTimeline) {
 }
 
 struct Batch {
-    messages: Vec<(Arc<PushConnection>, ProposerMessage)>,
+    items: Vec<BatchItem>,
+    /// Where each `BatchItem::PeerWal`'s outcome goes, in their order.
+    peer_wal_done: Vec<oneshot::Sender<Result<Lsn, String>>>,
+    peer_recovery_done: bool,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
+/// What one batch handles, in arrival order.
+enum BatchItem {
+    Push(Arc<PushConnection>, ProposerMessage),
+    PeerWal(PeerWal),
+}
+
 fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> Batch {
-    let mut batch = Batch { messages: Vec::new(), shutdown: None };
+    let mut batch = Batch { items: Vec::new(), peer_wal_done: Vec::new(), peer_recovery_done: false, shutdown: None };
     let mut wal_bytes = 0;
     let mut next = Some(first);
     while let Some(input) = next.take() {
@@ -236,14 +286,20 @@ fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> 
                 break;
             }
             OwnerInput::Wake => {}
+            OwnerInput::PeerRecoveryDone => batch.peer_recovery_done = true,
             OwnerInput::Push { connection, message } => {
                 if let ProposerMessage::AppendRequest(append) = &message {
                     wal_bytes += append.wal.len();
                 }
-                batch.messages.push((connection, message));
+                batch.items.push(BatchItem::Push(connection, message));
+            }
+            OwnerInput::PeerWal { wal, done } => {
+                wal_bytes += wal.wal.len();
+                batch.items.push(BatchItem::PeerWal(wal));
+                batch.peer_wal_done.push(done);
             }
         }
-        if batch.messages.len() < MAX_BATCH_MESSAGES && wal_bytes < MAX_BATCH_WAL_BYTES {
+        if batch.items.len() < MAX_BATCH_MESSAGES && wal_bytes < MAX_BATCH_WAL_BYTES {
             next = inputs.try_recv().ok();
         }
     }
@@ -253,28 +309,58 @@ fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> 
 /// A reply and the connection it goes to.
 type Reply<'a> = (&'a Arc<PushConnection>, AcceptorMessage);
 
-/// Handle every message and sync once; returns the replies, to deliver
-/// once the status is published. A non-fatal storage error is returned (the
-/// owner stops); a fatal one ends the process.
+/// What a batch produced: replies to deliver once the status is published,
+/// and each peer WAL piece's outcome (in order).
+struct BatchOutcome<'a> {
+    replies: Vec<Reply<'a>>,
+    peer_wal: Vec<Result<(), String>>,
+    /// Whether a proposer's WAL was written.
+    proposer_wal: bool,
+}
+
+/// Handle every item and sync once. A non-fatal storage error is returned
+/// (the owner stops); a fatal one ends the process.
 fn process_batch<'a>(
     timeline: &mut FileTimeline,
-    messages: &'a [(Arc<PushConnection>, ProposerMessage)],
+    items: &'a [BatchItem],
     metrics: &TimelineMetrics,
-) -> Result<Vec<Reply<'a>>, StorageError> {
-    let mut replies: Vec<Reply<'a>> = Vec::new();
+    handoff: &mut Handoff,
+) -> Result<BatchOutcome<'a>, StorageError> {
+    let mut outcome = BatchOutcome { replies: Vec::new(), peer_wal: Vec::new(), proposer_wal: false };
     let mut awaiting_ack: Vec<&Arc<PushConnection>> = Vec::new();
     let mut appends = 0u64;
-    for (connection, message) in messages {
+    for item in items {
+        let (connection, message) = match item {
+            BatchItem::Push(connection, message) => (connection, message),
+            BatchItem::PeerWal(wal) => {
+                match timeline.append_peer_wal(wal) {
+                    Ok(()) => {
+                        appends += 1;
+                        metrics.wal_bytes_written.inc_by(wal.wal.len() as u64);
+                        outcome.peer_wal.push(Ok(()));
+                    }
+                    Err(TimelineError::Refused(error)) => outcome.peer_wal.push(Err(error.to_string())),
+                    Err(TimelineError::Storage(error)) => return Err(storage_failed(error, items)),
+                }
+                continue;
+            }
+        };
         if connection.is_closed() {
             continue;
         }
+        handoff.highest_connection_id = handoff.highest_connection_id.max(connection.id);
+        if connection.id <= handoff.refuse_up_to {
+            connection.refuse(errors::caught_up_by_peers(timeline.acceptor().flush_lsn()));
+            continue;
+        }
         match timeline.handle(message.clone()) {
-            Ok(Some(reply)) => replies.push((connection, reply)),
+            Ok(Some(reply)) => outcome.replies.push((connection, reply)),
             // Only a write returns no reply: its ack comes with the sync.
             Ok(None) => {
                 if let ProposerMessage::AppendRequest(append) = message {
                     appends += 1;
                     metrics.wal_bytes_written.inc_by(append.wal.len() as u64);
+                    outcome.proposer_wal = true;
                 }
                 if !awaiting_ack.iter().any(|c| c.id == connection.id) {
                     awaiting_ack.push(connection);
@@ -284,7 +370,7 @@ fn process_batch<'a>(
                 tracing::warn!(connection = connection.id, "refused: {error}");
                 connection.refuse(errors::refusal(&error));
             }
-            Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),
+            Err(TimelineError::Storage(error)) => return Err(storage_failed(error, items)),
         }
     }
     let sync_started = Instant::now();
@@ -294,12 +380,12 @@ fn process_batch<'a>(
         metrics.appends_per_sync.observe(appends as f64);
     }
     match synced {
-        Ok(Some(ack)) => replies.extend(awaiting_ack.into_iter().map(|c| (c, ack.clone()))),
+        Ok(Some(ack)) => outcome.replies.extend(awaiting_ack.into_iter().map(|c| (c, ack.clone()))),
         Ok(None) => {}
-        Err(TimelineError::Storage(error)) => return Err(storage_failed(error, messages)),
+        Err(TimelineError::Storage(error)) => return Err(storage_failed(error, items)),
         Err(TimelineError::Refused(error)) => unreachable!("sync_and_ack refuses nothing: {error}"),
     }
-    Ok(replies)
+    Ok(outcome)
 }
 
 /// Replies go out in the order their messages came in.
@@ -313,14 +399,16 @@ fn deliver(replies: Vec<Reply<'_>>) {
 
 /// Fail-stop on a fatal error; otherwise tell every connection of the batch
 /// (their replies are lost) and hand the error back.
-fn storage_failed(error: StorageError, messages: &[(Arc<PushConnection>, ProposerMessage)]) -> StorageError {
+fn storage_failed(error: StorageError, items: &[BatchItem]) -> StorageError {
     if error.is_fatal() {
         fail_stop(&error);
     }
     let reply = errors::storage_failure(&error);
-    for (connection, _) in messages {
-        if !connection.is_closed() {
-            connection.refuse(reply.clone());
+    for item in items {
+        if let BatchItem::Push(connection, _) = item {
+            if !connection.is_closed() {
+                connection.refuse(reply.clone());
+            }
         }
     }
     error

@@ -21,7 +21,9 @@ use super::consumers::Consumers;
 use super::errors::{sqlstate, PgError};
 use super::metrics::Metrics;
 use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineShared, TimelineSnapshot};
+use super::peer_recovery;
 use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
+use crate::client::api::SafekeeperAddress;
 use crate::control::ControlState;
 use crate::ids::{ClusterId, NodeId, TenantId, TimelineId};
 use crate::import::timeline_dir;
@@ -80,8 +82,14 @@ impl TimelineHandle {
         self.proposers.load(Ordering::Relaxed)
     }
 
-    fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         !self.thread.is_finished()
+    }
+
+    /// Queue an input for the owner, waiting while its queue is full;
+    /// `Err` once the owner has stopped.
+    pub(crate) async fn send(&self, input: OwnerInput) -> Result<(), ()> {
+        self.inputs.send(input).await.map_err(drop)
     }
 
     /// Count a pushing connection for as long as the guard lives.
@@ -115,6 +123,8 @@ pub struct Timelines {
     datadir: PathBuf,
     node_id: NodeId,
     retention: RetentionPolicy,
+    /// HTTP addresses of the other safekeepers, for peer recovery.
+    peers: Arc<[SafekeeperAddress]>,
     pub metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<TimelineKey, Arc<TimelineHandle>>>,
 }
@@ -123,7 +133,12 @@ impl Timelines {
     /// Recover every timeline under `datadir` and start its owner. Blocking
     /// (recovery reads WAL); a timeline that fails to recover stops startup,
     /// because serving without it would hide lost or damaged WAL.
-    pub fn recover_all(datadir: &Path, node_id: NodeId, retention: RetentionPolicy) -> anyhow::Result<Timelines> {
+    pub fn recover_all(
+        datadir: &Path,
+        node_id: NodeId,
+        retention: RetentionPolicy,
+        peers: Arc<[SafekeeperAddress]>,
+    ) -> anyhow::Result<Timelines> {
         remove_unfinished_creations(datadir)?;
         let metrics = Arc::new(Metrics::new());
         let mut entries = BTreeMap::new();
@@ -133,9 +148,16 @@ impl Timelines {
             let Some(recovered) = recovered else { continue };
             let timeline = FileTimeline::from_recovered(recovered, node_id, AcceptorConfig::default());
             tracing::info!(%tenant_id, %timeline_id, flush_lsn = %timeline.acceptor().flush_lsn(), "recovered timeline");
-            entries.insert(key, Arc::new(start(timeline, &metrics, retention)?));
+            entries.insert(key, start(timeline, &metrics, retention, &peers)?);
         }
-        Ok(Timelines { datadir: datadir.to_path_buf(), node_id, retention, metrics, entries: Mutex::new(entries) })
+        Ok(Timelines {
+            datadir: datadir.to_path_buf(),
+            node_id,
+            retention,
+            peers,
+            metrics,
+            entries: Mutex::new(entries),
+        })
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<TimelineKey, Arc<TimelineHandle>>> {
@@ -189,10 +211,8 @@ impl Timelines {
                 self.create(greeting)?
             }
         };
-        let handle = Arc::new(
-            start(timeline, &self.metrics, self.retention)
-                .map_err(|e| internal(format!("starting the owner thread: {e:#}")))?,
-        );
+        let handle = start(timeline, &self.metrics, self.retention, &self.peers)
+            .map_err(|e| internal(format!("starting the owner thread: {e:#}")))?;
         entries.insert(key, handle.clone());
         Ok(handle)
     }
@@ -315,15 +335,23 @@ fn remove_timeline_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start(timeline: FileTimeline, metrics: &Metrics, retention: RetentionPolicy) -> anyhow::Result<TimelineHandle> {
+/// Start a timeline's owner thread, and its peer recovery if peers are known.
+fn start(
+    timeline: FileTimeline,
+    metrics: &Metrics,
+    retention: RetentionPolicy,
+    peers: &Arc<[SafekeeperAddress]>,
+) -> anyhow::Result<Arc<TimelineHandle>> {
     let cluster = timeline.acceptor().state().cluster;
     let dir = timeline.wal().dir().to_path_buf();
     let shared = Arc::new(TimelineShared {
         remote_consistent_lsn: AtomicU64::new(0),
         metrics: metrics.timeline(cluster.tenant_id, cluster.timeline_id),
+        last_proposer_wal: Mutex::new(None),
+        peer_recovery: Mutex::default(),
     });
     let owner = spawn_owner(timeline, shared.clone(), retention).context("spawning a timeline owner thread")?;
-    Ok(TimelineHandle {
+    let handle = Arc::new(TimelineHandle {
         inputs: owner.inputs,
         snapshot: owner.snapshot,
         thread: owner.thread,
@@ -331,7 +359,11 @@ fn start(timeline: FileTimeline, metrics: &Metrics, retention: RetentionPolicy) 
         dir,
         shared,
         consumers: Arc::default(),
-    })
+    });
+    if !peers.is_empty() {
+        peer_recovery::spawn(&handle, peers.clone());
+    }
+    Ok(handle)
 }
 
 fn internal(message: String) -> PgError {

@@ -154,6 +154,8 @@ fn timeline_json(handle: &TimelineHandle) -> Json<Value> {
     let mut body = serde_json::to_value(handle.snapshot()).expect("a snapshot always serializes");
     body["connected_proposers"] = json!(handle.connected_proposers());
     body["consumers"] = json!(handle.consumers.list());
+    let recovery = handle.shared.peer_recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    body["peer_recovery"] = json!(recovery);
     Json(body)
 }
 

@@ -1,0 +1,250 @@
+//! Peer recovery: a safekeeper whose WAL ends well below the commit LSN its
+//! peers report copies the missing committed WAL from the most advanced
+//! peer over the HTTP API (`GET .../wal`), through the owner and the same
+//! acceptor checks as a proposer's WAL (`Acceptor::handle_peer_wal`: each
+//! record decoded, the peer's term history agreeing with ours up to the end
+//! of the copy, nothing past the peer's commit LSN). Without it, a
+//! safekeeper that was down while Postgres recycled its WAL could never
+//! catch up (the shim can resend only what Postgres still has).
+//!
+//! One task per timeline, started with its owner when peers are configured
+//! (`--peer-http`). Every poll interval it looks at the timeline: it copies
+//! only under an accepted ProposerElected of the current term (so its
+//! history is the current proposer's) and only while no proposer has sent
+//! WAL for a while (a streaming proposer keeps it current itself). Once
+//! caught up, the owner refuses the proposer connections that saw it
+//! behind, once: the shim reconnects and streams from the new flush LSN.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::owner::{OwnerInput, TimelineSnapshot};
+use super::registry::TimelineHandle;
+use crate::acceptor::PeerWal;
+use crate::client::api::{SafekeeperAddress, TimelinePaths, TimelineStatus};
+use crate::client::pull::{SafekeeperClient, WalEvent, WalPull};
+use crate::lsn::Lsn;
+
+/// How often a timeline is looked at.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Copy only when at least this far behind the best peer's commit (one
+/// WAL page: less is a proposer's message in flight).
+pub const MIN_LAG_BYTES: u64 = 8 << 10;
+/// A proposer that sent WAL this recently is streaming: stay out of its way.
+const PROPOSER_QUIET: Duration = Duration::from_secs(3);
+/// Largest piece handed to the owner (one acceptor write).
+const PIECE_BYTES: usize = 1 << 20;
+/// Pieces queued at the owner before waiting for the oldest.
+const PIECES_IN_FLIGHT: usize = 8;
+const CONNECT_TIMEOUT_MS: u64 = 2_000;
+const STATUS_TIMEOUT_MS: u64 = 3_000;
+/// A WAL body that stalls this long ends the round.
+const BODY_STALL: Duration = Duration::from_secs(30);
+
+/// Peer recovery as the status API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerRecoveryStatus {
+    /// `idle` or `copying`.
+    pub state: &'static str,
+    /// The peer copied from (last or current round).
+    pub source: Option<String>,
+    pub start_lsn: Option<Lsn>,
+    /// The peer's commit LSN when the round began: where it ends.
+    pub target_lsn: Option<Lsn>,
+    /// Bytes copied and durable in the current or last round.
+    pub copied_bytes: u64,
+    /// Rounds that reached their target since this process started.
+    pub completed_rounds: u64,
+    pub last_error: Option<String>,
+}
+
+impl Default for PeerRecoveryStatus {
+    fn default() -> Self {
+        PeerRecoveryStatus {
+            state: "idle",
+            source: None,
+            start_lsn: None,
+            target_lsn: None,
+            copied_bytes: 0,
+            completed_rounds: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// Start peer recovery for a timeline; it ends with the timeline.
+pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
+    let snapshot = handle.snapshot();
+    let paths = TimelinePaths { tenant_id: snapshot.tenant_id, timeline_id: snapshot.timeline_id };
+    let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS);
+    let handle = Arc::downgrade(handle);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(POLL_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(timeline) = handle.upgrade().filter(|timeline| timeline.is_running()) else { return };
+            if let Err(error) = recover_once(&timeline, &client, &peers).await {
+                tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
+                update(&timeline, |status| {
+                    status.state = "idle";
+                    status.last_error = Some(error);
+                });
+            }
+        }
+    });
+}
+
+fn update(timeline: &TimelineHandle, change: impl FnOnce(&mut PeerRecoveryStatus)) {
+    change(&mut timeline.shared.peer_recovery.lock().unwrap_or_else(PoisonError::into_inner));
+}
+
+fn may_copy(timeline: &TimelineHandle, snapshot: &TimelineSnapshot) -> bool {
+    let last_wal = *timeline.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner);
+    let proposer_streaming = last_wal.is_some_and(|at| at.elapsed() < PROPOSER_QUIET);
+    snapshot.elected_term == Some(snapshot.term) && !proposer_streaming && snapshot.stopped_by_error.is_none()
+}
+
+/// One look: copy from the most advanced peer if we are well behind it.
+async fn recover_once(
+    timeline: &Arc<TimelineHandle>,
+    client: &SafekeeperClient,
+    peers: &[SafekeeperAddress],
+) -> Result<(), String> {
+    let snapshot = timeline.snapshot();
+    if !may_copy(timeline, &snapshot) {
+        return Ok(());
+    }
+    let Some((peer, status)) = most_advanced_peer(client, peers, &snapshot).await else { return Ok(()) };
+    let start_lsn = snapshot.flush_lsn;
+    tracing::info!(%peer, %start_lsn, target = %status.commit_lsn, "peer recovery: copying committed WAL");
+    update(timeline, |recovery| {
+        *recovery = PeerRecoveryStatus {
+            state: "copying",
+            source: Some(peer.to_string()),
+            start_lsn: Some(start_lsn),
+            target_lsn: Some(status.commit_lsn),
+            copied_bytes: 0,
+            completed_rounds: recovery.completed_rounds,
+            last_error: None,
+        }
+    });
+    let started = Instant::now();
+    let reached = copy(timeline, client, &peer, &status, start_lsn).await?;
+    let copied_bytes = reached - start_lsn;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(%peer, %reached, copied_bytes, seconds, "peer recovery: round done");
+    update(timeline, |recovery| {
+        recovery.state = "idle";
+        recovery.copied_bytes = copied_bytes;
+        recovery.completed_rounds += 1;
+    });
+    // Proposers that saw us behind reconnect and stream from here.
+    let _ = timeline.send(OwnerInput::PeerRecoveryDone).await;
+    Ok(())
+}
+
+/// The peer with the highest commit LSN, if it is at least `MIN_LAG_BYTES`
+/// beyond our flush and holds WAL from our flush on.
+async fn most_advanced_peer(
+    client: &SafekeeperClient,
+    peers: &[SafekeeperAddress],
+    snapshot: &TimelineSnapshot,
+) -> Option<(SafekeeperAddress, TimelineStatus)> {
+    let mut best: Option<(SafekeeperAddress, TimelineStatus)> = None;
+    for peer in peers {
+        let Ok(status) = client.timeline_status(peer, STATUS_TIMEOUT_MS).await else { continue };
+        let holds_our_end = status.oldest_kept_lsn.is_none_or(|oldest| oldest <= snapshot.flush_lsn);
+        let ahead = status.commit_lsn.0.saturating_sub(snapshot.flush_lsn.0) >= MIN_LAG_BYTES;
+        let same_timeline = status.system_id == snapshot.system_id.0 && status.wal_seg_size == snapshot.wal_seg_size;
+        if ahead
+            && holds_our_end
+            && same_timeline
+            && best.as_ref().is_none_or(|(_, b)| status.commit_lsn > b.commit_lsn)
+        {
+            best = Some((peer.clone(), status));
+        }
+    }
+    best
+}
+
+/// Stream `[start_lsn, peer's commit)` into the owner in pieces that never
+/// cross a segment boundary; returns the flush LSN reached.
+async fn copy(
+    timeline: &Arc<TimelineHandle>,
+    client: &SafekeeperClient,
+    peer: &SafekeeperAddress,
+    status: &TimelineStatus,
+    start_lsn: Lsn,
+) -> Result<Lsn, String> {
+    let segment_size = timeline.snapshot().segment_size();
+    let mut pull = WalPull::start(client, peer, start_lsn, status.commit_lsn, 0);
+    let mut in_flight: VecDeque<oneshot::Receiver<Result<Lsn, String>>> = VecDeque::new();
+    let mut piece = BytesMut::new();
+    let mut piece_start = start_lsn;
+    let mut reached = start_lsn;
+    loop {
+        let event = tokio::time::timeout(BODY_STALL, pull.next())
+            .await
+            .map_err(|_| format!("{peer} sent nothing for {} s", BODY_STALL.as_secs()))?
+            .map_err(|error| format!("{peer}: {error}"))?;
+        let mut chunk = match event {
+            WalEvent::Opened(_) => continue,
+            WalEvent::Chunk(chunk) => chunk,
+            WalEvent::Complete => break,
+        };
+        while !chunk.is_empty() {
+            let piece_end = piece_start + piece.len() as u64;
+            let to_segment_end = (piece_end.next_segment_start(segment_size) - piece_end) as usize;
+            let room = to_segment_end.min(PIECE_BYTES - piece.len());
+            let taken = chunk.split_to(room.min(chunk.len()));
+            piece.extend_from_slice(&taken);
+            if taken.len() == room {
+                let full = std::mem::take(&mut piece).freeze();
+                piece_start = send_piece(timeline, piece_start, full, status, &mut in_flight).await?;
+                reached = reached.max(settle(&mut in_flight, PIECES_IN_FLIGHT).await?);
+            }
+        }
+        let progress = reached - start_lsn;
+        update(timeline, |recovery| recovery.copied_bytes = progress);
+    }
+    if !piece.is_empty() {
+        let last = std::mem::take(&mut piece).freeze();
+        send_piece(timeline, piece_start, last, status, &mut in_flight).await?;
+    }
+    Ok(reached.max(settle(&mut in_flight, 0).await?))
+}
+
+/// Queue one piece at the owner; returns where the next piece starts.
+async fn send_piece(
+    timeline: &TimelineHandle,
+    begin_lsn: Lsn,
+    wal: Bytes,
+    status: &TimelineStatus,
+    in_flight: &mut VecDeque<oneshot::Receiver<Result<Lsn, String>>>,
+) -> Result<Lsn, String> {
+    let end = begin_lsn + wal.len() as u64;
+    let (done, outcome) = oneshot::channel();
+    let wal =
+        PeerWal { begin_lsn, wal, source_history: status.term_history.clone(), source_commit_lsn: status.commit_lsn };
+    timeline.send(OwnerInput::PeerWal { wal, done }).await.map_err(|()| "the timeline's owner stopped".to_string())?;
+    in_flight.push_back(outcome);
+    Ok(end)
+}
+
+/// Wait until at most `keep` pieces are outstanding; returns the highest
+/// flush LSN the owner reported.
+async fn settle(in_flight: &mut VecDeque<oneshot::Receiver<Result<Lsn, String>>>, keep: usize) -> Result<Lsn, String> {
+    let mut flushed = Lsn::INVALID;
+    while in_flight.len() > keep {
+        let outcome = in_flight.pop_front().expect("non-empty");
+        let flush = outcome.await.map_err(|_| "the timeline's owner stopped".to_string())??;
+        flushed = flushed.max(flush);
+    }
+    Ok(flushed)
+}

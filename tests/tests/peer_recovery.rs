@@ -1,0 +1,164 @@
+//! Peer recovery with real processes: a safekeeper that was down while
+//! Postgres wrote (and recycled) more WAL than it could ever resend catches
+//! up from its peers, byte for byte, and the primary's pg_wal does not keep
+//! anything for it.
+//!
+//! `PEER_RECOVERY_MIB` sets how much WAL is written while it is down
+//! (default 2048, as the issue asks; the copy rate is printed).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::pg::{PgCluster, PgOptions};
+use integration_tests::wal_files::read_wal;
+use safekeeper::lsn::Lsn;
+
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(300);
+/// WAL written per statement: one commit each.
+const CHUNK_MIB: u64 = 128;
+/// Bytes compared per read when checking the copy.
+const COMPARE_WINDOW_BYTES: u64 = 64 << 20;
+
+fn wal_to_write_mib() -> Result<u64> {
+    match std::env::var("PEER_RECOVERY_MIB") {
+        Ok(text) => text.parse().with_context(|| format!("PEER_RECOVERY_MIB={text:?} is not a number")),
+        Err(_) => Ok(2048),
+    }
+}
+
+/// Postgres keeps little WAL: nothing for standbys, small max_wal_size.
+fn options() -> PgOptions {
+    PgOptions::default().setting("wal_keep_size", "0").setting("max_wal_size", "256MB").setting("min_wal_size", "64MB")
+}
+
+fn pg_wal_bytes(pg: &PgCluster) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(pg.pg_wal_dir())? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// About `mib` MiB of WAL in one acknowledged transaction.
+fn write_wal(pg: &PgCluster, mib: u64) -> Result<()> {
+    // A 1 kB row costs a little more than 1 kB of WAL.
+    let rows = mib * 900;
+    pg.psql_with_timeout(
+        &format!("INSERT INTO filler SELECT g, repeat('x', 1000) FROM generate_series(1, {rows}) g"),
+        COMMIT_TIMEOUT,
+    )?;
+    Ok(())
+}
+
+/// The baseline of the same run: curl pulling the same range from a peer
+/// (`GET .../wal`, body discarded), as scripts/bench-wal-serve measures.
+fn print_http_pull_rate(cluster: &QuorumCluster, start: Lsn, end: Lsn, recovery_seconds: f64) -> Result<()> {
+    let url = format!(
+        "http://{}/v1/tenant/{TENANT}/timeline/{TIMELINE}/wal?start_lsn={start}&end_lsn={end}",
+        cluster.safekeepers[0].http_addr
+    );
+    let output = std::process::Command::new("curl")
+        .args(["-sf", "--max-time", "300", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", &url])
+        .output()
+        .context("running curl")?;
+    ensure!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let mut fields = text.split_whitespace();
+    let bytes: f64 = fields.next().context("size")?.parse()?;
+    let seconds: f64 = fields.next().context("time")?.replace(',', ".").parse()?;
+    ensure!(bytes as u64 == end - start, "curl got {bytes} bytes of {}", end - start);
+    let recovery_rate = (end - start) as f64 / recovery_seconds / 1e6;
+    let pull_rate = bytes / seconds / 1e6;
+    println!(
+        "peer recovery {recovery_rate:.0} MB/s (restart to caught up, fsynced) vs HTTP pull {pull_rate:.0} MB/s \
+         (curl to /dev/null, same range, same run): ratio {:.2}",
+        recovery_rate / pull_rate
+    );
+    Ok(())
+}
+
+#[test]
+fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers() -> Result<()> {
+    let mut cluster = QuorumCluster::start(options())?;
+    let segment_size = cluster.segment_size()?;
+    cluster.pg.psql("CREATE TABLE filler (v bigint, pad text)")?;
+    write_wal(&cluster.pg, 4)?;
+    let flush = cluster.pg_flush_lsn()?;
+    cluster.wait_shim_commit(flush, COMMIT_TIMEOUT)?;
+    cluster.wait_safekeeper_flush(2, flush, COMMIT_TIMEOUT)?;
+
+    cluster.kill_safekeeper(2)?;
+    let behind_at = json_lsn(&cluster.timeline_status(0)?, "flush_lsn")?;
+    let target_mib = wal_to_write_mib()?;
+    let mut largest_pg_wal = 0;
+    let written_from = cluster.pg_flush_lsn()?;
+    while cluster.pg_flush_lsn()? - written_from < target_mib << 20 {
+        write_wal(&cluster.pg, CHUNK_MIB)?;
+        cluster.pg.psql("CHECKPOINT")?;
+        largest_pg_wal = largest_pg_wal.max(pg_wal_bytes(&cluster.pg)?);
+    }
+    let end = cluster.pg_flush_lsn()?;
+    let commit = cluster.wait_shim_commit(end, COMMIT_TIMEOUT)?;
+    let written_mib = (end - written_from) >> 20;
+    // The premise: Postgres itself can no longer resend what it needs.
+    let first_missing = behind_at.segment_no(segment_size).file_name(1, segment_size);
+    ensure!(
+        !cluster.pg.pg_wal_dir().join(&first_missing).exists(),
+        "Postgres still holds {first_missing}: write more WAL for this test to mean anything"
+    );
+    // Nothing was kept for the stopped safekeeper: pg_wal stayed near
+    // max_wal_size while {written_mib} MiB went through it.
+    ensure!(largest_pg_wal < 640 << 20, "pg_wal grew to {} MiB while safekeeper 3 was down", largest_pg_wal >> 20);
+
+    let restarted_at = Instant::now();
+    cluster.restart_safekeeper(2)?;
+    wait_for(RECOVERY_TIMEOUT, "safekeeper 3 to catch up from its peers", || {
+        let status = cluster.timeline_status(2)?;
+        Ok((json_lsn(&status, "flush_lsn")? >= commit).then_some(()))
+    })
+    .with_context(|| format!("safekeeper 3 log: {}", cluster.safekeepers[2].process.log_tail()))?;
+    let seconds = restarted_at.elapsed().as_secs_f64();
+    let status = cluster.timeline_status(2)?;
+    let recovery = &status["peer_recovery"];
+    let copied_mib = (commit - behind_at) as f64 / (1 << 20) as f64;
+    println!(
+        "peer recovery: {copied_mib:.0} MiB behind after {written_mib} MiB written with pg_wal at most {} MiB; \
+         caught up in {seconds:.1} s from restart ({:.0} MB/s); status {recovery}",
+        largest_pg_wal >> 20,
+        (commit - behind_at) as f64 / seconds / 1e6,
+    );
+    ensure!(recovery["completed_rounds"].as_u64() >= Some(1), "no recovery round completed: {recovery}");
+    print_http_pull_rate(&cluster, behind_at, commit, seconds)?;
+
+    // Byte for byte what the others hold, up to the commit LSN.
+    let timeline_start = json_lsn(&status, "timeline_start_lsn")?;
+    let mut window_start = timeline_start;
+    while window_start < commit {
+        let window_end = Lsn((window_start.0 + COMPARE_WINDOW_BYTES).min(commit.0));
+        let recovered = read_wal(&cluster.timeline_dir(2), segment_size, window_start, window_end)?;
+        for index in [0, 1] {
+            let theirs = read_wal(&cluster.timeline_dir(index), segment_size, window_start, window_end)?;
+            ensure!(
+                recovered == theirs,
+                "safekeeper 3 differs from safekeeper {} in {window_start}..{window_end}",
+                index + 1
+            );
+        }
+        window_start = window_end;
+    }
+
+    // The shim streams to it again: a new commit reaches all three.
+    write_wal(&cluster.pg, 1)?;
+    let flush = cluster.pg_flush_lsn()?;
+    cluster.wait_shim_commit(flush, COMMIT_TIMEOUT)?;
+    cluster.wait_safekeeper_flush(2, flush, COMMIT_TIMEOUT).with_context(|| {
+        let shim = cluster.shim().and_then(|shim| shim.status()).map(|s| s.to_string()).unwrap_or_default();
+        format!("after recovery the shim does not stream to safekeeper 3: {shim}")
+    })?;
+    Ok(())
+}
