@@ -17,7 +17,7 @@
 //! is frozen with SIGSTOP during each election: connected, but silent.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -80,6 +80,19 @@ fn wait_committed_everywhere(cluster: &QuorumCluster, lsn: Lsn) -> Result<()> {
 
 /// Every WAL segment file of a safekeeper timeline directory (not the
 /// control file, not a `.partial-tmp` being zero-filled) with its bytes.
+/// Safekeeper `index` still has the flush and commit LSN of `before`;
+/// returns its flush LSN, and its term then and now.
+fn unmoved(cluster: &QuorumCluster, index: usize, before: (Lsn, Lsn, u64)) -> Result<(Lsn, u64, u64)> {
+    let (flush, commit, term) =
+        wait_for(TIMEOUT, &format!("safekeeper {index} to answer"), || positions(cluster, index).map(Some))?;
+    let (flush_then, commit_then, term_then) = before;
+    ensure!(
+        (flush, commit) == (flush_then, commit_then),
+        "safekeeper {index} moved: flush {flush_then} -> {flush}, commit {commit_then} -> {commit}"
+    );
+    Ok((flush, term_then, term))
+}
+
 fn segment_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     let is_segment = |path: &Path| path.file_name().is_some_and(|name| name.len() == SEGMENT_FILE_NAME_LEN);
     Ok(snapshot_files(dir)?.into_iter().filter(|(path, _)| is_segment(path)).collect())
@@ -105,6 +118,71 @@ fn read_pg_wal(dir: &Path, tli: PgTimelineId, segment_size: WalSegmentSize, star
 
 /// `IDENTIFY_SYSTEM` over a replication connection, as the shim asks it:
 /// (system identifier, timeline, flush position).
+/// A shim on Q is elected, then exits non-zero within SHIM_EXIT_TIMEOUT
+/// reporting that Q diverged, in a message naming `range`.
+fn shim_on_q_refuses(cluster: &QuorumCluster, q: &PgCluster, range: &str) -> Result<(ExitStatus, Duration)> {
+    let mut args = cluster.shim_args();
+    args.pg_conninfo = q.connection_string("postgres");
+    let spawned = Instant::now();
+    let mut shim = ComputeShim::spawn(&args, cluster.dir.path())?;
+    let exit =
+        wait_for(SHIM_EXIT_TIMEOUT, "the shim on Q to exit", || shim.process.exit_status()).with_context(|| {
+            let shim_status = shim.status().map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}"));
+            let sk_status: Vec<String> = (0..cluster.safekeepers.len())
+                .map(|i| cluster.timeline_status(i).map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}")))
+                .collect();
+            format!(
+                "the shim on Q kept running; its status: {shim_status}\nsafekeepers: {sk_status:#?}\nits log: {}",
+                shim.process.log_tail()
+            )
+        })?;
+    let exited_after = spawned.elapsed();
+    let log = std::fs::read_to_string(&shim.process.log_path)?;
+    println!("--- compute_shim on Q ({exit}, after {exited_after:?}) ---\n{log}---");
+    ensure!(!exit.success(), "the shim on Q exited successfully");
+    ensure!(log.contains(DIVERGED), "the shim on Q did not report divergence: {log}");
+    ensure!(log.contains(range), "the refusal names another range than {range}: {log}");
+    Ok((exit, exited_after))
+}
+
+/// Q (with recovery.signal) starts, finishes archive recovery and promotes:
+/// P's system, Postgres timeline 2. Returns its timeline and flush LSN.
+fn promote_q(q: &mut PgCluster, p_system_id: &str) -> Result<(PgTimelineId, Lsn)> {
+    q.write_data_file("recovery.signal", "")?;
+    q.start()?;
+    wait_for(TIMEOUT, "Q to finish archive recovery and promote", || {
+        Ok((q.psql("SELECT pg_is_in_recovery()")? == "f").then_some(()))
+    })
+    .with_context(|| format!("Q's log: {}", q.log_tail()))?;
+    let (q_system_id, q_timeline, promoted_at) = identify_system(q)?;
+    ensure!(q_system_id == p_system_id, "Q is system {q_system_id}, P was {p_system_id}");
+    ensure!(q_timeline == 2, "Q promoted onto Postgres timeline {q_timeline}, expected 2");
+    Ok((q_timeline, promoted_at))
+}
+
+/// Q writes its own commits (`synchronous_commit = local`: it inherited
+/// P's synchronous_standby_names, and no shim runs for it yet) in rounds of
+/// `rows_per_round` rows until `done` holds.
+fn write_on_q_until(
+    q: &PgCluster,
+    rows_per_round: u32,
+    what: &str,
+    mut done: impl FnMut(&PgCluster) -> Result<bool>,
+) -> Result<()> {
+    let mut round = 0;
+    while !done(q)? {
+        ensure!(round < Q_MAX_ROUNDS, "Q's WAL did not get {what} in {Q_MAX_ROUNDS} rounds");
+        let from = 200_001 + round * rows_per_round;
+        q.psql(&format!(
+            "SET synchronous_commit = local; \
+             INSERT INTO t SELECT g, repeat('q', 200) FROM generate_series({from}, {}) g",
+            from + rows_per_round - 1
+        ))?;
+        round += 1;
+    }
+    Ok(())
+}
+
 fn identify_system(pg: &PgCluster) -> Result<(String, PgTimelineId, Lsn)> {
     let answer = pg.psql_replication(pg.port(), "IDENTIFY_SYSTEM")?;
     let fields: Vec<&str> = answer.split('|').collect();
@@ -215,30 +293,12 @@ fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Resu
 
     // 3. Q: the base backup plus the committed segments from safekeeper 0,
     //    promoted on a new Postgres timeline, then writing its own WAL.
-    q.write_data_file("recovery.signal", "")?;
-    q.start()?;
-    wait_for(TIMEOUT, "Q to finish archive recovery and promote", || {
-        Ok((q.psql("SELECT pg_is_in_recovery()")? == "f").then_some(()))
-    })
-    .with_context(|| format!("Q's log: {}", q.log_tail()))?;
-    let (q_system_id, q_timeline, _) = identify_system(&q)?;
-    ensure!(q_system_id == p_system_id, "Q is system {q_system_id}, P was {p_system_id}");
-    ensure!(q_timeline == 2, "Q promoted onto Postgres timeline {q_timeline}, expected 2");
+    let (q_timeline, _) = promote_q(&mut q, &p_system_id)?;
     let rows = q.psql("SELECT count(*), max(id) FROM t")?;
     ensure!(rows == format!("{COMMITTED_ROWS}|{COMMITTED_ROWS}"), "Q holds the committed rows only: {rows}");
     // Q inherited P's synchronous_standby_names; its own commits must not
     // wait for a shim: it writes on its own before one is started.
-    let mut round = 0;
-    while flush_lsn(&q)? <= tail_end {
-        ensure!(round < Q_MAX_ROUNDS, "Q's WAL did not pass {tail_end} in {Q_MAX_ROUNDS} rounds");
-        let from = 200_001 + round * Q_ROWS_PER_ROUND;
-        q.psql(&format!(
-            "SET synchronous_commit = local; \
-             INSERT INTO t SELECT g, repeat('q', 200) FROM generate_series({from}, {}) g",
-            from + Q_ROWS_PER_ROUND - 1
-        ))?;
-        round += 1;
-    }
+    write_on_q_until(&q, Q_ROWS_PER_ROUND, &format!("past {tail_end}"), |q| Ok(flush_lsn(q)? > tail_end))?;
     let q_flush = flush_lsn(&q)?;
     // The oracle, independent of the shim: Q's bytes in the checked range
     // (its timeline-2 segment files) differ from safekeeper 0's.
@@ -276,39 +336,12 @@ fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Resu
     //    starts the term at their log end, the tail is legitimately
     //    discarded (it was never committed) and Q leads.
     cluster.safekeepers[2].process.signal(Signal::SIGSTOP)?;
-    let mut args = cluster.shim_args();
-    args.pg_conninfo = q.connection_string("postgres");
-    let spawned = Instant::now();
-    let mut shim = ComputeShim::spawn(&args, cluster.dir.path())?;
-    let exit =
-        wait_for(SHIM_EXIT_TIMEOUT, "the shim on Q to exit", || shim.process.exit_status()).with_context(|| {
-            let shim_status = shim.status().map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}"));
-            let sk_status: Vec<String> =
-                (0..2).map(|i| cluster.timeline_status(i).map(|s| s.to_string()).unwrap_or_default()).collect();
-            format!(
-                "the shim on Q kept running; its status: {shim_status}\nsafekeepers 0, 1: {sk_status:#?}\nits log: {}",
-                shim.process.log_tail()
-            )
-        })?;
-    let exited_after = spawned.elapsed();
+    let result = shim_on_q_refuses(&cluster, &q, &format!("{checked_start}..{tail_end}"));
     cluster.safekeepers[2].process.signal(Signal::SIGCONT)?;
-    let log = std::fs::read_to_string(&shim.process.log_path)?;
-    println!("--- compute_shim on Q ({exit}, after {exited_after:?}) ---\n{log}---");
-    ensure!(!exit.success(), "the shim on Q exited successfully");
-    ensure!(log.contains(DIVERGED), "the shim on Q did not report divergence: {log}");
-    ensure!(
-        log.contains(&format!("{checked_start}..{tail_end}")),
-        "the refusal names another range than {checked_start}..{tail_end}: {log}"
-    );
+    let (exit, exited_after) = result?;
     let mut terms = Vec::new();
     for index in 0..count {
-        let (flush, commit, term) =
-            wait_for(TIMEOUT, &format!("safekeeper {index} to answer"), || positions(&cluster, index).map(Some))?;
-        let (flush_then, commit_then, term_then) = before[index];
-        ensure!(
-            (flush, commit) == (flush_then, commit_then),
-            "safekeeper {index} moved: flush {flush_then} -> {flush}, commit {commit_then} -> {commit}"
-        );
+        let (_, term_then, term) = unmoved(&cluster, index, before[index])?;
         // 0 and 1 voted: the shim on Q was elected before it refused.
         let voted = index < 2;
         ensure!((term > term_then) == voted, "safekeeper {index}: term {term_then} -> {term}");
@@ -462,28 +495,11 @@ fn a_promoted_primary_continuing_at_a_segment_start_is_refused() -> Result<()> {
     // 2. Q: restored without the last committed segment, promoted; it
     //    writes up to near B, switches (its next record starts at B),
     //    writes a row past B and checkpoints there.
-    q.write_data_file("recovery.signal", "")?;
-    q.start()?;
-    wait_for(TIMEOUT, "Q to finish archive recovery and promote", || {
-        Ok((q.psql("SELECT pg_is_in_recovery()")? == "f").then_some(()))
-    })
-    .with_context(|| format!("Q's log: {}", q.log_tail()))?;
-    let (q_system_id, q_timeline, promoted_at) = identify_system(&q)?;
-    ensure!(q_system_id == p_system_id, "Q is system {q_system_id}, P was {p_system_id}");
-    ensure!(q_timeline == 2, "Q promoted onto Postgres timeline {q_timeline}, expected 2");
+    let (q_timeline, promoted_at) = promote_q(&mut q, &p_system_id)?;
     ensure!(promoted_at < boundary, "Q promoted at {promoted_at}, not below {boundary}");
     let insert_lsn = |pg: &PgCluster| -> Result<Lsn> { Ok(pg.psql("SELECT pg_current_wal_insert_lsn()")?.parse()?) };
-    let mut round = 0;
-    while insert_lsn(&q)? < Lsn(boundary.0 - Q_SWITCH_BELOW_BOUNDARY) {
-        ensure!(round < Q_MAX_ROUNDS, "Q's WAL did not near {boundary} in {Q_MAX_ROUNDS} rounds");
-        let from = 200_001 + round * Q_FORK_ROWS_PER_ROUND;
-        q.psql(&format!(
-            "SET synchronous_commit = local; \
-             INSERT INTO t SELECT g, repeat('q', 200) FROM generate_series({from}, {}) g",
-            from + Q_FORK_ROWS_PER_ROUND - 1
-        ))?;
-        round += 1;
-    }
+    let near = Lsn(boundary.0 - Q_SWITCH_BELOW_BOUNDARY);
+    write_on_q_until(&q, Q_FORK_ROWS_PER_ROUND, &format!("near {boundary}"), |q| Ok(insert_lsn(q)? >= near))?;
     let before_switch = insert_lsn(&q)?;
     ensure!(before_switch < boundary, "Q's WAL passed {boundary} ({before_switch}) before its switch");
     let q_switched: Lsn = q.psql("SELECT pg_switch_wal()")?.parse()?;
@@ -547,40 +563,11 @@ fn a_promoted_primary_continuing_at_a_segment_start_is_refused() -> Result<()> {
         before.iter().map(|(flush, commit, term)| format!("{flush}/{commit}/{term}")).collect();
     step(&format!("all three safekeepers restarted (flush/commit/term {restarted:?}); files: {names_before:?}"));
 
-    let mut args = cluster.shim_args();
-    args.pg_conninfo = q.connection_string("postgres");
-    let spawned = Instant::now();
-    let mut shim = ComputeShim::spawn(&args, cluster.dir.path())?;
-    let exit =
-        wait_for(SHIM_EXIT_TIMEOUT, "the shim on Q to exit", || shim.process.exit_status()).with_context(|| {
-            let shim_status = shim.status().map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}"));
-            let sk_status: Vec<String> = (0..count)
-                .map(|i| cluster.timeline_status(i).map(|s| s.to_string()).unwrap_or_else(|e| format!("{e:#}")))
-                .collect();
-            format!(
-                "the shim on Q kept running; its status: {shim_status}\nsafekeepers: {sk_status:#?}\nits log: {}",
-                shim.process.log_tail()
-            )
-        })?;
-    let exited_after = spawned.elapsed();
-    let log = std::fs::read_to_string(&shim.process.log_path)?;
-    println!("--- compute_shim on Q ({exit}, after {exited_after:?}) ---\n{log}---");
-    ensure!(!exit.success(), "the shim on Q exited successfully");
-    ensure!(log.contains(DIVERGED), "the shim on Q did not report divergence: {log}");
-    ensure!(
-        log.contains(&format!("Postgres's WAL in {boundary}..{boundary}")),
-        "the refusal names another range than the empty {boundary}..{boundary}: {log}"
-    );
+    let (exit, exited_after) = shim_on_q_refuses(&cluster, &q, &format!("Postgres's WAL in {boundary}..{boundary}"))?;
     let mut terms = Vec::new();
     let mut voted = 0;
     for index in 0..count {
-        let (flush, commit, term) =
-            wait_for(TIMEOUT, &format!("safekeeper {index} to answer"), || positions(&cluster, index).map(Some))?;
-        let (flush_then, commit_then, term_then) = before[index];
-        ensure!(
-            (flush, commit) == (flush_then, commit_then),
-            "safekeeper {index} moved: flush {flush_then} -> {flush}, commit {commit_then} -> {commit}"
-        );
+        let (flush, term_then, term) = unmoved(&cluster, index, before[index])?;
         ensure!(term >= term_then, "safekeeper {index}: term {term_then} -> {term}");
         voted += usize::from(term > term_then);
         ensure!(

@@ -55,30 +55,41 @@ fn write_wal(pg: &PgCluster, mib: u64) -> Result<()> {
     Ok(())
 }
 
-/// The baseline of the same run: curl pulling the same range from a peer
-/// (`GET .../wal`, body discarded), as scripts/bench-wal-serve measures.
-fn print_http_pull_rate(cluster: &QuorumCluster, start: Lsn, end: Lsn, recovery_seconds: f64) -> Result<()> {
+/// The baselines of the same run: curl pulling the same range from a peer
+/// (`GET .../wal`) to /dev/null (as scripts/bench-wal-serve measures), and
+/// to a file made durable with `sync FILE` (what a copy must also do).
+fn print_http_pull_rates(cluster: &QuorumCluster, start: Lsn, end: Lsn, recovery_seconds: f64) -> Result<()> {
     let url = format!(
         "http://{}/v1/tenant/{TENANT}/timeline/{TIMELINE}/wal?start_lsn={start}&end_lsn={end}",
         cluster.safekeepers[0].http_addr
     );
-    let output = std::process::Command::new("curl")
-        .args(["-sf", "--max-time", "300", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", &url])
-        .output()
-        .context("running curl")?;
-    ensure!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    let mut fields = text.split_whitespace();
-    let bytes: f64 = fields.next().context("size")?.parse()?;
-    let seconds: f64 = fields.next().context("time")?.replace(',', ".").parse()?;
-    ensure!(bytes as u64 == end - start, "curl got {bytes} bytes of {}", end - start);
+    let file = cluster.dir.path().join("pulled.wal");
     let recovery_rate = (end - start) as f64 / recovery_seconds / 1e6;
-    let pull_rate = bytes / seconds / 1e6;
-    println!(
-        "peer recovery {recovery_rate:.0} MB/s (restart to caught up, fsynced) vs HTTP pull {pull_rate:.0} MB/s \
-         (curl to /dev/null, same range, same run): ratio {:.2}",
-        recovery_rate / pull_rate
-    );
+    for target in [std::path::Path::new("/dev/null"), file.as_path()] {
+        let started = Instant::now();
+        let output = std::process::Command::new("curl")
+            .args(["-sf", "--max-time", "300", "-o"])
+            .arg(target)
+            .args(["-w", "%{size_download}", &url])
+            .output()
+            .context("running curl")?;
+        ensure!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+        if target == file.as_path() {
+            let synced = std::process::Command::new("sync").arg(&file).status().context("running sync")?;
+            ensure!(synced.success(), "sync {} failed", file.display());
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let bytes: u64 = String::from_utf8_lossy(&output.stdout).trim().parse().context("curl's size")?;
+        ensure!(bytes == end - start, "curl got {bytes} bytes of {}", end - start);
+        let pull_rate = bytes as f64 / seconds / 1e6;
+        println!(
+            "peer recovery {recovery_rate:.0} MB/s (restart to caught up) vs HTTP pull to {} {pull_rate:.0} MB/s \
+             (same range, same run): ratio {:.2}",
+            target.display(),
+            recovery_rate / pull_rate
+        );
+    }
+    std::fs::remove_file(&file)?;
     Ok(())
 }
 
@@ -133,7 +144,10 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
         (commit - behind_at) as f64 / seconds / 1e6,
     );
     ensure!(recovery["completed_rounds"].as_u64() >= Some(1), "no recovery round completed: {recovery}");
-    print_http_pull_rate(&cluster, behind_at, commit, seconds)?;
+    if let (Some(bytes), Some(ms)) = (recovery["copied_bytes"].as_u64(), recovery["last_round_ms"].as_u64()) {
+        println!("peer recovery: the last round copied {} MiB in {ms} ms", bytes >> 20);
+    }
+    print_http_pull_rates(&cluster, behind_at, commit, seconds)?;
 
     // Byte for byte what the others hold, up to the commit LSN.
     let timeline_start = json_lsn(&status, "timeline_start_lsn")?;

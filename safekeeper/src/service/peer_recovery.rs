@@ -40,7 +40,7 @@ const PROPOSER_QUIET: Duration = Duration::from_secs(3);
 /// Largest piece handed to the owner (one acceptor write).
 const PIECE_BYTES: usize = 1 << 20;
 /// Pieces queued at the owner before waiting for the oldest.
-const PIECES_IN_FLIGHT: usize = 8;
+const PIECES_IN_FLIGHT: usize = 32;
 const CONNECT_TIMEOUT_MS: u64 = 2_000;
 const STATUS_TIMEOUT_MS: u64 = 3_000;
 /// A WAL body that stalls this long ends the round.
@@ -60,6 +60,8 @@ pub struct PeerRecoveryStatus {
     pub copied_bytes: u64,
     /// Rounds that reached their target since this process started.
     pub completed_rounds: u64,
+    /// How long the last completed round took.
+    pub last_round_ms: Option<u64>,
     pub last_error: Option<String>,
 }
 
@@ -72,6 +74,7 @@ impl Default for PeerRecoveryStatus {
             target_lsn: None,
             copied_bytes: 0,
             completed_rounds: 0,
+            last_round_ms: None,
             last_error: None,
         }
     }
@@ -131,6 +134,7 @@ async fn recover_once(
             target_lsn: Some(status.commit_lsn),
             copied_bytes: 0,
             completed_rounds: recovery.completed_rounds,
+            last_round_ms: recovery.last_round_ms,
             last_error: None,
         }
     });
@@ -143,6 +147,7 @@ async fn recover_once(
         recovery.state = "idle";
         recovery.copied_bytes = copied_bytes;
         recovery.completed_rounds += 1;
+        recovery.last_round_ms = Some(started.elapsed().as_millis() as u64);
     });
     // Proposers that saw us behind reconnect and stream from here.
     let _ = timeline.send(OwnerInput::PeerRecoveryDone).await;

@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+use safekeeper::acceptor::PeerWal;
 use safekeeper::control::ControlState;
 use safekeeper::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use safekeeper::lsn::{Lsn, WalSegmentSize};
@@ -13,7 +15,7 @@ use safekeeper::storage::WalStorage;
 use safekeeper::timeline::MemoryTimeline;
 use safekeeper::wal::generator::WalGenerator;
 
-use crate::proposer::{Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
+use crate::proposer::{PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
 
 pub const SYSTEM_ID: u64 = 7_000_000_000_000_000_002;
 pub const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
@@ -412,6 +414,51 @@ impl Net {
     }
 
     /// Durable WAL of an acceptor, from the timeline start.
+    /// Peer recovery as the service runs it: `source`'s committed WAL from
+    /// `sk`'s write position, in pieces within segments, through
+    /// `append_peer_wal`, then a sync. Only while no running compute streams
+    /// WAL to `sk` (the service copies only after proposers were quiet for a
+    /// while). A refusal ends the copy, as it ends a round.
+    pub fn copy_from_peer(&mut self, sk: usize, source: usize) -> bool {
+        if sk == source || self.down[sk] || self.down[source] {
+            return false;
+        }
+        let streams_to_sk = |compute: &Compute| {
+            let wal_queued = compute.links[sk]
+                .to_acceptor
+                .iter()
+                .any(|message| matches!(message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty()));
+            compute.stopped.is_none()
+                && (wal_queued || compute.proposer.status().safekeepers[sk].state == PeerState::Streaming)
+        };
+        if self.computes.iter().any(streams_to_sk) {
+            return false;
+        }
+        let state = self.acceptors[source].acceptor().state();
+        let (history, commit) = (state.term_history.clone(), state.commit_lsn);
+        let start = self.acceptors[sk].acceptor().write_lsn();
+        if commit <= start || !start.is_valid() {
+            return false;
+        }
+        let committed =
+            self.durable_wal(source)[(start - TIMELINE_START) as usize..(commit - TIMELINE_START) as usize].to_vec();
+        let mut at = start;
+        for piece in split_at_segments(start, &committed, self.acceptors[sk].acceptor().state().wal_segment_size) {
+            let wal = PeerWal {
+                begin_lsn: at,
+                wal: Bytes::copy_from_slice(piece),
+                source_history: history.clone(),
+                source_commit_lsn: commit,
+            };
+            if self.acceptors[sk].append_peer_wal(&wal).is_err() {
+                break;
+            }
+            at = at + piece.len() as u64;
+        }
+        self.sync(sk);
+        true
+    }
+
     pub fn durable_wal(&self, sk: usize) -> &[u8] {
         let wal = self.acceptors[sk].wal();
         if !wal.start_lsn().is_valid() {
@@ -447,4 +494,18 @@ impl Net {
     pub fn holders_of(&self, wal: &[u8]) -> usize {
         (0..self.acceptors.len()).filter(|&sk| self.durable_wal(sk).starts_with(wal)).count()
     }
+}
+
+/// `wal` starting at `start`, cut where segments end.
+fn split_at_segments(start: Lsn, wal: &[u8], segment_size: WalSegmentSize) -> Vec<&[u8]> {
+    let mut pieces = vec![];
+    let (mut at, mut rest) = (start, wal);
+    while !rest.is_empty() {
+        let len = ((at.next_segment_start(segment_size) - at) as usize).min(rest.len());
+        let (piece, tail) = rest.split_at(len);
+        pieces.push(piece);
+        at = at + len as u64;
+        rest = tail;
+    }
+    pieces
 }

@@ -1,7 +1,9 @@
 //! A seeded, deterministic simulation: random message interleavings across
 //! links, dropped connections, one-way partitions (a direction stalls until
 //! it heals or the connection drops), safekeeper crashes (unsynced WAL lost
-//! but for a random prefix) and restarts, Postgres writing more, proposer
+//! but for a random prefix) and restarts, peer recovery (a safekeeper no
+//! proposer is connected to copies committed WAL from another through
+//! `append_peer_wal`), Postgres writing more, proposer
 //! restarts (the old one killed or left running until fenced, so two
 //! proposers may be alive at once).
 //!
@@ -321,12 +323,13 @@ impl Simulation {
             770..=799 if running && up => self.net.disconnect(c, sk),
             800..=859 if running && !up && !self.net.down[sk] => self.net.connect(c, sk),
             860..=879 if up => self.toggle_partition(c, sk),
-            880..=889 if !self.net.down[sk] => {
+            880..=886 if !self.net.down[sk] => {
                 let unsynced = self.net.acceptors[sk].wal().write_lsn() - self.net.acceptors[sk].wal().flush_lsn();
                 let keep = self.rng.gen_range(0..=unsynced as usize);
                 self.net.crash_safekeeper(sk, keep);
                 self.acceptor_commit[sk] = Lsn::INVALID;
             }
+            887..=889 => self.peer_recovery(),
             890..=909 if self.net.down[sk] => self.net.restart_safekeeper(sk),
             910..=939 => self.net.advance_time(self.rng.gen_range(10..250)),
             940..=979 => self.postgres_writes_more(),
@@ -340,6 +343,15 @@ impl Simulation {
             990..=999 if self.net.computes.len() < MAX_COMPUTES_PER_SEED => self.minority_term(),
             _ => {}
         }
+    }
+
+    /// The most lagging safekeeper copies from the one with the highest
+    /// commit LSN, as the service's peer recovery picks its source.
+    fn peer_recovery(&mut self) {
+        let acceptor = |sk: usize| self.net.acceptors[sk].acceptor();
+        let lagging = (0..SAFEKEEPERS).min_by_key(|&sk| acceptor(sk).write_lsn()).expect("safekeepers");
+        let source = (0..SAFEKEEPERS).max_by_key(|&sk| acceptor(sk).commit_lsn()).expect("safekeepers");
+        self.net.copy_from_peer(lagging, source);
     }
 
     /// Stall one direction of a link, or heal it.

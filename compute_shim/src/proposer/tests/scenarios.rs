@@ -75,7 +75,8 @@ fn commit_needs_a_majority() {
 /// Rules: a restarted proposer is elected in a higher term, takes the voter
 /// with the highest (last_log_term, flush) as donor, starts its term there
 /// and truncates no committed WAL; a safekeeper whose position the proposer
-/// no longer buffers is reported too far behind, not skipped silently.
+/// no longer buffers is reported too far behind, not skipped silently, and
+/// peer recovery brings it back.
 #[test]
 fn restarted_proposer_continues_from_the_best_donor() {
     let mut postgres = Postgres::generate(1200, 3);
@@ -135,6 +136,20 @@ fn restarted_proposer_continues_from_the_best_donor() {
     let status = net.computes[third].proposer.status();
     assert_eq!(status.safekeepers[0].state, PeerState::TooFarBehind);
     assert_eq!(net.commit_lsn(third), end, "the quorum goes on");
+
+    // Peer recovery: once safekeeper 1 knows the commit LSN (a heartbeat),
+    // safekeeper 0 copies the committed WAL from it; after the handoff
+    // (its proposer connection is refused once, the shim reconnects) the
+    // proposer streams to it again.
+    net.advance_time(1_000);
+    net.run_until_quiet();
+    assert!(net.copy_from_peer(0, 1), "safekeeper 0 is behind and nobody streams to it");
+    assert_eq!(net.acceptors[0].acceptor().flush_lsn(), end, "copied up to safekeeper 1's commit");
+    net.disconnect(third, 0);
+    net.connect(third, 0);
+    net.run_until_quiet();
+    assert_eq!(net.computes[third].proposer.status().safekeepers[0].state, PeerState::Streaming);
+    assert_eq!(net.holders(&postgres, end), 3, "all three hold Postgres's WAL again");
 }
 
 /// Rule: only flushes at or past the term start count (Raft's figure 8).
