@@ -18,6 +18,8 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(300);
 /// WAL written per statement: one commit each.
 const CHUNK_MIB: u64 = 128;
+/// What the writer of the test under load writes at most.
+const MAX_LOAD_MIB: u64 = 2048;
 /// Bytes compared per read when checking the copy.
 const COMPARE_WINDOW_BYTES: u64 = 64 << 20;
 
@@ -42,6 +44,26 @@ fn pg_wal_bytes(pg: &PgCluster) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Write at least `mib` MiB with checkpoints in between, until Postgres
+/// no longer holds the segment of `behind_at` (it can no longer resend what
+/// a safekeeper stopped there needs). Returns the largest pg_wal seen.
+fn write_until_recycled(cluster: &QuorumCluster, behind_at: Lsn, mib: u64) -> Result<u64> {
+    let segment_size = cluster.segment_size()?;
+    let first_missing = behind_at.segment_no(segment_size).file_name(1, segment_size);
+    let written_from = cluster.pg_flush_lsn()?;
+    let mut largest_pg_wal = 0;
+    loop {
+        let written = cluster.pg_flush_lsn()? - written_from;
+        if written >= mib << 20 && !cluster.pg.pg_wal_dir().join(&first_missing).exists() {
+            return Ok(largest_pg_wal);
+        }
+        ensure!(written < (mib + 1024) << 20, "Postgres still holds {first_missing} after {} MiB", written >> 20);
+        write_wal(&cluster.pg, CHUNK_MIB.min(mib.max(1)))?;
+        cluster.pg.psql("CHECKPOINT")?;
+        largest_pg_wal = largest_pg_wal.max(pg_wal_bytes(&cluster.pg)?);
+    }
 }
 
 /// About `mib` MiB of WAL in one acknowledged transaction.
@@ -106,22 +128,11 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
     cluster.kill_safekeeper(2)?;
     let behind_at = json_lsn(&cluster.timeline_status(0)?, "flush_lsn")?;
     let target_mib = wal_to_write_mib()?;
-    let mut largest_pg_wal = 0;
     let written_from = cluster.pg_flush_lsn()?;
-    while cluster.pg_flush_lsn()? - written_from < target_mib << 20 {
-        write_wal(&cluster.pg, CHUNK_MIB)?;
-        cluster.pg.psql("CHECKPOINT")?;
-        largest_pg_wal = largest_pg_wal.max(pg_wal_bytes(&cluster.pg)?);
-    }
+    let largest_pg_wal = write_until_recycled(&cluster, behind_at, target_mib)?;
     let end = cluster.pg_flush_lsn()?;
     let commit = cluster.wait_shim_commit(end, COMMIT_TIMEOUT)?;
     let written_mib = (end - written_from) >> 20;
-    // The premise: Postgres itself can no longer resend what it needs.
-    let first_missing = behind_at.segment_no(segment_size).file_name(1, segment_size);
-    ensure!(
-        !cluster.pg.pg_wal_dir().join(&first_missing).exists(),
-        "Postgres still holds {first_missing}: write more WAL for this test to mean anything"
-    );
     // Nothing was kept for the stopped safekeeper: pg_wal stayed near
     // max_wal_size while {written_mib} MiB went through it.
     ensure!(largest_pg_wal < 640 << 20, "pg_wal grew to {} MiB while safekeeper 3 was down", largest_pg_wal >> 20);
@@ -166,7 +177,12 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
         window_start = window_end;
     }
 
-    // The shim streams to it again: a new commit reaches all three.
+    // The shim streams to it again (not peer recovery keeping it current):
+    // a new commit reaches all three.
+    wait_for(COMMIT_TIMEOUT, "the shim to stream to safekeeper 3 again", || {
+        let status = cluster.shim()?.status()?;
+        Ok((status["safekeepers"][2]["state"] == "streaming").then_some(()))
+    })?;
     write_wal(&cluster.pg, 1)?;
     let flush = cluster.pg_flush_lsn()?;
     cluster.wait_shim_commit(flush, COMMIT_TIMEOUT)?;
@@ -174,5 +190,59 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
         let shim = cluster.shim().and_then(|shim| shim.status()).map(|s| s.to_string()).unwrap_or_default();
         format!("after recovery the shim does not stream to safekeeper 3: {shim}")
     })?;
+    Ok(())
+}
+
+/// The same while Postgres keeps writing: rounds follow each other until
+/// the gap is small, then the shim streams to the safekeeper again.
+#[test]
+fn a_safekeeper_catches_up_from_its_peers_under_load() -> Result<()> {
+    let mut cluster = QuorumCluster::start(options())?;
+    cluster.pg.psql("CREATE TABLE filler (v bigint, pad text)")?;
+    cluster.kill_safekeeper(2)?;
+    let behind_at = json_lsn(&cluster.timeline_status(0)?, "flush_lsn")?;
+    write_until_recycled(&cluster, behind_at, 512)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let QuorumCluster { pg, safekeepers, shim, .. } = &mut cluster;
+    let shim = shim.as_ref().context("no shim")?;
+    let caught_up = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| -> Result<u64> {
+            let mut written_mib = 0;
+            // Bounded whatever happens: the disk must not fill.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && written_mib < MAX_LOAD_MIB {
+                write_wal(pg, 2)?;
+                written_mib += 2;
+            }
+            Ok(written_mib)
+        });
+        let started = Instant::now();
+        let result = safekeepers[2].restart().and_then(|restarted| {
+            safekeepers[2] = restarted;
+            wait_for(RECOVERY_TIMEOUT, "safekeeper 3 to be streamed to again", || {
+                let status = shim.status()?;
+                Ok((status["safekeepers"][2]["state"] == "streaming").then_some(()))
+            })
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written_mib = writer.join().expect("the writer thread panicked")?;
+        result.map(|()| (seconds, written_mib))
+    });
+    let (seconds, written_mib) =
+        caught_up.with_context(|| format!("safekeeper 3 log: {}", cluster.safekeepers[2].process.log_tail()))?;
+    let recovery = cluster.timeline_status(2)?["peer_recovery"].clone();
+    println!(
+        "peer recovery under load: streamed to again {seconds:.1} s after the restart, {written_mib} MiB written \
+         meanwhile; status {recovery}"
+    );
+    ensure!(recovery["completed_rounds"].as_u64() >= Some(1), "no recovery round completed: {recovery}");
+    // Everything committed from here on reaches it as it does the others.
+    write_wal(&cluster.pg, 1)?;
+    let flush = cluster.pg_flush_lsn()?;
+    cluster.wait_shim_commit(flush, COMMIT_TIMEOUT)?;
+    cluster.wait_safekeeper_flush(2, flush, COMMIT_TIMEOUT)?;
+    let segment_size = cluster.segment_size()?;
+    let recovered = read_wal(&cluster.timeline_dir(2), segment_size, behind_at, flush)?;
+    ensure!(recovered == read_wal(&cluster.timeline_dir(0), segment_size, behind_at, flush)?, "safekeeper 3 differs");
     Ok(())
 }

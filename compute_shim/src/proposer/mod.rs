@@ -714,12 +714,7 @@ impl Proposer {
         }
         let Campaign::Elected(election) = &self.campaign else { return None };
         let peer = &mut self.peers[sk];
-        let Link::Streaming { next_lsn } = peer.link else { return None };
-        let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
-        if self.wal.is_none() && next_lsn < self.postgres_wal_removed_below {
-            peer.link = Link::TooFarBehind; // before WAL flows; with a buffer, `can_catch_up` decides
-            return None;
-        }
+        let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
         let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {
             cluster: self.config.cluster,
             term: election.term,
@@ -728,6 +723,20 @@ impl Proposer {
             commit_lsn: self.commit_lsn,
             wal,
         };
+        let heartbeat = |at_lsn: Lsn| ProposerMessage::AppendRequest(append(at_lsn, at_lsn, Default::default()));
+        if peer.link == Link::TooFarBehind {
+            // Heartbeats only: it learns the commit LSN (peer recovery
+            // copies up to it), and its service can end this connection once
+            // it caught up, so that the reconnection streams to it again.
+            let flush_lsn = peer.flush_lsn.expect("too-far-behind safekeepers have acknowledged");
+            return (idle_ms >= self.config.heartbeat_interval_ms).then(|| heartbeat(flush_lsn));
+        }
+        let Link::Streaming { next_lsn } = peer.link else { return None };
+        let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
+        if self.wal.is_none() && next_lsn < self.postgres_wal_removed_below {
+            peer.link = Link::TooFarBehind; // before WAL flows; with a buffer, `can_catch_up` decides
+            return None;
+        }
         let log_checked = matches!(self.log_check, LogCheckState::Passed);
         if let Some(buffer) = self.wal.as_ref().filter(|_| log_checked) {
             // Behind the buffer: served from the catch-up WAL once it has
@@ -753,11 +762,7 @@ impl Proposer {
                 }
             }
         }
-        let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
-        if idle_ms >= self.config.heartbeat_interval_ms {
-            return Some(ProposerMessage::AppendRequest(append(next_lsn, next_lsn, Default::default())));
-        }
-        None
+        (idle_ms >= self.config.heartbeat_interval_ms).then(|| heartbeat(next_lsn))
     }
 }
 

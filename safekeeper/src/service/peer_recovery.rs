@@ -35,6 +35,13 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Copy only when at least this far behind the best peer's commit (one
 /// WAL page: less is a proposer's message in flight).
 pub const MIN_LAG_BYTES: u64 = 8 << 10;
+/// A round that copied less than this ends recovery: the proposer resends
+/// the rest from its buffer or from Postgres. A larger one is followed by
+/// another round at once.
+const HANDOFF_BELOW_BYTES: u64 = 4 << 20;
+/// How long after a handoff the proposer gets to take over before
+/// recovery looks again.
+const HANDOFF_GRACE: Duration = Duration::from_secs(10);
 /// A proposer that sent WAL this recently is streaming: stay out of its way.
 const PROPOSER_QUIET: Duration = Duration::from_secs(3);
 /// Largest piece handed to the owner (one acceptor write).
@@ -89,15 +96,37 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(POLL_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handed_off_at: Option<Instant> = None;
         loop {
             ticks.tick().await;
             let Some(timeline) = handle.upgrade().filter(|timeline| timeline.is_running()) else { return };
-            if let Err(error) = recover_once(&timeline, &client, &peers).await {
-                tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
-                update(&timeline, |status| {
-                    status.state = "idle";
-                    status.last_error = Some(error);
-                });
+            // After a handoff the proposer reconnects and resends the rest
+            // (from its buffer, or re-reading Postgres); copying meanwhile
+            // would append where it is about to.
+            if handed_off_at.is_some_and(|at| at.elapsed() < HANDOFF_GRACE) {
+                continue;
+            }
+            // Rounds follow each other at once while each still copies a
+            // lot (the peers' commit moves on under load meanwhile); the
+            // proposer takes over once the gap is small.
+            loop {
+                match recover_once(&timeline, &client, &peers).await {
+                    Ok(Some(copied_bytes)) if copied_bytes >= HANDOFF_BELOW_BYTES => continue,
+                    Ok(Some(_)) => {
+                        // Proposers that saw us behind reconnect and stream from here.
+                        let _ = timeline.send(OwnerInput::PeerRecoveryDone).await;
+                        handed_off_at = Some(Instant::now());
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
+                        update(&timeline, |status| {
+                            status.state = "idle";
+                            status.last_error = Some(error);
+                        });
+                    }
+                }
+                break;
             }
         }
     });
@@ -113,17 +142,18 @@ fn may_copy(timeline: &TimelineHandle, snapshot: &TimelineSnapshot) -> bool {
     snapshot.elected_term == Some(snapshot.term) && !proposer_streaming && snapshot.stopped_by_error.is_none()
 }
 
-/// One look: copy from the most advanced peer if we are well behind it.
+/// One look: copy from the most advanced peer if we are behind it;
+/// returns the bytes copied if a round ran.
 async fn recover_once(
     timeline: &Arc<TimelineHandle>,
     client: &SafekeeperClient,
     peers: &[SafekeeperAddress],
-) -> Result<(), String> {
+) -> Result<Option<u64>, String> {
     let snapshot = timeline.snapshot();
     if !may_copy(timeline, &snapshot) {
-        return Ok(());
+        return Ok(None);
     }
-    let Some((peer, status)) = most_advanced_peer(client, peers, &snapshot).await else { return Ok(()) };
+    let Some((peer, status)) = most_advanced_peer(client, peers, &snapshot).await else { return Ok(None) };
     let start_lsn = snapshot.flush_lsn;
     tracing::info!(%peer, %start_lsn, target = %status.commit_lsn, "peer recovery: copying committed WAL");
     update(timeline, |recovery| {
@@ -149,9 +179,7 @@ async fn recover_once(
         recovery.completed_rounds += 1;
         recovery.last_round_ms = Some(started.elapsed().as_millis() as u64);
     });
-    // Proposers that saw us behind reconnect and stream from here.
-    let _ = timeline.send(OwnerInput::PeerRecoveryDone).await;
-    Ok(())
+    Ok(Some(copied_bytes))
 }
 
 /// The peer with the highest commit LSN, if it is at least `MIN_LAG_BYTES`
