@@ -227,10 +227,11 @@ pub fn decode_to_end(
 }
 
 /// The start of the last record that ends at or before `end` (a record
-/// boundary of the stored WAL), or `None` if no record ends there within
-/// the WAL still held. Decodes forward from a segment start (where the
-/// decoder can begin: a continuation from the segment before is skipped),
-/// going one segment further back while no record is found.
+/// boundary of the stored WAL: a record's end, with or without its
+/// alignment padding), or `None` if no record ends there within the WAL
+/// still held. Decodes forward from a segment start (where the decoder can
+/// begin: a continuation from the segment before is skipped), going one
+/// segment further back while no record is found.
 pub fn last_record_start(
     storage: &mut impl WalStorage,
     end: Lsn,
@@ -240,13 +241,16 @@ pub fn last_record_start(
         return Ok(None);
     }
     let mut segment_start = Lsn(end.0 - 1).segment_start(segment_size);
+    // Records report their end with the padding (Postgres's EndRecPtr);
+    // a boundary may stop before it.
+    let padded_end = end.align_up(8);
     let mut buf = vec![0u8; RECOVERY_READ_CHUNK_BYTES];
     while segment_start >= storage.start_lsn() {
         let mut decoder = WalDecoder::at_segment_start(segment_start, segment_size);
         let mut last = None;
         loop {
             match decoder.next_record() {
-                Ok(DecodeStep::Record(record)) if record.end_lsn <= end => last = Some(record.start_lsn),
+                Ok(DecodeStep::Record(record)) if record.end_lsn <= padded_end => last = Some(record.start_lsn),
                 Ok(DecodeStep::NeedMoreInput) if decoder.input_end_lsn() < end => {
                     let pos = decoder.input_end_lsn();
                     let len = ((end - pos) as usize).min(buf.len());

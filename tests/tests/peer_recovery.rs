@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::pg::{PgCluster, PgOptions};
+use integration_tests::processes::http_request;
 use integration_tests::wal_files::read_wal;
 use safekeeper::lsn::Lsn;
 
@@ -75,6 +76,16 @@ fn write_wal(pg: &PgCluster, mib: u64) -> Result<()> {
         COMMIT_TIMEOUT,
     )?;
     Ok(())
+}
+
+/// The value of the first sample of `name` in a Prometheus text page.
+fn metric_value(page: &str, name: &str) -> Result<f64> {
+    let line = page
+        .lines()
+        .find(|line| line.starts_with(name) && !line.starts_with('#'))
+        .with_context(|| format!("no {name} in /metrics"))?;
+    let value = line.rsplit(' ').next().unwrap_or_default();
+    value.parse().with_context(|| format!("{name} sample {line:?}"))
 }
 
 /// The baselines of the same run: curl pulling the same range from a peer
@@ -155,6 +166,9 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
         (commit - behind_at) as f64 / seconds / 1e6,
     );
     ensure!(recovery["completed_rounds"].as_u64() >= Some(1), "no recovery round completed: {recovery}");
+    let metrics = http_request("GET", cluster.safekeepers[2].http_addr, "/metrics", None, Duration::from_secs(10))?;
+    let copied_total = metric_value(&String::from_utf8_lossy(&metrics.body), "safekeeper_peer_recovery_bytes_total")?;
+    ensure!(copied_total >= (commit - behind_at) as f64 * 0.99, "peer recovery bytes metric {copied_total}");
     if let (Some(bytes), Some(ms)) = (recovery["copied_bytes"].as_u64(), recovery["last_round_ms"].as_u64()) {
         println!("peer recovery: the last round copied {} MiB in {ms} ms", bytes >> 20);
     }

@@ -633,11 +633,17 @@ impl Proposer {
                 self.ask_for_log_digest();
             }
             Link::Streaming { next_lsn } => {
+                // Beyond what we sent but not beyond our commit: it copied
+                // committed WAL from a peer meanwhile (peer recovery); go on
+                // from there. Beyond our commit nothing can explain it.
                 if response.flush_lsn > next_lsn {
-                    return Err(peer_fault(PeerFault::FlushBeyondSent {
-                        reported: response.flush_lsn,
-                        sent: next_lsn,
-                    }));
+                    if response.flush_lsn > self.commit_lsn {
+                        return Err(peer_fault(PeerFault::FlushBeyondSent {
+                            reported: response.flush_lsn,
+                            sent: next_lsn,
+                        }));
+                    }
+                    peer.link = Link::Streaming { next_lsn: response.flush_lsn };
                 }
                 peer.record_flush(response.flush_lsn).map_err(peer_fault)?;
             }

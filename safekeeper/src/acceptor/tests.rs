@@ -583,3 +583,30 @@ fn peer_wal_is_taken_only_from_a_log_that_is_ours() {
     let error = timeline.append_peer_wal(&peer_wal(at, &rest[..100.min(rest.len())], &ours, commit)).unwrap_err();
     assert!(error.to_string().contains("no proposer of our current term"), "{error}");
 }
+
+/// A restart at a record end that stops before the record's alignment
+/// padding (as a stream cut there leaves it) resumes expecting the right
+/// back-link: the next record of the same history is accepted.
+#[test]
+fn a_restart_at_an_unpadded_record_end_accepts_the_next_record() {
+    let mut generator = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+    generator.append_record(10, 0, 1, &[1u8; 1000]);
+    let second = generator.append_record(10, 0, 2, &[2u8; 1000]);
+    generator.append_record(10, 0, 3, &[3u8; 1000]);
+    let (_, wal) = generator.take_bytes();
+    // 24-byte header + 5-byte block header + 1000 bytes: the record's last
+    // byte is 3 bytes short of its padded end.
+    let unpadded_end = Lsn(second.end_lsn.0 - 3);
+    let cut = (unpadded_end - TIMELINE_START) as usize;
+
+    let mut timeline = new_timeline();
+    vote_response(timeline.handle(vote(1)).unwrap());
+    append_response(timeline.handle(elected(1, &[(1, TIMELINE_START)])).unwrap());
+    let ack = send_wal(&mut timeline, 1, TIMELINE_START, &wal[..cut], Lsn(0));
+    assert_eq!(ack.flush_lsn, unpadded_end, "the flush stops at the record's last byte");
+    let mut timeline = timeline.crash_and_restart(0);
+    vote_response(timeline.handle(vote(2)).unwrap());
+    append_response(timeline.handle(elected(2, &[(1, TIMELINE_START), (2, unpadded_end)])).unwrap());
+    let ack = send_wal(&mut timeline, 2, unpadded_end, &wal[cut..], Lsn(0));
+    assert_eq!(ack.flush_lsn, TIMELINE_START + wal.len() as u64);
+}

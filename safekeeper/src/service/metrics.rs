@@ -29,6 +29,8 @@ pub struct Metrics {
     wal_bytes_written: IntCounterVec,
     wal_bytes_served: IntCounterVec,
     removed_segments: IntCounterVec,
+    peer_recovery_bytes: IntCounterVec,
+    peer_recovery_rounds: IntCounterVec,
     sync_seconds: HistogramVec,
     appends_per_sync: HistogramVec,
 }
@@ -39,6 +41,8 @@ pub struct TimelineMetrics {
     pub wal_bytes_written: IntCounter,
     pub wal_bytes_served: IntCounter,
     pub removed_segments: IntCounter,
+    pub peer_recovery_bytes: IntCounter,
+    pub peer_recovery_rounds: IntCounter,
     pub sync_seconds: Histogram,
     pub appends_per_sync: Histogram,
 }
@@ -116,6 +120,16 @@ impl Metrics {
             wal_bytes_written: counter(r, "safekeeper_wal_written_bytes_total", "WAL bytes written to segment files"),
             wal_bytes_served: counter(r, "safekeeper_wal_served_bytes_total", "WAL bytes sent to consumers"),
             removed_segments: counter(r, "safekeeper_removed_segments_total", "Segments removed by WAL retention"),
+            peer_recovery_bytes: counter(
+                r,
+                "safekeeper_peer_recovery_bytes_total",
+                "WAL bytes copied from peer safekeepers (peer recovery)",
+            ),
+            peer_recovery_rounds: counter(
+                r,
+                "safekeeper_peer_recovery_rounds_total",
+                "Peer recovery rounds that reached their target",
+            ),
             sync_seconds: histogram(
                 r,
                 "safekeeper_wal_sync_seconds",
@@ -140,6 +154,8 @@ impl Metrics {
             wal_bytes_written: self.wal_bytes_written.with_label_values(&labels),
             wal_bytes_served: self.wal_bytes_served.with_label_values(&labels),
             removed_segments: self.removed_segments.with_label_values(&labels),
+            peer_recovery_bytes: self.peer_recovery_bytes.with_label_values(&labels),
+            peer_recovery_rounds: self.peer_recovery_rounds.with_label_values(&labels),
             sync_seconds: self.sync_seconds.with_label_values(&labels),
             appends_per_sync: self.appends_per_sync.with_label_values(&labels),
         }
@@ -152,7 +168,14 @@ impl Metrics {
         for family in self.gauge_families() {
             let _ = family.remove_label_values(&labels);
         }
-        for family in [&self.wal_bytes_written, &self.wal_bytes_served, &self.removed_segments] {
+        let counters = [
+            &self.wal_bytes_written,
+            &self.wal_bytes_served,
+            &self.removed_segments,
+            &self.peer_recovery_bytes,
+            &self.peer_recovery_rounds,
+        ];
+        for family in counters {
             let _ = family.remove_label_values(&labels);
         }
         for family in [&self.sync_seconds, &self.appends_per_sync] {

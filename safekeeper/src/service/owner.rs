@@ -337,6 +337,7 @@ fn process_batch<'a>(
                     Ok(()) => {
                         appends += 1;
                         metrics.wal_bytes_written.inc_by(wal.wal.len() as u64);
+                        metrics.peer_recovery_bytes.inc_by(wal.wal.len() as u64);
                         outcome.peer_wal.push(Ok(()));
                     }
                     Err(TimelineError::Refused(error)) => outcome.peer_wal.push(Err(error.to_string())),

@@ -173,6 +173,7 @@ async fn recover_once(
     let copied_bytes = reached - start_lsn;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(%peer, %reached, copied_bytes, seconds, "peer recovery: round done");
+    timeline.shared.metrics.peer_recovery_rounds.inc();
     update(timeline, |recovery| {
         recovery.state = "idle";
         recovery.copied_bytes = copied_bytes;

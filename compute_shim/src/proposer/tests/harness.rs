@@ -423,13 +423,13 @@ impl Net {
         if sk == source || self.down[sk] || self.down[source] {
             return false;
         }
+        // The service copies only after proposers were quiet for seconds:
+        // here, only while every running compute connected to `sk` holds it
+        // too far behind (sending heartbeats only).
         let streams_to_sk = |compute: &Compute| {
-            let wal_queued = compute.links[sk]
-                .to_acceptor
-                .iter()
-                .any(|message| matches!(message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty()));
             compute.stopped.is_none()
-                && (wal_queued || compute.proposer.status().safekeepers[sk].state == PeerState::Streaming)
+                && compute.links[sk].up
+                && compute.proposer.status().safekeepers[sk].state != PeerState::TooFarBehind
         };
         if self.computes.iter().any(streams_to_sk) {
             return false;
