@@ -106,27 +106,23 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
             if handed_off_at.is_some_and(|at| at.elapsed() < HANDOFF_GRACE) {
                 continue;
             }
-            // Rounds follow each other at once while each still copies a
-            // lot (the peers' commit moves on under load meanwhile); the
-            // proposer takes over once the gap is small.
-            loop {
-                match recover_once(&timeline, &client, &peers).await {
-                    Ok(Some(copied_bytes)) if copied_bytes >= HANDOFF_BELOW_BYTES => continue,
-                    Ok(Some(_)) => {
-                        // Proposers that saw us behind reconnect and stream from here.
+            match recover(&timeline, &client, &peers).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    // Proposers that saw us behind reconnect and stream from
+                    // here (unless one already streams to us again).
+                    if !proposer_streaming(&timeline) {
                         let _ = timeline.send(OwnerInput::PeerRecoveryDone).await;
                         handed_off_at = Some(Instant::now());
                     }
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
-                        update(&timeline, |status| {
-                            status.state = "idle";
-                            status.last_error = Some(error);
-                        });
-                    }
                 }
-                break;
+                Err(error) => {
+                    tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
+                    update(&timeline, |status| {
+                        status.state = "idle";
+                        status.last_error = Some(error);
+                    });
+                }
             }
         }
     });
@@ -136,10 +132,31 @@ fn update(timeline: &TimelineHandle, change: impl FnOnce(&mut PeerRecoveryStatus
     change(&mut timeline.shared.peer_recovery.lock().unwrap_or_else(PoisonError::into_inner));
 }
 
-fn may_copy(timeline: &TimelineHandle, snapshot: &TimelineSnapshot) -> bool {
+fn proposer_streaming(timeline: &TimelineHandle) -> bool {
     let last_wal = *timeline.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner);
-    let proposer_streaming = last_wal.is_some_and(|at| at.elapsed() < PROPOSER_QUIET);
-    snapshot.elected_term == Some(snapshot.term) && !proposer_streaming && snapshot.stopped_by_error.is_none()
+    last_wal.is_some_and(|at| at.elapsed() < PROPOSER_QUIET)
+}
+
+fn may_copy(timeline: &TimelineHandle, snapshot: &TimelineSnapshot) -> bool {
+    snapshot.elected_term == Some(snapshot.term) && !proposer_streaming(timeline) && snapshot.stopped_by_error.is_none()
+}
+
+/// Rounds follow each other at once while each still copies a lot (the
+/// peers' commit moves on under load meanwhile), until one copies little
+/// or finds nothing to copy. Returns whether any round ran.
+async fn recover(
+    timeline: &Arc<TimelineHandle>,
+    client: &SafekeeperClient,
+    peers: &[SafekeeperAddress],
+) -> Result<bool, String> {
+    let mut copied_any = false;
+    while let Some(copied_bytes) = recover_once(timeline, client, peers).await? {
+        copied_any = true;
+        if copied_bytes < HANDOFF_BELOW_BYTES {
+            break;
+        }
+    }
+    Ok(copied_any)
 }
 
 /// One look: copy from the most advanced peer if we are behind it;
