@@ -273,14 +273,15 @@ impl Proposer {
             }
             return Some(self.catch_up_wanted(buffer).unwrap_or(buffer.end_lsn()));
         }
-        match &self.log_check {
-            LogCheckState::NotStarted if self.log_check_start(election) < election.term_start_lsn => {
-                return Some(self.log_check_start(election));
+        let log_check_wants = match &self.log_check {
+            LogCheckState::NotStarted => {
+                Some(self.log_check_start(election)).filter(|&start| start < election.term_start_lsn)
             }
-            LogCheckState::Running(check) if check.postgres_wanted_from().is_some() => {
-                return check.postgres_wanted_from();
-            }
-            _ => {}
+            LogCheckState::Running(check) => check.postgres_wanted_from(),
+            LogCheckState::Passed => None,
+        };
+        if log_check_wants.is_some() {
+            return log_check_wants;
         }
         if self.peers.iter().any(|peer| peer.awaited_for_wal_start) {
             // A stalled safekeeper must not hold up every commit: once a
