@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use compute_shim::driver::startup::{connect_postgres, ShimOptions};
 use compute_shim::driver::{self, http, ShimStatus};
@@ -108,10 +108,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(system_id = %setup.cluster.system_id, timeline_start = %setup.timeline_start_lsn,
         postgres_flush = %setup.pg_flush_lsn, "connected to Postgres; campaigning");
     let (status_tx, status_rx) = watch::channel(ShimStatus::default());
-    let server = axum::serve(listener, http::router(status_rx));
+    let (requests_tx, requests_rx) = mpsc::channel(driver::MEMBERSHIP_REQUESTS_QUEUE);
+    let server = axum::serve(listener, http::router(status_rx, requests_tx));
     tokio::select! {
         served = server => served.context("HTTP server stopped")?,
-        result = driver::run(setup, status_tx) => result?,
+        result = driver::run(setup, status_tx, requests_rx) => result?,
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ fn greeting(cluster: ClusterId) -> ProposerMessage {
         pg_version: PG15_VERSION_NUM,
         wal_segment_size_bytes: WalSegmentSize::DEFAULT.bytes() as u32,
         proposer_id: [1; 16],
+        generation: 0,
     })
 }
 
@@ -45,7 +46,7 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
         AcceptorMessage::GreetingResponse(response) => ensure!(response.node_id == NodeId(7)),
         other => bail!("expected a greeting response, got {other:?}"),
     }
-    writer.send(&ProposerMessage::VoteRequest(VoteRequest { cluster: ours, term: Term(3) })).await?;
+    writer.send(&ProposerMessage::VoteRequest(VoteRequest { cluster: ours, term: Term(3), generation: 0 })).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await?? {
         AcceptorMessage::VoteResponse(vote) => ensure!(vote.vote_given && vote.term == Term(3)),
         other => bail!("expected a vote, got {other:?}"),

@@ -17,6 +17,10 @@
 //! - commit_lsn never moves backwards and never passes the local flush LSN;
 //! - a WAL digest is given only of durable WAL, and only to the proposer
 //!   whose ProposerElected we accepted (it vouches for the bytes of its term).
+//! - a proposer message of an older configuration generation is refused, and
+//!   so is every message but a greeting once our configuration leaves us
+//!   out; a configuration is stored only from the elected proposer of our
+//!   current term, and only one that takes precedence over ours.
 
 use bytes::Bytes;
 
@@ -24,8 +28,8 @@ use crate::control::{ControlState, TermHistory, TermStart};
 use crate::ids::{ClusterId, NodeId, Term};
 use crate::lsn::Lsn;
 use crate::protocol::{
-    AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
-    VoteRequest, VoteResponse, WalDigestRequest, PROTOCOL_VERSION,
+    AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, MembershipResponse, ProposerElected,
+    ProposerMessage, SetMembership, VoteRequest, VoteResponse, WalDigestRequest, PROTOCOL_VERSION,
 };
 use crate::storage::SyncedLsn;
 use crate::wal::{DecodeStep, WalDecodeError, WalDecoder};
@@ -114,6 +118,14 @@ pub enum AcceptorError {
     PeerWalRefused { begin_lsn: Lsn, end_lsn: Lsn, reason: String },
     #[error("WAL digest of {start_lsn}..{end_lsn} asked for, but this safekeeper holds durable WAL only in {held_start_lsn}..{flush_lsn}")]
     DigestOutOfRange { start_lsn: Lsn, end_lsn: Lsn, held_start_lsn: Lsn, flush_lsn: Lsn },
+    #[error("the proposer's configuration generation {theirs} is older than this safekeeper's {ours}: greet again to learn it")]
+    StaleGeneration { ours: u32, theirs: u32 },
+    #[error(
+        "this safekeeper (node {node_id}) is not a member of the timeline's configuration generation {generation}"
+    )]
+    NotAMember { node_id: NodeId, generation: u32 },
+    #[error("membership configuration refused: {reason}")]
+    BadConfiguration { reason: String },
 }
 
 /// Position of this acceptor's WAL. `flush_lsn <= written_boundary_lsn <= write_lsn`.
@@ -205,13 +217,66 @@ impl Acceptor {
                 got: Box::new(*message.cluster()),
             });
         }
+        if !matches!(message, ProposerMessage::Greeting(_)) {
+            self.check_membership(message.generation())?;
+        }
         match message {
             ProposerMessage::Greeting(greeting) => self.handle_greeting(&greeting),
             ProposerMessage::VoteRequest(request) => Ok(self.handle_vote(&request)),
             ProposerMessage::ProposerElected(elected) => self.handle_elected(&elected),
             ProposerMessage::AppendRequest(append) => self.handle_append(append),
             ProposerMessage::WalDigestRequest(request) => self.handle_digest_request(&request),
+            ProposerMessage::SetMembership(request) => self.handle_set_membership(request),
         }
+    }
+
+    /// A proposer of an older generation may not know that a quorum of its
+    /// set has moved on (it would count a minority of the new quorum
+    /// system); one whose configuration we are not in has nothing to ask us.
+    fn check_membership(&self, generation: u32) -> Result<(), AcceptorError> {
+        let ours = &self.state.membership;
+        if generation < ours.generation {
+            return Err(AcceptorError::StaleGeneration { ours: ours.generation, theirs: generation });
+        }
+        if ours.is_set() && ours.includes_node(self.node_id) == Some(false) {
+            return Err(AcceptorError::NotAMember { node_id: self.node_id, generation: ours.generation });
+        }
+        Ok(())
+    }
+
+    /// Store the elected proposer's configuration if it takes precedence
+    /// over ours (a newer generation, or the same one written in a later
+    /// term), then answer with what we hold.
+    fn handle_set_membership(&mut self, request: SetMembership) -> Result<Ready, AcceptorError> {
+        if request.term < self.state.term {
+            return Ok(self.membership_response_ready(vec![]));
+        }
+        if self.elected_term != Some(request.term) {
+            return Err(AcceptorError::NotElected { term: request.term });
+        }
+        let configuration = request.configuration;
+        configuration.validate().map_err(|reason| AcceptorError::BadConfiguration { reason })?;
+        if configuration.written_in_term > request.term {
+            let reason =
+                format!("written in term {} by a proposer of term {}", configuration.written_in_term, request.term);
+            return Err(AcceptorError::BadConfiguration { reason });
+        }
+        let mut actions = vec![];
+        if configuration.precedence() > self.state.membership.precedence() {
+            self.state.membership = configuration;
+            actions.push(self.persist_action());
+        }
+        Ok(self.membership_response_ready(actions))
+    }
+
+    fn membership_response_ready(&self, actions: Vec<StorageAction>) -> Ready {
+        let ours = &self.state.membership;
+        let reply = MembershipResponse {
+            term: self.state.term,
+            generation: ours.generation,
+            written_in_term: ours.written_in_term,
+        };
+        Ready { actions, reply: Some(AcceptorMessage::MembershipResponse(reply)), digest: None }
     }
 
     fn handle_greeting(&mut self, greeting: &Greeting) -> Result<Ready, AcceptorError> {
@@ -225,7 +290,11 @@ impl Acceptor {
                 return Err(AcceptorError::ParameterMismatch { what, ours, theirs });
             }
         }
-        let reply = GreetingResponse { node_id: self.node_id, term: self.state.term };
+        let reply = GreetingResponse {
+            node_id: self.node_id,
+            term: self.state.term,
+            configuration: self.state.membership.clone(),
+        };
         Ok(Ready { reply: Some(AcceptorMessage::GreetingResponse(reply)), ..Ready::default() })
     }
 

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ClusterId, Term};
 use crate::lsn::{Lsn, WalSegmentSize};
+use crate::membership::Configuration;
 
 /// One entry of a term history: `term` began writing at `start_lsn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +52,10 @@ pub struct ControlState {
     /// (Absent from control files written before retention existed.)
     #[serde(default)]
     pub remote_consistent_lsn: Lsn,
+    /// The safekeeper set as last written by a proposer (generation 0: none
+    /// yet; absent from control files written before membership changes).
+    #[serde(default)]
+    pub membership: Configuration,
 }
 
 impl ControlState {
@@ -65,6 +70,7 @@ impl ControlState {
             timeline_start_lsn: Lsn::INVALID,
             commit_lsn: Lsn::INVALID,
             remote_consistent_lsn: Lsn::INVALID,
+            membership: Configuration::default(),
         }
     }
 }

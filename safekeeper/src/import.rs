@@ -211,16 +211,19 @@ fn open_timeline(
 /// Greet, win a vote in a new term and announce a history extending the
 /// acceptor's own log (a one-member quorum's donor is that member).
 fn elect(timeline: &mut FileTimeline, cluster: ClusterId, pg_wal: &PgWal) -> Result<Term, ImportError> {
+    // The import speaks for whatever configuration the timeline holds.
+    let generation = timeline.acceptor().state().membership.generation;
     let greeting = Greeting {
         protocol_version: PROTOCOL_VERSION,
         cluster,
         pg_version: PG15_VERSION_NUM,
         wal_segment_size_bytes: pg_wal.segment_size.bytes() as u32,
         proposer_id: [0; 16],
+        generation,
     };
     timeline.handle(ProposerMessage::Greeting(greeting))?;
     let term = Term(timeline.acceptor().term().0 + 1);
-    let vote = match timeline.handle(ProposerMessage::VoteRequest(VoteRequest { cluster, term }))? {
+    let vote = match timeline.handle(ProposerMessage::VoteRequest(VoteRequest { cluster, term, generation }))? {
         Some(AcceptorMessage::VoteResponse(vote)) if vote.vote_given => vote,
         other => return Err(ImportError::UnexpectedReply(format!("{other:?}"))),
     };
@@ -229,7 +232,8 @@ fn elect(timeline: &mut FileTimeline, cluster: ClusterId, pg_wal: &PgWal) -> Res
     let timeline_start_lsn = if has_wal { vote.timeline_start_lsn } else { pg_wal.start_lsn() };
     let mut history = vote.term_history;
     history.0.push(TermStart { term, start_lsn: term_start_lsn });
-    let elected = ProposerElected { cluster, term, term_start_lsn, timeline_start_lsn, term_history: history };
+    let elected =
+        ProposerElected { cluster, term, generation, term_start_lsn, timeline_start_lsn, term_history: history };
     timeline.handle(ProposerMessage::ProposerElected(elected))?;
     Ok(term)
 }
@@ -243,6 +247,7 @@ fn stream(
     start: Lsn,
     end: Lsn,
 ) -> Result<(), ImportError> {
+    let generation = timeline.acceptor().state().membership.generation;
     let mut position = start;
     let mut appends_since_sync = 0;
     while position < end {
@@ -251,8 +256,8 @@ fn stream(
         let wal = Bytes::from(pg_wal.read(position, len)?);
         // One member: whatever it flushes is committed.
         let commit_lsn = timeline.acceptor().flush_lsn();
-        let append =
-            AppendRequest { cluster, term, begin_lsn: position, end_lsn: position + len as u64, commit_lsn, wal };
+        let end_lsn = position + len as u64;
+        let append = AppendRequest { cluster, term, generation, begin_lsn: position, end_lsn, commit_lsn, wal };
         timeline.handle(ProposerMessage::AppendRequest(append))?;
         position = position + len as u64;
         appends_since_sync += 1;
@@ -265,6 +270,7 @@ fn stream(
     let heartbeat = AppendRequest {
         cluster,
         term,
+        generation,
         begin_lsn: flush_lsn,
         end_lsn: flush_lsn,
         commit_lsn: flush_lsn,

@@ -4,6 +4,7 @@
 //! - [`lsn`], [`ids`]: positions and identities.
 //! - [`wal`]: the PG15 WAL format (decoder, generator).
 //! - [`control`]: the durable acceptor state.
+//! - [`membership`]: the safekeeper set (configuration, generation, quorums).
 //! - [`storage`]: segment files, the control file, an in-memory model.
 //! - [`protocol`]: proposer/acceptor messages and their encoding.
 //! - [`acceptor`]: the consensus acceptor as a pure state machine.
@@ -22,6 +23,7 @@ pub mod datadir;
 pub mod ids;
 pub mod import;
 pub mod lsn;
+pub mod membership;
 pub mod protocol;
 pub mod recovery;
 pub mod retention;

@@ -11,10 +11,11 @@ use sha2::{Digest, Sha256};
 use crate::control::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
 use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
+use crate::membership::{Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
 
 /// Version of this encoding, exchanged in the greeting. 2 added the WAL
-/// digest exchange.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// digest exchange, 3 the membership configuration and its generation.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest WAL payload in one AppendRequest. The proposer splits larger runs.
 pub const MAX_APPEND_PAYLOAD_BYTES: usize = 1 << 20;
 /// Largest encoded message of either direction (payload plus headers, or a
@@ -34,10 +35,12 @@ mod tag {
     pub const PROPOSER_ELECTED: u8 = b'e';
     pub const APPEND_REQUEST: u8 = b'a';
     pub const WAL_DIGEST_REQUEST: u8 = b'd';
+    pub const SET_MEMBERSHIP: u8 = b'm';
     pub const GREETING_RESPONSE: u8 = b'G';
     pub const VOTE_RESPONSE: u8 = b'V';
     pub const APPEND_RESPONSE: u8 = b'A';
     pub const WAL_DIGEST_RESPONSE: u8 = b'D';
+    pub const MEMBERSHIP_RESPONSE: u8 = b'M';
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,18 +51,24 @@ pub struct Greeting {
     pub wal_segment_size_bytes: u32,
     /// Random id of this proposer instance, for logs and status.
     pub proposer_id: [u8; 16],
+    /// The generation of the proposer's configuration. Every proposer
+    /// message carries it; an acceptor refuses those below its own
+    /// (except the greeting, whose answer tells the proposer the newer one).
+    pub generation: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VoteRequest {
     pub cluster: ClusterId,
     pub term: Term,
+    pub generation: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProposerElected {
     pub cluster: ClusterId,
     pub term: Term,
+    pub generation: u32,
     /// Where the proposer's term begins writing (the donor's flush LSN).
     pub term_start_lsn: Lsn,
     /// First LSN of the timeline's WAL; an empty acceptor starts here.
@@ -72,6 +81,7 @@ pub struct ProposerElected {
 pub struct AppendRequest {
     pub cluster: ClusterId,
     pub term: Term,
+    pub generation: u32,
     pub begin_lsn: Lsn,
     pub end_lsn: Lsn,
     pub commit_lsn: Lsn,
@@ -88,8 +98,19 @@ pub struct AppendRequest {
 pub struct WalDigestRequest {
     pub cluster: ClusterId,
     pub term: Term,
+    pub generation: u32,
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
+}
+
+/// The elected proposer writes its configuration (the one its messages'
+/// generation names) to an acceptor that accepted its ProposerElected
+/// (docs/protocol.md, "Membership").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetMembership {
+    pub cluster: ClusterId,
+    pub term: Term,
+    pub configuration: Configuration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,12 +120,24 @@ pub enum ProposerMessage {
     ProposerElected(ProposerElected),
     AppendRequest(AppendRequest),
     WalDigestRequest(WalDigestRequest),
+    SetMembership(SetMembership),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GreetingResponse {
     pub node_id: NodeId,
     pub term: Term,
+    /// The acceptor's stored configuration (generation 0: none).
+    pub configuration: Configuration,
+}
+
+/// The configuration an acceptor holds after a SetMembership: the one sent
+/// (stored or already there) or one that takes precedence over it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipResponse {
+    pub term: Term,
+    pub generation: u32,
+    pub written_in_term: Term,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +193,7 @@ pub enum AcceptorMessage {
     VoteResponse(VoteResponse),
     AppendResponse(AppendResponse),
     WalDigestResponse(WalDigestResponse),
+    MembershipResponse(MembershipResponse),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,6 +216,8 @@ pub enum DecodeError {
     BadBool(u8),
     #[error("WAL digest range {start}..{end} is reversed or longer than {MAX_DIGEST_RANGE_BYTES} bytes")]
     BadDigestRange { start: Lsn, end: Lsn },
+    #[error("bad membership configuration: {reason}")]
+    BadConfiguration { reason: String },
 }
 
 /// Bounds-checked reader over one message; every read names its field.
@@ -261,6 +297,38 @@ impl Reader {
         }
         Ok(TermHistory(history))
     }
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        self.need(field, 2)?;
+        Ok(self.buf.get_u16())
+    }
+    fn members(&mut self) -> Result<Vec<Member>, DecodeError> {
+        let bad = |reason: String| DecodeError::BadConfiguration { reason };
+        let count = self.u8("member count")? as usize;
+        if count > MAX_MEMBERS {
+            return Err(bad(format!("{count} members, more than {MAX_MEMBERS}")));
+        }
+        let mut members = Vec::with_capacity(count);
+        for _ in 0..count {
+            let has_id = self.bool("member node id known")?;
+            let id = self.u64("member node id")?;
+            let len = self.u16("member address length")? as usize;
+            if len > MAX_MEMBER_ADDR_BYTES {
+                return Err(bad(format!("member address of {len} bytes")));
+            }
+            self.need("member address", len)?;
+            let addr = self.buf.split_to(len);
+            let pg_addr = String::from_utf8(addr.to_vec()).map_err(|_| bad("member address is not UTF-8".into()))?;
+            members.push(Member { node_id: has_id.then_some(NodeId(id)), pg_addr });
+        }
+        Ok(members)
+    }
+    fn configuration(&mut self) -> Result<Configuration, DecodeError> {
+        let generation = self.u32("generation")?;
+        let written_in_term = self.term("configuration term")?;
+        let members = self.members()?;
+        let joint_new = if self.bool("joint")? { Some(self.members()?) } else { None };
+        Ok(Configuration { generation, written_in_term, members, joint_new })
+    }
     fn finish(self) -> Result<(), DecodeError> {
         match self.buf.remaining() {
             0 => Ok(()),
@@ -288,10 +356,31 @@ fn put_cluster(out: &mut BytesMut, cluster: &ClusterId) {
 }
 
 /// What every proposer message after the greeting starts with.
-fn put_head(out: &mut BytesMut, tag: u8, cluster: &ClusterId, term: Term) {
+fn put_head(out: &mut BytesMut, tag: u8, cluster: &ClusterId, term: Term, generation: u32) {
     out.put_u8(tag);
     put_cluster(out, cluster);
     out.put_u64(term.0);
+    out.put_u32(generation);
+}
+
+fn put_members(out: &mut BytesMut, members: &[Member]) {
+    out.put_u8(u8::try_from(members.len()).expect("sets are bounded by MAX_MEMBERS"));
+    for member in members {
+        out.put_u8(u8::from(member.node_id.is_some()));
+        out.put_u64(member.node_id.map_or(0, |id| id.0));
+        out.put_u16(u16::try_from(member.pg_addr.len()).expect("addresses are bounded"));
+        out.put_slice(member.pg_addr.as_bytes());
+    }
+}
+
+fn put_configuration(out: &mut BytesMut, configuration: &Configuration) {
+    out.put_u32(configuration.generation);
+    out.put_u64(configuration.written_in_term.0);
+    put_members(out, &configuration.members);
+    out.put_u8(u8::from(configuration.joint_new.is_some()));
+    if let Some(new) = &configuration.joint_new {
+        put_members(out, new);
+    }
 }
 
 fn put_history(out: &mut BytesMut, history: &TermHistory) {
@@ -311,6 +400,19 @@ impl ProposerMessage {
             ProposerMessage::ProposerElected(m) => &m.cluster,
             ProposerMessage::AppendRequest(m) => &m.cluster,
             ProposerMessage::WalDigestRequest(m) => &m.cluster,
+            ProposerMessage::SetMembership(m) => &m.cluster,
+        }
+    }
+
+    /// The generation of the sender's configuration.
+    pub fn generation(&self) -> u32 {
+        match self {
+            ProposerMessage::Greeting(m) => m.generation,
+            ProposerMessage::VoteRequest(m) => m.generation,
+            ProposerMessage::ProposerElected(m) => m.generation,
+            ProposerMessage::AppendRequest(m) => m.generation,
+            ProposerMessage::WalDigestRequest(m) => m.generation,
+            ProposerMessage::SetMembership(m) => m.configuration.generation,
         }
     }
 
@@ -324,28 +426,34 @@ impl ProposerMessage {
                 out.put_u32(m.pg_version);
                 out.put_u32(m.wal_segment_size_bytes);
                 out.put_slice(&m.proposer_id);
+                out.put_u32(m.generation);
             }
             ProposerMessage::VoteRequest(m) => {
-                put_head(&mut out, tag::VOTE_REQUEST, &m.cluster, m.term);
+                put_head(&mut out, tag::VOTE_REQUEST, &m.cluster, m.term, m.generation);
             }
             ProposerMessage::ProposerElected(m) => {
-                put_head(&mut out, tag::PROPOSER_ELECTED, &m.cluster, m.term);
+                put_head(&mut out, tag::PROPOSER_ELECTED, &m.cluster, m.term, m.generation);
                 out.put_u64(m.term_start_lsn.0);
                 out.put_u64(m.timeline_start_lsn.0);
                 put_history(&mut out, &m.term_history);
             }
             ProposerMessage::AppendRequest(m) => {
                 out.reserve(m.wal.len() + 80);
-                put_head(&mut out, tag::APPEND_REQUEST, &m.cluster, m.term);
+                put_head(&mut out, tag::APPEND_REQUEST, &m.cluster, m.term, m.generation);
                 out.put_u64(m.begin_lsn.0);
                 out.put_u64(m.end_lsn.0);
                 out.put_u64(m.commit_lsn.0);
                 out.put_slice(&m.wal);
             }
             ProposerMessage::WalDigestRequest(m) => {
-                put_head(&mut out, tag::WAL_DIGEST_REQUEST, &m.cluster, m.term);
+                put_head(&mut out, tag::WAL_DIGEST_REQUEST, &m.cluster, m.term, m.generation);
                 out.put_u64(m.start_lsn.0);
                 out.put_u64(m.end_lsn.0);
+            }
+            ProposerMessage::SetMembership(m) => {
+                let generation = m.configuration.generation;
+                put_head(&mut out, tag::SET_MEMBERSHIP, &m.cluster, m.term, generation);
+                put_configuration(&mut out, &m.configuration);
             }
         }
         out.freeze()
@@ -362,13 +470,17 @@ impl ProposerMessage {
                 pg_version: r.u32("pg version")?,
                 wal_segment_size_bytes: r.u32("wal segment size")?,
                 proposer_id: r.bytes16("proposer id")?,
+                generation: r.u32("generation")?,
             }),
-            tag::VOTE_REQUEST => {
-                ProposerMessage::VoteRequest(VoteRequest { cluster: r.cluster()?, term: r.term("term")? })
-            }
+            tag::VOTE_REQUEST => ProposerMessage::VoteRequest(VoteRequest {
+                cluster: r.cluster()?,
+                term: r.term("term")?,
+                generation: r.u32("generation")?,
+            }),
             tag::PROPOSER_ELECTED => ProposerMessage::ProposerElected(ProposerElected {
                 cluster: r.cluster()?,
                 term: r.term("term")?,
+                generation: r.u32("generation")?,
                 term_start_lsn: r.lsn("term start lsn")?,
                 timeline_start_lsn: r.lsn("timeline start lsn")?,
                 term_history: r.history()?,
@@ -376,6 +488,7 @@ impl ProposerMessage {
             tag::APPEND_REQUEST => {
                 let cluster = r.cluster()?;
                 let term = r.term("term")?;
+                let generation = r.u32("generation")?;
                 let begin_lsn = r.lsn("begin lsn")?;
                 let end_lsn = r.lsn("end lsn")?;
                 let commit_lsn = r.lsn("commit lsn")?;
@@ -388,13 +501,26 @@ impl ProposerMessage {
                         payload_bytes: wal.len(),
                     });
                 }
-                ProposerMessage::AppendRequest(AppendRequest { cluster, term, begin_lsn, end_lsn, commit_lsn, wal })
+                let append = AppendRequest { cluster, term, generation, begin_lsn, end_lsn, commit_lsn, wal };
+                ProposerMessage::AppendRequest(append)
             }
             tag::WAL_DIGEST_REQUEST => {
                 let cluster = r.cluster()?;
                 let term = r.term("term")?;
+                let generation = r.u32("generation")?;
                 let (start_lsn, end_lsn) = r.digest_range()?;
-                ProposerMessage::WalDigestRequest(WalDigestRequest { cluster, term, start_lsn, end_lsn })
+                ProposerMessage::WalDigestRequest(WalDigestRequest { cluster, term, generation, start_lsn, end_lsn })
+            }
+            tag::SET_MEMBERSHIP => {
+                let cluster = r.cluster()?;
+                let term = r.term("term")?;
+                let generation = r.u32("generation")?;
+                let configuration = r.configuration()?;
+                if configuration.generation != generation {
+                    let reason = format!("generation {generation} carries configuration {}", configuration.generation);
+                    return Err(DecodeError::BadConfiguration { reason });
+                }
+                ProposerMessage::SetMembership(SetMembership { cluster, term, configuration })
             }
             other => return Err(DecodeError::UnknownTag(other)),
         };
@@ -411,6 +537,7 @@ impl AcceptorMessage {
                 out.put_u8(tag::GREETING_RESPONSE);
                 out.put_u64(m.node_id.0);
                 out.put_u64(m.term.0);
+                put_configuration(&mut out, &m.configuration);
             }
             AcceptorMessage::VoteResponse(m) => {
                 out.put_u8(tag::VOTE_RESPONSE);
@@ -435,6 +562,12 @@ impl AcceptorMessage {
                 out.put_slice(&m.digest);
                 out.put_u64(m.last_record_start_lsn.0);
             }
+            AcceptorMessage::MembershipResponse(m) => {
+                out.put_u8(tag::MEMBERSHIP_RESPONSE);
+                out.put_u64(m.term.0);
+                out.put_u32(m.generation);
+                out.put_u64(m.written_in_term.0);
+            }
         }
         out.freeze()
     }
@@ -445,6 +578,7 @@ impl AcceptorMessage {
             tag::GREETING_RESPONSE => AcceptorMessage::GreetingResponse(GreetingResponse {
                 node_id: NodeId(r.u64("node id")?),
                 term: r.term("term")?,
+                configuration: r.configuration()?,
             }),
             tag::VOTE_RESPONSE => AcceptorMessage::VoteResponse(VoteResponse {
                 term: r.term("term")?,
@@ -470,6 +604,11 @@ impl AcceptorMessage {
                     last_record_start_lsn: r.lsn("last record start lsn")?,
                 })
             }
+            tag::MEMBERSHIP_RESPONSE => AcceptorMessage::MembershipResponse(MembershipResponse {
+                term: r.term("term")?,
+                generation: r.u32("generation")?,
+                written_in_term: r.term("configuration term")?,
+            }),
             other => return Err(DecodeError::UnknownTag(other)),
         };
         r.finish()?;
@@ -505,14 +644,19 @@ mod tests {
                     pg_version: pg,
                     wal_segment_size_bytes: seg,
                     proposer_id: id,
+                    generation: seg.rotate_left(7),
                 })
             }),
-            (cluster(), any::<u64>())
-                .prop_map(|(c, t)| ProposerMessage::VoteRequest(VoteRequest { cluster: c, term: Term(t) })),
+            (cluster(), any::<u64>(), any::<u32>()).prop_map(|(c, t, g)| ProposerMessage::VoteRequest(VoteRequest {
+                cluster: c,
+                term: Term(t),
+                generation: g
+            })),
             (cluster(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(|(c, t, s, ts, h)| {
                 ProposerMessage::ProposerElected(ProposerElected {
                     cluster: c,
                     term: Term(t),
+                    generation: t as u32,
                     term_start_lsn: Lsn(s),
                     timeline_start_lsn: Lsn(ts),
                     term_history: h,
@@ -523,6 +667,7 @@ mod tests {
                     ProposerMessage::AppendRequest(AppendRequest {
                         cluster: c,
                         term: Term(t),
+                        generation: (commit >> 32) as u32,
                         begin_lsn: Lsn(begin),
                         end_lsn: Lsn(begin + wal.len() as u64),
                         commit_lsn: Lsn(commit),
@@ -533,17 +678,45 @@ mod tests {
                 ProposerMessage::WalDigestRequest(WalDigestRequest {
                     cluster: c,
                     term: Term(t),
+                    generation: len as u32,
                     start_lsn: Lsn(start),
                     end_lsn: Lsn(start + len),
                 })
             }),
+            (cluster(), any::<u64>(), configuration()).prop_map(|(c, t, configuration)| {
+                ProposerMessage::SetMembership(SetMembership { cluster: c, term: Term(t), configuration })
+            }),
         ]
+    }
+
+    fn members() -> impl Strategy<Value = Vec<Member>> {
+        proptest::collection::vec((any::<Option<u64>>(), "[a-z0-9.:]{1,40}"), 0..=MAX_MEMBERS).prop_map(|members| {
+            members.into_iter().map(|(id, pg_addr)| Member { node_id: id.map(NodeId), pg_addr }).collect()
+        })
+    }
+
+    fn configuration() -> impl Strategy<Value = Configuration> {
+        (any::<u32>(), any::<u64>(), members(), proptest::option::of(members())).prop_map(
+            |(generation, term, members, joint_new)| Configuration {
+                generation,
+                written_in_term: Term(term),
+                members,
+                joint_new,
+            },
+        )
     }
 
     fn acceptor_message() -> impl Strategy<Value = AcceptorMessage> {
         prop_oneof![
-            (any::<u64>(), any::<u64>()).prop_map(|(n, t)| {
-                AcceptorMessage::GreetingResponse(GreetingResponse { node_id: NodeId(n), term: Term(t) })
+            (any::<u64>(), any::<u64>(), configuration()).prop_map(|(n, t, configuration)| {
+                AcceptorMessage::GreetingResponse(GreetingResponse { node_id: NodeId(n), term: Term(t), configuration })
+            }),
+            (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(t, g, w)| {
+                AcceptorMessage::MembershipResponse(MembershipResponse {
+                    term: Term(t),
+                    generation: g,
+                    written_in_term: Term(w),
+                })
             }),
             (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(
                 |(t, given, f, c, s, h)| {
@@ -616,6 +789,7 @@ mod tests {
             ProposerMessage::WalDigestRequest(WalDigestRequest {
                 cluster: ClusterId::default(),
                 term: Term(1),
+                generation: 0,
                 start_lsn: Lsn(start),
                 end_lsn: Lsn(end),
             })

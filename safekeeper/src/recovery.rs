@@ -298,6 +298,7 @@ mod tests {
             timeline_start_lsn: start,
             commit_lsn: commit,
             remote_consistent_lsn: Lsn::INVALID,
+            membership: Default::default(),
         }
     }
 

@@ -204,6 +204,7 @@ impl Proposer {
             pg_version: PG15_VERSION_NUM,
             wal_segment_size_bytes: self.segment_size.bytes() as u32,
             proposer_id: [7; 16],
+            generation: 0,
         })
     }
 
@@ -212,7 +213,11 @@ impl Proposer {
     fn elect(&mut self, term: Term) -> Result<()> {
         self.client.send_proposer(&self.greeting())?;
         ensure!(matches!(self.client.recv_acceptor()?, AcceptorMessage::GreetingResponse(_)));
-        self.client.send_proposer(&ProposerMessage::VoteRequest(VoteRequest { cluster: self.cluster, term }))?;
+        self.client.send_proposer(&ProposerMessage::VoteRequest(VoteRequest {
+            cluster: self.cluster,
+            term,
+            generation: 0,
+        }))?;
         match self.client.recv_acceptor()? {
             AcceptorMessage::VoteResponse(vote) if vote.vote_given => {}
             other => bail!("vote not given: {other:?}"),
@@ -221,6 +226,7 @@ impl Proposer {
         let elected = ProposerElected {
             cluster: self.cluster,
             term,
+            generation: 0,
             term_start_lsn: TIMELINE_START,
             timeline_start_lsn: TIMELINE_START,
             term_history: history,
@@ -234,7 +240,15 @@ impl Proposer {
     fn append(&self, begin_lsn: Lsn, wal: Vec<u8>, commit_lsn: Lsn) -> ProposerMessage {
         let end_lsn = begin_lsn + wal.len() as u64;
         let (cluster, term, wal) = (self.cluster, self.term, wal.into());
-        ProposerMessage::AppendRequest(AppendRequest { cluster, term, begin_lsn, end_lsn, commit_lsn, wal })
+        ProposerMessage::AppendRequest(AppendRequest {
+            cluster,
+            term,
+            generation: 0,
+            begin_lsn,
+            end_lsn,
+            commit_lsn,
+            wal,
+        })
     }
 
     /// Send everything generated since the last call in segment-bounded

@@ -1,21 +1,77 @@
-//! The shim's HTTP port: `GET /v1/status` (JSON, LSNs as "X/Y").
+//! The shim's HTTP port (JSON, LSNs as "X/Y"):
+//! - `GET /v1/status`: the shim and its proposer;
+//! - `GET /v1/membership`: the safekeeper configuration and a change under way;
+//! - `POST /v1/membership` `{"safekeepers": ["host:port", ...]}`: change the
+//!   safekeeper set (docs/operations.md, "Changing the safekeeper set").
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::ShimStatus;
+use super::{MembershipRequest, ShimStatus};
+use crate::proposer::MembershipRequestError;
 
-pub fn router(status: watch::Receiver<ShimStatus>) -> Router {
-    Router::new()
-        .route("/v1/status", get(shim_status))
-        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({ "error": "no such endpoint" }))) })
-        .with_state(status)
+#[derive(Clone)]
+struct HttpState {
+    status: watch::Receiver<ShimStatus>,
+    membership_requests: mpsc::Sender<MembershipRequest>,
 }
 
-async fn shim_status(State(status): State<watch::Receiver<ShimStatus>>) -> Json<ShimStatus> {
-    Json(status.borrow().clone())
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembershipBody {
+    safekeepers: Vec<String>,
+}
+
+pub fn router(status: watch::Receiver<ShimStatus>, membership_requests: mpsc::Sender<MembershipRequest>) -> Router {
+    Router::new()
+        .route("/v1/status", get(shim_status))
+        .route("/v1/membership", get(membership).post(change_membership))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(HttpState { status, membership_requests })
+}
+
+fn error(code: StatusCode, message: String) -> Response {
+    (code, Json(json!({ "error": message }))).into_response()
+}
+
+async fn shim_status(State(state): State<HttpState>) -> Json<ShimStatus> {
+    Json(state.status.borrow().clone())
+}
+
+async fn membership(State(state): State<HttpState>) -> Response {
+    Json(state.status.borrow().proposer.membership.clone()).into_response()
+}
+
+/// Taken (202) once the proposer has recorded the request; the change then
+/// runs on its own and `GET /v1/membership` shows it. Repeating a request
+/// is safe at any time.
+async fn change_membership(
+    State(state): State<HttpState>,
+    body: Result<Json<MembershipBody>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let (reply, answer) = oneshot::channel();
+    let request = MembershipRequest { safekeepers: body.safekeepers, reply };
+    let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "the shim is stopping".into());
+    if state.membership_requests.try_send(request).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "too many membership requests at once; retry".into());
+    }
+    match answer.await {
+        Ok(Ok(status)) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+        Ok(Err(refused @ MembershipRequestError::Invalid(_))) => error(StatusCode::BAD_REQUEST, refused.to_string()),
+        Ok(Err(refused @ MembershipRequestError::ChangeInProgress { .. })) => {
+            error(StatusCode::CONFLICT, refused.to_string())
+        }
+        Err(_) => unavailable(),
+    }
 }

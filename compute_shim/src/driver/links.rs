@@ -87,6 +87,9 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
     let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
     let mut generation = 0u64;
     loop {
+        if inbox.drops.has_changed().is_err() {
+            return; // the driver let go of this link (a removed safekeeper)
+        }
         let connected = connect(&target.addr, target.tenant_id, target.timeline_id, LINK_CONNECT_TIMEOUT_MS).await;
         let (reader, writer) = match connected {
             Ok(link) => link,

@@ -6,7 +6,7 @@
 //!
 //! - [`startup`]: what the shim learns from Postgres before it campaigns.
 //! - [`links`]: one task per safekeeper connection.
-//! - [`http`]: `GET /v1/status`.
+//! - [`http`]: `GET /v1/status`, `GET`/`POST /v1/membership`.
 
 pub mod http;
 pub mod links;
@@ -15,13 +15,13 @@ pub mod startup;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use safekeeper::ids::{SystemId, TenantId, TimelineId};
 use safekeeper::lsn::Lsn;
 use safekeeper::protocol::ProposerMessage;
 
-use crate::proposer::{Proposer, ProposerError, ProposerStatus};
+use crate::proposer::{MembershipRequestError, MembershipStatus, Proposer, ProposerError, ProposerStatus};
 use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use links::{spawn_link, LinkControl, LinkEvent, LinkTarget, Outgoing};
 use startup::ShimSetup;
@@ -60,6 +60,16 @@ pub enum ShimError {
     Stopped(String),
 }
 
+/// Membership requests queued for the driver (an operator's HTTP calls).
+pub const MEMBERSHIP_REQUESTS_QUEUE: usize = 16;
+
+/// An operator asks for a safekeeper set; the answer is the membership
+/// status right after the request was taken, or why it was not.
+pub struct MembershipRequest {
+    pub safekeepers: Vec<String>,
+    pub reply: oneshot::Sender<Result<MembershipStatus, MembershipRequestError>>,
+}
+
 /// What `GET /v1/status` shows: who we are, where Postgres's stream is,
 /// and the proposer's own snapshot.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -75,6 +85,7 @@ pub struct ShimStatus {
     pub received_lsn: Option<Lsn>,
     /// The flush position last reported to Postgres (= commit LSN).
     pub reported_flush_lsn: Lsn,
+    /// The `--safekeepers` list (the set until a configuration is found).
     pub safekeeper_addrs: Vec<String>,
     #[serde(flatten)]
     pub proposer: ProposerStatus,
@@ -82,6 +93,7 @@ pub struct ShimStatus {
 
 /// One safekeeper's connection task and the generation it last reported.
 struct LinkHandle {
+    addr: String,
     control: LinkControl,
     generation: u64,
     /// The driver dropped the current connection: ignore what it still says.
@@ -103,8 +115,11 @@ impl LinkHandle {
 
 struct Driver {
     proposer: Proposer,
-    links: Vec<LinkHandle>,
-    addrs: Vec<String>,
+    /// By the proposer's peer slot; `None` where it wants no connection.
+    links: Vec<Option<LinkHandle>>,
+    /// For links started later (membership changes).
+    link_events: mpsc::Sender<LinkEvent>,
+    cluster: safekeeper::ids::ClusterId,
     /// The replication connection until streaming starts.
     client: Option<ReplicationClient>,
     /// For new replication connections: a restart at another LSN.
@@ -126,17 +141,25 @@ struct Driver {
 
 /// Run until fenced, refused, or until Postgres's stream fails. Every
 /// return is an error: the shim exits non-zero and a restart is a new term.
-pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<(), ShimError> {
+pub async fn run(
+    setup: ShimSetup,
+    status: watch::Sender<ShimStatus>,
+    mut membership_requests: mpsc::Receiver<MembershipRequest>,
+) -> Result<(), ShimError> {
     let (event_tx, mut events) = mpsc::channel(LINK_EVENTS_QUEUE);
-    let mut driver = Driver::new(setup, &event_tx);
-    drop(event_tx);
+    let mut driver = Driver::new(setup, event_tx);
     let mut tick = tokio::time::interval(TICK_INTERVAL);
     loop {
         let want_wal = driver.wants_wal();
         tokio::select! {
             event = events.recv() => {
-                let event = event.ok_or_else(|| ShimError::Stopped("all safekeeper links stopped".into()))?;
+                let event = event.expect("the driver holds a sender");
                 driver.on_link_event(event)?;
+            }
+            Some(request) = membership_requests.recv() => {
+                let now_ms = driver.now_ms();
+                let result = driver.proposer.request_membership(request.safekeepers, now_ms);
+                let _ = request.reply.send(result.map(|()| driver.proposer.membership_status()));
             }
             event = next_wal(&mut driver.stream), if want_wal => driver.on_replication_event(event)?,
             _ = tick.tick() => {
@@ -145,6 +168,7 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
             }
         }
         driver.drain_ready(&mut events)?;
+        driver.sync_links();
         if !driver.wants_wal() {
             if let Some(stream) = driver.stream.as_mut() {
                 stream.not_listening();
@@ -157,21 +181,7 @@ pub async fn run(setup: ShimSetup, status: watch::Sender<ShimStatus>) -> Result<
 }
 
 impl Driver {
-    fn new(setup: ShimSetup, events: &mpsc::Sender<LinkEvent>) -> Driver {
-        let links = setup
-            .safekeepers
-            .iter()
-            .enumerate()
-            .map(|(index, addr)| {
-                let target = LinkTarget {
-                    index,
-                    addr: addr.clone(),
-                    tenant_id: setup.cluster.tenant_id,
-                    timeline_id: setup.cluster.timeline_id,
-                };
-                LinkHandle { control: spawn_link(target, events.clone()), generation: 0, dropped: false }
-            })
-            .collect();
+    fn new(setup: ShimSetup, link_events: mpsc::Sender<LinkEvent>) -> Driver {
         let status = ShimStatus {
             system_id: setup.cluster.system_id,
             tenant_id: setup.cluster.tenant_id,
@@ -181,10 +191,11 @@ impl Driver {
             safekeeper_addrs: setup.safekeepers.clone(),
             ..ShimStatus::default()
         };
-        Driver {
+        let mut driver = Driver {
             proposer: Proposer::new(setup.proposer_config()),
-            links,
-            addrs: setup.safekeepers,
+            links: vec![],
+            link_events,
+            cluster: setup.cluster,
             replication_config: setup.client.config().clone(),
             client: Some(setup.client),
             stream: None,
@@ -195,7 +206,39 @@ impl Driver {
             status,
             last_status_sent_at: Instant::now(),
             started_at: Instant::now(),
+        };
+        driver.sync_links();
+        driver
+    }
+
+    /// Keep one link task per safekeeper the proposer wants to talk to:
+    /// start those of new members, stop those of removed ones.
+    fn sync_links(&mut self) {
+        let wanted = self.proposer.wanted_links();
+        self.links.resize_with(wanted.len(), || None);
+        for (index, wanted_addr) in wanted.into_iter().enumerate() {
+            let current = self.links[index].as_ref().map(|link| link.addr.as_str());
+            if current == wanted_addr {
+                continue;
+            }
+            // Dropping the handle stops the task (its control channels close).
+            self.links[index] = wanted_addr.map(|addr| {
+                tracing::info!(safekeeper = %addr, "connecting");
+                let target = LinkTarget {
+                    index,
+                    addr: addr.to_string(),
+                    tenant_id: self.cluster.tenant_id,
+                    timeline_id: self.cluster.timeline_id,
+                };
+                let control = spawn_link(target, self.link_events.clone());
+                LinkHandle { addr: addr.to_string(), control, generation: 0, dropped: false }
+            });
         }
+    }
+
+    /// The link of slot `index` if it is the current one for that slot.
+    fn link(&mut self, index: usize) -> Option<&mut LinkHandle> {
+        self.links.get_mut(index).and_then(Option::as_mut)
     }
 
     fn now_ms(&self) -> u64 {
@@ -236,34 +279,49 @@ impl Driver {
 
     fn on_link_event(&mut self, event: LinkEvent) -> Result<(), ShimError> {
         let now_ms = self.now_ms();
+        // Events of a link stopped since (a removed member's) are stale.
+        let (LinkEvent::Connected { safekeeper, .. }
+        | LinkEvent::Message { safekeeper, .. }
+        | LinkEvent::Disconnected { safekeeper, .. }
+        | LinkEvent::Refused { safekeeper, .. }) = &event;
+        let safekeeper = *safekeeper;
+        if !self.proposer.link_wanted(safekeeper) || self.link(safekeeper).is_none() {
+            return Ok(());
+        }
+        let addr = self.proposer.peer_addr(safekeeper).to_string();
         match event {
-            LinkEvent::Connected { safekeeper, generation } => {
-                self.links[safekeeper].generation = generation;
-                self.links[safekeeper].dropped = false;
+            LinkEvent::Connected { generation, .. } => {
+                let link = self.link(safekeeper).expect("checked above");
+                link.generation = generation;
+                link.dropped = false;
                 self.proposer.on_connected(safekeeper, now_ms);
             }
-            LinkEvent::Message { safekeeper, generation, message } => {
-                let link = &self.links[safekeeper];
+            LinkEvent::Message { generation, message, .. } => {
+                let link = self.link(safekeeper).expect("checked above");
                 if generation != link.generation || link.dropped {
                     return Ok(()); // from a connection the proposer already forgot
                 }
                 match self.proposer.on_message(safekeeper, message, now_ms) {
                     Err(ProposerError::Peer { fault, .. }) => {
-                        tracing::warn!(safekeeper = %self.addrs[safekeeper], "protocol fault, reconnecting: {fault}");
+                        tracing::warn!(safekeeper = %addr, "protocol fault, reconnecting: {fault}");
                         self.disconnect(safekeeper);
                     }
                     other => other?,
                 }
             }
-            LinkEvent::Disconnected { safekeeper, generation, reason } => {
-                let link = &self.links[safekeeper];
+            LinkEvent::Disconnected { generation, reason, .. } => {
+                let link = self.link(safekeeper).expect("checked above");
                 if generation == link.generation && !link.dropped {
-                    tracing::warn!(safekeeper = %self.addrs[safekeeper], "disconnected: {reason}");
+                    tracing::warn!(safekeeper = %addr, "disconnected: {reason}");
                     self.proposer.on_disconnected(safekeeper, now_ms);
                 }
             }
-            LinkEvent::Refused { safekeeper, reason } => {
-                return Err(ShimError::SafekeeperRefused { addr: self.addrs[safekeeper].clone(), reason });
+            LinkEvent::Refused { reason, .. } => {
+                // A member-to-be that refuses the cluster ends the change;
+                // a member refusing it is a misconfiguration we cannot fix.
+                if !self.proposer.on_link_refused(safekeeper, &reason) {
+                    return Err(ShimError::SafekeeperRefused { addr, reason });
+                }
             }
         }
         Ok(())
@@ -311,19 +369,23 @@ impl Driver {
     }
 
     fn flush_transmits(&mut self) {
+        self.sync_links();
         while let Some((safekeeper, message)) = self.proposer.poll_transmit() {
-            if !self.links[safekeeper].send(message) {
+            let sent = self.link(safekeeper).is_some_and(|link| link.send(message));
+            if !sent {
                 // Not draining: drop the connection rather than the message
                 // (a gap would be refused anyway); the next connection
                 // resumes from the safekeeper's flush LSN.
-                tracing::warn!(safekeeper = %self.addrs[safekeeper], "outbox full, reconnecting");
+                tracing::warn!(safekeeper = %self.proposer.peer_addr(safekeeper), "outbox full, reconnecting");
                 self.disconnect(safekeeper);
             }
         }
     }
 
     fn disconnect(&mut self, safekeeper: usize) {
-        self.links[safekeeper].drop_connection();
+        if let Some(link) = self.link(safekeeper) {
+            link.drop_connection();
+        }
         self.proposer.on_disconnected(safekeeper, self.now_ms());
     }
 

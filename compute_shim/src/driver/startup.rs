@@ -73,7 +73,7 @@ impl ShimSetup {
             cluster: self.cluster,
             pg_version: PG15_VERSION_NUM,
             wal_segment_size: self.wal_segment_size,
-            safekeeper_count: self.safekeepers.len(),
+            safekeepers: self.safekeepers.clone(),
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
             max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,

@@ -21,7 +21,9 @@ pub struct ProposerConfig {
     pub cluster: ClusterId,
     pub pg_version: u32,
     pub wal_segment_size: WalSegmentSize,
-    pub safekeeper_count: usize,
+    /// The safekeepers' pg addresses from the command line: the set until
+    /// a safekeeper shows a configuration (docs/proposer.md, "Membership").
+    pub safekeepers: Vec<String>,
     /// WAL sent to one safekeeper beyond its acknowledged flush LSN. Must
     /// exceed the largest WAL record: an acceptor acknowledges only record
     /// ends, so a record longer than the window can never be acknowledged.
@@ -41,15 +43,13 @@ pub struct ProposerConfig {
 }
 
 impl ProposerConfig {
-    /// Majority of the safekeepers.
-    pub fn quorum(&self) -> usize {
-        self.safekeeper_count / 2 + 1
-    }
-
     /// The config is built by the driver from constants and Postgres's
     /// answers; a bad one is a programming error, so this panics.
     pub(super) fn assert_valid(&self) {
-        assert!((1..=MAX_SAFEKEEPERS).contains(&self.safekeeper_count), "1..={MAX_SAFEKEEPERS} safekeepers");
+        let count = self.safekeepers.len();
+        assert!((1..=MAX_SAFEKEEPERS).contains(&count), "1..={MAX_SAFEKEEPERS} safekeepers");
+        let distinct: std::collections::BTreeSet<&String> = self.safekeepers.iter().collect();
+        assert_eq!(distinct.len(), count, "each safekeeper named once");
         assert!(self.max_in_flight_bytes >= MAX_APPEND_CHUNK_BYTES, "in-flight window below one append");
         assert!(self.max_buffered_wal_bytes >= MAX_APPEND_CHUNK_BYTES, "WAL buffer below one XLogData message");
         assert!(self.heartbeat_interval_ms > 0, "heartbeat interval must be positive");

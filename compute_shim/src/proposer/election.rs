@@ -68,14 +68,14 @@ pub(super) struct Election {
     pub known_commit_lsn: Lsn,
 }
 
-/// Decide the election from a quorum of `votes` (safekeeper index, vote).
+/// Decide the election from `votes` (safekeeper index, vote), which the
+/// caller has checked form a quorum.
 ///
 /// The donor is the voter with the highest (last_log_term, flush_lsn): as in
 /// Raft's election restriction, its log holds every committed byte, because
 /// a commit needs a quorum at the committing term's start and any two quorums
 /// intersect. Refuses to lead when Postgres cannot continue that log.
 pub(super) fn decide(term: Term, votes: &[(usize, &Vote)], config: &ProposerConfig) -> Result<Election, ProposerError> {
-    assert!(votes.len() >= config.quorum(), "an election needs a quorum of votes");
     let (_, donor) = votes.iter().max_by_key(|(_, vote)| (vote.last_log_term(), vote.flush_lsn)).expect("non-empty");
     let (term_start_lsn, timeline_start_lsn) = if donor.flush_lsn.is_valid() {
         (donor.flush_lsn, donor.timeline_start_lsn)
@@ -123,7 +123,7 @@ mod tests {
             cluster: ClusterId::default(),
             pg_version: 150000,
             wal_segment_size: WalSegmentSize::new(SEG).unwrap(),
-            safekeeper_count: 3,
+            safekeepers: vec!["a".into(), "b".into(), "c".into()],
             max_in_flight_bytes: 1 << 20,
             max_buffered_wal_bytes: 4 << 20,
             heartbeat_interval_ms: 100,

@@ -53,10 +53,11 @@ pub enum ProposerError {
         "safekeepers {first} and {second} are the same node (id {node_id}): it would count twice toward a quorum; \
          fix --safekeepers"
     )]
-    DuplicateSafekeeper { node_id: NodeId, first: usize, second: usize },
+    DuplicateSafekeeper { node_id: NodeId, first: String, second: String },
     #[error(
         "safekeeper {safekeeper} answered as node {now}, earlier as node {previous}: a replaced node does not hold \
-         what the old one acknowledged; restart the shim (membership changes are not supported yet)"
+         what the old one acknowledged; give a new safekeeper its own address and add it by a membership change \
+         (docs/operations.md, \"Replacing a safekeeper\")"
     )]
     SafekeeperReplaced { safekeeper: usize, previous: NodeId, now: NodeId },
     #[error("the donor's term history is full; cannot start another term")]
@@ -94,4 +95,10 @@ pub enum PeerFault {
     BadVote { reason: &'static str },
     #[error("WAL digest of {got:?} answered, {asked:?} asked for")]
     WrongDigestRange { asked: (Lsn, Lsn), got: (Lsn, Lsn) },
+    #[error("malformed membership configuration: {reason}")]
+    BadConfiguration { reason: String },
+    #[error("answered as node {got}, but the configuration names node {expected} at this address")]
+    WrongNode { expected: NodeId, got: NodeId },
+    #[error("holds configuration generation {generation} (term {written_in_term}), newer than ours: greeting again to learn it")]
+    NewerConfiguration { generation: u32, written_in_term: Term },
 }

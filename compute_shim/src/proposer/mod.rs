@@ -10,6 +10,7 @@
 //! - [`election`]: votes, donor choice, the new term's history.
 //! - [`commit`]: the quorum commit rule.
 //! - [`log_check`]: Postgres's WAL below the term start must be the log's.
+//! - [`membership`]: which safekeepers count, and changing them.
 //! - [`flow`]: what to send a safekeeper next (segments, window).
 //! - [`wal_buffer`]: WAL held until the safekeepers flushed it.
 //! - [`peer`]: per-safekeeper state; [`status`]: the status snapshot.
@@ -20,6 +21,7 @@ mod election;
 mod error;
 mod flow;
 mod log_check;
+mod membership;
 mod peer;
 mod status;
 mod wal_buffer;
@@ -34,12 +36,15 @@ use safekeeper::protocol::{
     VoteRequest, VoteResponse, WalDigestRequest, WalDigestResponse, PROTOCOL_VERSION,
 };
 
+pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, NewMemberStatus, MAX_PEER_SLOTS};
+
 pub use config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
 pub use error::{PeerFault, ProposerError};
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 
 use election::{Election, Vote};
 use log_check::{LogCheck, Verdict};
+use membership::Membership;
 use peer::{Link, Peer};
 use wal_buffer::WalBuffer;
 
@@ -54,7 +59,11 @@ enum Campaign {
 
 pub struct Proposer {
     config: ProposerConfig,
+    /// One slot per safekeeper address we know: the command line's, then
+    /// those configurations and membership requests name. Slots are never
+    /// removed (indexes stay stable for the driver); unwanted ones are idle.
     peers: Vec<Peer>,
+    membership: Membership,
     campaign: Campaign,
     /// Set once any safekeeper shows a term that is not ours to use.
     fenced_by: Option<Term>,
@@ -103,7 +112,8 @@ impl Proposer {
     pub fn new(config: ProposerConfig) -> Self {
         config.assert_valid();
         Proposer {
-            peers: (0..config.safekeeper_count).map(|_| Peer::new()).collect(),
+            peers: config.safekeepers.iter().map(|addr| Peer::new(addr.clone())).collect(),
+            membership: Membership::from_command_line(&config.safekeepers),
             config,
             campaign: Campaign::Greeting,
             fenced_by: None,
@@ -124,6 +134,9 @@ impl Proposer {
     /// (a vote request, ProposerElected, WAL from its flush) follows its answer.
     pub fn on_connected(&mut self, sk: usize, now_ms: u64) {
         self.now_ms = now_ms;
+        if !self.link_wanted(sk) {
+            return;
+        }
         if self.peers[sk].link != Link::Disconnected {
             self.on_disconnected(sk, now_ms);
         }
@@ -133,6 +146,7 @@ impl Proposer {
             pg_version: self.config.pg_version,
             wal_segment_size_bytes: u32::try_from(self.config.wal_segment_size.bytes()).expect("at most 1 GiB"),
             proposer_id: self.config.proposer_id,
+            generation: self.membership.current.generation,
         };
         let peer = &mut self.peers[sk];
         peer.link = Link::AwaitingGreeting;
@@ -147,6 +161,7 @@ impl Proposer {
         peer.link = Link::Disconnected;
         peer.outbox.clear();
         peer.awaited_for_wal_start = false;
+        peer.membership_outstanding = false;
         if let LogCheckState::Running(check) = &mut self.log_check {
             check.on_disconnected(sk);
             self.ask_for_log_digest();
@@ -159,11 +174,15 @@ impl Proposer {
     pub fn on_message(&mut self, sk: usize, message: AcceptorMessage, now_ms: u64) -> Result<(), ProposerError> {
         self.check_not_fenced()?;
         self.now_ms = now_ms;
+        if !self.link_wanted(sk) {
+            return Ok(()); // a safekeeper we stopped talking to
+        }
         let result = match message {
             AcceptorMessage::GreetingResponse(response) => self.on_greeting_response(sk, response),
             AcceptorMessage::VoteResponse(response) => self.on_vote_response(sk, response),
             AcceptorMessage::AppendResponse(response) => self.on_append_response(sk, response),
             AcceptorMessage::WalDigestResponse(response) => self.on_digest_response(sk, response),
+            AcceptorMessage::MembershipResponse(response) => self.on_membership_response(sk, response),
         };
         if let Err(ProposerError::Fenced { term }) = result {
             self.fenced_by = Some(term);
@@ -230,7 +249,13 @@ impl Proposer {
                 return Err(ProposerError::NoLogHolder { term_start_lsn: check.end_lsn, waited_ms });
             }
         }
+        self.advance_membership();
         Ok(())
+    }
+
+    /// Whether the driver should keep a connection to slot `sk`.
+    pub fn link_wanted(&self, sk: usize) -> bool {
+        self.peers.get(sk).is_some_and(|peer| self.wanted(peer))
     }
 
     /// The next message to send, and to which safekeeper.
@@ -287,9 +312,9 @@ impl Proposer {
             // A stalled safekeeper must not hold up every commit: once a
             // quorum answered, the rest get a heartbeat interval (a late one
             // is caught up from Postgres later).
-            let answered = self.peers.iter().filter(|peer| matches!(peer.link, Link::Streaming { .. })).count();
+            let quorum_answered = self.is_quorum(|peer| matches!(peer.link, Link::Streaming { .. }));
             let waited_ms = self.now_ms.saturating_sub(self.elected_at_ms);
-            if answered < self.config.quorum() || waited_ms < self.config.heartbeat_interval_ms {
+            if !quorum_answered || waited_ms < self.config.heartbeat_interval_ms {
                 return None;
             }
         }
@@ -360,6 +385,7 @@ impl Proposer {
         self.peers[sk].queue(ProposerMessage::WalDigestRequest(WalDigestRequest {
             cluster: self.config.cluster,
             term: election.term,
+            generation: self.membership.current.generation,
             start_lsn: check.start_lsn,
             end_lsn: check.end_lsn,
         }));
@@ -386,6 +412,7 @@ impl Proposer {
             Verdict::Waiting => Ok(()),
             Verdict::Same => {
                 self.log_check = LogCheckState::Passed;
+                self.advance_membership();
                 Ok(())
             }
             Verdict::Different => Err(ProposerError::PostgresDiverged {
@@ -438,10 +465,14 @@ impl Proposer {
             catch_up_wal_start_lsn: self.catch_up.as_ref().map(WalBuffer::start_lsn),
             catch_up_wal_end_lsn: self.catch_up.as_ref().map(WalBuffer::end_lsn),
             postgres_wal_checked: matches!(self.log_check, LogCheckState::Passed),
+            membership: self.membership_status(),
             safekeepers: self
                 .peers
                 .iter()
+                .filter(|peer| self.wanted(peer))
                 .map(|peer| SafekeeperStatus {
+                    addr: peer.addr.clone(),
+                    member: self.membership.current.includes_addr(&peer.addr),
                     state: peer.state(),
                     node_id: peer.node_id,
                     term: peer.reported_term,
@@ -492,8 +523,12 @@ impl Proposer {
         // host) would let it count twice toward every quorum.
         if let Some(other) = self.peers.iter().position(|peer| peer.node_id == Some(response.node_id)) {
             if other != sk {
-                return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first: other, second: sk });
+                let (first, second) = (self.peers[other].addr.clone(), self.peers[sk].addr.clone());
+                return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first, second });
             }
+        }
+        if !self.on_greeted_configuration(sk, response.node_id, response.configuration)? {
+            return Ok(()); // a configuration it showed leaves it out
         }
         let peer = &mut self.peers[sk];
         peer.node_id = Some(response.node_id);
@@ -505,15 +540,36 @@ impl Proposer {
             Campaign::Voting { term } => self.ask_for_vote(sk, *term),
             Campaign::Elected(_) => self.send_elected(sk),
         }
+        self.advance_membership();
         Ok(())
+    }
+
+    /// The configuration changed: a quorum may now be complete (or not).
+    fn reconsider_quorums(&mut self) {
+        match &self.campaign {
+            Campaign::Greeting => self.start_voting_if_quorum_greeted(),
+            Campaign::Voting { term } => {
+                let term = *term;
+                for sk in 0..self.peers.len() {
+                    if self.peers[sk].link == Link::Greeted {
+                        self.ask_for_vote(sk, term);
+                    }
+                }
+                if let Err(error) = self.decide_if_quorum_voted(term) {
+                    // Surfaces with the next input: the same votes decide the same way.
+                    tracing::warn!("election after a configuration change: {error}");
+                }
+            }
+            Campaign::Elected(_) => self.advance_commit(),
+        }
     }
 
     /// Term = max(terms seen) + 1, once a quorum has greeted us.
     fn start_voting_if_quorum_greeted(&mut self) {
-        let greeted_terms: Vec<Term> = self.peers.iter().filter_map(|peer| peer.reported_term).collect();
-        if greeted_terms.len() < self.config.quorum() {
+        if self.fenced_by.is_some() || !self.is_quorum(|peer| peer.reported_term.is_some()) {
             return;
         }
+        let greeted_terms: Vec<Term> = self.peers.iter().filter_map(|peer| peer.reported_term).collect();
         // Waiting briefly for the rest avoids picking a term that a slower
         // greeting then shows to be stale (which would fence us).
         let greeted_at_ms = *self.quorum_greeted_at_ms.get_or_insert(self.now_ms);
@@ -532,12 +588,16 @@ impl Proposer {
     }
 
     fn ask_for_vote(&mut self, sk: usize, term: Term) {
+        if !self.may_vote(sk) {
+            return; // not a member (yet): it joins once we are elected
+        }
+        let generation = self.membership.current.generation;
         let peer = &mut self.peers[sk];
         if peer.vote.is_some() {
             peer.link = Link::Voted; // reconnected after voting for us
         } else if peer.reported_term < Some(term) {
             peer.link = Link::AwaitingVote;
-            peer.queue(ProposerMessage::VoteRequest(VoteRequest { cluster: self.config.cluster, term }));
+            peer.queue(ProposerMessage::VoteRequest(VoteRequest { cluster: self.config.cluster, term, generation }));
         }
         // A safekeeper already at our term cannot vote for it (it may have
         // voted for us on a lost connection, or for a rival); it joins once
@@ -576,12 +636,17 @@ impl Proposer {
         let peer = &mut self.peers[sk];
         peer.vote = Some(vote);
         peer.link = Link::Voted;
+        self.decide_if_quorum_voted(term)
+    }
+
+    fn decide_if_quorum_voted(&mut self, term: Term) -> Result<(), ProposerError> {
+        if !self.is_quorum(|peer| peer.vote.is_some()) {
+            return Ok(());
+        }
         let votes: Vec<(usize, &Vote)> =
             self.peers.iter().enumerate().filter_map(|(sk, peer)| peer.vote.as_ref().map(|vote| (sk, vote))).collect();
-        if votes.len() >= self.config.quorum() {
-            let election = election::decide(term, &votes, &self.config)?;
-            self.become_elected(election);
-        }
+        let election = election::decide(term, &votes, &self.config)?;
+        self.become_elected(election);
         Ok(())
     }
 
@@ -596,6 +661,7 @@ impl Proposer {
                 self.peers[sk].awaited_for_wal_start = true;
             }
         }
+        self.advance_membership();
     }
 
     /// ProposerElected needs no vote: an acceptor takes it for any term not
@@ -609,6 +675,7 @@ impl Proposer {
         peer.queue(ProposerMessage::ProposerElected(ProposerElected {
             cluster: self.config.cluster,
             term: election.term,
+            generation: self.membership.current.generation,
             term_start_lsn: election.term_start_lsn,
             timeline_start_lsn: election.timeline_start_lsn,
             term_history: election.history.clone(),
@@ -653,14 +720,14 @@ impl Proposer {
         }
         self.advance_commit();
         self.trim_buffer(TrimScope::All);
+        self.advance_membership();
         Ok(())
     }
 
     fn advance_commit(&mut self) {
         let Campaign::Elected(election) = &self.campaign else { return };
-        let flushes = self.peers.iter().filter_map(|peer| peer.flush_lsn);
         let counted_from = if self.count_flushes_below_term_start { Lsn::INVALID } else { election.term_start_lsn };
-        if let Some(quorum_lsn) = commit::quorum_flush_lsn(flushes, counted_from, self.config.quorum()) {
+        if let Some(quorum_lsn) = self.quorum_flush_lsn(counted_from) {
             self.commit_lsn = self.commit_lsn.max(quorum_lsn);
         }
     }
@@ -719,12 +786,16 @@ impl Proposer {
         if let Some(message) = self.peers[sk].outbox.pop_front() {
             return Some(message);
         }
+        if let Some(message) = self.membership_to_send(sk) {
+            return Some(message);
+        }
         let Campaign::Elected(election) = &self.campaign else { return None };
         let peer = &mut self.peers[sk];
         let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
         let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {
             cluster: self.config.cluster,
             term: election.term,
+            generation: self.membership.current.generation,
             begin_lsn,
             end_lsn,
             commit_lsn: self.commit_lsn,

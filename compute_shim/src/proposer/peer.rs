@@ -35,6 +35,8 @@ pub(super) enum Link {
 
 #[derive(Debug)]
 pub(super) struct Peer {
+    /// Its pg address: what configurations and the operator name it by.
+    pub addr: String,
     pub link: Link,
     pub node_id: Option<NodeId>,
     /// The term it reported last (greeting or reply); `None` before any greeting.
@@ -50,11 +52,17 @@ pub(super) struct Peer {
     /// Control messages for the current connection.
     pub outbox: VecDeque<ProposerMessage>,
     pub last_sent_ms: u64,
+    /// The precedence (generation, term) of the configuration it holds,
+    /// as its greeting or its last MembershipResponse showed.
+    pub stored_configuration: Option<(u32, Term)>,
+    /// A SetMembership is on its way on this connection.
+    pub membership_outstanding: bool,
 }
 
 impl Peer {
-    pub fn new() -> Self {
+    pub fn new(addr: String) -> Self {
         Peer {
+            addr,
             link: Link::Disconnected,
             node_id: None,
             reported_term: None,
@@ -63,6 +71,8 @@ impl Peer {
             awaited_for_wal_start: false,
             outbox: VecDeque::new(),
             last_sent_ms: 0,
+            stored_configuration: None,
+            membership_outstanding: false,
         }
     }
 

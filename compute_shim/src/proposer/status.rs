@@ -5,6 +5,8 @@ use serde::Serialize;
 use safekeeper::ids::{NodeId, Term};
 use safekeeper::lsn::Lsn;
 
+use super::membership::MembershipStatus;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ProposerStatus {
     pub phase: Phase,
@@ -21,6 +23,9 @@ pub struct ProposerStatus {
     /// Whether Postgres's WAL below the term start was found to be the
     /// safekeepers' log; no WAL is sent before.
     pub postgres_wal_checked: bool,
+    /// The configuration quorums are counted in, and a change under way.
+    pub membership: MembershipStatus,
+    /// Every safekeeper we keep a connection to.
     pub safekeepers: Vec<SafekeeperStatus>,
 }
 
@@ -37,6 +42,9 @@ pub enum Phase {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SafekeeperStatus {
+    pub addr: String,
+    /// Whether it counts toward quorums (else: joining, or being told it left).
+    pub member: bool,
     pub state: PeerState,
     pub node_id: Option<NodeId>,
     pub term: Option<Term>,

@@ -36,7 +36,7 @@ fn history(entries: &[(u64, Lsn)]) -> TermHistory {
 }
 
 fn vote(term: u64) -> ProposerMessage {
-    ProposerMessage::VoteRequest(VoteRequest { cluster: cluster(), term: Term(term) })
+    ProposerMessage::VoteRequest(VoteRequest { cluster: cluster(), term: Term(term), generation: 0 })
 }
 
 fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
@@ -46,6 +46,7 @@ fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
     ProposerMessage::ProposerElected(ProposerElected {
         cluster: cluster(),
         term: Term(term),
+        generation: 0,
         term_start_lsn: last.start_lsn,
         timeline_start_lsn: TIMELINE_START,
         term_history: history,
@@ -56,6 +57,7 @@ fn append(term: u64, begin_lsn: Lsn, wal: &[u8], commit_lsn: Lsn) -> ProposerMes
     ProposerMessage::AppendRequest(AppendRequest {
         cluster: cluster(),
         term: Term(term),
+        generation: 0,
         begin_lsn,
         end_lsn: begin_lsn + wal.len() as u64,
         commit_lsn,
@@ -124,6 +126,7 @@ fn greeting_checks_cluster_identity_and_parameters() {
             pg_version: 150000,
             wal_segment_size_bytes: segment,
             proposer_id: [9; 16],
+            generation: 0,
         })
     };
     let ok = timeline.handle(greeting(cluster(), SEGMENT_SIZE_BYTES as u32)).unwrap();
@@ -137,7 +140,7 @@ fn greeting_checks_cluster_identity_and_parameters() {
     // Every message is checked, not only the greeting.
     let mut wrong_timeline = cluster();
     wrong_timeline.timeline_id = TimelineId([3; 16]);
-    let message = ProposerMessage::VoteRequest(VoteRequest { cluster: wrong_timeline, term: Term(5) });
+    let message = ProposerMessage::VoteRequest(VoteRequest { cluster: wrong_timeline, term: Term(5), generation: 0 });
     assert!(timeline.handle(message).is_err());
     assert_eq!(timeline.acceptor().term(), Term(0), "a refused message changes nothing");
 }
@@ -367,6 +370,7 @@ mod random_sequences {
                 ProposerMessage::ProposerElected(ProposerElected {
                     cluster: cluster(),
                     term: Term(*term),
+                    generation: 0,
                     term_start_lsn: boundary(*start),
                     timeline_start_lsn: TIMELINE_START,
                     term_history: history,
@@ -430,6 +434,7 @@ fn digest_request(term: u64, start_lsn: Lsn, end_lsn: Lsn) -> ProposerMessage {
     ProposerMessage::WalDigestRequest(crate::protocol::WalDigestRequest {
         cluster: cluster(),
         term: Term(term),
+        generation: 0,
         start_lsn,
         end_lsn,
     })
@@ -609,4 +614,154 @@ fn a_restart_at_an_unpadded_record_end_accepts_the_next_record() {
     append_response(timeline.handle(elected(2, &[(1, TIMELINE_START), (2, unpadded_end)])).unwrap());
     let ack = send_wal(&mut timeline, 2, unpadded_end, &wal[cut..], Lsn(0));
     assert_eq!(ack.flush_lsn, TIMELINE_START + wal.len() as u64);
+}
+
+/// Rules of the membership configuration (docs/protocol.md, "Membership").
+mod membership {
+    use super::*;
+    use crate::membership::{Configuration, Member};
+    use crate::protocol::{MembershipResponse, SetMembership};
+
+    fn member(id: u64) -> Member {
+        Member { node_id: Some(NodeId(id)), pg_addr: format!("127.0.0.1:{}", 5000 + id) }
+    }
+
+    fn configuration(generation: u32, written_in_term: u64, ids: &[u64], new: Option<&[u64]>) -> Configuration {
+        Configuration {
+            generation,
+            written_in_term: Term(written_in_term),
+            members: ids.iter().map(|&id| member(id)).collect(),
+            joint_new: new.map(|ids| ids.iter().map(|&id| member(id)).collect()),
+        }
+    }
+
+    fn set(term: u64, configuration: Configuration) -> ProposerMessage {
+        ProposerMessage::SetMembership(SetMembership { cluster: cluster(), term: Term(term), configuration })
+    }
+
+    fn with_generation(mut message: ProposerMessage, generation: u32) -> ProposerMessage {
+        match &mut message {
+            ProposerMessage::Greeting(m) => m.generation = generation,
+            ProposerMessage::VoteRequest(m) => m.generation = generation,
+            ProposerMessage::ProposerElected(m) => m.generation = generation,
+            ProposerMessage::AppendRequest(m) => m.generation = generation,
+            ProposerMessage::WalDigestRequest(m) => m.generation = generation,
+            ProposerMessage::SetMembership(_) => unreachable!("its generation is its configuration's"),
+        }
+        message
+    }
+
+    fn stored(reply: Option<AcceptorMessage>) -> (u32, Term) {
+        match reply {
+            Some(AcceptorMessage::MembershipResponse(MembershipResponse { generation, written_in_term, .. })) => {
+                (generation, written_in_term)
+            }
+            other => panic!("expected a MembershipResponse, got {other:?}"),
+        }
+    }
+
+    fn greeting() -> ProposerMessage {
+        ProposerMessage::Greeting(Greeting {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: cluster(),
+            pg_version: 150000,
+            wal_segment_size_bytes: SEGMENT_SIZE_BYTES as u32,
+            proposer_id: [9; 16],
+            generation: 0,
+        })
+    }
+
+    fn elected_in(term: u64) -> MemoryTimeline {
+        let mut timeline = new_timeline();
+        vote_response(timeline.handle(vote(term)).unwrap());
+        append_response(timeline.handle(elected(term, &[(term, TIMELINE_START)])).unwrap());
+        timeline
+    }
+
+    /// Rule: a configuration is stored (durably, before the answer) only
+    /// from the proposer whose ProposerElected we accepted in our term.
+    #[test]
+    fn only_the_elected_proposer_writes_the_configuration() {
+        let joint = configuration(1, 2, &[1, 2, 3], Some(&[1, 2, 4]));
+        let mut voted = new_timeline();
+        vote_response(voted.handle(vote(2)).unwrap());
+        let err = voted.handle(set(2, joint.clone())).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::NotElected { .. })), "{err}");
+
+        let mut timeline = elected_in(2);
+        assert_eq!(stored(timeline.handle(set(2, joint.clone())).unwrap()), (1, Term(2)));
+        assert_eq!(timeline.acceptor().state().membership, joint);
+        assert_eq!(timeline.control().persisted.as_ref().unwrap().membership, joint, "persisted");
+        // Again: idempotent.
+        assert_eq!(stored(timeline.handle(set(2, joint.clone())).unwrap()), (1, Term(2)));
+        // A fenced proposer learns the higher term and changes nothing.
+        vote_response(timeline.handle(with_generation(vote(3), 1)).unwrap());
+        let newer = configuration(2, 2, &[1, 2, 4], None);
+        let reply = timeline.handle(set(2, newer)).unwrap();
+        assert!(matches!(reply, Some(AcceptorMessage::MembershipResponse(MembershipResponse { term: Term(3), .. }))));
+        assert_eq!(timeline.acceptor().state().membership, joint);
+    }
+
+    /// Rule: every proposer message but the greeting is refused below our
+    /// generation; the greeting answers with the configuration.
+    #[test]
+    fn older_generations_are_refused_and_greetings_teach_the_newer_one() {
+        let mut timeline = elected_in(2);
+        let joint = configuration(1, 2, &[1, 2, 3], Some(&[1, 2, 4]));
+        stored(timeline.handle(set(2, joint.clone())).unwrap());
+        let err = timeline.handle(vote(5)).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::StaleGeneration { ours: 1, theirs: 0 })), "{err}");
+        assert_eq!(timeline.acceptor().term(), Term(2), "the refused vote promised nothing");
+        let err = timeline.handle(append(2, TIMELINE_START, &[], Lsn(0))).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::StaleGeneration { .. })), "{err}");
+        match timeline.handle(greeting()).unwrap() {
+            Some(AcceptorMessage::GreetingResponse(response)) => assert_eq!(response.configuration, joint),
+            other => panic!("{other:?}"),
+        }
+        // A newer generation than ours is fine (the proposer is writing it).
+        append_response(timeline.handle(with_generation(append(2, TIMELINE_START, &[], Lsn(0)), 2)).unwrap());
+    }
+
+    /// Rule: once our configuration leaves us out, we answer only greetings.
+    #[test]
+    fn a_removed_member_refuses_everything_but_greetings() {
+        let mut timeline = elected_in(2);
+        stored(timeline.handle(set(2, configuration(1, 2, &[1, 2, 3], Some(&[2, 3, 4])))).unwrap());
+        stored(timeline.handle(set(2, configuration(2, 2, &[2, 3, 4], None))).unwrap());
+        let err = timeline.handle(with_generation(vote(3), 2)).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::NotAMember { generation: 2, .. })), "{err}");
+        assert!(matches!(timeline.handle(greeting()).unwrap(), Some(AcceptorMessage::GreetingResponse(_))));
+        // While a member's node id is unknown, we cannot tell: not refused.
+        let mut unknown = elected_in(2);
+        let mut old = configuration(1, 2, &[2, 3, 4], None);
+        old.members[0].node_id = None;
+        stored(unknown.handle(set(2, old)).unwrap());
+        vote_response(unknown.handle(with_generation(vote(3), 1)).unwrap());
+    }
+
+    /// Rule: of two configurations, the higher generation wins, then the
+    /// later term; a loser is not stored and the answer shows the winner.
+    #[test]
+    fn configurations_are_ordered_by_generation_then_term() {
+        let mut timeline = elected_in(2);
+        stored(timeline.handle(set(2, configuration(1, 1, &[1, 2, 3], Some(&[1, 2, 4])))).unwrap());
+        let later = configuration(1, 2, &[1, 2, 3], Some(&[1, 2, 5]));
+        assert_eq!(stored(timeline.handle(set(2, later.clone())).unwrap()), (1, Term(2)));
+        assert_eq!(timeline.acceptor().state().membership, later);
+        let earlier = configuration(1, 1, &[1, 2, 3], Some(&[1, 2, 4]));
+        assert_eq!(stored(timeline.handle(set(2, earlier)).unwrap()), (1, Term(2)), "not replaced");
+        assert_eq!(timeline.acceptor().state().membership, later);
+    }
+
+    #[test]
+    fn malformed_configurations_are_refused() {
+        let mut timeline = elected_in(2);
+        let twice = configuration(1, 2, &[1, 1, 3], None);
+        let err = timeline.handle(set(2, twice)).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::BadConfiguration { .. })), "{err}");
+        let from_the_future = configuration(1, 3, &[1, 2, 3], None);
+        let err = timeline.handle(set(2, from_the_future)).unwrap_err();
+        assert!(matches!(err, TimelineError::Refused(AcceptorError::BadConfiguration { .. })), "{err}");
+        assert!(!timeline.acceptor().state().membership.is_set());
+    }
 }

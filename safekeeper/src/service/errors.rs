@@ -87,8 +87,14 @@ pub fn refusal(error: &AcceptorError) -> PgError {
     let code = match error {
         ClusterMismatch { .. } | ParameterMismatch { .. } => sqlstate::INVALID_PARAMETER_VALUE,
         InvalidWal { .. } | ZeroLengthRecord { .. } => sqlstate::DATA_CORRUPTED,
-        BadTermHistory { .. } | BadTimelineStart { .. } | CrossesSegment { .. } => sqlstate::PROTOCOL_VIOLATION,
-        NotElected { .. }
+        BadTermHistory { .. } | BadTimelineStart { .. } | CrossesSegment { .. } | BadConfiguration { .. } => {
+            sqlstate::PROTOCOL_VIOLATION
+        }
+        // Not a refusal of the cluster: the proposer greets again and learns
+        // the newer configuration (or that this safekeeper left it).
+        StaleGeneration { .. }
+        | NotAMember { .. }
+        | NotElected { .. }
         | NotContiguous { .. }
         | TruncateBelowCommit { .. }
         | DigestOutOfRange { .. }

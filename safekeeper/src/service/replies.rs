@@ -178,7 +178,11 @@ mod tests {
     }
 
     fn greeting(term: u64) -> AcceptorMessage {
-        AcceptorMessage::GreetingResponse(GreetingResponse { node_id: NodeId(1), term: Term(term) })
+        AcceptorMessage::GreetingResponse(GreetingResponse {
+            node_id: NodeId(1),
+            term: Term(term),
+            configuration: Default::default(),
+        })
     }
 
     fn encoded(message: &AcceptorMessage) -> Vec<u8> {

@@ -190,6 +190,7 @@ mod tests {
             timeline_start_lsn: Lsn(0x100_0000),
             commit_lsn: Lsn(0x123_4568),
             remote_consistent_lsn: Lsn(0x80_0000 * term),
+            membership: Default::default(),
         }
     }
 

@@ -144,7 +144,7 @@ impl Net {
             cluster: cluster(),
             pg_version: 150000,
             wal_segment_size: segment_size(),
-            safekeeper_count: self.acceptors.len(),
+            safekeepers: (0..self.acceptors.len()).map(|sk| format!("sk{sk}")).collect(),
             max_in_flight_bytes: self.max_in_flight_bytes,
             max_buffered_wal_bytes: self.max_buffered_wal_bytes,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,

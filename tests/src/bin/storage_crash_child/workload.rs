@@ -39,6 +39,7 @@ pub fn new_control_state(commit_lsn: Lsn) -> ControlState {
         timeline_start_lsn: START_LSN,
         commit_lsn,
         remote_consistent_lsn: Lsn::INVALID,
+        membership: Default::default(),
     }
 }
 

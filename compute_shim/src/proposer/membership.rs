@@ -1,0 +1,599 @@
+//! Which safekeepers count, and changing them (docs/proposer.md,
+//! "Membership changes").
+//!
+//! The proposer counts quorums in its current [`Configuration`]: at first
+//! the `--safekeepers` list (generation 0), then the highest configuration
+//! any safekeeper shows it. An operator's request to change the set runs,
+//! while this proposer is elected:
+//!
+//! 1. `Preparing`: connect to the new members and learn their node ids
+//!    (they are streamed to like any safekeeper, but do not count yet);
+//! 2. `WritingJoint`: the joint configuration (old and new set, the next
+//!    generation) is ours at once, and is written until a majority of each set
+//!    stored it. From then on no proposer can count a quorum of the old set
+//!    alone: any majority of it names a safekeeper that refuses the older
+//!    generation and teaches the newer one;
+//! 3. `CatchingUp`: every new member flushes up to the commit LSN of that
+//!    moment (from this proposer, or from its peers by peer recovery);
+//! 4. `WritingNew`: the new set alone (generation + 1) is ours, written until
+//!    a majority of it stored it; removed members are sent it too, so they
+//!    refuse proposers of older generations.
+//!
+//! Every step is idempotent and resumable: a restarted proposer adopts the
+//! joint configuration it finds and completes it.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use safekeeper::ids::{NodeId, Term};
+use safekeeper::lsn::Lsn;
+use safekeeper::membership::{majority, Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
+use safekeeper::protocol::{MembershipResponse, ProposerMessage, SetMembership};
+
+use super::commit;
+use super::error::{PeerFault, ProposerError};
+use super::peer::{Link, Peer};
+use super::{Campaign, LogCheckState, Proposer};
+
+/// Peer slots kept at most: the largest joint configuration (two full sets).
+pub const MAX_PEER_SLOTS: usize = 2 * MAX_MEMBERS;
+
+pub(super) struct Membership {
+    /// The configuration quorums are counted in.
+    pub current: Configuration,
+    pub change: Option<Change>,
+    /// The last change that completed, for status.
+    pub last_completed: Option<CompletedChange>,
+    /// Why the last request was given up, for status.
+    pub last_error: Option<String>,
+}
+
+pub(super) struct Change {
+    /// The new set's addresses, in the operator's order.
+    pub target: Vec<String>,
+    pub phase: ChangePhase,
+    pub started_at_ms: u64,
+    pub phase_started_at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum ChangePhase {
+    Preparing,
+    WritingJoint,
+    CatchingUp {
+        target_lsn: Lsn,
+    },
+    /// `removed`: members of the joint configuration the new one leaves out.
+    WritingNew {
+        removed: Vec<String>,
+    },
+}
+
+impl ChangePhase {
+    fn name(&self) -> &'static str {
+        match self {
+            ChangePhase::Preparing => "preparing",
+            ChangePhase::WritingJoint => "writing-joint",
+            ChangePhase::CatchingUp { .. } => "catching-up",
+            ChangePhase::WritingNew { .. } => "writing-new",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CompletedChange {
+    pub generation: u32,
+    pub took_ms: u64,
+}
+
+/// Why an operator's request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipRequestError {
+    #[error("invalid safekeeper set: {0}")]
+    Invalid(String),
+    #[error(
+        "a change to {target:?} is in progress (phase {phase}); repeat that request to follow it, or request the \
+         current set {current:?} to abort it"
+    )]
+    ChangeInProgress { target: Vec<String>, phase: &'static str, current: Vec<String> },
+}
+
+/// `GET /v1/membership` and the status's `membership`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MembershipStatus {
+    pub generation: u32,
+    pub written_in_term: Term,
+    pub members: Vec<Member>,
+    pub joint_new: Option<Vec<Member>>,
+    pub change: Option<ChangeStatus>,
+    pub last_completed: Option<CompletedChange>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChangeStatus {
+    pub target: Vec<String>,
+    pub phase: &'static str,
+    pub running_ms: u64,
+    pub phase_running_ms: u64,
+    /// In `catching-up`: the LSN every new member must flush.
+    pub catch_up_target_lsn: Option<Lsn>,
+    /// The target's members that are not in the old set.
+    pub new_members: Vec<NewMemberStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NewMemberStatus {
+    pub pg_addr: String,
+    pub node_id: Option<NodeId>,
+    pub state: &'static str,
+    pub flush_lsn: Option<Lsn>,
+}
+
+impl Membership {
+    pub fn from_command_line(addrs: &[String]) -> Membership {
+        let members = addrs.iter().map(|addr| Member { node_id: None, pg_addr: addr.clone() }).collect();
+        Membership {
+            current: Configuration { generation: 0, written_in_term: Term(0), members, joint_new: None },
+            change: None,
+            last_completed: None,
+            last_error: None,
+        }
+    }
+}
+
+fn addr_set(addrs: impl IntoIterator<Item = impl AsRef<str>>) -> BTreeSet<String> {
+    addrs.into_iter().map(|addr| addr.as_ref().to_string()).collect()
+}
+
+fn member_addrs(members: &[Member]) -> Vec<String> {
+    members.iter().map(|member| member.pg_addr.clone()).collect()
+}
+
+fn validate_target(target: &[String]) -> Result<(), MembershipRequestError> {
+    let invalid = |reason: String| Err(MembershipRequestError::Invalid(reason));
+    if target.is_empty() || target.len() > MAX_MEMBERS {
+        return invalid(format!("1..={MAX_MEMBERS} safekeepers, not {}", target.len()));
+    }
+    if addr_set(target).len() != target.len() {
+        return invalid("a safekeeper is named twice".into());
+    }
+    if let Some(bad) = target.iter().find(|addr| addr.is_empty() || addr.len() > MAX_MEMBER_ADDR_BYTES) {
+        return invalid(format!("bad address {bad:?}"));
+    }
+    Ok(())
+}
+
+impl Proposer {
+    /// An operator asks for the safekeeper set `target` (pg addresses).
+    /// Idempotent: the same request again follows the change under way or
+    /// finds it done. While a change is only preparing, another target
+    /// replaces it; once the joint configuration is written, only the
+    /// old set (an abort) is taken.
+    pub fn request_membership(&mut self, target: Vec<String>, now_ms: u64) -> Result<(), MembershipRequestError> {
+        validate_target(&target)?;
+        self.now_ms = now_ms;
+        let wanted = addr_set(&target);
+        let current = &self.membership.current;
+        if let Some(change) = &self.membership.change {
+            let same = addr_set(&change.target) == wanted;
+            match &change.phase {
+                _ if same => return Ok(()),
+                ChangePhase::Preparing => {}
+                ChangePhase::WritingJoint | ChangePhase::CatchingUp { .. }
+                    if addr_set(member_addrs(&current.members)) == wanted =>
+                {
+                    self.abort_joint();
+                    return Ok(());
+                }
+                phase => {
+                    return Err(MembershipRequestError::ChangeInProgress {
+                        target: change.target.clone(),
+                        phase: phase.name(),
+                        current: member_addrs(&current.members),
+                    })
+                }
+            }
+        } else if current.joint_new.is_none() && addr_set(member_addrs(&current.members)) == wanted {
+            return Ok(()); // already the set
+        }
+        let spare_slots = MAX_PEER_SLOTS - self.peers.iter().filter(|peer| self.wanted(peer)).count();
+        let new_addrs = target.iter().filter(|addr| self.peer_index(addr).is_none()).count();
+        if new_addrs > spare_slots {
+            return Err(MembershipRequestError::Invalid(format!("more than {MAX_PEER_SLOTS} safekeepers at once")));
+        }
+        self.membership.last_error = None;
+        self.membership.change = Some(Change {
+            target: target.clone(),
+            phase: ChangePhase::Preparing,
+            started_at_ms: now_ms,
+            phase_started_at_ms: now_ms,
+        });
+        for addr in &target {
+            self.ensure_peer(addr);
+        }
+        self.retire_unwanted();
+        Ok(())
+    }
+
+    /// The addresses the driver should keep a connection to, by peer slot
+    /// (`None`: no connection).
+    pub fn wanted_links(&self) -> Vec<Option<&str>> {
+        self.peers.iter().map(|peer| self.wanted(peer).then_some(peer.addr.as_str())).collect()
+    }
+
+    pub fn peer_addr(&self, sk: usize) -> &str {
+        &self.peers[sk].addr
+    }
+
+    pub fn membership_status(&self) -> MembershipStatus {
+        let membership = &self.membership;
+        let change = membership.change.as_ref().map(|change| {
+            let old = addr_set(member_addrs(&membership.current.members));
+            let new_members = change
+                .target
+                .iter()
+                .filter(|addr| !old.contains(*addr) || membership.current.joint_new.is_none())
+                .filter_map(|addr| self.peer_index(addr).map(|sk| &self.peers[sk]))
+                .map(|peer| NewMemberStatus {
+                    pg_addr: peer.addr.clone(),
+                    node_id: peer.node_id,
+                    state: peer.state().name(),
+                    flush_lsn: peer.flush_lsn,
+                })
+                .collect();
+            ChangeStatus {
+                target: change.target.clone(),
+                phase: change.phase.name(),
+                running_ms: self.now_ms.saturating_sub(change.started_at_ms),
+                phase_running_ms: self.now_ms.saturating_sub(change.phase_started_at_ms),
+                catch_up_target_lsn: match change.phase {
+                    ChangePhase::CatchingUp { target_lsn } => Some(target_lsn),
+                    _ => None,
+                },
+                new_members,
+            }
+        });
+        MembershipStatus {
+            generation: membership.current.generation,
+            written_in_term: membership.current.written_in_term,
+            members: membership.current.members.clone(),
+            joint_new: membership.current.joint_new.clone(),
+            change,
+            last_completed: membership.last_completed.clone(),
+            last_error: membership.last_error.clone(),
+        }
+    }
+
+    pub(super) fn peer_index(&self, addr: &str) -> Option<usize> {
+        self.peers.iter().position(|peer| peer.addr == addr)
+    }
+
+    /// Whether we keep a connection to `peer`: a member of the current
+    /// configuration, a member-to-be, or a removed member still to be told.
+    pub(super) fn wanted(&self, peer: &Peer) -> bool {
+        let addr = peer.addr.as_str();
+        self.membership.current.includes_addr(addr)
+            || self.membership.change.as_ref().is_some_and(|change| match &change.phase {
+                ChangePhase::Preparing => change.target.iter().any(|target| target == addr),
+                ChangePhase::WritingNew { removed } => removed.iter().any(|removed| removed == addr),
+                _ => false,
+            })
+    }
+
+    /// Whether `peer` counts toward quorums.
+    fn is_member(&self, peer: &Peer) -> bool {
+        self.membership.current.includes_addr(&peer.addr)
+    }
+
+    /// Whether the members for which `counts` holds form a quorum of the
+    /// current configuration (a majority of each of its sets).
+    pub(super) fn is_quorum(&self, counts: impl Fn(&Peer) -> bool) -> bool {
+        self.membership
+            .current
+            .is_quorum(|member| self.peer_index(&member.pg_addr).is_some_and(|sk| counts(&self.peers[sk])))
+    }
+
+    /// The highest LSN a quorum flushed at or past `counted_from`: the
+    /// lowest over the sets of each set's quorum flush.
+    pub(super) fn quorum_flush_lsn(&self, counted_from: Lsn) -> Option<Lsn> {
+        let mut lowest: Option<Lsn> = None;
+        for set in self.membership.current.sets() {
+            let flushes = set
+                .iter()
+                .filter_map(|member| self.peer_index(&member.pg_addr))
+                .filter_map(|sk| self.peers[sk].flush_lsn);
+            let set_lsn = commit::quorum_flush_lsn(flushes, counted_from, majority(set.len()))?;
+            lowest = Some(lowest.map_or(set_lsn, |lsn| lsn.min(set_lsn)));
+        }
+        lowest
+    }
+
+    /// Only members are asked to vote: a vote elsewhere would count nowhere.
+    pub(super) fn may_vote(&self, sk: usize) -> bool {
+        self.is_member(&self.peers[sk])
+    }
+
+    /// The slot for `addr`, made if new (reusing a retired one first).
+    fn ensure_peer(&mut self, addr: &str) -> usize {
+        if let Some(sk) = self.peer_index(addr) {
+            return sk;
+        }
+        let reusable = (0..self.peers.len()).find(|&sk| !self.wanted(&self.peers[sk]));
+        match reusable {
+            Some(sk) => {
+                self.peers[sk] = Peer::new(addr.to_string());
+                sk
+            }
+            None => {
+                assert!(self.peers.len() < MAX_PEER_SLOTS, "requests are checked against the slot bound");
+                self.peers.push(Peer::new(addr.to_string()));
+                self.peers.len() - 1
+            }
+        }
+    }
+
+    /// Forget safekeepers we no longer talk to: the driver closes their
+    /// connections, and nothing they acknowledged counts anywhere.
+    fn retire_unwanted(&mut self) {
+        for sk in 0..self.peers.len() {
+            if !self.wanted(&self.peers[sk]) {
+                self.peers[sk] = Peer::new(self.peers[sk].addr.clone());
+            }
+        }
+    }
+
+    /// A greeting showed `theirs`: check it, and adopt it if it takes
+    /// precedence over ours. Returns whether the greeting peer is still
+    /// wanted (a configuration may have just left it out).
+    pub(super) fn on_greeted_configuration(
+        &mut self,
+        sk: usize,
+        node_id: NodeId,
+        theirs: safekeeper::membership::Configuration,
+    ) -> Result<bool, ProposerError> {
+        let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
+        self.peers[sk].stored_configuration = Some(theirs.precedence());
+        if theirs.is_set() {
+            theirs.validate().map_err(|reason| peer_fault(PeerFault::BadConfiguration { reason }))?;
+            if theirs.precedence() > self.membership.current.precedence() {
+                self.adopt(theirs);
+            }
+        }
+        if !self.wanted(&self.peers[sk]) {
+            return Ok(false);
+        }
+        let named = self.membership.current.sets().flatten().find(|member| member.pg_addr == self.peers[sk].addr);
+        if let Some(expected) = named.and_then(|member| member.node_id).filter(|&expected| expected != node_id) {
+            return Err(peer_fault(PeerFault::WrongNode { expected, got: node_id }));
+        }
+        Ok(true)
+    }
+
+    /// Count in `configuration` from now on. A change under way to the same
+    /// set continues; any other is superseded. Safe at any time: a newer
+    /// configuration was written by a proposer of our term or an earlier
+    /// one, and if a quorum ever stored it, our election saw it.
+    fn adopt(&mut self, configuration: Configuration) {
+        tracing::info!(generation = configuration.generation, "adopting a newer safekeeper configuration");
+        let target = configuration.joint_new.as_deref().unwrap_or(&configuration.members);
+        let target_addrs = member_addrs(target);
+        let continues =
+            self.membership.change.as_ref().is_some_and(|change| addr_set(&change.target) == addr_set(&target_addrs));
+        if !continues {
+            if let Some(change) = &self.membership.change {
+                self.membership.last_error = Some(format!(
+                    "the change to {:?} was superseded by configuration generation {} found on a safekeeper",
+                    change.target, configuration.generation
+                ));
+            }
+        }
+        let now_ms = self.now_ms;
+        let phase = if configuration.joint_new.is_some() {
+            ChangePhase::WritingJoint
+        } else {
+            ChangePhase::WritingNew { removed: vec![] }
+        };
+        let started_at_ms =
+            self.membership.change.as_ref().filter(|_| continues).map_or(now_ms, |change| change.started_at_ms);
+        self.membership.change =
+            Some(Change { target: target_addrs, phase, started_at_ms, phase_started_at_ms: now_ms });
+        for member in configuration.all_members() {
+            self.ensure_peer(&member.pg_addr);
+        }
+        self.membership.current = configuration;
+        self.retire_unwanted();
+        self.reconsider_quorums();
+    }
+
+    /// Back from a joint configuration to the old set: as safe as going on
+    /// to the new one (every joint quorum holds a majority of the old set).
+    fn abort_joint(&mut self) {
+        let current = &self.membership.current;
+        let old = addr_set(member_addrs(&current.members));
+        let removed = current
+            .all_members()
+            .into_iter()
+            .filter(|member| !old.contains(&member.pg_addr))
+            .map(|member| member.pg_addr.clone())
+            .collect();
+        let target = member_addrs(&current.members);
+        self.switch_to(current.members.clone(), removed, target);
+    }
+
+    /// Our configuration becomes `members` alone (generation + 1).
+    fn switch_to(&mut self, members: Vec<Member>, removed: Vec<String>, target: Vec<String>) {
+        let term = self.term().expect("changes run only when elected");
+        let current = &self.membership.current;
+        self.membership.current =
+            Configuration { generation: current.generation + 1, written_in_term: term, members, joint_new: None };
+        let started_at_ms = self.membership.change.as_ref().map_or(self.now_ms, |change| change.started_at_ms);
+        self.membership.change = Some(Change {
+            target,
+            phase: ChangePhase::WritingNew { removed },
+            started_at_ms,
+            phase_started_at_ms: self.now_ms,
+        });
+        self.reconsider_quorums();
+    }
+
+    /// Move a change on as far as acknowledgements allow. Only an elected
+    /// proposer whose log check passed writes configurations.
+    pub(super) fn advance_membership(&mut self) {
+        let elected = matches!(self.campaign, Campaign::Elected(_)) && matches!(self.log_check, LogCheckState::Passed);
+        let Some(change) = &self.membership.change else { return };
+        if !elected || self.fenced_by.is_some() {
+            return;
+        }
+        let now_ms = self.now_ms;
+        let stored_by_quorum = |proposer: &Proposer| {
+            let ours = proposer.membership.current.precedence();
+            proposer.is_quorum(|peer| peer.stored_configuration == Some(ours))
+        };
+        match change.phase.clone() {
+            ChangePhase::Preparing => {
+                let Some(joint) = self.joint_configuration(&change.target) else { return };
+                if let Err(reason) = joint.validate() {
+                    self.membership.last_error = Some(format!("cannot change to {:?}: {reason}", change.target));
+                    self.membership.change = None;
+                    self.retire_unwanted();
+                    return;
+                }
+                self.membership.current = joint;
+                self.set_phase(ChangePhase::WritingJoint);
+                self.reconsider_quorums();
+            }
+            ChangePhase::WritingJoint => {
+                if stored_by_quorum(self) {
+                    self.set_phase(ChangePhase::CatchingUp { target_lsn: self.commit_lsn });
+                    self.advance_membership();
+                }
+            }
+            ChangePhase::CatchingUp { target_lsn } => {
+                let current = &self.membership.current;
+                let new = current.joint_new.clone().expect("catching up under a joint configuration");
+                let old = addr_set(member_addrs(&current.members));
+                let caught_up = new.iter().filter(|member| !old.contains(&member.pg_addr)).all(|member| {
+                    self.peer_index(&member.pg_addr)
+                        .and_then(|sk| self.peers[sk].flush_lsn)
+                        .is_some_and(|flush| flush >= target_lsn)
+                });
+                if caught_up {
+                    let kept = addr_set(member_addrs(&new));
+                    let removed = current
+                        .members
+                        .iter()
+                        .filter(|member| !kept.contains(&member.pg_addr))
+                        .map(|member| member.pg_addr.clone())
+                        .collect();
+                    let target = change.target.clone();
+                    self.switch_to(new, removed, target);
+                }
+            }
+            ChangePhase::WritingNew { .. } => {
+                if stored_by_quorum(self) {
+                    let took_ms = now_ms.saturating_sub(change.started_at_ms);
+                    let generation = self.membership.current.generation;
+                    tracing::info!(generation, took_ms, "membership change complete");
+                    self.membership.last_completed = Some(CompletedChange { generation, took_ms });
+                    self.membership.change = None;
+                    self.retire_unwanted();
+                }
+            }
+        }
+    }
+
+    fn set_phase(&mut self, phase: ChangePhase) {
+        let change = self.membership.change.as_mut().expect("a change is under way");
+        tracing::info!(from = change.phase.name(), to = phase.name(), "membership change");
+        change.phase = phase;
+        change.phase_started_at_ms = self.now_ms;
+    }
+
+    /// The joint configuration for `target`, once every new member has
+    /// greeted us (its node id goes into the configuration).
+    fn joint_configuration(&self, target: &[String]) -> Option<Configuration> {
+        let term = self.term()?;
+        let named = |addr: &String| {
+            let node_id = self.peer_index(addr).and_then(|sk| self.peers[sk].node_id);
+            Member { node_id, pg_addr: addr.clone() }
+        };
+        let new: Vec<Member> = target.iter().map(named).collect();
+        if new.iter().any(|member| member.node_id.is_none()) {
+            return None;
+        }
+        let current = &self.membership.current;
+        // Old members keep the node id they were written with; the
+        // command line's list learns them from greetings (a dead one's
+        // stays unknown).
+        let old = current
+            .members
+            .iter()
+            .map(|member| Member { node_id: member.node_id.or(named(&member.pg_addr).node_id), ..member.clone() })
+            .collect();
+        Some(Configuration {
+            generation: current.generation + 1,
+            written_in_term: term,
+            members: old,
+            joint_new: Some(new),
+        })
+    }
+
+    /// The configuration for `sk` if it should store ours: a member (or a
+    /// removed member still to be told) that accepted our ProposerElected,
+    /// does not hold ours yet, and has no SetMembership outstanding.
+    pub(super) fn membership_to_send(&mut self, sk: usize) -> Option<ProposerMessage> {
+        let Campaign::Elected(election) = &self.campaign else { return None };
+        let current = &self.membership.current;
+        let peer = &self.peers[sk];
+        let accepted_elected = matches!(peer.link, Link::Streaming { .. } | Link::TooFarBehind);
+        if !current.is_set() || !accepted_elected || peer.membership_outstanding || !self.wanted(peer) {
+            return None;
+        }
+        if peer.stored_configuration == Some(current.precedence()) {
+            return None;
+        }
+        let message =
+            SetMembership { cluster: self.config.cluster, term: election.term, configuration: current.clone() };
+        self.peers[sk].membership_outstanding = true;
+        Some(ProposerMessage::SetMembership(message))
+    }
+
+    /// Safekeeper `sk` refuses our cluster (another system id, say).
+    /// Returns whether that is survivable: it was only a member-to-be, and
+    /// the change that named it is given up.
+    pub fn on_link_refused(&mut self, sk: usize, reason: &str) -> bool {
+        let addr = self.peers[sk].addr.clone();
+        let preparing = self.membership.change.as_ref().filter(|change| change.phase == ChangePhase::Preparing);
+        let Some(change) = preparing.filter(|_| !self.membership.current.includes_addr(&addr)) else { return false };
+        self.membership.last_error = Some(format!(
+            "the change to {:?} was given up: safekeeper {addr} refuses this cluster: {reason}",
+            change.target
+        ));
+        self.membership.change = None;
+        self.retire_unwanted();
+        true
+    }
+
+    pub(super) fn on_membership_response(
+        &mut self,
+        sk: usize,
+        response: MembershipResponse,
+    ) -> Result<(), ProposerError> {
+        self.check_term(response.term)?;
+        let peer = &mut self.peers[sk];
+        if !peer.membership_outstanding {
+            return Err(self.unexpected(sk, "MembershipResponse"));
+        }
+        peer.membership_outstanding = false;
+        let theirs = (response.generation, response.written_in_term);
+        peer.stored_configuration = Some(theirs);
+        if theirs > self.membership.current.precedence() {
+            let fault = PeerFault::NewerConfiguration { generation: theirs.0, written_in_term: theirs.1 };
+            return Err(ProposerError::Peer { safekeeper: sk, fault });
+        }
+        self.advance_membership();
+        Ok(())
+    }
+}
