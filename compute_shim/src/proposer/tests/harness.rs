@@ -6,16 +6,17 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use safekeeper::acceptor::AcceptorError;
 use safekeeper::acceptor::PeerWal;
 use safekeeper::control::ControlState;
 use safekeeper::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use safekeeper::lsn::{Lsn, WalSegmentSize};
 use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
 use safekeeper::storage::WalStorage;
-use safekeeper::timeline::MemoryTimeline;
+use safekeeper::timeline::{MemoryTimeline, TimelineError};
 use safekeeper::wal::generator::WalGenerator;
 
-use crate::proposer::{PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
+use crate::proposer::{PeerFault, PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
 
 pub const SYSTEM_ID: u64 = 7_000_000_000_000_000_002;
 pub const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
@@ -138,13 +139,20 @@ impl Net {
         }
     }
 
-    /// Start a compute_shim for `postgres`; nothing is connected yet.
+    /// Start a compute_shim for `postgres` naming every safekeeper;
+    /// nothing is connected yet.
     pub fn start_compute(&mut self, postgres: Postgres) -> usize {
+        let all: Vec<usize> = (0..self.acceptors.len()).collect();
+        self.start_compute_with(postgres, &all)
+    }
+
+    /// Start a compute_shim whose `--safekeepers` names `safekeepers`.
+    pub fn start_compute_with(&mut self, postgres: Postgres, safekeepers: &[usize]) -> usize {
         let config = ProposerConfig {
             cluster: cluster(),
             pg_version: 150000,
             wal_segment_size: segment_size(),
-            safekeepers: (0..self.acceptors.len()).map(|sk| format!("sk{sk}")).collect(),
+            safekeepers: safekeepers.iter().map(|&sk| addr(sk)).collect(),
             max_in_flight_bytes: self.max_in_flight_bytes,
             max_buffered_wal_bytes: self.max_buffered_wal_bytes,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
@@ -163,15 +171,30 @@ impl Net {
         self.computes.len() - 1
     }
 
+    /// Connect compute `c` to safekeeper `sk`, if its proposer wants a
+    /// connection there (as the driver keeps links only to those).
     pub fn connect(&mut self, c: usize, sk: usize) {
         assert!(!self.down[sk], "connecting to a safekeeper that is down");
+        let Some(slot) = self.slot(c, sk) else { return };
         let compute = &mut self.computes[c];
         compute.links[sk] = Link { up: true, ..Link::default() };
-        compute.proposer.on_connected(sk, self.now_ms);
+        compute.proposer.on_connected(slot, self.now_ms);
     }
 
     pub fn connect_all(&mut self, c: usize) {
         (0..self.acceptors.len()).for_each(|sk| self.connect(c, sk));
+    }
+
+    /// The proposer's peer slot for safekeeper `sk`, if it wants a link.
+    pub fn slot(&self, c: usize, sk: usize) -> Option<usize> {
+        let proposer = &self.computes[c].proposer;
+        proposer.peer_index(&addr(sk)).filter(|&slot| proposer.link_wanted(slot))
+    }
+
+    /// The state compute `c`'s proposer shows for safekeeper `sk`.
+    pub fn peer_state(&self, c: usize, sk: usize) -> Option<PeerState> {
+        let status = self.computes[c].proposer.status();
+        status.safekeepers.into_iter().find(|peer| peer.addr == addr(sk)).map(|peer| peer.state)
     }
 
     /// Safekeeper `sk`'s process dies: its connections drop, WAL it had
@@ -201,9 +224,12 @@ impl Net {
         if self.ack_to[sk] == Some(c) {
             self.ack_to[sk] = None;
         }
+        let slot = self.slot(c, sk);
         let compute = &mut self.computes[c];
         compute.links[sk] = Link::default();
-        compute.proposer.on_disconnected(sk, self.now_ms);
+        if let Some(slot) = slot {
+            compute.proposer.on_disconnected(slot, self.now_ms);
+        }
     }
 
     /// The compute's process dies: every connection of it is gone.
@@ -224,7 +250,8 @@ impl Net {
         }
         let mut moved = self.feed_wal(c);
         let compute = &mut self.computes[c];
-        while let Some((sk, message)) = compute.proposer.poll_transmit() {
+        while let Some((slot, message)) = compute.proposer.poll_transmit() {
+            let sk = acceptor_index(compute.proposer.peer_addr(slot));
             assert!(compute.links[sk].up, "the proposer sent to a closed connection");
             compute.links[sk].to_acceptor.push_back(message);
             moved = true;
@@ -276,6 +303,13 @@ impl Net {
         let is_write = matches!(&message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty());
         let reply = match self.acceptors[sk].handle(message) {
             Ok(reply) => reply,
+            Err(TimelineError::Refused(AcceptorError::StaleGeneration { .. } | AcceptorError::NotAMember { .. })) => {
+                // The service closes the connection; the shim's link
+                // reconnects and greets again.
+                self.disconnect(c, sk);
+                self.connect(c, sk);
+                return true;
+            }
             Err(error) => {
                 // Legitimate only when the compute's primary diverged from
                 // the log (another lineage): the shim would exit refused.
@@ -318,8 +352,18 @@ impl Net {
         if !self.is_running(c) {
             return true;
         }
-        if let Err(error) = self.computes[c].proposer.on_message(sk, message, self.now_ms) {
-            self.stop(c, error);
+        let Some(slot) = self.slot(c, sk) else {
+            // A safekeeper the proposer let go of: the driver drops the link.
+            self.computes[c].links[sk] = Link::default();
+            return true;
+        };
+        match self.computes[c].proposer.on_message(slot, message, self.now_ms) {
+            Err(ProposerError::Peer { fault, .. }) if matches!(fault, PeerFault::NewerConfiguration { .. }) => {
+                self.disconnect(c, sk);
+                self.connect(c, sk);
+            }
+            Err(error) => self.stop(c, error),
+            Ok(()) => {}
         }
         true
     }
@@ -429,7 +473,12 @@ impl Net {
         let streams_to_sk = |compute: &Compute| {
             compute.stopped.is_none()
                 && compute.links[sk].up
-                && compute.proposer.status().safekeepers[sk].state != PeerState::TooFarBehind
+                && compute
+                    .proposer
+                    .status()
+                    .safekeepers
+                    .iter()
+                    .any(|peer| peer.addr == addr(sk) && peer.state != PeerState::TooFarBehind)
         };
         if self.computes.iter().any(streams_to_sk) {
             return false;
@@ -494,6 +543,15 @@ impl Net {
     pub fn holders_of(&self, wal: &[u8]) -> usize {
         (0..self.acceptors.len()).filter(|&sk| self.durable_wal(sk).starts_with(wal)).count()
     }
+}
+
+/// Safekeeper `sk`'s address as proposers name it.
+pub fn addr(sk: usize) -> String {
+    format!("sk{sk}")
+}
+
+fn acceptor_index(addr: &str) -> usize {
+    addr.strip_prefix("sk").and_then(|index| index.parse().ok()).expect("harness addresses are skN")
 }
 
 /// `wal` starting at `start`, cut where segments end.

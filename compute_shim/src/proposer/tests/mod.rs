@@ -3,8 +3,10 @@
 //! - [`harness`]: in-memory acceptors, links under the test's control, a
 //!   Postgres that serves generated WAL.
 //! - [`scenarios`]: one test per rule.
+//! - [`membership`]: changing the safekeeper set.
 //! - [`random`]: a seeded simulation with disconnects and proposer restarts.
 
 mod harness;
+mod membership;
 mod random;
 mod scenarios;
