@@ -358,7 +358,7 @@ impl Net {
             return true;
         };
         match self.computes[c].proposer.on_message(slot, message, self.now_ms) {
-            Err(ProposerError::Peer { fault, .. }) if matches!(fault, PeerFault::NewerConfiguration { .. }) => {
+            Err(ProposerError::Peer { fault: PeerFault::NewerConfiguration { .. }, .. }) => {
                 self.disconnect(c, sk);
                 self.connect(c, sk);
             }
