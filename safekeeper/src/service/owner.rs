@@ -30,6 +30,7 @@ use crate::acceptor::PeerWal;
 use crate::control::TermHistory;
 use crate::ids::{SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
+use crate::membership::Configuration;
 use crate::protocol::{AcceptorMessage, ProposerMessage};
 use crate::retention::RetentionPolicy;
 use crate::storage::{StorageError, WalStorage};
@@ -107,6 +108,8 @@ pub struct TimelineSnapshot {
     pub removed_segments: u64,
     /// Set when a storage error stopped the owner; the next push reopens it.
     pub stopped_by_error: Option<String>,
+    /// The safekeeper set as a proposer last wrote it (generation 0: none).
+    pub membership: Configuration,
 }
 
 impl TimelineSnapshot {
@@ -137,6 +140,7 @@ fn snapshot_of(timeline: &FileTimeline, metrics: &TimelineMetrics) -> TimelineSn
         disk_bytes: wal.files_end_lsn().checked_sub(wal.start_lsn()).unwrap_or(0),
         removed_segments: metrics.removed_segments.get(),
         stopped_by_error: None,
+        membership: state.membership.clone(),
     }
 }
 
