@@ -18,8 +18,8 @@
 //! - a WAL digest is given only of durable WAL, and only to the proposer
 //!   whose ProposerElected we accepted (it vouches for the bytes of its term).
 //! - a proposer message of an older configuration generation is refused, and
-//!   so is every message but a greeting once our configuration leaves us
-//!   out; a configuration is stored only from the elected proposer of our
+//!   so is every message but a greeting of our generation once our
+//!   configuration leaves us out; a configuration is stored only from the elected proposer of our
 //!   current term, and only one that takes precedence over ours.
 
 use bytes::Bytes;
@@ -232,13 +232,16 @@ impl Acceptor {
 
     /// A proposer of an older generation may not know that a quorum of its
     /// set has moved on (it would count a minority of the new quorum
-    /// system); one whose configuration we are not in has nothing to ask us.
+    /// system); one of our generation, which leaves us out, has nothing to
+    /// ask us. A newer generation may name us again (a removed safekeeper
+    /// added back), so it is heard.
     fn check_membership(&self, generation: u32) -> Result<(), AcceptorError> {
         let ours = &self.state.membership;
         if generation < ours.generation {
             return Err(AcceptorError::StaleGeneration { ours: ours.generation, theirs: generation });
         }
-        if ours.is_set() && ours.includes_node(self.node_id) == Some(false) {
+        let left_out = ours.is_set() && ours.includes_node(self.node_id) == Some(false);
+        if left_out && generation == ours.generation {
             return Err(AcceptorError::NotAMember { node_id: self.node_id, generation: ours.generation });
         }
         Ok(())

@@ -5,7 +5,9 @@
 //! Each (re)connection has a generation number. The driver tags what it
 //! sends with the generation it last saw connect, so messages meant for a
 //! connection that has since died are dropped instead of reaching the next
-//! one ahead of its greeting.
+//! one ahead of its greeting. Generations carry the proposer's slot
+//! incarnation in their high bits: a task stopped when its safekeeper was
+//! let go can never be mistaken for the one started when it is wanted again.
 
 use std::time::Duration;
 
@@ -44,8 +46,19 @@ pub enum LinkEvent {
     /// misconfiguration that retrying cannot fix. The link task has stopped.
     Refused {
         safekeeper: usize,
+        incarnation: u64,
         reason: String,
     },
+}
+
+/// The first generation of a link made for slot incarnation `incarnation`.
+pub fn first_generation(incarnation: u64) -> u64 {
+    incarnation << 32
+}
+
+/// The slot incarnation a link's generation belongs to.
+pub fn incarnation_of(generation: u64) -> u64 {
+    generation >> 32
 }
 
 /// A message for the connection of `generation`.
@@ -68,6 +81,8 @@ pub struct LinkTarget {
     pub addr: String,
     pub tenant_id: TenantId,
     pub timeline_id: TimelineId,
+    /// See [`first_generation`].
+    pub first_generation: u64,
 }
 
 /// Start the task for one safekeeper.
@@ -85,7 +100,8 @@ struct Inbox {
 
 async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox: Inbox) {
     let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
-    let mut generation = 0u64;
+    let mut generation = target.first_generation;
+    let incarnation = incarnation_of(generation);
     loop {
         if inbox.drops.has_changed().is_err() {
             return; // the driver let go of this link (a removed safekeeper)
@@ -94,7 +110,8 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
         let (reader, writer) = match connected {
             Ok(link) => link,
             Err(error) if refuses_cluster(&error) => {
-                let _ = events.send(LinkEvent::Refused { safekeeper: target.index, reason: error.to_string() }).await;
+                let refused = LinkEvent::Refused { safekeeper: target.index, incarnation, reason: error.to_string() };
+                let _ = events.send(refused).await;
                 return;
             }
             Err(error) => {
@@ -117,7 +134,9 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
                 let reason = "dropped by the driver (a protocol fault or an outbox not draining)".to_string();
                 LinkEvent::Disconnected { safekeeper, generation, reason }
             }
-            Err(error) if refuses_cluster(error) => LinkEvent::Refused { safekeeper, reason: error.to_string() },
+            Err(error) if refuses_cluster(error) => {
+                LinkEvent::Refused { safekeeper, incarnation, reason: error.to_string() }
+            }
             Err(error) => LinkEvent::Disconnected { safekeeper, generation, reason: error.to_string() },
         };
         tracing::info!(safekeeper = %target.addr, "link lost: {event:?}");

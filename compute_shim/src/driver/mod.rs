@@ -93,7 +93,8 @@ pub struct ShimStatus {
 
 /// One safekeeper's connection task and the generation it last reported.
 struct LinkHandle {
-    addr: String,
+    /// The proposer's peer slot incarnation this link was made for.
+    incarnation: u64,
     control: LinkControl,
     generation: u64,
     /// The driver dropped the current connection: ignore what it still says.
@@ -216,22 +217,23 @@ impl Driver {
     fn sync_links(&mut self) {
         let wanted = self.proposer.wanted_links();
         self.links.resize_with(wanted.len(), || None);
-        for (index, wanted_addr) in wanted.into_iter().enumerate() {
-            let current = self.links[index].as_ref().map(|link| link.addr.as_str());
-            if current == wanted_addr {
+        for (index, wanted) in wanted.into_iter().enumerate() {
+            let current = self.links[index].as_ref().map(|link| link.incarnation);
+            if current == wanted.map(|(_, incarnation)| incarnation) {
                 continue;
             }
             // Dropping the handle stops the task (its control channels close).
-            self.links[index] = wanted_addr.map(|addr| {
+            self.links[index] = wanted.map(|(addr, incarnation)| {
                 tracing::info!(safekeeper = %addr, "connecting");
                 let target = LinkTarget {
                     index,
                     addr: addr.to_string(),
                     tenant_id: self.cluster.tenant_id,
                     timeline_id: self.cluster.timeline_id,
+                    first_generation: links::first_generation(incarnation),
                 };
                 let control = spawn_link(target, self.link_events.clone());
-                LinkHandle { addr: addr.to_string(), control, generation: 0, dropped: false }
+                LinkHandle { incarnation, control, generation: 0, dropped: false }
             });
         }
     }
@@ -285,7 +287,14 @@ impl Driver {
         | LinkEvent::Disconnected { safekeeper, .. }
         | LinkEvent::Refused { safekeeper, .. }) = &event;
         let safekeeper = *safekeeper;
-        if !self.proposer.link_wanted(safekeeper) || self.link(safekeeper).is_none() {
+        let Some(link) = self.link(safekeeper) else { return Ok(()) };
+        let of_this_link = match &event {
+            LinkEvent::Connected { generation, .. }
+            | LinkEvent::Message { generation, .. }
+            | LinkEvent::Disconnected { generation, .. } => links::incarnation_of(*generation) == link.incarnation,
+            LinkEvent::Refused { incarnation, .. } => *incarnation == link.incarnation,
+        };
+        if !of_this_link || !self.proposer.link_wanted(safekeeper) {
             return Ok(());
         }
         let addr = self.proposer.peer_addr(safekeeper).to_string();

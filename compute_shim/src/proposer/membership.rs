@@ -184,7 +184,9 @@ impl Proposer {
                 ChangePhase::WritingJoint | ChangePhase::CatchingUp { .. }
                     if addr_set(member_addrs(&current.members)) == wanted =>
                 {
-                    self.abort_joint();
+                    // Aborted as soon as we are elected (maybe at once).
+                    self.membership.change.as_mut().expect("matched above").target = target;
+                    self.advance_membership();
                     return Ok(());
                 }
                 phase => {
@@ -218,9 +220,15 @@ impl Proposer {
     }
 
     /// The addresses the driver should keep a connection to, by peer slot
-    /// (`None`: no connection).
-    pub fn wanted_links(&self) -> Vec<Option<&str>> {
-        self.peers.iter().map(|peer| self.wanted(peer).then_some(peer.addr.as_str())).collect()
+    /// (`None`: no connection), with the slot's incarnation: a link made
+    /// for another incarnation must be replaced, whatever its address.
+    pub fn wanted_links(&self) -> Vec<Option<(&str, u64)>> {
+        self.peers.iter().map(|peer| self.wanted(peer).then_some((peer.addr.as_str(), peer.incarnation))).collect()
+    }
+
+    /// The incarnation of slot `sk` (see [`Proposer::wanted_links`]).
+    pub fn peer_incarnation(&self, sk: usize) -> u64 {
+        self.peers[sk].incarnation
     }
 
     pub fn peer_addr(&self, sk: usize) -> &str {
@@ -323,12 +331,13 @@ impl Proposer {
         let reusable = (0..self.peers.len()).find(|&sk| !self.wanted(&self.peers[sk]));
         match reusable {
             Some(sk) => {
-                self.peers[sk] = Peer::new(addr.to_string());
+                self.peers[sk] = self.fresh_peer(addr);
                 sk
             }
             None => {
                 assert!(self.peers.len() < MAX_PEER_SLOTS, "requests are checked against the slot bound");
-                self.peers.push(Peer::new(addr.to_string()));
+                let peer = self.fresh_peer(addr);
+                self.peers.push(peer);
                 self.peers.len() - 1
             }
         }
@@ -336,12 +345,22 @@ impl Proposer {
 
     /// Forget safekeepers we no longer talk to: the driver closes their
     /// connections, and nothing they acknowledged counts anywhere.
+    /// Call after every change of what is wanted.
     fn retire_unwanted(&mut self) {
         for sk in 0..self.peers.len() {
-            if !self.wanted(&self.peers[sk]) {
-                self.peers[sk] = Peer::new(self.peers[sk].addr.clone());
+            if self.wanted(&self.peers[sk]) {
+                self.peers[sk].retired = false;
+            } else if !self.peers[sk].retired {
+                let addr = self.peers[sk].addr.clone();
+                self.peers[sk] = self.fresh_peer(&addr);
+                self.peers[sk].retired = true;
             }
         }
+    }
+
+    pub(super) fn fresh_peer(&mut self, addr: &str) -> Peer {
+        self.next_incarnation += 1;
+        Peer::new(addr.to_string(), self.next_incarnation)
     }
 
     /// A greeting showed `theirs`: check it, and adopt it if it takes
@@ -355,13 +374,15 @@ impl Proposer {
     ) -> Result<bool, ProposerError> {
         let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
         self.peers[sk].stored_configuration = Some(theirs.precedence());
+        let incarnation = self.peers[sk].incarnation;
         if theirs.is_set() {
             theirs.validate().map_err(|reason| peer_fault(PeerFault::BadConfiguration { reason }))?;
             if theirs.precedence() > self.membership.current.precedence() {
                 self.adopt(theirs);
             }
         }
-        if !self.wanted(&self.peers[sk]) {
+        // Adopting may have let it go, and even given its slot to another.
+        if self.peers[sk].incarnation != incarnation || !self.wanted(&self.peers[sk]) {
             return Ok(false);
         }
         let named = self.membership.current.sets().flatten().find(|member| member.pg_addr == self.peers[sk].addr);
@@ -399,12 +420,24 @@ impl Proposer {
             self.membership.change.as_ref().filter(|_| continues).map_or(now_ms, |change| change.started_at_ms);
         self.membership.change =
             Some(Change { target: target_addrs, phase, started_at_ms, phase_started_at_ms: now_ms });
-        for member in configuration.all_members() {
-            self.ensure_peer(&member.pg_addr);
-        }
+        // Slots are made once the configuration is ours: a slot reused for a
+        // new address must be one the new configuration does not want.
+        let addrs: Vec<String> = configuration.all_members().iter().map(|member| member.pg_addr.clone()).collect();
         self.membership.current = configuration;
+        for addr in &addrs {
+            self.ensure_peer(addr);
+        }
         self.retire_unwanted();
         self.reconsider_quorums();
+    }
+
+    /// Whether the change under way asks for the old set of the joint
+    /// configuration: an abort.
+    fn aborting(&self) -> bool {
+        let current = &self.membership.current;
+        let old = addr_set(member_addrs(&current.members));
+        current.joint_new.is_some()
+            && self.membership.change.as_ref().is_some_and(|change| addr_set(&change.target) == old)
     }
 
     /// Back from a joint configuration to the old set: as safe as going on
@@ -451,6 +484,9 @@ impl Proposer {
             let ours = proposer.membership.current.precedence();
             proposer.is_quorum(|peer| peer.stored_configuration == Some(ours))
         };
+        if self.aborting() {
+            return self.abort_joint();
+        }
         match change.phase.clone() {
             ChangePhase::Preparing => {
                 let Some(joint) = self.joint_configuration(&change.target) else { return };

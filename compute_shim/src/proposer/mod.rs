@@ -64,6 +64,8 @@ pub struct Proposer {
     /// removed (indexes stay stable for the driver); unwanted ones are idle.
     peers: Vec<Peer>,
     membership: Membership,
+    /// For [`Peer::incarnation`].
+    next_incarnation: u64,
     campaign: Campaign,
     /// Set once any safekeeper shows a term that is not ours to use.
     fenced_by: Option<Term>,
@@ -112,7 +114,8 @@ impl Proposer {
     pub fn new(config: ProposerConfig) -> Self {
         config.assert_valid();
         Proposer {
-            peers: config.safekeepers.iter().map(|addr| Peer::new(addr.clone())).collect(),
+            peers: config.safekeepers.iter().enumerate().map(|(sk, addr)| Peer::new(addr.clone(), sk as u64)).collect(),
+            next_incarnation: config.safekeepers.len() as u64,
             membership: Membership::from_command_line(&config.safekeepers),
             config,
             campaign: Campaign::Greeting,

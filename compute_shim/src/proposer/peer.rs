@@ -37,6 +37,11 @@ pub(super) enum Link {
 pub(super) struct Peer {
     /// Its pg address: what configurations and the operator name it by.
     pub addr: String,
+    /// Changes each time the slot is reset (the safekeeper was let go): a
+    /// connection made for an earlier incarnation is not this one's.
+    pub incarnation: u64,
+    /// Reset since it was last wanted (nothing of it counts).
+    pub retired: bool,
     pub link: Link,
     pub node_id: Option<NodeId>,
     /// The term it reported last (greeting or reply); `None` before any greeting.
@@ -60,9 +65,11 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    pub fn new(addr: String) -> Self {
+    pub fn new(addr: String, incarnation: u64) -> Self {
         Peer {
             addr,
+            incarnation,
+            retired: false,
             link: Link::Disconnected,
             node_id: None,
             reported_term: None,

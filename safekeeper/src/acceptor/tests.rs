@@ -722,7 +722,8 @@ mod membership {
         append_response(timeline.handle(with_generation(append(2, TIMELINE_START, &[], Lsn(0)), 2)).unwrap());
     }
 
-    /// Rule: once our configuration leaves us out, we answer only greetings.
+    /// Rule: once our configuration leaves us out, we answer only greetings
+    /// (and proposers of a newer generation, which may name us again).
     #[test]
     fn a_removed_member_refuses_everything_but_greetings() {
         let mut timeline = elected_in(2);
@@ -731,6 +732,8 @@ mod membership {
         let err = timeline.handle(with_generation(vote(3), 2)).unwrap_err();
         assert!(matches!(err, TimelineError::Refused(AcceptorError::NotAMember { generation: 2, .. })), "{err}");
         assert!(matches!(timeline.handle(greeting()).unwrap(), Some(AcceptorMessage::GreetingResponse(_))));
+        // A newer generation may add it back: heard.
+        vote_response(timeline.handle(with_generation(vote(3), 3)).unwrap());
         // While a member's node id is unknown, we cannot tell: not refused.
         let mut unknown = elected_in(2);
         let mut old = configuration(1, 2, &[2, 3, 4], None);

@@ -93,6 +93,8 @@ impl Postgres {
 #[derive(Default)]
 pub struct Link {
     pub up: bool,
+    /// The proposer's slot incarnation it was made for.
+    pub incarnation: u64,
     pub to_acceptor: VecDeque<ProposerMessage>,
     pub to_proposer: VecDeque<AcceptorMessage>,
     /// A one-way partition: messages in this direction wait (as TCP would
@@ -177,12 +179,30 @@ impl Net {
         assert!(!self.down[sk], "connecting to a safekeeper that is down");
         let Some(slot) = self.slot(c, sk) else { return };
         let compute = &mut self.computes[c];
-        compute.links[sk] = Link { up: true, ..Link::default() };
+        let incarnation = compute.proposer.peer_incarnation(slot);
+        compute.links[sk] = Link { up: true, incarnation, ..Link::default() };
         compute.proposer.on_connected(slot, self.now_ms);
     }
 
     pub fn connect_all(&mut self, c: usize) {
         (0..self.acceptors.len()).for_each(|sk| self.connect(c, sk));
+    }
+
+    /// The proposer's slot for `sk` if the link is that slot's current one.
+    fn linked_slot(&self, c: usize, sk: usize) -> Option<usize> {
+        let link = &self.computes[c].links[sk];
+        let slot = self.slot(c, sk)?;
+        (link.up && link.incarnation == self.computes[c].proposer.peer_incarnation(slot)).then_some(slot)
+    }
+
+    /// As the driver's `sync_links`: links the proposer no longer wants
+    /// (or wants anew) are dropped, without telling it.
+    fn drop_stale_links(&mut self, c: usize) {
+        for sk in 0..self.acceptors.len() {
+            if self.computes[c].links[sk].up && self.linked_slot(c, sk).is_none() {
+                self.computes[c].links[sk] = Link::default();
+            }
+        }
     }
 
     /// The proposer's peer slot for safekeeper `sk`, if it wants a link.
@@ -224,7 +244,7 @@ impl Net {
         if self.ack_to[sk] == Some(c) {
             self.ack_to[sk] = None;
         }
-        let slot = self.slot(c, sk);
+        let slot = self.linked_slot(c, sk);
         let compute = &mut self.computes[c];
         compute.links[sk] = Link::default();
         if let Some(slot) = slot {
@@ -248,6 +268,7 @@ impl Net {
         if !self.is_running(c) {
             return false;
         }
+        self.drop_stale_links(c);
         let mut moved = self.feed_wal(c);
         let compute = &mut self.computes[c];
         while let Some((slot, message)) = compute.proposer.poll_transmit() {
@@ -352,7 +373,7 @@ impl Net {
         if !self.is_running(c) {
             return true;
         }
-        let Some(slot) = self.slot(c, sk) else {
+        let Some(slot) = self.linked_slot(c, sk) else {
             // A safekeeper the proposer let go of: the driver drops the link.
             self.computes[c].links[sk] = Link::default();
             return true;
@@ -550,7 +571,7 @@ pub fn addr(sk: usize) -> String {
     format!("sk{sk}")
 }
 
-fn acceptor_index(addr: &str) -> usize {
+pub fn acceptor_index(addr: &str) -> usize {
     addr.strip_prefix("sk").and_then(|index| index.parse().ok()).expect("harness addresses are skN")
 }
 

@@ -21,28 +21,47 @@
 //! At the end every fault heals and a fresh proposer with every safekeeper
 //! connected must commit all of Postgres's WAL (liveness).
 //!
+//! With membership changes (`membership_changes_keep_commits_safe`), five
+//! safekeepers, shims started with the first three, and random requests
+//! for sets of three to five: quorums are then those of each committing
+//! proposer's configuration, checked when it acknowledges a commit, and
+//! the election check covers every configuration.
+//!
 //! A search biased to Raft's figure 8 (`run_minority_terms`) must find the
 //! lost commit when the commit rule is broken on purpose, and nothing with
 //! the real rule.
 //!
-//! `SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`]); `SIM_SEED=S` runs
+//! `SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`], and
+//! [`MEMBERSHIP_DEFAULT_SEEDS`] of the longer membership runs); `SIM_SEED=S` runs
 //! seed S alone. A failure prints its seed and the command that replays it.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use safekeeper::ids::Term;
 use safekeeper::lsn::Lsn;
+use safekeeper::membership::{Configuration, Member};
 use safekeeper::storage::WalStorage;
 
-use super::harness::{Net, Postgres, TIMELINE_START};
-use crate::proposer::ProposerError;
+use super::harness::{acceptor_index, addr, Net, Postgres, TIMELINE_START};
+use crate::proposer::{PeerState, ProposerError};
 
 pub const DEFAULT_SEEDS: u64 = 1_000;
+/// A membership run is 1,000 steps over five safekeepers (about 80 ms).
+pub const MEMBERSHIP_DEFAULT_SEEDS: u64 = 250;
 const STEPS_PER_SEED: usize = 400;
 const SAFEKEEPERS: usize = 3;
+/// Safekeepers of the membership runs; shims start naming the first three.
+const MEMBERSHIP_SAFEKEEPERS: usize = 5;
+/// Chance per step that the latest shim is asked for another set.
+const MEMBERSHIP_REQUEST_PER_MILLE: u32 = 10;
+const MEMBERSHIP_STEPS_PER_SEED: usize = 1_000;
+/// Rounds run after a membership request, at most.
+const MEMBERSHIP_MAX_ROUNDS: usize = 40;
 const MAX_COMPUTES_PER_SEED: usize = 6;
 /// Rounds a two-voter election gets in a minority-term step.
 const MINORITY_ELECTION_ROUNDS: usize = 50;
@@ -126,12 +145,39 @@ fn minority_terms_keep_commits_safe() {
     });
 }
 
+/// Random safekeeper sets requested while everything else fails at random.
+#[test]
+fn membership_changes_keep_commits_safe() {
+    let postgres = [Postgres::generate(380, 98)];
+    let seeds = seeds_to_run(&[], MEMBERSHIP_DEFAULT_SEEDS);
+    let count = seeds.len();
+    simulate_seeds("membership_changes_keep_commits_safe", &postgres, seeds, |mut simulation| {
+        simulation.enable_membership_changes();
+        simulation.run()
+    });
+    // The runs must get somewhere: most seeds end in a configuration that
+    // some change completed (generation 2 or more), measured 77% at first.
+    let changed = SEEDS_WITH_A_COMPLETED_CHANGE.load(Ordering::Relaxed) as usize;
+    eprintln!("{changed} of {count} membership runs ended after a completed change");
+    if count >= 100 {
+        assert!(changed * 2 > count, "only {changed} of {count} runs completed a change");
+    }
+}
+
+/// Membership runs whose healed cluster counts in a configuration some
+/// change completed (only `membership_changes_keep_commits_safe` counts).
+static SEEDS_WITH_A_COMPLETED_CHANGE: AtomicU64 = AtomicU64::new(0);
+
 fn simulate(test_name: &str, lineages: &[Postgres], regression_seeds: &[u64]) {
     simulate_with(test_name, lineages, regression_seeds, Simulation::run);
 }
 
 fn simulate_with(test_name: &str, lineages: &[Postgres], regression_seeds: &[u64], run: impl Fn(Simulation)) {
-    for seed in seeds_to_run(regression_seeds) {
+    simulate_seeds(test_name, lineages, seeds_to_run(regression_seeds, DEFAULT_SEEDS), run);
+}
+
+fn simulate_seeds(test_name: &str, lineages: &[Postgres], seeds: Vec<u64>, run: impl Fn(Simulation)) {
+    for seed in seeds {
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(Simulation::new(seed, lineages)))) {
             eprintln!(
                 "simulation failed with seed {seed}; replay it alone with:\n  \
@@ -143,7 +189,7 @@ fn simulate_with(test_name: &str, lineages: &[Postgres], regression_seeds: &[u64
 }
 
 /// `SIM_SEED` alone, else the regression seeds and `0..SIM_SEEDS`.
-fn seeds_to_run(regression_seeds: &[u64]) -> Vec<u64> {
+fn seeds_to_run(regression_seeds: &[u64], default_count: u64) -> Vec<u64> {
     let from_env = |name: &str| {
         std::env::var(name)
             .ok()
@@ -152,7 +198,7 @@ fn seeds_to_run(regression_seeds: &[u64]) -> Vec<u64> {
     if let Some(seed) = from_env("SIM_SEED") {
         return vec![seed];
     }
-    let count = from_env("SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    let count = from_env("SIM_SEEDS").unwrap_or(default_count);
     regression_seeds.iter().copied().chain(0..count).collect()
 }
 
@@ -183,6 +229,13 @@ struct Simulation {
     break_commit_rule: bool,
     /// The search for figure 8: lineages switch more often.
     figure_8_bias: bool,
+    safekeepers: usize,
+    /// What every shim's `--safekeepers` names.
+    initial_set: Vec<usize>,
+    /// Random membership requests; quorums are the configurations'.
+    membership_changes: bool,
+    /// Each compute's configuration at the previous check.
+    configuration_seen: Vec<Option<Configuration>>,
 }
 
 impl Simulation {
@@ -210,12 +263,55 @@ impl Simulation {
             persisted_commit: vec![Lsn::INVALID; SAFEKEEPERS],
             break_commit_rule: false,
             figure_8_bias: false,
+            safekeepers: SAFEKEEPERS,
+            initial_set: (0..SAFEKEEPERS).collect(),
+            membership_changes: false,
+            configuration_seen: vec![],
         }
     }
 
+    /// Five safekeepers, shims naming the first three, random requests.
+    fn enable_membership_changes(&mut self) {
+        let count = MEMBERSHIP_SAFEKEEPERS;
+        let mut net = Net::new(count);
+        net.max_in_flight_bytes = self.net.max_in_flight_bytes;
+        net.max_buffered_wal_bytes = self.net.max_buffered_wal_bytes;
+        self.net = net;
+        self.safekeepers = count;
+        self.acceptor_commit = vec![Lsn::INVALID; count];
+        self.persisted_commit = vec![Lsn::INVALID; count];
+        self.membership_changes = true;
+    }
+
+    /// The latest shim is asked for a random set of three to five.
+    fn request_membership(&mut self) {
+        let c = self.net.computes.len() - 1;
+        let mut set: Vec<usize> = (0..self.safekeepers).collect();
+        set.shuffle(&mut self.rng);
+        set.truncate(self.rng.gen_range(3..=self.safekeepers));
+        let target = set.into_iter().map(addr).collect();
+        // A conflict with a change under way is an answer, not a failure.
+        let _ = self.net.computes[c].proposer.request_membership(target, self.net.now_ms);
+        // The driver connects to the new members at once.
+        if self.net.is_running(c) {
+            let up: Vec<usize> = (0..self.safekeepers).filter(|&sk| !self.net.down[sk]).collect();
+            for sk in up {
+                if !self.net.computes[c].links[sk].up {
+                    self.net.connect(c, sk);
+                }
+            }
+        }
+        // Some rounds, so that changes get somewhere before the next fault.
+        for _ in 0..self.rng.gen_range(0..MEMBERSHIP_MAX_ROUNDS) {
+            self.net.round();
+            self.check();
+        }
+    }
     fn run(mut self) {
         self.start_compute();
-        for _ in 0..STEPS_PER_SEED {
+        // Five safekeepers spread the same random steps thinner.
+        let steps = if self.membership_changes { MEMBERSHIP_STEPS_PER_SEED } else { STEPS_PER_SEED };
+        for _ in 0..steps {
             self.random_step();
             self.check();
         }
@@ -230,7 +326,7 @@ impl Simulation {
     fn minority_term(&mut self) {
         let current = self.net.computes.len() - 1;
         self.net.kill(current);
-        let up: Vec<usize> = (0..SAFEKEEPERS).filter(|&sk| !self.net.down[sk]).collect();
+        let up: Vec<usize> = (0..self.safekeepers).filter(|&sk| !self.net.down[sk]).collect();
         if up.len() < 2 {
             return self.start_compute();
         }
@@ -266,7 +362,7 @@ impl Simulation {
 
     fn start_compute(&mut self) {
         let connected: Vec<usize> =
-            (0..SAFEKEEPERS).filter(|&sk| !self.net.down[sk] && self.rng.gen_bool(0.8)).collect();
+            (0..self.safekeepers).filter(|&sk| !self.net.down[sk] && self.rng.gen_bool(0.8)).collect();
         self.start_compute_connected(&connected);
     }
 
@@ -280,7 +376,7 @@ impl Simulation {
             None => 0,
         };
         self.lineage_of.push(lineage);
-        let c = self.net.start_compute(self.lineages[lineage].clone());
+        let c = self.net.start_compute_with(self.lineages[lineage].clone(), &self.initial_set);
         if self.break_commit_rule {
             self.net.computes[c].proposer.break_commit_rule_for_tests();
         }
@@ -311,8 +407,11 @@ impl Simulation {
     }
 
     fn random_step(&mut self) {
+        if self.membership_changes && self.rng.gen_ratio(MEMBERSHIP_REQUEST_PER_MILLE, 1000) {
+            return self.request_membership();
+        }
         let c = self.rng.gen_range(0..self.net.computes.len());
-        let sk = self.rng.gen_range(0..SAFEKEEPERS);
+        let sk = self.rng.gen_range(0..self.safekeepers);
         let running = self.net.is_running(c);
         let up = self.net.computes[c].links[sk].up;
         match self.rng.gen_range(0..1000) {
@@ -349,8 +448,8 @@ impl Simulation {
     /// commit LSN, as the service's peer recovery picks its source.
     fn peer_recovery(&mut self) {
         let acceptor = |sk: usize| self.net.acceptors[sk].acceptor();
-        let lagging = (0..SAFEKEEPERS).min_by_key(|&sk| acceptor(sk).write_lsn()).expect("safekeepers");
-        let source = (0..SAFEKEEPERS).max_by_key(|&sk| acceptor(sk).commit_lsn()).expect("safekeepers");
+        let lagging = (0..self.safekeepers).min_by_key(|&sk| acceptor(sk).write_lsn()).expect("safekeepers");
+        let source = (0..self.safekeepers).max_by_key(|&sk| acceptor(sk).commit_lsn()).expect("safekeepers");
         self.net.copy_from_peer(lagging, source);
     }
 
@@ -382,7 +481,7 @@ impl Simulation {
         // Votes granted in the last step came after everything acknowledged
         // by the previous check (a vote for a term moves an acceptor to it).
         let highest_term =
-            (0..SAFEKEEPERS).map(|sk| self.net.acceptors[sk].acceptor().term()).max().expect("safekeepers");
+            (0..self.safekeepers).map(|sk| self.net.acceptors[sk].acceptor().term()).max().expect("safekeepers");
         for term in self.highest_term_seen.0 + 1..=highest_term.0 {
             self.committed_before_votes.insert(Term(term), self.highest_commit);
         }
@@ -413,6 +512,13 @@ impl Simulation {
                 self.highest_commit = commit;
                 self.record_committed(c, commit);
             }
+            if self.membership_changes {
+                let configuration = self.configuration_of(c);
+                if self.configuration_seen.len() <= c {
+                    self.configuration_seen.resize(c + 1, None);
+                }
+                self.configuration_seen[c] = Some(configuration);
+            }
             if let Some(term) = self.net.elected_term(c) {
                 let first = *self.elected.entry(term).or_insert_with(|| {
                     let start = self.net.computes[c].proposer.status().term_start_lsn.expect("elected");
@@ -429,8 +535,10 @@ impl Simulation {
             }
         }
         let holders = self.net.holders_of(&self.committed);
+        // With membership changes, "a majority" is each committing
+        // proposer's configuration's, checked in `record_committed`.
         assert!(
-            holders > SAFEKEEPERS / 2,
+            self.membership_changes || holders > SAFEKEEPERS / 2,
             "the committed WAL up to {} is no longer on a majority ({holders} hold it); {}",
             self.highest_commit,
             self.net.describe_acceptors()
@@ -441,6 +549,9 @@ impl Simulation {
     /// Compute `c` reported `commit`, the highest so far: a majority must
     /// hold the same bytes up to it, and they extend the committed WAL.
     fn record_committed(&mut self, c: usize, commit: Lsn) {
+        if self.membership_changes {
+            return self.record_committed_in_configuration(c, commit);
+        }
         let len = (commit - TIMELINE_START) as usize;
         let prefixes: Vec<&[u8]> = (0..SAFEKEEPERS)
             .map(|sk| self.net.durable_wal(sk))
@@ -461,10 +572,53 @@ impl Simulation {
         self.committed.extend_from_slice(&majority[known..]);
     }
 
+    /// Membership runs (one lineage): compute `c` reported `commit`, so the
+    /// safekeepers holding its primary's bytes up to it are a quorum of the
+    /// configuration it counts in, and they extend the committed WAL.
+    fn record_committed_in_configuration(&mut self, c: usize, commit: Lsn) {
+        let postgres = &self.net.computes[c].postgres;
+        let wal = postgres.bytes(TIMELINE_START, commit).to_vec();
+        assert!(wal.starts_with(&self.committed), "commit {commit} changed WAL committed before");
+        // Its configuration may have moved on within the last step (one
+        // round can take a change through several phases): the commit was
+        // counted in one of those it held since the previous check, which
+        // are this one, the previous one, or one it wrote in between (held
+        // by some safekeeper now).
+        let current = self.configuration_of(c);
+        let previous = self.configuration_seen.get(c).cloned().flatten().unwrap_or_else(|| current.clone());
+        let between = |configuration: &Configuration| {
+            (previous.precedence()..=current.precedence()).contains(&configuration.precedence())
+        };
+        let candidates: Vec<Configuration> = (0..self.safekeepers)
+            .map(|sk| self.net.acceptors[sk].acceptor().state().membership.clone())
+            .filter(|configuration| configuration.is_set() && between(configuration))
+            .chain([previous.clone(), current.clone()])
+            .collect();
+        let holds = |member: &Member| self.net.durable_wal(acceptor_index(&member.pg_addr)).starts_with(&wal);
+        assert!(
+            candidates.iter().any(|configuration| configuration.is_quorum(holds)),
+            "compute {c} reported commit {commit}, but no quorum of its configuration {current:?} (or {previous:?}) \
+             holds it; {}",
+            self.net.describe_acceptors()
+        );
+        self.committed = wal;
+    }
+
+    /// The configuration compute `c` counts quorums in.
+    fn configuration_of(&self, c: usize) -> Configuration {
+        let status = self.net.computes[c].proposer.membership_status();
+        Configuration {
+            generation: status.generation,
+            written_in_term: status.written_in_term,
+            members: status.members,
+            joint_new: status.joint_new,
+        }
+    }
+
     /// Each safekeeper: its committed WAL is Postgres's, its commit LSN
     /// does not go back (in memory while it runs; in its control file ever).
     fn check_safekeepers(&mut self) {
-        for sk in 0..SAFEKEEPERS {
+        for sk in 0..self.safekeepers {
             let timeline = &self.net.acceptors[sk];
             let commit = timeline.acceptor().commit_lsn();
             assert!(commit >= self.acceptor_commit[sk], "safekeeper {sk}: commit went back to {commit}");
@@ -488,10 +642,10 @@ impl Simulation {
         for c in 0..self.net.computes.len() {
             self.net.kill(c);
         }
-        for sk in 0..SAFEKEEPERS {
+        for sk in 0..self.safekeepers {
             self.net.restart_safekeeper(sk);
         }
-        assert!(self.net.holders_of(&self.committed) > SAFEKEEPERS / 2);
+        assert!(self.membership_changes || self.net.holders_of(&self.committed) > SAFEKEEPERS / 2);
         // The operator starts a primary that has written all its WAL and
         // whose WAL continues the safekeepers' log; the wrong one refuses to
         // lead (or is refused), and then the other one is tried.
@@ -512,12 +666,14 @@ impl Simulation {
     fn heal_with(&mut self, lineage: usize, postgres: Postgres) -> Result<(), String> {
         self.lineage_of.push(lineage);
         let c = self.net.computes.len();
-        self.net.start_compute(postgres.clone());
+        self.net.start_compute_with(postgres.clone(), &self.initial_set);
         self.last_commit.push(Lsn::INVALID);
-        self.net.connect_all(c);
         // Checked round by round, so the new election is seen as it happens.
+        // Safekeepers a configuration names are connected as the driver
+        // would, once the proposer wants them.
         for _ in 0..MAX_HEAL_ROUNDS {
-            if !self.net.round() {
+            let connected = self.connect_wanted(c);
+            if !self.net.round() && !connected && !self.recover_too_far_behind(c) {
                 break;
             }
             self.check();
@@ -525,7 +681,17 @@ impl Simulation {
         self.check();
         let status = self.net.computes[c].proposer.status();
         if self.net.commit_lsn(c) == postgres.flush_lsn() {
-            assert_eq!(self.net.holders(&postgres, postgres.flush_lsn()), SAFEKEEPERS);
+            let members: Vec<usize> =
+                status.safekeepers.iter().filter(|peer| peer.member).map(|peer| acceptor_index(&peer.addr)).collect();
+            let holding = members
+                .iter()
+                .filter(|&&sk| self.net.durable_wal(sk) == postgres.bytes(TIMELINE_START, postgres.flush_lsn()))
+                .count();
+            assert_eq!(holding, members.len(), "every member holds all the WAL: {status:?}");
+            assert!(self.membership_changes || members.len() == SAFEKEEPERS);
+            if status.membership.generation >= 2 {
+                SEEDS_WITH_A_COMPLETED_CHANGE.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(());
         }
         // It refused to lead, or a safekeeper refused its WAL (another
@@ -538,5 +704,37 @@ impl Simulation {
         );
         self.net.kill(c);
         Err(format!("lineage {lineage}: {status:?} stopped {:?}", self.net.computes[c].stopped))
+    }
+
+    /// Peer recovery for the safekeepers compute `c` holds too far behind
+    /// (a new member whose WAL Postgres no longer has, say), then the
+    /// service's handoff (its connection is refused once; it reconnects).
+    /// Returns whether any was copied to.
+    fn recover_too_far_behind(&mut self, c: usize) -> bool {
+        let source = (0..self.safekeepers)
+            .max_by_key(|&sk| self.net.acceptors[sk].acceptor().commit_lsn())
+            .expect("safekeepers");
+        let mut copied = false;
+        for sk in 0..self.safekeepers {
+            if self.net.peer_state(c, sk) == Some(PeerState::TooFarBehind) && self.net.copy_from_peer(sk, source) {
+                self.net.disconnect(c, sk);
+                self.net.connect(c, sk);
+                copied = true;
+            }
+        }
+        copied
+    }
+
+    /// Connect compute `c` to every safekeeper it wants but is not
+    /// connected to; returns whether it connected any.
+    fn connect_wanted(&mut self, c: usize) -> bool {
+        let mut connected = false;
+        for sk in 0..self.safekeepers {
+            if !self.net.computes[c].links[sk].up && self.net.slot(c, sk).is_some() {
+                self.net.connect(c, sk);
+                connected = true;
+            }
+        }
+        connected
     }
 }
