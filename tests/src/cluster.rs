@@ -187,6 +187,70 @@ impl QuorumCluster {
     }
 }
 
+/// Membership changes: new safekeepers, shims started with another list.
+impl QuorumCluster {
+    /// Start a new safekeeper `id` on an empty data directory and fresh
+    /// ports, knowing the safekeepers at `peers` (indexes) for peer
+    /// recovery; returns its index. It serves nothing until a shim that
+    /// counts it creates the timeline there.
+    pub fn add_safekeeper(&mut self, id: u64, peers: &[usize]) -> Result<usize> {
+        let peer_args = peers
+            .iter()
+            .flat_map(|&peer| ["--peer-http".to_string(), self.safekeepers[peer].http_addr.to_string()])
+            .collect();
+        let (pg_addr, http_addr) = (loopback(free_loopback_port()?), loopback(free_loopback_port()?));
+        let datadir = self.dir.path().join(format!("sk{id}"));
+        let safekeeper = Safekeeper::start_with_args(id, &datadir, pg_addr, http_addr, peer_args)?;
+        self.safekeepers.push(safekeeper);
+        Ok(self.safekeepers.len() - 1)
+    }
+
+    /// The pg addresses of the safekeepers at `indexes`.
+    pub fn pg_addrs(&self, indexes: &[usize]) -> Vec<SocketAddr> {
+        indexes.iter().map(|&index| self.safekeepers[index].pg_addr).collect()
+    }
+
+    /// Start a shim with `--safekeepers` = the safekeepers at `indexes`
+    /// without waiting for its election (it replaces any shim held).
+    pub fn spawn_shim_with(&mut self, indexes: &[usize]) -> Result<()> {
+        let mut args = self.shim_args();
+        args.safekeepers = self.pg_addrs(indexes);
+        self.shim = None;
+        self.shim = Some(ComputeShim::start(&args, self.dir.path())?);
+        Ok(())
+    }
+
+    /// [`QuorumCluster::spawn_shim_with`], then wait until it is elected.
+    pub fn start_shim_with(&mut self, indexes: &[usize]) -> Result<Value> {
+        self.spawn_shim_with(indexes)?;
+        self.shim.as_mut().context("just started")?.wait_elected(ELECTION_TIMEOUT)
+    }
+
+    /// Wait until the shim has no change under way and counts in a single
+    /// configuration of exactly the safekeepers at `indexes`; returns its
+    /// `GET /v1/membership`.
+    pub fn wait_membership(&self, indexes: &[usize], timeout: Duration) -> Result<Value> {
+        let wanted: std::collections::BTreeSet<String> =
+            self.pg_addrs(indexes).iter().map(SocketAddr::to_string).collect();
+        wait_for(timeout, &format!("the shim's configuration to become {wanted:?}"), || {
+            let membership = self.shim()?.membership()?;
+            let members: std::collections::BTreeSet<String> = membership["members"]
+                .as_array()
+                .context("members")?
+                .iter()
+                .filter_map(|member| member["pg_addr"].as_str().map(str::to_string))
+                .collect();
+            let settled = membership["change"].is_null() && membership["joint_new"].is_null();
+            Ok((settled && members == wanted).then_some(membership))
+        })
+        .with_context(|| {
+            let now = self.shim().and_then(ComputeShim::membership).map(|m| m.to_string()).unwrap_or_default();
+            let log = self.shim().map(|shim| shim.process.log_tail()).unwrap_or_default();
+            format!("the shim's membership now: {now}\nits log ends: {log}")
+        })
+    }
+}
+
 /// An LSN field ("X/Y") of a JSON status.
 pub fn json_lsn(value: &Value, field: &str) -> Result<Lsn> {
     let text = value[field].as_str().with_context(|| format!("no {field} in {value}"))?;

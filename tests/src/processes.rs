@@ -366,6 +366,25 @@ impl ComputeShim {
     }
 }
 
+impl ComputeShim {
+    /// `GET /v1/membership`: the configuration and a change under way.
+    pub fn membership(&self) -> Result<serde_json::Value> {
+        let (code, body) = http_get(self.http_addr, "/v1/membership")
+            .with_context(|| format!("compute_shim membership; its log ends: {}", self.process.log_tail()))?;
+        ensure!(code == 200, "compute_shim membership answered {code}: {body}");
+        Ok(body)
+    }
+
+    /// `POST /v1/membership` asking for the safekeeper set `pg_addrs`: the
+    /// answer's status and JSON body (202 taken, 400 invalid, 409 conflict).
+    pub fn request_membership(&self, pg_addrs: &[SocketAddr]) -> Result<(u16, serde_json::Value)> {
+        let addrs: Vec<String> = pg_addrs.iter().map(SocketAddr::to_string).collect();
+        let body = serde_json::json!({ "safekeepers": addrs });
+        let answer = http_request("POST", self.http_addr, "/v1/membership", Some(&body), HTTP_TIMEOUT)?;
+        Ok((answer.status, answer.json().context("POST /v1/membership")?))
+    }
+}
+
 /// A `pageserver_stub` following the safekeepers; SIGKILLed when dropped.
 pub struct PageserverStub {
     pub process: ServiceProcess,
