@@ -428,6 +428,12 @@ impl Proposer {
             self.ensure_peer(addr);
         }
         self.retire_unwanted();
+        if matches!(self.campaign, Campaign::Greeting) {
+            // Its members may hold a higher term than those greeted so far:
+            // give them the usual wait before picking ours.
+            self.awaiting_adopted_members = true;
+            self.quorum_greeted_at_ms = None;
+        }
         self.reconsider_quorums();
     }
 

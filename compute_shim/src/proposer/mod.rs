@@ -84,6 +84,9 @@ pub struct Proposer {
     /// When a quorum had greeted: the term is picked once every connected
     /// safekeeper greeted too, or a heartbeat interval later.
     quorum_greeted_at_ms: Option<u64>,
+    /// A configuration adopted before the term was picked named
+    /// safekeepers not yet connected: the wait above covers them too.
+    awaiting_adopted_members: bool,
     /// Tests only ([`Proposer::break_commit_rule_for_tests`]): count flushes
     /// below the term start too, to show that the checks catch the result.
     count_flushes_below_term_start: bool,
@@ -127,6 +130,7 @@ impl Proposer {
             now_ms: 0,
             next_poll_index: 0,
             quorum_greeted_at_ms: None,
+            awaiting_adopted_members: false,
             count_flushes_below_term_start: false,
             elected_at_ms: 0,
             log_check: LogCheckState::NotStarted,
@@ -576,7 +580,10 @@ impl Proposer {
         // Waiting briefly for the rest avoids picking a term that a slower
         // greeting then shows to be stale (which would fence us).
         let greeted_at_ms = *self.quorum_greeted_at_ms.get_or_insert(self.now_ms);
-        let awaiting = self.peers.iter().any(|peer| peer.link == Link::AwaitingGreeting);
+        let awaiting = self.peers.iter().any(|peer| {
+            peer.link == Link::AwaitingGreeting
+                || self.awaiting_adopted_members && self.wanted(peer) && peer.reported_term.is_none()
+        });
         if awaiting && self.now_ms.saturating_sub(greeted_at_ms) < self.config.heartbeat_interval_ms {
             return;
         }
