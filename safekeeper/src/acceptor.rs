@@ -16,11 +16,14 @@
 //!   (which decodes to the last complete record) never loses an acked byte;
 //! - commit_lsn never moves backwards and never passes the local flush LSN;
 //! - a WAL digest is given only of durable WAL, and only to the proposer
-//!   whose ProposerElected we accepted (it vouches for the bytes of its term).
+//!   whose ProposerElected we accepted (it vouches for the bytes of its term);
+//! - committed WAL copied from a peer continues our log, or, while our WAL
+//!   is empty, may restart it at a later segment start (bootstrap);
 //! - a proposer message of an older configuration generation is refused, and
 //!   so is every message but a greeting of our generation once our
-//!   configuration leaves us out; a configuration is stored only from the elected proposer of our
-//!   current term, and only one that takes precedence over ours.
+//!   configuration leaves us out; a configuration is stored only from the
+//!   elected proposer of our current term, and only one that takes
+//!   precedence over ours.
 
 use bytes::Bytes;
 
@@ -52,6 +55,10 @@ impl Default for AcceptorConfig {
 pub enum StorageAction {
     /// Start an empty WAL at `start_lsn` (a segment start).
     InitializeWal { start_lsn: Lsn },
+    /// Replace the WAL, which holds nothing beyond its start, by an empty
+    /// one at `start_lsn` (a later segment start). Follows the control-file
+    /// write that names the new start (recovery completes it after a crash).
+    RestartEmptyWal { start_lsn: Lsn },
     /// Durably remove all WAL at and above `end_lsn`.
     TruncateWal { end_lsn: Lsn },
     /// Append at `start_lsn`; durable only after a later sync.
@@ -406,6 +413,12 @@ impl Acceptor {
     /// is that proposer's), only up to the peer's commit LSN, and only if
     /// the peer's term history agrees with ours up to the end of the copy.
     /// Nobody waits for an acknowledgement: the flush LSN shows progress.
+    ///
+    /// Bootstrap: while our WAL is empty (nothing was ever written beyond
+    /// the timeline start), a piece may begin at a later segment start
+    /// instead of at our write position. The peers removed the WAL at our
+    /// start (retention) and nobody may still have it, so our log then
+    /// starts where theirs is still kept (see [`Self::restart_empty_wal`]).
     pub fn handle_peer_wal(&mut self, wal: &PeerWal) -> Result<Ready, AcceptorError> {
         let (begin_lsn, end_lsn) = (wal.begin_lsn, wal.begin_lsn + wal.wal.len() as u64);
         let refuse =
@@ -421,30 +434,89 @@ impl Acceptor {
         if highest_common_point(ours, theirs).is_none_or(|common| common < end_lsn) {
             return refuse("the peer's term history disagrees with ours below the end of the copy");
         }
-        let write = self.write_wal(begin_lsn, wal.wal.clone())?;
+        let bootstrap = match self.is_bootstrap_start(begin_lsn) {
+            Ok(bootstrap) => bootstrap,
+            Err(reason) => return refuse(reason),
+        };
+        let actions = if bootstrap {
+            self.restart_empty_wal(begin_lsn, wal.wal.clone())?
+        } else {
+            vec![self.write_wal(begin_lsn, wal.wal.clone())?]
+        };
         // The peer's commit LSN is a commit of the one log, and our bytes
         // up to it are now the same as the peer's.
         self.proposer_commit_lsn = self.proposer_commit_lsn.max(wal.source_commit_lsn);
-        Ok(Ready { actions: vec![write], ..Ready::default() })
+        Ok(Ready { actions, ..Ready::default() })
+    }
+
+    /// Whether a peer's piece at `begin_lsn` would bootstrap our WAL: it
+    /// begins beyond our timeline start while our WAL holds nothing. Such a
+    /// piece must begin at a segment start (every segment a safekeeper
+    /// holds is complete from its first byte). A WAL that holds anything
+    /// is only ever continued, never restarted: the normal checks refuse
+    /// any other start.
+    fn is_bootstrap_start(&self, begin_lsn: Lsn) -> Result<bool, &'static str> {
+        let start_lsn = self.state.timeline_start_lsn;
+        let wal_is_empty = self.wal.write_lsn == start_lsn && self.wal.flush_lsn == start_lsn;
+        if begin_lsn <= start_lsn || !wal_is_empty {
+            return Ok(false);
+        }
+        if !begin_lsn.is_segment_start(self.state.wal_segment_size) {
+            return Err("our WAL is empty, and a copy that restarts it must begin at a segment start");
+        }
+        Ok(true)
+    }
+
+    /// Bootstrap: restart our empty WAL at `begin_lsn` (a segment start
+    /// above our timeline start) and write the peer's first piece there.
+    /// Everything is checked before anything changes. The control file
+    /// names the new start before storage drops the old, empty WAL, so a
+    /// crash in between leaves a start that recovery re-creates (and
+    /// segments below it that it removes): either the old empty state or
+    /// the new start, never a mix. WAL below the new start is not held
+    /// here; it is committed (below the peer's commit LSN), so the commit
+    /// LSN moves up to the new start: nobody may truncate below it.
+    fn restart_empty_wal(&mut self, begin_lsn: Lsn, wal: Bytes) -> Result<Vec<StorageAction>, AcceptorError> {
+        let segment_size = self.state.wal_segment_size;
+        let decoder = self.check_wal(&WalDecoder::at_segment_start(begin_lsn, segment_size), begin_lsn, &wal)?;
+        self.state.timeline_start_lsn = begin_lsn;
+        self.state.commit_lsn = self.state.commit_lsn.max(begin_lsn);
+        self.reset_wal_position(begin_lsn);
+        let persist = self.persist_action();
+        let restart = StorageAction::RestartEmptyWal { start_lsn: begin_lsn };
+        let write = self.take_wal(decoder, begin_lsn, wal);
+        Ok(vec![persist, restart, write])
     }
 
     /// Check WAL to be written at the write position and take it in (its
     /// records are decoded on a copy of the decoder: a refusal changes nothing).
     fn write_wal(&mut self, begin_lsn: Lsn, wal: Bytes) -> Result<StorageAction, AcceptorError> {
-        let end_lsn = begin_lsn + wal.len() as u64;
         if begin_lsn != self.wal.write_lsn {
             return Err(AcceptorError::NotContiguous { begin_lsn, write_lsn: self.wal.write_lsn });
         }
+        let decoder = self.wal.decoder.as_ref().expect("a timeline that accepted ProposerElected has WAL");
+        let decoder = self.check_wal(decoder, begin_lsn, &wal)?;
+        Ok(self.take_wal(decoder, begin_lsn, wal))
+    }
+
+    /// The checks of WAL written at `begin_lsn` that `decoder` continues:
+    /// one segment, valid records. Returns the decoder after the WAL.
+    fn check_wal(&self, decoder: &WalDecoder, begin_lsn: Lsn, wal: &[u8]) -> Result<WalDecoder, AcceptorError> {
+        let end_lsn = begin_lsn + wal.len() as u64;
         let segment_size = self.state.wal_segment_size;
         if Lsn(end_lsn.0 - 1).segment_no(segment_size) != begin_lsn.segment_no(segment_size) {
             return Err(AcceptorError::CrossesSegment { begin_lsn, end_lsn });
         }
-        let decoder = self.wal.decoder.as_ref().expect("a timeline that accepted ProposerElected has WAL");
-        let decoder = decode_appended(decoder, begin_lsn, &wal)?;
+        decode_appended(decoder, begin_lsn, wal)
+    }
+
+    /// Take in checked WAL: `decoder` is the one [`Self::check_wal`] returned.
+    fn take_wal(&mut self, decoder: WalDecoder, begin_lsn: Lsn, wal: Bytes) -> StorageAction {
+        assert_eq!(begin_lsn, self.wal.write_lsn, "WAL is written at the write position");
         self.wal.written_boundary_lsn = decoder.boundary_lsn();
         self.wal.decoder = Some(decoder);
-        self.wal.write_lsn = end_lsn;
-        Ok(StorageAction::WriteWal { start_lsn: begin_lsn, wal })
+        self.wal.write_lsn = begin_lsn + wal.len() as u64;
+        StorageAction::WriteWal { start_lsn: begin_lsn, wal }
     }
 
     /// The range must be durable here and lie in our log as the proposer

@@ -137,9 +137,16 @@ fn recover_wal(control: &ControlState, storage: &mut SegmentStorage) -> Result<R
         storage.remove_all_segments()?;
         return Ok(RecoveredWal::empty());
     }
+    if storage.start_lsn().is_valid() && storage.files_end_lsn() <= control.timeline_start_lsn {
+        // Segments wholly below the timeline start are an empty WAL that a
+        // bootstrap from a peer replaced: the control file already names
+        // the new start, the storage had not moved yet (`restart_empty`).
+        // They held nothing (a bootstrap requires an empty WAL).
+        storage.remove_all_segments()?;
+    }
     if !storage.start_lsn().is_valid() {
         // Crashed between the control-file write and creating the first
-        // segment: redo the creation.
+        // segment (of a new timeline or of a bootstrap): redo the creation.
         if control.commit_lsn > control.timeline_start_lsn {
             return Err(missing(storage));
         }
@@ -432,5 +439,52 @@ mod tests {
         fs::remove_file(dir.path().join(crate::storage::control_file::CONTROL_FILE_NAME)).unwrap();
         let err = recover_timeline(dir.path()).err().unwrap();
         assert!(matches!(err, RecoveryError::SegmentsWithoutControlFile { .. }), "{err}");
+    }
+
+    /// A bootstrap from a peer (`restart_empty` after the control file
+    /// named the new start) killed at any point: recovery ends at the old
+    /// empty start if the control file still names it, else at the new
+    /// start, and never keeps a segment below the start.
+    #[test]
+    fn a_bootstrap_killed_midway_recovers_at_one_start() {
+        let (old_start, new_start) = (Lsn(2 * SEG_BYTES), Lsn(5 * SEG_BYTES));
+        let dir = tempfile::tempdir().unwrap();
+        let persist = |start: Lsn| FileControlStore::new(dir.path()).unwrap().persist(&control(start, start)).unwrap();
+        let segment_files = || {
+            let mut names: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.len() == crate::lsn::SEGMENT_FILE_NAME_LEN)
+                .collect();
+            names.sort();
+            names
+        };
+        let name = |lsn: Lsn| lsn.segment_no(seg_size()).file_name(1, seg_size());
+        persist(old_start);
+        SegmentStorage::open(dir.path(), seg_size()).unwrap().initialize(old_start).unwrap();
+
+        // Killed before the control file write: the old empty WAL.
+        let recovered = recover_timeline(dir.path()).unwrap().unwrap();
+        assert_eq!((recovered.end_lsn, recovered.storage.start_lsn()), (old_start, old_start));
+        drop(recovered);
+
+        // Killed after it, before the old segment went: the new start.
+        persist(new_start);
+        let recovered = recover_timeline(dir.path()).unwrap().unwrap();
+        assert_eq!((recovered.end_lsn, recovered.storage.start_lsn()), (new_start, new_start));
+        assert_eq!(segment_files(), vec![name(new_start)]);
+        drop(recovered);
+
+        // The whole step, then a restart: the same.
+        persist(old_start);
+        fs::remove_file(dir.path().join(name(new_start))).unwrap();
+        let mut recovered = recover_timeline(dir.path()).unwrap().unwrap();
+        persist(new_start);
+        recovered.storage.restart_empty(new_start).unwrap();
+        assert_eq!(segment_files(), vec![name(new_start)]);
+        assert_eq!((recovered.storage.write_lsn(), recovered.storage.flush_lsn()), (new_start, new_start));
+        drop(recovered);
+        let recovered = recover_timeline(dir.path()).unwrap().unwrap();
+        assert_eq!((recovered.end_lsn, recovered.storage.start_lsn()), (new_start, new_start));
     }
 }

@@ -153,6 +153,7 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
         for action in ready.actions {
             match action {
                 StorageAction::InitializeWal { start_lsn } => self.wal.initialize(start_lsn)?,
+                StorageAction::RestartEmptyWal { start_lsn } => self.wal.restart_empty(start_lsn)?,
                 StorageAction::TruncateWal { end_lsn } => {
                     self.wal.truncate(end_lsn)?;
                     // The acceptor's decoder restarts at the truncation

@@ -3,6 +3,9 @@
 //! up from its peers, byte for byte, and the primary's pg_wal does not keep
 //! anything for it.
 //!
+//! A brand-new, empty safekeeper whose peers removed the timeline's first
+//! segments is bootstrapped at the oldest segment they keep.
+//!
 //! `PEER_RECOVERY_MIB` sets how much WAL is written while it is down
 //! (default 2048, as the issue asks; the copy rate is printed).
 
@@ -23,6 +26,9 @@ const CHUNK_MIB: u64 = 128;
 const MAX_LOAD_MIB: u64 = 2048;
 /// Bytes compared per read when checking the copy.
 const COMPARE_WINDOW_BYTES: u64 = 64 << 20;
+/// WAL written before a safekeeper is replaced by an empty one.
+const BOOTSTRAP_WAL_MIB: u64 = 64;
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn wal_to_write_mib() -> Result<u64> {
     match std::env::var("PEER_RECOVERY_MIB") {
@@ -129,7 +135,6 @@ fn print_http_pull_rates(cluster: &QuorumCluster, start: Lsn, end: Lsn, recovery
 #[test]
 fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers() -> Result<()> {
     let mut cluster = QuorumCluster::start(options())?;
-    let segment_size = cluster.segment_size()?;
     cluster.pg.psql("CREATE TABLE filler (v bigint, pad text)")?;
     write_wal(&cluster.pg, 4)?;
     let flush = cluster.pg_flush_lsn()?;
@@ -176,9 +181,16 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
 
     // Byte for byte what the others hold, up to the commit LSN.
     let timeline_start = json_lsn(&status, "timeline_start_lsn")?;
-    let mut window_start = timeline_start;
-    while window_start < commit {
-        let window_end = Lsn((window_start.0 + COMPARE_WINDOW_BYTES).min(commit.0));
+    ensure_same_wal_as_peers(&cluster, timeline_start, commit)?;
+    ensure_streamed_to_again(&cluster)
+}
+
+/// Safekeeper 3's WAL in `[start, end)` is byte for byte the other two's.
+fn ensure_same_wal_as_peers(cluster: &QuorumCluster, start: Lsn, end: Lsn) -> Result<()> {
+    let segment_size = cluster.segment_size()?;
+    let mut window_start = start;
+    while window_start < end {
+        let window_end = Lsn((window_start.0 + COMPARE_WINDOW_BYTES).min(end.0));
         let recovered = read_wal(&cluster.timeline_dir(2), segment_size, window_start, window_end)?;
         for index in [0, 1] {
             let theirs = read_wal(&cluster.timeline_dir(index), segment_size, window_start, window_end)?;
@@ -190,9 +202,12 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
         }
         window_start = window_end;
     }
+    Ok(())
+}
 
-    // The shim streams to it again (not peer recovery keeping it current):
-    // a new commit reaches all three.
+/// The shim streams to safekeeper 3 again (not peer recovery keeping it
+/// current): a new commit reaches all three.
+fn ensure_streamed_to_again(cluster: &QuorumCluster) -> Result<()> {
     wait_for(COMMIT_TIMEOUT, "the shim to stream to safekeeper 3 again", || {
         let status = cluster.shim()?.status()?;
         Ok((status["safekeepers"][2]["state"] == "streaming").then_some(()))
@@ -203,8 +218,7 @@ fn a_safekeeper_down_while_postgres_recycled_its_wal_catches_up_from_its_peers()
     cluster.wait_safekeeper_flush(2, flush, COMMIT_TIMEOUT).with_context(|| {
         let shim = cluster.shim().and_then(|shim| shim.status()).map(|s| s.to_string()).unwrap_or_default();
         format!("after recovery the shim does not stream to safekeeper 3: {shim}")
-    })?;
-    Ok(())
+    })
 }
 
 /// The same while Postgres keeps writing: rounds follow each other until
@@ -259,4 +273,72 @@ fn a_safekeeper_catches_up_from_its_peers_under_load() -> Result<()> {
     let recovered = read_wal(&cluster.timeline_dir(2), segment_size, behind_at, flush)?;
     ensure!(recovered == read_wal(&cluster.timeline_dir(0), segment_size, behind_at, flush)?, "safekeeper 3 differs");
     Ok(())
+}
+
+/// Bootstrap: a brand-new, empty safekeeper (safekeeper 3 replaced by one
+/// with an empty data directory, same id and ports) joins a cluster whose
+/// safekeepers removed the timeline's first segments (retention) and whose
+/// Postgres recycled them too. It starts its WAL at the oldest segment its
+/// peers keep, copies from there, and the shim streams to it again.
+#[test]
+fn a_new_empty_safekeeper_is_bootstrapped_at_its_peers_oldest_kept_segment() -> Result<()> {
+    let mut cluster = QuorumCluster::start(options())?;
+    let segment_size = cluster.segment_size()?;
+    let timeline_start = cluster.timeline_start_lsn(0)?;
+    cluster.pg.psql("CREATE TABLE filler (v bigint, pad text)")?;
+    write_until_recycled(&cluster, timeline_start, BOOTSTRAP_WAL_MIB)?;
+    let end = cluster.pg_flush_lsn()?;
+    cluster.wait_shim_commit(end, COMMIT_TIMEOUT)?;
+
+    // The page server confirmed everything: safekeepers 1 and 2 remove the
+    // timeline's first segments.
+    let feedback = serde_json::json!({ "remote_consistent_lsn": end.to_string() });
+    let mut oldest_kept = Vec::new();
+    for index in [0, 1] {
+        let path = format!("/v1/tenant/{TENANT}/timeline/{TIMELINE}/feedback");
+        let answer = http_request("POST", cluster.safekeepers[index].http_addr, &path, Some(&feedback), HTTP_TIMEOUT)?;
+        ensure!(answer.status == 200, "feedback answered {}", answer.status);
+        let oldest = wait_for(COMMIT_TIMEOUT, &format!("safekeeper {} to remove old segments", index + 1), || {
+            let status = cluster.timeline_status(index)?;
+            let oldest = json_lsn(&status, "oldest_kept_lsn")?;
+            let settled = json_lsn(&status, "commit_lsn")? >= end && oldest > timeline_start;
+            Ok(settled.then_some(oldest))
+        })?;
+        oldest_kept.push(oldest);
+    }
+    ensure!(oldest_kept[0] == oldest_kept[1], "the peers keep WAL from {oldest_kept:?}");
+    let bootstrap_at = oldest_kept[0];
+    ensure!(bootstrap_at.is_segment_start(segment_size) && bootstrap_at > timeline_start);
+
+    // Safekeeper 3 is replaced by an empty one, and the shim restarted (it
+    // remembers what the old one acknowledged; a new term forgets it).
+    cluster.shim = None;
+    cluster.kill_safekeeper(2)?;
+    std::fs::remove_dir_all(&cluster.safekeepers[2].datadir)?;
+    cluster.restart_safekeeper(2)?;
+    let restarted_at = Instant::now();
+    cluster.start_shim()?;
+    let commit = cluster.shim_commit_lsn()?;
+    ensure!(commit >= end, "the new term's commit {commit} is below what was committed ({end})");
+
+    let status = wait_for(RECOVERY_TIMEOUT, "safekeeper 3 to be bootstrapped from its peers", || {
+        let status = cluster.timeline_status(2)?;
+        Ok((json_lsn(&status, "flush_lsn")? >= commit).then_some(status))
+    })
+    .with_context(|| format!("safekeeper 3 log: {}", cluster.safekeepers[2].process.log_tail()))?;
+    println!(
+        "bootstrap: safekeeper 3 started at {bootstrap_at} (the timeline at {timeline_start}) and caught up to \
+         {commit} in {:.1} s; peer_recovery {}",
+        restarted_at.elapsed().as_secs_f64(),
+        status["peer_recovery"]
+    );
+    ensure!(json_lsn(&status, "timeline_start_lsn")? == bootstrap_at, "timeline start: {status}");
+    ensure!(json_lsn(&status, "oldest_kept_lsn")? == bootstrap_at, "oldest kept: {status}");
+    ensure!(status["peer_recovery"]["completed_rounds"].as_u64() >= Some(1), "no round completed: {status}");
+    ensure_same_wal_as_peers(&cluster, bootstrap_at, commit)?;
+    // WAL below its start is gone here, as retention-removed WAL is.
+    let below = format!("/v1/tenant/{TENANT}/timeline/{TIMELINE}/wal?start_lsn={timeline_start}");
+    let gone = http_request("GET", cluster.safekeepers[2].http_addr, &below, None, HTTP_TIMEOUT)?;
+    ensure!(gone.status == 410, "WAL below the bootstrapped start answered {}", gone.status);
+    ensure_streamed_to_again(&cluster)
 }

@@ -57,7 +57,7 @@ pub enum ProposerError {
     #[error(
         "safekeeper {safekeeper} answered as node {now}, earlier as node {previous}: a replaced node does not hold \
          what the old one acknowledged; give a new safekeeper its own address and add it by a membership change \
-         (docs/operations.md, \"Replacing a safekeeper\")"
+         (docs/operations.md, \"Changing the safekeeper set\")"
     )]
     SafekeeperReplaced { safekeeper: usize, previous: NodeId, now: NodeId },
     #[error("the donor's term history is full; cannot start another term")]

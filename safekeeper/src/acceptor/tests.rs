@@ -768,3 +768,206 @@ mod membership {
         assert!(!timeline.acceptor().state().membership.is_set());
     }
 }
+
+/// A peer's log from TIMELINE_START over more than `segments` segments.
+fn peer_log(segments: u64) -> (WalGenerator, Vec<u8>) {
+    let mut generator = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+    let mut wal = Vec::new();
+    while generator.end_lsn() < TIMELINE_START + segments * SEGMENT_SIZE_BYTES {
+        let (start, more) = generate(&mut generator, 50);
+        assert_eq!(start, TIMELINE_START + wal.len() as u64);
+        wal.extend_from_slice(&more);
+    }
+    (generator, wal)
+}
+
+/// An empty timeline that accepted ProposerElected of term 1 (as a new
+/// safekeeper does): its WAL is initialized at TIMELINE_START, nothing written.
+fn empty_elected_timeline() -> MemoryTimeline {
+    let mut timeline = new_timeline();
+    vote_response(timeline.handle(vote(1)).unwrap());
+    let ack = append_response(timeline.handle(elected(1, &[(1, TIMELINE_START)])).unwrap());
+    assert_eq!(ack.flush_lsn, TIMELINE_START);
+    timeline
+}
+
+/// Copy `log[from..to)` (offsets from TIMELINE_START) as a peer recovery
+/// round does: pieces of at most 64 KiB that never cross a segment.
+fn copy_from_peer(timeline: &mut MemoryTimeline, log: &[u8], from: Lsn, to: Lsn, source: &[(u64, Lsn)], commit: Lsn) {
+    let mut at = from;
+    while at < to {
+        let end = at.next_segment_start(segment_size()).min(to).min(at + (64 << 10));
+        let bytes = &log[(at - TIMELINE_START) as usize..(end - TIMELINE_START) as usize];
+        timeline.append_peer_wal(&peer_wal(at, bytes, source, commit)).unwrap();
+        at = end;
+    }
+    assert_eq!(timeline.sync_and_ack().unwrap(), None, "nobody waits for an acknowledgement");
+}
+
+/// Rule (bootstrap): an acceptor whose WAL is empty takes a peer's piece
+/// that begins at a later segment start (the peers removed the WAL at its
+/// start): its timeline restarts there, durably before the write, and it
+/// goes on as if its log had always started there (votes report the new
+/// start; the proposer's appends continue it).
+#[test]
+fn an_empty_wal_is_bootstrapped_at_a_peers_later_segment_start() {
+    let (generator, log) = peer_log(3);
+    let peer_commit = generator.end_lsn();
+    let bootstrap_at = TIMELINE_START + 2 * SEGMENT_SIZE_BYTES;
+    let first = &log[(bootstrap_at - TIMELINE_START) as usize..][..20_000];
+    let empty = RecoveredWal { end_lsn: Lsn::INVALID, decoder: None };
+    let mut acceptor = Acceptor::new(NodeId(1), AcceptorConfig::default(), fresh_state(), empty);
+    let _ = acceptor.handle(vote(1)).unwrap();
+    let _ = acceptor.handle(elected(1, &[(1, TIMELINE_START)])).unwrap();
+    let ready = acceptor.handle_peer_wal(&peer_wal(bootstrap_at, first, &[(1, TIMELINE_START)], peer_commit));
+    let actions = ready.unwrap().actions;
+    assert!(
+        matches!(&actions[..], [
+            StorageAction::PersistControl(state),
+            StorageAction::RestartEmptyWal { start_lsn },
+            StorageAction::WriteWal { start_lsn: write_at, .. },
+        ] if state.timeline_start_lsn == bootstrap_at && *start_lsn == bootstrap_at && *write_at == bootstrap_at),
+        "the control file names the new start, then the WAL restarts, then the write: {actions:?}"
+    );
+
+    // The same through the driver, on a fresh empty timeline.
+    let mut timeline = empty_elected_timeline();
+    let persisted_before = timeline.control().persist_count;
+    let ours = [(1, TIMELINE_START)];
+    copy_from_peer(&mut timeline, &log, bootstrap_at, bootstrap_at + 200_000, &ours, peer_commit);
+    let acceptor = timeline.acceptor();
+    assert_eq!(acceptor.state().timeline_start_lsn, bootstrap_at);
+    assert_eq!(timeline.wal().start_lsn(), bootstrap_at, "the WAL below the new start is not held");
+    assert!(acceptor.flush_lsn() > bootstrap_at);
+    assert_eq!(acceptor.commit_lsn(), acceptor.flush_lsn(), "the peer's commit covers the copy");
+    let persisted = timeline.control().persisted.as_ref().unwrap();
+    assert_eq!(persisted.timeline_start_lsn, bootstrap_at);
+    assert!(persisted.commit_lsn >= bootstrap_at, "nothing below the new start may ever be truncated");
+    assert!(timeline.control().persist_count > persisted_before);
+    assert_eq!(
+        timeline.wal().contents(),
+        &log[(bootstrap_at - TIMELINE_START) as usize..(timeline.wal().write_lsn() - TIMELINE_START) as usize]
+    );
+
+    // Later rounds continue it; then the proposer's appends do.
+    let flush = timeline.acceptor().flush_lsn();
+    let handoff_at = TIMELINE_START + 3 * SEGMENT_SIZE_BYTES + 1000;
+    let write_at = timeline.acceptor().write_lsn();
+    copy_from_peer(&mut timeline, &log, write_at, handoff_at, &ours, peer_commit);
+    assert!(timeline.acceptor().flush_lsn() > flush);
+    let write_at = timeline.acceptor().write_lsn();
+    let ack = send_wal(&mut timeline, 1, write_at, &log[(write_at - TIMELINE_START) as usize..], peer_commit);
+    assert_eq!(ack.flush_lsn, peer_commit);
+
+    // A vote reports the new start, and the history its log reaches.
+    let response = vote_response(timeline.handle(vote(2)).unwrap());
+    assert_eq!(response.timeline_start_lsn, bootstrap_at);
+    assert_eq!(response.flush_lsn, peer_commit);
+    assert_eq!(response.term_history, history(&[(1, TIMELINE_START)]));
+}
+
+/// Rule (bootstrap): only an empty WAL restarts, only at a segment start,
+/// and only with a piece that passes every other check; a refused piece
+/// changes nothing.
+#[test]
+fn bootstrap_is_refused_unless_the_wal_is_empty_and_the_piece_is_sound() {
+    let (generator, log) = peer_log(3);
+    let peer_commit = generator.end_lsn();
+    let bootstrap_at = TIMELINE_START + 2 * SEGMENT_SIZE_BYTES;
+    let at = |lsn: Lsn, len: usize| &log[(lsn - TIMELINE_START) as usize..][..len];
+    let ours = [(1, TIMELINE_START)];
+    let refused = |timeline: &mut MemoryTimeline, wal: PeerWal, why: &str| -> String {
+        let before = timeline.acceptor().state().clone();
+        let (write, persisted) = (timeline.acceptor().write_lsn(), timeline.control().persist_count);
+        let error = timeline.append_peer_wal(&wal).expect_err(why);
+        assert!(matches!(error, TimelineError::Refused(_)), "{why}: {error}");
+        assert_eq!(timeline.acceptor().state(), &before, "{why}: state unchanged");
+        assert_eq!(timeline.acceptor().write_lsn(), write, "{why}: nothing written");
+        assert_eq!(timeline.control().persist_count, persisted, "{why}: nothing persisted");
+        assert_eq!(timeline.wal().start_lsn(), before.timeline_start_lsn, "{why}: the WAL stays where it was");
+        error.to_string()
+    };
+
+    // A WAL holding records is never restarted, whatever the peer holds.
+    let (mut holding, _) = timeline_with_wal(5);
+    let error =
+        refused(&mut holding, peer_wal(bootstrap_at, at(bootstrap_at, 20_000), &ours, peer_commit), "not empty");
+    assert!(error.contains("write position"), "{error}");
+
+    let mut timeline = empty_elected_timeline();
+    let error = refused(
+        &mut timeline,
+        peer_wal(bootstrap_at + 8192, at(bootstrap_at + 8192, 20_000), &ours, peer_commit),
+        "not a segment start",
+    );
+    assert!(error.contains("segment start"), "{error}");
+    let error = refused(
+        &mut timeline,
+        peer_wal(bootstrap_at, at(bootstrap_at, 20_000), &ours, bootstrap_at + 19_999),
+        "beyond the peer's commit",
+    );
+    assert!(error.contains("commit"), "{error}");
+    refused(
+        &mut timeline,
+        peer_wal(bootstrap_at, at(bootstrap_at, 20_000), &[(2, TIMELINE_START)], peer_commit),
+        "another history",
+    );
+    let mut garbage = at(bootstrap_at, 20_000).to_vec();
+    garbage[0] ^= 0xff; // the page magic: a record continued from the segment before is not checkable
+    refused(&mut timeline, peer_wal(bootstrap_at, &garbage, &ours, peer_commit), "invalid WAL");
+    refused(
+        &mut timeline,
+        peer_wal(bootstrap_at, at(bootstrap_at, SEGMENT_SIZE_BYTES as usize + 100), &ours, peer_commit),
+        "crosses a segment",
+    );
+    // Without ProposerElected of the current term (a vote since), nothing.
+    vote_response(timeline.handle(vote(2)).unwrap());
+    let error =
+        refused(&mut timeline, peer_wal(bootstrap_at, at(bootstrap_at, 20_000), &ours, peer_commit), "not elected");
+    assert!(error.contains("no proposer of our current term"), "{error}");
+}
+
+/// Rule (bootstrap, crash safety): a crash after the bootstrap's control
+/// write leaves the new start, with or without the copied WAL; a restart
+/// after the copy was synced continues it (the proposer elected anew
+/// streams from the recovered end).
+#[test]
+fn a_bootstrapped_wal_survives_a_crash_and_continues() {
+    let (generator, log) = peer_log(3);
+    let peer_commit = generator.end_lsn();
+    let bootstrap_at = TIMELINE_START + 2 * SEGMENT_SIZE_BYTES;
+
+    // Crash before the first sync: the new start, empty.
+    let mut timeline = empty_elected_timeline();
+    let first = &log[(bootstrap_at - TIMELINE_START) as usize..][..20_000];
+    timeline.append_peer_wal(&peer_wal(bootstrap_at, first, &[(1, TIMELINE_START)], peer_commit)).unwrap();
+    let timeline = timeline.crash_and_restart(0);
+    assert_eq!(timeline.acceptor().state().timeline_start_lsn, bootstrap_at);
+    assert_eq!(timeline.acceptor().flush_lsn(), bootstrap_at);
+    assert_eq!(timeline.wal().start_lsn(), bootstrap_at);
+
+    // Crash after a synced copy: recovery finds the copied records.
+    let mut timeline = empty_elected_timeline();
+    let ours = [(1, TIMELINE_START)];
+    copy_from_peer(&mut timeline, &log, bootstrap_at, bootstrap_at + 300_000, &ours, peer_commit);
+    let flush = timeline.acceptor().flush_lsn();
+    let mut timeline = timeline.crash_and_restart(0);
+    assert_eq!(timeline.acceptor().flush_lsn(), flush);
+    assert_eq!(timeline.acceptor().state().timeline_start_lsn, bootstrap_at);
+    assert_eq!(timeline.wal().start_lsn(), bootstrap_at);
+
+    // A new proposer (its term starts at the peers' log end) is accepted
+    // without truncating; recovery copies the rest of the peer's log, and
+    // the proposer's new WAL follows it.
+    vote_response(timeline.handle(vote(2)).unwrap());
+    let term_2 = [(1, TIMELINE_START), (2, peer_commit)];
+    assert_eq!(append_response(timeline.handle(elected(2, &term_2)).unwrap()).flush_lsn, flush, "nothing truncated");
+    let write_at = timeline.acceptor().write_lsn();
+    copy_from_peer(&mut timeline, &log, write_at, peer_commit, &term_2, peer_commit);
+    assert_eq!(timeline.acceptor().flush_lsn(), peer_commit);
+    let mut generator = generator;
+    let (new_start, new_wal) = generate(&mut generator, 10);
+    assert_eq!(new_start, peer_commit);
+    let ack = send_wal(&mut timeline, 2, new_start, &new_wal, Lsn(0));
+    assert_eq!(ack.flush_lsn, generator.end_lsn());
+}

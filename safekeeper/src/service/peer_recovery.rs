@@ -7,6 +7,12 @@
 //! safekeeper that was down while Postgres recycled its WAL could never
 //! catch up (the shim can resend only what Postgres still has).
 //!
+//! A new, empty safekeeper (its WAL initialized at the timeline start by
+//! ProposerElected, nothing written) whose peers no longer keep WAL from
+//! that start is bootstrapped: the copy starts at the first segment start
+//! the most advanced peer keeps, and the acceptor restarts its empty WAL
+//! there.
+//!
 //! One task per timeline, started with its owner when peers are configured
 //! (`--peer-http`). Every poll interval it looks at the timeline: it copies
 //! only under an accepted ProposerElected of the current term (so its
@@ -117,7 +123,11 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
+                    // A condition that lasts (no peer can be copied from)
+                    // is logged once, not every poll.
+                    if last_error(&timeline).as_ref() != Some(&error) {
+                        tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
+                    }
                     update(&timeline, |status| {
                         status.state = "idle";
                         status.last_error = Some(error);
@@ -130,6 +140,10 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
 
 fn update(timeline: &TimelineHandle, change: impl FnOnce(&mut PeerRecoveryStatus)) {
     change(&mut timeline.shared.peer_recovery.lock().unwrap_or_else(PoisonError::into_inner));
+}
+
+fn last_error(timeline: &TimelineHandle) -> Option<String> {
+    timeline.shared.peer_recovery.lock().unwrap_or_else(PoisonError::into_inner).last_error.clone()
 }
 
 fn proposer_streaming(timeline: &TimelineHandle) -> bool {
@@ -170,9 +184,17 @@ async fn recover_once(
     if !may_copy(timeline, &snapshot) {
         return Ok(None);
     }
-    let Some((peer, status)) = most_advanced_peer(client, peers, &snapshot).await else { return Ok(None) };
-    let start_lsn = snapshot.flush_lsn;
-    tracing::info!(%peer, %start_lsn, target = %status.commit_lsn, "peer recovery: copying committed WAL");
+    let Some(CopySource { peer, status, start_lsn }) = choose_source(client, peers, &snapshot).await? else {
+        return Ok(None);
+    };
+    if start_lsn == snapshot.flush_lsn {
+        tracing::info!(%peer, %start_lsn, target = %status.commit_lsn, "peer recovery: copying committed WAL");
+    } else {
+        tracing::info!(
+            %peer, %start_lsn, target = %status.commit_lsn, our_start = %snapshot.timeline_start_lsn,
+            "peer recovery: bootstrapping an empty WAL at the oldest segment the peer keeps"
+        );
+    }
     update(timeline, |recovery| {
         *recovery = PeerRecoveryStatus {
             state: "copying",
@@ -200,28 +222,81 @@ async fn recover_once(
     Ok(Some(copied_bytes))
 }
 
-/// The peer with the highest commit LSN, if it is at least `MIN_LAG_BYTES`
-/// beyond our flush and holds WAL from our flush on.
-async fn most_advanced_peer(
+/// What a round copies: from `peer`, `[start_lsn, status.commit_lsn)`.
+struct CopySource {
+    peer: SafekeeperAddress,
+    status: TimelineStatus,
+    start_lsn: Lsn,
+}
+
+/// The peer with the highest commit LSN at least `MIN_LAG_BYTES` beyond our
+/// flush among those that still hold WAL from our flush on: the copy
+/// continues our WAL. If none does (retention removed it everywhere) and
+/// our WAL is empty (a new safekeeper: nothing written beyond its timeline
+/// start), the most advanced peer bootstraps it: the copy starts at that
+/// peer's oldest kept WAL, rounded up to a segment start. An error says why
+/// peers that are ahead cannot be copied from.
+async fn choose_source(
     client: &SafekeeperClient,
     peers: &[SafekeeperAddress],
     snapshot: &TimelineSnapshot,
-) -> Option<(SafekeeperAddress, TimelineStatus)> {
-    let mut best: Option<(SafekeeperAddress, TimelineStatus)> = None;
+) -> Result<Option<CopySource>, String> {
+    let mut statuses = Vec::with_capacity(peers.len());
     for peer in peers {
-        let Ok(status) = client.timeline_status(peer, STATUS_TIMEOUT_MS).await else { continue };
-        let holds_our_end = status.oldest_kept_lsn.is_none_or(|oldest| oldest <= snapshot.flush_lsn);
-        let ahead = status.commit_lsn.0.saturating_sub(snapshot.flush_lsn.0) >= MIN_LAG_BYTES;
-        let same_timeline = status.system_id == snapshot.system_id.0 && status.wal_seg_size == snapshot.wal_seg_size;
-        if ahead
-            && holds_our_end
-            && same_timeline
-            && best.as_ref().is_none_or(|(_, b)| status.commit_lsn > b.commit_lsn)
-        {
-            best = Some((peer.clone(), status));
+        if let Ok(status) = client.timeline_status(peer, STATUS_TIMEOUT_MS).await {
+            statuses.push((peer.clone(), status));
         }
     }
-    best
+    pick_source(statuses, snapshot)
+}
+
+/// [`choose_source`] once the peers' statuses are in.
+fn pick_source(
+    statuses: Vec<(SafekeeperAddress, TimelineStatus)>,
+    snapshot: &TimelineSnapshot,
+) -> Result<Option<CopySource>, String> {
+    let our_flush = snapshot.flush_lsn;
+    let ahead = statuses.into_iter().filter(|(_, status)| {
+        let same_timeline = status.system_id == snapshot.system_id.0 && status.wal_seg_size == snapshot.wal_seg_size;
+        same_timeline && status.commit_lsn.0.saturating_sub(our_flush.0) >= MIN_LAG_BYTES
+    });
+    let most_advanced = |candidates: Vec<(SafekeeperAddress, TimelineStatus)>| {
+        candidates.into_iter().max_by_key(|(_, status)| status.commit_lsn)
+    };
+    let (holding, not_holding): (Vec<_>, Vec<_>) =
+        ahead.partition(|(_, status)| status.oldest_kept_lsn.is_none_or(|oldest| oldest <= our_flush));
+    if let Some((peer, status)) = most_advanced(holding) {
+        return Ok(Some(CopySource { peer, status, start_lsn: our_flush }));
+    }
+    let Some((peer, status)) = most_advanced(not_holding) else { return Ok(None) };
+    let oldest_kept = status.oldest_kept_lsn.expect("only peers that name their oldest kept WAL lack ours");
+    let gone = format!(
+        "no peer ahead of us holds WAL from our flush LSN {our_flush} any more (the most advanced, {peer}, keeps WAL from \
+         {oldest_kept}, commit LSN {})",
+        status.commit_lsn
+    );
+    if our_flush != snapshot.timeline_start_lsn {
+        return Err(format!(
+            "{gone}; this safekeeper holds WAL beyond its timeline start {}, so its log can only be continued, \
+             not restarted at a later segment (bootstrapping is only for an empty WAL): it stays behind",
+            snapshot.timeline_start_lsn
+        ));
+    }
+    let segment_size = snapshot.segment_size();
+    let start_lsn = if oldest_kept.is_segment_start(segment_size) {
+        Some(oldest_kept)
+    } else {
+        oldest_kept.segment_start(segment_size).checked_add(segment_size.bytes())
+    };
+    match start_lsn {
+        Some(start_lsn) if status.commit_lsn.0.saturating_sub(start_lsn.0) >= MIN_LAG_BYTES => {
+            Ok(Some(CopySource { peer, status, start_lsn }))
+        }
+        _ => Err(format!(
+            "{gone}; bootstrapping this empty WAL needs committed WAL beyond the first segment start the peer \
+             keeps, and it has none yet"
+        )),
+    }
 }
 
 /// Stream `[start_lsn, peer's commit)` into the owner in pieces that never
@@ -298,4 +373,91 @@ async fn settle(in_flight: &mut VecDeque<oneshot::Receiver<Result<Lsn, String>>>
         flushed = flushed.max(flush);
     }
     Ok(flushed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::TermHistory;
+    use crate::ids::{SystemId, TenantId, Term, TimelineId};
+
+    const SEGMENT_BYTES: u64 = 16 << 20;
+    const SYSTEM_ID: u64 = 42;
+
+    /// A safekeeper whose WAL starts at segment 1 and ends at `flush_lsn`.
+    fn ours(flush_lsn: Lsn) -> TimelineSnapshot {
+        TimelineSnapshot {
+            tenant_id: TenantId([1; 16]),
+            timeline_id: TimelineId([2; 16]),
+            system_id: SystemId(SYSTEM_ID),
+            pg_version: 150_000,
+            wal_seg_size: SEGMENT_BYTES,
+            term: Term(3),
+            last_log_term: Term(3),
+            term_history: TermHistory::default(),
+            timeline_start_lsn: Lsn(SEGMENT_BYTES),
+            flush_lsn,
+            commit_lsn: Lsn::INVALID,
+            elected_term: Some(Term(3)),
+            remote_consistent_lsn: Lsn::INVALID,
+            oldest_kept_lsn: Lsn(SEGMENT_BYTES),
+            disk_bytes: SEGMENT_BYTES,
+            removed_segments: 0,
+            stopped_by_error: None,
+            membership: Default::default(),
+        }
+    }
+
+    fn peer(port: u16, oldest_kept_lsn: Lsn, commit_lsn: Lsn) -> (SafekeeperAddress, TimelineStatus) {
+        let status = TimelineStatus {
+            system_id: SYSTEM_ID,
+            wal_seg_size: SEGMENT_BYTES,
+            timeline_start_lsn: Lsn(SEGMENT_BYTES),
+            flush_lsn: commit_lsn,
+            commit_lsn,
+            oldest_kept_lsn: Some(oldest_kept_lsn),
+            term_history: TermHistory::default(),
+        };
+        (format!("127.0.0.1:{port}").parse().unwrap(), status)
+    }
+
+    fn picked(result: Result<Option<CopySource>, String>) -> (String, Lsn) {
+        let source = result.expect("a source").expect("something to copy");
+        (source.peer.to_string(), source.start_lsn)
+    }
+
+    /// A peer holding WAL from our flush is preferred (the copy continues
+    /// our WAL); among those, the most advanced.
+    #[test]
+    fn a_peer_that_holds_our_end_continues_our_wal() {
+        let segment = |n: u64| Lsn(n * SEGMENT_BYTES);
+        let empty = ours(segment(1));
+        let statuses =
+            vec![peer(1, segment(1), segment(5)), peer(2, segment(1), segment(6)), peer(3, segment(4), segment(9))];
+        assert_eq!(picked(pick_source(statuses, &empty)), ("127.0.0.1:2".to_string(), segment(1)));
+        let caught_up = vec![peer(1, segment(1), segment(1) + (MIN_LAG_BYTES - 1))];
+        assert!(pick_source(caught_up, &empty).unwrap().is_none(), "less than MIN_LAG_BYTES behind");
+    }
+
+    /// Bootstrap: with our WAL empty and no peer keeping its start, the
+    /// copy starts at the most advanced peer's oldest kept WAL, rounded up
+    /// to a segment start; a WAL holding anything is never restarted.
+    #[test]
+    fn an_empty_wal_is_bootstrapped_at_the_first_segment_the_peer_keeps() {
+        let segment = |n: u64| Lsn(n * SEGMENT_BYTES);
+        let empty = ours(segment(1));
+        let statuses = vec![peer(1, segment(3), segment(7)), peer(2, segment(4), segment(9))];
+        assert_eq!(picked(pick_source(statuses, &empty)), ("127.0.0.1:2".to_string(), segment(4)));
+        let unaligned = vec![peer(1, segment(3) + 100, segment(7))];
+        assert_eq!(picked(pick_source(unaligned, &empty)), ("127.0.0.1:1".to_string(), segment(4)));
+
+        let nothing_beyond = vec![peer(1, segment(3) + 100, segment(4) + 100)];
+        let error = pick_source(nothing_beyond, &empty).err().expect("nothing committed past the segment start");
+        assert!(error.contains("bootstrapping this empty WAL needs committed WAL"), "{error}");
+
+        let holding = ours(segment(1) + 50_000);
+        let error = pick_source(vec![peer(1, segment(3), segment(7))], &holding).err().expect("WAL held");
+        assert!(error.contains("can only be continued"), "{error}");
+        assert!(error.contains("127.0.0.1:1"), "{error}");
+    }
 }

@@ -68,6 +68,13 @@ impl WalStorage for MemoryWalStorage {
         Ok(())
     }
 
+    fn restart_empty(&mut self, start: Lsn) -> Result<(), StorageError> {
+        assert!(self.start_lsn.is_valid() && self.bytes.is_empty(), "restart only an initialized, empty WAL");
+        assert!(start > self.start_lsn, "a restarted WAL starts later");
+        *self = MemoryWalStorage { start_lsn: start, sync_count: self.sync_count, ..Self::default() };
+        Ok(())
+    }
+
     fn write(&mut self, start: Lsn, bytes: &[u8]) -> Result<(), StorageError> {
         if start != self.write_lsn() {
             return Err(StorageError::NotContiguous { start, write_lsn: self.write_lsn() });

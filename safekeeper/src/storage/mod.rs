@@ -74,6 +74,14 @@ pub trait WalStorage {
     fn flush_lsn(&self) -> Lsn;
     /// Start an empty timeline at `start` (a segment start). Durable on return.
     fn initialize(&mut self, start: Lsn) -> Result<(), StorageError>;
+    /// Drop a WAL that holds nothing beyond its start (nothing was ever
+    /// written) and start it empty at `start`, a later segment start: a new
+    /// safekeeper bootstrapped from a peer that no longer keeps the WAL at
+    /// the old start. Durable on return. The old segments go first, so a
+    /// crash midway leaves no segment or only the new one; the control file
+    /// names `start` before this runs, and recovery finishes the job (see
+    /// `crate::recovery`).
+    fn restart_empty(&mut self, start: Lsn) -> Result<(), StorageError>;
     /// Append bytes at exactly `write_lsn()`; not durable until `sync`.
     /// Never crosses a segment boundary (the caller splits).
     fn write(&mut self, start: Lsn, bytes: &[u8]) -> Result<(), StorageError>;

@@ -206,7 +206,7 @@ impl SegmentStorage {
 
     /// Durably remove every segment file, leaving an empty (uninitialized)
     /// timeline. Recovery uses it to roll back an `initialize` that the
-    /// control file never recorded.
+    /// control file never recorded, or to finish a `restart_empty`.
     pub fn remove_all_segments(&mut self) -> Result<(), StorageError> {
         self.guarded(|storage| {
             storage.mapped.clear();
@@ -515,6 +515,19 @@ impl WalStorage for SegmentStorage {
             storage.flush_lsn = start;
             Ok(())
         })
+    }
+
+    fn restart_empty(&mut self, start: Lsn) -> Result<(), StorageError> {
+        assert!(!self.recovery_pending, "restart_empty before recovery set the end of WAL");
+        let old_start = self.start_lsn();
+        assert!(
+            old_start.is_valid() && self.write_lsn == old_start && self.flush_lsn == old_start,
+            "restart_empty on a WAL holding {old_start}..{}",
+            self.write_lsn
+        );
+        assert!(start > old_start, "the restarted WAL starts at {start}, not after {old_start}");
+        self.remove_all_segments()?;
+        self.initialize(start)
     }
 
     fn write(&mut self, start: Lsn, bytes: &[u8]) -> Result<(), StorageError> {
