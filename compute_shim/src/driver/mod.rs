@@ -35,6 +35,15 @@ const TICK_INTERVAL: Duration = Duration::from_millis(20);
 /// does not move, so its wal_sender_timeout never fires while the shim
 /// holds back reading (backpressure) or the quorum is down.
 const STATUS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// A new walsender ignores standby replies for synchronous replication
+/// while it is still in its catch-up state (PG15 `SyncRepReleaseWaiters`),
+/// which it leaves only after its first send: the status a new stream gets
+/// at once can arrive too early. For this long after a (re)start it is
+/// repeated every [`FRESH_STREAM_STATUS_INTERVAL`], so waiting commits are
+/// released within milliseconds, not after the next refresh (measured: a
+/// 1.05 s stall after a catch-up restart, one run in eight).
+const FRESH_STREAM_WINDOW: Duration = Duration::from_secs(1);
+const FRESH_STREAM_STATUS_INTERVAL: Duration = Duration::from_millis(50);
 /// Largest XLogData payload a walsender sends (PG15's MAX_SEND_SIZE, 16
 /// pages of 8 KiB): the room the proposer must have before we read more.
 const MAX_XLOG_DATA_BYTES: u64 = 128 * 1024;
@@ -129,6 +138,8 @@ struct Driver {
     /// A new stream reports our position at once: until it does, Postgres
     /// counts no synchronous standby and commits wait.
     status_due: bool,
+    /// When the current stream started (see [`FRESH_STREAM_WINDOW`]).
+    stream_started_at: Instant,
     /// The slot was still held by a walsender that has not noticed its
     /// client left (ours before a restart, or a killed shim's): since when,
     /// and when to try again.
@@ -201,6 +212,7 @@ impl Driver {
             client: Some(setup.client),
             stream: None,
             status_due: false,
+            stream_started_at: Instant::now(),
             slot_busy: None,
             slot: setup.slot,
             pg_timeline: setup.pg_timeline,
@@ -428,6 +440,7 @@ impl Driver {
         self.stream = Some(stream);
         self.status.streaming_from_lsn = Some(wanted);
         self.status_due = true;
+        self.stream_started_at = Instant::now();
         Ok(())
     }
 
@@ -439,7 +452,11 @@ impl Driver {
         let Some(stream) = self.stream.as_mut() else { return Ok(()) };
         let commit = self.proposer.commit_lsn();
         let moved = commit > self.status.reported_flush_lsn;
-        if !moved && !self.status_due && self.last_status_sent_at.elapsed() < STATUS_REFRESH_INTERVAL {
+        let since_sent = self.last_status_sent_at.elapsed();
+        let fresh_stream = self.stream_started_at.elapsed() < FRESH_STREAM_WINDOW;
+        let refresh_due =
+            since_sent >= STATUS_REFRESH_INTERVAL || fresh_stream && since_sent >= FRESH_STREAM_STATUS_INTERVAL;
+        if !moved && !self.status_due && !refresh_due {
             return Ok(());
         }
         // Before anything is committed there is nothing true to report: a
