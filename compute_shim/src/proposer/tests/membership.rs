@@ -5,7 +5,7 @@
 use safekeeper::lsn::Lsn;
 use safekeeper::membership::Configuration;
 
-use super::harness::{addr, Net, Postgres};
+use super::harness::{addr, Net, Postgres, HEARTBEAT_INTERVAL_MS};
 use crate::proposer::{MembershipRequestError, PeerState};
 
 fn addrs(sks: &[usize]) -> Vec<String> {
@@ -97,6 +97,9 @@ fn a_dead_safekeeper_is_replaced_through_a_joint_configuration() {
     assert_eq!(net.elected_term(stale), None, "sk1 alone is no quorum of {{sk0, sk1, sk3}}");
     net.connect(stale, 3);
     net.run_until_quiet();
+    // sk0 (down) never greets: the term is picked a heartbeat interval later.
+    net.advance_time(HEARTBEAT_INTERVAL_MS);
+    net.run_until_quiet();
     assert!(net.elected_term(stale).is_some());
     let end = write_more(&mut net, stale, &full, 50);
     net.run_until_quiet();
@@ -144,6 +147,8 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     // sk3 comes back: the restarted shim completes the change it found.
     net.restart_safekeeper(3);
     net.connect(stale, 3);
+    net.run_until_quiet();
+    net.advance_time(HEARTBEAT_INTERVAL_MS);
     net.run_until(|net| net.computes[1].proposer.membership_status().change.is_none());
     assert_eq!(net.computes[stale].proposer.membership_status().generation, 2);
     for sk in [0, 1, 3] {
