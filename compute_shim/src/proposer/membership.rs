@@ -151,6 +151,16 @@ fn member_addrs(members: &[Member]) -> Vec<String> {
     members.iter().map(|member| member.pg_addr.clone()).collect()
 }
 
+fn member_addr_set(members: &[Member]) -> BTreeSet<String> {
+    addr_set(members.iter().map(|member| &member.pg_addr))
+}
+
+/// The addresses of `members` that `others` does not name.
+fn addrs_not_in(members: &[Member], others: &[Member]) -> Vec<String> {
+    let others = member_addr_set(others);
+    members.iter().filter(|member| !others.contains(&member.pg_addr)).map(|member| member.pg_addr.clone()).collect()
+}
+
 fn validate_target(target: &[String]) -> Result<(), MembershipRequestError> {
     let invalid = |reason: String| Err(MembershipRequestError::Invalid(reason));
     if target.is_empty() || target.len() > MAX_MEMBERS {
@@ -182,7 +192,7 @@ impl Proposer {
                 _ if same => return Ok(()),
                 ChangePhase::Preparing => {}
                 ChangePhase::WritingJoint | ChangePhase::CatchingUp { .. }
-                    if addr_set(member_addrs(&current.members)) == wanted =>
+                    if member_addr_set(&current.members) == wanted =>
                 {
                     // Aborted as soon as we are elected (maybe at once).
                     self.membership.change.as_mut().expect("matched above").target = target;
@@ -197,7 +207,7 @@ impl Proposer {
                     })
                 }
             }
-        } else if current.joint_new.is_none() && addr_set(member_addrs(&current.members)) == wanted {
+        } else if current.joint_new.is_none() && member_addr_set(&current.members) == wanted {
             return Ok(()); // already the set
         }
         let spare_slots = MAX_PEER_SLOTS - self.peers.iter().filter(|peer| self.wanted(peer)).count();
@@ -238,7 +248,7 @@ impl Proposer {
     pub fn membership_status(&self) -> MembershipStatus {
         let membership = &self.membership;
         let change = membership.change.as_ref().map(|change| {
-            let old = addr_set(member_addrs(&membership.current.members));
+            let old = member_addr_set(&membership.current.members);
             let new_members = change
                 .target
                 .iter()
@@ -290,11 +300,6 @@ impl Proposer {
             })
     }
 
-    /// Whether `peer` counts toward quorums.
-    fn is_member(&self, peer: &Peer) -> bool {
-        self.membership.current.includes_addr(&peer.addr)
-    }
-
     /// Whether the members for which `counts` holds form a quorum of the
     /// current configuration (a majority of each of its sets).
     pub(super) fn is_quorum(&self, counts: impl Fn(&Peer) -> bool) -> bool {
@@ -318,9 +323,10 @@ impl Proposer {
         lowest
     }
 
-    /// Only members are asked to vote: a vote elsewhere would count nowhere.
-    pub(super) fn may_vote(&self, sk: usize) -> bool {
-        self.is_member(&self.peers[sk])
+    /// Whether slot `sk` counts toward quorums. Only members are asked to
+    /// vote: a vote elsewhere would count nowhere.
+    pub(super) fn is_member(&self, sk: usize) -> bool {
+        self.membership.current.includes_addr(&self.peers[sk].addr)
     }
 
     /// The slot for `addr`, made if new (reusing a retired one first).
@@ -441,22 +447,20 @@ impl Proposer {
     /// configuration: an abort.
     fn aborting(&self) -> bool {
         let current = &self.membership.current;
-        let old = addr_set(member_addrs(&current.members));
         current.joint_new.is_some()
-            && self.membership.change.as_ref().is_some_and(|change| addr_set(&change.target) == old)
+            && self
+                .membership
+                .change
+                .as_ref()
+                .is_some_and(|change| addr_set(&change.target) == member_addr_set(&current.members))
     }
 
     /// Back from a joint configuration to the old set: as safe as going on
     /// to the new one (every joint quorum holds a majority of the old set).
     fn abort_joint(&mut self) {
         let current = &self.membership.current;
-        let old = addr_set(member_addrs(&current.members));
-        let removed = current
-            .all_members()
-            .into_iter()
-            .filter(|member| !old.contains(&member.pg_addr))
-            .map(|member| member.pg_addr.clone())
-            .collect();
+        let new = current.joint_new.as_deref().expect("aborting a joint configuration");
+        let removed = addrs_not_in(new, &current.members);
         let target = member_addrs(&current.members);
         self.switch_to(current.members.clone(), removed, target);
     }
@@ -486,10 +490,6 @@ impl Proposer {
             return;
         }
         let now_ms = self.now_ms;
-        let stored_by_quorum = |proposer: &Proposer| {
-            let ours = proposer.membership.current.precedence();
-            proposer.is_quorum(|peer| peer.stored_configuration == Some(ours))
-        };
         if self.aborting() {
             return self.abort_joint();
         }
@@ -507,7 +507,7 @@ impl Proposer {
                 self.reconsider_quorums();
             }
             ChangePhase::WritingJoint => {
-                if stored_by_quorum(self) {
+                if self.stored_by_quorum() {
                     self.set_phase(ChangePhase::CatchingUp { target_lsn: self.commit_lsn });
                     self.advance_membership();
                 }
@@ -515,26 +515,19 @@ impl Proposer {
             ChangePhase::CatchingUp { target_lsn } => {
                 let current = &self.membership.current;
                 let new = current.joint_new.clone().expect("catching up under a joint configuration");
-                let old = addr_set(member_addrs(&current.members));
-                let caught_up = new.iter().filter(|member| !old.contains(&member.pg_addr)).all(|member| {
-                    self.peer_index(&member.pg_addr)
+                let caught_up = addrs_not_in(&new, &current.members).iter().all(|addr| {
+                    self.peer_index(addr)
                         .and_then(|sk| self.peers[sk].flush_lsn)
                         .is_some_and(|flush| flush >= target_lsn)
                 });
                 if caught_up {
-                    let kept = addr_set(member_addrs(&new));
-                    let removed = current
-                        .members
-                        .iter()
-                        .filter(|member| !kept.contains(&member.pg_addr))
-                        .map(|member| member.pg_addr.clone())
-                        .collect();
+                    let removed = addrs_not_in(&current.members, &new);
                     let target = change.target.clone();
                     self.switch_to(new, removed, target);
                 }
             }
             ChangePhase::WritingNew { .. } => {
-                if stored_by_quorum(self) {
+                if self.stored_by_quorum() {
                     let took_ms = now_ms.saturating_sub(change.started_at_ms);
                     let generation = self.membership.current.generation;
                     tracing::info!(generation, took_ms, "membership change complete");
@@ -544,6 +537,12 @@ impl Proposer {
                 }
             }
         }
+    }
+
+    /// Whether a quorum of our configuration answered holding it.
+    fn stored_by_quorum(&self) -> bool {
+        let ours = self.membership.current.precedence();
+        self.is_quorum(|peer| peer.stored_configuration == Some(ours))
     }
 
     fn set_phase(&mut self, phase: ChangePhase) {

@@ -598,7 +598,7 @@ impl Proposer {
     }
 
     fn ask_for_vote(&mut self, sk: usize, term: Term) {
-        if !self.may_vote(sk) {
+        if !self.is_member(sk) {
             return; // not a member (yet): it joins once we are elected
         }
         let generation = self.membership.current.generation;
