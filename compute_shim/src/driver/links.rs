@@ -51,13 +51,34 @@ pub enum LinkEvent {
     },
 }
 
+impl LinkEvent {
+    pub fn safekeeper(&self) -> usize {
+        match self {
+            LinkEvent::Connected { safekeeper, .. }
+            | LinkEvent::Message { safekeeper, .. }
+            | LinkEvent::Disconnected { safekeeper, .. }
+            | LinkEvent::Refused { safekeeper, .. } => *safekeeper,
+        }
+    }
+
+    /// The proposer slot incarnation of the link task that sent it.
+    pub fn incarnation(&self) -> u64 {
+        match self {
+            LinkEvent::Connected { generation, .. }
+            | LinkEvent::Message { generation, .. }
+            | LinkEvent::Disconnected { generation, .. } => incarnation_of(*generation),
+            LinkEvent::Refused { incarnation, .. } => *incarnation,
+        }
+    }
+}
+
 /// The first generation of a link made for slot incarnation `incarnation`.
 pub fn first_generation(incarnation: u64) -> u64 {
     incarnation << 32
 }
 
 /// The slot incarnation a link's generation belongs to.
-pub fn incarnation_of(generation: u64) -> u64 {
+fn incarnation_of(generation: u64) -> u64 {
     generation >> 32
 }
 

@@ -294,22 +294,11 @@ impl Driver {
     fn on_link_event(&mut self, event: LinkEvent) -> Result<(), ShimError> {
         let now_ms = self.now_ms();
         // Events of a link stopped since (a removed member's) are stale.
-        let (LinkEvent::Connected { safekeeper, .. }
-        | LinkEvent::Message { safekeeper, .. }
-        | LinkEvent::Disconnected { safekeeper, .. }
-        | LinkEvent::Refused { safekeeper, .. }) = &event;
-        let safekeeper = *safekeeper;
+        let safekeeper = event.safekeeper();
         let Some(link) = self.link(safekeeper) else { return Ok(()) };
-        let of_this_link = match &event {
-            LinkEvent::Connected { generation, .. }
-            | LinkEvent::Message { generation, .. }
-            | LinkEvent::Disconnected { generation, .. } => links::incarnation_of(*generation) == link.incarnation,
-            LinkEvent::Refused { incarnation, .. } => *incarnation == link.incarnation,
-        };
-        if !of_this_link || !self.proposer.link_wanted(safekeeper) {
+        if event.incarnation() != link.incarnation || !self.proposer.link_wanted(safekeeper) {
             return Ok(());
         }
-        let addr = self.proposer.peer_addr(safekeeper).to_string();
         match event {
             LinkEvent::Connected { generation, .. } => {
                 let link = self.link(safekeeper).expect("checked above");
@@ -324,6 +313,7 @@ impl Driver {
                 }
                 match self.proposer.on_message(safekeeper, message, now_ms) {
                     Err(ProposerError::Peer { fault, .. }) => {
+                        let addr = self.proposer.peer_addr(safekeeper);
                         tracing::warn!(safekeeper = %addr, "protocol fault, reconnecting: {fault}");
                         self.disconnect(safekeeper);
                     }
@@ -333,7 +323,7 @@ impl Driver {
             LinkEvent::Disconnected { generation, reason, .. } => {
                 let link = self.link(safekeeper).expect("checked above");
                 if generation == link.generation && !link.dropped {
-                    tracing::warn!(safekeeper = %addr, "disconnected: {reason}");
+                    tracing::warn!(safekeeper = %self.proposer.peer_addr(safekeeper), "disconnected: {reason}");
                     self.proposer.on_disconnected(safekeeper, now_ms);
                 }
             }
@@ -341,6 +331,7 @@ impl Driver {
                 // A member-to-be that refuses the cluster ends the change;
                 // a member refusing it is a misconfiguration we cannot fix.
                 if !self.proposer.on_link_refused(safekeeper, &reason) {
+                    let addr = self.proposer.peer_addr(safekeeper).to_string();
                     return Err(ShimError::SafekeeperRefused { addr, reason });
                 }
             }
