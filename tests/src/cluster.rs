@@ -198,9 +198,8 @@ impl QuorumCluster {
             .iter()
             .flat_map(|&peer| ["--peer-http".to_string(), self.safekeepers[peer].http_addr.to_string()])
             .collect();
-        let (pg_addr, http_addr) = (loopback(free_loopback_port()?), loopback(free_loopback_port()?));
         let datadir = self.dir.path().join(format!("sk{id}"));
-        let safekeeper = Safekeeper::start_with_args(id, &datadir, pg_addr, http_addr, peer_args)?;
+        let safekeeper = Safekeeper::start_on_free_ports(id, &datadir, peer_args)?;
         self.safekeepers.push(safekeeper);
         Ok(self.safekeepers.len() - 1)
     }

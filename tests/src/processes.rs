@@ -73,6 +73,10 @@ pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Fresh ports a process is started on before giving up (see
+/// [`Safekeeper::start_on_free_ports`]).
+const PORT_ATTEMPTS: usize = 5;
+
 /// A port that was free on 127.0.0.1 a moment ago.
 pub fn free_loopback_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
@@ -235,9 +239,25 @@ pub struct Safekeeper {
 impl Safekeeper {
     /// Start on fresh free ports and wait until both ports accept.
     pub fn start(id: u64, datadir: &Path) -> Result<Safekeeper> {
-        let pg_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        Safekeeper::start_at(id, datadir, pg_addr, http_addr)
+        Safekeeper::start_on_free_ports(id, datadir, vec![])
+    }
+
+    /// Start with `extra_args` on fresh free ports. A port free a moment ago
+    /// may be taken before the safekeeper binds it (any outgoing connection
+    /// of a parallel test can get it as its ephemeral port): then it is
+    /// started again on other ports, a bounded number of times.
+    pub fn start_on_free_ports(id: u64, datadir: &Path, extra_args: Vec<String>) -> Result<Safekeeper> {
+        let mut attempt = 1;
+        loop {
+            let pg_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+            let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
+            match Safekeeper::start_with_args(id, datadir, pg_addr, http_addr, extra_args.clone()) {
+                Err(error) if attempt < PORT_ATTEMPTS && format!("{error:#}").contains("Address already in use") => {
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
     }
 
     /// Start on the given addresses (a restart keeps its ports).
