@@ -36,6 +36,11 @@ use super::error::{PeerFault, ProposerError};
 use super::peer::{Link, Peer};
 use super::{Campaign, LogCheckState, Proposer};
 
+/// How long (in heartbeat intervals) a change waits, once a majority of
+/// the new set stored it, for the removed members it still reaches to
+/// store it too, before it completes (and stops talking to them) anyway.
+const REMOVED_MEMBERS_WAIT_HEARTBEATS: u64 = 2;
+
 /// Peer slots kept at most: the largest joint configuration (two full sets).
 pub const MAX_PEER_SLOTS: usize = 2 * MAX_MEMBERS;
 
@@ -526,8 +531,10 @@ impl Proposer {
                     self.switch_to(new, removed, target);
                 }
             }
-            ChangePhase::WritingNew { .. } => {
-                if self.stored_by_quorum() {
+            ChangePhase::WritingNew { removed } => {
+                let telling_removed_ms = REMOVED_MEMBERS_WAIT_HEARTBEATS * self.config.heartbeat_interval_ms;
+                let waited_long_enough = now_ms.saturating_sub(change.phase_started_at_ms) >= telling_removed_ms;
+                if self.stored_by_quorum() && (waited_long_enough || self.removed_members_told(&removed)) {
                     let took_ms = now_ms.saturating_sub(change.started_at_ms);
                     let generation = self.membership.current.generation;
                     tracing::info!(generation, took_ms, "membership change complete");
@@ -537,6 +544,17 @@ impl Proposer {
                 }
             }
         }
+    }
+
+    /// Whether every removed member we still reach holds our configuration
+    /// (so it refuses older proposers). One we do not reach is not waited
+    /// for, and one that does not answer only for a bounded time.
+    fn removed_members_told(&self, removed: &[String]) -> bool {
+        let ours = Some(self.membership.current.precedence());
+        removed.iter().filter_map(|addr| self.peer_index(addr)).all(|sk| {
+            let peer = &self.peers[sk];
+            peer.link == Link::Disconnected || peer.stored_configuration == ours
+        })
     }
 
     /// Whether a quorum of our configuration answered holding it.
