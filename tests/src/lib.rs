@@ -8,9 +8,11 @@
 //!   through compute_shim.
 //! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults on command.
+//! - [`wire_client`]: a blocking client of the safekeeper's Postgres wire port.
 
 pub mod cluster;
 pub mod fault_proxy;
 pub mod pg;
 pub mod processes;
 pub mod wal_files;
+pub mod wire_client;

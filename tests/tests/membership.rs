@@ -22,8 +22,7 @@
 //! holds writing-new.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,6 +34,7 @@ use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIME
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{wait_bounded, KillOnDrop};
 use integration_tests::wal_files::{committed_xids, read_wal};
+use integration_tests::wire_client::WireClient;
 use nix::sys::signal::Signal;
 use safekeeper::ids::{ClusterId, SystemId, Term};
 use safekeeper::lsn::Lsn;
@@ -442,77 +442,6 @@ fn print_load(label: &str, load: &LoadReport) {
 // ---------------------------------------------------------------------------
 // A proposer speaking the safekeeper protocol directly (old generation).
 
-/// One START_WAL_PUSH connection; every read is bounded.
-struct RawProposer {
-    stream: TcpStream,
-}
-
-impl RawProposer {
-    fn connect(addr: SocketAddr) -> Result<RawProposer> {
-        let stream = TcpStream::connect_timeout(&addr, COMMIT_TIMEOUT)?;
-        stream.set_read_timeout(Some(COMMIT_TIMEOUT))?;
-        stream.set_write_timeout(Some(COMMIT_TIMEOUT))?;
-        let mut proposer = RawProposer { stream };
-        let mut startup = (3u32 << 16).to_be_bytes().to_vec();
-        for (name, value) in [("user", "proposer"), ("tenant_id", TENANT), ("timeline_id", TIMELINE)] {
-            startup.extend_from_slice(format!("{name}\0{value}\0").as_bytes());
-        }
-        startup.push(0);
-        let mut packet = (startup.len() as u32 + 4).to_be_bytes().to_vec();
-        packet.extend(startup);
-        proposer.stream.write_all(&packet)?;
-        loop {
-            match proposer.read_message()? {
-                (b'Z', _) => break,
-                (b'E', body) => bail!("startup refused: {}", String::from_utf8_lossy(&body)),
-                _ => {}
-            }
-        }
-        proposer.send(b'Q', b"START_WAL_PUSH\0")?;
-        let (tag, body) = proposer.read_message()?;
-        ensure!(tag == b'W', "START_WAL_PUSH answered {:?}: {}", tag as char, String::from_utf8_lossy(&body));
-        Ok(proposer)
-    }
-
-    fn send(&mut self, tag: u8, body: &[u8]) -> Result<()> {
-        let mut frame = vec![tag];
-        frame.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        frame.extend_from_slice(body);
-        Ok(self.stream.write_all(&frame)?)
-    }
-
-    fn read_message(&mut self) -> Result<(u8, Vec<u8>)> {
-        let mut header = [0u8; 5];
-        self.stream.read_exact(&mut header).context("reading a message header")?;
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        ensure!((4..=1 << 20).contains(&len), "bad message length {len}");
-        let mut body = vec![0u8; len - 4];
-        self.stream.read_exact(&mut body)?;
-        Ok((header[0], body))
-    }
-
-    /// Send `message`; the answer, or the text of the ErrorResponse.
-    fn exchange(&mut self, message: &ProposerMessage) -> Result<std::result::Result<AcceptorMessage, String>> {
-        self.send(b'd', &message.encode())?;
-        match self.read_message()? {
-            (b'd', body) => Ok(Ok(AcceptorMessage::decode(body.into())?)),
-            (b'E', body) => Ok(Err(error_text(&body))),
-            (tag, _) => bail!("unexpected message {:?}", tag as char),
-        }
-    }
-}
-
-/// An ErrorResponse as "SQLSTATE: message".
-fn error_text(body: &[u8]) -> String {
-    let field = |code: u8| {
-        body.split(|&byte| byte == 0)
-            .find(|field| field.first() == Some(&code))
-            .map(|field| String::from_utf8_lossy(&field[1..]).into_owned())
-            .unwrap_or_default()
-    };
-    format!("{}: {}", field(b'C'), field(b'M'))
-}
-
 /// What a proposer that knows no configuration (generation 0) sends: a
 /// greeting (answered with the safekeeper's configuration), then a vote
 /// request for a term far above everything. Returns the stored
@@ -525,7 +454,8 @@ fn old_generation_vote(
     let status = cluster.timeline_status(index)?;
     let system_id = SystemId(status["system_id"].as_u64().context("system_id")?);
     let cluster_id = ClusterId { system_id, tenant_id: TENANT.parse()?, timeline_id: TIMELINE.parse()? };
-    let mut proposer = RawProposer::connect(cluster.safekeepers[index].pg_addr)?;
+    let mut proposer = WireClient::for_timeline(cluster.safekeepers[index].pg_addr, TENANT, TIMELINE)?;
+    proposer.start_wal_push()?;
     let greeting = Greeting {
         protocol_version: PROTOCOL_VERSION,
         cluster: cluster_id,
@@ -539,7 +469,8 @@ fn old_generation_vote(
         other => bail!("greeting answered {other:?}"),
     };
     let vote = VoteRequest { cluster: cluster_id, term, generation: 0 };
-    Ok((generation, proposer.exchange(&ProposerMessage::VoteRequest(vote))?))
+    let answer = proposer.exchange(&ProposerMessage::VoteRequest(vote))?;
+    Ok((generation, answer.map_err(|refusal| format!("{}: {}", refusal.code, refusal.message))))
 }
 
 // ---------------------------------------------------------------------------

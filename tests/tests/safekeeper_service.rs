@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use integration_tests::pg::DEFAULT_PG_BIN_DIR;
 use integration_tests::processes::{http_request, wait_bounded, Safekeeper};
+use integration_tests::wire_client::{startup_packet, ServerError, WireClient, READ_TIMEOUT};
 use nix::sys::signal::Signal;
 use safekeeper::control::{TermHistory, TermStart};
 use safekeeper::ids::{ClusterId, SystemId, TenantId, Term, TimelineId};
@@ -31,10 +32,7 @@ const SYSTEM_ID: u64 = 7_300_000_000_000_000_001;
 const TIMELINE_START: Lsn = Lsn(0x100_0000);
 /// WAL per append, as a proposer relays one replication message.
 const APPEND_BYTES: u64 = 128 << 10;
-const READ_TIMEOUT: Duration = Duration::from_secs(20);
 const PSQL_TIMEOUT: Duration = Duration::from_secs(20);
-/// Largest server message the test client accepts.
-const MAX_SERVER_MESSAGE_BYTES: usize = 1 << 20;
 
 fn cluster(system_id: u64) -> ClusterId {
     ClusterId {
@@ -42,136 +40,6 @@ fn cluster(system_id: u64) -> ClusterId {
         tenant_id: TENANT.parse().expect("valid id"),
         timeline_id: TIMELINE.parse().expect("valid id"),
     }
-}
-
-/// An ErrorResponse as the client sees it.
-#[derive(Debug)]
-struct ServerError {
-    severity: String,
-    code: String,
-    message: String,
-}
-
-/// A tiny frontend for the Postgres wire protocol (blocking, timeouts set).
-struct WireClient {
-    stream: TcpStream,
-}
-
-impl WireClient {
-    fn raw(addr: SocketAddr) -> Result<TcpStream> {
-        let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT)?;
-        stream.set_read_timeout(Some(READ_TIMEOUT))?;
-        stream.set_write_timeout(Some(READ_TIMEOUT))?;
-        Ok(stream)
-    }
-
-    /// Connect and complete the startup (up to the first ReadyForQuery).
-    fn connect(addr: SocketAddr, parameters: &[(&str, &str)]) -> Result<WireClient> {
-        let mut client = WireClient { stream: WireClient::raw(addr)? };
-        client.stream.write_all(&startup_packet(parameters))?;
-        loop {
-            match client.read_message()? {
-                (b'Z', _) => return Ok(client),
-                (b'E', body) => bail!("startup refused: {:?}", parse_error(&body)),
-                (b'R' | b'S' | b'K', _) => {}
-                (tag, _) => bail!("unexpected message {:?} during startup", tag as char),
-            }
-        }
-    }
-
-    fn for_timeline(addr: SocketAddr) -> Result<WireClient> {
-        WireClient::connect(addr, &[("user", "proposer"), ("tenant_id", TENANT), ("timeline_id", TIMELINE)])
-    }
-
-    fn send(&mut self, tag: u8, body: &[u8]) -> Result<()> {
-        let mut frame = vec![tag];
-        frame.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        frame.extend_from_slice(body);
-        self.stream.write_all(&frame)?;
-        Ok(())
-    }
-
-    fn read_message(&mut self) -> Result<(u8, Vec<u8>)> {
-        let mut header = [0u8; 5];
-        self.stream.read_exact(&mut header).context("reading a message header")?;
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        ensure!((4..=MAX_SERVER_MESSAGE_BYTES).contains(&len), "bad server message length {len}");
-        let mut body = vec![0u8; len - 4];
-        self.stream.read_exact(&mut body)?;
-        Ok((header[0], body))
-    }
-
-    fn query(&mut self, text: &str) -> Result<()> {
-        let mut body = text.as_bytes().to_vec();
-        body.push(0);
-        self.send(b'Q', &body)
-    }
-
-    /// The next ErrorResponse (skipping nothing else: anything else fails).
-    fn expect_error(&mut self) -> Result<ServerError> {
-        match self.read_message()? {
-            (b'E', body) => Ok(parse_error(&body)),
-            (tag, _) => bail!("expected ErrorResponse, got {:?}", tag as char),
-        }
-    }
-
-    /// The server closed the connection (EOF, or a reset after our writes).
-    fn expect_closed(&mut self) -> Result<()> {
-        let mut byte = [0u8; 1];
-        match self.stream.read(&mut byte) {
-            Ok(0) => Ok(()),
-            Ok(_) => bail!("expected the connection to be closed, got more bytes"),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
-            Err(e) => Err(e).context("expected a closed connection"),
-        }
-    }
-
-    fn start_wal_push(&mut self) -> Result<()> {
-        self.query("START_WAL_PUSH")?;
-        let (tag, _) = self.read_message()?;
-        ensure!(tag == b'W', "expected CopyBothResponse, got {:?}", tag as char);
-        Ok(())
-    }
-
-    fn send_proposer(&mut self, message: &ProposerMessage) -> Result<()> {
-        self.send(b'd', &message.encode())
-    }
-
-    fn recv_acceptor(&mut self) -> Result<AcceptorMessage> {
-        match self.read_message()? {
-            (b'd', body) => Ok(AcceptorMessage::decode(body.into())?),
-            (b'E', body) => bail!("server error: {:?}", parse_error(&body)),
-            (tag, _) => bail!("unexpected message {:?} in CopyBoth", tag as char),
-        }
-    }
-}
-
-fn startup_packet(parameters: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = (3u32 << 16).to_be_bytes().to_vec();
-    for (name, value) in parameters {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = (body.len() as u32 + 4).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
-}
-
-fn parse_error(body: &[u8]) -> ServerError {
-    let mut error = ServerError { severity: String::new(), code: String::new(), message: String::new() };
-    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
-        let value = String::from_utf8_lossy(&field[1..]).into_owned();
-        match field[0] {
-            b'S' => error.severity = value,
-            b'C' => error.code = value,
-            b'M' => error.message = value,
-            _ => {}
-        }
-    }
-    error
 }
 
 /// A one-connection proposer driving generated WAL into a safekeeper.
@@ -185,7 +53,7 @@ struct Proposer {
 
 impl Proposer {
     fn connect(addr: SocketAddr) -> Result<Proposer> {
-        let mut client = WireClient::for_timeline(addr)?;
+        let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
         client.start_wal_push()?;
         let segment_size = WalSegmentSize::DEFAULT;
         Ok(Proposer {
@@ -388,7 +256,7 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
     client.expect_closed()?;
 
     // An oversized frame is refused from its length alone.
-    let mut client = WireClient::for_timeline(addr)?;
+    let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
     client.start_wal_push()?;
     client.stream.write_all(&[b'd', 0x7F, 0xFF, 0xFF, 0xFF])?;
     check_error(&client.expect_error()?, "08P01", "exceeds the limit")?;
@@ -397,7 +265,7 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
 
     // Unknown commands: an error naming the command, and the session ends.
     for command in ["SELECT 1", "FOO"] {
-        let mut client = WireClient::for_timeline(addr)?;
+        let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
         client.query(command)?;
         let error = client.expect_error()?;
         check_error(&error, "42601", "unsupported command")?;
@@ -405,13 +273,13 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
         client.expect_closed()?;
     }
     // A message type that has no place here ends the session.
-    let mut client = WireClient::for_timeline(addr)?;
+    let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
     client.send(b'd', b"stray copy data")?;
     check_error(&client.expect_error()?, "08P01", "unexpected message type 'd'")?;
     client.expect_closed()?;
 
     // CopyData that is not a proposer message.
-    let mut client = WireClient::for_timeline(addr)?;
+    let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
     client.start_wal_push()?;
     client.send(b'd', b"\x7Fnot a proposer message")?;
     check_error(&client.expect_error()?, "08P01", "invalid proposer message")?;
@@ -424,7 +292,7 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
     let (_, before) = safekeeper.http_get(&timeline_path())?;
 
     // Another Postgres system's greeting on this timeline.
-    let mut client = WireClient::for_timeline(addr)?;
+    let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
     client.start_wal_push()?;
     let mut stranger = proposer.greeting();
     if let ProposerMessage::Greeting(greeting) = &mut stranger {
@@ -435,7 +303,7 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
     client.expect_closed()?;
 
     // Invalid WAL at the write position, in the elected term.
-    let mut client = WireClient::for_timeline(addr)?;
+    let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
     client.start_wal_push()?;
     let flush = proposer.generator.end_lsn();
     client.send_proposer(&proposer.append(flush, vec![0xAB; 4096], Lsn::INVALID))?;
@@ -443,7 +311,7 @@ fn malformed_input_is_refused_while_a_proposer_keeps_being_acked() -> Result<()>
     client.expect_closed()?;
 
     // A message naming another timeline than the connection's.
-    let mut client = WireClient::for_timeline(addr)?;
+    let mut client = WireClient::for_timeline(addr, TENANT, TIMELINE)?;
     client.start_wal_push()?;
     let mut elsewhere = proposer.greeting();
     if let ProposerMessage::Greeting(greeting) = &mut elsewhere {
