@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use compute_shim::driver::startup::{connect_postgres, ShimOptions};
 use compute_shim::driver::{self, http, ShimStatus};
 use compute_shim::proposer::MAX_SAFEKEEPERS;
-use safekeeper::ids::{TenantId, TimelineId};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 #[derive(Parser)]
 #[command(
@@ -56,9 +56,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    utils::service::init_logging();
     let cli = Cli::parse();
     // One thread: the shim is a single event loop around one proposer, and
     // its links and driver waking each other on one thread saves a

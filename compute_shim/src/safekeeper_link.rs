@@ -12,8 +12,8 @@ use postgres_protocol::message::frontend;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use safekeeper::ids::{TenantId, TimelineId};
-use safekeeper::protocol::{AcceptorMessage, DecodeError, ProposerMessage, MAX_MESSAGE_BYTES};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
+use safekeeper_protocol::protocol::{AcceptorMessage, DecodeError, ProposerMessage, MAX_MESSAGE_BYTES};
 
 use crate::replication::wire::{deadline_after_ms, tag, FrameReader, FrameWriter};
 use crate::replication::ReplicationError;

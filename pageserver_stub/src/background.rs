@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;

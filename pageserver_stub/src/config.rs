@@ -4,8 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use safekeeper::ids::{TenantId, TimelineId};
-use safekeeper::wal::DecodedRecord;
+use postgres_wal::wal::DecodedRecord;
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 use crate::api::SafekeeperAddress;
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use safekeeper::lsn::WalSegmentSize;
+use postgres_wal::lsn::WalSegmentSize;
 use tokio::sync::watch;
 
 use crate::api::{SafekeeperAddress, TimelineStatus};

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use tokio::sync::watch;
 use tokio::time::{interval_at, sleep_until, MissedTickBehavior};
 

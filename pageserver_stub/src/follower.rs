@@ -22,7 +22,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 /// The follower's knobs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

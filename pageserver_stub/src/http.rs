@@ -6,9 +6,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 use serde::Serialize;
-use serde_json::json;
 use tokio::sync::watch;
 
 use crate::stats::Counter;
@@ -81,7 +80,7 @@ pub struct SafekeeperNote {
 pub fn router(status: watch::Receiver<StubStatus>) -> Router {
     Router::new()
         .route("/v1/status", get(stub_status))
-        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({ "error": "no such endpoint" }))) })
+        .fallback(|| async { utils::service::json_error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(status)
 }
 

@@ -9,8 +9,8 @@
 //! has passed its start; until then it is counted for display only. That is
 //! what makes counts over a restart equal the counts of a single run.
 
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::wal::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 
 use crate::stats::WalStats;
 
@@ -171,7 +171,7 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safekeeper::wal::generator::WalGenerator;
+    use postgres_wal::wal::generator::WalGenerator;
 
     const SYSTEM_ID: u64 = 7_300_000_000_000_000_001;
 

@@ -5,7 +5,7 @@
 //!
 //! Table of contents:
 //! - [`config`]: what a run is given (addresses, ids, time limits).
-//! - [`api`], [`pull`]: the safekeeper's HTTP client (`safekeeper::client`).
+//! - [`api`], [`pull`]: the safekeeper's HTTP client (`safekeeper_api`).
 //! - [`follower`]: which safekeeper to pull from (pure, time injected).
 //! - [`ingest`]: the shared WAL decoder plus counters that match the saved position.
 //! - [`stats`]: per-resource-manager counters and PG15's rmgr names.
@@ -27,7 +27,7 @@ pub mod run;
 pub mod state;
 pub mod stats;
 
-pub use safekeeper::client::{api, pull};
+pub use safekeeper_api::{api, pull};
 
 pub use config::{RecordObserver, StubConfig, Tuning};
 pub use run::{run, RunSummary};

@@ -2,7 +2,6 @@
 //! its committed WAL, and reports how far it got (docs/pageserver-stub.md).
 //! Logs go to stderr; nothing is printed on stdout.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use pageserver_stub::api::SafekeeperAddress;
 use pageserver_stub::{StubConfig, Tuning};
-use safekeeper::ids::{TenantId, TimelineId};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 /// Worker threads: decoding takes one core at full speed; the other keeps
 /// the status port and the pollers responsive meanwhile.
@@ -48,11 +47,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a person watching; test harnesses read plain text.
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    utils::service::init_logging();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(WORKER_THREADS).enable_all().build()
     {

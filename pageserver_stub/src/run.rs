@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use anyhow::{ensure, Context};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;

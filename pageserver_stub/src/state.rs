@@ -12,11 +12,11 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use safekeeper::datadir::{lock_dir, DataDirError, DataDirLock};
-use safekeeper::ids::{TenantId, TimelineId};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::storage::{write_file_atomically, StorageError};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 use serde::{Deserialize, Serialize};
+use utils::dir_lock::{lock_dir, DirLock, LockError};
+use utils::durable::{write_file_atomically, DurableError};
 
 use crate::stats::{Counter, WalStats};
 
@@ -67,9 +67,9 @@ pub enum StateError {
     #[error("state file {path} belongs to {what} {saved}, but the safekeepers serve {served}: this data directory is for another cluster or timeline")]
     IdentityMismatch { path: PathBuf, what: &'static str, saved: String, served: String },
     #[error(transparent)]
-    Lock(#[from] DataDirError),
+    Lock(#[from] LockError),
     #[error("saving the state file: {0}")]
-    Save(#[from] StorageError),
+    Save(#[from] DurableError),
     #[error("{action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: io::Error },
 }
@@ -181,7 +181,7 @@ pub fn save(datadir: &Path, state: &SavedState) -> Result<(), StateError> {
 /// Create `datadir` if needed and lock it (flock, released however the
 /// process dies), failing at once if another process holds the lock: two
 /// stubs would each save their own counts.
-pub fn lock_data_dir(datadir: &Path) -> Result<DataDirLock, StateError> {
+pub fn lock_data_dir(datadir: &Path) -> Result<DirLock, StateError> {
     std::fs::create_dir_all(datadir).map_err(io_error("creating", datadir))?;
     Ok(lock_dir(datadir, LOCK_FILE_NAME, "pageserver_stub")?)
 }

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use safekeeper::wal::DecodedRecord;
+use postgres_wal::wal::DecodedRecord;
 use serde::{Deserialize, Serialize};
 
-pub use safekeeper::wal::format::{rmgr_id_by_name, rmgr_name, PG15_RMGR_NAMES};
+pub use postgres_wal::wal::format::{rmgr_id_by_name, rmgr_name, PG15_RMGR_NAMES};
 
 /// Records and their bytes (`xl_tot_len`: header and data, without page
 /// headers or alignment padding).
@@ -90,8 +90,8 @@ impl WalStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safekeeper::lsn::Lsn;
-    use safekeeper::wal::format::{MAX_BUILTIN_RMGR_ID, MIN_CUSTOM_RMGR_ID};
+    use postgres_wal::lsn::Lsn;
+    use postgres_wal::wal::format::{MAX_BUILTIN_RMGR_ID, MIN_CUSTOM_RMGR_ID};
 
     fn record(rmgr_id: u8, total_len_bytes: u32) -> DecodedRecord {
         DecodedRecord {

@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 
 use pageserver_stub::Tuning;
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 use serde_json::Value;
 use support::*;
 
@@ -29,7 +29,7 @@ fn reached_end(wal: &GeneratedWal) -> impl Fn(&Value) -> bool {
 
 /// Every record the generator wrote was handed out once, in order; the
 /// state file and the status page agree with the generator's counts.
-fn assert_every_record_once(wal: &GeneratedWal, stub_records: &[safekeeper::wal::DecodedRecord], status: &Value) {
+fn assert_every_record_once(wal: &GeneratedWal, stub_records: &[postgres_wal::wal::DecodedRecord], status: &Value) {
     assert_eq!(stub_records.len(), wal.records.len(), "record count");
     for (decoded, generated) in stub_records.iter().zip(&wal.records) {
         assert_eq!(decoded, generated, "records differ at {}", generated.start_lsn);

@@ -10,15 +10,14 @@
 //!   atomically on first start; later starts must pass the same id, because
 //!   peers know this directory's WAL under that id.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+pub use utils::dir_lock::{lock_dir, DirLock, LockError};
+use utils::durable::{write_file_atomically, DurableError};
 
 use crate::ids::NodeId;
-use crate::storage::{write_file_atomically, StorageError};
 
 pub const LOCK_FILE_NAME: &str = "safekeeper.lock";
 pub const NODE_ID_FILE_NAME: &str = "safekeeper.id";
@@ -26,15 +25,11 @@ const NODE_ID_TMP_FILE_NAME: &str = "safekeeper.id.tmp";
 /// Longest node id file we read (a u64 in decimal plus a newline fits).
 const MAX_NODE_ID_FILE_BYTES: u64 = 64;
 /// Longest pid text we read from someone else's lock file.
-const MAX_LOCK_FILE_BYTES: u64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
-    #[error(
-        "data directory {dir} is in use by another {program} (pid {holder}); only one process may use a data directory",
-        holder = holder_pid.map_or_else(|| "unknown".to_string(), |pid| pid.to_string())
-    )]
-    Locked { dir: String, program: &'static str, holder_pid: Option<u32> },
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("data directory {dir} belongs to node id {stored}, but this safekeeper was started with --id {requested}")]
     NodeIdMismatch { dir: String, stored: NodeId, requested: NodeId },
     #[error("node id file {path} is damaged: {reason}")]
@@ -42,67 +37,15 @@ pub enum DataDirError {
     #[error("I/O error on {what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Write(#[from] DurableError),
 }
 
 /// The held lock on a data directory; released when dropped (or when the
 /// process exits).
-#[derive(Debug)]
-pub struct DataDirLock {
-    _lock: Flock<File>,
-    path: PathBuf,
+pub fn lock_data_dir(datadir: &Path) -> Result<DirLock, DataDirError> {
+    Ok(lock_dir(datadir, LOCK_FILE_NAME, "safekeeper")?)
 }
 
-impl DataDirLock {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// Take the exclusive lock of `datadir`, failing at once if another process
-/// (or another handle in this one) holds it.
-pub fn lock_data_dir(datadir: &Path) -> Result<DataDirLock, DataDirError> {
-    lock_dir(datadir, LOCK_FILE_NAME, "safekeeper")
-}
-
-/// Lock `dir` through its file `lock_file_name` (see the module docs); the
-/// error names `program` as the holder. Other programs with a data
-/// directory (pageserver_stub) use it too.
-pub fn lock_dir(dir: &Path, lock_file_name: &str, program: &'static str) -> Result<DataDirLock, DataDirError> {
-    let datadir = dir;
-    let path = datadir.join(lock_file_name);
-    let io_err = |what: &str, source| DataDirError::Io { what: format!("{what} {}", path.display()), source };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| io_err("opening", e))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => lock,
-        Err((mut file, Errno::EWOULDBLOCK)) => {
-            let holder_pid = read_pid(&mut file);
-            return Err(DataDirError::Locked { dir: datadir.display().to_string(), program, holder_pid });
-        }
-        Err((_, errno)) => return Err(io_err("locking", io::Error::from(errno))),
-    };
-    // We hold the lock: record our pid for whoever is refused next.
-    lock.set_len(0).map_err(|e| io_err("truncating", e))?;
-    lock.rewind().map_err(|e| io_err("rewinding", e))?;
-    writeln!(*lock, "{}", std::process::id()).map_err(|e| io_err("writing pid to", e))?;
-    Ok(DataDirLock { _lock: lock, path })
-}
-
-/// The holder's pid, if the file holds one (it may be mid-write).
-fn read_pid(file: &mut File) -> Option<u32> {
-    let mut text = String::new();
-    file.take(MAX_LOCK_FILE_BYTES).read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
-}
-
-/// Check `requested` against the directory's node id, recording it on the
-/// first start. Call with the lock held.
 pub fn ensure_node_id(datadir: &Path, requested: NodeId) -> Result<(), DataDirError> {
     let path = datadir.join(NODE_ID_FILE_NAME);
     let stored = match File::open(&path) {
@@ -134,19 +77,6 @@ fn read_node_id(file: File, path: &Path) -> Result<NodeId, DataDirError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn second_lock_is_refused_naming_the_holder_pid() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = lock_data_dir(dir.path()).unwrap();
-        // flock locks belong to the open file description, so a second open
-        // in the same process conflicts just like another process would.
-        let err = lock_data_dir(dir.path()).unwrap_err();
-        assert!(matches!(err, DataDirError::Locked { holder_pid: Some(pid), .. } if pid == std::process::id()));
-        assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
-        drop(held);
-        lock_data_dir(dir.path()).expect("the lock is free again once dropped");
-    }
 
     #[test]
     fn node_id_is_recorded_then_enforced() {

@@ -1,33 +1,20 @@
-//! The safekeeper: a quorum member that durably stores a Postgres cluster's WAL.
+//! The safekeeper service: a quorum member that durably stores a Postgres
+//! cluster's WAL and serves it. The timeline itself (acceptor, storage,
+//! recovery) is `safekeeper_core`; this crate puts it on the network.
 //!
 //! Table of contents:
-//! - [`lsn`], [`ids`]: positions and identities.
-//! - [`wal`]: the PG15 WAL format (decoder, generator).
-//! - [`control`]: the durable acceptor state.
-//! - [`membership`]: the safekeeper set (configuration, generation, quorums).
-//! - [`storage`]: segment files, the control file, an in-memory model.
-//! - [`protocol`]: proposer/acceptor messages and their encoding.
-//! - [`acceptor`]: the consensus acceptor as a pure state machine.
-//! - [`timeline`]: the driver that runs an acceptor against storage.
-//! - [`recovery`]: finding the end of valid WAL after a restart.
-//! - [`retention`]: which WAL may be removed once consumed.
+//! - [`service`]: the network service (pg wire port, HTTP, timeline owners).
 //! - [`datadir`]: the data directory lock and node id.
 //! - [`import`]: seeding a timeline from a Postgres `pg_wal` directory.
-//! - [`service`]: the network service (pg wire port, HTTP, timeline owners).
-//! - [`client`]: a client of that HTTP API (peer recovery, the page server stub).
 
-pub mod acceptor;
-pub mod client;
-pub mod control;
 pub mod datadir;
-pub mod ids;
 pub mod import;
-pub mod lsn;
-pub mod membership;
-pub mod protocol;
-pub mod recovery;
-pub mod retention;
 pub mod service;
-pub mod storage;
-pub mod timeline;
-pub mod wal;
+
+// The service is written against these crate-local names of the shared
+// crates (`crate::lsn::Lsn`, `crate::acceptor::Acceptor`), as when they
+// lived in this crate.
+use postgres_wal::{lsn, wal};
+use safekeeper_api as client;
+use safekeeper_core::{acceptor, control, recovery, retention, storage, timeline};
+use safekeeper_protocol::{ids, membership, protocol};

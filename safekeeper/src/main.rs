@@ -12,16 +12,16 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use safekeeper::acceptor::AcceptorConfig;
-use safekeeper::client::api::SafekeeperAddress;
 use safekeeper::datadir::{ensure_node_id, lock_data_dir};
-use safekeeper::ids::{NodeId, TenantId, TimelineId};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
-use safekeeper::recovery::recover_timeline;
-use safekeeper::retention::RetentionPolicy;
 use safekeeper::service::registry::list_timelines;
 use safekeeper::service::{self, ServiceConfig};
-use safekeeper::timeline::FileTimeline;
+use safekeeper_api::api::SafekeeperAddress;
+use safekeeper_core::acceptor::AcceptorConfig;
+use safekeeper_core::recovery::recover_timeline;
+use safekeeper_core::retention::RetentionPolicy;
+use safekeeper_core::timeline::FileTimeline;
+use safekeeper_protocol::ids::{NodeId, TenantId, TimelineId};
 
 /// Time the runtime gives leftover tasks after the service has stopped.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -105,9 +105,7 @@ enum Command {
 
 fn main() -> ExitCode {
     // A server should say that it started and why it stops: info by default.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    utils::service::init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

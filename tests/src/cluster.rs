@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use serde_json::Value;
 
 use crate::pg::{PgCluster, PgOptions};

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::wal::{DecodeStep, WalDecoder};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::{DecodeStep, WalDecoder};
 
 use crate::pg::PgCluster;
 

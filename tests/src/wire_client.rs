@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
+use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
 /// Bound on every read and write (and the connect).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);

@@ -27,9 +27,9 @@ use integration_tests::pg::PgOptions;
 use integration_tests::processes::{PageserverStub, Safekeeper};
 use integration_tests::wal_files::{committed_xids, read_wal};
 use nix::sys::signal::Signal;
+use postgres_wal::lsn::Lsn;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use safekeeper::lsn::Lsn;
 
 const DEFAULT_CHAOS_SECONDS: u64 = 30;
 const DEFAULT_SEED: u64 = 7;

@@ -26,8 +26,8 @@ use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{wait_bounded, ComputeShim, KillOnDrop};
 use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files};
 use nix::sys::signal::Signal;
-use safekeeper::lsn::{Lsn, PgTimelineId, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
-use safekeeper::wal::{DecodeStep, WalDecoder};
+use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
+use postgres_wal::wal::{DecodeStep, WalDecoder};
 
 /// Any single wait: commits, flushes, recovery, promotion.
 const TIMEOUT: Duration = Duration::from_secs(30);

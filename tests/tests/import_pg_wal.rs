@@ -6,10 +6,10 @@
 use anyhow::{ensure, Context, Result};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::wal_files::{read_wal, snapshot_files, waldump_lsns};
-use safekeeper::ids::{NodeId, TenantId, TimelineId};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::recovery::recover_timeline;
+use safekeeper_core::recovery::recover_timeline;
+use safekeeper_protocol::ids::{NodeId, TenantId, TimelineId};
 
 const TENANT: &str = "0123456789abcdef0123456789abcdef";
 const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
@@ -67,7 +67,7 @@ fn imported_wal_equals_pg_wal_and_pg_waldump_reads_it() -> Result<()> {
 
 /// A `pg_wal`-like directory holding one generated segment of `system_id`.
 fn generated_pg_wal(system_id: u64, records: usize) -> Result<(tempfile::TempDir, Lsn)> {
-    use safekeeper::wal::generator::WalGenerator;
+    use postgres_wal::wal::generator::WalGenerator;
     let segment_size = WalSegmentSize::new(1 << 20)?;
     let start = Lsn(1 << 20);
     let mut generator = WalGenerator::new(system_id, segment_size, start);

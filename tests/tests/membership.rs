@@ -36,10 +36,10 @@ use integration_tests::processes::{wait_bounded, KillOnDrop};
 use integration_tests::wal_files::{committed_xids, read_wal};
 use integration_tests::wire_client::WireClient;
 use nix::sys::signal::Signal;
-use safekeeper::ids::{ClusterId, SystemId, Term};
-use safekeeper::lsn::Lsn;
-use safekeeper::protocol::{AcceptorMessage, Greeting, ProposerMessage, VoteRequest, PROTOCOL_VERSION};
-use safekeeper::wal::format::PG15_VERSION_NUM;
+use postgres_wal::lsn::Lsn;
+use postgres_wal::wal::format::PG15_VERSION_NUM;
+use safekeeper_protocol::ids::{ClusterId, SystemId, Term};
+use safekeeper_protocol::protocol::{AcceptorMessage, Greeting, ProposerMessage, VoteRequest, PROTOCOL_VERSION};
 use serde_json::Value;
 
 /// A commit that must go through: well above an election or a reconnect.

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{wait_bounded, KillOnDrop, PageserverStub};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 

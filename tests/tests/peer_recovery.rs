@@ -16,7 +16,7 @@ use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIME
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::http_request;
 use integration_tests::wal_files::read_wal;
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(300);

@@ -14,7 +14,7 @@ use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, ELECTION_TIM
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{wait_bounded, ComputeShim, KillOnDrop, EXIT_TIMEOUT};
 use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files, waldump_lsns};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 /// A commit that must go through: well above any election or reconnect.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -14,15 +14,15 @@ use integration_tests::pg::DEFAULT_PG_BIN_DIR;
 use integration_tests::processes::{http_request, wait_bounded, Safekeeper};
 use integration_tests::wire_client::{startup_packet, ServerError, WireClient, READ_TIMEOUT};
 use nix::sys::signal::Signal;
-use safekeeper::control::{TermHistory, TermStart};
-use safekeeper::ids::{ClusterId, SystemId, TenantId, Term, TimelineId};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::protocol::{
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::format::PG15_VERSION_NUM;
+use postgres_wal::wal::generator::WalGenerator;
+use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, ProposerElected, ProposerMessage, VoteRequest,
     PROTOCOL_VERSION,
 };
-use safekeeper::wal::format::PG15_VERSION_NUM;
-use safekeeper::wal::generator::WalGenerator;
+use safekeeper_protocol::term_history::{TermHistory, TermStart};
 use tempfile::TempDir;
 
 const TENANT: &str = "0123456789abcdef0123456789abcdef";

@@ -15,7 +15,7 @@ use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIME
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{http_request, HttpAnswer, KillOnDrop};
 use integration_tests::wal_files::read_wal;
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);

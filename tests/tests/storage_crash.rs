@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use postgres_wal::lsn::{Lsn, SegmentNo};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use safekeeper::lsn::{Lsn, SegmentNo};
-use safekeeper::storage::control_file::FileControlStore;
+use safekeeper_core::storage::control_file::FileControlStore;
 use workload::{control_state_for_term, push_epoch, segment_size, Epoch, Workload, SEGMENT_SIZE_BYTES, START_LSN};
 
 const CHILD_BINARY: &str = env!("CARGO_BIN_EXE_storage_crash_child");

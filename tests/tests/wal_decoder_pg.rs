@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use integration_tests::pg::{PgCluster, PgOptions};
+use postgres_wal::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use postgres_wal::wal::format::{page_header_bytes, rmgr_name, RECORD_HEADER_BYTES, WAL_PAGE_SIZE_BYTES};
+use postgres_wal::wal::generator::decode_in_chunks;
+use postgres_wal::wal::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use safekeeper::lsn::{Lsn, SegmentNo, WalSegmentSize};
-use safekeeper::wal::format::{page_header_bytes, rmgr_name, RECORD_HEADER_BYTES, WAL_PAGE_SIZE_BYTES};
-use safekeeper::wal::generator::decode_in_chunks;
-use safekeeper::wal::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 
 /// Bytes decoded past a corrupted record before giving up on seeing an error.
 const CORRUPTION_TAIL_BYTES: u64 = 64 * 1024;

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{MembershipRequest, ShimStatus};
@@ -38,7 +37,7 @@ pub fn router(status: watch::Receiver<ShimStatus>, membership_requests: mpsc::Se
 }
 
 fn error(code: StatusCode, message: String) -> Response {
-    (code, Json(json!({ "error": message }))).into_response()
+    utils::service::json_error(code, message)
 }
 
 async fn shim_status(State(state): State<HttpState>) -> Json<ShimStatus> {

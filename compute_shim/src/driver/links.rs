@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use safekeeper::ids::{TenantId, TimelineId};
-use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
+use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
 use crate::safekeeper_link::{connect, LinkError, LinkReader, LinkWriter};
 

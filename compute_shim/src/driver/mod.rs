@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use safekeeper::ids::{SystemId, TenantId, TimelineId};
-use safekeeper::lsn::Lsn;
-use safekeeper::protocol::ProposerMessage;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
+use safekeeper_protocol::protocol::ProposerMessage;
 
 use crate::proposer::{MembershipRequestError, MembershipStatus, Proposer, ProposerError, ProposerStatus};
 use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
@@ -129,7 +129,7 @@ struct Driver {
     links: Vec<Option<LinkHandle>>,
     /// For links started later (membership changes).
     link_events: mpsc::Sender<LinkEvent>,
-    cluster: safekeeper::ids::ClusterId,
+    cluster: safekeeper_protocol::ids::ClusterId,
     /// The replication connection until streaming starts.
     client: Option<ReplicationClient>,
     /// For new replication connections: a restart at another LSN.

@@ -1,9 +1,9 @@
 //! What the shim learns from Postgres before any safekeeper is contacted:
 //! the cluster identity, the segment size, and where its WAL starts.
 
-use safekeeper::ids::{ClusterId, SystemId, TenantId, TimelineId};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::wal::format::PG15_VERSION_NUM;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::format::PG15_VERSION_NUM;
+use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, TimelineId};
 
 use super::ShimError;
 use crate::proposer::ProposerConfig;

@@ -1,6 +1,6 @@
 //! The commit rule.
 
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 /// The highest LSN that `quorum` safekeepers have flushed in the current
 /// term, or `None` if fewer than `quorum` have reached the term start.

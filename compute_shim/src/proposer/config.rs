@@ -1,8 +1,8 @@
 //! Proposer configuration and the fixed limits it is checked against.
 
-use safekeeper::ids::ClusterId;
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::protocol::MAX_APPEND_PAYLOAD_BYTES;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_protocol::ids::ClusterId;
+use safekeeper_protocol::protocol::MAX_APPEND_PAYLOAD_BYTES;
 
 /// Largest WAL payload the proposer puts in one AppendRequest: the size of a
 /// Postgres XLogData message, so one chunk from Postgres is one append.

@@ -1,10 +1,10 @@
 //! Votes and the outcome of an election: the donor, the term start and the
 //! history the new term writes under.
 
-use safekeeper::control::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
-use safekeeper::ids::Term;
-use safekeeper::lsn::Lsn;
-use safekeeper::protocol::VoteResponse;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::Term;
+use safekeeper_protocol::protocol::VoteResponse;
+use safekeeper_protocol::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
 
 use super::config::ProposerConfig;
 use super::error::{PeerFault, ProposerError};
@@ -113,8 +113,8 @@ pub(super) fn decide(term: Term, votes: &[(usize, &Vote)], config: &ProposerConf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safekeeper::ids::ClusterId;
-    use safekeeper::lsn::WalSegmentSize;
+    use postgres_wal::lsn::WalSegmentSize;
+    use safekeeper_protocol::ids::ClusterId;
 
     const SEG: u64 = 1 << 20;
 

@@ -1,8 +1,8 @@
 //! What can go wrong: fatal conditions the shim must exit on, and faults of
 //! one safekeeper's input after which the driver drops that connection.
 
-use safekeeper::ids::{NodeId, Term};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{NodeId, Term};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposerError {

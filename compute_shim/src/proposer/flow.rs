@@ -1,7 +1,7 @@
 //! Which WAL to send one safekeeper next: contiguous from its position,
 //! never across a segment boundary, bounded per append and per window.
 
-use safekeeper::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
 
 use super::config::MAX_APPEND_CHUNK_BYTES;
 

@@ -24,16 +24,16 @@
 //! record, whose start the safekeeper finds in its segment files; WAL is
 //! held until Postgres has written that record.
 
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::protocol::{WalDigest, WalDigestResponse, WalDigester};
-use safekeeper::wal::{DecodeStep, WalDecoder};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::{DecodeStep, WalDecoder};
+use safekeeper_protocol::protocol::{WalDigest, WalDigestResponse, WalDigester};
 
 use super::error::PeerFault;
 
 /// How much WAL below the term start is compared: several WAL pages, so
 /// the range holds page headers whatever the alignment.
 pub(super) const CHECKED_BYTES: u64 = 64 * 1024;
-const _: () = assert!(CHECKED_BYTES <= safekeeper::protocol::MAX_DIGEST_RANGE_BYTES);
+const _: () = assert!(CHECKED_BYTES <= safekeeper_protocol::protocol::MAX_DIGEST_RANGE_BYTES);
 
 /// The outcome once both digests are known.
 #[derive(Debug, PartialEq, Eq)]
@@ -173,8 +173,8 @@ impl LogCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safekeeper::ids::Term;
-    use safekeeper::wal::generator::WalGenerator;
+    use postgres_wal::wal::generator::WalGenerator;
+    use safekeeper_protocol::ids::Term;
 
     fn digest(bytes: &[u8]) -> WalDigest {
         let mut digester = WalDigester::default();

@@ -26,10 +26,10 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use safekeeper::ids::{NodeId, Term};
-use safekeeper::lsn::Lsn;
-use safekeeper::membership::{majority, Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
-use safekeeper::protocol::{MembershipResponse, ProposerMessage, SetMembership};
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{NodeId, Term};
+use safekeeper_protocol::membership::{majority, Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
+use safekeeper_protocol::protocol::{MembershipResponse, ProposerMessage, SetMembership};
 
 use super::commit;
 use super::error::{PeerFault, ProposerError};
@@ -381,7 +381,7 @@ impl Proposer {
         &mut self,
         sk: usize,
         node_id: NodeId,
-        theirs: safekeeper::membership::Configuration,
+        theirs: safekeeper_protocol::membership::Configuration,
     ) -> Result<bool, ProposerError> {
         let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
         self.peers[sk].stored_configuration = Some(theirs.precedence());

@@ -29,9 +29,9 @@ mod wal_buffer;
 #[cfg(test)]
 mod tests;
 
-use safekeeper::ids::Term;
-use safekeeper::lsn::Lsn;
-use safekeeper::protocol::{
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::Term;
+use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
     VoteRequest, VoteResponse, WalDigestRequest, WalDigestResponse, PROTOCOL_VERSION,
 };

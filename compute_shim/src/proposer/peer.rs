@@ -2,9 +2,9 @@
 
 use std::collections::VecDeque;
 
-use safekeeper::ids::{NodeId, Term};
-use safekeeper::lsn::Lsn;
-use safekeeper::protocol::ProposerMessage;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{NodeId, Term};
+use safekeeper_protocol::protocol::ProposerMessage;
 
 use super::config::MAX_QUEUED_CONTROL_MESSAGES;
 use super::election::Vote;

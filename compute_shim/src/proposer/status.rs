@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use safekeeper::ids::{NodeId, Term};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{NodeId, Term};
 
 use super::membership::MembershipStatus;
 

@@ -1,7 +1,7 @@
 //! WAL from Postgres, held until the safekeepers that need it have flushed it.
 
 use bytes::{Bytes, BytesMut};
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 /// A contiguous, bounded run of WAL `[start_lsn, end_lsn)`.
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //! replication commands a physical receiver needs.
 
 use postgres_protocol::message::frontend;
-use safekeeper::lsn::{Lsn, PgTimelineId};
+use postgres_wal::lsn::{Lsn, PgTimelineId};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;

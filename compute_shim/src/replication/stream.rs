@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes};
 use postgres_protocol::message::frontend;
-use safekeeper::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, trace};

@@ -6,15 +6,15 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use safekeeper::acceptor::AcceptorError;
-use safekeeper::acceptor::PeerWal;
-use safekeeper::control::ControlState;
-use safekeeper::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
-use safekeeper::storage::WalStorage;
-use safekeeper::timeline::{MemoryTimeline, TimelineError};
-use safekeeper::wal::generator::WalGenerator;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::generator::WalGenerator;
+use safekeeper_core::acceptor::AcceptorError;
+use safekeeper_core::acceptor::PeerWal;
+use safekeeper_core::control::ControlState;
+use safekeeper_core::storage::WalStorage;
+use safekeeper_core::timeline::{MemoryTimeline, TimelineError};
+use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
 use crate::proposer::{PeerFault, PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
 

@@ -2,8 +2,8 @@
 //! acceptors: every step's configuration on the acceptors, quorums counted
 //! in it, stale proposers taught the newer one, resumption after a crash.
 
-use safekeeper::lsn::Lsn;
-use safekeeper::membership::Configuration;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::membership::Configuration;
 
 use super::harness::{addr, Net, Postgres, HEARTBEAT_INTERVAL_MS};
 use crate::proposer::{MembershipRequestError, PeerState};

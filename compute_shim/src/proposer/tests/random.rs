@@ -39,13 +39,13 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use postgres_wal::lsn::Lsn;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use safekeeper::ids::Term;
-use safekeeper::lsn::Lsn;
-use safekeeper::membership::{Configuration, Member};
-use safekeeper::storage::WalStorage;
+use safekeeper_core::storage::WalStorage;
+use safekeeper_protocol::ids::Term;
+use safekeeper_protocol::membership::{Configuration, Member};
 
 use super::harness::{acceptor_index, addr, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};

@@ -1,9 +1,9 @@
 //! One test per proposer rule (docs/proposer.md), against real acceptors.
 
-use safekeeper::control::ControlState;
-use safekeeper::ids::{NodeId, Term};
-use safekeeper::lsn::Lsn;
-use safekeeper::timeline::MemoryTimeline;
+use postgres_wal::lsn::Lsn;
+use safekeeper_core::control::ControlState;
+use safekeeper_core::timeline::MemoryTimeline;
+use safekeeper_protocol::ids::{NodeId, Term};
 
 use super::harness::{cluster, segment_size, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};

@@ -62,7 +62,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        utils::service::json_error(self.0, self.1)
     }
 }
 

@@ -14,13 +14,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use postgres_wal::lsn::Lsn;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use safekeeper::lsn::Lsn;
-use safekeeper::recovery::recover_timeline;
-use safekeeper::storage::control_file::FileControlStore;
-use safekeeper::storage::segments::SegmentStorage;
-use safekeeper::storage::{ControlStore, WalStorage};
+use safekeeper_core::recovery::recover_timeline;
+use safekeeper_core::storage::control_file::FileControlStore;
+use safekeeper_core::storage::segments::SegmentStorage;
+use safekeeper_core::storage::{ControlStore, WalStorage};
 use workload::{control_state_for_term, new_control_state, segment_size, Epoch, Workload, START_LSN};
 
 /// WAL kept per directory in `wal` mode before the child stops appending.

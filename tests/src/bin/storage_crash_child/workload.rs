@@ -9,12 +9,12 @@
 //! Each side uses part of this file (the parent includes it with `#[path]`).
 #![allow(dead_code)]
 
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::generator::WalGenerator;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use safekeeper::control::{ControlState, TermHistory, TermStart};
-use safekeeper::ids::{ClusterId, SystemId, Term};
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::wal::generator::WalGenerator;
+use safekeeper_core::control::{ControlState, TermHistory, TermStart};
+use safekeeper_protocol::ids::{ClusterId, SystemId, Term};
 
 /// Small segments so a run crosses many segment boundaries.
 pub const SEGMENT_SIZE_BYTES: u64 = 1 << 20;

@@ -10,9 +10,10 @@ pub mod memory;
 pub mod reader;
 pub mod segments;
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
+
+use utils::durable::{self, DurableError};
 
 use crate::control::ControlState;
 use crate::lsn::Lsn;
@@ -105,56 +106,35 @@ pub trait ControlStore {
     fn persist(&mut self, state: &ControlState) -> Result<(), StorageError>;
 }
 
+impl From<DurableError> for StorageError {
+    fn from(error: DurableError) -> Self {
+        match error {
+            DurableError::SyncFailed { what, source } => StorageError::SyncFailed { what, source },
+            DurableError::NoSpace { what } => StorageError::NoSpace { what },
+            DurableError::Io { what, source } => StorageError::Io { what, source },
+        }
+    }
+}
+
 /// Classify an I/O error: a full disk gets its own variant because the
 /// caller can recover from it (nothing acknowledged is lost), other errors
 /// are reported with `what` naming the operation and file.
 pub(crate) fn io_error(what: impl Into<String>, source: io::Error) -> StorageError {
-    let what = what.into();
-    if source.kind() == io::ErrorKind::StorageFull {
-        StorageError::NoSpace { what }
-    } else {
-        StorageError::Io { what, source }
-    }
+    durable::classify(what, source).into()
 }
 
 /// fsync a directory so that entries created, renamed or removed in it are
-/// durable (a file's own fsync does not cover its directory entry).
-pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    let handle =
-        File::open(dir).map_err(|e| io_error(format!("opening directory {} to fsync it", dir.display()), e))?;
-    handle
-        .sync_all()
-        .map_err(|source| StorageError::SyncFailed { what: format!("directory {}", dir.display()), source })
+/// durable (`utils::durable`, with a failed sync as a fatal [`StorageError`]).
+pub fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
+    Ok(durable::fsync_dir(dir)?)
 }
 
-/// Durably replace `dir/name` with `bytes`: write `dir/tmp_name`, fsync it,
-/// rename it over `name`, fsync `dir`. A crash at any point leaves either
-/// the old or the new file under `name` (rename is atomic), plus perhaps a
-/// stale temp file that the next write truncates.
+/// Durably replace `dir/name` with `bytes` (`utils::durable`).
 pub fn write_file_atomically(dir: &Path, name: &str, tmp_name: &str, bytes: &[u8]) -> Result<(), StorageError> {
-    let tmp_path = dir.join(tmp_name);
-    let describe = |action: &str| format!("{action} {}", tmp_path.display());
-    let mut tmp = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp_path)
-        .map_err(|e| io_error(describe("creating"), e))?;
-    tmp.write_all(bytes).map_err(|e| io_error(describe("writing"), e))?;
-    tmp.sync_all().map_err(|source| StorageError::SyncFailed { what: tmp_path.display().to_string(), source })?;
-    drop(tmp);
-    let final_path = dir.join(name);
-    std::fs::rename(&tmp_path, &final_path)
-        .map_err(|e| io_error(format!("renaming {} to {}", tmp_path.display(), final_path.display()), e))?;
-    fsync_dir(dir)
+    Ok(durable::write_file_atomically(dir, name, tmp_name, bytes)?)
 }
 
 /// Remove `dir/name` if it exists (a temp file a crash left behind), durably.
 pub(crate) fn remove_stale_file(dir: &Path, name: &str) -> Result<(), StorageError> {
-    let path = dir.join(name);
-    match std::fs::remove_file(&path) {
-        Ok(()) => fsync_dir(dir),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(format!("removing stale {}", path.display()), e)),
-    }
+    Ok(durable::remove_stale_file(dir, name)?)
 }

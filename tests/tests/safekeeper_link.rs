@@ -5,10 +5,10 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Result};
 use compute_shim::safekeeper_link::{connect, LinkError};
 use integration_tests::processes::Safekeeper;
-use safekeeper::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use safekeeper::lsn::WalSegmentSize;
-use safekeeper::protocol::{AcceptorMessage, Greeting, ProposerMessage, VoteRequest, PROTOCOL_VERSION};
-use safekeeper::wal::format::PG15_VERSION_NUM;
+use postgres_wal::lsn::WalSegmentSize;
+use postgres_wal::wal::format::PG15_VERSION_NUM;
+use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::protocol::{AcceptorMessage, Greeting, ProposerMessage, VoteRequest, PROTOCOL_VERSION};
 
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);

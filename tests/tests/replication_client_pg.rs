@@ -12,8 +12,8 @@ use compute_shim::replication::{
     AuthMethod, ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream,
 };
 use integration_tests::pg::{PgCluster, PgOptions};
-use safekeeper::lsn::{Lsn, PgTimelineId, WalSegmentSize};
-use safekeeper::wal::WalDecoder;
+use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize};
+use postgres_wal::wal::WalDecoder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

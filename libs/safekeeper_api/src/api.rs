@@ -5,9 +5,9 @@
 
 use std::fmt;
 
-use crate::ids::{TenantId, TimelineId};
-use crate::lsn::Lsn;
 use hyper::HeaderMap;
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 use serde::{Deserialize, Deserializer};
 
 pub const HEADER_START_LSN: &str = "x-start-lsn";
@@ -31,7 +31,7 @@ pub struct TimelineStatus {
     /// (term, start LSN) entries describing its log (peer recovery checks
     /// them against its own); absent means empty.
     #[serde(default)]
-    pub term_history: crate::control::TermHistory,
+    pub term_history: safekeeper_protocol::term_history::TermHistory,
 }
 
 /// The contract leaves the JSON type of `system_id` open: the safekeeper

@@ -11,9 +11,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use safekeeper::lsn::{Lsn, WalSegmentSize};
-use safekeeper::storage::segments::{SegmentStorage, SegmentWriteMode};
-use safekeeper::storage::WalStorage;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_core::storage::segments::{SegmentStorage, SegmentWriteMode};
+use safekeeper_core::storage::WalStorage;
 
 struct Case {
     name: &'static str,

@@ -12,7 +12,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::lsn::Lsn;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -20,8 +19,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use postgres_wal::lsn::Lsn;
 
-use super::api::{
+use crate::api::{
     error_message, feedback_body, HeaderError, SafekeeperAddress, TimelinePaths, TimelineStatus, WalResponseHeaders,
 };
 

@@ -8,10 +8,10 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use crate::control::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
 use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use crate::lsn::Lsn;
 use crate::membership::{Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
+use crate::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
+use postgres_wal::lsn::Lsn;
 
 /// Version of this encoding, exchanged in the greeting. 2 added the WAL
 /// digest exchange, 3 the membership configuration and its generation.

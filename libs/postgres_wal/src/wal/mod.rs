@@ -3,6 +3,8 @@
 
 pub mod decoder;
 pub mod format;
+// Valid WAL for tests and the simulation, not for production code.
+#[cfg(any(test, feature = "testing"))]
 pub mod generator;
 
 pub use decoder::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};

@@ -1,0 +1,11 @@
+//! Pieces every binary of the project needs, written once:
+//!
+//! - [`durable`]: durable file replacement, directory fsync, classified I/O errors.
+//! - [`dir_lock`]: one process per data directory (an flock'ed lock file naming its pid).
+//! - [`service`] (feature `service`): logging and runtime setup, the JSON
+//!   error body every HTTP port answers with.
+
+pub mod dir_lock;
+pub mod durable;
+#[cfg(feature = "service")]
+pub mod service;
