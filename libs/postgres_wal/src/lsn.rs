@@ -114,19 +114,28 @@ impl Lsn {
         Lsn(self.0 - self.segment_offset(size))
     }
 
-    /// The first byte of the next segment.
+    /// The first byte of the next segment. Panics past the end of the LSN
+    /// space instead of wrapping to a small LSN (callers check positions a
+    /// client names with [`Lsn::checked_next_segment_start`]).
     pub fn next_segment_start(self, size: WalSegmentSize) -> Lsn {
-        Lsn(self.segment_start(size).0 + size.bytes())
+        self.checked_next_segment_start(size).expect("LSN overflow: no segment after the last one")
+    }
+
+    /// The first byte of the next segment, or `None` past the end of the LSN space.
+    pub fn checked_next_segment_start(self, size: WalSegmentSize) -> Option<Lsn> {
+        self.segment_start(size).checked_add(size.bytes())
     }
 
     pub fn block_offset(self, block_size_bytes: u64) -> u64 {
         self.0 % block_size_bytes
     }
 
-    /// Round up to a multiple of `align` (a power of two).
+    /// Round up to a multiple of `align` (a power of two). Panics instead
+    /// of wrapping past the end of the LSN space.
     pub fn align_up(self, align: u64) -> Lsn {
-        debug_assert!(align.is_power_of_two());
-        Lsn((self.0 + align - 1) & !(align - 1))
+        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
+        let bumped = self.0.checked_add(align - 1).expect("LSN overflow while aligning");
+        Lsn(bumped & !(align - 1))
     }
 
     pub fn checked_sub(self, other: Lsn) -> Option<u64> {
@@ -141,8 +150,10 @@ impl Lsn {
 }
 
 impl SegmentNo {
+    /// Panics instead of wrapping when the segment lies past the end of
+    /// the LSN space (segment numbers from file names are checked on parse).
     pub fn start_lsn(self, size: WalSegmentSize) -> Lsn {
-        Lsn(self.0 * size.bytes())
+        Lsn(self.0.checked_mul(size.bytes()).expect("segment number beyond the LSN space"))
     }
 
     /// Postgres's segment file name for this segment on `timeline`.
@@ -236,6 +247,20 @@ impl Sub<Lsn> for Lsn {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// LSN arithmetic never wraps: past the end of the LSN space it is
+    /// `None` (checked forms) or a panic, never a small LSN.
+    #[test]
+    fn arithmetic_past_the_end_of_the_lsn_space_does_not_wrap() {
+        let size = WalSegmentSize::new(16 << 20).unwrap();
+        let last_segment = Lsn(u64::MAX).segment_start(size);
+        assert_eq!(last_segment.checked_next_segment_start(size), None);
+        assert_eq!(Lsn(u64::MAX - 3).checked_add(4), None);
+        assert!(std::panic::catch_unwind(|| Lsn(u64::MAX - 3).align_up(8)).is_err());
+        assert!(std::panic::catch_unwind(|| last_segment.next_segment_start(size)).is_err());
+        assert!(std::panic::catch_unwind(|| SegmentNo(u64::MAX).start_lsn(size)).is_err());
+        assert_eq!(Lsn(u64::MAX - 7).align_up(8), Lsn(u64::MAX - 7));
+    }
 
     #[test]
     fn prints_like_postgres() {

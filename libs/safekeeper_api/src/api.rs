@@ -1,6 +1,6 @@
-//! The slice of the safekeeper HTTP contract (docs/http-api.md) the stub
-//! consumes: paths, the timeline status document and the headers of a WAL
-//! response. Pure parsing; everything a server sends is checked, never
+//! The safekeeper HTTP contract (docs/http-api.md): paths, the timeline
+//! status document as clients read it, and the headers of a WAL response
+//! (the server writes them from the same constants). Pure parsing; everything a server sends is checked, never
 //! trusted to be well formed.
 
 use std::fmt;
@@ -10,9 +10,13 @@ use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 use serde::{Deserialize, Deserializer};
 
+/// Headers of a `GET .../wal` response (docs/http-api.md): the server sets
+/// all five, a client reads the ones it needs.
 pub const HEADER_START_LSN: &str = "x-start-lsn";
 pub const HEADER_END_LSN: &str = "x-end-lsn";
 pub const HEADER_COMMIT_LSN: &str = "x-commit-lsn";
+pub const HEADER_FLUSH_LSN: &str = "x-flush-lsn";
+pub const HEADER_TERM: &str = "x-term";
 
 /// The fields of `GET /v1/tenant/{t}/timeline/{tl}` the stub uses; others
 /// are ignored so the safekeeper can add fields freely.

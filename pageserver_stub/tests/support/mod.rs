@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use pageserver_stub::api;
 use pageserver_stub::{RunSummary, StubConfig, Tuning};
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use postgres_wal::wal::generator::WalGenerator;
@@ -310,11 +311,11 @@ async fn wal_range(
         BodyCursor::next_chunk,
     );
     Response::builder()
-        .header("x-start-lsn", start.to_string())
-        .header("x-end-lsn", end.to_string())
-        .header("x-commit-lsn", commit.to_string())
-        .header("x-flush-lsn", commit.to_string())
-        .header("x-term", "1")
+        .header(api::HEADER_START_LSN, start.to_string())
+        .header(api::HEADER_END_LSN, end.to_string())
+        .header(api::HEADER_COMMIT_LSN, commit.to_string())
+        .header(api::HEADER_FLUSH_LSN, commit.to_string())
+        .header(api::HEADER_TERM, "1")
         .header("content-type", "application/octet-stream")
         .body(Body::from_stream(stream))
         .unwrap()

@@ -20,6 +20,7 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
+use safekeeper_api::api;
 use serde::Deserialize;
 
 use super::{lookup, parse_lsn, ApiError, PeerAddr};
@@ -78,11 +79,11 @@ pub async fn get_wal(
     let mut set = |name: &'static str, value: String| {
         headers.insert(HeaderName::from_static(name), HeaderValue::from_str(&value).expect("LSNs are ASCII"));
     };
-    set("x-start-lsn", start.to_string());
-    set("x-end-lsn", end.to_string());
-    set("x-commit-lsn", snapshot.commit_lsn.to_string());
-    set("x-flush-lsn", snapshot.flush_lsn.to_string());
-    set("x-term", snapshot.term.0.to_string());
+    set(api::HEADER_START_LSN, start.to_string());
+    set(api::HEADER_END_LSN, end.to_string());
+    set(api::HEADER_COMMIT_LSN, snapshot.commit_lsn.to_string());
+    set(api::HEADER_FLUSH_LSN, snapshot.flush_lsn.to_string());
+    set(api::HEADER_TERM, snapshot.term.0.to_string());
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     Ok(response)
 }
