@@ -1,12 +1,17 @@
 //! A tiny blocking client of the safekeeper's Postgres wire port: the
 //! startup, simple queries, and proposer messages in CopyBoth after
-//! `START_WAL_PUSH`. Every socket read and write has a timeout.
+//! `START_WAL_PUSH`. Every socket read and write has a timeout. The framing
+//! is `pq_wire`'s, the same the safekeeper and the shim use.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use bytes::{Bytes, BytesMut};
+use pq_wire::error_fields::parse_error_fields;
+use pq_wire::frame::{body_len, encode_message, parse_header, FRAME_HEADER_BYTES};
+use pq_wire::tag;
 use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
 /// Bound on every read and write (and the connect).
@@ -15,12 +20,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_SERVER_MESSAGE_BYTES: usize = 1 << 20;
 
 /// An ErrorResponse as the client sees it.
-#[derive(Debug)]
-pub struct ServerError {
-    pub severity: String,
-    pub code: String,
-    pub message: String,
-}
+pub use pq_wire::error_fields::ErrorFields as ServerError;
+pub use pq_wire::startup::encode_startup_packet as startup_packet;
 
 /// A tiny frontend for the Postgres wire protocol (blocking, timeouts set).
 pub struct WireClient {
@@ -55,21 +56,19 @@ impl WireClient {
     }
 
     pub fn send(&mut self, tag: u8, body: &[u8]) -> Result<()> {
-        let mut frame = vec![tag];
-        frame.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        frame.extend_from_slice(body);
+        let mut frame = BytesMut::new();
+        encode_message(&mut frame, tag, |out| out.extend_from_slice(body));
         self.stream.write_all(&frame)?;
         Ok(())
     }
 
     pub fn read_message(&mut self) -> Result<(u8, Vec<u8>)> {
-        let mut header = [0u8; 5];
+        let mut header = [0u8; FRAME_HEADER_BYTES];
         self.stream.read_exact(&mut header).context("reading a message header")?;
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        ensure!((4..=MAX_SERVER_MESSAGE_BYTES).contains(&len), "bad server message length {len}");
-        let mut body = vec![0u8; len - 4];
+        let (tag, declared) = parse_header(header);
+        let mut body = vec![0u8; body_len(tag, declared, MAX_SERVER_MESSAGE_BYTES)?];
         self.stream.read_exact(&mut body)?;
-        Ok((header[0], body))
+        Ok((tag, body))
     }
 
     pub fn query(&mut self, text: &str) -> Result<()> {
@@ -128,30 +127,11 @@ impl WireClient {
     }
 }
 
-pub fn startup_packet(parameters: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = (3u32 << 16).to_be_bytes().to_vec();
-    for (name, value) in parameters {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = (body.len() as u32 + 4).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
-}
-
+/// The fields of an ErrorResponse body; a malformed one is reported as
+/// its own "error" so a test shows what arrived.
 pub fn parse_error(body: &[u8]) -> ServerError {
-    let mut error = ServerError { severity: String::new(), code: String::new(), message: String::new() };
-    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
-        let value = String::from_utf8_lossy(&field[1..]).into_owned();
-        match field[0] {
-            b'S' => error.severity = value,
-            b'C' => error.code = value,
-            b'M' => error.message = value,
-            _ => {}
-        }
-    }
-    error
+    parse_error_fields(tag::ERROR_RESPONSE, Bytes::copy_from_slice(body)).unwrap_or_else(|error| ServerError {
+        message: format!("malformed ErrorResponse: {error}"),
+        ..ServerError::default()
+    })
 }

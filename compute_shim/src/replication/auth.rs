@@ -66,7 +66,7 @@ where
             }
             tag::ERROR_RESPONSE => return Err(ReplicationError::Server(parse_server_error(frame)?)),
             tag::BACKEND_KEY_DATA if authenticated => {
-                let mut body = Body::new(frame);
+                let mut body = Body::new(frame.tag, frame.body);
                 backend_pid = Some(body.i32()?);
             }
             tag::PARAMETER_STATUS | tag::NOTICE_RESPONSE | tag::NEGOTIATE_PROTOCOL_VERSION => {}
@@ -77,7 +77,7 @@ where
             _ => {
                 return Err(ReplicationError::protocol(format!(
                     "unexpected message {:?} during startup (is this a PostgreSQL server?)",
-                    frame.tag_char()
+                    char::from(frame.tag)
                 )))
             }
         }
@@ -107,7 +107,7 @@ impl Authenticator<'_> {
         frame: Frame,
         writer: &mut FrameWriter<W>,
     ) -> Result<bool, ReplicationError> {
-        let mut body = Body::new(frame);
+        let mut body = Body::new(frame.tag, frame.body);
         let code = body.i32()?;
         match code {
             0 => {

@@ -134,7 +134,7 @@ impl ReplicationClient {
                 _ => {
                     return Err(ReplicationError::protocol(format!(
                         "unexpected message {:?} in a query result",
-                        frame.tag_char()
+                        char::from(frame.tag)
                     )))
                 }
             }
@@ -214,7 +214,7 @@ impl ReplicationClient {
                 _ => {
                     return Err(ReplicationError::protocol(format!(
                         "expected CopyBothResponse to START_REPLICATION, got {:?}",
-                        frame.tag_char()
+                        char::from(frame.tag)
                     )))
                 }
             }

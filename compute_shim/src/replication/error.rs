@@ -61,6 +61,13 @@ pub enum ReplicationError {
     ConnectionBroken,
 }
 
+/// A message body that does not hold what its type promises.
+impl From<pq_wire::body::BodyError> for ReplicationError {
+    fn from(error: pq_wire::body::BodyError) -> Self {
+        ReplicationError::Protocol(error.to_string())
+    }
+}
+
 impl ReplicationError {
     /// The SQLSTATE when the server answered with an error.
     pub fn sqlstate(&self) -> Option<&str> {

@@ -209,7 +209,10 @@ impl ReplicationStream {
             }
             tag::ERROR_RESPONSE => Err(ReplicationError::Server(parse_server_error(frame)?)),
             tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS => Ok(None),
-            _ => Err(ReplicationError::protocol(format!("unexpected message {:?} while streaming", frame.tag_char()))),
+            _ => Err(ReplicationError::protocol(format!(
+                "unexpected message {:?} while streaming",
+                char::from(frame.tag)
+            ))),
         }
     }
 
@@ -236,7 +239,7 @@ pub(crate) fn parse_copy_data(payload: Bytes) -> Result<ReplicationEvent, Replic
     let Some(&kind) = payload.first() else {
         return Err(ReplicationError::protocol("empty CopyData while streaming"));
     };
-    let mut body = Body::of_bytes(payload, char::from(kind));
+    let mut body = Body::new(kind, payload);
     body.u8()?;
     match kind {
         b'w' => {

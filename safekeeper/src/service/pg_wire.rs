@@ -1,6 +1,8 @@
 //! The server side of the Postgres v3 wire protocol, as far as a safekeeper
 //! needs it: the startup packet, simple queries, ErrorResponse, CopyBoth.
-//! (postgres-protocol implements the client side only.)
+//! (postgres-protocol implements the client side only.) The framing itself
+//! is `pq_wire`'s, shared with the shim's clients and the tests' client;
+//! this module adds the socket reads, their time bounds and the answers.
 //!
 //! Every read is bounded twice: by size (a length prefix above the limit is
 //! refused before anything is allocated) and, once a frame has begun, by
@@ -15,38 +17,15 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::errors::{sqlstate, PgError};
 
-/// Largest startup packet accepted (Postgres's own limit is 10,000 bytes).
-pub const MAX_STARTUP_PACKET_BYTES: usize = 10_000;
-/// Smallest: the length word and the protocol code.
-const MIN_STARTUP_PACKET_BYTES: usize = 8;
+pub use pq_wire::frame::Frame;
+pub use pq_wire::startup::MAX_STARTUP_PACKET_BYTES;
+use pq_wire::startup::{
+    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, MIN_STARTUP_PACKET_BYTES, PROTOCOL_V3, SSL_REQUEST_CODE,
+};
+pub use pq_wire::tag::{self, printable};
+
 /// Largest frame body accepted before START_WAL_PUSH (a query string).
 pub const MAX_QUERY_MESSAGE_BYTES: usize = 64 << 10;
-
-/// Protocol codes of the first packet (Postgres's `pqcomm.h`).
-const PROTOCOL_V3: u32 = 3 << 16;
-const SSL_REQUEST_CODE: u32 = (1234 << 16) | 5679;
-const GSSENC_REQUEST_CODE: u32 = (1234 << 16) | 5680;
-const CANCEL_REQUEST_CODE: u32 = (1234 << 16) | 5678;
-
-/// Message tags (frontend and backend) used here.
-pub mod tag {
-    pub const QUERY: u8 = b'Q';
-    pub const TERMINATE: u8 = b'X';
-    pub const COPY_DATA: u8 = b'd';
-    pub const COPY_DONE: u8 = b'c';
-    pub const COPY_FAIL: u8 = b'f';
-    pub const AUTHENTICATION: u8 = b'R';
-    pub const PARAMETER_STATUS: u8 = b'S';
-    pub const READY_FOR_QUERY: u8 = b'Z';
-    pub const ERROR_RESPONSE: u8 = b'E';
-    pub const COPY_BOTH_RESPONSE: u8 = b'W';
-    pub const COMMAND_COMPLETE: u8 = b'C';
-    pub const ROW_DESCRIPTION: u8 = b'T';
-    pub const DATA_ROW: u8 = b'D';
-    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
-    /// Extended-query messages: refused (simple protocol only).
-    pub const EXTENDED_QUERY: &[u8] = b"PBEDSHF";
-}
 
 /// Why a read ended without a frame.
 #[derive(Debug)]
@@ -72,13 +51,6 @@ pub enum StartupRequest {
     EncryptionRequest,
     /// A cancel key for some other connection: we keep no keys, so ignore it.
     Cancel,
-}
-
-/// One frame after startup: a tag byte and its body (length word excluded).
-#[derive(Debug)]
-pub struct Frame {
-    pub tag: u8,
-    pub body: Bytes,
 }
 
 /// Read the first packet (untagged: length word, protocol code, body).
@@ -107,30 +79,8 @@ pub async fn read_startup_packet<R: AsyncRead + Unpin>(reader: &mut R) -> Result
 }
 
 /// NUL-terminated name/value pairs, ended by an empty name.
-fn parse_startup_parameters(mut body: &[u8]) -> Result<HashMap<String, String>, PgError> {
-    let mut parameters = HashMap::new();
-    loop {
-        let name = take_cstring(&mut body, "startup parameter name")?;
-        if name.is_empty() {
-            break;
-        }
-        let value = take_cstring(&mut body, "startup parameter value")?;
-        parameters.insert(name, value);
-    }
-    if !body.is_empty() {
-        return Err(protocol_violation(format!("{} bytes after the startup parameters", body.len())));
-    }
-    Ok(parameters)
-}
-
-fn take_cstring(input: &mut &[u8], what: &str) -> Result<String, PgError> {
-    let end = input
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| protocol_violation(format!("{what} is not NUL-terminated")))?;
-    let text = std::str::from_utf8(&input[..end]).map_err(|_| protocol_violation(format!("{what} is not UTF-8")))?;
-    *input = &input[end + 1..];
-    Ok(text.to_string())
+fn parse_startup_parameters(body: &[u8]) -> Result<HashMap<String, String>, PgError> {
+    pq_wire::startup::parse_startup_parameters(body).map_err(|e| protocol_violation(e.to_string()))
 }
 
 /// Read one tagged frame whose body may be at most `max_body_bytes`. Waiting
@@ -143,16 +93,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 ) -> Result<Frame, WireError> {
     let tag = reader.read_u8().await.map_err(WireError::Disconnected)?;
     let rest = async {
-        let len = reader.read_u32().await.map_err(WireError::Disconnected)? as usize;
-        let body_bytes =
-            len.checked_sub(4).ok_or_else(|| protocol_violation(format!("invalid message length {len}")))?;
-        if body_bytes > max_body_bytes {
-            return Err(protocol_violation(format!(
-                "message '{}' of {body_bytes} bytes exceeds the limit of {max_body_bytes} bytes",
-                printable(tag)
-            ))
-            .into());
-        }
+        let declared = reader.read_u32().await.map_err(WireError::Disconnected)?;
+        let body_bytes = pq_wire::frame::body_len(tag, declared, max_body_bytes)
+            .map_err(|e| WireError::Client(protocol_violation(e.to_string())))?;
         let mut body = vec![0u8; body_bytes];
         reader.read_exact(&mut body).await.map_err(WireError::Disconnected)?;
         Ok(Frame { tag, body: Bytes::from(body) })
@@ -171,20 +114,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// The text of a Query message (NUL-terminated UTF-8).
 pub fn query_text(body: &[u8]) -> Result<String, PgError> {
     let mut input = body;
-    let text = take_cstring(&mut input, "query string")?;
+    let text =
+        pq_wire::startup::take_cstring(&mut input, "query string").map_err(|e| protocol_violation(e.to_string()))?;
     if !input.is_empty() {
         return Err(protocol_violation("bytes after the query string's terminator".to_string()));
     }
     Ok(text)
-}
-
-/// A tag byte for messages: the character if printable, else its hex code.
-pub fn printable(tag: u8) -> String {
-    if tag.is_ascii_graphic() {
-        (tag as char).to_string()
-    } else {
-        format!("\\x{tag:02x}")
-    }
 }
 
 pub fn protocol_violation(message: String) -> PgError {
@@ -195,21 +130,7 @@ pub fn protocol_violation(message: String) -> PgError {
 pub mod encode {
     use super::*;
 
-    fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-        out.put_u8(tag);
-        let len_at = out.len();
-        out.put_u32(0);
-        body(out);
-        let len = u32::try_from(out.len() - len_at).expect("backend messages are far below 4 GiB");
-        out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
-    }
-
-    fn cstring(out: &mut BytesMut, text: &str) {
-        // A NUL inside would end the string early; none of ours has one, and
-        // messages quoting client input go through `PgError` which strips them.
-        out.put_slice(text.as_bytes());
-        out.put_u8(0);
-    }
+    use pq_wire::frame::{encode_message as message, put_cstring as cstring};
 
     /// The answer to an SSL or GSS encryption request: not supported.
     pub const ENCRYPTION_REFUSED: u8 = b'N';
@@ -235,16 +156,7 @@ pub mod encode {
     }
 
     pub fn error_response(out: &mut BytesMut, error: &PgError) {
-        message(out, tag::ERROR_RESPONSE, |out| {
-            for (field, value) in [(b'S', error.severity.as_str()), (b'V', error.severity.as_str()), (b'C', error.code)]
-            {
-                out.put_u8(field);
-                cstring(out, value);
-            }
-            out.put_u8(b'M');
-            cstring(out, &error.message);
-            out.put_u8(0);
-        });
+        pq_wire::error_fields::encode_error_response(out, error.severity.as_str(), error.code, &error.message);
     }
 
     /// CopyBoth with binary overall format and no columns, as walsenders send.
@@ -397,19 +309,7 @@ fn invalid_options(message: &str) -> PgError {
 mod tests {
     use super::*;
 
-    fn startup_packet(parameters: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = PROTOCOL_V3.to_be_bytes().to_vec();
-        for (name, value) in parameters {
-            body.extend_from_slice(name.as_bytes());
-            body.push(0);
-            body.extend_from_slice(value.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend(body);
-        packet
-    }
+    use pq_wire::startup::encode_startup_packet as startup_packet;
 
     async fn startup(bytes: &[u8]) -> Result<StartupRequest, WireError> {
         read_startup_packet(&mut &bytes[..]).await
