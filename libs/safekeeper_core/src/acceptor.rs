@@ -36,6 +36,7 @@ use crate::protocol::{
 };
 use crate::storage::SyncedLsn;
 use crate::wal::{DecodeStep, WalDecodeError, WalDecoder};
+use safekeeper_protocol::term_history::{highest_common_point, LogView};
 
 #[derive(Clone, Debug)]
 pub struct AcceptorConfig {
@@ -214,7 +215,7 @@ impl Acceptor {
 
     /// Term of the last history entry that our durable log reaches.
     pub fn last_log_term(&self) -> Term {
-        log_history(&self.state.term_history, self.wal.flush_lsn).last_term()
+        self.state.term_history.up_to(self.wal.flush_lsn).last_term()
     }
 
     pub fn handle(&mut self, message: ProposerMessage) -> Result<Ready, AcceptorError> {
@@ -322,7 +323,7 @@ impl Acceptor {
             flush_lsn: self.wal.flush_lsn,
             commit_lsn: self.state.commit_lsn,
             timeline_start_lsn: self.state.timeline_start_lsn,
-            term_history: log_history(&self.state.term_history, self.wal.flush_lsn),
+            term_history: self.state.term_history.up_to(self.wal.flush_lsn),
         };
         Ready { actions, reply: Some(AcceptorMessage::VoteResponse(reply)), digest: None }
     }
@@ -622,11 +623,6 @@ fn decode_appended(decoder: &WalDecoder, begin_lsn: Lsn, wal: &[u8]) -> Result<W
     }
 }
 
-/// The history entries that describe a log ending at `end_lsn`.
-fn log_history(history: &TermHistory, end_lsn: Lsn) -> TermHistory {
-    TermHistory(history.0.iter().copied().filter(|entry| entry.start_lsn <= end_lsn).collect())
-}
-
 fn validate_proposer_history(elected: &ProposerElected) -> Result<(), AcceptorError> {
     let bad = |reason: &str| Err(AcceptorError::BadTermHistory { reason: reason.to_string() });
     if !elected.term_history.is_well_formed() {
@@ -637,40 +633,6 @@ fn validate_proposer_history(elected: &ProposerElected) -> Result<(), AcceptorEr
         return bad("the last entry must be the proposer's term and start LSN");
     }
     Ok(())
-}
-
-/// A log described by its term history and where it ends.
-#[derive(Clone, Copy)]
-struct LogView<'a> {
-    history: &'a TermHistory,
-    end_lsn: Lsn,
-}
-
-impl LogView<'_> {
-    /// End of the run of WAL written by entry `index`.
-    fn entry_end(&self, index: usize) -> Lsn {
-        match self.history.0.get(index + 1) {
-            Some(next) => next.start_lsn.min(self.end_lsn),
-            None => self.end_lsn,
-        }
-    }
-}
-
-/// The end of the longest prefix on which the two logs agree (same term for
-/// every byte), or `None` if they disagree from their first entry.
-fn highest_common_point(ours: LogView<'_>, theirs: LogView<'_>) -> Option<Lsn> {
-    let mut common = None;
-    for (index, (our_entry, their_entry)) in ours.history.0.iter().zip(&theirs.history.0).enumerate() {
-        if our_entry != their_entry {
-            break;
-        }
-        let (our_end, their_end) = (ours.entry_end(index), theirs.entry_end(index));
-        common = Some(our_end.min(their_end));
-        if our_end != their_end {
-            break;
-        }
-    }
-    common
 }
 
 #[cfg(test)]
