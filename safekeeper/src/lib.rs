@@ -9,6 +9,9 @@
 //! - [`protocol`]: proposer/acceptor messages and their encoding.
 //! - [`acceptor`]: the consensus acceptor as a pure state machine.
 //! - [`timeline`]: the driver that runs an acceptor against storage.
+//! - [`timeline_node`]: one timeline as a pure state machine: the driver,
+//!   group commit, reply routing to connection ids, the peer-recovery
+//!   handoff and retention (the service's owner and the simulation run it).
 //! - [`recovery`]: finding the end of valid WAL after a restart.
 //! - [`retention`]: which WAL may be removed once consumed.
 //! - [`datadir`]: the data directory lock and node id.
@@ -30,4 +33,5 @@ pub mod retention;
 pub mod service;
 pub mod storage;
 pub mod timeline;
+pub mod timeline_node;
 pub mod wal;
