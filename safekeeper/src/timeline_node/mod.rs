@@ -29,6 +29,7 @@ use crate::acceptor::{Acceptor, AcceptorError, PeerWal};
 use crate::lsn::Lsn;
 use crate::protocol::{AcceptorMessage, ProposerMessage};
 use crate::retention::RetentionPolicy;
+use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
 use crate::storage::{ControlStore, StorageError, WalStorage};
 use crate::timeline::{Timeline, TimelineError};
 
@@ -53,12 +54,19 @@ impl std::fmt::Display for ConnectionId {
 
 /// SQLSTATE codes of the refusals the node emits (Postgres's errcodes.txt).
 pub mod sqlstate {
+    /// Malformed frames, bad lengths, messages out of place, undecodable
+    /// proposer messages.
     pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// A bad tenant/timeline id, a cluster id or parameter the timeline refuses.
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// A proposer message that the acceptor's rules refuse in its state.
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// An append whose WAL does not decode.
     pub const DATA_CORRUPTED: &str = "XX001";
     pub const DISK_FULL: &str = "53100";
     pub const IO_ERROR: &str = "58030";
+    /// The timeline's owner is gone (it stopped after a storage error, or
+    /// the server is shutting down), or wants the proposer to reconnect.
     pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
 
@@ -113,7 +121,8 @@ impl Refusal {
         }
     }
 
-    fn storage_failed(error: &StorageError) -> Refusal {
+    /// Storage failed: the timeline stops serving until reopened.
+    pub fn storage_failed(error: &StorageError) -> Refusal {
         let sqlstate = match error {
             StorageError::NoSpace { .. } => sqlstate::DISK_FULL,
             _ => sqlstate::IO_ERROR,
@@ -410,5 +419,16 @@ impl<W: WalStorage, C: ControlStore> TimelineNode<W, C> {
         self.batch = Batch::default();
         self.stopped = Some(error.to_string());
         NodeError::Storage(error)
+    }
+}
+
+/// A node over in-memory storage (tests and the simulation).
+pub type MemoryNode = TimelineNode<MemoryWalStorage, MemoryControlStore>;
+
+impl MemoryNode {
+    /// The process dies and restarts (see [`crate::timeline::MemoryTimeline::crash_and_restart`]):
+    /// what the node knew of connections and the handoff is gone with it.
+    pub fn crash_and_restart(self, keep_unsynced_bytes: usize) -> MemoryNode {
+        TimelineNode::new(self.timeline.crash_and_restart(keep_unsynced_bytes), self.retention)
     }
 }
