@@ -10,6 +10,9 @@
 //!   in-memory model that can lose unsynced bytes.
 //! - [`timeline`]: the driver that executes an acceptor's storage actions,
 //!   then releases its replies.
+//! - [`timeline_node`]: one timeline as a pure state machine: the driver,
+//!   group commit, reply routing to connection ids, the peer-recovery
+//!   handoff and retention (the service's owner and the simulation run it).
 //! - [`recovery`]: restart: finding the end of valid WAL from the last checkpoint.
 //! - [`retention`]: which WAL may be removed once consumed.
 
@@ -19,6 +22,7 @@ pub mod recovery;
 pub mod retention;
 pub mod storage;
 pub mod timeline;
+pub mod timeline_node;
 
 // The modules below are written against these crate-local names of the
 // shared crates (`crate::lsn::Lsn`), as when they lived in one crate.

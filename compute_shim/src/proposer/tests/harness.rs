@@ -1,20 +1,24 @@
-//! A deterministic network: real acceptors (`Timeline` over in-memory
-//! storage), one link per (proposer, safekeeper) whose messages the test
-//! delivers, drops or interleaves, and a Postgres model streaming generated
-//! WAL. Acceptors validate every WAL byte, so a wrong split or offset fails.
+//! A deterministic network: real safekeeper timelines (the service's
+//! `TimelineNode` over in-memory storage: the same batching, reply routing,
+//! refusals and peer-recovery handoff as the service), one link per
+//! (proposer, safekeeper) whose messages the test delivers, drops or
+//! interleaves, and a Postgres model streaming generated WAL. Acceptors
+//! validate every WAL byte, so a wrong split or offset fails.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use postgres_wal::lsn::{Lsn, WalSegmentSize};
-use postgres_wal::wal::generator::WalGenerator;
 use safekeeper_core::acceptor::AcceptorError;
 use safekeeper_core::acceptor::PeerWal;
 use safekeeper_core::control::ControlState;
-use safekeeper_core::storage::WalStorage;
-use safekeeper_core::timeline::{MemoryTimeline, TimelineError};
 use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
+use safekeeper_core::retention::RetentionPolicy;
+use safekeeper_core::storage::WalStorage;
+use safekeeper_core::timeline::MemoryTimeline;
+use safekeeper_core::timeline_node::{ConnectionId, MemoryNode, PeerWalOutcome, RefusalCause, RetentionOutcome};
+use postgres_wal::wal::generator::WalGenerator;
 
 use crate::proposer::{PeerFault, PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
 
@@ -32,8 +36,11 @@ pub fn cluster() -> ClusterId {
     ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([3; 16]), timeline_id: TimelineId([4; 16]) }
 }
 
-fn new_acceptor(node_id: u64) -> MemoryTimeline {
-    MemoryTimeline::empty(NodeId(node_id), ControlState::new_timeline(cluster(), 150000, segment_size()))
+/// A fresh safekeeper timeline with node id `node_id` (no retention: the
+/// simulation sends no consumer feedback).
+pub fn new_acceptor(node_id: u64) -> MemoryNode {
+    let state = ControlState::new_timeline(cluster(), 150000, segment_size());
+    MemoryNode::new(MemoryTimeline::empty(NodeId(node_id), state), RetentionPolicy::default())
 }
 
 /// WAL of a Postgres primary from `TIMELINE_START`; `flushed_bytes` of it
@@ -117,13 +124,16 @@ pub struct Compute {
 }
 
 pub struct Net {
-    pub acceptors: Vec<MemoryTimeline>,
+    pub acceptors: Vec<MemoryNode>,
     /// Safekeepers whose process is down: connections to them fail.
     pub down: Vec<bool>,
     pub computes: Vec<Compute>,
     pub now_ms: u64,
-    /// The compute whose appends an acceptor's next sync acknowledges.
-    ack_to: Vec<Option<usize>>,
+    /// `connections[sk][c]`: the connection compute `c`'s current link to
+    /// safekeeper `sk` is, as that safekeeper's node knows it.
+    connections: Vec<Vec<Option<ConnectionId>>>,
+    /// Connection ids only grow, as the service's do.
+    next_connection_id: u64,
     pub max_in_flight_bytes: u64,
     pub max_buffered_wal_bytes: u64,
 }
@@ -135,7 +145,8 @@ impl Net {
             down: vec![false; safekeepers],
             computes: vec![],
             now_ms: 1_000,
-            ack_to: vec![None; safekeepers],
+            connections: vec![vec![]; safekeepers],
+            next_connection_id: 1,
             max_in_flight_bytes: 256 << 10,
             max_buffered_wal_bytes: 4 << 20,
         }
@@ -182,6 +193,7 @@ impl Net {
         let incarnation = compute.proposer.peer_incarnation(slot);
         compute.links[sk] = Link { up: true, incarnation, ..Link::default() };
         compute.proposer.on_connected(slot, self.now_ms);
+        self.open_connection(c, sk);
     }
 
     pub fn connect_all(&mut self, c: usize) {
@@ -226,7 +238,6 @@ impl Net {
                 self.disconnect(c, sk);
             }
         }
-        self.ack_to[sk] = None;
         let placeholder = new_acceptor(sk as u64 + 1);
         let crashed = std::mem::replace(&mut self.acceptors[sk], placeholder);
         self.acceptors[sk] = crashed.crash_and_restart(keep_unsynced_bytes);
@@ -239,11 +250,7 @@ impl Net {
 
     /// Drop a connection: whatever was in flight on it is lost.
     pub fn disconnect(&mut self, c: usize, sk: usize) {
-        // As in the service, an acknowledgement owed to a closed connection
-        // goes nowhere (it must not reach the next one).
-        if self.ack_to[sk] == Some(c) {
-            self.ack_to[sk] = None;
-        }
+        self.close_connection(c, sk);
         let slot = self.linked_slot(c, sk);
         let compute = &mut self.computes[c];
         compute.links[sk] = Link::default();
@@ -254,6 +261,7 @@ impl Net {
 
     /// The compute's process dies: every connection of it is gone.
     pub fn kill(&mut self, c: usize) {
+        (0..self.acceptors.len()).for_each(|sk| self.close_connection(c, sk));
         let compute = &mut self.computes[c];
         compute.links.iter_mut().for_each(|link| *link = Link::default());
         compute.stopped.get_or_insert(ProposerError::WalNotWanted);
@@ -315,52 +323,92 @@ impl Net {
         moved
     }
 
-    /// Deliver the oldest message on the link to the acceptor.
+    /// Deliver the oldest message on the link to the acceptor: its
+    /// safekeeper's node handles it in the batch under way (a full batch is
+    /// synced first, as the service ends a batch at its bounds).
     pub fn deliver_to_acceptor(&mut self, c: usize, sk: usize) -> bool {
         if self.computes[c].links[sk].blocked_to_acceptor {
             return false;
         }
         let Some(message) = self.computes[c].links[sk].to_acceptor.pop_front() else { return false };
-        let is_write = matches!(&message, ProposerMessage::AppendRequest(append) if !append.wal.is_empty());
-        let reply = match self.acceptors[sk].handle(message) {
-            Ok(reply) => reply,
-            Err(TimelineError::Refused(AcceptorError::StaleGeneration { .. } | AcceptorError::NotAMember { .. })) => {
-                // The service closes the connection; the shim's link
-                // reconnects and greets again.
-                self.disconnect(c, sk);
-                self.connect(c, sk);
-                return true;
-            }
-            Err(error) => {
-                // Legitimate only when the compute's primary diverged from
-                // the log (another lineage): the shim would exit refused.
-                let log = self.acceptors[sk].wal().contents();
-                assert!(
-                    !self.computes[c].postgres.wal.starts_with(log),
-                    "safekeeper {sk} refused compute {c}'s message although its log continues that primary's WAL: {error}"
-                );
-                self.kill(c);
-                return true;
-            }
-        };
-        if is_write {
-            self.ack_to[sk] = Some(c);
+        let connection = self.connections[sk][c].expect("a link that is up has a connection");
+        if self.acceptors[sk].batch_is_full() {
+            self.sync(sk);
         }
-        if let Some(reply) = reply {
-            self.computes[c].links[sk].to_proposer.push_back(reply);
-        }
+        self.acceptors[sk].handle_message(connection, message).expect("memory storage does not fail");
+        self.close_refused(sk);
         true
     }
 
-    /// The acceptor syncs and acknowledges to whoever wrote.
+    /// The safekeeper ends its batch: one sync, then the replies go to the
+    /// connections the node addresses (none to a connection since closed).
+    /// Returns whether it replied.
     pub fn sync(&mut self, sk: usize) -> bool {
-        let reply = self.acceptors[sk].sync_and_ack().expect("memory storage does not fail");
-        let (Some(reply), Some(c)) = (reply, self.ack_to[sk]) else { return false };
-        let link = &mut self.computes[c].links[sk];
-        if link.up {
-            link.to_proposer.push_back(reply);
+        let output = self.acceptors[sk].end_batch().expect("memory storage does not fail");
+        let retained = self.acceptors[sk].apply_retention().expect("memory storage does not fail");
+        assert_eq!(retained, RetentionOutcome::Nothing, "the simulation sends no consumer feedback");
+        let replied = !output.replies.is_empty();
+        for (connection, reply) in output.replies {
+            let Some(c) = self.compute_of(sk, connection) else { continue };
+            let link = &mut self.computes[c].links[sk];
+            if link.up {
+                link.to_proposer.push_back(reply);
+            }
         }
-        true
+        replied
+    }
+
+    /// A new connection of compute `c` to safekeeper `sk` (its link was
+    /// just made).
+    fn open_connection(&mut self, c: usize, sk: usize) {
+        let connections = &mut self.connections[sk];
+        if connections.len() <= c {
+            connections.resize(c + 1, None);
+        }
+        connections[c] = Some(ConnectionId(self.next_connection_id));
+        self.next_connection_id += 1;
+    }
+
+    /// Compute `c`'s connection to `sk` is gone: its node owes it nothing more.
+    fn close_connection(&mut self, c: usize, sk: usize) {
+        if let Some(connection) = self.connections[sk].get_mut(c).and_then(Option::take) {
+            self.acceptors[sk].connection_closed(connection);
+        }
+    }
+
+    /// The compute whose current connection to `sk` is `connection`.
+    fn compute_of(&self, sk: usize, connection: ConnectionId) -> Option<usize> {
+        self.connections[sk].iter().position(|&current| current == Some(connection))
+    }
+
+    /// Act on the connections safekeeper `sk`'s node closed, as the shim
+    /// does on the error it reads.
+    fn close_refused(&mut self, sk: usize) {
+        while let Some((connection, refusal)) = self.acceptors[sk].poll_close() {
+            let Some(c) = self.compute_of(sk, connection) else { continue };
+            match refusal.cause {
+                // The shim's link reconnects and greets again: to learn a
+                // newer configuration, or (after peer recovery caught this
+                // safekeeper up) to stream from its new flush LSN.
+                RefusalCause::Refused(AcceptorError::StaleGeneration { .. } | AcceptorError::NotAMember { .. })
+                | RefusalCause::CaughtUpByPeers { .. } => {
+                    self.disconnect(c, sk);
+                    self.connect(c, sk);
+                }
+                RefusalCause::Refused(error) => {
+                    // Legitimate only when the compute's primary diverged
+                    // from the log (another lineage): the shim would exit
+                    // refused.
+                    let log = self.acceptors[sk].wal().contents();
+                    assert!(
+                        !self.computes[c].postgres.wal.starts_with(log),
+                        "safekeeper {sk} refused compute {c}'s message although its log continues that primary's WAL: {error}"
+                    );
+                    self.kill(c);
+                }
+                RefusalCause::StorageFailed => panic!("memory storage does not fail: {}", refusal.message),
+            }
+        }
     }
 
     /// Deliver the oldest reply on the link to the proposer. A fatal error
@@ -464,7 +512,7 @@ impl Net {
 
     /// Each acceptor's term, history, flush and commit (for failure messages).
     pub fn describe_acceptors(&self) -> String {
-        let describe = |(sk, timeline): (usize, &MemoryTimeline)| {
+        let describe = |(sk, timeline): (usize, &MemoryNode)| {
             let acceptor = timeline.acceptor();
             format!(
                 "sk{sk}{} term {} history {:?} flush {} commit {}",
@@ -478,12 +526,13 @@ impl Net {
         self.acceptors.iter().enumerate().map(describe).collect::<Vec<_>>().join("; ")
     }
 
-    /// Durable WAL of an acceptor, from the timeline start.
     /// Peer recovery as the service runs it: `source`'s committed WAL from
-    /// `sk`'s write position, in pieces within segments, through
-    /// `append_peer_wal`, then a sync. Only while no running compute streams
-    /// WAL to `sk` (the service copies only after proposers were quiet for a
-    /// while). A refusal ends the copy, as it ends a round.
+    /// `sk`'s write position, in pieces within segments, through the node's
+    /// `handle_peer_wal`, then a sync and the handoff (the node refuses the
+    /// proposer connections it saw, once, when they next speak). Only while
+    /// no running compute streams WAL to `sk` (the service copies only after
+    /// proposers were quiet for a while). A refusal ends the copy, as it
+    /// ends a round.
     pub fn copy_from_peer(&mut self, sk: usize, source: usize) -> bool {
         if sk == source || self.down[sk] || self.down[source] {
             return false;
@@ -520,15 +569,20 @@ impl Net {
                 source_history: history.clone(),
                 source_commit_lsn: commit,
             };
-            if self.acceptors[sk].append_peer_wal(&wal).is_err() {
-                break;
+            if self.acceptors[sk].batch_is_full() {
+                self.sync(sk);
             }
-            at = at + piece.len() as u64;
+            match self.acceptors[sk].handle_peer_wal(&wal).expect("memory storage does not fail") {
+                PeerWalOutcome::Written => at = at + piece.len() as u64,
+                PeerWalOutcome::Refused(_) => break,
+            }
         }
         self.sync(sk);
+        self.acceptors[sk].peer_recovery_done();
         true
     }
 
+    /// Durable WAL of an acceptor, from the timeline start.
     pub fn durable_wal(&self, sk: usize) -> &[u8] {
         let wal = self.acceptors[sk].wal();
         if !wal.start_lsn().is_valid() {

@@ -47,7 +47,7 @@ use safekeeper_core::storage::WalStorage;
 use safekeeper_protocol::ids::Term;
 use safekeeper_protocol::membership::{Configuration, Member};
 
-use super::harness::{acceptor_index, addr, Net, Postgres, TIMELINE_START};
+use super::harness::{acceptor_index, addr, Net, Postgres, HEARTBEAT_INTERVAL_MS, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};
 
 pub const DEFAULT_SEEDS: u64 = 1_000;
@@ -708,8 +708,10 @@ impl Simulation {
 
     /// Peer recovery for the safekeepers compute `c` holds too far behind
     /// (a new member whose WAL Postgres no longer has, say), then the
-    /// service's handoff (its connection is refused once; it reconnects).
-    /// Returns whether any was copied to.
+    /// service's handoff: the safekeeper's node refuses the connection when
+    /// it next speaks (its next heartbeat, so time moves on by one
+    /// interval), once, and the shim reconnects. Returns whether any was
+    /// copied to.
     fn recover_too_far_behind(&mut self, c: usize) -> bool {
         let source = (0..self.safekeepers)
             .max_by_key(|&sk| self.net.acceptors[sk].acceptor().commit_lsn())
@@ -717,10 +719,11 @@ impl Simulation {
         let mut copied = false;
         for sk in 0..self.safekeepers {
             if self.net.peer_state(c, sk) == Some(PeerState::TooFarBehind) && self.net.copy_from_peer(sk, source) {
-                self.net.disconnect(c, sk);
-                self.net.connect(c, sk);
                 copied = true;
             }
+        }
+        if copied {
+            self.net.advance_time(HEARTBEAT_INTERVAL_MS);
         }
         copied
     }

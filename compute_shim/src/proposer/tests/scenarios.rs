@@ -1,11 +1,9 @@
 //! One test per proposer rule (docs/proposer.md), against real acceptors.
 
-use postgres_wal::lsn::Lsn;
-use safekeeper_core::control::ControlState;
-use safekeeper_core::timeline::MemoryTimeline;
 use safekeeper_protocol::ids::{NodeId, Term};
+use postgres_wal::lsn::Lsn;
 
-use super::harness::{cluster, segment_size, Net, Postgres, TIMELINE_START};
+use super::harness::{new_acceptor, segment_size, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError};
 
 /// The first record end at or past `lsn`.
@@ -35,7 +33,7 @@ fn three_safekeepers_elect_stream_and_commit() {
 #[test]
 fn the_same_safekeeper_twice_is_refused() {
     let mut net = Net::new(3);
-    net.acceptors[2] = MemoryTimeline::empty(NodeId(1), ControlState::new_timeline(cluster(), 150000, segment_size()));
+    net.acceptors[2] = new_acceptor(1);
     let c = net.start_compute(Postgres::generate(50, 4));
     net.connect_all(c);
     net.run_until_quiet();
