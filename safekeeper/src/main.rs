@@ -25,6 +25,11 @@ use safekeeper_protocol::ids::{NodeId, TenantId, TimelineId};
 
 /// Time the runtime gives leftover tasks after the service has stopped.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Threads of the runtime's blocking pool: every timeline's storage work
+/// (one batch at a time per timeline) and the consumers' WAL reads share
+/// them, so the thread count does not grow with the timelines; more work
+/// than threads waits its turn in the pool's queue.
+const MAX_BLOCKING_THREADS: usize = 32;
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +76,10 @@ struct ServeArgs {
     /// (peer recovery, docs/service.md).
     #[arg(long = "peer-http", value_name = "HOST:PORT")]
     peer_http: Vec<SafekeeperAddress>,
+    /// Most timelines this safekeeper holds; a proposer's Greeting for one
+    /// more is refused (SQLSTATE 53400, configuration_limit_exceeded).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    max_timelines: usize,
 }
 
 #[derive(Subcommand)]
@@ -183,8 +192,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen_http: args.listen_http,
         retention: RetentionPolicy { keep_bytes: args.wal_keep_bytes },
         peers: args.peer_http,
+        max_timelines: args.max_timelines,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     let result = runtime.block_on(service::run(config));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     result

@@ -194,9 +194,15 @@ impl MemoryTimeline {
     /// from the persisted commit LSN to the first invalid record, removing
     /// what lies beyond).
     pub fn crash_and_restart(self, keep_unsynced_bytes: usize) -> MemoryTimeline {
+        self.crash_and_restart_with(|wal| wal.crash(keep_unsynced_bytes))
+    }
+
+    /// As [`Self::crash_and_restart`], with `crash` saying what the crash
+    /// left of the WAL (e.g. [`MemoryWalStorage::crash_torn`]).
+    pub fn crash_and_restart_with(self, crash: impl FnOnce(&mut MemoryWalStorage)) -> MemoryTimeline {
         let (acceptor, mut wal, control) = self.into_parts();
         let node_id = acceptor.node_id();
-        wal.crash(keep_unsynced_bytes);
+        crash(&mut wal);
         let state = control.persisted.clone().unwrap_or_else(|| {
             let fresh = acceptor.state();
             ControlState::new_timeline(fresh.cluster, fresh.pg_version, fresh.wal_segment_size)

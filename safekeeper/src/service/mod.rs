@@ -1,5 +1,5 @@
 //! The safekeeper service: the Postgres-wire port proposers push WAL to, the
-//! HTTP status port, and one owner thread per timeline. docs/service.md
+//! HTTP status port, and one owner task per timeline. docs/service.md
 //! describes the behaviour; this module only wires the parts together.
 //!
 //! Table of contents:
@@ -9,7 +9,7 @@
 //! - [`commands`]: the simple-query commands, parsed.
 //! - [`push`]: START_WAL_PUSH, the CopyBoth phase.
 //! - [`replication`]: START_REPLICATION for pg_receivewal and standbys.
-//! - [`owner`]: a timeline's owner thread and its group commit.
+//! - [`owner`]: a timeline's owner task, which drives its node.
 //! - [`replies`]: how replies get from an owner onto a connection's socket.
 //! - [`registry`]: the timelines: recovery at startup, atomic creation.
 //! - [`http`]: the HTTP API (status, WAL, segments, feedback, metrics).
@@ -68,6 +68,8 @@ pub struct ServiceConfig {
     /// HTTP addresses of the other safekeepers: peer recovery copies
     /// committed WAL from them.
     pub peers: Vec<SafekeeperAddress>,
+    /// `--max-timelines`: most timelines held (see `registry`).
+    pub max_timelines: usize,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -90,8 +92,7 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let peers: Arc<[SafekeeperAddress]> = config.peers.clone().into();
-    let timelines = Arc::new(Timelines::recover_all(datadir, config.node_id, config.retention, peers)?);
+    let timelines = Arc::new(Timelines::recover_all(datadir, timelines_config(&config))?);
     let pg_listener =
         TcpListener::bind(&config.listen_pg).await.with_context(|| format!("listening on {}", config.listen_pg))?;
     let http_listener =
@@ -171,4 +172,13 @@ async fn refuse_connection(mut stream: TcpStream) {
     let mut out = BytesMut::new();
     pg_wire::encode::error_response(&mut out, &error);
     let _ = tokio::time::timeout(connection::ERROR_FLUSH_TIMEOUT, stream.write_all(&out)).await;
+}
+
+fn timelines_config(config: &ServiceConfig) -> registry::TimelinesConfig {
+    registry::TimelinesConfig {
+        node_id: config.node_id,
+        retention: config.retention,
+        peers: config.peers.clone().into(),
+        max_timelines: config.max_timelines,
+    }
 }

@@ -1,19 +1,23 @@
-//! The single owner of one timeline: a dedicated thread that runs the
-//! [`FileTimeline`] driver with group commit.
+//! The single owner of one timeline: an async task, fed by a bounded tokio
+//! channel, that moves inputs into the timeline's [`TimelineNode`] (over
+//! the segment files and the control file) and its outputs onto
+//! connections.
 //!
-//! Storage calls block (msync, fdatasync, fsync of the control file), so the
-//! owner is an OS thread fed by a bounded tokio channel, not an async task:
-//! a slow disk stalls this timeline's thread, never the runtime. One loop
-//! iteration is one batch: take everything queued (up to a bound), `handle`
-//! each message, one `sync_and_ack`, publish a status snapshot, then hand
-//! the replies to the connections (`super::replies`: written directly to an
-//! idle connection's socket, else queued for its writer task).
+//! Storage calls block (msync, fdatasync, fsync of the control file), so
+//! each batch runs on the runtime's blocking pool (`spawn_blocking`; the
+//! pool's size is capped where the runtime is built, so the threads do not
+//! grow with the timelines): the task waits for its batch there, a slow
+//! disk stalls that timeline, never the runtime, and an idle timeline holds
+//! no thread. One batch: hand the node what is queued while its batch has
+//! room, end the batch (one sync), apply retention, publish a status
+//! snapshot, then hand the replies to the connections (`super::replies`:
+//! written directly to an idle connection's socket, else queued for its
+//! writer task).
 //!
-//! Reply routing: a reply produced by `handle` (greeting, vote, elected,
-//! heartbeat, a fencing answer) is already durable and goes to its sender;
-//! the acknowledgement that `sync_and_ack` releases goes to every connection
-//! whose WAL was written in the batch. Replies leave only after the sync, so
-//! a connection sees them in the order it sent its messages.
+//! What goes where (reply routing, refusals, the peer-recovery handoff,
+//! the order of retention's storage calls) is the node's decision
+//! (`crate::timeline_node`, which the simulation runs too); this loop only
+//! maps connection ids to connections and measures.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +26,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::errors;
+use super::errors::PgError;
 use super::metrics::TimelineMetrics;
 use super::peer_recovery::PeerRecoveryStatus;
 pub use super::replies::PushConnection;
@@ -31,19 +35,20 @@ use crate::control::TermHistory;
 use crate::ids::{SystemId, TenantId, Term, TimelineId};
 use crate::lsn::Lsn;
 use crate::membership::Configuration;
-use crate::protocol::{AcceptorMessage, ProposerMessage};
+use crate::protocol::ProposerMessage;
 use crate::retention::RetentionPolicy;
+use crate::storage::control_file::FileControlStore;
+use crate::storage::segments::SegmentStorage;
 use crate::storage::{StorageError, WalStorage};
-use crate::timeline::{FileTimeline, TimelineError};
+use crate::timeline::{FileTimeline, Timeline};
+use crate::timeline_node::{
+    ConnectionId, NodeError, PeerWalOutcome, Refusal, RefusalCause, RetentionOutcome, TimelineNode,
+};
 
 /// Messages queued for one owner; senders wait when it is full (backpressure
 /// on the proposers' connections, not unbounded memory: at most this many
 /// messages of at most `MAX_MESSAGE_BYTES` each).
 pub const OWNER_QUEUE_MESSAGES: usize = 256;
-/// Most messages handled before one sync.
-pub const MAX_BATCH_MESSAGES: usize = 64;
-/// Most WAL bytes written before one sync, so a batch's latency stays bounded.
-pub const MAX_BATCH_WAL_BYTES: usize = 16 << 20;
 /// Exit code after a failed sync (fail-stop).
 pub const FAIL_STOP_EXIT_CODE: i32 = 3;
 
@@ -96,6 +101,9 @@ pub struct TimelineSnapshot {
     pub timeline_start_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub commit_lsn: Lsn,
+    /// The highest commit LSN a proposer reported: beyond `flush_lsn`, this
+    /// safekeeper is behind the quorum (peer recovery wakes on it).
+    pub proposer_commit_lsn: Lsn,
     /// The term whose ProposerElected was accepted since the last restart
     /// or vote (WAL is taken only in it).
     pub elected_term: Option<Term>,
@@ -118,7 +126,7 @@ impl TimelineSnapshot {
     }
 }
 
-fn snapshot_of(timeline: &FileTimeline, metrics: &TimelineMetrics) -> TimelineSnapshot {
+fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &TimelineMetrics) -> TimelineSnapshot {
     let acceptor = timeline.acceptor();
     let state = acceptor.state();
     let wal = timeline.wal();
@@ -134,6 +142,7 @@ fn snapshot_of(timeline: &FileTimeline, metrics: &TimelineMetrics) -> TimelineSn
         timeline_start_lsn: state.timeline_start_lsn,
         flush_lsn: acceptor.flush_lsn(),
         commit_lsn: acceptor.commit_lsn(),
+        proposer_commit_lsn: acceptor.proposer_commit_lsn(),
         elected_term: acceptor.elected_term(),
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),
@@ -147,23 +156,21 @@ fn snapshot_of(timeline: &FileTimeline, metrics: &TimelineMetrics) -> TimelineSn
 pub struct Owner {
     pub inputs: mpsc::Sender<OwnerInput>,
     pub snapshot: watch::Receiver<TimelineSnapshot>,
-    pub thread: std::thread::JoinHandle<()>,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Start the owner thread of `timeline`.
-pub fn spawn_owner(
-    timeline: FileTimeline,
-    shared: Arc<TimelineShared>,
-    retention: RetentionPolicy,
-) -> std::io::Result<Owner> {
+/// The node of a timeline on disk.
+type FileNode = TimelineNode<SegmentStorage, FileControlStore>;
+
+/// Start the owner task of `timeline` (on the current runtime).
+pub fn spawn_owner(timeline: FileTimeline, shared: Arc<TimelineShared>, retention: RetentionPolicy) -> Owner {
     let (inputs, receiver) = mpsc::channel(OWNER_QUEUE_MESSAGES);
     let initial = snapshot_of(&timeline, &shared.metrics);
     shared.remote_consistent_lsn.fetch_max(initial.remote_consistent_lsn.0, Ordering::Relaxed);
-    let name = format!("owner-{}", &initial.timeline_id.to_string()[..8]);
     let (snapshot_tx, snapshot) = watch::channel(initial);
-    let owner = OwnerThread { timeline, shared, retention, snapshot: snapshot_tx, handoff: Handoff::default() };
-    let thread = std::thread::Builder::new().name(name).spawn(move || owner.run(receiver))?;
-    Ok(Owner { inputs, snapshot, thread })
+    let owner = OwnerState { node: TimelineNode::new(timeline, retention), shared, snapshot: snapshot_tx };
+    let task = tokio::spawn(owner.run(receiver));
+    Owner { inputs, snapshot, task }
 }
 
 /// Log and exit: after a failed sync nothing can be known to be durable.
@@ -173,248 +180,215 @@ pub fn fail_stop(error: &StorageError) -> ! {
     std::process::exit(FAIL_STOP_EXIT_CODE)
 }
 
-/// The owner thread's state.
-struct OwnerThread {
-    timeline: FileTimeline,
+/// The owner's state, moved to the blocking pool for each batch and back.
+struct OwnerState {
+    node: FileNode,
     shared: Arc<TimelineShared>,
-    retention: RetentionPolicy,
     snapshot: watch::Sender<TimelineSnapshot>,
-    handoff: Handoff,
 }
 
-/// Connection ids only grow: after peer recovery, every proposer
-/// connection at or below the highest id seen is refused once.
+/// The connections and waiters of the batch under way: the node addresses
+/// its outputs by id, these are where they go.
 #[derive(Default)]
-struct Handoff {
-    highest_connection_id: u64,
-    refuse_up_to: u64,
+struct Batch {
+    connections: Vec<Arc<PushConnection>>,
+    /// Each peer WAL piece's waiter and outcome, in order.
+    peer_wal: Vec<(oneshot::Sender<Result<Lsn, String>>, PeerWalOutcome)>,
+    shutdown: Option<oneshot::Sender<()>>,
 }
 
-impl OwnerThread {
-    fn run(mut self, mut inputs: mpsc::Receiver<OwnerInput>) {
-        while let Some(first) = inputs.blocking_recv() {
-            let batch = collect_batch(first, &mut inputs);
-            if batch.peer_recovery_done {
-                self.handoff.refuse_up_to = self.handoff.highest_connection_id;
-            }
-            let outcome = match process_batch(&mut self.timeline, &batch.items, &self.shared.metrics, &mut self.handoff)
-            {
-                Ok(outcome) => outcome,
-                Err(error) => return self.stop_after(error),
-            };
-            if outcome.proposer_wal {
-                *self.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-            }
-            if let Err(error) = self.apply_retention() {
-                return self.stop_after(error);
-            }
-            // Status first: whoever saw an acknowledgement sees a status that
-            // covers it.
-            self.snapshot.send_replace(snapshot_of(&self.timeline, &self.shared.metrics));
-            deliver(outcome.replies);
-            let flush_lsn = self.timeline.acceptor().flush_lsn();
-            for (done, result) in batch.peer_wal_done.into_iter().zip(outcome.peer_wal) {
-                let _ = done.send(result.map(|()| flush_lsn));
-            }
-            if let Some(done) = batch.shutdown {
-                checkpoint(&mut self.timeline);
-                let _ = done.send(());
+impl Batch {
+    fn connection(&self, id: ConnectionId) -> Option<&Arc<PushConnection>> {
+        self.connections.iter().find(|connection| connection.id == id.0)
+    }
+}
+
+/// Whether the owner goes on after a batch.
+#[derive(PartialEq, Eq)]
+enum AfterBatch {
+    Continue,
+    /// Shut down, or stopped by a storage error.
+    Stop,
+}
+
+impl OwnerState {
+    async fn run(self, inputs: mpsc::Receiver<OwnerInput>) {
+        let mut state = (self, inputs);
+        loop {
+            let Some(first) = state.1.recv().await else {
+                // Every sender is gone: the service is going away.
+                let (mut owner, _) = state;
+                let _ = tokio::task::spawn_blocking(move || owner.checkpoint()).await;
                 return;
+            };
+            let (mut owner, mut inputs) = state;
+            let joined = tokio::task::spawn_blocking(move || {
+                let after = owner.batch(first, &mut inputs);
+                (owner, inputs, after)
+            })
+            .await;
+            match joined {
+                Ok((owner, inputs, AfterBatch::Continue)) => state = (owner, inputs),
+                Ok((_, _, AfterBatch::Stop)) => return,
+                // As a thread would: the panic ends this timeline's owner.
+                Err(error) => std::panic::resume_unwind(error.into_panic()),
             }
         }
-        // Every sender is gone: the service is going away.
-        checkpoint(&mut self.timeline);
     }
 
-    fn stop_after(&self, error: StorageError) {
+    /// One batch, blocking (storage I/O).
+    fn batch(&mut self, first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> AfterBatch {
+        let finished = self.collect_batch(first, inputs).and_then(|batch| self.finish_batch(batch));
+        finished.unwrap_or_else(|error| {
+            self.stop_after(error, inputs);
+            AfterBatch::Stop
+        })
+    }
+
+    /// Hand the node what is queued while its batch has room (a full queue
+    /// is not waited for: the batch ends with what is there).
+    fn collect_batch(
+        &mut self,
+        first: OwnerInput,
+        inputs: &mut mpsc::Receiver<OwnerInput>,
+    ) -> Result<Batch, NodeError> {
+        let mut batch = Batch::default();
+        let mut next = Some(first);
+        while let Some(input) = next.take() {
+            match input {
+                OwnerInput::Shutdown(done) => {
+                    batch.shutdown = Some(done);
+                    break;
+                }
+                OwnerInput::Wake => {}
+                OwnerInput::PeerRecoveryDone => self.node.peer_recovery_done(),
+                OwnerInput::Push { connection, message } => {
+                    let id = ConnectionId(connection.id);
+                    if connection.is_closed() {
+                        self.node.connection_closed(id);
+                    }
+                    if batch.connection(id).is_none() {
+                        batch.connections.push(connection);
+                    }
+                    let handled = self.node.handle_message(id, message);
+                    self.close_refused(&batch);
+                    handled?;
+                }
+                OwnerInput::PeerWal { wal, done } => {
+                    let outcome = self.node.handle_peer_wal(&wal)?;
+                    batch.peer_wal.push((done, outcome));
+                }
+            }
+            if !self.node.batch_is_full() {
+                next = inputs.try_recv().ok();
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Sync, retention, status, then the replies and peer WAL outcomes.
+    fn finish_batch(&mut self, batch: Batch) -> Result<AfterBatch, NodeError> {
+        let sync_started = Instant::now();
+        let output = self.node.end_batch();
+        self.close_refused(&batch);
+        let output = output?;
+        let metrics = &self.shared.metrics;
+        if output.appends > 0 {
+            metrics.sync_seconds.observe(sync_started.elapsed().as_secs_f64());
+            metrics.appends_per_sync.observe(output.appends as f64);
+        }
+        metrics.wal_bytes_written.inc_by(output.proposer_wal_bytes + output.peer_wal_bytes);
+        metrics.peer_recovery_bytes.inc_by(output.peer_wal_bytes);
+        if output.proposer_wal_bytes > 0 {
+            *self.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
+        self.apply_retention()?;
+        // Status first: whoever saw an acknowledgement sees a status that
+        // covers it.
+        self.snapshot.send_replace(snapshot_of(self.node.timeline(), &self.shared.metrics));
+        for (id, reply) in output.replies {
+            match batch.connection(id) {
+                Some(connection) if !connection.is_closed() => connection.reply(&reply),
+                _ => {}
+            }
+        }
+        for (done, outcome) in batch.peer_wal {
+            let _ = done.send(match outcome {
+                PeerWalOutcome::Written => Ok(output.flush_lsn),
+                PeerWalOutcome::Refused(error) => Err(error.to_string()),
+            });
+        }
+        if let Some(done) = batch.shutdown {
+            self.checkpoint();
+            let _ = done.send(());
+            return Ok(AfterBatch::Stop);
+        }
+        Ok(AfterBatch::Continue)
+    }
+
+    /// Send the node's refusals to their connections (each closes after it).
+    fn close_refused(&mut self, batch: &Batch) {
+        while let Some((id, refusal)) = self.node.poll_close() {
+            if let RefusalCause::Refused(error) = &refusal.cause {
+                tracing::warn!(connection = id.0, "refused: {error}");
+            }
+            if let Some(connection) = batch.connection(id).filter(|connection| !connection.is_closed()) {
+                connection.refuse(pg_error(refusal));
+            }
+        }
+    }
+
+    /// A storage error stopped the node: fail-stop if it is fatal; else the
+    /// timeline stops serving until reopened (the node refused the batch's
+    /// connections), and so are the connections whose messages were still
+    /// queued for this batch (their replies are lost).
+    fn stop_after(&self, error: NodeError, inputs: &mut mpsc::Receiver<OwnerInput>) {
+        let NodeError::Storage(error) = error else {
+            unreachable!("the owner stops at the node's first storage error: {error}")
+        };
+        if error.is_fatal() {
+            fail_stop(&error);
+        }
+        let refusal = pg_error(Refusal::storage_failed(&error));
+        for _ in 0..crate::timeline_node::MAX_BATCH_MESSAGES {
+            let Ok(OwnerInput::Push { connection, .. }) = inputs.try_recv() else { break };
+            if !connection.is_closed() {
+                connection.refuse(refusal.clone());
+            }
+        }
         tracing::error!(timeline = %self.snapshot.borrow().timeline_id, "owner stops after a storage error: {error}");
         self.snapshot.send_modify(|s| s.stopped_by_error = Some(error.to_string()));
     }
 
-    /// Remove what the retention policy allows (cheap when nothing is due:
-    /// a few comparisons per batch).
-    fn apply_retention(&mut self) -> Result<(), StorageError> {
-        let remote_consistent_lsn = Lsn(self.shared.remote_consistent_lsn.load(Ordering::Relaxed));
-        let old_start = self.timeline.wal().start_lsn();
-        match self.timeline.apply_retention(remote_consistent_lsn, &self.retention) {
-            Ok(Some(new_start)) => {
-                let segment_bytes = self.timeline.wal().segment_size().bytes();
+    /// Note the consumers' feedback and remove what the retention policy
+    /// allows (cheap when nothing is due: a few comparisons per batch).
+    fn apply_retention(&mut self) -> Result<(), NodeError> {
+        self.node.handle_feedback(Lsn(self.shared.remote_consistent_lsn.load(Ordering::Relaxed)));
+        match self.node.apply_retention()? {
+            RetentionOutcome::Nothing => {}
+            RetentionOutcome::Removed { old_start, new_start } => {
+                let segment_bytes = self.node.wal().segment_size().bytes();
                 let removed = (new_start - old_start) / segment_bytes;
                 self.shared.metrics.removed_segments.inc_by(removed);
                 tracing::info!(%old_start, %new_start, removed, "WAL retention removed segments");
-                Ok(())
             }
-            Ok(None) => Ok(()),
-            Err(TimelineError::Storage(error)) if error.is_fatal() => fail_stop(&error),
             // Removal is housekeeping: WAL acceptance goes on, and the next
             // batch tries again (a segment left behind is only disk space).
-            Err(TimelineError::Storage(error)) => {
-                tracing::warn!("WAL retention failed, will retry: {error}");
-                Ok(())
-            }
-            Err(TimelineError::Refused(error)) => unreachable!("retention refuses nothing: {error}"),
+            RetentionOutcome::Failed(error) => tracing::warn!("WAL retention failed, will retry: {error}"),
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) {
+        match self.node.checkpoint() {
+            Ok(()) => {}
+            Err(NodeError::Storage(error)) if error.is_fatal() => fail_stop(&error),
+            Err(error) => tracing::error!("checkpoint at shutdown failed: {error}"),
         }
     }
 }
 
-fn checkpoint(timeline: &mut FileTimeline) {
-    match timeline.checkpoint() {
-        Ok(()) => {}
-        Err(TimelineError::Storage(error)) if error.is_fatal() => fail_stop(&error),
-        Err(error) => tracing::error!("checkpoint at shutdown failed: {error}"),
-    }
-}
-
-struct Batch {
-    items: Vec<BatchItem>,
-    /// Where each `BatchItem::PeerWal`'s outcome goes, in their order.
-    peer_wal_done: Vec<oneshot::Sender<Result<Lsn, String>>>,
-    peer_recovery_done: bool,
-    shutdown: Option<oneshot::Sender<()>>,
-}
-
-/// What one batch handles, in arrival order.
-enum BatchItem {
-    Push(Arc<PushConnection>, ProposerMessage),
-    PeerWal(PeerWal),
-}
-
-fn collect_batch(first: OwnerInput, inputs: &mut mpsc::Receiver<OwnerInput>) -> Batch {
-    let mut batch = Batch { items: Vec::new(), peer_wal_done: Vec::new(), peer_recovery_done: false, shutdown: None };
-    let mut wal_bytes = 0;
-    let mut next = Some(first);
-    while let Some(input) = next.take() {
-        match input {
-            OwnerInput::Shutdown(done) => {
-                batch.shutdown = Some(done);
-                break;
-            }
-            OwnerInput::Wake => {}
-            OwnerInput::PeerRecoveryDone => batch.peer_recovery_done = true,
-            OwnerInput::Push { connection, message } => {
-                if let ProposerMessage::AppendRequest(append) = &message {
-                    wal_bytes += append.wal.len();
-                }
-                batch.items.push(BatchItem::Push(connection, message));
-            }
-            OwnerInput::PeerWal { wal, done } => {
-                wal_bytes += wal.wal.len();
-                batch.items.push(BatchItem::PeerWal(wal));
-                batch.peer_wal_done.push(done);
-            }
-        }
-        if batch.items.len() < MAX_BATCH_MESSAGES && wal_bytes < MAX_BATCH_WAL_BYTES {
-            next = inputs.try_recv().ok();
-        }
-    }
-    batch
-}
-
-/// A reply and the connection it goes to.
-type Reply<'a> = (&'a Arc<PushConnection>, AcceptorMessage);
-
-/// What a batch produced: replies to deliver once the status is published,
-/// and each peer WAL piece's outcome (in order).
-struct BatchOutcome<'a> {
-    replies: Vec<Reply<'a>>,
-    peer_wal: Vec<Result<(), String>>,
-    /// Whether a proposer's WAL was written.
-    proposer_wal: bool,
-}
-
-/// Handle every item and sync once. A non-fatal storage error is returned
-/// (the owner stops); a fatal one ends the process.
-fn process_batch<'a>(
-    timeline: &mut FileTimeline,
-    items: &'a [BatchItem],
-    metrics: &TimelineMetrics,
-    handoff: &mut Handoff,
-) -> Result<BatchOutcome<'a>, StorageError> {
-    let mut outcome = BatchOutcome { replies: Vec::new(), peer_wal: Vec::new(), proposer_wal: false };
-    let mut awaiting_ack: Vec<&Arc<PushConnection>> = Vec::new();
-    let mut appends = 0u64;
-    for item in items {
-        let (connection, message) = match item {
-            BatchItem::Push(connection, message) => (connection, message),
-            BatchItem::PeerWal(wal) => {
-                match timeline.append_peer_wal(wal) {
-                    Ok(()) => {
-                        appends += 1;
-                        metrics.wal_bytes_written.inc_by(wal.wal.len() as u64);
-                        metrics.peer_recovery_bytes.inc_by(wal.wal.len() as u64);
-                        outcome.peer_wal.push(Ok(()));
-                    }
-                    Err(TimelineError::Refused(error)) => outcome.peer_wal.push(Err(error.to_string())),
-                    Err(TimelineError::Storage(error)) => return Err(storage_failed(error, items)),
-                }
-                continue;
-            }
-        };
-        if connection.is_closed() {
-            continue;
-        }
-        handoff.highest_connection_id = handoff.highest_connection_id.max(connection.id);
-        if connection.id <= handoff.refuse_up_to {
-            connection.refuse(errors::caught_up_by_peers(timeline.acceptor().flush_lsn()));
-            continue;
-        }
-        match timeline.handle(message.clone()) {
-            Ok(Some(reply)) => outcome.replies.push((connection, reply)),
-            // Only a write returns no reply: its ack comes with the sync.
-            Ok(None) => {
-                if let ProposerMessage::AppendRequest(append) = message {
-                    appends += 1;
-                    metrics.wal_bytes_written.inc_by(append.wal.len() as u64);
-                    outcome.proposer_wal = true;
-                }
-                if !awaiting_ack.iter().any(|c| c.id == connection.id) {
-                    awaiting_ack.push(connection);
-                }
-            }
-            Err(TimelineError::Refused(error)) => {
-                tracing::warn!(connection = connection.id, "refused: {error}");
-                connection.refuse(errors::refusal(&error));
-            }
-            Err(TimelineError::Storage(error)) => return Err(storage_failed(error, items)),
-        }
-    }
-    let sync_started = Instant::now();
-    let synced = timeline.sync_and_ack();
-    if appends > 0 {
-        metrics.sync_seconds.observe(sync_started.elapsed().as_secs_f64());
-        metrics.appends_per_sync.observe(appends as f64);
-    }
-    match synced {
-        Ok(Some(ack)) => outcome.replies.extend(awaiting_ack.into_iter().map(|c| (c, ack.clone()))),
-        Ok(None) => {}
-        Err(TimelineError::Storage(error)) => return Err(storage_failed(error, items)),
-        Err(TimelineError::Refused(error)) => unreachable!("sync_and_ack refuses nothing: {error}"),
-    }
-    Ok(outcome)
-}
-
-/// Replies go out in the order their messages came in.
-fn deliver(replies: Vec<Reply<'_>>) {
-    for (connection, reply) in replies {
-        if !connection.is_closed() {
-            connection.reply(&reply);
-        }
-    }
-}
-
-/// Fail-stop on a fatal error; otherwise tell every connection of the batch
-/// (their replies are lost) and hand the error back.
-fn storage_failed(error: StorageError, items: &[BatchItem]) -> StorageError {
-    if error.is_fatal() {
-        fail_stop(&error);
-    }
-    let reply = errors::storage_failure(&error);
-    for item in items {
-        if let BatchItem::Push(connection, _) = item {
-            if !connection.is_closed() {
-                connection.refuse(reply.clone());
-            }
-        }
-    }
-    error
+/// The node's refusal as the FATAL error the client reads.
+fn pg_error(refusal: Refusal) -> PgError {
+    PgError::fatal(refusal.sqlstate, refusal.message)
 }

@@ -1,5 +1,8 @@
 //! The timelines this safekeeper serves: recovered at startup, created on a
-//! proposer's first Greeting, each run by its owner thread.
+//! proposer's first Greeting (at most `--max-timelines` of them), each run
+//! by its owner task. A timeline that fails to recover at startup is kept
+//! as broken (shown in the status with its error, refused to proposers)
+//! while the others serve.
 //!
 //! A new timeline's directory appears atomically: it is built under a temp
 //! name (`<timeline>.creating`) holding its first control file, fsynced,
@@ -47,7 +50,7 @@ const SUPPORTED_PG_VERSIONS: std::ops::Range<u32> = 150_000..160_000;
 pub struct TimelineHandle {
     inputs: mpsc::Sender<OwnerInput>,
     snapshot: watch::Receiver<TimelineSnapshot>,
-    thread: std::thread::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
     proposers: AtomicUsize,
     /// The timeline's directory: WAL readers read its segment files.
     pub dir: PathBuf,
@@ -83,7 +86,7 @@ impl TimelineHandle {
     }
 
     pub(crate) fn is_running(&self) -> bool {
-        !self.thread.is_finished()
+        !self.task.is_finished()
     }
 
     /// Queue an input for the owner, waiting while its queue is full;
@@ -119,45 +122,72 @@ impl Drop for ProposerGuard {
 
 type TimelineKey = (TenantId, TimelineId);
 
+/// What a new `Timelines` is made with.
+pub struct TimelinesConfig {
+    pub node_id: NodeId,
+    pub retention: RetentionPolicy,
+    /// HTTP addresses of the other safekeepers, for peer recovery.
+    pub peers: Arc<[SafekeeperAddress]>,
+    /// Most timelines held (served or broken); a Greeting for one more is
+    /// refused with SQLSTATE 53400.
+    pub max_timelines: usize,
+}
+
+/// A timeline that failed to load at startup, and why.
+#[derive(Clone, Debug)]
+pub struct BrokenTimeline {
+    pub tenant_id: TenantId,
+    pub timeline_id: TimelineId,
+    pub error: String,
+}
+
 pub struct Timelines {
     datadir: PathBuf,
-    node_id: NodeId,
-    retention: RetentionPolicy,
-    /// HTTP addresses of the other safekeepers, for peer recovery.
-    peers: Arc<[SafekeeperAddress]>,
+    config: TimelinesConfig,
     pub metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<TimelineKey, Arc<TimelineHandle>>>,
+    /// Timelines recovery failed on: never served (serving would hide lost
+    /// or damaged WAL), never created anew over, until an operator repairs
+    /// or removes them and restarts.
+    broken: BTreeMap<TimelineKey, BrokenTimeline>,
 }
 
 impl Timelines {
     /// Recover every timeline under `datadir` and start its owner. Blocking
-    /// (recovery reads WAL); a timeline that fails to recover stops startup,
-    /// because serving without it would hide lost or damaged WAL.
-    pub fn recover_all(
-        datadir: &Path,
-        node_id: NodeId,
-        retention: RetentionPolicy,
-        peers: Arc<[SafekeeperAddress]>,
-    ) -> anyhow::Result<Timelines> {
+    /// (recovery reads WAL). A timeline that fails to recover is logged and
+    /// kept as broken, and the others serve: one damaged timeline must not
+    /// take every other one offline.
+    pub fn recover_all(datadir: &Path, config: TimelinesConfig) -> anyhow::Result<Timelines> {
         remove_unfinished_creations(datadir)?;
         let metrics = Arc::new(Metrics::new());
         let mut entries = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for key @ (tenant_id, timeline_id) in list_timelines(datadir)? {
             let dir = timeline_dir(datadir, tenant_id, timeline_id);
-            let recovered = recover_timeline(&dir).with_context(|| format!("recovering {}", dir.display()))?;
-            let Some(recovered) = recovered else { continue };
-            let timeline = FileTimeline::from_recovered(recovered, node_id, AcceptorConfig::default());
+            let recovered = match recover_timeline(&dir) {
+                Ok(Some(recovered)) => recovered,
+                Ok(None) => continue,
+                Err(error) => {
+                    let error = format!("recovering {}: {error:#}", dir.display());
+                    tracing::error!(%tenant_id, %timeline_id, "timeline not served: {error}");
+                    broken.insert(key, BrokenTimeline { tenant_id, timeline_id, error });
+                    continue;
+                }
+            };
+            let timeline = FileTimeline::from_recovered(recovered, config.node_id, AcceptorConfig::default());
             tracing::info!(%tenant_id, %timeline_id, flush_lsn = %timeline.acceptor().flush_lsn(), "recovered timeline");
-            entries.insert(key, start(timeline, &metrics, retention, &peers)?);
+            entries.insert(key, start(timeline, &metrics, config.retention, &config.peers));
         }
-        Ok(Timelines {
-            datadir: datadir.to_path_buf(),
-            node_id,
-            retention,
-            peers,
-            metrics,
-            entries: Mutex::new(entries),
-        })
+        Ok(Timelines { datadir: datadir.to_path_buf(), config, metrics, entries: Mutex::new(entries), broken })
+    }
+
+    /// Timelines that failed to load at startup, with their errors.
+    pub fn broken(&self) -> Vec<BrokenTimeline> {
+        self.broken.values().cloned().collect()
+    }
+
+    pub fn get_broken(&self, tenant_id: TenantId, timeline_id: TimelineId) -> Option<&BrokenTimeline> {
+        self.broken.get(&(tenant_id, timeline_id))
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<TimelineKey, Arc<TimelineHandle>>> {
@@ -192,6 +222,12 @@ impl Timelines {
 
     fn open_blocking(&self, cluster: ClusterId, greeting: Option<&Greeting>) -> Result<Arc<TimelineHandle>, PgError> {
         let key = (cluster.tenant_id, cluster.timeline_id);
+        if let Some(broken) = self.broken.get(&key) {
+            return Err(PgError::fatal(
+                sqlstate::IO_ERROR,
+                format!("timeline {}/{} failed to load at startup and is not served: {}", key.0, key.1, broken.error),
+            ));
+        }
         // Held across creation so two proposers cannot create one timeline twice.
         let mut entries = self.entries();
         let existing = entries.get(&key).cloned();
@@ -208,11 +244,24 @@ impl Timelines {
                         ),
                     ));
                 };
+                let held = entries.len() + self.broken.len();
+                if held >= self.config.max_timelines {
+                    tracing::warn!(
+                        tenant_id = %key.0, timeline_id = %key.1, held,
+                        "refusing to create a timeline: --max-timelines {} reached", self.config.max_timelines
+                    );
+                    return Err(PgError::fatal(
+                        sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                        format!(
+                            "timeline {}/{} not created: this safekeeper holds {held} timelines, the most --max-timelines {} allows",
+                            key.0, key.1, self.config.max_timelines
+                        ),
+                    ));
+                }
                 self.create(greeting)?
             }
         };
-        let handle = start(timeline, &self.metrics, self.retention, &self.peers)
-            .map_err(|e| internal(format!("starting the owner thread: {e:#}")))?;
+        let handle = start(timeline, &self.metrics, self.config.retention, &self.config.peers);
         entries.insert(key, handle.clone());
         Ok(handle)
     }
@@ -221,7 +270,9 @@ impl Timelines {
         let dir = timeline_dir(&self.datadir, tenant_id, timeline_id);
         tracing::info!(%tenant_id, %timeline_id, "reopening a timeline stopped by a storage error");
         match recover_timeline(&dir) {
-            Ok(Some(recovered)) => Ok(FileTimeline::from_recovered(recovered, self.node_id, AcceptorConfig::default())),
+            Ok(Some(recovered)) => {
+                Ok(FileTimeline::from_recovered(recovered, self.config.node_id, AcceptorConfig::default()))
+            }
             Ok(None) => Err(internal(format!("timeline directory {} vanished", dir.display()))),
             Err(error) => Err(PgError::fatal(sqlstate::IO_ERROR, format!("reopening {}: {error}", dir.display()))),
         }
@@ -246,7 +297,7 @@ impl Timelines {
         let storage = SegmentStorage::open(&dir, state.wal_segment_size).map_err(io)?;
         let control = FileControlStore::new(&dir).map_err(io)?;
         let empty = RecoveredWal { end_lsn: Lsn::INVALID, decoder: None };
-        let acceptor = Acceptor::new(self.node_id, AcceptorConfig::default(), state, empty);
+        let acceptor = Acceptor::new(self.config.node_id, AcceptorConfig::default(), state, empty);
         Ok(Timeline::new(acceptor, storage, control))
     }
 
@@ -266,7 +317,7 @@ impl Timelines {
     /// `<timeline>.deleting` (fsynced) first, so a crash midway leaves no
     /// half-deleted timeline that startup would try to recover; startup
     /// finishes such a removal. The directory goes only once the owner
-    /// thread has exited: one still finishing a batch would otherwise write
+    /// task has exited: one still finishing a batch would otherwise write
     /// its checkpoint into a timeline created anew at the same path.
     pub async fn delete(
         &self,
@@ -335,13 +386,13 @@ fn remove_timeline_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Start a timeline's owner thread, and its peer recovery if peers are known.
+/// Start a timeline's owner task, and its peer recovery if peers are known.
 fn start(
     timeline: FileTimeline,
     metrics: &Metrics,
     retention: RetentionPolicy,
     peers: &Arc<[SafekeeperAddress]>,
-) -> anyhow::Result<Arc<TimelineHandle>> {
+) -> Arc<TimelineHandle> {
     let cluster = timeline.acceptor().state().cluster;
     let dir = timeline.wal().dir().to_path_buf();
     let shared = Arc::new(TimelineShared {
@@ -350,11 +401,11 @@ fn start(
         last_proposer_wal: Mutex::new(None),
         peer_recovery: Mutex::default(),
     });
-    let owner = spawn_owner(timeline, shared.clone(), retention).context("spawning a timeline owner thread")?;
+    let owner = spawn_owner(timeline, shared.clone(), retention);
     let handle = Arc::new(TimelineHandle {
         inputs: owner.inputs,
         snapshot: owner.snapshot,
-        thread: owner.thread,
+        task: owner.task,
         proposers: AtomicUsize::new(0),
         dir,
         shared,
@@ -363,7 +414,7 @@ fn start(
     if !peers.is_empty() {
         peer_recovery::spawn(&handle, peers.clone());
     }
-    Ok(handle)
+    handle
 }
 
 fn internal(message: String) -> PgError {
@@ -440,4 +491,78 @@ pub fn list_timelines(datadir: &Path) -> anyhow::Result<Vec<(TenantId, TimelineI
     }
     found.sort();
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SystemId;
+    use crate::protocol::PROTOCOL_VERSION;
+    use crate::storage::control_file::CONTROL_FILE_NAME;
+
+    const SEGMENT_SIZE_BYTES: u32 = 1 << 20;
+
+    fn cluster(timeline: u8) -> ClusterId {
+        ClusterId { system_id: SystemId(77), tenant_id: TenantId([7; 16]), timeline_id: TimelineId([timeline; 16]) }
+    }
+
+    fn greeting(cluster: ClusterId) -> Greeting {
+        Greeting {
+            protocol_version: PROTOCOL_VERSION,
+            cluster,
+            pg_version: 150000,
+            wal_segment_size_bytes: SEGMENT_SIZE_BYTES,
+            proposer_id: [1; 16],
+            generation: 0,
+        }
+    }
+
+    fn config(max_timelines: usize) -> TimelinesConfig {
+        TimelinesConfig {
+            node_id: NodeId(1),
+            retention: RetentionPolicy::default(),
+            peers: Arc::from([]),
+            max_timelines,
+        }
+    }
+
+    /// Rules: a timeline that fails to recover at startup is reported
+    /// broken with its error while the others serve (it is refused to
+    /// proposers, never created anew over); `--max-timelines` counts it,
+    /// and a Greeting past the limit is refused with SQLSTATE 53400.
+    #[tokio::test]
+    async fn a_broken_timeline_is_reported_while_the_others_serve_up_to_the_limit() {
+        let datadir = tempfile::tempdir().unwrap();
+        let state = |timeline| fresh_control_state(&greeting(cluster(timeline))).unwrap();
+        create_timeline_dir(datadir.path(), &state(1)).unwrap();
+        let damaged = create_timeline_dir(datadir.path(), &state(2)).unwrap();
+        fs::write(damaged.join(CONTROL_FILE_NAME), b"not a control file").unwrap();
+
+        let timelines = Arc::new(Timelines::recover_all(datadir.path(), config(3)).unwrap());
+        let served: Vec<TimelineId> = timelines.list().iter().map(|handle| handle.snapshot().timeline_id).collect();
+        assert_eq!(served, vec![TimelineId([1; 16])]);
+        let broken = timelines.broken();
+        assert_eq!(broken.len(), 1);
+        assert_eq!(broken[0].timeline_id, TimelineId([2; 16]));
+        assert!(broken[0].error.contains(CONTROL_FILE_NAME), "the error names what failed: {}", broken[0].error);
+
+        let refused = timelines.open_for_push(cluster(2), Some(greeting(cluster(2)))).await.err().unwrap();
+        assert_eq!(refused.code, sqlstate::IO_ERROR);
+        assert!(refused.message.contains("failed to load at startup"), "{refused}");
+        assert!(timelines.open_for_push(cluster(1), None).await.is_ok(), "the healthy one serves");
+
+        // Two held (one served, one broken): room for one more.
+        assert!(timelines.open_for_push(cluster(3), Some(greeting(cluster(3)))).await.is_ok());
+        let refused = timelines.open_for_push(cluster(4), Some(greeting(cluster(4)))).await.err().unwrap();
+        assert_eq!(refused.code, sqlstate::CONFIGURATION_LIMIT_EXCEEDED, "{refused}");
+        assert!(refused.message.contains("--max-timelines 3"), "{refused}");
+        assert!(!timeline_dir(datadir.path(), TenantId([7; 16]), TimelineId([4; 16])).exists(), "nothing created");
+        timelines.shutdown(Duration::from_secs(10)).await;
+        // The owner acknowledges the shutdown, then its task ends.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while timelines.list().iter().any(|handle| handle.is_running()) {
+            assert!(tokio::time::Instant::now() < deadline, "every owner task stops");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Acceptor rules, each test citing the rule it checks, plus a property test
-//! over random message sequences.
+//! over random message sequences. The message helpers are shared with the
+//! timeline node's tests.
 
 use super::*;
 use crate::acceptor::PeerWal;
@@ -11,19 +12,19 @@ use crate::storage::WalStorage;
 use crate::timeline::{MemoryTimeline, TimelineError};
 use crate::wal::generator::WalGenerator;
 
-const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
-const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
-const TIMELINE_START: Lsn = Lsn(0x100_0000);
+pub(crate) const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
+pub(crate) const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
+pub(crate) const TIMELINE_START: Lsn = Lsn(0x100_0000);
 
-fn segment_size() -> WalSegmentSize {
+pub(crate) fn segment_size() -> WalSegmentSize {
     WalSegmentSize::new(SEGMENT_SIZE_BYTES).unwrap()
 }
 
-fn cluster() -> ClusterId {
+pub(crate) fn cluster() -> ClusterId {
     ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([1; 16]), timeline_id: TimelineId([2; 16]) }
 }
 
-fn fresh_state() -> ControlState {
+pub(crate) fn fresh_state() -> ControlState {
     ControlState::new_timeline(cluster(), 150000, segment_size())
 }
 
@@ -35,11 +36,11 @@ fn history(entries: &[(u64, Lsn)]) -> TermHistory {
     TermHistory(entries.iter().map(|&(term, start_lsn)| TermStart { term: Term(term), start_lsn }).collect())
 }
 
-fn vote(term: u64) -> ProposerMessage {
+pub(crate) fn vote(term: u64) -> ProposerMessage {
     ProposerMessage::VoteRequest(VoteRequest { cluster: cluster(), term: Term(term), generation: 0 })
 }
 
-fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
+pub(crate) fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
     let history = history(entries);
     let last = *history.0.last().unwrap();
     assert_eq!(last.term, Term(term));
@@ -53,7 +54,7 @@ fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
     })
 }
 
-fn append(term: u64, begin_lsn: Lsn, wal: &[u8], commit_lsn: Lsn) -> ProposerMessage {
+pub(crate) fn append(term: u64, begin_lsn: Lsn, wal: &[u8], commit_lsn: Lsn) -> ProposerMessage {
     ProposerMessage::AppendRequest(AppendRequest {
         cluster: cluster(),
         term: Term(term),

@@ -2,7 +2,8 @@
 //!
 //! Used by unit/property tests and the simulation: [`MemoryWalStorage::crash`]
 //! drops everything not synced, optionally keeping a prefix of the unsynced
-//! bytes (a disk may persist some writes before the sync).
+//! bytes (a disk may persist some writes before the sync), and
+//! `fail_next_sync` makes the next sync fail as an fsync error would.
 
 use crate::control::ControlState;
 use crate::lsn::Lsn;
@@ -16,6 +17,9 @@ pub struct MemoryWalStorage {
     durable_len: usize,
     /// Number of syncs, to check group commit.
     pub sync_count: u64,
+    /// The next sync fails (`StorageError::SyncFailed`) and durability
+    /// stays where it was: a storage fault for tests.
+    pub fail_next_sync: bool,
 }
 
 impl MemoryWalStorage {
@@ -30,9 +34,20 @@ impl MemoryWalStorage {
     /// Simulate a crash: unsynced bytes are lost except the first
     /// `keep_unsynced_bytes` of them (clamped).
     pub fn crash(&mut self, keep_unsynced_bytes: usize) {
-        let keep = (self.durable_len + keep_unsynced_bytes).min(self.bytes.len());
+        let keep = self.durable_len.saturating_add(keep_unsynced_bytes).min(self.bytes.len());
         self.bytes.truncate(keep);
         self.durable_len = keep;
+    }
+
+    /// Simulate a crash that tore a page write: as [`Self::crash`], but the
+    /// kept unsynced bytes from `torn_from` (counted from the durable end)
+    /// on hold garbage (a page half new, half stale). Durable bytes are
+    /// never torn: a sync made them whole.
+    pub fn crash_torn(&mut self, keep_unsynced_bytes: usize, torn_from: usize) {
+        let durable = self.durable_len;
+        self.crash(keep_unsynced_bytes);
+        let start = (durable + torn_from).min(self.bytes.len());
+        self.bytes[start..].iter_mut().for_each(|byte| *byte ^= 0xA5);
     }
 
     /// All bytes held, durable or not, from `start_lsn`.
@@ -84,6 +99,10 @@ impl WalStorage for MemoryWalStorage {
     }
 
     fn sync(&mut self) -> Result<SyncedLsn, StorageError> {
+        if std::mem::take(&mut self.fail_next_sync) {
+            let source = std::io::Error::other("injected fsync failure");
+            return Err(StorageError::SyncFailed { what: "in-memory WAL".to_string(), source });
+        }
         self.durable_len = self.bytes.len();
         self.sync_count += 1;
         Ok(SyncedLsn::new(self.write_lsn()))

@@ -429,6 +429,17 @@ impl MemoryNode {
     /// The process dies and restarts (see [`crate::timeline::MemoryTimeline::crash_and_restart`]):
     /// what the node knew of connections and the handoff is gone with it.
     pub fn crash_and_restart(self, keep_unsynced_bytes: usize) -> MemoryNode {
-        TimelineNode::new(self.timeline.crash_and_restart(keep_unsynced_bytes), self.retention)
+        self.crash_and_restart_with(|wal| wal.crash(keep_unsynced_bytes))
+    }
+
+    /// As [`Self::crash_and_restart`], with `crash` saying what the crash
+    /// left of the WAL (e.g. [`MemoryWalStorage::crash_torn`]).
+    pub fn crash_and_restart_with(self, crash: impl FnOnce(&mut MemoryWalStorage)) -> MemoryNode {
+        TimelineNode::new(self.timeline.crash_and_restart_with(crash), self.retention)
+    }
+
+    /// The next sync fails as an fsync error would (a storage fault).
+    pub fn inject_sync_failure(&mut self) {
+        self.timeline.wal_mut().fail_next_sync = true;
     }
 }

@@ -5,29 +5,15 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use bytes::Bytes;
-
 use super::*;
+use crate::acceptor::tests::{
+    append, elected, fresh_state, segment_size, vote, SEGMENT_SIZE_BYTES, SYSTEM_ID, TIMELINE_START,
+};
 use crate::acceptor::{AcceptorConfig, RecoveredWal};
-use crate::control::{ControlState, TermStart};
-use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use crate::lsn::WalSegmentSize;
-use crate::protocol::{AppendRequest, ProposerElected, VoteRequest};
-use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
+use crate::control::ControlState;
+use crate::ids::NodeId;
 use crate::storage::SyncedLsn;
 use crate::wal::generator::WalGenerator;
-
-const SYSTEM_ID: u64 = 7_000_000_000_000_000_003;
-const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
-const TIMELINE_START: Lsn = Lsn(0x100_0000);
-
-fn segment_size() -> WalSegmentSize {
-    WalSegmentSize::new(SEGMENT_SIZE_BYTES).unwrap()
-}
-
-fn cluster() -> ClusterId {
-    ClusterId { system_id: SystemId(SYSTEM_ID), tenant_id: TenantId([5; 16]), timeline_id: TimelineId([6; 16]) }
-}
 
 /// A storage call, in the order the node made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,44 +102,15 @@ type ProbeNode = TimelineNode<ProbeWal, ProbeControl>;
 
 fn new_node(retention: RetentionPolicy) -> (ProbeNode, Probe) {
     let probe = Probe::default();
-    let state = ControlState::new_timeline(cluster(), 150000, segment_size());
     let acceptor = Acceptor::new(
         NodeId(1),
         AcceptorConfig::default(),
-        state,
+        fresh_state(),
         RecoveredWal { end_lsn: Lsn::INVALID, decoder: None },
     );
     let wal = ProbeWal { inner: MemoryWalStorage::new(), probe: probe.clone() };
     let control = ProbeControl { inner: MemoryControlStore::default(), probe: probe.clone() };
     (TimelineNode::new(Timeline::new(acceptor, wal, control), retention), probe)
-}
-
-fn vote(term: u64) -> ProposerMessage {
-    ProposerMessage::VoteRequest(VoteRequest { cluster: cluster(), term: Term(term), generation: 0 })
-}
-
-fn elected(term: u64) -> ProposerMessage {
-    let start = TermStart { term: Term(term), start_lsn: TIMELINE_START };
-    ProposerMessage::ProposerElected(ProposerElected {
-        cluster: cluster(),
-        term: Term(term),
-        generation: 0,
-        term_start_lsn: TIMELINE_START,
-        timeline_start_lsn: TIMELINE_START,
-        term_history: crate::control::TermHistory(vec![start]),
-    })
-}
-
-fn append(term: u64, begin_lsn: Lsn, wal: &[u8], commit_lsn: Lsn) -> ProposerMessage {
-    ProposerMessage::AppendRequest(AppendRequest {
-        cluster: cluster(),
-        term: Term(term),
-        generation: 0,
-        begin_lsn,
-        end_lsn: begin_lsn + wal.len() as u64,
-        commit_lsn,
-        wal: Bytes::copy_from_slice(wal),
-    })
 }
 
 /// Generated WAL cut into appends that stay within segments.
@@ -197,7 +154,7 @@ const C: ConnectionId = ConnectionId(3);
 /// Vote and election from connection `A`, in one batch.
 fn elect(node: &mut ProbeNode) {
     node.handle_message(A, vote(1)).unwrap();
-    node.handle_message(A, elected(1)).unwrap();
+    node.handle_message(A, elected(1, &[(1, TIMELINE_START)])).unwrap();
     let output = node.end_batch().unwrap();
     assert_eq!(output.replies.len(), 2, "vote and election answered: {:?}", output.replies);
     assert!(node.poll_close().is_none());
@@ -390,4 +347,43 @@ fn a_batch_is_full_at_its_message_bound() {
     assert!(node.batch_is_full());
     assert_eq!(node.end_batch().unwrap().replies.len(), MAX_BATCH_MESSAGES);
     assert!(!node.batch_is_full(), "a new batch starts empty");
+}
+
+/// Rule (recovery, docs/storage.md): a page write torn by a crash (unsynced
+/// bytes that reached the disk half new, half stale) is caught by recovery:
+/// the restarted timeline ends at the last whole record before the tear,
+/// keeps every synced byte, and takes the proposer's resent WAL from there.
+#[test]
+fn a_torn_page_write_is_cut_off_by_recovery() {
+    let timeline = crate::timeline::MemoryTimeline::empty(NodeId(1), fresh_state());
+    let mut node = MemoryNode::new(timeline, RetentionPolicy::default());
+    node.handle_message(A, vote(1)).unwrap();
+    node.handle_message(A, elected(1, &[(1, TIMELINE_START)])).unwrap();
+    node.end_batch().unwrap();
+    let mut generator = WalGenerator::new(SYSTEM_ID, segment_size(), TIMELINE_START);
+    let records: Vec<_> =
+        (0..60u32).map(|index| generator.append_record(10, 0, 1000 + index, &[index as u8; 3000])).collect();
+    let wal = generator.take_bytes().1;
+    let synced_end = records[19].end_lsn;
+    let at = |lsn: Lsn| (lsn - TIMELINE_START) as usize;
+    node.handle_message(A, append(1, TIMELINE_START, &wal[..at(synced_end)], Lsn(0))).unwrap();
+    node.end_batch().unwrap();
+    node.handle_message(A, append(1, synced_end, &wal[at(synced_end)..], Lsn(0))).unwrap();
+    // The crash keeps every unsynced byte, torn from inside record 40 on.
+    let torn_lsn = records[40].start_lsn + 100;
+    let node = node.crash_and_restart_with(|wal| wal.crash_torn(usize::MAX, at(torn_lsn) - at(synced_end)));
+    let end = node.acceptor().flush_lsn();
+    assert_eq!(end, records[39].end_lsn, "recovery ends at the last whole record before the tear");
+    assert_eq!(node.wal().write_lsn(), end, "the torn bytes are removed");
+    assert_eq!(&node.wal().contents()[..at(end)], &wal[..at(end)], "what recovery kept is the WAL as written");
+    let mut node = node;
+    node.handle_message(A, vote(2)).unwrap();
+    node.handle_message(A, elected(2, &[(1, TIMELINE_START), (2, end)])).unwrap();
+    node.handle_message(A, append(2, end, &wal[at(end)..], Lsn(0))).unwrap();
+    let output = node.end_batch().unwrap();
+    assert!(node.poll_close().is_none(), "the resent WAL continues the recovered log");
+    assert!(output
+        .replies
+        .iter()
+        .any(|(_, reply)| matches!(reply, AcceptorMessage::AppendResponse(r) if r.flush_lsn == records[59].end_lsn)));
 }

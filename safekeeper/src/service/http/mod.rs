@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::metrics::TimelineGauges;
-use super::registry::{DeleteOutcome, TimelineHandle};
+use super::registry::{BrokenTimeline, DeleteOutcome, TimelineHandle};
 use super::{ServiceState, SHUTDOWN_TIMEOUT};
 use crate::ids::{TenantId, TimelineId};
 use crate::lsn::Lsn;
@@ -88,10 +88,19 @@ async fn errors_as_json(response: Response) -> Response {
 /// Longest plain-text error body carried over into the JSON one.
 const MAX_ERROR_TEXT_BYTES: usize = 4096;
 
-/// The timeline named by the path, or a 400 (bad id) / 404 (unknown).
+/// The timeline named by the path, or a 400 (bad id) / 404 (unknown) /
+/// 503 (it failed to load at startup; the error says why).
 fn lookup(state: &ServiceState, tenant_id: &str, timeline_id: &str) -> Result<Arc<TimelineHandle>, ApiError> {
     let (tenant_id, timeline_id) = parse_ids(tenant_id, timeline_id)?;
+    if let Some(broken) = state.timelines.get_broken(tenant_id, timeline_id) {
+        let message = format!("timeline {tenant_id}/{timeline_id} failed to load at startup: {}", broken.error);
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message));
+    }
     state.timelines.get(tenant_id, timeline_id).ok_or_else(|| unknown_timeline(tenant_id, timeline_id))
+}
+
+fn broken_json(broken: &BrokenTimeline) -> Value {
+    json!({ "tenant_id": broken.tenant_id, "timeline_id": broken.timeline_id, "error": broken.error })
 }
 
 fn unknown_timeline(tenant_id: TenantId, timeline_id: TimelineId) -> ApiError {
@@ -128,11 +137,13 @@ async fn node_status(State(state): State<Arc<ServiceState>>) -> Json<Value> {
             })
         })
         .collect();
+    let broken: Vec<Value> = state.timelines.broken().iter().map(broken_json).collect();
     Json(json!({
         "node_id": state.node_id,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started_at.elapsed().as_secs(),
         "timelines": timelines,
+        "broken_timelines": broken,
     }))
 }
 
