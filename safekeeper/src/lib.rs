@@ -16,5 +16,5 @@ pub mod service;
 // lived in this crate.
 use postgres_wal::{lsn, wal};
 use safekeeper_api as client;
-use safekeeper_core::{acceptor, control, recovery, retention, storage, timeline};
+use safekeeper_core::{acceptor, control, recovery, retention, storage, timeline, timeline_node};
 use safekeeper_protocol::{ids, membership, protocol};
