@@ -546,6 +546,14 @@ impl Proposer {
         }
     }
 
+    /// When a change writing the new set stops waiting for the removed
+    /// members to store it (see [`Proposer::poll_timeout`]).
+    pub(super) fn membership_wait_ends_ms(&self) -> Option<u64> {
+        let change = self.membership.change.as_ref()?;
+        let ChangePhase::WritingNew { .. } = change.phase else { return None };
+        Some(change.phase_started_at_ms + REMOVED_MEMBERS_WAIT_HEARTBEATS * self.config.heartbeat_interval_ms)
+    }
+
     /// Whether every removed member we still reach holds our configuration
     /// (so it refuses older proposers). One we do not reach is not waited
     /// for, and one that does not answer only for a bounded time.

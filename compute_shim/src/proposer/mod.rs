@@ -40,6 +40,7 @@ pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, New
 
 pub use config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
 pub use error::{PeerFault, ProposerError};
+pub use peer::SlotIndex;
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 
 use election::{Election, Vote};
@@ -258,6 +259,46 @@ impl Proposer {
         }
         self.advance_membership();
         Ok(())
+    }
+
+    /// The next time (ms) the proposer must be called with [`Proposer::tick`]
+    /// and polled although nothing else happened: a heartbeat falling due,
+    /// or a wait that ends (the greeting wait before picking a term, the
+    /// wait for every voter's log end, the log check's wait for a holder,
+    /// a change's wait for removed members). `None`: only input moves it.
+    /// A heartbeat already due is returned as is (the next poll sends it);
+    /// waits that already ended are left out, as nothing resets them.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.fenced_by.is_some() {
+            return None;
+        }
+        let heartbeat_ms = self.config.heartbeat_interval_ms;
+        let heartbeats = match &self.campaign {
+            Campaign::Elected(_) => self
+                .peers
+                .iter()
+                .filter(|peer| matches!(peer.link, Link::Streaming { .. } | Link::TooFarBehind))
+                .map(|peer| peer.last_sent_ms + heartbeat_ms)
+                .min(),
+            _ => None,
+        };
+        let greeting_wait = match self.campaign {
+            Campaign::Greeting => self.quorum_greeted_at_ms.map(|at| at + heartbeat_ms),
+            _ => None,
+        };
+        let wal_start_wait = match self.campaign {
+            Campaign::Elected(_) if self.wal.is_none() => Some(self.elected_at_ms + heartbeat_ms),
+            _ => None,
+        };
+        let log_check_wait = match &self.log_check {
+            LogCheckState::Running(check) => {
+                check.unasked_since_ms.map(|since| since + LOG_CHECK_HOLDER_WAIT_HEARTBEATS * heartbeat_ms)
+            }
+            _ => None,
+        };
+        let waits = [greeting_wait, wal_start_wait, log_check_wait, self.membership_wait_ends_ms()];
+        let pending_waits = waits.into_iter().flatten().filter(|&at_ms| at_ms > self.now_ms);
+        heartbeats.into_iter().chain(pending_waits).min()
     }
 
     /// Whether the driver should keep a connection to slot `sk`.

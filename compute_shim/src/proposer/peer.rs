@@ -11,6 +11,18 @@ use super::election::Vote;
 use super::error::PeerFault;
 use super::status::PeerState;
 
+/// The proposer's slot for one safekeeper address: stable for the
+/// proposer's life (slots are never removed), so it names a safekeeper in
+/// everything the proposer, the node and the driver exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotIndex(pub usize);
+
+impl std::fmt::Display for SlotIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Where the current connection to a safekeeper is in the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Link {
