@@ -236,7 +236,7 @@ impl ShimNode {
         let Some(link) = self.links.get_mut(slot.0).and_then(Option::as_mut) else {
             return Ok(LinkEventOutcome::Stale);
         };
-        if generation.incarnation() != link.incarnation || !self.proposer.link_wanted(slot.0) {
+        if generation.incarnation() != link.incarnation || !self.proposer.link_wanted(slot) {
             return Ok(LinkEventOutcome::Stale);
         }
         let current = generation == link.current && !link.dropped;
@@ -244,24 +244,24 @@ impl ShimNode {
             LinkEventKind::Connected => {
                 link.current = generation;
                 link.dropped = false;
-                self.proposer.on_connected(slot.0, now_ms);
+                self.proposer.on_connected(slot, now_ms);
             }
             LinkEventKind::Message(_) | LinkEventKind::Disconnected { .. } if !current => {
                 return Ok(LinkEventOutcome::Stale); // a connection the proposer already forgot
             }
-            LinkEventKind::Message(message) => match self.proposer.on_message(slot.0, message, now_ms) {
+            LinkEventKind::Message(message) => match self.proposer.on_message(slot, message, now_ms) {
                 Err(ProposerError::Peer { fault, .. }) => {
                     self.drop_connection(slot);
                     return Ok(LinkEventOutcome::PeerFault(fault));
                 }
                 other => other?,
             },
-            LinkEventKind::Disconnected { .. } => self.proposer.on_disconnected(slot.0, now_ms),
+            LinkEventKind::Disconnected { .. } => self.proposer.on_disconnected(slot, now_ms),
             LinkEventKind::Refused { reason } => {
                 // A member-to-be that refuses the cluster ends the change;
                 // a member refusing it is a misconfiguration we cannot fix.
-                if !self.proposer.on_link_refused(slot.0, &reason) {
-                    let addr = self.proposer.peer_addr(slot.0).to_string();
+                if !self.proposer.on_link_refused(slot, &reason) {
+                    let addr = self.proposer.peer_addr(slot).to_string();
                     return Err(NodeError::SafekeeperRefused { addr, reason });
                 }
             }
@@ -339,7 +339,6 @@ impl ShimNode {
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.sync_links();
         let (slot, message) = self.proposer.poll_transmit()?;
-        let slot = SlotIndex(slot);
         let link = self.links[slot.0].as_ref().expect("the proposer sends only to slots it wants a link to");
         assert!(!link.dropped, "the proposer forgot a dropped connection");
         Some(Transmit { slot, generation: link.current, message })
@@ -381,7 +380,7 @@ impl ShimNode {
 
     /// The address of `slot`'s safekeeper (for logs).
     pub fn peer_addr(&self, slot: SlotIndex) -> &str {
-        self.proposer.peer_addr(slot.0)
+        self.proposer.peer_addr(slot)
     }
 
     fn standby_status_due(&self, now_ms: u64) -> bool {
@@ -396,7 +395,7 @@ impl ShimNode {
                 self.queue_link_command(LinkCommand::DropConnection { slot, generation });
             }
         }
-        self.proposer.on_disconnected(slot.0, self.now_ms);
+        self.proposer.on_disconnected(slot, self.now_ms);
     }
 
     /// Keep one link task per safekeeper the proposer wants to talk to:

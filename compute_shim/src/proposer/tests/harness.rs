@@ -241,7 +241,7 @@ impl Net {
     }
 
     /// The proposer's peer slot for safekeeper `sk`, if it wants a link.
-    pub fn slot(&self, c: usize, sk: usize) -> Option<usize> {
+    pub fn slot(&self, c: usize, sk: usize) -> Option<SlotIndex> {
         let proposer = self.computes[c].node.proposer();
         proposer.peer_index(&addr(sk)).filter(|&slot| proposer.link_wanted(slot))
     }

@@ -6,7 +6,7 @@ use safekeeper::lsn::Lsn;
 use safekeeper::timeline::MemoryTimeline;
 
 use super::harness::{cluster, segment_size, Net, Postgres, TIMELINE_START};
-use crate::proposer::{PeerState, ProposerError};
+use crate::proposer::{PeerState, ProposerError, SlotIndex};
 
 /// The first record end at or past `lsn`.
 fn record_end_after(postgres: &Postgres, lsn: Lsn) -> Lsn {
@@ -322,7 +322,10 @@ fn a_diverged_primary_is_refused_before_sending_any_wal() {
         net.connect(t3, 2);
         net.run_until_quiet();
         let error = net.computes[t3].stopped.clone().expect("Y's proposer must refuse to lead");
-        assert!(matches!(error, ProposerError::PostgresDiverged { safekeeper: 0, .. }), "tail {tail_kib} KiB: {error}");
+        assert!(
+            matches!(error, ProposerError::PostgresDiverged { safekeeper: SlotIndex(0), .. }),
+            "tail {tail_kib} KiB: {error}"
+        );
         assert!(error.is_fatal() && error.to_string().contains("not the primary that wrote the log"), "{error}");
         assert_eq!(net.acceptors[2].acceptor().flush_lsn(), a, "none of Y's WAL reached safekeeper 2");
         assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b, "safekeeper 0 keeps X's tail");
