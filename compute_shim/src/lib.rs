@@ -1,6 +1,9 @@
 //! The compute shim: a physical replication client of a Postgres primary that
 //! acts as the proposer of the safekeepers' consensus.
 //!
+//! - [`node`]: the shim node, pure: the proposer, link identity, the
+//!   standby-status policy and its timers; what the driver and the
+//!   simulation run.
 //! - [`proposer`]: the proposer as a pure state machine (election, quorum
 //!   commit, pipelined appends).
 //! - [`replication`]: the Postgres replication-protocol client.
@@ -9,6 +12,7 @@
 //!   the safekeepers, and the HTTP status port.
 
 pub mod driver;
+pub mod node;
 pub mod proposer;
 pub mod replication;
 pub mod safekeeper_link;

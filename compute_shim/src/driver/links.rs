@@ -2,20 +2,21 @@
 //! bounded backoff, forwards the acceptor's messages to the driver as
 //! [`LinkEvent`]s and writes the proposer's messages it is given.
 //!
-//! Each (re)connection has a generation number. The driver tags what it
+//! Each (re)connection has a [`LinkGeneration`]; the node tags what it
 //! sends with the generation it last saw connect, so messages meant for a
-//! connection that has since died are dropped instead of reaching the next
-//! one ahead of its greeting. Generations carry the proposer's slot
-//! incarnation in their high bits: a task stopped when its safekeeper was
-//! let go can never be mistaken for the one started when it is wanted again.
+//! connection that has since died are dropped here instead of reaching the
+//! next one ahead of its greeting. Which events are stale is the node's
+//! decision (crate::node), not this task's.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use safekeeper_protocol::ids::{TenantId, TimelineId};
-use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
+use safekeeper_protocol::protocol::ProposerMessage;
 
+use crate::node::{LinkEvent, LinkEventKind, LinkGeneration};
+use crate::proposer::SlotIndex;
 use crate::safekeeper_link::{connect, LinkError, LinkReader, LinkWriter};
 
 /// Messages queued for one safekeeper; the proposer's in-flight bound keeps
@@ -25,104 +26,48 @@ pub const LINK_CONNECT_TIMEOUT_MS: u64 = 3_000;
 const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
 const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 
-#[derive(Debug)]
-pub enum LinkEvent {
-    Connected {
-        safekeeper: usize,
-        generation: u64,
-    },
-    Message {
-        safekeeper: usize,
-        generation: u64,
-        message: AcceptorMessage,
-    },
-    Disconnected {
-        safekeeper: usize,
-        generation: u64,
-        reason: String,
-    },
-    /// The safekeeper refuses this cluster or its parameters (another
-    /// system id, segment size or Postgres version under the same ids): a
-    /// misconfiguration that retrying cannot fix. The link task has stopped.
-    Refused {
-        safekeeper: usize,
-        incarnation: u64,
-        reason: String,
-    },
-}
-
-impl LinkEvent {
-    pub fn safekeeper(&self) -> usize {
-        match self {
-            LinkEvent::Connected { safekeeper, .. }
-            | LinkEvent::Message { safekeeper, .. }
-            | LinkEvent::Disconnected { safekeeper, .. }
-            | LinkEvent::Refused { safekeeper, .. } => *safekeeper,
-        }
-    }
-
-    /// The proposer slot incarnation of the link task that sent it.
-    pub fn incarnation(&self) -> u64 {
-        match self {
-            LinkEvent::Connected { generation, .. }
-            | LinkEvent::Message { generation, .. }
-            | LinkEvent::Disconnected { generation, .. } => incarnation_of(*generation),
-            LinkEvent::Refused { incarnation, .. } => *incarnation,
-        }
-    }
-}
-
-/// The first generation of a link made for slot incarnation `incarnation`.
-pub fn first_generation(incarnation: u64) -> u64 {
-    incarnation << 32
-}
-
-/// The slot incarnation a link's generation belongs to.
-fn incarnation_of(generation: u64) -> u64 {
-    generation >> 32
-}
-
 /// A message for the connection of `generation`.
 pub struct Outgoing {
-    pub generation: u64,
+    pub generation: LinkGeneration,
     pub message: ProposerMessage,
 }
 
 /// The driver's handle on one link task.
 pub struct LinkControl {
     pub outbox: mpsc::Sender<Outgoing>,
-    /// The generation the driver wants dropped (a protocol fault, or an
+    /// The connection the driver wants dropped (a protocol fault, or an
     /// outbox that stopped draining). Beside the outbox so it works when
     /// the outbox is full; a new connection then starts with a greeting.
-    pub drop_generation: watch::Sender<u64>,
+    pub drop_generation: watch::Sender<Option<LinkGeneration>>,
 }
 
 pub struct LinkTarget {
-    pub index: usize,
+    pub slot: SlotIndex,
     pub addr: String,
     pub tenant_id: TenantId,
     pub timeline_id: TimelineId,
-    /// See [`first_generation`].
-    pub first_generation: u64,
+    /// Its connections are numbered after this one.
+    pub first_generation: LinkGeneration,
 }
 
 /// Start the task for one safekeeper.
 pub fn spawn_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>) -> LinkControl {
     let (outbox, inbox) = mpsc::channel(LINK_OUTBOX_MESSAGES);
-    let (drop_generation, drops) = watch::channel(0);
+    let (drop_generation, drops) = watch::channel(None);
     tokio::spawn(run_link(target, events, Inbox { messages: inbox, drops }));
     LinkControl { outbox, drop_generation }
 }
 
 struct Inbox {
     messages: mpsc::Receiver<Outgoing>,
-    drops: watch::Receiver<u64>,
+    drops: watch::Receiver<Option<LinkGeneration>>,
 }
 
 async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox: Inbox) {
     let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
     let mut generation = target.first_generation;
-    let incarnation = incarnation_of(generation);
+    let slot = target.slot;
+    let event = |generation, kind| LinkEvent { slot, generation, kind };
     loop {
         if inbox.drops.has_changed().is_err() {
             return; // the driver let go of this link (a removed safekeeper)
@@ -131,8 +76,7 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
         let (reader, writer) = match connected {
             Ok(link) => link,
             Err(error) if refuses_cluster(&error) => {
-                let refused = LinkEvent::Refused { safekeeper: target.index, incarnation, reason: error.to_string() };
-                let _ = events.send(refused).await;
+                let _ = events.send(event(generation, LinkEventKind::Refused { reason: error.to_string() })).await;
                 return;
             }
             Err(error) => {
@@ -143,26 +87,23 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
             }
         };
         backoff_ms = RECONNECT_BACKOFF_MIN_MS;
-        generation += 1;
-        let safekeeper = target.index;
-        if events.send(LinkEvent::Connected { safekeeper, generation }).await.is_err() {
+        generation = generation.next();
+        if events.send(event(generation, LinkEventKind::Connected)).await.is_err() {
             return; // the driver is gone
         }
-        let ended = serve(safekeeper, generation, reader, writer, &events, &mut inbox).await;
-        let event = match &ended {
+        let ended = serve(slot, generation, reader, writer, &events, &mut inbox).await;
+        let kind = match &ended {
             Ok(LinkEnd::DriverStopped) => return,
             Ok(LinkEnd::DroppedByDriver) => {
                 let reason = "dropped by the driver (a protocol fault or an outbox not draining)".to_string();
-                LinkEvent::Disconnected { safekeeper, generation, reason }
+                LinkEventKind::Disconnected { reason }
             }
-            Err(error) if refuses_cluster(error) => {
-                LinkEvent::Refused { safekeeper, incarnation, reason: error.to_string() }
-            }
-            Err(error) => LinkEvent::Disconnected { safekeeper, generation, reason: error.to_string() },
+            Err(error) if refuses_cluster(error) => LinkEventKind::Refused { reason: error.to_string() },
+            Err(error) => LinkEventKind::Disconnected { reason: error.to_string() },
         };
-        tracing::info!(safekeeper = %target.addr, "link lost: {event:?}");
-        let refused = matches!(event, LinkEvent::Refused { .. });
-        if events.send(event).await.is_err() || refused {
+        tracing::info!(safekeeper = %target.addr, "link lost: {kind:?}");
+        let refused = matches!(kind, LinkEventKind::Refused { .. });
+        if events.send(event(generation, kind)).await.is_err() || refused {
             return;
         }
         // A safekeeper that keeps ending connections (breaking the
@@ -195,8 +136,8 @@ fn refuses_cluster(error: &LinkError) -> bool {
 /// writing run side by side: a safekeeper that stops reading our appends
 /// until we read its replies must never deadlock with us.
 async fn serve(
-    safekeeper: usize,
-    generation: u64,
+    slot: SlotIndex,
+    generation: LinkGeneration,
     mut reader: LinkReader,
     mut writer: LinkWriter,
     events: &mpsc::Sender<LinkEvent>,
@@ -205,7 +146,7 @@ async fn serve(
     let reading = async {
         loop {
             let message = reader.next_message().await?;
-            if events.send(LinkEvent::Message { safekeeper, generation, message }).await.is_err() {
+            if events.send(LinkEvent { slot, generation, kind: LinkEventKind::Message(message) }).await.is_err() {
                 return Ok(LinkEnd::DriverStopped);
             }
         }
@@ -223,7 +164,7 @@ async fn serve(
             if inbox.drops.changed().await.is_err() {
                 return Ok(LinkEnd::DriverStopped);
             }
-            if *inbox.drops.borrow_and_update() == generation {
+            if *inbox.drops.borrow_and_update() == Some(generation) {
                 return Ok(LinkEnd::DroppedByDriver);
             }
         }

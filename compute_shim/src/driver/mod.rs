@@ -1,8 +1,9 @@
-//! The tokio glue around the pure proposer: Postgres's replication stream
-//! in, safekeeper links in and out, the quorum commit LSN back to Postgres
-//! as its standby's write/flush/apply position, and a status snapshot for
-//! the HTTP endpoint. All consensus decisions are the proposer's; this
-//! module only moves bytes and time.
+//! The tokio glue around the pure shim node (crate::node): Postgres's
+//! replication stream in, safekeeper links in and out, the quorum commit
+//! LSN back to Postgres as its standby's write/flush/apply position, and a
+//! status snapshot for the HTTP endpoint. Every decision (consensus, which
+//! link events count, when Postgres is told what) is the node's; this
+//! module moves bytes and sleeps until the node's `poll_timeout`.
 //!
 //! - [`startup`]: what the shim learns from Postgres before it campaigns.
 //! - [`links`]: one task per safekeeper connection.
@@ -17,33 +18,21 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
-use safekeeper_protocol::protocol::ProposerMessage;
+use postgres_wal::lsn::Lsn;
 
-use crate::proposer::{MembershipRequestError, MembershipStatus, Proposer, ProposerError, ProposerStatus};
+use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode};
+use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerError, ProposerStatus, SlotIndex};
 use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
-use links::{spawn_link, LinkControl, LinkEvent, LinkTarget, Outgoing};
+use links::{spawn_link, LinkControl, LinkTarget, Outgoing};
 use startup::ShimSetup;
 
 /// Link events queued for the driver.
 const LINK_EVENTS_QUEUE: usize = 4096;
-/// How often the proposer's clock advances without other input, and how
-/// often the status snapshot is refreshed.
-const TICK_INTERVAL: Duration = Duration::from_millis(20);
-/// A status update goes to Postgres at least this often even when commit
-/// does not move, so its wal_sender_timeout never fires while the shim
-/// holds back reading (backpressure) or the quorum is down.
-const STATUS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-/// A new walsender ignores standby replies for synchronous replication
-/// while it is still in its catch-up state (PG15 `SyncRepReleaseWaiters`),
-/// which it leaves only after its first send: the status a new stream gets
-/// at once can arrive too early. For this long after a (re)start it is
-/// repeated every [`FRESH_STREAM_STATUS_INTERVAL`], so waiting commits are
-/// released within milliseconds, not after the next refresh (measured: a
-/// 1.05 s stall after a catch-up restart, one run in eight).
-const FRESH_STREAM_WINDOW: Duration = Duration::from_secs(1);
-const FRESH_STREAM_STATUS_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the status snapshot for `GET /v1/status` is refreshed in
+/// full (the commit LSN in it follows every report at once). Consensus
+/// timing does not depend on it: that is the node's `poll_timeout`.
+const STATUS_SNAPSHOT_INTERVAL: Duration = Duration::from_millis(20);
 /// Largest XLogData payload a walsender sends (PG15's MAX_SEND_SIZE, 16
 /// pages of 8 KiB): the room the proposer must have before we read more.
 const MAX_XLOG_DATA_BYTES: u64 = 128 * 1024;
@@ -100,33 +89,19 @@ pub struct ShimStatus {
     pub proposer: ProposerStatus,
 }
 
-/// One safekeeper's connection task and the generation it last reported.
-struct LinkHandle {
-    /// The proposer's peer slot incarnation this link was made for.
-    incarnation: u64,
-    control: LinkControl,
-    generation: u64,
-    /// The driver dropped the current connection: ignore what it still says.
-    dropped: bool,
-}
-
-impl LinkHandle {
-    /// Queue a message for the current connection; `false` if the queue is full.
-    fn send(&self, message: ProposerMessage) -> bool {
-        self.control.outbox.try_send(Outgoing { generation: self.generation, message }).is_ok()
-    }
-
-    /// End the current connection; the task reconnects.
-    fn drop_connection(&mut self) {
-        self.dropped = true;
-        self.control.drop_generation.send_replace(self.generation);
+impl From<NodeError> for ShimError {
+    fn from(error: NodeError) -> ShimError {
+        match error {
+            NodeError::Proposer(error) => ShimError::Proposer(error),
+            NodeError::SafekeeperRefused { addr, reason } => ShimError::SafekeeperRefused { addr, reason },
+        }
     }
 }
 
 struct Driver {
-    proposer: Proposer,
-    /// By the proposer's peer slot; `None` where it wants no connection.
-    links: Vec<Option<LinkHandle>>,
+    node: ShimNode,
+    /// By the proposer's peer slot; `None` where no link task runs.
+    links: Vec<Option<LinkControl>>,
     /// For links started later (membership changes).
     link_events: mpsc::Sender<LinkEvent>,
     cluster: safekeeper_protocol::ids::ClusterId,
@@ -135,11 +110,6 @@ struct Driver {
     /// For new replication connections: a restart at another LSN.
     replication_config: ReplicationConfig,
     stream: Option<ReplicationStream>,
-    /// A new stream reports our position at once: until it does, Postgres
-    /// counts no synchronous standby and commits wait.
-    status_due: bool,
-    /// When the current stream started (see [`FRESH_STREAM_WINDOW`]).
-    stream_started_at: Instant,
     /// The slot was still held by a walsender that has not noticed its
     /// client left (ours before a restart, or a killed shim's): since when,
     /// and when to try again.
@@ -147,7 +117,7 @@ struct Driver {
     slot: String,
     pg_timeline: u32,
     status: ShimStatus,
-    last_status_sent_at: Instant,
+    /// The node's clock: its milliseconds count from here.
     started_at: Instant,
 }
 
@@ -160,9 +130,10 @@ pub async fn run(
 ) -> Result<(), ShimError> {
     let (event_tx, mut events) = mpsc::channel(LINK_EVENTS_QUEUE);
     let mut driver = Driver::new(setup, event_tx);
-    let mut tick = tokio::time::interval(TICK_INTERVAL);
+    let mut snapshot = tokio::time::interval(STATUS_SNAPSHOT_INTERVAL);
     loop {
         let want_wal = driver.wants_wal();
+        let wake_at = driver.wake_at();
         tokio::select! {
             event = events.recv() => {
                 let event = event.expect("the driver holds a sender");
@@ -170,17 +141,18 @@ pub async fn run(
             }
             Some(request) = membership_requests.recv() => {
                 let now_ms = driver.now_ms();
-                let result = driver.proposer.request_membership(request.safekeepers, now_ms);
-                let _ = request.reply.send(result.map(|()| driver.proposer.membership_status()));
+                let result = driver.node.handle_membership_request(now_ms, request.safekeepers);
+                let _ = request.reply.send(result.map(|()| driver.node.proposer().membership_status()));
             }
             event = next_wal(&mut driver.stream), if want_wal => driver.on_replication_event(event)?,
-            _ = tick.tick() => {
-                driver.proposer.tick(driver.now_ms())?;
+            _ = sleep_until(wake_at) => {} // the timers are handled below, whichever branch woke us
+            _ = snapshot.tick() => {
                 status.send_replace(driver.snapshot());
             }
         }
         driver.drain_ready(&mut events)?;
-        driver.sync_links();
+        driver.handle_due_timeout()?;
+        driver.apply_link_commands();
         if !driver.wants_wal() {
             if let Some(stream) = driver.stream.as_mut() {
                 stream.not_listening();
@@ -204,55 +176,67 @@ impl Driver {
             ..ShimStatus::default()
         };
         let mut driver = Driver {
-            proposer: Proposer::new(setup.proposer_config()),
+            node: ShimNode::new(setup.proposer_config(), 0),
             links: vec![],
             link_events,
             cluster: setup.cluster,
             replication_config: setup.client.config().clone(),
             client: Some(setup.client),
             stream: None,
-            status_due: false,
-            stream_started_at: Instant::now(),
             slot_busy: None,
             slot: setup.slot,
             pg_timeline: setup.pg_timeline,
             status,
-            last_status_sent_at: Instant::now(),
             started_at: Instant::now(),
         };
-        driver.sync_links();
+        driver.apply_link_commands();
         driver
     }
 
-    /// Keep one link task per safekeeper the proposer wants to talk to:
-    /// start those of new members, stop those of removed ones.
-    fn sync_links(&mut self) {
-        let wanted = self.proposer.wanted_links();
-        self.links.resize_with(wanted.len(), || None);
-        for (index, wanted) in wanted.into_iter().enumerate() {
-            let current = self.links[index].as_ref().map(|link| link.incarnation);
-            if current == wanted.map(|(_, incarnation)| incarnation) {
-                continue;
+    /// Start, stop and cut link tasks as the node asks.
+    fn apply_link_commands(&mut self) {
+        while let Some(command) = self.node.poll_link_command() {
+            match command {
+                LinkCommand::Open { slot, addr, first_generation } => {
+                    tracing::info!(safekeeper = %addr, "connecting");
+                    let target = LinkTarget {
+                        slot,
+                        addr,
+                        tenant_id: self.cluster.tenant_id,
+                        timeline_id: self.cluster.timeline_id,
+                        first_generation,
+                    };
+                    if self.links.len() <= slot.0 {
+                        self.links.resize_with(slot.0 + 1, || None);
+                    }
+                    // Dropping a replaced handle stops its task (its control channels close).
+                    self.links[slot.0] = Some(spawn_link(target, self.link_events.clone()));
+                }
+                LinkCommand::Close { slot } => self.links[slot.0] = None,
+                LinkCommand::DropConnection { slot, generation } => {
+                    if let Some(link) = &self.links[slot.0] {
+                        link.drop_generation.send_replace(Some(generation));
+                    }
+                }
             }
-            // Dropping the handle stops the task (its control channels close).
-            self.links[index] = wanted.map(|(addr, incarnation)| {
-                tracing::info!(safekeeper = %addr, "connecting");
-                let target = LinkTarget {
-                    index,
-                    addr: addr.to_string(),
-                    tenant_id: self.cluster.tenant_id,
-                    timeline_id: self.cluster.timeline_id,
-                    first_generation: links::first_generation(incarnation),
-                };
-                let control = spawn_link(target, self.link_events.clone());
-                LinkHandle { incarnation, control, generation: 0, dropped: false }
-            });
         }
     }
 
-    /// The link of slot `index` if it is the current one for that slot.
-    fn link(&mut self, index: usize) -> Option<&mut LinkHandle> {
-        self.links.get_mut(index).and_then(Option::as_mut)
+    /// When the node's next timer falls due, or the slot is tried again.
+    fn wake_at(&self) -> Option<Instant> {
+        let node_at = self.node.poll_timeout().map(|at_ms| self.started_at + Duration::from_millis(at_ms));
+        let slot_retry_at = self.slot_busy.as_ref().map(|busy| busy.retry_at);
+        node_at.into_iter().chain(slot_retry_at).min()
+    }
+
+    /// Timers of the node that fell due (checked after every wake, so a
+    /// busy link cannot starve them).
+    fn handle_due_timeout(&mut self) -> Result<(), ShimError> {
+        let now_ms = self.now_ms();
+        if self.node.poll_timeout().is_some_and(|at_ms| at_ms <= now_ms) {
+            self.node.handle_timeout(now_ms)?;
+        }
+        Ok(())
     }
 
     fn now_ms(&self) -> u64 {
@@ -263,8 +247,7 @@ impl Driver {
     /// wants WAL from (else it is restarted first) and there is room.
     fn wants_wal(&self) -> bool {
         let Some(stream) = &self.stream else { return false };
-        self.proposer.wal_wanted_from() == Some(stream.received_end())
-            && self.proposer.can_accept_wal(MAX_XLOG_DATA_BYTES)
+        self.node.wal_wanted_from() == Some(stream.received_end()) && self.node.can_accept_wal(MAX_XLOG_DATA_BYTES)
     }
 
     /// Take in everything that already arrived before acting on it: a burst
@@ -292,50 +275,23 @@ impl Driver {
     }
 
     fn on_link_event(&mut self, event: LinkEvent) -> Result<(), ShimError> {
-        let now_ms = self.now_ms();
-        // Events of a link stopped since (a removed member's) are stale.
-        let safekeeper = event.safekeeper();
-        let Some(link) = self.link(safekeeper) else { return Ok(()) };
-        if event.incarnation() != link.incarnation || !self.proposer.link_wanted(safekeeper) {
-            return Ok(());
+        let slot = event.slot;
+        let reason = match &event.kind {
+            LinkEventKind::Disconnected { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        match self.node.handle_link_event(self.now_ms(), event)? {
+            LinkEventOutcome::PeerFault(fault) => {
+                let addr = self.node.peer_addr(slot);
+                tracing::warn!(safekeeper = %addr, "protocol fault, reconnecting: {fault}");
+            }
+            LinkEventOutcome::Applied if reason.is_some() => {
+                let reason = reason.expect("checked");
+                tracing::warn!(safekeeper = %self.node.peer_addr(slot), "disconnected: {reason}");
+            }
+            LinkEventOutcome::Applied | LinkEventOutcome::Stale => {}
         }
-        match event {
-            LinkEvent::Connected { generation, .. } => {
-                let link = self.link(safekeeper).expect("checked above");
-                link.generation = generation;
-                link.dropped = false;
-                self.proposer.on_connected(safekeeper, now_ms);
-            }
-            LinkEvent::Message { generation, message, .. } => {
-                let link = self.link(safekeeper).expect("checked above");
-                if generation != link.generation || link.dropped {
-                    return Ok(()); // from a connection the proposer already forgot
-                }
-                match self.proposer.on_message(safekeeper, message, now_ms) {
-                    Err(ProposerError::Peer { fault, .. }) => {
-                        let addr = self.proposer.peer_addr(safekeeper);
-                        tracing::warn!(safekeeper = %addr, "protocol fault, reconnecting: {fault}");
-                        self.disconnect(safekeeper);
-                    }
-                    other => other?,
-                }
-            }
-            LinkEvent::Disconnected { generation, reason, .. } => {
-                let link = self.link(safekeeper).expect("checked above");
-                if generation == link.generation && !link.dropped {
-                    tracing::warn!(safekeeper = %self.proposer.peer_addr(safekeeper), "disconnected: {reason}");
-                    self.proposer.on_disconnected(safekeeper, now_ms);
-                }
-            }
-            LinkEvent::Refused { reason, .. } => {
-                // A member-to-be that refuses the cluster ends the change;
-                // a member refusing it is a misconfiguration we cannot fix.
-                if !self.proposer.on_link_refused(safekeeper, &reason) {
-                    let addr = self.proposer.peer_addr(safekeeper).to_string();
-                    return Err(ShimError::SafekeeperRefused { addr, reason });
-                }
-            }
-        }
+        self.apply_link_commands();
         Ok(())
     }
 
@@ -344,13 +300,14 @@ impl Driver {
             Ok(event) => event,
             Err(ShimError::Replication(error)) if is_wal_removed(&error) => {
                 let stream = self.stream.take().expect("the event came from a stream");
+                self.node.handle_stream_stopped(self.now_ms());
                 return self.on_wal_removed(stream.received_end(), &error);
             }
             Err(error) => return Err(error),
         };
         match event {
             ReplicationEvent::XLogData { start, data, .. } => {
-                self.proposer.on_wal(start, &data)?;
+                self.node.handle_wal(self.now_ms(), start, &data)?;
                 self.status.received_lsn = Some(start + data.len() as u64);
                 Ok(())
             }
@@ -377,35 +334,32 @@ impl Driver {
     /// the quorum did). The next iteration streams from where it says.
     fn on_wal_removed(&mut self, lsn: Lsn, error: &ReplicationError) -> Result<(), ShimError> {
         tracing::warn!(%lsn, "Postgres no longer has this WAL: {error}");
-        Ok(self.proposer.on_wal_unavailable(lsn)?)
+        Ok(self.node.handle_wal_unavailable(self.now_ms(), lsn)?)
     }
 
     fn flush_transmits(&mut self) {
-        self.sync_links();
-        while let Some((safekeeper, message)) = self.proposer.poll_transmit() {
-            let sent = self.link(safekeeper).is_some_and(|link| link.send(message));
+        self.apply_link_commands();
+        while let Some(transmit) = self.node.poll_transmit() {
+            let (slot, generation) = (transmit.slot, transmit.generation);
+            let outgoing = Outgoing { generation, message: transmit.message };
+            let sent = self.link(slot).is_some_and(|link| link.outbox.try_send(outgoing).is_ok());
             if !sent {
-                // Not draining: drop the connection rather than the message
-                // (a gap would be refused anyway); the next connection
-                // resumes from the safekeeper's flush LSN.
-                tracing::warn!(safekeeper = %self.proposer.peer_addr(safekeeper), "outbox full, reconnecting");
-                self.disconnect(safekeeper);
+                tracing::warn!(safekeeper = %self.node.peer_addr(slot), "outbox full, reconnecting");
+                self.node.handle_send_failed(self.now_ms(), slot);
+                self.apply_link_commands();
             }
         }
     }
 
-    fn disconnect(&mut self, safekeeper: usize) {
-        if let Some(link) = self.link(safekeeper) {
-            link.drop_connection();
-        }
-        self.proposer.on_disconnected(safekeeper, self.now_ms());
+    fn link(&self, slot: SlotIndex) -> Option<&LinkControl> {
+        self.links.get(slot.0).and_then(Option::as_ref)
     }
 
     /// Keep Postgres's stream where the proposer wants WAL from: start it
     /// once elected, restart it lower to catch up a safekeeper that joined
     /// behind the buffer, and back at the buffer's end afterwards.
     async fn stream_where_wanted(&mut self) -> Result<(), ShimError> {
-        let Some(wanted) = self.proposer.wal_wanted_from() else { return Ok(()) };
+        let Some(wanted) = self.node.wal_wanted_from() else { return Ok(()) };
         if let Some(stream) = &self.stream {
             if stream.received_end() == wanted {
                 return Ok(());
@@ -416,7 +370,9 @@ impl Driver {
             return Ok(());
         }
         // One walsender per slot: the old stream goes first.
-        self.stream = None;
+        if self.stream.take().is_some() {
+            self.node.handle_stream_stopped(self.now_ms());
+        }
         let client = match self.client.take() {
             Some(client) => client,
             None => ReplicationClient::connect(self.replication_config.clone()).await?,
@@ -430,8 +386,7 @@ impl Driver {
         self.slot_busy = None;
         self.stream = Some(stream);
         self.status.streaming_from_lsn = Some(wanted);
-        self.status_due = true;
-        self.stream_started_at = Instant::now();
+        self.node.handle_stream_started(self.now_ms());
         Ok(())
     }
 
@@ -440,35 +395,24 @@ impl Driver {
     /// snapshot follows at once, so an operator who saw a commit return
     /// sees a commit LSN covering it.
     async fn report_commit(&mut self, status: &watch::Sender<ShimStatus>) -> Result<(), ShimError> {
+        let now_ms = self.now_ms();
         let Some(stream) = self.stream.as_mut() else { return Ok(()) };
-        let commit = self.proposer.commit_lsn();
-        let moved = commit > self.status.reported_flush_lsn;
-        let since_sent = self.last_status_sent_at.elapsed();
-        let fresh_stream = self.stream_started_at.elapsed() < FRESH_STREAM_WINDOW;
-        let refresh_due =
-            since_sent >= STATUS_REFRESH_INTERVAL || fresh_stream && since_sent >= FRESH_STREAM_STATUS_INTERVAL;
-        if !moved && !self.status_due && !refresh_due {
-            return Ok(());
-        }
-        // Before anything is committed there is nothing true to report: a
-        // zero flush keeps Postgres from counting us as a sync standby.
-        let reported = commit.max(self.status.reported_flush_lsn);
-        stream.send_status(reported, reported, reported, false).await?;
-        self.status.reported_flush_lsn = reported;
-        self.last_status_sent_at = Instant::now();
-        self.status_due = false;
+        let Some(update) = self.node.poll_standby_status(now_ms) else { return Ok(()) };
+        stream.send_status(update.write_lsn, update.flush_lsn, update.apply_lsn, false).await?;
+        let moved = update.flush_lsn > self.status.reported_flush_lsn;
+        self.status.reported_flush_lsn = update.flush_lsn;
         if moved {
-            // Cheap on the commit path: the full snapshot waits for the tick.
+            // Cheap on the commit path: the full snapshot waits for its interval.
             status.send_modify(|snapshot| {
-                snapshot.proposer.commit_lsn = commit;
-                snapshot.reported_flush_lsn = reported;
+                snapshot.proposer.commit_lsn = update.flush_lsn;
+                snapshot.reported_flush_lsn = update.flush_lsn;
             });
         }
         Ok(())
     }
 
     fn snapshot(&self) -> ShimStatus {
-        ShimStatus { proposer: self.proposer.status(), ..self.status.clone() }
+        ShimStatus { proposer: self.node.proposer().status(), ..self.status.clone() }
     }
 }
 
@@ -486,6 +430,14 @@ fn is_wal_removed(error: &ReplicationError) -> bool {
             server.code == UNDEFINED_FILE || server.message.contains("has already been removed")
         }
         _ => false,
+    }
+}
+
+/// Wait until `at`, or forever when nothing is due.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -8,6 +8,7 @@ use safekeeper_protocol::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY
 
 use super::config::ProposerConfig;
 use super::error::{PeerFault, ProposerError};
+use super::peer::SlotIndex;
 
 /// A granted vote: what the voter's durable log looks like.
 #[derive(Clone, Debug)]
@@ -75,7 +76,11 @@ pub(super) struct Election {
 /// Raft's election restriction, its log holds every committed byte, because
 /// a commit needs a quorum at the committing term's start and any two quorums
 /// intersect. Refuses to lead when Postgres cannot continue that log.
-pub(super) fn decide(term: Term, votes: &[(usize, &Vote)], config: &ProposerConfig) -> Result<Election, ProposerError> {
+pub(super) fn decide(
+    term: Term,
+    votes: &[(SlotIndex, &Vote)],
+    config: &ProposerConfig,
+) -> Result<Election, ProposerError> {
     let (_, donor) = votes.iter().max_by_key(|(_, vote)| (vote.last_log_term(), vote.flush_lsn)).expect("non-empty");
     let (term_start_lsn, timeline_start_lsn) = if donor.flush_lsn.is_valid() {
         (donor.flush_lsn, donor.timeline_start_lsn)
@@ -149,7 +154,7 @@ mod tests {
     fn donor_is_highest_last_term_then_flush() {
         let old_long = vote(&[(1, SEG)], 5 * SEG, SEG);
         let new_short = vote(&[(1, SEG), (2, 2 * SEG)], 3 * SEG, SEG);
-        let election = decide(Term(3), &[(0, &old_long), (1, &new_short)], &config()).unwrap();
+        let election = decide(Term(3), &[(SlotIndex(0), &old_long), (SlotIndex(1), &new_short)], &config()).unwrap();
         assert_eq!(election.term_start_lsn, Lsn(3 * SEG));
         assert_eq!(election.history.0.last(), Some(&TermStart { term: Term(3), start_lsn: Lsn(3 * SEG) }));
         assert_eq!(election.history.0.len(), 3);
@@ -158,7 +163,7 @@ mod tests {
     #[test]
     fn empty_cluster_starts_at_the_timeline_start() {
         let empty = vote(&[], 0, 0);
-        let election = decide(Term(1), &[(0, &empty), (1, &empty)], &config()).unwrap();
+        let election = decide(Term(1), &[(SlotIndex(0), &empty), (SlotIndex(1), &empty)], &config()).unwrap();
         assert_eq!((election.term_start_lsn, election.timeline_start_lsn), (Lsn(SEG), Lsn(SEG)));
     }
 
@@ -166,7 +171,7 @@ mod tests {
     #[test]
     fn refuses_when_postgres_is_behind() {
         let ahead = vote(&[(1, SEG)], 11 * SEG, SEG);
-        let result = decide(Term(2), &[(0, &ahead), (1, &ahead)], &config());
+        let result = decide(Term(2), &[(SlotIndex(0), &ahead), (SlotIndex(1), &ahead)], &config());
         assert!(matches!(result, Err(ProposerError::PostgresBehind { .. })), "{result:?}");
     }
 

@@ -4,6 +4,8 @@
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
 
+use super::peer::SlotIndex;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposerError {
     #[error(
@@ -25,14 +27,14 @@ pub enum ProposerError {
         "safekeeper {safekeeper} reports commit LSN {commit_lsn} above the most advanced voter's log end \
          {term_start_lsn}: the safekeepers' state is inconsistent; refusing to lead"
     )]
-    CommitAboveTermStart { safekeeper: usize, commit_lsn: Lsn, term_start_lsn: Lsn },
+    CommitAboveTermStart { safekeeper: SlotIndex, commit_lsn: Lsn, term_start_lsn: Lsn },
     #[error(
         "Postgres's WAL in {start_lsn}..{end_lsn}, just below where the safekeepers' log ends, differs from that log \
          (as safekeeper {safekeeper} holds it): this Postgres is not the primary that wrote the log (a server \
          restored from a backup and promoted, or one whose WAL forked from an unacknowledged tail a safekeeper \
          kept); refusing to lead, nothing was sent. docs/operations.md, \"Postgres's WAL differs from the log\""
     )]
-    PostgresDiverged { start_lsn: Lsn, end_lsn: Lsn, safekeeper: usize },
+    PostgresDiverged { start_lsn: Lsn, end_lsn: Lsn, safekeeper: SlotIndex },
     #[error(
         "no safekeeper holding the log up to the term start {term_start_lsn} has been reachable for {waited_ms} ms, \
          so Postgres's WAL cannot be checked against it; exiting so that a new election picks a log the \
@@ -59,11 +61,11 @@ pub enum ProposerError {
          what the old one acknowledged; give a new safekeeper its own address and add it by a membership change \
          (docs/operations.md, \"Changing the safekeeper set\")"
     )]
-    SafekeeperReplaced { safekeeper: usize, previous: NodeId, now: NodeId },
+    SafekeeperReplaced { safekeeper: SlotIndex, previous: NodeId, now: NodeId },
     #[error("the donor's term history is full; cannot start another term")]
     TermHistoryFull,
     #[error("safekeeper {safekeeper}: {fault}")]
-    Peer { safekeeper: usize, fault: PeerFault },
+    Peer { safekeeper: SlotIndex, fault: PeerFault },
     #[error("WAL from Postgres before the proposer asked for it (see wal_wanted_from)")]
     WalNotWanted,
     #[error("WAL from Postgres starts at {got}, expected {expected}")]

@@ -29,6 +29,7 @@ use postgres_wal::wal::{DecodeStep, WalDecoder};
 use safekeeper_protocol::protocol::{WalDigest, WalDigestResponse, WalDigester};
 
 use super::error::PeerFault;
+use super::peer::SlotIndex;
 
 /// How much WAL below the term start is compared: several WAL pages, so
 /// the range holds page headers whatever the alignment.
@@ -51,7 +52,7 @@ pub(super) struct LogCheck {
     postgres: Option<WalDigester>,
     postgres_digest: Option<WalDigest>,
     /// The safekeeper asked for its digest (on its current connection).
-    pub asked: Option<usize>,
+    pub asked: Option<SlotIndex>,
     /// Since when no connected safekeeper could be asked.
     pub unasked_since_ms: Option<u64>,
     log_answer: Option<LogAnswer>,
@@ -129,7 +130,7 @@ impl LogCheck {
     }
 
     /// The asked safekeeper's answer.
-    pub fn on_answer(&mut self, sk: usize, response: &WalDigestResponse) -> Result<(), PeerFault> {
+    pub fn on_answer(&mut self, sk: SlotIndex, response: &WalDigestResponse) -> Result<(), PeerFault> {
         if self.asked != Some(sk) || self.log_answer.is_some() {
             return Err(PeerFault::Unexpected { message: "WalDigestResponse", state: "not asked for one" });
         }
@@ -145,7 +146,7 @@ impl LogCheck {
     }
 
     /// A connection closed: if it owed the answer, another safekeeper is asked.
-    pub fn on_disconnected(&mut self, sk: usize) {
+    pub fn on_disconnected(&mut self, sk: SlotIndex) {
         if self.asked == Some(sk) && self.log_answer.is_none() {
             self.asked = None;
         }
@@ -208,10 +209,10 @@ mod tests {
         for (log_last, expected) in [(records[3].start_lsn, Verdict::Same), (records[2].start_lsn, Verdict::Different)]
         {
             let mut check = LogCheck::new(term_start, term_start, segment_size());
-            check.asked = Some(0);
+            check.asked = Some(SlotIndex(0));
             let mut response = answer(term_start.0, term_start.0, WalDigester::default().finish());
             response.last_record_start_lsn = log_last;
-            check.on_answer(0, &response).unwrap();
+            check.on_answer(SlotIndex(0), &response).unwrap();
             assert_eq!(check.verdict(), Verdict::Waiting, "Postgres has not written past the term start");
             check.on_wal_after_term_start(term_start, &from_term_start[..100]);
             assert_eq!(check.verdict(), Verdict::Waiting, "its first record is not complete");
@@ -231,8 +232,8 @@ mod tests {
                 postgres[at] ^= 0xff;
             }
             let mut check = LogCheck::new(Lsn(1100), Lsn(1300), segment_size());
-            check.asked = Some(1);
-            check.on_answer(1, &answer(1100, 1300, digest(&log[100..300]))).unwrap();
+            check.asked = Some(SlotIndex(1));
+            check.on_answer(SlotIndex(1), &answer(1100, 1300, digest(&log[100..300]))).unwrap();
             assert_eq!(check.verdict(), Verdict::Waiting, "Postgres's digest is not complete");
             for (index, piece) in postgres[100..].chunks(70).enumerate() {
                 check.on_postgres_wal(Lsn(1100 + 70 * index as u64), piece);
@@ -246,13 +247,13 @@ mod tests {
     #[test]
     fn only_the_asked_safekeeper_may_answer_once_for_the_asked_range() {
         let mut check = LogCheck::new(Lsn(100), Lsn(200), segment_size());
-        assert!(check.on_answer(0, &answer(100, 200, [0; 32])).is_err(), "nobody was asked");
-        check.asked = Some(0);
-        assert!(check.on_answer(1, &answer(100, 200, [0; 32])).is_err(), "another safekeeper");
-        assert!(check.on_answer(0, &answer(100, 201, [0; 32])).is_err(), "another range");
-        check.on_answer(0, &answer(100, 200, [0; 32])).unwrap();
-        assert!(check.on_answer(0, &answer(100, 200, [0; 32])).is_err(), "a second answer");
-        check.on_disconnected(0);
-        assert_eq!(check.asked, Some(0), "an answer received stays");
+        assert!(check.on_answer(SlotIndex(0), &answer(100, 200, [0; 32])).is_err(), "nobody was asked");
+        check.asked = Some(SlotIndex(0));
+        assert!(check.on_answer(SlotIndex(1), &answer(100, 200, [0; 32])).is_err(), "another safekeeper");
+        assert!(check.on_answer(SlotIndex(0), &answer(100, 201, [0; 32])).is_err(), "another range");
+        check.on_answer(SlotIndex(0), &answer(100, 200, [0; 32])).unwrap();
+        assert!(check.on_answer(SlotIndex(0), &answer(100, 200, [0; 32])).is_err(), "a second answer");
+        check.on_disconnected(SlotIndex(0));
+        assert_eq!(check.asked, Some(SlotIndex(0)), "an answer received stays");
     }
 }

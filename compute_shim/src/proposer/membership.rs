@@ -33,7 +33,7 @@ use safekeeper_protocol::protocol::{MembershipResponse, ProposerMessage, SetMemb
 
 use super::commit;
 use super::error::{PeerFault, ProposerError};
-use super::peer::{Link, Peer};
+use super::peer::{slots, Link, Peer, SlotIndex};
 use super::{Campaign, LogCheckState, Proposer};
 
 /// How long (in heartbeat intervals) a change waits, once a majority of
@@ -242,11 +242,11 @@ impl Proposer {
     }
 
     /// The incarnation of slot `sk` (see [`Proposer::wanted_links`]).
-    pub fn peer_incarnation(&self, sk: usize) -> u64 {
+    pub fn peer_incarnation(&self, sk: SlotIndex) -> u64 {
         self.peers[sk].incarnation
     }
 
-    pub fn peer_addr(&self, sk: usize) -> &str {
+    pub fn peer_addr(&self, sk: SlotIndex) -> &str {
         &self.peers[sk].addr
     }
 
@@ -289,8 +289,8 @@ impl Proposer {
         }
     }
 
-    pub(super) fn peer_index(&self, addr: &str) -> Option<usize> {
-        self.peers.iter().position(|peer| peer.addr == addr)
+    pub(super) fn peer_index(&self, addr: &str) -> Option<SlotIndex> {
+        slots(&self.peers).find(|&sk| self.peers[sk].addr == addr)
     }
 
     /// Whether we keep a connection to `peer`: a member of the current
@@ -330,16 +330,16 @@ impl Proposer {
 
     /// Whether slot `sk` counts toward quorums. Only members are asked to
     /// vote: a vote elsewhere would count nowhere.
-    pub(super) fn is_member(&self, sk: usize) -> bool {
+    pub(super) fn is_member(&self, sk: SlotIndex) -> bool {
         self.membership.current.includes_addr(&self.peers[sk].addr)
     }
 
     /// The slot for `addr`, made if new (reusing a retired one first).
-    fn ensure_peer(&mut self, addr: &str) -> usize {
+    fn ensure_peer(&mut self, addr: &str) -> SlotIndex {
         if let Some(sk) = self.peer_index(addr) {
             return sk;
         }
-        let reusable = (0..self.peers.len()).find(|&sk| !self.wanted(&self.peers[sk]));
+        let reusable = slots(&self.peers).find(|&sk| !self.wanted(&self.peers[sk]));
         match reusable {
             Some(sk) => {
                 self.peers[sk] = self.fresh_peer(addr);
@@ -349,7 +349,7 @@ impl Proposer {
                 assert!(self.peers.len() < MAX_PEER_SLOTS, "requests are checked against the slot bound");
                 let peer = self.fresh_peer(addr);
                 self.peers.push(peer);
-                self.peers.len() - 1
+                SlotIndex(self.peers.len() - 1)
             }
         }
     }
@@ -358,7 +358,7 @@ impl Proposer {
     /// connections, and nothing they acknowledged counts anywhere.
     /// Call after every change of what is wanted.
     fn retire_unwanted(&mut self) {
-        for sk in 0..self.peers.len() {
+        for sk in slots(&self.peers) {
             if self.wanted(&self.peers[sk]) {
                 self.peers[sk].retired = false;
             } else if !self.peers[sk].retired {
@@ -379,7 +379,7 @@ impl Proposer {
     /// wanted (a configuration may have just left it out).
     pub(super) fn on_greeted_configuration(
         &mut self,
-        sk: usize,
+        sk: SlotIndex,
         node_id: NodeId,
         theirs: safekeeper_protocol::membership::Configuration,
     ) -> Result<bool, ProposerError> {
@@ -546,6 +546,14 @@ impl Proposer {
         }
     }
 
+    /// When a change writing the new set stops waiting for the removed
+    /// members to store it (see [`Proposer::poll_timeout`]).
+    pub(super) fn membership_wait_ends_ms(&self) -> Option<u64> {
+        let change = self.membership.change.as_ref()?;
+        let ChangePhase::WritingNew { .. } = change.phase else { return None };
+        Some(change.phase_started_at_ms + REMOVED_MEMBERS_WAIT_HEARTBEATS * self.config.heartbeat_interval_ms)
+    }
+
     /// Whether every removed member we still reach holds our configuration
     /// (so it refuses older proposers). One we do not reach is not waited
     /// for, and one that does not answer only for a bounded time.
@@ -602,7 +610,7 @@ impl Proposer {
     /// The configuration for `sk` if it should store ours: a member (or a
     /// removed member still to be told) that accepted our ProposerElected,
     /// does not hold ours yet, and has no SetMembership outstanding.
-    pub(super) fn membership_to_send(&mut self, sk: usize) -> Option<ProposerMessage> {
+    pub(super) fn membership_to_send(&mut self, sk: SlotIndex) -> Option<ProposerMessage> {
         let Campaign::Elected(election) = &self.campaign else { return None };
         let current = &self.membership.current;
         let peer = &self.peers[sk];
@@ -622,7 +630,7 @@ impl Proposer {
     /// Safekeeper `sk` refuses our cluster (another system id, say).
     /// Returns whether that is survivable: it was only a member-to-be, and
     /// the change that named it is given up.
-    pub fn on_link_refused(&mut self, sk: usize, reason: &str) -> bool {
+    pub fn on_link_refused(&mut self, sk: SlotIndex, reason: &str) -> bool {
         let addr = self.peers[sk].addr.clone();
         let preparing = self.membership.change.as_ref().filter(|change| change.phase == ChangePhase::Preparing);
         let Some(change) = preparing.filter(|_| !self.membership.current.includes_addr(&addr)) else { return false };
@@ -637,7 +645,7 @@ impl Proposer {
 
     pub(super) fn on_membership_response(
         &mut self,
-        sk: usize,
+        sk: SlotIndex,
         response: MembershipResponse,
     ) -> Result<(), ProposerError> {
         self.check_term(response.term)?;

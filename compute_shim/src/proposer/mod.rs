@@ -40,12 +40,13 @@ pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, New
 
 pub use config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
 pub use error::{PeerFault, ProposerError};
+pub use peer::SlotIndex;
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 
 use election::{Election, Vote};
 use log_check::{LogCheck, Verdict};
 use membership::Membership;
-use peer::{Link, Peer};
+use peer::{slots, Link, Peer};
 use wal_buffer::WalBuffer;
 
 enum Campaign {
@@ -139,7 +140,7 @@ impl Proposer {
 
     /// A (re)connection to safekeeper `sk`: greet it. Whatever it needs next
     /// (a vote request, ProposerElected, WAL from its flush) follows its answer.
-    pub fn on_connected(&mut self, sk: usize, now_ms: u64) {
+    pub fn on_connected(&mut self, sk: SlotIndex, now_ms: u64) {
         self.now_ms = now_ms;
         if !self.link_wanted(sk) {
             return;
@@ -162,7 +163,7 @@ impl Proposer {
 
     /// The connection to `sk` is gone: nothing queued for it may reach the
     /// next one. What it acknowledged stays known (it is durable there).
-    pub fn on_disconnected(&mut self, sk: usize, now_ms: u64) {
+    pub fn on_disconnected(&mut self, sk: SlotIndex, now_ms: u64) {
         self.now_ms = now_ms;
         let peer = &mut self.peers[sk];
         peer.link = Link::Disconnected;
@@ -178,7 +179,7 @@ impl Proposer {
     /// A message from `sk` on its current connection. `Err(Fenced)` and the
     /// other fatal errors mean the shim must exit; a `Peer` fault means this
     /// connection should be dropped (then `on_disconnected`).
-    pub fn on_message(&mut self, sk: usize, message: AcceptorMessage, now_ms: u64) -> Result<(), ProposerError> {
+    pub fn on_message(&mut self, sk: SlotIndex, message: AcceptorMessage, now_ms: u64) -> Result<(), ProposerError> {
         self.check_not_fenced()?;
         self.now_ms = now_ms;
         if !self.link_wanted(sk) {
@@ -260,21 +261,61 @@ impl Proposer {
         Ok(())
     }
 
+    /// The next time (ms) the proposer must be called with [`Proposer::tick`]
+    /// and polled although nothing else happened: a heartbeat falling due,
+    /// or a wait that ends (the greeting wait before picking a term, the
+    /// wait for every voter's log end, the log check's wait for a holder,
+    /// a change's wait for removed members). `None`: only input moves it.
+    /// A heartbeat already due is returned as is (the next poll sends it);
+    /// waits that already ended are left out, as nothing resets them.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.fenced_by.is_some() {
+            return None;
+        }
+        let heartbeat_ms = self.config.heartbeat_interval_ms;
+        let heartbeats = match &self.campaign {
+            Campaign::Elected(_) => self
+                .peers
+                .iter()
+                .filter(|peer| matches!(peer.link, Link::Streaming { .. } | Link::TooFarBehind))
+                .map(|peer| peer.last_sent_ms + heartbeat_ms)
+                .min(),
+            _ => None,
+        };
+        let greeting_wait = match self.campaign {
+            Campaign::Greeting => self.quorum_greeted_at_ms.map(|at| at + heartbeat_ms),
+            _ => None,
+        };
+        let wal_start_wait = match self.campaign {
+            Campaign::Elected(_) if self.wal.is_none() => Some(self.elected_at_ms + heartbeat_ms),
+            _ => None,
+        };
+        let log_check_wait = match &self.log_check {
+            LogCheckState::Running(check) => {
+                check.unasked_since_ms.map(|since| since + LOG_CHECK_HOLDER_WAIT_HEARTBEATS * heartbeat_ms)
+            }
+            _ => None,
+        };
+        let waits = [greeting_wait, wal_start_wait, log_check_wait, self.membership_wait_ends_ms()];
+        let pending_waits = waits.into_iter().flatten().filter(|&at_ms| at_ms > self.now_ms);
+        heartbeats.into_iter().chain(pending_waits).min()
+    }
+
     /// Whether the driver should keep a connection to slot `sk`.
-    pub fn link_wanted(&self, sk: usize) -> bool {
-        self.peers.get(sk).is_some_and(|peer| self.wanted(peer))
+    pub fn link_wanted(&self, sk: SlotIndex) -> bool {
+        self.peers.get(sk.0).is_some_and(|peer| self.wanted(peer))
     }
 
     /// The next message to send, and to which safekeeper.
-    pub fn poll_transmit(&mut self) -> Option<(usize, ProposerMessage)> {
+    pub fn poll_transmit(&mut self) -> Option<(SlotIndex, ProposerMessage)> {
         if self.fenced_by.is_some() {
             return None;
         }
         let count = self.peers.len();
         for step in 0..count {
-            let sk = (self.next_poll_index + step) % count;
+            let sk = SlotIndex((self.next_poll_index + step) % count);
             if let Some(message) = self.next_message(sk) {
-                self.next_poll_index = (sk + 1) % count;
+                self.next_poll_index = (sk.0 + 1) % count;
                 self.peers[sk].last_sent_ms = self.now_ms;
                 return Some((sk, message));
             }
@@ -380,7 +421,8 @@ impl Proposer {
         if check.asked.is_some() {
             return;
         }
-        let holder = self.peers.iter().position(|peer| {
+        let holder = slots(&self.peers).find(|&sk| {
+            let peer = &self.peers[sk];
             matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|f| f >= check.end_lsn)
         });
         let Some(sk) = holder else {
@@ -398,7 +440,7 @@ impl Proposer {
         }));
     }
 
-    fn on_digest_response(&mut self, sk: usize, response: WalDigestResponse) -> Result<(), ProposerError> {
+    fn on_digest_response(&mut self, sk: SlotIndex, response: WalDigestResponse) -> Result<(), ProposerError> {
         self.check_term(response.term)?;
         let Some(term) = self.term() else { return Err(self.unexpected(sk, "WalDigestResponse")) };
         let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
@@ -513,12 +555,12 @@ impl Proposer {
         }
     }
 
-    fn unexpected(&self, sk: usize, message: &'static str) -> ProposerError {
+    fn unexpected(&self, sk: SlotIndex, message: &'static str) -> ProposerError {
         let state = self.peers[sk].link_name();
         ProposerError::Peer { safekeeper: sk, fault: PeerFault::Unexpected { message, state } }
     }
 
-    fn on_greeting_response(&mut self, sk: usize, response: GreetingResponse) -> Result<(), ProposerError> {
+    fn on_greeting_response(&mut self, sk: SlotIndex, response: GreetingResponse) -> Result<(), ProposerError> {
         if self.peers[sk].link != Link::AwaitingGreeting {
             return Err(self.unexpected(sk, "GreetingResponse"));
         }
@@ -528,7 +570,7 @@ impl Proposer {
         }
         // Two entries reaching one safekeeper (a typo, or two names for one
         // host) would let it count twice toward every quorum.
-        if let Some(other) = self.peers.iter().position(|peer| peer.node_id == Some(response.node_id)) {
+        if let Some(other) = slots(&self.peers).find(|&other| self.peers[other].node_id == Some(response.node_id)) {
             if other != sk {
                 let (first, second) = (self.peers[other].addr.clone(), self.peers[sk].addr.clone());
                 return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first, second });
@@ -557,7 +599,7 @@ impl Proposer {
             Campaign::Greeting => self.start_voting_if_quorum_greeted(),
             Campaign::Voting { term } => {
                 let term = *term;
-                for sk in 0..self.peers.len() {
+                for sk in slots(&self.peers) {
                     if self.peers[sk].link == Link::Greeted {
                         self.ask_for_vote(sk, term);
                     }
@@ -590,14 +632,14 @@ impl Proposer {
         let highest = greeted_terms.into_iter().max().unwrap_or_default();
         let term = Term(highest.0.checked_add(1).expect("term overflow"));
         self.campaign = Campaign::Voting { term };
-        for sk in 0..self.peers.len() {
+        for sk in slots(&self.peers) {
             if self.peers[sk].link == Link::Greeted {
                 self.ask_for_vote(sk, term);
             }
         }
     }
 
-    fn ask_for_vote(&mut self, sk: usize, term: Term) {
+    fn ask_for_vote(&mut self, sk: SlotIndex, term: Term) {
         if !self.is_member(sk) {
             return; // not a member (yet): it joins once we are elected
         }
@@ -614,7 +656,7 @@ impl Proposer {
         // we are elected.
     }
 
-    fn on_vote_response(&mut self, sk: usize, response: VoteResponse) -> Result<(), ProposerError> {
+    fn on_vote_response(&mut self, sk: SlotIndex, response: VoteResponse) -> Result<(), ProposerError> {
         if self.peers[sk].link != Link::AwaitingVote {
             return Err(self.unexpected(sk, "VoteResponse"));
         }
@@ -653,8 +695,8 @@ impl Proposer {
         if !self.is_quorum(|peer| peer.vote.is_some()) {
             return Ok(());
         }
-        let votes: Vec<(usize, &Vote)> =
-            self.peers.iter().enumerate().filter_map(|(sk, peer)| peer.vote.as_ref().map(|vote| (sk, vote))).collect();
+        let votes: Vec<(SlotIndex, &Vote)> =
+            slots(&self.peers).filter_map(|sk| self.peers[sk].vote.as_ref().map(|vote| (sk, vote))).collect();
         let election = election::decide(term, &votes, &self.config)?;
         self.become_elected(election);
         Ok(())
@@ -665,7 +707,7 @@ impl Proposer {
         self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
         self.campaign = Campaign::Elected(Box::new(election));
         self.elected_at_ms = self.now_ms;
-        for sk in 0..self.peers.len() {
+        for sk in slots(&self.peers) {
             if matches!(self.peers[sk].link, Link::Voted | Link::Greeted) {
                 self.send_elected(sk);
                 self.peers[sk].awaited_for_wal_start = true;
@@ -677,7 +719,7 @@ impl Proposer {
     /// ProposerElected needs no vote: an acceptor takes it for any term not
     /// below its own. Only we can have won our term, so one at our term
     /// (a reconnection, or a voter whose answer was lost) gets it too.
-    fn send_elected(&mut self, sk: usize) {
+    fn send_elected(&mut self, sk: SlotIndex) {
         let Campaign::Elected(election) = &self.campaign else { unreachable!("called once elected") };
         let peer = &mut self.peers[sk];
         assert!(peer.reported_term <= Some(election.term), "higher terms are fenced before this");
@@ -692,7 +734,7 @@ impl Proposer {
         }));
     }
 
-    fn on_append_response(&mut self, sk: usize, response: AppendResponse) -> Result<(), ProposerError> {
+    fn on_append_response(&mut self, sk: SlotIndex, response: AppendResponse) -> Result<(), ProposerError> {
         self.check_term(response.term)?;
         let Campaign::Elected(election) = &self.campaign else { return Err(self.unexpected(sk, "AppendResponse")) };
         let term = election.term;
@@ -792,7 +834,7 @@ impl Proposer {
     }
 
     /// A control message if one is queued, else WAL, else a heartbeat if due.
-    fn next_message(&mut self, sk: usize) -> Option<ProposerMessage> {
+    fn next_message(&mut self, sk: SlotIndex) -> Option<ProposerMessage> {
         if let Some(message) = self.peers[sk].outbox.pop_front() {
             return Some(message);
         }

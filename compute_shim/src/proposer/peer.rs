@@ -11,6 +11,37 @@ use super::election::Vote;
 use super::error::PeerFault;
 use super::status::PeerState;
 
+/// The proposer's slot for one safekeeper address: stable for the
+/// proposer's life (slots are never removed), so it names a safekeeper in
+/// everything the proposer, the node and the driver exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotIndex(pub usize);
+
+impl std::fmt::Display for SlotIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The proposer's peers are indexed by slot, never by a bare number.
+impl std::ops::Index<SlotIndex> for Vec<Peer> {
+    type Output = Peer;
+    fn index(&self, slot: SlotIndex) -> &Peer {
+        &self[slot.0]
+    }
+}
+
+impl std::ops::IndexMut<SlotIndex> for Vec<Peer> {
+    fn index_mut(&mut self, slot: SlotIndex) -> &mut Peer {
+        &mut self[slot.0]
+    }
+}
+
+/// Every slot of `peers`, in order.
+pub(super) fn slots(peers: &[Peer]) -> impl Iterator<Item = SlotIndex> {
+    (0..peers.len()).map(SlotIndex)
+}
+
 /// Where the current connection to a safekeeper is in the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Link {

@@ -1,9 +1,11 @@
 //! A deterministic network: real safekeeper timelines (the service's
 //! `TimelineNode` over in-memory storage: the same batching, reply routing,
-//! refusals and peer-recovery handoff as the service), one link per
-//! (proposer, safekeeper) whose messages the test delivers, drops or
-//! interleaves, and a Postgres model streaming generated WAL. Acceptors
-//! validate every WAL byte, so a wrong split or offset fails.
+//! refusals and peer-recovery handoff as the service), shim nodes
+//! (`crate::node::ShimNode`, the layer the driver runs: link identity is
+//! its, not the harness's), one link per (shim, safekeeper) whose messages
+//! the test delivers, drops or interleaves, and a Postgres model streaming
+//! generated WAL. Acceptors validate every WAL byte, so a wrong split or
+//! offset fails.
 
 use std::collections::VecDeque;
 
@@ -20,7 +22,8 @@ use safekeeper_core::timeline::MemoryTimeline;
 use safekeeper_core::timeline_node::{ConnectionId, MemoryNode, PeerWalOutcome, RefusalCause, RetentionOutcome};
 use postgres_wal::wal::generator::WalGenerator;
 
-use crate::proposer::{PeerFault, PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
+use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkEventOutcome, LinkGeneration, NodeError, ShimNode};
+use crate::proposer::{PeerFault, PeerState, Phase, ProposerConfig, ProposerError, SlotIndex, MAX_APPEND_CHUNK_BYTES};
 
 pub const SYSTEM_ID: u64 = 7_000_000_000_000_000_002;
 pub const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
@@ -100,8 +103,8 @@ impl Postgres {
 #[derive(Default)]
 pub struct Link {
     pub up: bool,
-    /// The proposer's slot incarnation it was made for.
-    pub incarnation: u64,
+    /// The connection's generation, as the link task numbered it.
+    pub generation: Option<LinkGeneration>,
     pub to_acceptor: VecDeque<ProposerMessage>,
     pub to_proposer: VecDeque<AcceptorMessage>,
     /// A one-way partition: messages in this direction wait (as TCP would
@@ -110,11 +113,20 @@ pub struct Link {
     pub blocked_to_proposer: bool,
 }
 
-/// A compute: a proposer and the Postgres it streams from.
+/// A link task, as the driver runs one for a slot the node wants.
+struct LinkTask {
+    slot: SlotIndex,
+    /// Its latest connection's generation.
+    generation: LinkGeneration,
+}
+
+/// A compute: a shim node and the Postgres it streams from.
 pub struct Compute {
-    pub proposer: Proposer,
+    pub node: ShimNode,
     pub postgres: Postgres,
     pub links: Vec<Link>,
+    /// By safekeeper: the link task the node opened for it.
+    tasks: Vec<Option<LinkTask>>,
     /// Where Postgres's stream to the proposer has reached.
     pub streamed_lsn: Option<Lsn>,
     /// A fatal error it stopped on (the shim would have exited).
@@ -174,9 +186,10 @@ impl Net {
             postgres_flush_lsn: postgres.flush_lsn(),
         };
         self.computes.push(Compute {
-            proposer: Proposer::new(config),
+            node: ShimNode::new(config, self.now_ms),
             postgres,
             links: (0..self.acceptors.len()).map(|_| Link::default()).collect(),
+            tasks: (0..self.acceptors.len()).map(|_| None).collect(),
             streamed_lsn: None,
             stopped: None,
             wal_piece_bytes: MAX_APPEND_CHUNK_BYTES as usize,
@@ -184,15 +197,19 @@ impl Net {
         self.computes.len() - 1
     }
 
-    /// Connect compute `c` to safekeeper `sk`, if its proposer wants a
-    /// connection there (as the driver keeps links only to those).
+    /// Connect compute `c` to safekeeper `sk`, if its node keeps a link
+    /// task there (as the driver's tasks connect).
     pub fn connect(&mut self, c: usize, sk: usize) {
         assert!(!self.down[sk], "connecting to a safekeeper that is down");
-        let Some(slot) = self.slot(c, sk) else { return };
+        self.apply_link_commands(c);
         let compute = &mut self.computes[c];
-        let incarnation = compute.proposer.peer_incarnation(slot);
-        compute.links[sk] = Link { up: true, incarnation, ..Link::default() };
-        compute.proposer.on_connected(slot, self.now_ms);
+        let Some(task) = compute.tasks[sk].as_mut() else { return };
+        task.generation = task.generation.next();
+        let (slot, generation) = (task.slot, task.generation);
+        compute.links[sk] = Link { up: true, generation: Some(generation), ..Link::default() };
+        let connected = LinkEvent { slot, generation, kind: LinkEventKind::Connected };
+        let outcome = compute.node.handle_link_event(self.now_ms, connected).expect("connecting is never fatal");
+        assert_eq!(outcome, LinkEventOutcome::Applied, "a new connection of a current task counts");
         self.open_connection(c, sk);
     }
 
@@ -200,32 +217,50 @@ impl Net {
         (0..self.acceptors.len()).for_each(|sk| self.connect(c, sk));
     }
 
-    /// The proposer's slot for `sk` if the link is that slot's current one.
-    fn linked_slot(&self, c: usize, sk: usize) -> Option<usize> {
-        let link = &self.computes[c].links[sk];
-        let slot = self.slot(c, sk)?;
-        (link.up && link.incarnation == self.computes[c].proposer.peer_incarnation(slot)).then_some(slot)
-    }
-
-    /// As the driver's `sync_links`: links the proposer no longer wants
-    /// (or wants anew) are dropped, without telling it.
-    fn drop_stale_links(&mut self, c: usize) {
-        for sk in 0..self.acceptors.len() {
-            if self.computes[c].links[sk].up && self.linked_slot(c, sk).is_none() {
-                self.computes[c].links[sk] = Link::default();
+    /// As the driver does: start, stop and cut link tasks as the node asks.
+    /// A started or stopped task's connection goes without a word; a cut
+    /// one reports its end (which the node knows to be stale).
+    fn apply_link_commands(&mut self, c: usize) {
+        while let Some(command) = self.computes[c].node.poll_link_command() {
+            let compute = &mut self.computes[c];
+            // A slot's task is found by slot: a reused slot names another
+            // safekeeper than the task it replaces.
+            let task_of =
+                |slot: SlotIndex| compute.tasks.iter().position(|task| task.as_ref().is_some_and(|t| t.slot == slot));
+            match command {
+                LinkCommand::Open { slot, addr, first_generation } => {
+                    if let Some(old) = task_of(slot) {
+                        compute.tasks[old] = None;
+                        compute.links[old] = Link::default();
+                    }
+                    let sk = acceptor_index(&addr);
+                    compute.tasks[sk] = Some(LinkTask { slot, generation: first_generation });
+                    compute.links[sk] = Link::default();
+                }
+                LinkCommand::Close { slot } => {
+                    let sk = task_of(slot).expect("a task is closed once");
+                    compute.tasks[sk] = None;
+                    compute.links[sk] = Link::default();
+                }
+                LinkCommand::DropConnection { generation, slot } => {
+                    let sk = task_of(slot).expect("a connection of a running task");
+                    if compute.links[sk].generation == Some(generation) {
+                        self.disconnect(c, sk);
+                    }
+                }
             }
         }
     }
 
     /// The proposer's peer slot for safekeeper `sk`, if it wants a link.
-    pub fn slot(&self, c: usize, sk: usize) -> Option<usize> {
-        let proposer = &self.computes[c].proposer;
+    pub fn slot(&self, c: usize, sk: usize) -> Option<SlotIndex> {
+        let proposer = self.computes[c].node.proposer();
         proposer.peer_index(&addr(sk)).filter(|&slot| proposer.link_wanted(slot))
     }
 
     /// The state compute `c`'s proposer shows for safekeeper `sk`.
     pub fn peer_state(&self, c: usize, sk: usize) -> Option<PeerState> {
-        let status = self.computes[c].proposer.status();
+        let status = self.computes[c].node.proposer().status();
         status.safekeepers.into_iter().find(|peer| peer.addr == addr(sk)).map(|peer| peer.state)
     }
 
@@ -251,11 +286,12 @@ impl Net {
     /// Drop a connection: whatever was in flight on it is lost.
     pub fn disconnect(&mut self, c: usize, sk: usize) {
         self.close_connection(c, sk);
-        let slot = self.linked_slot(c, sk);
         let compute = &mut self.computes[c];
-        compute.links[sk] = Link::default();
-        if let Some(slot) = slot {
-            compute.proposer.on_disconnected(slot, self.now_ms);
+        let link = std::mem::take(&mut compute.links[sk]);
+        if let (Some(generation), Some(task)) = (link.generation, &compute.tasks[sk]) {
+            let reason = "closed by the test".to_string();
+            let closed = LinkEvent { slot: task.slot, generation, kind: LinkEventKind::Disconnected { reason } };
+            compute.node.handle_link_event(self.now_ms, closed).expect("a disconnection is never fatal");
         }
     }
 
@@ -276,14 +312,20 @@ impl Net {
         if !self.is_running(c) {
             return false;
         }
-        self.drop_stale_links(c);
+        self.apply_link_commands(c);
         let mut moved = self.feed_wal(c);
         let compute = &mut self.computes[c];
-        while let Some((slot, message)) = compute.proposer.poll_transmit() {
-            let sk = acceptor_index(compute.proposer.peer_addr(slot));
-            assert!(compute.links[sk].up, "the proposer sent to a closed connection");
-            compute.links[sk].to_acceptor.push_back(message);
+        while let Some(transmit) = compute.node.poll_transmit() {
+            let sk = acceptor_index(compute.node.peer_addr(transmit.slot));
+            let link = &mut compute.links[sk];
+            assert_eq!(link.generation, Some(transmit.generation), "the node sent to a closed connection");
+            link.to_acceptor.push_back(transmit.message);
             moved = true;
+        }
+        // The standby-status policy runs as in the driver (Postgres is
+        // not modelled further): it never reports beyond the commit.
+        if let Some(status) = compute.node.poll_standby_status(self.now_ms) {
+            assert!(status.flush_lsn <= compute.node.proposer().commit_lsn(), "Postgres told more than committed");
         }
         moved
     }
@@ -292,13 +334,15 @@ impl Net {
     /// Where the proposer wants WAL from elsewhere, the stream restarts
     /// there, as the driver's does; WAL Postgres removed is refused.
     fn feed_wal(&mut self, c: usize) -> bool {
+        let now_ms = self.now_ms;
         let compute = &mut self.computes[c];
         let mut moved = false;
-        while let Some(wanted) = compute.proposer.wal_wanted_from() {
+        while let Some(wanted) = compute.node.wal_wanted_from() {
             if compute.streamed_lsn != Some(wanted) {
                 if wanted < compute.postgres.oldest_lsn {
                     compute.streamed_lsn = None;
-                    if let Err(error) = compute.proposer.on_wal_unavailable(wanted) {
+                    compute.node.handle_stream_stopped(now_ms);
+                    if let Err(error) = compute.node.handle_wal_unavailable(now_ms, wanted) {
                         self.stop(c, error);
                         return true;
                     }
@@ -306,12 +350,13 @@ impl Net {
                     continue;
                 }
                 compute.streamed_lsn = Some(wanted);
+                compute.node.handle_stream_started(now_ms);
             }
             let end = compute.postgres.flush_lsn().min(wanted + compute.wal_piece_bytes as u64);
-            if wanted >= end || !compute.proposer.can_accept_wal(end - wanted) {
+            if wanted >= end || !compute.node.can_accept_wal(end - wanted) {
                 break;
             }
-            let fed = compute.proposer.on_wal(wanted, compute.postgres.bytes(wanted, end));
+            let fed = compute.node.handle_wal(now_ms, wanted, compute.postgres.bytes(wanted, end));
             if let Err(error) = fed {
                 assert!(!matches!(error, ProposerError::WalBufferFull { .. }), "room was checked");
                 self.stop(c, error);
@@ -421,18 +466,23 @@ impl Net {
         if !self.is_running(c) {
             return true;
         }
-        let Some(slot) = self.linked_slot(c, sk) else {
-            // A safekeeper the proposer let go of: the driver drops the link.
-            self.computes[c].links[sk] = Link::default();
-            return true;
+        let compute = &mut self.computes[c];
+        let (Some(task), Some(generation)) = (&compute.tasks[sk], compute.links[sk].generation) else {
+            unreachable!("a connection belongs to a link task")
         };
-        match self.computes[c].proposer.on_message(slot, message, self.now_ms) {
-            Err(ProposerError::Peer { fault: PeerFault::NewerConfiguration { .. }, .. }) => {
-                self.disconnect(c, sk);
+        let event = LinkEvent { slot: task.slot, generation, kind: LinkEventKind::Message(message) };
+        match compute.node.handle_link_event(self.now_ms, event) {
+            Ok(LinkEventOutcome::PeerFault(PeerFault::NewerConfiguration { .. })) => {
+                // The node dropped the connection; its task reconnects.
+                self.apply_link_commands(c);
                 self.connect(c, sk);
             }
-            Err(error) => self.stop(c, error),
-            Ok(()) => {}
+            Ok(LinkEventOutcome::PeerFault(fault)) => {
+                panic!("compute {c}: safekeeper {sk} broke the protocol: {fault}")
+            }
+            Ok(LinkEventOutcome::Applied | LinkEventOutcome::Stale) => {}
+            Err(NodeError::Proposer(error)) => self.stop(c, error),
+            Err(refused @ NodeError::SafekeeperRefused { .. }) => panic!("compute {c}: {refused}"),
         }
         true
     }
@@ -494,7 +544,7 @@ impl Net {
         self.now_ms += ms;
         for c in 0..self.computes.len() {
             if self.is_running(c) {
-                if let Err(error) = self.computes[c].proposer.tick(self.now_ms) {
+                if let Err(error) = self.computes[c].node.handle_timeout(self.now_ms) {
                     self.stop(c, error);
                 }
             }
@@ -502,11 +552,11 @@ impl Net {
     }
 
     pub fn commit_lsn(&self, c: usize) -> Lsn {
-        self.computes[c].proposer.commit_lsn()
+        self.computes[c].node.proposer().commit_lsn()
     }
 
     pub fn elected_term(&self, c: usize) -> Option<Term> {
-        let status = self.computes[c].proposer.status();
+        let status = self.computes[c].node.proposer().status();
         (status.phase == Phase::Elected).then_some(status.term).flatten()
     }
 
@@ -544,7 +594,8 @@ impl Net {
             compute.stopped.is_none()
                 && compute.links[sk].up
                 && compute
-                    .proposer
+                    .node
+                    .proposer()
                     .status()
                     .safekeepers
                     .iter()

@@ -52,11 +52,11 @@ fn a_dead_safekeeper_is_replaced_through_a_joint_configuration() {
     let full = postgres.clone();
     let (mut net, c) = elected(4, &mut postgres);
     net.crash_safekeeper(2, 0);
-    net.computes[c].proposer.request_membership(addrs(&[0, 1, 3]), net.now_ms).unwrap();
+    net.computes[c].node.handle_membership_request(net.now_ms, addrs(&[0, 1, 3])).unwrap();
     net.connect(c, 3);
     let mut phases = vec![];
     net.run_until(|net| {
-        let status = net.computes[net.computes.len() - 1].proposer.membership_status();
+        let status = net.computes[net.computes.len() - 1].node.proposer().membership_status();
         let phase = status.change.as_ref().map_or("done", |change| change.phase);
         if phases.last() != Some(&phase) {
             phases.push(phase);
@@ -64,7 +64,7 @@ fn a_dead_safekeeper_is_replaced_through_a_joint_configuration() {
         phase == "done"
     });
     assert_eq!(phases, ["preparing", "writing-joint", "catching-up", "writing-new", "done"], "{phases:?}");
-    let status = net.computes[c].proposer.membership_status();
+    let status = net.computes[c].node.proposer().membership_status();
     assert_eq!((status.generation, status.joint_new.clone()), (2, None));
     assert_eq!(status.last_completed.as_ref().map(|done| done.generation), Some(2));
     for sk in [0, 1, 3] {
@@ -92,7 +92,7 @@ fn a_dead_safekeeper_is_replaced_through_a_joint_configuration() {
     net.connect(stale, 1);
     net.connect(stale, 2);
     net.run_until_quiet();
-    assert_eq!(net.computes[stale].proposer.membership_status().generation, 2);
+    assert_eq!(net.computes[stale].node.proposer().membership_status().generation, 2);
     assert_eq!(net.slot(stale, 2), None, "the removed member is let go");
     assert_eq!(net.elected_term(stale), None, "sk1 alone is no quorum of {{sk0, sk1, sk3}}");
     net.connect(stale, 3);
@@ -117,13 +117,13 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     let (mut net, c) = elected(4, &mut postgres);
     // sk3 is down: the change stops at catching up, joint stored on 0..2.
     net.crash_safekeeper(3, 0);
-    net.computes[c].proposer.request_membership(addrs(&[0, 1, 3]), net.now_ms).unwrap();
+    net.computes[c].node.handle_membership_request(net.now_ms, addrs(&[0, 1, 3])).unwrap();
     net.run_until_quiet();
-    assert_eq!(net.computes[c].proposer.membership_status().change.unwrap().phase, "preparing");
+    assert_eq!(net.computes[c].node.proposer().membership_status().change.unwrap().phase, "preparing");
     // It must greet the new member first; let it, then stop it again.
     net.restart_safekeeper(3);
     net.connect(c, 3);
-    net.run_until(|net| net.computes[0].proposer.membership_status().generation == 1);
+    net.run_until(|net| net.computes[0].node.proposer().membership_status().generation == 1);
     net.crash_safekeeper(3, 0);
     net.run_until_quiet();
     assert_eq!(stored(&net, 0).generation, 1);
@@ -140,7 +140,7 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     net.run_until_quiet();
     net.advance_time(1_000);
     net.run_until_quiet();
-    let status = net.computes[stale].proposer.membership_status();
+    let status = net.computes[stale].node.proposer().membership_status();
     assert_eq!(status.generation, 1, "adopted from a greeting");
     assert_eq!(status.change.as_ref().map(|change| change.target.clone()), Some(addrs(&[0, 1, 3])));
     assert_eq!(net.elected_term(stale), None, "the old set alone is no quorum of the joint configuration");
@@ -149,8 +149,8 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     net.connect(stale, 3);
     net.run_until_quiet();
     net.advance_time(HEARTBEAT_INTERVAL_MS);
-    net.run_until(|net| net.computes[1].proposer.membership_status().change.is_none());
-    assert_eq!(net.computes[stale].proposer.membership_status().generation, 2);
+    net.run_until(|net| net.computes[1].node.proposer().membership_status().change.is_none());
+    assert_eq!(net.computes[stale].node.proposer().membership_status().generation, 2);
     for sk in [0, 1, 3] {
         if !net.down[sk] && sk != 0 {
             assert_eq!(member_addrs(stored(&net, sk)), addrs(&[0, 1, 3]), "sk{sk}");
@@ -158,8 +158,8 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     }
 }
 
-fn proposer(net: &mut Net) -> &mut crate::proposer::Proposer {
-    &mut net.computes[0].proposer
+fn node(net: &mut Net) -> &mut crate::node::ShimNode {
+    &mut net.computes[0].node
 }
 
 /// Rules: requests are idempotent; a different target is refused once the
@@ -170,31 +170,31 @@ fn requests_are_idempotent_and_a_joint_configuration_can_be_aborted() {
     let (mut net, c) = elected(5, &mut postgres);
     let now = net.now_ms;
     assert_eq!(
-        proposer(&mut net).request_membership(addrs(&[0, 0]), now),
+        node(&mut net).handle_membership_request(now, addrs(&[0, 0])),
         Err(MembershipRequestError::Invalid("a safekeeper is named twice".into()))
     );
-    assert!(proposer(&mut net).request_membership(addrs(&[2, 1, 0]), now).is_ok(), "already the set");
-    assert!(proposer(&mut net).membership_status().change.is_none());
+    assert!(node(&mut net).handle_membership_request(now, addrs(&[2, 1, 0])).is_ok(), "already the set");
+    assert!(node(&mut net).proposer().membership_status().change.is_none());
 
     // Grow to five, with sk4 unreachable: stuck catching up.
-    proposer(&mut net).request_membership(addrs(&[0, 1, 2, 3, 4]), now).unwrap();
+    node(&mut net).handle_membership_request(now, addrs(&[0, 1, 2, 3, 4])).unwrap();
     net.connect(c, 3);
     net.connect(c, 4);
-    net.run_until(|net| net.computes[0].proposer.membership_status().generation == 1);
+    net.run_until(|net| net.computes[0].node.proposer().membership_status().generation == 1);
     net.crash_safekeeper(4, 0);
     net.run_until_quiet();
     write_more(&mut net, c, &postgres.clone(), 20);
     net.run_until_quiet();
-    let status = proposer(&mut net).membership_status();
+    let status = node(&mut net).proposer().membership_status();
     assert_eq!(status.change.as_ref().unwrap().phase, "catching-up", "{status:?}");
-    assert!(proposer(&mut net).request_membership(addrs(&[4, 3, 2, 1, 0]), now).is_ok(), "same set: follows");
-    let conflict = proposer(&mut net).request_membership(addrs(&[0, 1, 3]), now);
+    assert!(node(&mut net).handle_membership_request(now, addrs(&[4, 3, 2, 1, 0])).is_ok(), "same set: follows");
+    let conflict = node(&mut net).handle_membership_request(now, addrs(&[0, 1, 3]));
     assert!(matches!(conflict, Err(MembershipRequestError::ChangeInProgress { .. })), "{conflict:?}");
 
     // Abort: back to the old set, generation 2.
-    proposer(&mut net).request_membership(addrs(&[0, 1, 2]), now).unwrap();
-    net.run_until(|net| net.computes[0].proposer.membership_status().change.is_none());
-    let status = proposer(&mut net).membership_status();
+    node(&mut net).handle_membership_request(now, addrs(&[0, 1, 2])).unwrap();
+    net.run_until(|net| net.computes[0].node.proposer().membership_status().change.is_none());
+    let status = node(&mut net).proposer().membership_status();
     assert_eq!(status.generation, 2);
     assert_eq!(status.members.iter().map(|member| member.pg_addr.clone()).collect::<Vec<_>>(), addrs(&[0, 1, 2]));
     assert_eq!(member_addrs(stored(&net, 3)), addrs(&[0, 1, 2]), "the removed member was told");

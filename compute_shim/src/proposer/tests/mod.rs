@@ -5,8 +5,10 @@
 //! - [`scenarios`]: one test per rule.
 //! - [`membership`]: changing the safekeeper set.
 //! - [`random`]: a seeded simulation with disconnects and proposer restarts.
+//! - [`timers`]: the shim node's `poll_timeout` is when it needs a call.
 
 mod harness;
 mod membership;
 mod random;
 mod scenarios;
+mod timers;

@@ -291,7 +291,7 @@ impl Simulation {
         set.truncate(self.rng.gen_range(3..=self.safekeepers));
         let target = set.into_iter().map(addr).collect();
         // A conflict with a change under way is an answer, not a failure.
-        let _ = self.net.computes[c].proposer.request_membership(target, self.net.now_ms);
+        let _ = self.net.computes[c].node.handle_membership_request(self.net.now_ms, target);
         // The driver connects to the new members at once.
         if self.net.is_running(c) {
             let up: Vec<usize> = (0..self.safekeepers).filter(|&sk| !self.net.down[sk]).collect();
@@ -378,7 +378,7 @@ impl Simulation {
         self.lineage_of.push(lineage);
         let c = self.net.start_compute_with(self.lineages[lineage].clone(), &self.initial_set);
         if self.break_commit_rule {
-            self.net.computes[c].proposer.break_commit_rule_for_tests();
+            self.net.computes[c].node.break_commit_rule_for_tests();
         }
         self.net.computes[c].wal_piece_bytes = self.rng.gen_range(1_000..140_000);
         self.last_commit.push(Lsn::INVALID);
@@ -521,7 +521,7 @@ impl Simulation {
             }
             if let Some(term) = self.net.elected_term(c) {
                 let first = *self.elected.entry(term).or_insert_with(|| {
-                    let start = self.net.computes[c].proposer.status().term_start_lsn.expect("elected");
+                    let start = self.net.computes[c].node.proposer().status().term_start_lsn.expect("elected");
                     let acknowledged_before = self.committed_before_votes[&term];
                     assert!(
                         start >= acknowledged_before,
@@ -606,7 +606,7 @@ impl Simulation {
 
     /// The configuration compute `c` counts quorums in.
     fn configuration_of(&self, c: usize) -> Configuration {
-        let status = self.net.computes[c].proposer.membership_status();
+        let status = self.net.computes[c].node.proposer().membership_status();
         Configuration {
             generation: status.generation,
             written_in_term: status.written_in_term,
@@ -679,7 +679,7 @@ impl Simulation {
             self.check();
         }
         self.check();
-        let status = self.net.computes[c].proposer.status();
+        let status = self.net.computes[c].node.proposer().status();
         if self.net.commit_lsn(c) == postgres.flush_lsn() {
             let members: Vec<usize> =
                 status.safekeepers.iter().filter(|peer| peer.member).map(|peer| acceptor_index(&peer.addr)).collect();

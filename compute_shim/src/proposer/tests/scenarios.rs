@@ -4,7 +4,7 @@ use safekeeper_protocol::ids::{NodeId, Term};
 use postgres_wal::lsn::Lsn;
 
 use super::harness::{new_acceptor, segment_size, Net, Postgres, TIMELINE_START};
-use crate::proposer::{PeerState, ProposerError};
+use crate::proposer::{PeerState, ProposerError, SlotIndex};
 
 /// The first record end at or past `lsn`.
 fn record_end_after(postgres: &Postgres, lsn: Lsn) -> Lsn {
@@ -102,7 +102,7 @@ fn restarted_proposer_continues_from_the_best_donor() {
     net.connect(second, 1);
     net.connect(second, 2);
     net.run_until_quiet();
-    let status = net.computes[second].proposer.status();
+    let status = net.computes[second].node.proposer().status();
     assert_eq!((status.term, status.term_start_lsn), (Some(Term(2)), Some(b)), "donor: safekeeper 1 at B");
     assert_eq!(net.commit_lsn(second), c_end);
     assert_eq!(net.holders(&postgres, c_end), 3);
@@ -111,7 +111,7 @@ fn restarted_proposer_continues_from_the_best_donor() {
     // Postgres still holds that WAL, the stream restarts there for it.
     net.connect(second, 0);
     net.run_until_quiet();
-    let status = net.computes[second].proposer.status();
+    let status = net.computes[second].node.proposer().status();
     assert_eq!(status.safekeepers[0].state, PeerState::Streaming);
     assert_eq!(net.holders(&postgres, c_end), 3, "caught up from Postgres");
     assert_eq!(status.catch_up_wal_start_lsn, None, "the catch-up WAL joined the buffer");
@@ -131,7 +131,7 @@ fn restarted_proposer_continues_from_the_best_donor() {
     let third = net.start_compute(recycled);
     net.connect_all(third);
     net.run_until_quiet();
-    let status = net.computes[third].proposer.status();
+    let status = net.computes[third].node.proposer().status();
     assert_eq!(status.safekeepers[0].state, PeerState::TooFarBehind);
     assert_eq!(net.commit_lsn(third), end, "the quorum goes on");
 
@@ -146,7 +146,7 @@ fn restarted_proposer_continues_from_the_best_donor() {
     net.disconnect(third, 0);
     net.connect(third, 0);
     net.run_until_quiet();
-    assert_eq!(net.computes[third].proposer.status().safekeepers[0].state, PeerState::Streaming);
+    assert_eq!(net.computes[third].node.proposer().status().safekeepers[0].state, PeerState::Streaming);
     assert_eq!(net.holders(&postgres, end), 3, "all three hold Postgres's WAL again");
 }
 
@@ -195,7 +195,7 @@ fn leave_uncommitted_tail(
     let t2 = start(net, x);
     net.connect(t2, 0);
     net.connect(t2, 1);
-    net.run_until(|net| net.computes[t2].proposer.status().safekeepers[1].state == PeerState::Streaming);
+    net.run_until(|net| net.computes[t2].node.proposer().status().safekeepers[1].state == PeerState::Streaming);
     net.disconnect(t2, 1);
     net.run_until_quiet();
     assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b);
@@ -219,7 +219,7 @@ fn figure_8(break_commit_rule: bool) -> Figure8 {
     let mut start = |net: &mut Net, postgres: &Postgres| {
         let c = net.start_compute(postgres.clone());
         if break_commit_rule {
-            net.computes[c].proposer.break_commit_rule_for_tests();
+            net.computes[c].node.break_commit_rule_for_tests();
         }
         c
     };
@@ -243,8 +243,8 @@ fn figure_8(break_commit_rule: bool) -> Figure8 {
     net.connect(t4, 1);
     // No WAL is sent before the log check (x's WAL below B is the log on
     // safekeeper 0) has passed.
-    net.run_until(|net| net.computes[t4].proposer.status().postgres_wal_checked);
-    assert_eq!(net.computes[t4].proposer.status().term_start_lsn, Some(b));
+    net.run_until(|net| net.computes[t4].node.proposer().status().postgres_wal_checked);
+    assert_eq!(net.computes[t4].node.proposer().status().term_start_lsn, Some(b));
     net.pump(t4);
     assert!(net.deliver_to_acceptor(t4, 1), "the first append to safekeeper 1");
     net.computes[t4].links[1].to_acceptor.clear();
@@ -261,7 +261,7 @@ fn figure_8(break_commit_rule: bool) -> Figure8 {
     net.connect(t5, 1);
     net.connect(t5, 2);
     net.run_until_quiet();
-    assert_eq!(net.computes[t5].proposer.status().term_start_lsn, Some(c_end));
+    assert_eq!(net.computes[t5].node.proposer().status().term_start_lsn, Some(c_end));
     assert_eq!(net.commit_lsn(t5), c_end);
     assert_eq!(net.holders(&y, c_end), 2);
     let violation = net.check_commit_on_majority(&x, term_4_commit);
@@ -320,7 +320,10 @@ fn a_diverged_primary_is_refused_before_sending_any_wal() {
         net.connect(t3, 2);
         net.run_until_quiet();
         let error = net.computes[t3].stopped.clone().expect("Y's proposer must refuse to lead");
-        assert!(matches!(error, ProposerError::PostgresDiverged { safekeeper: 0, .. }), "tail {tail_kib} KiB: {error}");
+        assert!(
+            matches!(error, ProposerError::PostgresDiverged { safekeeper: SlotIndex(0), .. }),
+            "tail {tail_kib} KiB: {error}"
+        );
         assert!(error.is_fatal() && error.to_string().contains("not the primary that wrote the log"), "{error}");
         assert_eq!(net.acceptors[2].acceptor().flush_lsn(), a, "none of Y's WAL reached safekeeper 2");
         assert_eq!(net.acceptors[0].acceptor().flush_lsn(), b, "safekeeper 0 keeps X's tail");
