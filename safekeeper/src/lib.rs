@@ -13,6 +13,7 @@
 //! - [`retention`]: which WAL may be removed once consumed.
 //! - [`datadir`]: the data directory lock and node id.
 //! - [`import`]: seeding a timeline from a Postgres `pg_wal` directory.
+//! - [`listen_addrs`]: the `--listen-addrs-file` a process reports its bound ports in.
 //! - [`service`]: the network service (pg wire port, HTTP, timeline owners).
 //! - [`client`]: a client of that HTTP API (peer recovery, the page server stub).
 
@@ -22,6 +23,7 @@ pub mod control;
 pub mod datadir;
 pub mod ids;
 pub mod import;
+pub mod listen_addrs;
 pub mod lsn;
 pub mod membership;
 pub mod protocol;

@@ -71,6 +71,11 @@ struct ServeArgs {
     /// (peer recovery, docs/service.md).
     #[arg(long = "peer-http", value_name = "HOST:PORT")]
     peer_http: Vec<SafekeeperAddress>,
+    /// Once both ports are bound, write their addresses to FILE (lines
+    /// `pg=HOST:PORT` and `http=HOST:PORT`, replaced atomically): how a
+    /// supervisor learns the ports picked for port 0.
+    #[arg(long, value_name = "FILE")]
+    listen_addrs_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -185,6 +190,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen_http: args.listen_http,
         retention: RetentionPolicy { keep_bytes: args.wal_keep_bytes },
         peers: args.peer_http,
+        listen_addrs_file: args.listen_addrs_file,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let result = runtime.block_on(service::run(config));
