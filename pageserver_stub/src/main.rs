@@ -44,6 +44,11 @@ struct Cli {
     /// Address of the HTTP status port (GET /v1/status).
     #[arg(long, default_value = "127.0.0.1:7678", value_name = "HOST:PORT")]
     listen_http: SocketAddr,
+    /// Once the HTTP port is bound, write its address to FILE (a line
+    /// `http=HOST:PORT`, replaced atomically): how a supervisor learns the
+    /// port picked for port 0.
+    #[arg(long, value_name = "FILE")]
+    listen_addrs_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.listen_http)
         .await
         .with_context(|| format!("binding the HTTP port {}", cli.listen_http))?;
+    if let Some(path) = &cli.listen_addrs_file {
+        utils::listen_addrs::write_listen_addrs(path, &[("http", listener.local_addr()?)])?;
+    }
     let config = StubConfig {
         safekeepers: cli.safekeepers_http,
         tenant_id: cli.tenant_id,

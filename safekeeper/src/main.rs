@@ -80,6 +80,11 @@ struct ServeArgs {
     /// more is refused (SQLSTATE 53400, configuration_limit_exceeded).
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     max_timelines: usize,
+    /// Once both ports are bound, write their addresses to FILE (lines
+    /// `pg=HOST:PORT` and `http=HOST:PORT`, replaced atomically): how a
+    /// supervisor learns the ports picked for port 0.
+    #[arg(long, value_name = "FILE")]
+    listen_addrs_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -193,6 +198,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention: RetentionPolicy { keep_bytes: args.wal_keep_bytes },
         peers: args.peer_http,
         max_timelines: args.max_timelines,
+        listen_addrs_file: args.listen_addrs_file,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)

@@ -4,15 +4,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use serde_json::Value;
 
+use crate::fixture::wait_for;
 use crate::pg::{PgCluster, PgOptions};
-use crate::processes::{free_loopback_port, ComputeShim, Safekeeper, ShimArgs};
+use crate::processes::{ComputeShim, Safekeeper, SafekeeperPorts, ShimArgs};
 
 pub const TENANT: &str = "0123456789abcdef0123456789abcdef";
 pub const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
@@ -22,17 +22,12 @@ pub const SHIM_SLOT: &str = "safekeepers";
 pub const SAFEKEEPER_COUNT: usize = 3;
 /// How long a fresh shim may take to be elected and streaming.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Whether the safekeepers are started knowing each other (`--peer-http`).
 #[derive(Clone, Copy)]
 enum PeerRecovery {
     On,
     Off,
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 pub struct QuorumCluster {
@@ -82,21 +77,19 @@ impl QuorumCluster {
         let mut pg = PgCluster::init(options)?;
         pg.start()?;
         let dir = tempfile::Builder::new().prefix("quorum-").tempdir()?;
-        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..SAFEKEEPER_COUNT)
-            .map(|_| Ok((loopback(free_loopback_port()?), loopback(free_loopback_port()?))))
-            .collect::<Result<_>>()?;
+        // Reserved, not port 0: each is told its peers' addresses at start.
+        let ports: Vec<_> = (0..SAFEKEEPER_COUNT).map(|_| SafekeeperPorts::reserve()).collect::<Result<_>>()?;
         let safekeepers = (0..SAFEKEEPER_COUNT)
             .map(|index| {
-                let peers = addrs.iter().enumerate().filter(|&(other, _)| other != index);
+                let peers = ports.iter().enumerate().filter(|&(other, _)| other != index);
                 let peer_args = match peer_recovery {
                     PeerRecovery::On => {
-                        peers.flat_map(|(_, (_, http))| ["--peer-http".to_string(), http.to_string()]).collect()
+                        peers.flat_map(|(_, peer)| ["--peer-http".to_string(), peer.http.addr().to_string()]).collect()
                     }
                     PeerRecovery::Off => vec![],
                 };
-                let (pg_addr, http_addr) = addrs[index];
                 let id = index as u64 + 1;
-                Safekeeper::start_with_args(id, &dir.path().join(format!("sk{id}")), pg_addr, http_addr, peer_args)
+                Safekeeper::start_reserved(id, &dir.path().join(format!("sk{id}")), ports[index].clone(), peer_args)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(QuorumCluster { shim: None, safekeepers, pg, dir, shim_targets: None })
@@ -189,8 +182,8 @@ impl QuorumCluster {
 
 /// Membership changes: new safekeepers, shims started with another list.
 impl QuorumCluster {
-    /// Start a new safekeeper `id` on an empty data directory and fresh
-    /// ports, knowing the safekeepers at `peers` (indexes) for peer
+    /// Start a new safekeeper `id` on an empty data directory and ports
+    /// the kernel picks, knowing the safekeepers at `peers` (indexes) for peer
     /// recovery; returns its index. It serves nothing until a shim that
     /// counts it creates the timeline there.
     pub fn add_safekeeper(&mut self, id: u64, peers: &[usize]) -> Result<usize> {
@@ -199,7 +192,7 @@ impl QuorumCluster {
             .flat_map(|&peer| ["--peer-http".to_string(), self.safekeepers[peer].http_addr.to_string()])
             .collect();
         let datadir = self.dir.path().join(format!("sk{id}"));
-        let safekeeper = Safekeeper::start_on_free_ports(id, &datadir, peer_args)?;
+        let safekeeper = Safekeeper::start_with_args(id, &datadir, peer_args)?;
         self.safekeepers.push(safekeeper);
         Ok(self.safekeepers.len() - 1)
     }
@@ -254,23 +247,4 @@ impl QuorumCluster {
 pub fn json_lsn(value: &Value, field: &str) -> Result<Lsn> {
     let text = value[field].as_str().with_context(|| format!("no {field} in {value}"))?;
     Ok(text.parse()?)
-}
-
-/// Poll `check` until it yields a value or `timeout` passes. Errors from
-/// `check` (a process still starting, say) count as "not yet".
-pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last_error = None;
-    loop {
-        match check() {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(error) => last_error = Some(error),
-        }
-        if Instant::now() >= deadline {
-            let detail = last_error.map(|e| format!(" (last error: {e:#})")).unwrap_or_default();
-            bail!("timed out after {timeout:?} waiting for {what}{detail}");
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
 }

@@ -1,9 +1,11 @@
 //! Integration test harness.
 //!
+//! - [`fixture`]: the one bounded wait and the one port reservation.
 //! - [`pg`]: a real PostgreSQL 15 cluster in a temp dir (initdb, start/stop
 //!   by pid, psql/pgbench, pg_wal access).
-//! - [`processes`]: project binaries (safekeeper, compute_shim) as child
-//!   processes on free loopback ports, and a minimal HTTP GET.
+//! - [`processes`]: project binaries (safekeeper, compute_shim,
+//!   pageserver_stub) as child processes on loopback ports they pick and
+//!   report, and a minimal HTTP client.
 //! - [`cluster`]: Postgres whose commits wait for three safekeepers
 //!   through compute_shim.
 //! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
@@ -12,6 +14,7 @@
 
 pub mod cluster;
 pub mod fault_proxy;
+pub mod fixture;
 pub mod pg;
 pub mod processes;
 pub mod wal_files;

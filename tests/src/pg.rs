@@ -1,7 +1,7 @@
 //! A real PostgreSQL 15 cluster for integration tests.
 //!
 //! Each [`PgCluster`] lives in its own temporary directory (data directory,
-//! Unix socket, server log), listens only on 127.0.0.1 at a free port, and is
+//! Unix socket, server log), listens only on 127.0.0.1 at a reserved port, and is
 //! stopped (by pid, never by name) when dropped. Postgres refuses to run as
 //! root, so when the tests run as root every Postgres program runs as the
 //! `postgres` OS user; otherwise as the current user.
@@ -11,17 +11,18 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::{Pid, User};
+
+use crate::fixture::{wait_bounded, PortReservation, POLL_INTERVAL};
 
 /// Where Debian/Ubuntu install PostgreSQL 15; `PG_BIN_DIR` overrides it.
 pub const DEFAULT_PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -30,12 +31,8 @@ pub const PG_OS_USER: &str = "postgres";
 /// The database superuser (`initdb -U`), whatever the OS user.
 pub const PG_SUPERUSER: &str = "postgres";
 pub const DEFAULT_WAL_SEGMENT_SIZE_MIB: u32 = 16;
-/// How often readiness and exit are polled.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long an immediate shutdown may take before the process group is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts to start when the chosen port was taken meanwhile by someone else.
-const MAX_PORT_ATTEMPTS: u32 = 5;
 /// Bytes of the server log quoted in error messages.
 const LOG_TAIL_BYTES: u64 = 4096;
 
@@ -87,7 +84,9 @@ pub struct PgCluster {
     run_as: Option<RunAs>,
     /// Holds data, socket and log; removed on drop (after the server stops).
     base_dir: tempfile::TempDir,
-    port: u16,
+    /// Postgres cannot bind port 0 and report it: its port is reserved for
+    /// it (no one else gets it meanwhile), for its whole life.
+    port: PortReservation,
     postmaster: Option<Child>,
 }
 
@@ -96,7 +95,7 @@ impl PgCluster {
     /// server is not started.
     pub fn init(options: PgOptions) -> Result<PgCluster> {
         let (run_as, base_dir) = base_dir_for_postgres("pg-test-")?;
-        let mut cluster = PgCluster { options, run_as, base_dir, port: free_loopback_port()?, postmaster: None };
+        let mut cluster = PgCluster { options, run_as, base_dir, port: PortReservation::new()?, postmaster: None };
         let segsize = cluster.options.wal_segment_size_mib.to_string();
         let data_dir = cluster.data_dir();
         let mut initdb = cluster.command("initdb");
@@ -116,7 +115,7 @@ impl PgCluster {
     /// `recovery.signal` with [`PgCluster::write_data_file`].
     pub fn from_base_backup(source: &PgCluster, options: PgOptions, wal_mode: &str) -> Result<PgCluster> {
         let (run_as, base_dir) = base_dir_for_postgres("pg-backup-")?;
-        let mut cluster = PgCluster { options, run_as, base_dir, port: free_loopback_port()?, postmaster: None };
+        let mut cluster = PgCluster { options, run_as, base_dir, port: PortReservation::new()?, postmaster: None };
         let mut backup = source.command("pg_basebackup");
         backup.arg("-D").arg(cluster.data_dir()).args(["-X", wal_mode, "-c", "fast", "--no-sync"]);
         cluster.run_checked(backup, cluster.options.command_timeout).context("pg_basebackup")?;
@@ -177,24 +176,10 @@ impl PgCluster {
     /// Start the server and wait (bounded) until it accepts connections.
     pub fn start(&mut self) -> Result<()> {
         assert!(self.postmaster.is_none(), "Postgres is already running");
-        for attempt in 1..=MAX_PORT_ATTEMPTS {
-            match self.try_start() {
-                Ok(()) => return Ok(()),
-                Err(error) if attempt < MAX_PORT_ATTEMPTS && self.log_tail().contains("could not bind") => {
-                    eprintln!("port {} was taken ({error:#}); trying another", self.port);
-                    self.port = free_loopback_port()?;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        unreachable!("the last attempt returns")
-    }
-
-    fn try_start(&mut self) -> Result<()> {
         let log =
             OpenOptions::new().create(true).append(true).open(self.log_path()).context("opening the server log")?;
         let mut postgres = self.command("postgres");
-        postgres.arg("-D").arg(self.data_dir()).arg("-p").arg(self.port.to_string());
+        postgres.arg("-D").arg(self.data_dir()).arg("-p").arg(self.port.port().to_string());
         // Its own process group: a stray signal to the test's group does not
         // reach it, and on a failed shutdown the whole group can be killed.
         postgres.process_group(0).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
@@ -250,7 +235,7 @@ impl PgCluster {
             // Already gone (ESRCH) is fine as long as we reap it below.
             eprintln!("signal {signal} to postgres {pid}: {error}");
         }
-        if wait_with_deadline(&mut child, STOP_TIMEOUT)?.is_some() {
+        if wait_bounded(&mut child, STOP_TIMEOUT)?.is_some() {
             return Ok(());
         }
         // The postmaster leads its own group (see try_start): kill it all.
@@ -303,7 +288,7 @@ impl PgCluster {
             .current_dir(self.base_dir.path())
             .env("HOME", self.base_dir.path())
             .env("PGHOST", self.base_dir.path())
-            .env("PGPORT", self.port.to_string())
+            .env("PGPORT", self.port.port().to_string())
             .env("PGUSER", PG_SUPERUSER)
             .env("PGDATABASE", "postgres")
             .env_remove("PGPASSWORD")
@@ -348,7 +333,7 @@ impl PgCluster {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.port.port()
     }
 
     pub fn wal_segment_size_bytes(&self) -> u64 {
@@ -357,7 +342,7 @@ impl PgCluster {
 
     /// A libpq connection string over TCP to `dbname` as the superuser.
     pub fn connection_string(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user={PG_SUPERUSER} dbname={dbname}", self.port)
+        format!("host=127.0.0.1 port={} user={PG_SUPERUSER} dbname={dbname}", self.port())
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -423,12 +408,6 @@ fn check_traversable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A port that was free on 127.0.0.1 a moment ago.
-fn free_loopback_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// Spawn `command`, collect its output, and kill it if it outlives `timeout`.
 fn run_bounded(mut command: Command, timeout: Duration) -> Result<Output> {
     let description = format!("{:?} {:?}", command.get_program(), command.get_args().collect::<Vec<_>>());
@@ -437,7 +416,7 @@ fn run_bounded(mut command: Command, timeout: Duration) -> Result<Output> {
     // Read both pipes concurrently so a chatty child cannot block on a full pipe.
     let stdout = drain_pipe(child.stdout.take());
     let stderr = drain_pipe(child.stderr.take());
-    let Some(status) = wait_with_deadline(&mut child, timeout)? else {
+    let Some(status) = wait_bounded(&mut child, timeout)? else {
         let _ = child.kill();
         let _ = child.wait();
         bail!("{description} did not finish within {timeout:?}");
@@ -454,20 +433,6 @@ fn drain_pipe(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Ve
         }
         bytes
     })
-}
-
-/// Wait for `child` up to `timeout`; None if it is still running.
-fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for a child")? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
 }
 
 #[cfg(test)]

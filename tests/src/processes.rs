@@ -1,5 +1,7 @@
-//! Project binaries as child processes: build them once, start them on free
-//! loopback ports, stop them by pid. Every wait is bounded.
+//! Project binaries as child processes: build them once, start them on
+//! loopback ports they bind themselves (port 0, reported through
+//! `--listen-addrs-file`) or on reserved ones, stop them by pid. Every wait
+//! is bounded.
 //!
 //! The tests crate cannot use `CARGO_BIN_EXE_*` of another package, so
 //! [`binary`] runs `cargo build -p <package>` once per test process and
@@ -8,24 +10,26 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use utils::listen_addrs::parse_listen_addrs;
+
+use crate::fixture::{wait_bounded, wait_for, PortReservation, POLL_INTERVAL};
 
 /// How long `cargo build` of one package may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long a started service may take to accept connections.
+/// How long a started service may take to bind its ports.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a signalled process may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes of a child's log quoted in error messages.
 const LOG_TAIL_BYTES: usize = 4096;
 /// Largest HTTP response [`http_get`] reads.
@@ -71,30 +75,6 @@ pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
     let path = target.join("debug").join(name);
     built.insert(package.to_string(), path.clone());
     Ok(path)
-}
-
-/// Fresh ports a process is started on before giving up (see
-/// [`Safekeeper::start_on_free_ports`]).
-const PORT_ATTEMPTS: usize = 5;
-
-/// A port that was free on 127.0.0.1 a moment ago.
-pub fn free_loopback_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Wait for `child` up to `timeout`; `None` if it is still running.
-pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for a child")? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
 }
 
 /// A helper child (psql, pgbench) that is killed and reaped if the test
@@ -201,28 +181,62 @@ impl ServiceProcess {
         text.get(start..).unwrap_or(&text).to_string()
     }
 
-    /// Wait (bounded) until every address accepts TCP connections.
-    fn wait_listening(&mut self, addrs: &[SocketAddr]) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child_mut()?.try_wait()? {
-                bail!("{} exited at startup ({status}): {}", self.name, self.log_tail());
+    /// Spawn `command` with `--listen-addrs-file` added and wait (bounded)
+    /// until the process has bound its ports and reported them there; the
+    /// addresses by listener name (`pg`, `http`).
+    pub fn spawn_listening(
+        name: &'static str,
+        mut command: Command,
+        log_path: &Path,
+    ) -> Result<(ServiceProcess, HashMap<String, SocketAddr>)> {
+        let addrs_path = log_path.with_extension("addrs");
+        command.arg("--listen-addrs-file").arg(&addrs_path);
+        let mut process = ServiceProcess::spawn(name, command, log_path)?;
+        let reported = wait_for(READY_TIMEOUT, &format!("{name} to report its addresses"), || {
+            if let Some(status) = process.child_mut()?.try_wait()? {
+                return Ok(Some(Err(anyhow!("{name} exited at startup ({status}): {}", process.log_tail()))));
             }
-            if addrs.iter().all(|&addr| TcpStream::connect_timeout(&addr, POLL_INTERVAL * 10).is_ok()) {
-                return Ok(());
+            match std::fs::read_to_string(&addrs_path) {
+                Ok(text) => Ok(Some(parse_listen_addrs(&text))),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(error) => Err(error.into()),
             }
-            if Instant::now() >= deadline {
-                bail!("{} not ready within {READY_TIMEOUT:?}: {}", self.name, self.log_tail());
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        });
+        let addrs = reported.and_then(|parsed| parsed).with_context(|| process.log_tail())?;
+        Ok((process, addrs.into_iter().collect()))
     }
+}
+
+/// The address reported for listener `name`.
+fn reported(addrs: &HashMap<String, SocketAddr>, name: &str) -> Result<SocketAddr> {
+    addrs.get(name).copied().ok_or_else(|| anyhow!("no {name} address among those reported: {addrs:?}"))
 }
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         let _ = self.kill();
     }
+}
+
+/// A safekeeper's two ports, held for it while this lives (its peers or a
+/// shim were told them before it started; restarts come back to them).
+pub struct SafekeeperPorts {
+    pub pg: PortReservation,
+    pub http: PortReservation,
+}
+
+impl SafekeeperPorts {
+    pub fn reserve() -> Result<Arc<SafekeeperPorts>> {
+        Ok(Arc::new(SafekeeperPorts { pg: PortReservation::new()?, http: PortReservation::new()? }))
+    }
+}
+
+/// Where a safekeeper is started.
+enum Listen {
+    /// Port 0: the kernel picks, the process reports.
+    AnyPort,
+    /// Exactly these (a restart), held by `ports` if they were reserved.
+    At { pg: SocketAddr, http: SocketAddr, ports: Option<Arc<SafekeeperPorts>> },
 }
 
 /// A `safekeeper` serving a data directory; SIGKILLed when dropped.
@@ -234,48 +248,45 @@ pub struct Safekeeper {
     pub http_addr: SocketAddr,
     /// Flags beyond id, datadir and addresses (kept across restarts).
     pub extra_args: Vec<String>,
+    /// The reservation of its ports, if it was started on reserved ones.
+    ports: Option<Arc<SafekeeperPorts>>,
 }
 
 impl Safekeeper {
-    /// Start on fresh free ports and wait until both ports accept.
+    /// Start on ports the kernel picks; returns once it listens.
     pub fn start(id: u64, datadir: &Path) -> Result<Safekeeper> {
-        Safekeeper::start_on_free_ports(id, datadir, vec![])
+        Safekeeper::start_with_args(id, datadir, vec![])
     }
 
-    /// Start with `extra_args` on fresh free ports. A port free a moment ago
-    /// may be taken before the safekeeper binds it (any outgoing connection
-    /// of a parallel test can get it as its ephemeral port): then it is
-    /// started again on other ports, a bounded number of times.
-    pub fn start_on_free_ports(id: u64, datadir: &Path, extra_args: Vec<String>) -> Result<Safekeeper> {
-        let mut attempt = 1;
-        loop {
-            let pg_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-            let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-            match Safekeeper::start_with_args(id, datadir, pg_addr, http_addr, extra_args.clone()) {
-                Err(error) if attempt < PORT_ATTEMPTS && format!("{error:#}").contains("Address already in use") => {
-                    attempt += 1;
-                }
-                started => return started,
-            }
-        }
+    /// Start with `extra_args` (e.g. `--wal-keep-bytes N`) on ports the
+    /// kernel picks.
+    pub fn start_with_args(id: u64, datadir: &Path, extra_args: Vec<String>) -> Result<Safekeeper> {
+        Safekeeper::launch(id, datadir, Listen::AnyPort, extra_args)
     }
 
-    /// Start on the given addresses (a restart keeps its ports).
-    pub fn start_at(id: u64, datadir: &Path, pg_addr: SocketAddr, http_addr: SocketAddr) -> Result<Safekeeper> {
-        Safekeeper::start_with_args(id, datadir, pg_addr, http_addr, vec![])
-    }
-
-    /// Start with `extra_args` (e.g. `--wal-keep-bytes N`) on the given addresses.
-    pub fn start_with_args(
+    /// Start with `extra_args` on the reserved `ports` (which others were
+    /// told already); the reservation is held as long as the safekeeper and
+    /// its restarts are.
+    pub fn start_reserved(
         id: u64,
         datadir: &Path,
-        pg_addr: SocketAddr,
-        http_addr: SocketAddr,
+        ports: Arc<SafekeeperPorts>,
         extra_args: Vec<String>,
     ) -> Result<Safekeeper> {
-        let mut process = Safekeeper::spawn(id, datadir, pg_addr, http_addr, &extra_args)?;
-        process.wait_listening(&[pg_addr, http_addr])?;
-        Ok(Safekeeper { process, id, datadir: datadir.to_path_buf(), pg_addr, http_addr, extra_args })
+        let (pg, http) = (ports.pg.addr(), ports.http.addr());
+        Safekeeper::launch(id, datadir, Listen::At { pg, http, ports: Some(ports) }, extra_args)
+    }
+
+    fn launch(id: u64, datadir: &Path, listen: Listen, extra_args: Vec<String>) -> Result<Safekeeper> {
+        let (pg, http, ports) = match listen {
+            Listen::AnyPort => (ANY_LOOPBACK_PORT, ANY_LOOPBACK_PORT, None),
+            Listen::At { pg, http, ports } => (pg, http, ports),
+        };
+        let (process, addrs) = Safekeeper::spawn(id, datadir, pg, http, &extra_args)?;
+        let (pg_addr, http_addr) = (reported(&addrs, "pg")?, reported(&addrs, "http")?);
+        ensure!(pg.port() == 0 || pg == pg_addr, "safekeeper asked to listen on {pg} reports {pg_addr}");
+        ensure!(http.port() == 0 || http == http_addr, "safekeeper asked to listen on {http} reports {http_addr}");
+        Ok(Safekeeper { process, id, datadir: datadir.to_path_buf(), pg_addr, http_addr, extra_args, ports })
     }
 
     fn spawn(
@@ -284,21 +295,24 @@ impl Safekeeper {
         pg: SocketAddr,
         http: SocketAddr,
         extra_args: &[String],
-    ) -> Result<ServiceProcess> {
+    ) -> Result<(ServiceProcess, HashMap<String, SocketAddr>)> {
         let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
         let mut command = Command::new(binary("safekeeper", "safekeeper")?);
         command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
         command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
         command.args(extra_args);
-        ServiceProcess::spawn("safekeeper", command, &log_path)
+        ServiceProcess::spawn_listening("safekeeper", command, &log_path)
     }
 
     /// Run a second `safekeeper` on `datadir` and expect it to exit; returns
     /// its exit status and output.
     pub fn run_expecting_exit(id: u64, datadir: &Path) -> Result<(ExitStatus, String)> {
-        let pg = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
-        let mut process = Safekeeper::spawn(id, datadir, pg, http, &[])?;
+        let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
+        let mut command = Command::new(binary("safekeeper", "safekeeper")?);
+        command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
+        command.arg("--listen-pg").arg(ANY_LOOPBACK_PORT.to_string());
+        command.arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string());
+        let mut process = ServiceProcess::spawn("safekeeper", command, &log_path)?;
         let status = process
             .wait_exit(EXIT_TIMEOUT)?
             .ok_or_else(|| anyhow!("safekeeper on {} kept running", datadir.display()))?;
@@ -307,7 +321,13 @@ impl Safekeeper {
 
     /// The same safekeeper started again on its data directory and ports.
     pub fn restart(&self) -> Result<Safekeeper> {
-        Safekeeper::start_with_args(self.id, &self.datadir, self.pg_addr, self.http_addr, self.extra_args.clone())
+        self.restart_with_args(self.extra_args.clone())
+    }
+
+    /// [`Safekeeper::restart`] with other flags (they replace the old ones).
+    pub fn restart_with_args(&self, extra_args: Vec<String>) -> Result<Safekeeper> {
+        let listen = Listen::At { pg: self.pg_addr, http: self.http_addr, ports: self.ports.clone() };
+        Safekeeper::launch(self.id, &self.datadir, listen, extra_args)
     }
 
     /// `GET path` on the HTTP port.
@@ -315,6 +335,10 @@ impl Safekeeper {
         http_get(self.http_addr, path)
     }
 }
+
+/// `--listen-* 127.0.0.1:0`: the kernel picks a free port, the process
+/// reports it.
+const ANY_LOOPBACK_PORT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// A `compute_shim` streaming a Postgres primary to safekeepers; SIGKILLed
 /// when dropped.
@@ -338,23 +362,21 @@ impl ComputeShim {
     /// Start and wait until its HTTP port answers (not until it is elected:
     /// see [`ComputeShim::wait_elected`]).
     pub fn start(args: &ShimArgs, log_dir: &Path) -> Result<ComputeShim> {
-        let mut shim = ComputeShim::spawn(args, log_dir)?;
-        shim.process.wait_listening(&[shim.http_addr])?;
-        Ok(shim)
+        ComputeShim::spawn(args, log_dir)
     }
 
-    /// Start without waiting for anything (for a shim expected to exit).
+    /// Start and wait only until it reports its HTTP port, which it binds
+    /// before anything can fail (for a shim expected to exit).
     pub fn spawn(args: &ShimArgs, log_dir: &Path) -> Result<ComputeShim> {
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
         let addrs: Vec<String> = args.safekeepers.iter().map(SocketAddr::to_string).collect();
         let mut command = Command::new(binary("compute_shim", "compute_shim")?);
         command.arg("--pg").arg(&args.pg_conninfo).arg("--safekeepers").arg(addrs.join(","));
         command.arg("--tenant-id").arg(&args.tenant_id).arg("--timeline-id").arg(&args.timeline_id);
         command.arg("--application-name").arg(&args.application_name).arg("--slot").arg(&args.slot);
-        command.arg("--listen-http").arg(http_addr.to_string());
+        command.arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string());
         let log_path = log_dir.join(format!("compute_shim.{}.log", unique_suffix()));
-        let process = ServiceProcess::spawn("compute_shim", command, &log_path)?;
-        Ok(ComputeShim { process, http_addr })
+        let (process, addrs) = ServiceProcess::spawn_listening("compute_shim", command, &log_path)?;
+        Ok(ComputeShim { process, http_addr: reported(&addrs, "http")? })
     }
 
     /// `GET /v1/status`; if the shim is not answering, the error quotes
@@ -414,20 +436,18 @@ pub struct PageserverStub {
 }
 
 impl PageserverStub {
-    /// Start on a fresh port and wait until its HTTP port answers.
+    /// Start on a port the kernel picks; returns once it listens.
     pub fn start(safekeepers_http: &[SocketAddr], tenant_id: &str, timeline_id: &str, datadir: &Path) -> Result<Self> {
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()?));
         let addrs: Vec<String> = safekeepers_http.iter().map(SocketAddr::to_string).collect();
         let mut command = Command::new(binary("pageserver_stub", "pageserver_stub")?);
         command.arg("--safekeepers-http").arg(addrs.join(","));
         command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
-        command.arg("--datadir").arg(datadir).arg("--listen-http").arg(http_addr.to_string());
+        command.arg("--datadir").arg(datadir).arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string());
         let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
-        let mut process = ServiceProcess::spawn("pageserver_stub", command, &log_path)?;
-        process.wait_listening(&[http_addr])?;
+        let (process, addrs) = ServiceProcess::spawn_listening("pageserver_stub", command, &log_path)?;
         Ok(PageserverStub {
             process,
-            http_addr,
+            http_addr: reported(&addrs, "http")?,
             datadir: datadir.to_path_buf(),
             safekeepers_http: safekeepers_http.to_vec(),
         })

@@ -21,10 +21,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::fault_proxy::{Fault, FaultProxy};
+use integration_tests::fixture::wait_for;
 use integration_tests::pg::PgOptions;
-use integration_tests::processes::{PageserverStub, Safekeeper};
+use integration_tests::processes::PageserverStub;
 use integration_tests::wal_files::{committed_xids, read_wal};
 use nix::sys::signal::Signal;
 use postgres_wal::lsn::Lsn;
@@ -93,10 +94,8 @@ fn chaos_loses_no_acknowledged_commit() -> Result<()> {
     // The check below reads all WAL back: keep it despite the stub's feedback.
     for index in 0..cluster.safekeepers.len() {
         cluster.kill_safekeeper(index)?;
-        let sk = &cluster.safekeepers[index];
         let keep_all = vec!["--wal-keep-bytes".to_string(), (1u64 << 40).to_string()];
-        cluster.safekeepers[index] =
-            Safekeeper::start_with_args(sk.id, &sk.datadir, sk.pg_addr, sk.http_addr, keep_all)?;
+        cluster.safekeepers[index] = cluster.safekeepers[index].restart_with_args(keep_all)?;
     }
     let shim_proxies: Vec<FaultProxy> =
         cluster.safekeepers.iter().map(|sk| FaultProxy::start(sk.pg_addr)).collect::<Result<_>>()?;

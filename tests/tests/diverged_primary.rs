@@ -21,9 +21,10 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
-use integration_tests::processes::{wait_bounded, ComputeShim, KillOnDrop};
+use integration_tests::processes::{ComputeShim, KillOnDrop};
 use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files};
 use nix::sys::signal::Signal;
 use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize, SEGMENT_FILE_NAME_LEN};

@@ -30,9 +30,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
-use integration_tests::processes::{wait_bounded, KillOnDrop};
+use integration_tests::processes::KillOnDrop;
 use integration_tests::wal_files::{committed_xids, read_wal};
 use integration_tests::wire_client::WireClient;
 use nix::sys::signal::Signal;

@@ -10,9 +10,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
-use integration_tests::processes::{wait_bounded, KillOnDrop, PageserverStub};
+use integration_tests::processes::{KillOnDrop, PageserverStub};
 use postgres_wal::lsn::Lsn;
 
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -10,9 +10,10 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, ELECTION_TIMEOUT, SHIM_APPLICATION_NAME};
+use integration_tests::cluster::{json_lsn, QuorumCluster, ELECTION_TIMEOUT, SHIM_APPLICATION_NAME};
+use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
-use integration_tests::processes::{wait_bounded, ComputeShim, KillOnDrop, EXIT_TIMEOUT};
+use integration_tests::processes::{ComputeShim, KillOnDrop, EXIT_TIMEOUT};
 use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files, waldump_lsns};
 use postgres_wal::lsn::Lsn;
 
@@ -372,10 +373,4 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
 fn replace_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     std::fs::remove_dir_all(to)?;
     copy_dir(from, to)
-}
-
-#[test]
-fn wait_for_is_bounded() {
-    let error = wait_for(Duration::from_millis(100), "nothing", || Ok(None::<()>)).unwrap_err();
-    assert!(error.to_string().contains("timed out"), "{error}");
 }

@@ -62,8 +62,9 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
         other => bail!("expected a refusal, got {other:?}"),
     }
 
-    // Nothing listening: a bounded connect error, not a hang.
-    let closed = integration_tests::processes::free_loopback_port()?;
+    // Nothing listening (a reserved port never listens): a bounded connect
+    // error, not a hang.
+    let closed = integration_tests::fixture::PortReservation::new()?.port();
     let result = connect(&format!("127.0.0.1:{closed}"), tenant_id, timeline_id, CONNECT_TIMEOUT_MS).await;
     ensure!(result.is_err(), "connecting to a closed port must fail");
     Ok(())

@@ -10,8 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use integration_tests::fixture::wait_bounded;
 use integration_tests::pg::DEFAULT_PG_BIN_DIR;
-use integration_tests::processes::{http_request, wait_bounded, Safekeeper};
+use integration_tests::processes::{http_request, Safekeeper};
 use integration_tests::wire_client::{startup_packet, ServerError, WireClient, READ_TIMEOUT};
 use nix::sys::signal::Signal;
 use postgres_wal::lsn::{Lsn, WalSegmentSize};

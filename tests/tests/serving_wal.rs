@@ -11,7 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, wait_for, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::fixture::wait_for;
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{http_request, HttpAnswer, KillOnDrop};
 use integration_tests::wal_files::read_wal;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
 use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
 
 use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode};
 use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerError, ProposerStatus, SlotIndex};

@@ -2,8 +2,8 @@
 //! standby-status policy. (Against real acceptors the simulation runs
 //! the node: crate::proposer::tests.)
 
-use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use safekeeper_protocol::membership::Configuration;
 use safekeeper_protocol::protocol::{AcceptorMessage, GreetingResponse, VoteResponse};
 

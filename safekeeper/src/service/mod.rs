@@ -70,6 +70,8 @@ pub struct ServiceConfig {
     pub peers: Vec<SafekeeperAddress>,
     /// `--max-timelines`: most timelines held (see `registry`).
     pub max_timelines: usize,
+    /// Where the bound addresses are reported (see [`utils::listen_addrs`]).
+    pub listen_addrs_file: Option<PathBuf>,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -97,6 +99,10 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         TcpListener::bind(&config.listen_pg).await.with_context(|| format!("listening on {}", config.listen_pg))?;
     let http_listener =
         TcpListener::bind(&config.listen_http).await.with_context(|| format!("listening on {}", config.listen_http))?;
+    if let Some(path) = &config.listen_addrs_file {
+        let addrs = [("pg", pg_listener.local_addr()?), ("http", http_listener.local_addr()?)];
+        utils::listen_addrs::write_listen_addrs(path, &addrs)?;
+    }
     let state = Arc::new(ServiceState {
         node_id: config.node_id,
         timelines: timelines.clone(),

@@ -453,9 +453,7 @@ mod tests {
         let (sender, mut snapshots) = watch::channel(ours(flush));
         let asleep = |snapshots: &mut watch::Receiver<TimelineSnapshot>| {
             let mut snapshots = snapshots.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(50), behind_the_quorum(&mut snapshots)).await.is_err()
-            }
+            async move { tokio::time::timeout(Duration::from_millis(50), behind_the_quorum(&mut snapshots)).await.is_err() }
         };
         assert!(asleep(&mut snapshots).await, "nothing known ahead");
         sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + (MIN_LAG_BYTES - 1));

@@ -10,17 +10,17 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::generator::WalGenerator;
 use safekeeper_core::acceptor::AcceptorError;
 use safekeeper_core::acceptor::PeerWal;
 use safekeeper_core::control::ControlState;
-use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use postgres_wal::lsn::{Lsn, WalSegmentSize};
-use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 use safekeeper_core::retention::RetentionPolicy;
 use safekeeper_core::storage::WalStorage;
 use safekeeper_core::timeline::MemoryTimeline;
 use safekeeper_core::timeline_node::{ConnectionId, MemoryNode, PeerWalOutcome, RefusalCause, RetentionOutcome};
-use postgres_wal::wal::generator::WalGenerator;
+use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
 use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkEventOutcome, LinkGeneration, NodeError, ShimNode};
 use crate::proposer::{PeerFault, PeerState, Phase, ProposerConfig, ProposerError, SlotIndex, MAX_APPEND_CHUNK_BYTES};

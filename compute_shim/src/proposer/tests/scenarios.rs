@@ -1,7 +1,7 @@
 //! One test per proposer rule (docs/proposer.md), against real acceptors.
 
-use safekeeper_protocol::ids::{NodeId, Term};
 use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::{NodeId, Term};
 
 use super::harness::{new_acceptor, segment_size, Net, Postgres, TIMELINE_START};
 use crate::proposer::{PeerState, ProposerError, SlotIndex};
