@@ -14,7 +14,7 @@ use serde_json::json;
 
 use safekeeper::datadir::{ensure_node_id, lock_data_dir};
 use safekeeper::import::{import_pg_wal, timeline_dir, ImportRequest};
-use safekeeper::service::registry::list_timelines;
+use safekeeper::service::list_timelines;
 use safekeeper::service::{self, ServiceConfig};
 use safekeeper_api::api::SafekeeperAddress;
 use safekeeper_core::acceptor::AcceptorConfig;

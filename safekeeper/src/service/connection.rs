@@ -66,7 +66,13 @@ pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u
 
 /// Write a FATAL error (if the peer is still there to read it).
 pub async fn send_error(write: &mut OwnedWriteHalf, error: WireError) {
-    let WireError::Client(error) = error else { return };
+    let error = match error {
+        WireError::Client(error) => error,
+        WireError::Disconnected(cause) => {
+            tracing::debug!("connection ended by the peer: {cause}");
+            return;
+        }
+    };
     tracing::debug!("closing connection: {error}");
     let mut out = BytesMut::new();
     encode::error_response(&mut out, &error);

@@ -6,8 +6,7 @@
 pub mod sqlstate {
     /// The codes a timeline node refuses with (documented there).
     pub use crate::timeline_node::sqlstate::{
-        ADMIN_SHUTDOWN, DATA_CORRUPTED, DISK_FULL, INVALID_PARAMETER_VALUE, IO_ERROR, OBJECT_NOT_IN_PREREQUISITE_STATE,
-        PROTOCOL_VIOLATION,
+        ADMIN_SHUTDOWN, INVALID_PARAMETER_VALUE, IO_ERROR, OBJECT_NOT_IN_PREREQUISITE_STATE, PROTOCOL_VIOLATION,
     };
     /// A query that is not a command this port knows.
     pub const SYNTAX_ERROR: &str = "42601";

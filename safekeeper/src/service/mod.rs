@@ -18,20 +18,23 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`peer_recovery`]: copying committed WAL from a peer when behind.
 
-pub mod commands;
-pub mod connection;
-pub mod consumers;
-pub mod errors;
-pub mod http;
-pub mod metrics;
-pub mod owner;
-pub mod peer_recovery;
-pub mod pg_wire;
-pub mod push;
-pub mod registry;
-pub mod replication;
-pub mod replies;
-pub mod wal_reader;
+mod commands;
+mod connection;
+mod consumers;
+mod errors;
+mod http;
+mod metrics;
+mod owner;
+mod peer_recovery;
+mod pg_wire;
+mod push;
+mod registry;
+mod replication;
+mod replies;
+mod wal_reader;
+
+/// The timelines a data directory holds (`safekeeper status`).
+pub use registry::list_timelines;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
