@@ -17,7 +17,7 @@ use safekeeper::protocol::{AcceptorMessage, ProposerMessage};
 use safekeeper::retention::RetentionPolicy;
 use safekeeper::storage::WalStorage;
 use safekeeper::timeline::MemoryTimeline;
-use safekeeper::timeline_node::{ConnectionId, MemoryNode, PeerWalOutcome, RefusalCause, RetentionOutcome};
+use safekeeper::timeline_node::{ConnectionId, MemoryNode, NodeError, PeerWalOutcome, RefusalCause, RetentionOutcome};
 use safekeeper::wal::generator::WalGenerator;
 
 use crate::proposer::{PeerFault, PeerState, Phase, Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
@@ -344,7 +344,16 @@ impl Net {
     /// connections the node addresses (none to a connection since closed).
     /// Returns whether it replied.
     pub fn sync(&mut self, sk: usize) -> bool {
-        let output = self.acceptors[sk].end_batch().expect("memory storage does not fail");
+        let output = match self.acceptors[sk].end_batch() {
+            Ok(output) => output,
+            // Fail-stop, as the service exits: nothing of the batch was
+            // acknowledged, and what was not synced is lost with the process.
+            Err(NodeError::Storage(error)) if error.is_fatal() => {
+                self.crash_safekeeper(sk, 0);
+                return true;
+            }
+            Err(error) => panic!("safekeeper {sk}: {error}"),
+        };
         let retained = self.acceptors[sk].apply_retention().expect("memory storage does not fail");
         assert_eq!(retained, RetentionOutcome::Nothing, "the simulation sends no consumer feedback");
         let replied = !output.replies.is_empty();

@@ -5,8 +5,10 @@
 //! - [`scenarios`]: one test per rule.
 //! - [`membership`]: changing the safekeeper set.
 //! - [`random`]: a seeded simulation with disconnects and proposer restarts.
+//! - [`storage_faults`]: a safekeeper's fsync failing (fail-stop).
 
 mod harness;
 mod membership;
 mod random;
 mod scenarios;
+mod storage_faults;
