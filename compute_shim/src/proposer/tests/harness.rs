@@ -152,6 +152,16 @@ impl Net {
         }
     }
 
+    /// `safekeepers` safekeepers and one compute streaming `postgres` to
+    /// all of them, run until quiet (everything it has is committed).
+    pub fn streaming(safekeepers: usize, postgres: Postgres) -> (Net, usize) {
+        let mut net = Net::new(safekeepers);
+        let c = net.start_compute(postgres);
+        net.connect_all(c);
+        net.run_until_quiet();
+        (net, c)
+    }
+
     /// Start a compute_shim for `postgres` naming every safekeeper;
     /// nothing is connected yet.
     pub fn start_compute(&mut self, postgres: Postgres) -> usize {

@@ -14,10 +14,7 @@ fn a_failed_fsync_stops_the_safekeeper_and_the_quorum_goes_on() {
     let mut postgres = full.clone();
     let half = postgres.record_ends[300];
     postgres.set_flush_lsn(half);
-    let mut net = Net::new(3);
-    let c = net.start_compute(postgres);
-    net.connect_all(c);
-    net.run_until_quiet();
+    let (mut net, c) = Net::streaming(3, postgres);
     assert_eq!(net.commit_lsn(c), half);
     let durable_before = net.durable_wal(2).to_vec();
 
