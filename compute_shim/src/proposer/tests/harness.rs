@@ -18,7 +18,9 @@ use safekeeper_core::control::ControlState;
 use safekeeper_core::retention::RetentionPolicy;
 use safekeeper_core::storage::WalStorage;
 use safekeeper_core::timeline::MemoryTimeline;
-use safekeeper_core::timeline_node::{ConnectionId, MemoryNode, PeerWalOutcome, RefusalCause, RetentionOutcome};
+use safekeeper_core::timeline_node::{
+    ConnectionId, MemoryNode, NodeError as TimelineNodeError, PeerWalOutcome, RefusalCause, RetentionOutcome,
+};
 use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
@@ -162,6 +164,16 @@ impl Net {
             max_in_flight_bytes: 256 << 10,
             max_buffered_wal_bytes: 4 << 20,
         }
+    }
+
+    /// `safekeepers` safekeepers and one compute streaming `postgres` to
+    /// all of them, run until quiet (everything it has is committed).
+    pub fn streaming(safekeepers: usize, postgres: Postgres) -> (Net, usize) {
+        let mut net = Net::new(safekeepers);
+        let c = net.start_compute(postgres);
+        net.connect_all(c);
+        net.run_until_quiet();
+        (net, c)
     }
 
     /// Start a compute_shim for `postgres` naming every safekeeper;
@@ -389,7 +401,16 @@ impl Net {
     /// connections the node addresses (none to a connection since closed).
     /// Returns whether it replied.
     pub fn sync(&mut self, sk: usize) -> bool {
-        let output = self.acceptors[sk].end_batch().expect("memory storage does not fail");
+        let output = match self.acceptors[sk].end_batch() {
+            Ok(output) => output,
+            // Fail-stop, as the service exits: nothing of the batch was
+            // acknowledged, and what was not synced is lost with the process.
+            Err(TimelineNodeError::Storage(error)) if error.is_fatal() => {
+                self.crash_safekeeper(sk, 0);
+                return true;
+            }
+            Err(error) => panic!("safekeeper {sk}: {error}"),
+        };
         let retained = self.acceptors[sk].apply_retention().expect("memory storage does not fail");
         assert_eq!(retained, RetentionOutcome::Nothing, "the simulation sends no consumer feedback");
         let replied = !output.replies.is_empty();

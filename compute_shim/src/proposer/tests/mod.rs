@@ -6,9 +6,11 @@
 //! - [`membership`]: changing the safekeeper set.
 //! - [`random`]: a seeded simulation with disconnects and proposer restarts.
 //! - [`timers`]: the shim node's `poll_timeout` is when it needs a call.
+//! - [`storage_faults`]: a safekeeper's fsync failing (fail-stop).
 
 mod harness;
 mod membership;
 mod random;
 mod scenarios;
 mod timers;
+mod storage_faults;
