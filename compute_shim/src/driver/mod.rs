@@ -225,7 +225,10 @@ impl Driver {
     /// When the node's next timer falls due, or the slot is tried again.
     fn wake_at(&self) -> Option<Instant> {
         let node_at = self.node.poll_timeout().map(|at_ms| self.started_at + Duration::from_millis(at_ms));
-        let slot_retry_at = self.slot_busy.as_ref().map(|busy| busy.retry_at);
+        // Only while a stream is wanted and missing: `stream_where_wanted`
+        // then retries (and sets the next retry), so a passed one cannot spin.
+        let retrying = self.stream.is_none() && self.node.wal_wanted_from().is_some();
+        let slot_retry_at = self.slot_busy.as_ref().filter(|_| retrying).map(|busy| busy.retry_at);
         node_at.into_iter().chain(slot_retry_at).min()
     }
 

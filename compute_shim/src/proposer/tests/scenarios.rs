@@ -330,3 +330,46 @@ fn a_diverged_primary_is_refused_before_sending_any_wal() {
         assert_eq!(net.commit_lsn(t3), a);
     }
 }
+
+/// A long silence: one member's connection stays up but carries nothing
+/// either way for many heartbeat intervals while Postgres writes more WAL
+/// than the buffer holds. Today the buffer keeps WAL for every connected
+/// member, so the majority commits only until the buffer is full for the
+/// silent one, then waits (issue 15); once the silence ends everything
+/// commits on all three.
+#[test]
+fn a_member_silent_for_many_heartbeats_delays_but_does_not_lose_commits() {
+    const SILENT_HEARTBEATS: usize = 50;
+    let postgres = Postgres::generate(900, 11);
+    let full = postgres.flush_lsn();
+    let mut net = Net::new(3);
+    net.max_buffered_wal_bytes = 256 << 10;
+    assert!(full - TIMELINE_START > 4 * net.max_buffered_wal_bytes, "the WAL exceeds the buffer many times");
+    let mut start = postgres.clone();
+    start.set_flush_lsn(record_end_after(&postgres, TIMELINE_START + (64 << 10)));
+    let c = net.start_compute(start);
+    net.connect_all(c);
+    net.run_until_quiet();
+    let before = net.commit_lsn(c);
+    assert!(before > TIMELINE_START);
+
+    let link = &mut net.computes[c].links[2];
+    (link.blocked_to_acceptor, link.blocked_to_proposer) = (true, true);
+    net.computes[c].postgres.set_flush_lsn(full);
+    for _ in 0..SILENT_HEARTBEATS {
+        net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
+        net.run_until_quiet();
+    }
+    let during = net.commit_lsn(c);
+    eprintln!("commit during the silence: {before} -> {during} of {full}");
+    assert!(during > before, "the majority commits while the buffer has room");
+    assert!(during < full, "today (issue 15) the buffer full for the silent member stops the majority");
+
+    let link = &mut net.computes[c].links[2];
+    (link.blocked_to_acceptor, link.blocked_to_proposer) = (false, false);
+    net.run_until_quiet();
+    net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
+    net.run_until_quiet();
+    assert_eq!(net.commit_lsn(c), full, "everything commits once the silence ends");
+    assert_eq!(net.holders(&postgres, full), 3);
+}
