@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use compute_shim::driver::links::{first_generation, spawn_link, LinkControl, LinkEvent, LinkTarget, Outgoing};
 use compute_shim::driver::startup::HEARTBEAT_INTERVAL_MS;
-use compute_shim::proposer::{Proposer, ProposerConfig, ProposerError};
+use compute_shim::proposer::{Proposer, ProposerConfig, ProposerError, MAX_APPEND_CHUNK_BYTES};
 use safekeeper::ids::ClusterId;
 use safekeeper::lsn::{Lsn, WalSegmentSize};
 use safekeeper::wal::format::PG15_VERSION_NUM;
@@ -38,9 +38,23 @@ struct Link {
     generation: u64,
 }
 
+/// All WAL of the timeline so far, from its start: what Postgres's pg_wal
+/// would hold (a run writes a few MiB per timeline at most).
+struct Log {
+    start_lsn: Lsn,
+    bytes: Vec<u8>,
+}
+
+impl Log {
+    fn end_lsn(&self) -> Lsn {
+        self.start_lsn + self.bytes.len() as u64
+    }
+}
+
 /// A proposer for one timeline, connected to every safekeeper.
 pub struct TimelineProposer {
     proposer: Proposer,
+    log: Log,
     links: Vec<Link>,
     events: mpsc::Receiver<LinkEvent>,
     started_at: Instant,
@@ -80,7 +94,13 @@ impl TimelineProposer {
                 Link { control: spawn_link(target, event_tx.clone()), generation: 0 }
             })
             .collect();
-        TimelineProposer { proposer, links, events, started_at: Instant::now() }
+        TimelineProposer {
+            proposer,
+            log: Log { start_lsn, bytes: Vec::new() },
+            links,
+            events,
+            started_at: Instant::now(),
+        }
     }
 
     /// Wait (until `deadline`) for the election; where WAL must start.
@@ -96,20 +116,42 @@ impl TimelineProposer {
         }
     }
 
-    /// Hand the proposer `wal` at `start_lsn` (what `wal_wanted_from`
-    /// names) and wait until a quorum committed it; its end.
+    /// Append `wal` (the next bytes of the log, at `start_lsn`) and wait
+    /// until a quorum committed it; its end.
     pub async fn commit(&mut self, start_lsn: Lsn, wal: &[u8], deadline: Instant) -> Result<Lsn> {
-        let end = start_lsn + wal.len() as u64;
-        anyhow::ensure!(self.proposer.can_accept_wal(wal.len() as u64), "the WAL buffer is full");
-        self.proposer.on_wal(start_lsn, wal)?;
-        self.flush_transmits();
+        assert_eq!(start_lsn, self.log.end_lsn(), "WAL is handed over in order");
+        self.log.bytes.extend_from_slice(wal);
+        let end = self.log.end_lsn();
         while self.proposer.commit_lsn() < end {
+            self.feed()?;
             if Instant::now() >= deadline {
                 bail!("commit of {end} not acknowledged in time (commit {})", self.proposer.commit_lsn());
             }
             self.step(deadline).await?;
         }
         Ok(end)
+    }
+
+    /// Give the proposer the WAL it asks for, as Postgres's stream would:
+    /// from wherever `wal_wanted_from` names (the log check re-reads a
+    /// term's first WAL; a safekeeper that joined late is caught up from
+    /// the timeline start), in chunks of at most one XLogData message.
+    fn feed(&mut self) -> Result<()> {
+        while let Some(wanted) = self.proposer.wal_wanted_from() {
+            let end = self.log.end_lsn();
+            if wanted >= end {
+                break;
+            }
+            anyhow::ensure!(wanted >= self.log.start_lsn, "the proposer wants WAL from {wanted}, before the log");
+            let from = (wanted - self.log.start_lsn) as usize;
+            let len = (end - wanted).min(MAX_APPEND_CHUNK_BYTES) as usize;
+            if !self.proposer.can_accept_wal(len as u64) {
+                break; // backpressure: again after the next acknowledgement
+            }
+            self.proposer.on_wal(wanted, &self.log.bytes[from..from + len])?;
+        }
+        self.flush_transmits();
+        Ok(())
     }
 
     fn now_ms(&self) -> u64 {
