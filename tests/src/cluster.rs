@@ -20,6 +20,10 @@ pub const TIMELINE: &str = "fedcba9876543210fedcba9876543210";
 pub const SHIM_APPLICATION_NAME: &str = "safekeepers";
 pub const SHIM_SLOT: &str = "safekeepers";
 pub const SAFEKEEPER_COUNT: usize = 3;
+/// WAL a load must have committed before a test acts "under load" (see
+/// [`QuorumCluster::wait_commit_progress`]): some hundred small
+/// transactions, so the load is past its start and commits flow.
+pub const LOAD_RUNNING_BYTES: u64 = 64 << 10;
 /// How long a fresh shim may take to be elected and streaming.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -165,6 +169,14 @@ impl QuorumCluster {
             let commit = self.shim_commit_lsn()?;
             Ok((commit >= lsn).then_some(commit))
         })
+    }
+
+    /// Wait until the shim's commit LSN has moved `bytes` past where it is
+    /// now: a load started meanwhile is running and committing (what a
+    /// test that acts "under load" waits for, instead of a fixed sleep).
+    pub fn wait_commit_progress(&self, bytes: u64, timeout: Duration) -> Result<Lsn> {
+        let target = self.shim_commit_lsn()? + bytes;
+        self.wait_shim_commit(target, timeout)
     }
 
     /// Wait until safekeeper `index` has flushed `lsn`.

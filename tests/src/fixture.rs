@@ -125,6 +125,12 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<Option<ExitS
     }
 }
 
+/// Join `handle`, waiting at most `timeout` for the thread to finish.
+pub fn join_bounded<T>(handle: thread::JoinHandle<T>, timeout: Duration) -> Result<T> {
+    wait_for(timeout, "a thread to finish", || Ok(handle.is_finished().then_some(())))?;
+    handle.join().map_err(|_| anyhow::anyhow!("the thread panicked"))
+}
+
 #[cfg(test)]
 mod tests {
     use anyhow::bail;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::fault_proxy::{Fault, FaultProxy};
-use integration_tests::fixture::wait_for;
+use integration_tests::fixture::{join_bounded, wait_for};
 use integration_tests::pg::PgOptions;
 use integration_tests::processes::PageserverStub;
 use integration_tests::wal_files::{committed_xids, read_wal};
@@ -174,7 +174,7 @@ fn chaos_loses_no_acknowledged_commit() -> Result<()> {
 
     // Heal, stop the workload at an acknowledged commit, let everyone catch up.
     stop.store(true, Ordering::Relaxed);
-    let workload_result = wait_thread(workload, SETTLE_TIMEOUT).context("the workload after healing")?;
+    let workload_result = join_bounded(workload, SETTLE_TIMEOUT).context("the workload after healing")?;
     workload_result?;
     let acked = std::mem::take(&mut *acked.lock().unwrap_or_else(|e| e.into_inner()));
     let end: Lsn = cluster.pg.psql("SELECT pg_current_wal_flush_lsn()")?.parse()?;
@@ -223,14 +223,4 @@ fn with_fault(proxy: &FaultProxy, fault: Fault, hold: Duration) {
     proxy.set(fault);
     thread::sleep(hold);
     proxy.set(Fault::None);
-}
-
-/// Join a thread, waiting at most `timeout`.
-fn wait_thread<T>(handle: thread::JoinHandle<T>, timeout: Duration) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    while !handle.is_finished() {
-        ensure!(Instant::now() < deadline, "still running after {timeout:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
-    handle.join().map_err(|_| anyhow::anyhow!("the thread panicked"))
 }

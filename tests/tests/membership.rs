@@ -30,8 +30,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
-use integration_tests::fixture::{wait_bounded, wait_for};
+use integration_tests::cluster::{json_lsn, QuorumCluster, LOAD_RUNNING_BYTES, TENANT, TIMELINE};
+use integration_tests::fixture::{join_bounded, wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::KillOnDrop;
 use integration_tests::wal_files::{committed_xids, read_wal};
@@ -59,7 +59,6 @@ const MAX_WRITER_ROWS: i64 = 200_000;
 /// Beyond a change's duration, what a commit may wait (scheduling on 2
 /// cores, checkpoints).
 const STALL_SLACK: Duration = Duration::from_millis(500);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes of WAL compared per read.
 const COMPARE_WINDOW_BYTES: u64 = 64 << 20;
 
@@ -164,15 +163,6 @@ fn commit_loop(conninfo: &str, stop: &AtomicBool) -> Result<WriterReport> {
         n += 1;
     }
     Ok(report)
-}
-
-fn join_bounded<T>(handle: thread::JoinHandle<T>, timeout: Duration) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    while !handle.is_finished() {
-        ensure!(Instant::now() < deadline, "still running after {timeout:?}");
-        thread::sleep(POLL_INTERVAL);
-    }
-    handle.join().map_err(|_| anyhow::anyhow!("the thread panicked"))
 }
 
 // ---------------------------------------------------------------------------
@@ -485,7 +475,7 @@ fn a_dead_safekeeper_is_replaced_under_load_and_the_old_node_is_refused() -> Res
     let mut cluster = QuorumCluster::start(options())?;
     cluster.pg.pgbench(&["-i", "-s", "2", "-q"])?;
     let load = Load::start(&cluster.pg)?;
-    thread::sleep(Duration::from_secs(3));
+    cluster.wait_commit_progress(LOAD_RUNNING_BYTES, COMMIT_TIMEOUT)?;
     cluster.kill_safekeeper(2)?;
     let killed_at = Instant::now();
     thread::sleep(Duration::from_secs(1));

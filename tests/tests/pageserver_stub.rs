@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::cluster::{json_lsn, QuorumCluster, LOAD_RUNNING_BYTES, TENANT, TIMELINE};
 use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{KillOnDrop, PageserverStub};
@@ -105,7 +105,7 @@ fn pageserver_stub_follows_switches_and_resumes() -> Result<()> {
     let mut load = cluster.pg.command("pgbench");
     load.args(["-c", "2", "-T", "4", "-N"]).stdout(Stdio::null()).stderr(Stdio::null());
     let mut load = KillOnDrop::new(load.spawn().context("spawning pgbench")?);
-    std::thread::sleep(Duration::from_millis(500));
+    cluster.wait_commit_progress(LOAD_RUNNING_BYTES, CATCH_UP_TIMEOUT)?;
     cluster.kill_safekeeper(source_index)?;
     let exit = wait_bounded(load.child(), Duration::from_secs(60))?;
     ensure!(exit.is_some_and(|s| s.success()), "pgbench under a safekeeper kill: {exit:?}");

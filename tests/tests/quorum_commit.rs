@@ -10,7 +10,9 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use integration_tests::cluster::{json_lsn, QuorumCluster, ELECTION_TIMEOUT, SHIM_APPLICATION_NAME};
+use integration_tests::cluster::{
+    json_lsn, QuorumCluster, ELECTION_TIMEOUT, LOAD_RUNNING_BYTES, SHIM_APPLICATION_NAME,
+};
 use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{ComputeShim, KillOnDrop, EXIT_TIMEOUT};
@@ -153,8 +155,8 @@ fn a_shim_killed_under_load_restarts_in_a_higher_term_and_loses_nothing() -> Res
     let mut pgbench =
         KillOnDrop::new(pgbench.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
 
-    thread::sleep(Duration::from_secs(3));
-    let old_commit = cluster.shim_commit_lsn()?;
+    // Under load: commits are flowing.
+    let old_commit = cluster.wait_commit_progress(LOAD_RUNNING_BYTES, COMMIT_TIMEOUT)?;
     cluster.shim.as_mut().context("shim")?.process.kill()?;
     let segment_size = cluster.segment_size()?;
     let start = cluster.timeline_start_lsn(0)?;

@@ -11,6 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use compute_shim::replication::{
     AuthMethod, ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream,
 };
+use integration_tests::fixture::wait_for_async;
 use integration_tests::pg::{PgCluster, PgOptions};
 use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize};
 use postgres_wal::wal::WalDecoder;
@@ -21,7 +22,6 @@ const IO_TIMEOUT_MS: u64 = 10_000;
 const STREAM_TIMEOUT_MS: u64 = 20_000;
 /// Bound on any single wait for the server to reach a state.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the receive loop reports its position (and cancels next_event).
 const STATUS_INTERVAL: Duration = Duration::from_millis(2);
 
@@ -46,17 +46,8 @@ async fn psql(pg: &Arc<PgCluster>, sql: &str) -> Result<String> {
 }
 
 async fn wait_for_psql(pg: &Arc<PgCluster>, sql: &str, expected: &str) -> Result<()> {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let got = psql(pg, sql).await?;
-        if got == expected {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{sql:?} gave {got:?}, still not {expected:?} after {WAIT_TIMEOUT:?}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
+    let what = format!("{sql:?} to give {expected:?}");
+    wait_for_async(WAIT_TIMEOUT, &what, || async { Ok((psql(pg, sql).await? == expected).then_some(())) }).await
 }
 
 /// Receive WAL until the stream has passed `target`. With `report`, the

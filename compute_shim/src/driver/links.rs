@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 use safekeeper_protocol::protocol::ProposerMessage;
 
-use crate::node::{LinkEvent, LinkEventKind, LinkGeneration};
+use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkGeneration, ShimNode};
 use crate::proposer::SlotIndex;
 use crate::safekeeper_link::{connect, LinkError, LinkReader, LinkWriter};
 
@@ -48,6 +48,70 @@ pub struct LinkTarget {
     pub timeline_id: TimelineId,
     /// Its connections are numbered after this one.
     pub first_generation: LinkGeneration,
+}
+
+/// The link tasks of one shim node, by its peer slot: started, stopped and
+/// cut as the node asks, and handed what it transmits. The shim's driver
+/// and the many-timelines benchmark both run their nodes through this.
+pub struct LinkTasks {
+    tenant_id: TenantId,
+    timeline_id: TimelineId,
+    /// `None` where no link task runs.
+    links: Vec<Option<LinkControl>>,
+    /// For every task, including those started later (membership changes).
+    events: mpsc::Sender<LinkEvent>,
+}
+
+impl LinkTasks {
+    pub fn new(tenant_id: TenantId, timeline_id: TimelineId, events: mpsc::Sender<LinkEvent>) -> LinkTasks {
+        LinkTasks { tenant_id, timeline_id, links: Vec::new(), events }
+    }
+
+    /// Start, stop and cut link tasks as the node asks.
+    pub fn apply_commands(&mut self, node: &mut ShimNode) {
+        while let Some(command) = node.poll_link_command() {
+            match command {
+                LinkCommand::Open { slot, addr, first_generation } => {
+                    tracing::info!(safekeeper = %addr, "connecting");
+                    let target = LinkTarget {
+                        slot,
+                        addr,
+                        tenant_id: self.tenant_id,
+                        timeline_id: self.timeline_id,
+                        first_generation,
+                    };
+                    if self.links.len() <= slot.0 {
+                        self.links.resize_with(slot.0 + 1, || None);
+                    }
+                    // Dropping a replaced handle stops its task (its control channels close).
+                    self.links[slot.0] = Some(spawn_link(target, self.events.clone()));
+                }
+                LinkCommand::Close { slot } => self.links[slot.0] = None,
+                LinkCommand::DropConnection { slot, generation } => {
+                    if let Some(link) = &self.links[slot.0] {
+                        link.drop_generation.send_replace(Some(generation));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hand every message the node transmits to its link task. A task
+    /// whose outbox is full is not draining: its connection is dropped and
+    /// a new one starts with a greeting (`ShimNode::handle_send_failed`).
+    pub fn send_transmits(&mut self, node: &mut ShimNode, now_ms: u64) {
+        self.apply_commands(node);
+        while let Some(transmit) = node.poll_transmit() {
+            let slot = transmit.slot;
+            let outgoing = Outgoing { generation: transmit.generation, message: transmit.message };
+            let link = self.links.get(slot.0).and_then(Option::as_ref);
+            if link.is_none_or(|link| link.outbox.try_send(outgoing).is_err()) {
+                tracing::warn!(safekeeper = %node.peer_addr(slot), "outbox full, reconnecting");
+                node.handle_send_failed(now_ms, slot);
+                self.apply_commands(node);
+            }
+        }
+    }
 }
 
 /// Start the task for one safekeeper.

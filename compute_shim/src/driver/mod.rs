@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
 
-use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode};
-use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerError, ProposerStatus, SlotIndex};
+use crate::node::{LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode};
+use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerError, ProposerStatus};
 use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
-use links::{spawn_link, LinkControl, LinkTarget, Outgoing};
+use links::LinkTasks;
 use startup::ShimSetup;
 
 /// Link events queued for the driver.
@@ -100,11 +100,7 @@ impl From<NodeError> for ShimError {
 
 struct Driver {
     node: ShimNode,
-    /// By the proposer's peer slot; `None` where no link task runs.
-    links: Vec<Option<LinkControl>>,
-    /// For links started later (membership changes).
-    link_events: mpsc::Sender<LinkEvent>,
-    cluster: safekeeper_protocol::ids::ClusterId,
+    links: LinkTasks,
     /// The replication connection until streaming starts.
     client: Option<ReplicationClient>,
     /// For new replication connections: a restart at another LSN.
@@ -177,9 +173,7 @@ impl Driver {
         };
         let mut driver = Driver {
             node: ShimNode::new(setup.proposer_config(), 0),
-            links: vec![],
-            link_events,
-            cluster: setup.cluster,
+            links: LinkTasks::new(setup.cluster.tenant_id, setup.cluster.timeline_id, link_events),
             replication_config: setup.client.config().clone(),
             client: Some(setup.client),
             stream: None,
@@ -195,31 +189,7 @@ impl Driver {
 
     /// Start, stop and cut link tasks as the node asks.
     fn apply_link_commands(&mut self) {
-        while let Some(command) = self.node.poll_link_command() {
-            match command {
-                LinkCommand::Open { slot, addr, first_generation } => {
-                    tracing::info!(safekeeper = %addr, "connecting");
-                    let target = LinkTarget {
-                        slot,
-                        addr,
-                        tenant_id: self.cluster.tenant_id,
-                        timeline_id: self.cluster.timeline_id,
-                        first_generation,
-                    };
-                    if self.links.len() <= slot.0 {
-                        self.links.resize_with(slot.0 + 1, || None);
-                    }
-                    // Dropping a replaced handle stops its task (its control channels close).
-                    self.links[slot.0] = Some(spawn_link(target, self.link_events.clone()));
-                }
-                LinkCommand::Close { slot } => self.links[slot.0] = None,
-                LinkCommand::DropConnection { slot, generation } => {
-                    if let Some(link) = &self.links[slot.0] {
-                        link.drop_generation.send_replace(Some(generation));
-                    }
-                }
-            }
-        }
+        self.links.apply_commands(&mut self.node);
     }
 
     /// When the node's next timer falls due, or the slot is tried again.
@@ -341,21 +311,8 @@ impl Driver {
     }
 
     fn flush_transmits(&mut self) {
-        self.apply_link_commands();
-        while let Some(transmit) = self.node.poll_transmit() {
-            let (slot, generation) = (transmit.slot, transmit.generation);
-            let outgoing = Outgoing { generation, message: transmit.message };
-            let sent = self.link(slot).is_some_and(|link| link.outbox.try_send(outgoing).is_ok());
-            if !sent {
-                tracing::warn!(safekeeper = %self.node.peer_addr(slot), "outbox full, reconnecting");
-                self.node.handle_send_failed(self.now_ms(), slot);
-                self.apply_link_commands();
-            }
-        }
-    }
-
-    fn link(&self, slot: SlotIndex) -> Option<&LinkControl> {
-        self.links.get(slot.0).and_then(Option::as_ref)
+        let now_ms = self.now_ms();
+        self.links.send_transmits(&mut self.node, now_ms);
     }
 
     /// Keep Postgres's stream where the proposer wants WAL from: start it

@@ -12,5 +12,5 @@ mod harness;
 mod membership;
 mod random;
 mod scenarios;
-mod timers;
 mod storage_faults;
+mod timers;

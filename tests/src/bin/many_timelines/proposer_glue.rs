@@ -1,9 +1,9 @@
-//! All of the benchmark's contact with `compute_shim`'s proposer: one
-//! timeline's [`ShimNode`] (the pure proposer node the shim's driver runs)
-//! driven over the shim's own link tasks (`driver::links`, START_WAL_PUSH on each safekeeper's pg
-//! port), fed WAL by the caller instead of by Postgres. Kept in this one
-//! module because the proposer's API is being reshaped: only this file
-//! follows it.
+//! All of the benchmark's contact with `compute_shim`: one timeline's
+//! [`ShimNode`] (the proposer with the link identity and timers the shim's
+//! driver runs) over the shim's own link tasks ([`LinkTasks`],
+//! START_WAL_PUSH on each safekeeper's pg port), fed WAL by the caller
+//! instead of by Postgres. Kept in this one module so the rest of the
+//! benchmark does not follow the shim's API.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
-use compute_shim::driver::links::{spawn_link, LinkControl, LinkTarget, Outgoing};
+use compute_shim::driver::links::LinkTasks;
 use compute_shim::driver::startup::HEARTBEAT_INTERVAL_MS;
-use compute_shim::node::{LinkCommand, LinkEvent, LinkEventOutcome, ShimNode};
-use compute_shim::proposer::ProposerConfig;
+use compute_shim::node::{LinkEvent, LinkEventOutcome, ShimNode};
+use compute_shim::proposer::{ProposerConfig, MAX_APPEND_CHUNK_BYTES};
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::ClusterId;
@@ -29,14 +29,24 @@ const LINK_EVENTS_QUEUE: usize = 256;
 const MAX_IN_FLIGHT_BYTES: u64 = 1 << 20;
 const MAX_BUFFERED_WAL_BYTES: u64 = 4 << 20;
 
-/// A shim node for one timeline (the layer the shim's driver runs: the
-/// proposer, link identity, timers), connected to every safekeeper.
+/// All WAL of the timeline so far, from its start: what Postgres's pg_wal
+/// would hold (a run writes a few MiB per timeline at most).
+struct Log {
+    start_lsn: Lsn,
+    bytes: Vec<u8>,
+}
+
+impl Log {
+    fn end_lsn(&self) -> Lsn {
+        self.start_lsn + self.bytes.len() as u64
+    }
+}
+
+/// A shim node for one timeline, connected to every safekeeper.
 pub struct TimelineProposer {
     node: ShimNode,
-    cluster: ClusterId,
-    /// By slot; `None` where the node runs no link task.
-    links: Vec<Option<LinkControl>>,
-    event_tx: mpsc::Sender<LinkEvent>,
+    links: LinkTasks,
+    log: Log,
     events: mpsc::Receiver<LinkEvent>,
     started_at: Instant,
 }
@@ -60,13 +70,12 @@ impl TimelineProposer {
         let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
         let mut timeline = TimelineProposer {
             node: ShimNode::new(config, 0),
-            cluster,
-            links: Vec::new(),
-            event_tx,
+            links: LinkTasks::new(cluster.tenant_id, cluster.timeline_id, event_tx),
+            log: Log { start_lsn, bytes: Vec::new() },
             events,
             started_at: Instant::now(),
         };
-        timeline.apply_link_commands();
+        timeline.links.apply_commands(&mut timeline.node);
         timeline
     }
 
@@ -83,20 +92,43 @@ impl TimelineProposer {
         }
     }
 
-    /// Hand the proposer `wal` at `start_lsn` (what `wal_wanted_from`
-    /// names) and wait until a quorum committed it; its end.
+    /// Append `wal` (the next bytes of the log, at `start_lsn`) and wait
+    /// until a quorum committed it; its end.
     pub async fn commit(&mut self, start_lsn: Lsn, wal: &[u8], deadline: Instant) -> Result<Lsn> {
-        let end = start_lsn + wal.len() as u64;
-        anyhow::ensure!(self.node.can_accept_wal(wal.len() as u64), "the WAL buffer is full");
-        self.node.handle_wal(self.now_ms(), start_lsn, wal)?;
-        self.flush_transmits();
+        assert_eq!(start_lsn, self.log.end_lsn(), "WAL is handed over in order");
+        self.log.bytes.extend_from_slice(wal);
+        let end = self.log.end_lsn();
         while self.node.proposer().commit_lsn() < end {
+            self.feed()?;
             if Instant::now() >= deadline {
                 bail!("commit of {end} not acknowledged in time (commit {})", self.node.proposer().commit_lsn());
             }
             self.step(deadline).await?;
         }
         Ok(end)
+    }
+
+    /// Give the node the WAL it asks for, as Postgres's stream would: from
+    /// wherever `wal_wanted_from` names (the log check re-reads a term's
+    /// first WAL; a safekeeper that joined late is caught up from the
+    /// timeline start), in chunks of at most one XLogData message.
+    fn feed(&mut self) -> Result<()> {
+        while let Some(wanted) = self.node.wal_wanted_from() {
+            let end = self.log.end_lsn();
+            if wanted >= end {
+                break;
+            }
+            anyhow::ensure!(wanted >= self.log.start_lsn, "the proposer wants WAL from {wanted}, before the log");
+            let from = (wanted - self.log.start_lsn) as usize;
+            let len = (end - wanted).min(MAX_APPEND_CHUNK_BYTES) as usize;
+            if !self.node.can_accept_wal(len as u64) {
+                break; // backpressure: again after the next acknowledgement
+            }
+            self.node.handle_wal(self.now_ms(), wanted, &self.log.bytes[from..from + len])?;
+        }
+        let now_ms = self.now_ms();
+        self.links.send_transmits(&mut self.node, now_ms);
+        Ok(())
     }
 
     fn now_ms(&self) -> u64 {
@@ -119,8 +151,7 @@ impl TimelineProposer {
         if self.node.poll_timeout().is_some_and(|at_ms| at_ms <= now_ms) {
             self.node.handle_timeout(now_ms)?;
         }
-        self.flush_transmits();
-        self.apply_link_commands();
+        self.links.send_transmits(&mut self.node, now_ms);
         Ok(())
     }
 
@@ -129,47 +160,7 @@ impl TimelineProposer {
         if let LinkEventOutcome::PeerFault(fault) = self.node.handle_link_event(self.now_ms(), event)? {
             bail!("safekeeper {} broke the protocol: {fault}", self.node.peer_addr(slot));
         }
-        self.apply_link_commands();
+        self.links.apply_commands(&mut self.node);
         Ok(())
-    }
-
-    /// Start, stop and cut link tasks as the node asks (as the shim's driver does).
-    fn apply_link_commands(&mut self) {
-        while let Some(command) = self.node.poll_link_command() {
-            match command {
-                LinkCommand::Open { slot, addr, first_generation } => {
-                    let target = LinkTarget {
-                        slot,
-                        addr,
-                        tenant_id: self.cluster.tenant_id,
-                        timeline_id: self.cluster.timeline_id,
-                        first_generation,
-                    };
-                    if self.links.len() <= slot.0 {
-                        self.links.resize_with(slot.0 + 1, || None);
-                    }
-                    self.links[slot.0] = Some(spawn_link(target, self.event_tx.clone()));
-                }
-                LinkCommand::Close { slot } => self.links[slot.0] = None,
-                LinkCommand::DropConnection { slot, generation } => {
-                    if let Some(link) = &self.links[slot.0] {
-                        link.drop_generation.send_replace(Some(generation));
-                    }
-                }
-            }
-        }
-    }
-
-    fn flush_transmits(&mut self) {
-        while let Some(transmit) = self.node.poll_transmit() {
-            let slot = transmit.slot;
-            let outgoing = Outgoing { generation: transmit.generation, message: transmit.message };
-            let link = self.links.get(slot.0).and_then(Option::as_ref);
-            if !link.is_some_and(|link| link.outbox.try_send(outgoing).is_ok()) {
-                // Not draining: the shim's answer, a new connection.
-                self.node.handle_send_failed(self.now_ms(), slot);
-                self.apply_link_commands();
-            }
-        }
     }
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use integration_tests::fixture::wait_for_async;
 use pageserver_stub::api;
 use pageserver_stub::{RunSummary, StubConfig, Tuning};
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
@@ -429,18 +430,15 @@ impl RunningStub {
 
     /// Poll the status until `done` holds; panics after the test deadline.
     pub async fn wait_for_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        loop {
+        let waited = wait_for_async(Duration::from_millis(TEST_DEADLINE_MS), what, || async {
             assert!(!self.task.is_finished(), "the stub stopped while waiting for {what}");
             let status = self.status().await;
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_millis(TEST_DEADLINE_MS),
-                "timed out waiting for {what}; last status: {status:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            anyhow::Ok(done(&status).then_some(status))
+        })
+        .await;
+        match waited {
+            Ok(status) => status,
+            Err(error) => panic!("{error}; last status: {:#}", self.status().await),
         }
     }
 

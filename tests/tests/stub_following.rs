@@ -3,6 +3,7 @@
 //! with every record decoded exactly once, resumes after a restart with the
 //! same counts, and stops with a clear error where it must.
 
+#[path = "stub_support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
