@@ -101,9 +101,6 @@ pub struct TimelineSnapshot {
     pub timeline_start_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub commit_lsn: Lsn,
-    /// The highest commit LSN a proposer reported: beyond `flush_lsn`, this
-    /// safekeeper is behind the quorum (peer recovery wakes on it).
-    pub proposer_commit_lsn: Lsn,
     /// The term whose ProposerElected was accepted since the last restart
     /// or vote (WAL is taken only in it).
     pub elected_term: Option<Term>,
@@ -142,7 +139,6 @@ fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &
         timeline_start_lsn: state.timeline_start_lsn,
         flush_lsn: acceptor.flush_lsn(),
         commit_lsn: acceptor.commit_lsn(),
-        proposer_commit_lsn: acceptor.proposer_commit_lsn(),
         elected_term: acceptor.elected_term(),
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),

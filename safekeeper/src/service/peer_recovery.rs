@@ -14,11 +14,7 @@
 //! there.
 //!
 //! One task per timeline, started with its owner when peers are configured
-//! (`--peer-http`). It looks at the peers on need, not by polling them all
-//! every second: when the timeline learns that the quorum's commit LSN is
-//! ahead of its flush (a proposer's heartbeat says so), or else on a timer
-//! that backs off from 1 s to 32 s while looks find nothing to do (a
-//! timeline no proposer speaks to still catches up, slowly). It copies
+//! (`--peer-http`). Every poll interval it looks at the timeline: it copies
 //! only under an accepted ProposerElected of the current term (so its
 //! history is the current proposer's) and only while no proposer has sent
 //! WAL for a while (a streaming proposer keeps it current itself). Once
@@ -31,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use super::owner::{OwnerInput, TimelineSnapshot};
 use super::registry::TimelineHandle;
@@ -40,11 +36,8 @@ use crate::client::api::{SafekeeperAddress, TimelinePaths, TimelineStatus};
 use crate::client::pull::{SafekeeperClient, WalEvent, WalPull};
 use crate::lsn::Lsn;
 
-/// Shortest time between two looks at the peers (also the first wait).
-const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait between two looks while nothing needs copying: the wait
-/// doubles after each look that copied nothing, up to this.
-const MAX_POLL_INTERVAL: Duration = Duration::from_secs(32);
+/// How often a timeline is looked at.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Copy only when at least this far behind the best peer's commit (one
 /// WAL page: less is a proposer's message in flight).
 pub const MIN_LAG_BYTES: u64 = 8 << 10;
@@ -105,19 +98,13 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
     let snapshot = handle.snapshot();
     let paths = TimelinePaths { tenant_id: snapshot.tenant_id, timeline_id: snapshot.timeline_id };
     let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS);
-    let mut snapshots = handle.watch_snapshot();
     let handle = Arc::downgrade(handle);
     tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(POLL_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut handed_off_at: Option<Instant> = None;
-        let mut backoff = MIN_POLL_INTERVAL;
         loop {
-            tokio::time::sleep(MIN_POLL_INTERVAL).await;
-            if backoff > MIN_POLL_INTERVAL {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff - MIN_POLL_INTERVAL) => {}
-                    _ = behind_the_quorum(&mut snapshots) => {}
-                }
-            }
+            ticks.tick().await;
             let Some(timeline) = handle.upgrade().filter(|timeline| timeline.is_running()) else { return };
             // After a handoff the proposer reconnects and resends the rest
             // (from its buffer, or re-reading Postgres); copying meanwhile
@@ -125,12 +112,7 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
             if handed_off_at.is_some_and(|at| at.elapsed() < HANDOFF_GRACE) {
                 continue;
             }
-            let recovered = recover(&timeline, &client, &peers).await;
-            backoff = match recovered {
-                Ok(true) => MIN_POLL_INTERVAL,
-                _ => (backoff * 2).min(MAX_POLL_INTERVAL),
-            };
-            match recovered {
+            match recover(&timeline, &client, &peers).await {
                 Ok(false) => {}
                 Ok(true) => {
                     // Proposers that saw us behind reconnect and stream from
@@ -154,23 +136,6 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
             }
         }
     });
-}
-
-/// Returns once the timeline knows the quorum's commit LSN to be at least
-/// `MIN_LAG_BYTES` beyond its flush; never, once its owner is gone (the
-/// timer then finds the timeline stopped).
-async fn behind_the_quorum(snapshots: &mut watch::Receiver<TimelineSnapshot>) {
-    loop {
-        {
-            let snapshot = snapshots.borrow_and_update();
-            if snapshot.proposer_commit_lsn.0 >= snapshot.flush_lsn.0.saturating_add(MIN_LAG_BYTES) {
-                return;
-            }
-        }
-        if snapshots.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
 }
 
 fn update(timeline: &TimelineHandle, change: impl FnOnce(&mut PeerRecoveryStatus)) {
@@ -433,7 +398,6 @@ mod tests {
             timeline_start_lsn: Lsn(SEGMENT_BYTES),
             flush_lsn,
             commit_lsn: Lsn::INVALID,
-            proposer_commit_lsn: Lsn::INVALID,
             elected_term: Some(Term(3)),
             remote_consistent_lsn: Lsn::INVALID,
             oldest_kept_lsn: Lsn(SEGMENT_BYTES),
@@ -442,29 +406,6 @@ mod tests {
             stopped_by_error: None,
             membership: Default::default(),
         }
-    }
-
-    /// Rule: peer recovery wakes once a proposer reported a commit LSN at
-    /// least `MIN_LAG_BYTES` beyond our flush, not before (less is a
-    /// message in flight), and stays asleep once the owner is gone.
-    #[tokio::test]
-    async fn recovery_wakes_when_the_quorum_is_known_to_be_ahead() {
-        let flush = Lsn(SEGMENT_BYTES + 1000);
-        let (sender, mut snapshots) = watch::channel(ours(flush));
-        let asleep = |snapshots: &mut watch::Receiver<TimelineSnapshot>| {
-            let mut snapshots = snapshots.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(50), behind_the_quorum(&mut snapshots)).await.is_err()
-            }
-        };
-        assert!(asleep(&mut snapshots).await, "nothing known ahead");
-        sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + (MIN_LAG_BYTES - 1));
-        assert!(asleep(&mut snapshots).await, "less than MIN_LAG_BYTES ahead");
-        sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + MIN_LAG_BYTES);
-        assert!(!asleep(&mut snapshots).await, "woken");
-        sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush);
-        drop(sender);
-        assert!(asleep(&mut snapshots).await, "the owner is gone");
     }
 
     fn peer(port: u16, oldest_kept_lsn: Lsn, commit_lsn: Lsn) -> (SafekeeperAddress, TimelineStatus) {
