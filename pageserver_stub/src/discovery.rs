@@ -78,9 +78,10 @@ fn usable_status(index: usize, poll: Option<&StatusPoll>) -> Option<FoundTimelin
 }
 
 /// The segment size, if the status describes a timeline decoding can start
-/// on: a valid segment size and a start at a segment's first byte.
+/// on: a start at a segment's first byte (the size itself was validated
+/// when the document was read).
 fn timeline_shape(status: &TimelineStatus) -> Result<WalSegmentSize, String> {
-    let segment_size = WalSegmentSize::new(status.wal_seg_size).map_err(|error| error.to_string())?;
+    let segment_size = status.wal_seg_size;
     if !status.timeline_start_lsn.is_segment_start(segment_size) {
         return Err(format!("timeline_start_lsn {} is not at a segment start", status.timeline_start_lsn));
     }

@@ -335,7 +335,7 @@ impl Driver {
             let problem = match &poll.result {
                 Ok(status) => match self.check_peer_identity(status) {
                     Ok(()) => {
-                        self.follower.observe_status(index, poll.at, status.commit_lsn, status.oldest_kept_lsn);
+                        self.follower.observe_status(index, poll.at, status.commit_lsn, status.oldest_kept());
                         None
                     }
                     Err(why) => {
@@ -355,16 +355,16 @@ impl Driver {
     }
 
     fn check_peer_identity(&self, status: &TimelineStatus) -> Result<(), String> {
-        if status.system_id != self.identity.system_id {
+        if status.system_id.0 != self.identity.system_id {
             return Err(format!(
                 "it serves database system {}, not {}: a different cluster",
                 status.system_id, self.identity.system_id
             ));
         }
-        if status.wal_seg_size != self.identity.segment_size.bytes() {
+        if status.wal_seg_size != self.identity.segment_size {
             return Err(format!(
                 "it reports {}-byte WAL segments, not {}",
-                status.wal_seg_size,
+                status.wal_seg_size.bytes(),
                 self.identity.segment_size.bytes()
             ));
         }

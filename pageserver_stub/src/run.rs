@@ -62,7 +62,7 @@ pub async fn run(
     let identity = Identity {
         tenant_id: config.tenant_id,
         timeline_id: config.timeline_id,
-        system_id: found.status.system_id,
+        system_id: found.status.system_id.0,
         segment_size: found.segment_size,
     };
     tracing::info!(safekeeper = %config.safekeepers[found.index], system_id = identity.system_id,

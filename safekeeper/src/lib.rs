@@ -17,4 +17,4 @@ pub mod service;
 use postgres_wal::{lsn, wal};
 use safekeeper_api as client;
 use safekeeper_core::{acceptor, control, recovery, retention, storage, timeline, timeline_node};
-use safekeeper_protocol::{ids, membership, protocol};
+use safekeeper_protocol::{ids, protocol};

@@ -73,6 +73,13 @@ impl WalSegmentSize {
     }
 }
 
+/// Postgres's default, 16 MiB.
+impl Default for WalSegmentSize {
+    fn default() -> Self {
+        WalSegmentSize::DEFAULT
+    }
+}
+
 impl TryFrom<u64> for WalSegmentSize {
     type Error = BadSegmentSize;
     fn try_from(bytes: u64) -> Result<Self, BadSegmentSize> {

@@ -6,9 +6,11 @@
 use std::fmt;
 
 use hyper::HeaderMap;
-use postgres_wal::lsn::Lsn;
-use safekeeper_protocol::ids::{TenantId, TimelineId};
-use serde::{Deserialize, Deserializer};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_protocol::ids::{SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::membership::Configuration;
+use safekeeper_protocol::term_history::TermHistory;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Headers of a `GET .../wal` response (docs/http-api.md): the server sets
 /// all five, a client reads the ones it needs.
@@ -18,30 +20,123 @@ pub const HEADER_COMMIT_LSN: &str = "x-commit-lsn";
 pub const HEADER_FLUSH_LSN: &str = "x-flush-lsn";
 pub const HEADER_TERM: &str = "x-term";
 
-/// The fields of `GET /v1/tenant/{t}/timeline/{tl}` the stub uses; others
-/// are ignored so the safekeeper can add fields freely.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// `GET /v1/tenant/{t}/timeline/{tl}` (also the answer to feedback): one
+/// document, which the server writes from this type and clients read into
+/// it. Fields a server may omit (older servers, or test fakes serving only
+/// what a client needs) default to zero / empty; unknown fields are ignored
+/// so the server can add more.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineStatus {
+    #[serde(default)]
+    pub tenant_id: TenantId,
+    #[serde(default)]
+    pub timeline_id: TimelineId,
     #[serde(deserialize_with = "system_id_from_number_or_text")]
-    pub system_id: u64,
-    pub wal_seg_size: u64,
+    pub system_id: SystemId,
+    #[serde(default)]
+    pub pg_version: u32,
+    /// Validated when read: a document with an impossible segment size is refused.
+    pub wal_seg_size: WalSegmentSize,
+    #[serde(default)]
+    pub term: Term,
+    #[serde(default)]
+    pub last_log_term: Term,
+    /// (term, start LSN) entries describing its log (peer recovery checks
+    /// them against its own).
+    #[serde(default)]
+    pub term_history: TermHistory,
     pub timeline_start_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub commit_lsn: Lsn,
-    /// First byte still on disk. Optional so a safekeeper without retention
-    /// (which keeps everything) may omit it.
+    /// The term whose ProposerElected was accepted since the last restart
+    /// or vote (WAL is taken only in it).
     #[serde(default)]
-    pub oldest_kept_lsn: Option<Lsn>,
-    /// (term, start LSN) entries describing its log (peer recovery checks
-    /// them against its own); absent means empty.
+    pub elected_term: Option<Term>,
     #[serde(default)]
-    pub term_history: safekeeper_protocol::term_history::TermHistory,
+    pub remote_consistent_lsn: Lsn,
+    /// First WAL byte still on disk (retention removed what is below);
+    /// `0/0` when the server does not say.
+    #[serde(default)]
+    pub oldest_kept_lsn: Lsn,
+    /// Bytes of segment files on disk.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Segments removed by retention since the process started.
+    #[serde(default)]
+    pub removed_segments: u64,
+    /// Set when a storage error stopped the timeline's owner.
+    #[serde(default)]
+    pub stopped_by_error: Option<String>,
+    /// The safekeeper set as a proposer last wrote it (generation 0: none).
+    #[serde(default)]
+    pub membership: Configuration,
+    /// Proposer connections pushing WAL right now.
+    #[serde(default)]
+    pub connected_proposers: usize,
+    /// Who reads this timeline's WAL right now.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerStatus>,
+    #[serde(default)]
+    pub peer_recovery: PeerRecoveryStatus,
+}
+
+impl TimelineStatus {
+    /// The first WAL byte the server still holds, when it says.
+    pub fn oldest_kept(&self) -> Option<Lsn> {
+        self.oldest_kept_lsn.is_valid().then_some(self.oldest_kept_lsn)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerKind {
+    /// `GET .../wal`.
+    Http,
+    /// `START_REPLICATION` on the pg port (pg_receivewal, a standby).
+    Replication,
+}
+
+/// One consumer of a timeline's WAL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
+    pub kind: ConsumerKind,
+    pub peer: String,
+    /// End of the WAL sent to it so far.
+    pub position_lsn: Lsn,
+    /// What it reported flushed on its side (replication clients only).
+    pub reported_flush_lsn: Lsn,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRecoveryState {
+    #[default]
+    Idle,
+    Copying,
+}
+
+/// Peer recovery of a timeline: copying committed WAL from a peer when behind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecoveryStatus {
+    pub state: PeerRecoveryState,
+    /// The peer copied from (last or current round).
+    pub source: Option<String>,
+    pub start_lsn: Option<Lsn>,
+    /// The peer's commit LSN when the round began: where it ends.
+    pub target_lsn: Option<Lsn>,
+    /// Bytes copied and durable in the current or last round.
+    pub copied_bytes: u64,
+    /// Rounds that reached their target since the process started.
+    pub completed_rounds: u64,
+    /// How long the last completed round took.
+    pub last_round_ms: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 /// The contract leaves the JSON type of `system_id` open: the safekeeper
 /// sends a number, and a decimal string (how Postgres prints it, and safe in
 /// JSON tools that read numbers as doubles) is accepted too.
-fn system_id_from_number_or_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+fn system_id_from_number_or_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemId, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum NumberOrText {
@@ -49,8 +144,8 @@ fn system_id_from_number_or_text<'de, D: Deserializer<'de>>(deserializer: D) -> 
         Text(String),
     }
     match NumberOrText::deserialize(deserializer)? {
-        NumberOrText::Number(value) => Ok(value),
-        NumberOrText::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        NumberOrText::Number(value) => Ok(SystemId(value)),
+        NumberOrText::Text(text) => text.parse().map(SystemId).map_err(serde::de::Error::custom),
     }
 }
 
@@ -205,19 +300,19 @@ mod tests {
 
     #[test]
     fn parses_the_status_document_and_ignores_extra_fields() {
-        let text = r#"{"tenant_id": "x", "system_id": 7300000000000000001, "wal_seg_size": 16777216,
+        let text = r#"{"future_field": "x", "system_id": 7300000000000000001, "wal_seg_size": 16777216,
             "timeline_start_lsn": "0/1000000", "flush_lsn": "0/2000010", "commit_lsn": "0/2000000",
             "oldest_kept_lsn": "0/1000000", "term": 3}"#;
         let status: TimelineStatus = serde_json::from_str(text).unwrap();
-        assert_eq!(status.system_id, 7_300_000_000_000_000_001);
+        assert_eq!(status.system_id, SystemId(7_300_000_000_000_000_001));
         assert_eq!(status.commit_lsn, Lsn(0x200_0000));
-        assert_eq!(status.oldest_kept_lsn, Some(Lsn(0x100_0000)));
+        assert_eq!(status.oldest_kept(), Some(Lsn(0x100_0000)));
         let as_text = text
             .replace("7300000000000000001", "\"7300000000000000001\"")
             .replace(r#""oldest_kept_lsn": "0/1000000","#, "");
         let status: TimelineStatus = serde_json::from_str(&as_text).unwrap();
-        assert_eq!(status.system_id, 7_300_000_000_000_000_001);
-        assert_eq!(status.oldest_kept_lsn, None);
+        assert_eq!(status.system_id, SystemId(7_300_000_000_000_000_001));
+        assert_eq!(status.oldest_kept(), None);
         assert!(serde_json::from_str::<TimelineStatus>(&text.replace("0/2000000", "bogus")).is_err());
     }
 
@@ -268,5 +363,29 @@ mod tests {
         );
         assert_eq!(error_message(b"plain text\n"), "plain text");
         assert_eq!(feedback_body(Lsn(0x1_0000_0028)), r#"{"remote_consistent_lsn":"1/28"}"#);
+    }
+
+    /// The server writes the document from the same type clients read it
+    /// into: what it serializes reads back unchanged.
+    #[test]
+    fn the_status_document_round_trips() {
+        let status = TimelineStatus {
+            system_id: SystemId(7),
+            term: Term(3),
+            commit_lsn: Lsn(0x1_0000_0000),
+            oldest_kept_lsn: Lsn(1 << 24),
+            consumers: vec![ConsumerStatus {
+                kind: ConsumerKind::Replication,
+                peer: "127.0.0.1:5".into(),
+                position_lsn: Lsn(9),
+                reported_flush_lsn: Lsn(8),
+            }],
+            peer_recovery: PeerRecoveryStatus { state: PeerRecoveryState::Copying, ..PeerRecoveryStatus::default() },
+            ..TimelineStatus::default()
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["commit_lsn"], "1/0", "LSNs are X/Y strings");
+        assert_eq!(json["peer_recovery"]["state"], "copying");
+        assert_eq!(serde_json::from_value::<TimelineStatus>(json).unwrap(), status);
     }
 }

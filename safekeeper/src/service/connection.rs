@@ -253,7 +253,7 @@ fn identify_system(out: &mut BytesMut, handle: &TimelineHandle) {
 fn show(out: &mut BytesMut, state: &ServiceState, settings: &StartupSettings, name: &str) -> Result<(), PgError> {
     let value = match name {
         "wal_segment_size" => {
-            let bytes = resolve_timeline(state, settings)?.snapshot().wal_seg_size;
+            let bytes = resolve_timeline(state, settings)?.snapshot().wal_seg_size.bytes();
             // Postgres's GUC unit display; clients parse "<n>MB" / "<n>GB".
             if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
                 format!("{}GB", bytes >> 30)

@@ -5,29 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-
 use crate::lsn::Lsn;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsumerKind {
-    /// `GET .../wal`.
-    Http,
-    /// `START_REPLICATION` on the pg port (pg_receivewal, a standby).
-    Replication,
-}
-
-/// One consumer as the status shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ConsumerStatus {
-    pub kind: ConsumerKind,
-    pub peer: String,
-    /// End of the WAL sent to it so far.
-    pub position_lsn: Lsn,
-    /// What it reported flushed on its side (replication clients only).
-    pub reported_flush_lsn: Lsn,
-}
+pub use crate::client::api::{ConsumerKind, ConsumerStatus};
 
 struct Consumer {
     kind: ConsumerKind,

@@ -23,18 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::errors::PgError;
 use super::metrics::TimelineMetrics;
-use super::peer_recovery::PeerRecoveryStatus;
 pub use super::replies::PushConnection;
 use crate::acceptor::PeerWal;
-use crate::control::TermHistory;
-use crate::ids::{SystemId, TenantId, Term, TimelineId};
+use crate::client::api::{PeerRecoveryStatus, TimelineStatus};
 use crate::lsn::Lsn;
-use crate::membership::Configuration;
 use crate::protocol::ProposerMessage;
 use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
@@ -87,62 +83,22 @@ pub struct TimelineShared {
     pub peer_recovery: Mutex<PeerRecoveryStatus>,
 }
 
-/// What the HTTP status shows of a timeline, as of the owner's last batch.
-#[derive(Clone, Debug, Serialize)]
-pub struct TimelineSnapshot {
-    pub tenant_id: TenantId,
-    pub timeline_id: TimelineId,
-    pub system_id: SystemId,
-    pub pg_version: u32,
-    pub wal_seg_size: u64,
-    pub term: Term,
-    pub last_log_term: Term,
-    pub term_history: TermHistory,
-    pub timeline_start_lsn: Lsn,
-    pub flush_lsn: Lsn,
-    pub commit_lsn: Lsn,
-    /// The highest commit LSN a proposer reported: beyond `flush_lsn`, this
-    /// safekeeper is behind the quorum (peer recovery wakes on it).
-    pub proposer_commit_lsn: Lsn,
-    /// The term whose ProposerElected was accepted since the last restart
-    /// or vote (WAL is taken only in it).
-    pub elected_term: Option<Term>,
-    pub remote_consistent_lsn: Lsn,
-    /// First WAL byte still on disk (retention removed what is below).
-    pub oldest_kept_lsn: Lsn,
-    /// Bytes of segment files on disk.
-    pub disk_bytes: u64,
-    /// Segments removed by retention since this process started.
-    pub removed_segments: u64,
-    /// Set when a storage error stopped the owner; the next push reopens it.
-    pub stopped_by_error: Option<String>,
-    /// The safekeeper set as a proposer last wrote it (generation 0: none).
-    pub membership: Configuration,
-}
-
-impl TimelineSnapshot {
-    pub fn segment_size(&self) -> crate::lsn::WalSegmentSize {
-        crate::lsn::WalSegmentSize::new(self.wal_seg_size).expect("a timeline's segment size was checked at creation")
-    }
-}
-
-fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &TimelineMetrics) -> TimelineSnapshot {
+fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &TimelineMetrics) -> TimelineStatus {
     let acceptor = timeline.acceptor();
     let state = acceptor.state();
     let wal = timeline.wal();
-    TimelineSnapshot {
+    TimelineStatus {
         tenant_id: state.cluster.tenant_id,
         timeline_id: state.cluster.timeline_id,
         system_id: state.cluster.system_id,
         pg_version: state.pg_version,
-        wal_seg_size: state.wal_segment_size.bytes(),
+        wal_seg_size: state.wal_segment_size,
         term: state.term,
         last_log_term: acceptor.last_log_term(),
         term_history: state.term_history.clone(),
         timeline_start_lsn: state.timeline_start_lsn,
         flush_lsn: acceptor.flush_lsn(),
         commit_lsn: acceptor.commit_lsn(),
-        proposer_commit_lsn: acceptor.proposer_commit_lsn(),
         elected_term: acceptor.elected_term(),
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),
@@ -150,12 +106,16 @@ fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &
         removed_segments: metrics.removed_segments.get(),
         stopped_by_error: None,
         membership: state.membership.clone(),
+        // Live, filled in by the HTTP layer when it answers.
+        connected_proposers: 0,
+        consumers: Vec::new(),
+        peer_recovery: PeerRecoveryStatus::default(),
     }
 }
 
 pub struct Owner {
     pub inputs: mpsc::Sender<OwnerInput>,
-    pub snapshot: watch::Receiver<TimelineSnapshot>,
+    pub snapshot: watch::Receiver<TimelineStatus>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -184,7 +144,7 @@ pub fn fail_stop(error: &StorageError) -> ! {
 struct OwnerState {
     node: FileNode,
     shared: Arc<TimelineShared>,
-    snapshot: watch::Sender<TimelineSnapshot>,
+    snapshot: watch::Sender<TimelineStatus>,
 }
 
 /// The connections and waiters of the batch under way: the node addresses

@@ -14,11 +14,7 @@
 //! there.
 //!
 //! One task per timeline, started with its owner when peers are configured
-//! (`--peer-http`). It looks at the peers on need, not by polling them all
-//! every second: when the timeline learns that the quorum's commit LSN is
-//! ahead of its flush (a proposer's heartbeat says so), or else on a timer
-//! that backs off from 1 s to 32 s while looks find nothing to do (a
-//! timeline no proposer speaks to still catches up, slowly). It copies
+//! (`--peer-http`). Every poll interval it looks at the timeline: it copies
 //! only under an accepted ProposerElected of the current term (so its
 //! history is the current proposer's) and only while no proposer has sent
 //! WAL for a while (a streaming proposer keeps it current itself). Once
@@ -30,21 +26,17 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use serde::Serialize;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
-use super::owner::{OwnerInput, TimelineSnapshot};
+use super::owner::OwnerInput;
 use super::registry::TimelineHandle;
 use crate::acceptor::PeerWal;
-use crate::client::api::{SafekeeperAddress, TimelinePaths, TimelineStatus};
+use crate::client::api::{PeerRecoveryState, PeerRecoveryStatus, SafekeeperAddress, TimelinePaths, TimelineStatus};
 use crate::client::pull::{SafekeeperClient, WalEvent, WalPull};
 use crate::lsn::Lsn;
 
-/// Shortest time between two looks at the peers (also the first wait).
-const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait between two looks while nothing needs copying: the wait
-/// doubles after each look that copied nothing, up to this.
-const MAX_POLL_INTERVAL: Duration = Duration::from_secs(32);
+/// How often a timeline is looked at.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Copy only when at least this far behind the best peer's commit (one
 /// WAL page: less is a proposer's message in flight).
 pub const MIN_LAG_BYTES: u64 = 8 << 10;
@@ -66,58 +58,18 @@ const STATUS_TIMEOUT_MS: u64 = 3_000;
 /// A WAL body that stalls this long ends the round.
 const BODY_STALL: Duration = Duration::from_secs(30);
 
-/// Peer recovery as the status API shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct PeerRecoveryStatus {
-    /// `idle` or `copying`.
-    pub state: &'static str,
-    /// The peer copied from (last or current round).
-    pub source: Option<String>,
-    pub start_lsn: Option<Lsn>,
-    /// The peer's commit LSN when the round began: where it ends.
-    pub target_lsn: Option<Lsn>,
-    /// Bytes copied and durable in the current or last round.
-    pub copied_bytes: u64,
-    /// Rounds that reached their target since this process started.
-    pub completed_rounds: u64,
-    /// How long the last completed round took.
-    pub last_round_ms: Option<u64>,
-    pub last_error: Option<String>,
-}
-
-impl Default for PeerRecoveryStatus {
-    fn default() -> Self {
-        PeerRecoveryStatus {
-            state: "idle",
-            source: None,
-            start_lsn: None,
-            target_lsn: None,
-            copied_bytes: 0,
-            completed_rounds: 0,
-            last_round_ms: None,
-            last_error: None,
-        }
-    }
-}
-
 /// Start peer recovery for a timeline; it ends with the timeline.
 pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
     let snapshot = handle.snapshot();
     let paths = TimelinePaths { tenant_id: snapshot.tenant_id, timeline_id: snapshot.timeline_id };
     let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS);
-    let mut snapshots = handle.watch_snapshot();
     let handle = Arc::downgrade(handle);
     tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(POLL_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut handed_off_at: Option<Instant> = None;
-        let mut backoff = MIN_POLL_INTERVAL;
         loop {
-            tokio::time::sleep(MIN_POLL_INTERVAL).await;
-            if backoff > MIN_POLL_INTERVAL {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff - MIN_POLL_INTERVAL) => {}
-                    _ = behind_the_quorum(&mut snapshots) => {}
-                }
-            }
+            ticks.tick().await;
             let Some(timeline) = handle.upgrade().filter(|timeline| timeline.is_running()) else { return };
             // After a handoff the proposer reconnects and resends the rest
             // (from its buffer, or re-reading Postgres); copying meanwhile
@@ -125,12 +77,7 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
             if handed_off_at.is_some_and(|at| at.elapsed() < HANDOFF_GRACE) {
                 continue;
             }
-            let recovered = recover(&timeline, &client, &peers).await;
-            backoff = match recovered {
-                Ok(true) => MIN_POLL_INTERVAL,
-                _ => (backoff * 2).min(MAX_POLL_INTERVAL),
-            };
-            match recovered {
+            match recover(&timeline, &client, &peers).await {
                 Ok(false) => {}
                 Ok(true) => {
                     // Proposers that saw us behind reconnect and stream from
@@ -147,30 +94,13 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
                         tracing::warn!(timeline_id = %timeline.snapshot().timeline_id, "peer recovery: {error}");
                     }
                     update(&timeline, |status| {
-                        status.state = "idle";
+                        status.state = PeerRecoveryState::Idle;
                         status.last_error = Some(error);
                     });
                 }
             }
         }
     });
-}
-
-/// Returns once the timeline knows the quorum's commit LSN to be at least
-/// `MIN_LAG_BYTES` beyond its flush; never, once its owner is gone (the
-/// timer then finds the timeline stopped).
-async fn behind_the_quorum(snapshots: &mut watch::Receiver<TimelineSnapshot>) {
-    loop {
-        {
-            let snapshot = snapshots.borrow_and_update();
-            if snapshot.proposer_commit_lsn.0 >= snapshot.flush_lsn.0.saturating_add(MIN_LAG_BYTES) {
-                return;
-            }
-        }
-        if snapshots.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
 }
 
 fn update(timeline: &TimelineHandle, change: impl FnOnce(&mut PeerRecoveryStatus)) {
@@ -186,7 +116,7 @@ fn proposer_streaming(timeline: &TimelineHandle) -> bool {
     last_wal.is_some_and(|at| at.elapsed() < PROPOSER_QUIET)
 }
 
-fn may_copy(timeline: &TimelineHandle, snapshot: &TimelineSnapshot) -> bool {
+fn may_copy(timeline: &TimelineHandle, snapshot: &TimelineStatus) -> bool {
     snapshot.elected_term == Some(snapshot.term) && !proposer_streaming(timeline) && snapshot.stopped_by_error.is_none()
 }
 
@@ -232,7 +162,7 @@ async fn recover_once(
     }
     update(timeline, |recovery| {
         *recovery = PeerRecoveryStatus {
-            state: "copying",
+            state: PeerRecoveryState::Copying,
             source: Some(peer.to_string()),
             start_lsn: Some(start_lsn),
             target_lsn: Some(status.commit_lsn),
@@ -249,7 +179,7 @@ async fn recover_once(
     tracing::info!(%peer, %reached, copied_bytes, seconds, "peer recovery: round done");
     timeline.shared.metrics.peer_recovery_rounds.inc();
     update(timeline, |recovery| {
-        recovery.state = "idle";
+        recovery.state = PeerRecoveryState::Idle;
         recovery.copied_bytes = copied_bytes;
         recovery.completed_rounds += 1;
         recovery.last_round_ms = Some(started.elapsed().as_millis() as u64);
@@ -274,7 +204,7 @@ struct CopySource {
 async fn choose_source(
     client: &SafekeeperClient,
     peers: &[SafekeeperAddress],
-    snapshot: &TimelineSnapshot,
+    snapshot: &TimelineStatus,
 ) -> Result<Option<CopySource>, String> {
     let mut statuses = Vec::with_capacity(peers.len());
     for peer in peers {
@@ -288,23 +218,23 @@ async fn choose_source(
 /// [`choose_source`] once the peers' statuses are in.
 fn pick_source(
     statuses: Vec<(SafekeeperAddress, TimelineStatus)>,
-    snapshot: &TimelineSnapshot,
+    snapshot: &TimelineStatus,
 ) -> Result<Option<CopySource>, String> {
     let our_flush = snapshot.flush_lsn;
     let ahead = statuses.into_iter().filter(|(_, status)| {
-        let same_timeline = status.system_id == snapshot.system_id.0 && status.wal_seg_size == snapshot.wal_seg_size;
+        let same_timeline = status.system_id == snapshot.system_id && status.wal_seg_size == snapshot.wal_seg_size;
         same_timeline && status.commit_lsn.0.saturating_sub(our_flush.0) >= MIN_LAG_BYTES
     });
     let most_advanced = |candidates: Vec<(SafekeeperAddress, TimelineStatus)>| {
         candidates.into_iter().max_by_key(|(_, status)| status.commit_lsn)
     };
     let (holding, not_holding): (Vec<_>, Vec<_>) =
-        ahead.partition(|(_, status)| status.oldest_kept_lsn.is_none_or(|oldest| oldest <= our_flush));
+        ahead.partition(|(_, status)| status.oldest_kept().is_none_or(|oldest| oldest <= our_flush));
     if let Some((peer, status)) = most_advanced(holding) {
         return Ok(Some(CopySource { peer, status, start_lsn: our_flush }));
     }
     let Some((peer, status)) = most_advanced(not_holding) else { return Ok(None) };
-    let oldest_kept = status.oldest_kept_lsn.expect("only peers that name their oldest kept WAL lack ours");
+    let oldest_kept = status.oldest_kept().expect("only peers that name their oldest kept WAL lack ours");
     let gone = format!(
         "no peer ahead of us holds WAL from our flush LSN {our_flush} any more (the most advanced, {peer}, keeps WAL from \
          {oldest_kept}, commit LSN {})",
@@ -317,7 +247,7 @@ fn pick_source(
             snapshot.timeline_start_lsn
         ));
     }
-    let segment_size = snapshot.segment_size();
+    let segment_size = snapshot.wal_seg_size;
     let start_lsn = if oldest_kept.is_segment_start(segment_size) {
         Some(oldest_kept)
     } else {
@@ -343,7 +273,7 @@ async fn copy(
     status: &TimelineStatus,
     start_lsn: Lsn,
 ) -> Result<Lsn, String> {
-    let segment_size = timeline.snapshot().segment_size();
+    let segment_size = timeline.snapshot().wal_seg_size;
     let mut pull = WalPull::start(client, peer, start_lsn, status.commit_lsn, 0);
     let mut in_flight: VecDeque<oneshot::Receiver<Result<Lsn, String>>> = VecDeque::new();
     let mut piece = BytesMut::new();
@@ -415,65 +345,43 @@ mod tests {
     use super::*;
     use crate::control::TermHistory;
     use crate::ids::{SystemId, TenantId, Term, TimelineId};
+    use crate::lsn::WalSegmentSize;
 
     const SEGMENT_BYTES: u64 = 16 << 20;
     const SYSTEM_ID: u64 = 42;
 
     /// A safekeeper whose WAL starts at segment 1 and ends at `flush_lsn`.
-    fn ours(flush_lsn: Lsn) -> TimelineSnapshot {
-        TimelineSnapshot {
+    fn ours(flush_lsn: Lsn) -> TimelineStatus {
+        TimelineStatus {
             tenant_id: TenantId([1; 16]),
             timeline_id: TimelineId([2; 16]),
             system_id: SystemId(SYSTEM_ID),
             pg_version: 150_000,
-            wal_seg_size: SEGMENT_BYTES,
+            wal_seg_size: WalSegmentSize::new(SEGMENT_BYTES).unwrap(),
             term: Term(3),
             last_log_term: Term(3),
             term_history: TermHistory::default(),
             timeline_start_lsn: Lsn(SEGMENT_BYTES),
             flush_lsn,
             commit_lsn: Lsn::INVALID,
-            proposer_commit_lsn: Lsn::INVALID,
             elected_term: Some(Term(3)),
             remote_consistent_lsn: Lsn::INVALID,
             oldest_kept_lsn: Lsn(SEGMENT_BYTES),
             disk_bytes: SEGMENT_BYTES,
             removed_segments: 0,
-            stopped_by_error: None,
-            membership: Default::default(),
+            ..TimelineStatus::default()
         }
-    }
-
-    /// Rule: peer recovery wakes once a proposer reported a commit LSN at
-    /// least `MIN_LAG_BYTES` beyond our flush, not before (less is a
-    /// message in flight), and stays asleep once the owner is gone.
-    #[tokio::test]
-    async fn recovery_wakes_when_the_quorum_is_known_to_be_ahead() {
-        let flush = Lsn(SEGMENT_BYTES + 1000);
-        let (sender, mut snapshots) = watch::channel(ours(flush));
-        let asleep = |snapshots: &mut watch::Receiver<TimelineSnapshot>| {
-            let mut snapshots = snapshots.clone();
-            async move { tokio::time::timeout(Duration::from_millis(50), behind_the_quorum(&mut snapshots)).await.is_err() }
-        };
-        assert!(asleep(&mut snapshots).await, "nothing known ahead");
-        sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + (MIN_LAG_BYTES - 1));
-        assert!(asleep(&mut snapshots).await, "less than MIN_LAG_BYTES ahead");
-        sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + MIN_LAG_BYTES);
-        assert!(!asleep(&mut snapshots).await, "woken");
-        sender.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush);
-        drop(sender);
-        assert!(asleep(&mut snapshots).await, "the owner is gone");
     }
 
     fn peer(port: u16, oldest_kept_lsn: Lsn, commit_lsn: Lsn) -> (SafekeeperAddress, TimelineStatus) {
         let status = TimelineStatus {
-            system_id: SYSTEM_ID,
-            wal_seg_size: SEGMENT_BYTES,
+            system_id: SystemId(SYSTEM_ID),
+            wal_seg_size: WalSegmentSize::new(SEGMENT_BYTES).unwrap(),
             timeline_start_lsn: Lsn(SEGMENT_BYTES),
             flush_lsn: commit_lsn,
             commit_lsn,
-            oldest_kept_lsn: Some(oldest_kept_lsn),
-            term_history: TermHistory::default(),
+            oldest_kept_lsn,
+            ..TimelineStatus::default()
         };
         (format!("127.0.0.1:{port}").parse().unwrap(), status)
     }

@@ -23,10 +23,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::consumers::Consumers;
 use super::errors::{sqlstate, PgError};
 use super::metrics::Metrics;
-use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineShared, TimelineSnapshot};
+use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineShared};
 use super::peer_recovery;
 use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
 use crate::client::api::SafekeeperAddress;
+use crate::client::api::TimelineStatus;
 use crate::control::ControlState;
 use crate::ids::{ClusterId, NodeId, TenantId, TimelineId};
 use crate::import::timeline_dir;
@@ -49,7 +50,7 @@ const SUPPORTED_PG_VERSIONS: std::ops::Range<u32> = 150_000..160_000;
 /// One timeline's owner, as connections and the HTTP API reach it.
 pub struct TimelineHandle {
     inputs: mpsc::Sender<OwnerInput>,
-    snapshot: watch::Receiver<TimelineSnapshot>,
+    snapshot: watch::Receiver<TimelineStatus>,
     task: tokio::task::JoinHandle<()>,
     proposers: AtomicUsize,
     /// The timeline's directory: WAL readers read its segment files.
@@ -59,13 +60,13 @@ pub struct TimelineHandle {
 }
 
 impl TimelineHandle {
-    pub fn snapshot(&self) -> TimelineSnapshot {
+    pub fn snapshot(&self) -> TimelineStatus {
         self.snapshot.borrow().clone()
     }
 
     /// A receiver that sees every new snapshot (consumers wait on it for
     /// the commit LSN to move).
-    pub fn watch_snapshot(&self) -> watch::Receiver<TimelineSnapshot> {
+    pub fn watch_snapshot(&self) -> watch::Receiver<TimelineStatus> {
         self.snapshot.clone()
     }
 

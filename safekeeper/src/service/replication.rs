@@ -71,7 +71,7 @@ pub fn check_request(handle: &TimelineHandle, request: &StartReplication) -> Res
     let start = request.start_lsn;
     let kept_from = snapshot.oldest_kept_lsn.max(snapshot.timeline_start_lsn);
     if !kept_from.is_valid() || start < kept_from {
-        let segment = start.segment_no(snapshot.segment_size()).file_name(PG_TIMELINE_ID, snapshot.segment_size());
+        let segment = start.segment_no(snapshot.wal_seg_size).file_name(PG_TIMELINE_ID, snapshot.wal_seg_size);
         return Err(PgError::error(
             sqlstate::UNDEFINED_FILE,
             format!(
@@ -103,7 +103,7 @@ pub async fn run(
     encode::copy_both_response(&mut out);
     write_bounded(write, &out).await?;
     let mut snapshots = handle.watch_snapshot();
-    let segment_size = snapshots.borrow().segment_size();
+    let segment_size = snapshots.borrow().wal_seg_size;
     let start = request.start_lsn;
     let mut chunks = ChunkReader::new(&handle, segment_size, start, start, ConsumerKind::Replication, peer);
     let (from_client, mut client_messages) = mpsc::channel(16);

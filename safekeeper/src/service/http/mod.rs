@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use super::metrics::TimelineGauges;
 use super::registry::{BrokenTimeline, DeleteOutcome, TimelineHandle};
 use super::{ServiceState, SHUTDOWN_TIMEOUT};
+use crate::client::api::TimelineStatus;
 use crate::ids::{TenantId, TimelineId};
 use crate::lsn::Lsn;
 
@@ -161,19 +162,21 @@ async fn list_timelines(State(state): State<Arc<ServiceState>>) -> Json<Value> {
 }
 
 /// Everything an operator needs about one timeline.
-fn timeline_json(handle: &TimelineHandle) -> Json<Value> {
-    let mut body = serde_json::to_value(handle.snapshot()).expect("a snapshot always serializes");
-    body["connected_proposers"] = json!(handle.connected_proposers());
-    body["consumers"] = json!(handle.consumers.list());
-    let recovery = handle.shared.peer_recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    body["peer_recovery"] = json!(recovery);
-    Json(body)
+/// The timeline status document: the owner's last snapshot plus what is
+/// live (connections, consumers, peer recovery).
+fn timeline_json(handle: &TimelineHandle) -> Json<TimelineStatus> {
+    let mut status = handle.snapshot();
+    status.connected_proposers = handle.connected_proposers();
+    status.consumers = handle.consumers.list();
+    status.peer_recovery =
+        handle.shared.peer_recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    Json(status)
 }
 
 async fn timeline_status(
     State(state): State<Arc<ServiceState>>,
     Path((tenant_id, timeline_id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TimelineStatus>, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     Ok(timeline_json(&handle))
 }
@@ -187,7 +190,7 @@ async fn feedback(
     State(state): State<Arc<ServiceState>>,
     Path((tenant_id, timeline_id)): Path<(String, String)>,
     body: Result<Json<Feedback>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TimelineStatus>, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     let Json(feedback) = body.map_err(|e| ApiError::bad_request(format!("feedback body: {}", e.body_text())))?;
     let lsn = parse_lsn("remote_consistent_lsn", &feedback.remote_consistent_lsn)?;

@@ -26,12 +26,12 @@ use serde::Deserialize;
 use super::{lookup, parse_lsn, ApiError, PeerAddr};
 use crate::lsn::{Lsn, SegmentNo};
 use crate::service::consumers::ConsumerKind;
-use crate::service::owner::TimelineSnapshot;
 use crate::service::registry::TimelineHandle;
 use crate::service::wal_reader::ChunkReader;
 use crate::service::ServiceState;
 use crate::storage::segments::PG_TIMELINE_ID;
 use crate::storage::StorageError;
+use safekeeper_api::api::TimelineStatus;
 
 /// Bytes read from disk and sent as one body chunk.
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
@@ -95,7 +95,7 @@ pub async fn get_segment(
 ) -> Result<Response, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     let snapshot = handle.snapshot();
-    let segment_size = snapshot.segment_size();
+    let segment_size = snapshot.wal_seg_size;
     let (pg_timeline, segment) = SegmentNo::parse_file_name(&name, segment_size)
         .map_err(|e| ApiError::bad_request(format!("segment name: {e}")))?;
     let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, format!("segment {name}: {why}"));
@@ -129,7 +129,7 @@ fn missing(name: &str) -> ApiError {
 }
 
 /// 410 if `lsn` is below the WAL still kept.
-fn check_kept(snapshot: &TimelineSnapshot, lsn: Lsn) -> Result<(), ApiError> {
+fn check_kept(snapshot: &TimelineStatus, lsn: Lsn) -> Result<(), ApiError> {
     if snapshot.oldest_kept_lsn.is_valid() && lsn < snapshot.oldest_kept_lsn {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -143,7 +143,7 @@ fn check_kept(snapshot: &TimelineSnapshot, lsn: Lsn) -> Result<(), ApiError> {
 }
 
 /// Wait up to `wait` for the commit LSN to pass `start`; the last snapshot.
-async fn wait_for_commit_past(handle: &TimelineHandle, start: Lsn, wait: Duration) -> TimelineSnapshot {
+async fn wait_for_commit_past(handle: &TimelineHandle, start: Lsn, wait: Duration) -> TimelineStatus {
     let mut snapshots = handle.watch_snapshot();
     // A closed channel (owner gone) or the timeout: answer with what we have.
     let _ = tokio::time::timeout(wait, snapshots.wait_for(|s| s.commit_lsn > start)).await;
@@ -155,13 +155,13 @@ async fn wait_for_commit_past(handle: &TimelineHandle, start: Lsn, wait: Duratio
 /// headers go out, so a removed segment is still a clean 410.
 async fn stream_range(
     handle: &Arc<TimelineHandle>,
-    snapshot: &TimelineSnapshot,
+    snapshot: &TimelineStatus,
     start: Lsn,
     end: Lsn,
     kind: ConsumerKind,
     peer: SocketAddr,
 ) -> Result<Body, ApiError> {
-    let chunks = ChunkReader::new(handle, snapshot.segment_size(), start, end, kind, peer.to_string());
+    let chunks = ChunkReader::new(handle, snapshot.wal_seg_size, start, end, kind, peer.to_string());
     let (chunks, first) = chunks.next_chunk(READ_CHUNK_BYTES).await;
     let first = match first {
         None => return Ok(Body::empty()),
