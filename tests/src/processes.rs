@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use utils::listen_addrs::parse_listen_addrs;
 
-use crate::fixture::{wait_bounded, wait_for, PortReservation, POLL_INTERVAL};
+use crate::fixture::{wait_bounded, wait_for, PortReservation};
 
 /// How long `cargo build` of one package may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -390,21 +390,15 @@ impl ComputeShim {
 
     /// Wait (bounded) until the shim is elected and streaming from Postgres.
     pub fn wait_elected(&mut self, timeout: Duration) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let elected = wait_for(timeout, "compute_shim to be elected and streaming", || {
             if let Some(status) = self.process.exit_status()? {
-                bail!("compute_shim exited ({status}): {}", self.process.log_tail());
+                return Ok(Some(Err(anyhow!("compute_shim exited ({status}): {}", self.process.log_tail()))));
             }
-            if let Ok(status) = self.status() {
-                if status["phase"] == "elected" && !status["streaming_from_lsn"].is_null() {
-                    return Ok(status);
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!("compute_shim not elected within {timeout:?}: {}", self.process.log_tail());
-            }
-            thread::sleep(POLL_INTERVAL * 5);
-        }
+            let status = self.status()?;
+            let streaming = status["phase"] == "elected" && !status["streaming_from_lsn"].is_null();
+            Ok(streaming.then_some(Ok(status)))
+        });
+        elected.and_then(|exited_or_status| exited_or_status).with_context(|| self.process.log_tail())
     }
 }
 
