@@ -80,6 +80,11 @@ struct ServeArgs {
     /// more is refused (SQLSTATE 53400, configuration_limit_exceeded).
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     max_timelines: usize,
+    /// Most pg connections open at once (proposers, replication clients);
+    /// more are refused with SQLSTATE 53300. Each timeline with a proposer
+    /// streaming takes one; each holds at most one message being read.
+    #[arg(long, default_value_t = service::DEFAULT_MAX_PG_CONNECTIONS, value_name = "N")]
+    max_pg_connections: usize,
     /// Once both ports are bound, write their addresses to FILE (lines
     /// `pg=HOST:PORT` and `http=HOST:PORT`, replaced atomically): how a
     /// supervisor learns the ports picked for port 0.
@@ -198,6 +203,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention: RetentionPolicy { keep_bytes: args.wal_keep_bytes },
         peers: args.peer_http,
         max_timelines: args.max_timelines,
+        max_pg_connections: args.max_pg_connections,
         listen_addrs_file: args.listen_addrs_file,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -55,10 +55,11 @@ use crate::retention::RetentionPolicy;
 use errors::{sqlstate, PgError};
 use registry::Timelines;
 
-/// Open pg connections at once; more are refused with SQLSTATE 53300. With
-/// at most one frame of `MAX_MESSAGE_BYTES` buffered per connection this
-/// also bounds the memory held by partially read messages.
-pub const MAX_PG_CONNECTIONS: usize = 512;
+/// Open pg connections at once unless `--max-pg-connections` says
+/// otherwise; more are refused with SQLSTATE 53300. With at most one frame
+/// of `MAX_MESSAGE_BYTES` buffered per connection this also bounds the
+/// memory held by partially read messages.
+pub const DEFAULT_MAX_PG_CONNECTIONS: usize = 512;
 /// How long each owner may take to finish its batch at shutdown.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,6 +74,8 @@ pub struct ServiceConfig {
     pub peers: Vec<SafekeeperAddress>,
     /// `--max-timelines`: most timelines held (see `registry`).
     pub max_timelines: usize,
+    /// `--max-pg-connections`.
+    pub max_pg_connections: usize,
     /// Where the bound addresses are reported (see [`utils::listen_addrs`]).
     pub listen_addrs_file: Option<PathBuf>,
 }
@@ -83,6 +86,8 @@ pub struct ServiceState {
     pub timelines: Arc<Timelines>,
     pub started_at: Instant,
     connection_slots: Arc<Semaphore>,
+    /// The size of `connection_slots`, for the refusal.
+    max_pg_connections: usize,
     next_connection_id: AtomicU64,
 }
 
@@ -110,7 +115,8 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         node_id: config.node_id,
         timelines: timelines.clone(),
         started_at: Instant::now(),
-        connection_slots: Arc::new(Semaphore::new(MAX_PG_CONNECTIONS)),
+        connection_slots: Arc::new(Semaphore::new(config.max_pg_connections)),
+        max_pg_connections: config.max_pg_connections,
         next_connection_id: AtomicU64::new(1),
     });
     tracing::info!(
@@ -169,15 +175,17 @@ async fn accept_pg(listener: TcpListener, state: Arc<ServiceState>, mut stopped:
                 });
             }
             Err(_) => {
-                tokio::spawn(refuse_connection(stream));
+                tokio::spawn(refuse_connection(stream, state.max_pg_connections));
             }
         }
     }
 }
 
-async fn refuse_connection(mut stream: TcpStream) {
-    let error =
-        PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("too many connections (limit {MAX_PG_CONNECTIONS})"));
+async fn refuse_connection(mut stream: TcpStream, limit: usize) {
+    let error = PgError::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        format!("too many connections (limit {limit}, --max-pg-connections)"),
+    );
     let mut out = BytesMut::new();
     pg_wire::encode::error_response(&mut out, &error);
     let _ = tokio::time::timeout(connection::ERROR_FLUSH_TIMEOUT, stream.write_all(&out)).await;

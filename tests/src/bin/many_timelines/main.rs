@@ -278,11 +278,17 @@ impl SafekeeperSet {
     }
 }
 
+/// Above the pg connections of any N this benchmark runs (one per timeline).
+const BENCH_MAX_PG_CONNECTIONS: usize = 16_384;
+
 impl Member {
     fn start(binary: &Path, datadir: &Path, id: u64, pg: SocketAddr, http: SocketAddr) -> Result<Member> {
         let mut command = Command::new(binary);
         command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
         command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
+        // Every timeline's proposer holds one pg connection to each
+        // safekeeper: the default limit (512) would refuse the rest.
+        command.arg("--max-pg-connections").arg(BENCH_MAX_PG_CONNECTIONS.to_string());
         // Quiet: a thousand timelines log a lot at info.
         command.env("RUST_LOG", "warn");
         let log_path = datadir.with_extension("log");
