@@ -1,33 +1,11 @@
 //! Errors of the replication client. Everything that comes from the network
 //! is a typed error here; nothing the peer sends can make the client panic.
 
-use std::fmt;
 use std::io;
 
-/// An ErrorResponse from the server, with the fields callers branch on.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ServerError {
-    /// Non-localised severity (`ERROR`, `FATAL`, `PANIC`).
-    pub severity: String,
-    /// The SQLSTATE, e.g. `28P01` (invalid password) or `42710` (duplicate object).
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
-}
-
-impl fmt::Display for ServerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (SQLSTATE {}): {}", self.severity, self.code, self.message)?;
-        if let Some(detail) = &self.detail {
-            write!(f, "; detail: {detail}")?;
-        }
-        if let Some(hint) = &self.hint {
-            write!(f, "; hint: {hint}")?;
-        }
-        Ok(())
-    }
-}
+/// An ErrorResponse from the server, with the fields callers branch on
+/// (`pq_wire`'s, shared with the safekeeper and the tests).
+pub use pq_wire::error_fields::ErrorFields as ServerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {

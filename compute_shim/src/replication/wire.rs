@@ -10,7 +10,6 @@
 //! built with `postgres_protocol::message::frontend`.
 
 use bytes::BytesMut;
-use pq_wire::error_fields::ErrorFields;
 use pq_wire::frame::FrameError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
@@ -125,9 +124,7 @@ pub(crate) fn deadline_after_ms(timeout_ms: u64) -> Instant {
 
 /// ErrorResponse / NoticeResponse fields.
 pub(crate) fn parse_server_error(frame: Frame) -> Result<ServerError, ReplicationError> {
-    let fields = pq_wire::error_fields::parse_error_fields(frame.tag, frame.body)?;
-    let ErrorFields { severity, code, message, detail, hint } = fields;
-    Ok(ServerError { severity, code, message, detail, hint })
+    Ok(pq_wire::error_fields::parse_error_fields(frame.tag, frame.body)?)
 }
 
 /// A DataRow as text columns (the simple query protocol returns text).

@@ -1,6 +1,8 @@
 //! ErrorResponse and NoticeResponse bodies: a list of (field code, C
 //! string) pairs ended by a zero byte.
 
+use std::fmt;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::body::{Body, BodyError};
@@ -18,6 +20,19 @@ pub struct ErrorFields {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+}
+
+impl fmt::Display for ErrorFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {}): {}", self.severity, self.code, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, "; detail: {detail}")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Parse an ErrorResponse / NoticeResponse body (`what`: its tag, for errors).
