@@ -193,13 +193,16 @@ impl ServiceProcess {
         command.arg("--listen-addrs-file").arg(&addrs_path);
         let mut process = ServiceProcess::spawn(name, command, log_path)?;
         let reported = wait_for(READY_TIMEOUT, &format!("{name} to report its addresses"), || {
-            if let Some(status) = process.child_mut()?.try_wait()? {
-                return Ok(Some(Err(anyhow!("{name} exited at startup ({status}): {}", process.log_tail()))));
-            }
+            // The file first: a process may report its ports and then exit
+            // at once (a shim refusing to lead), which is its caller's to see.
             match std::fs::read_to_string(&addrs_path) {
-                Ok(text) => Ok(Some(parse_listen_addrs(&text))),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(error) => Err(error.into()),
+                Ok(text) => return Ok(Some(parse_listen_addrs(&text))),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error.into()),
+            }
+            match process.child_mut()?.try_wait()? {
+                Some(status) => Ok(Some(Err(anyhow!("{name} exited at startup ({status}): {}", process.log_tail())))),
+                None => Ok(None),
             }
         });
         let addrs = reported.and_then(|parsed| parsed).with_context(|| process.log_tail())?;
