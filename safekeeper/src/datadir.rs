@@ -17,7 +17,7 @@ use std::path::Path;
 pub use utils::dir_lock::{lock_dir, DirLock, LockError};
 use utils::durable::{write_file_atomically, DurableError};
 
-use crate::ids::NodeId;
+use safekeeper_protocol::ids::NodeId;
 
 pub const LOCK_FILE_NAME: &str = "safekeeper.lock";
 pub const NODE_ID_FILE_NAME: &str = "safekeeper.id";

@@ -14,19 +14,19 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
-use crate::control::{ControlState, TermStart};
-use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
-use crate::protocol::{
+use postgres_wal::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use postgres_wal::wal::format::{LONG_PAGE_HEADER_BYTES, PG15_VERSION_NUM};
+use postgres_wal::wal::{DecodeStep, WalDecoder};
+use safekeeper_core::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
+use safekeeper_core::control::{ControlState, TermStart};
+use safekeeper_core::recovery::{recover_timeline, RecoveryError};
+use safekeeper_core::storage::control_file::FileControlStore;
+use safekeeper_core::storage::segments::SegmentStorage;
+use safekeeper_core::timeline::{FileTimeline, Timeline, TimelineError};
+use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, Greeting, ProposerElected, ProposerMessage, VoteRequest, PROTOCOL_VERSION,
 };
-use crate::recovery::{recover_timeline, RecoveryError};
-use crate::storage::control_file::FileControlStore;
-use crate::storage::segments::SegmentStorage;
-use crate::timeline::{FileTimeline, Timeline, TimelineError};
-use crate::wal::format::{LONG_PAGE_HEADER_BYTES, PG15_VERSION_NUM};
-use crate::wal::{DecodeStep, WalDecoder};
 
 /// WAL per append, like one replication message from Postgres.
 pub const IMPORT_APPEND_BYTES: usize = 128 << 10;

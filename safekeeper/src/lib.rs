@@ -10,11 +10,3 @@
 pub mod datadir;
 pub mod import;
 pub mod service;
-
-// The service is written against these crate-local names of the shared
-// crates (`crate::lsn::Lsn`, `crate::acceptor::Acceptor`), as when they
-// lived in this crate.
-use postgres_wal::{lsn, wal};
-use safekeeper_api as client;
-use safekeeper_core::{acceptor, control, recovery, retention, storage, timeline, timeline_node};
-use safekeeper_protocol::{ids, protocol};

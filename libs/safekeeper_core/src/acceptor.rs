@@ -28,14 +28,14 @@
 use bytes::Bytes;
 
 use crate::control::{ControlState, TermHistory, TermStart};
-use crate::ids::{ClusterId, NodeId, Term};
-use crate::lsn::Lsn;
-use crate::protocol::{
+use crate::storage::SyncedLsn;
+use postgres_wal::lsn::Lsn;
+use postgres_wal::wal::{DecodeStep, WalDecodeError, WalDecoder};
+use safekeeper_protocol::ids::{ClusterId, NodeId, Term};
+use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, MembershipResponse, ProposerElected,
     ProposerMessage, SetMembership, VoteRequest, VoteResponse, WalDigestRequest, PROTOCOL_VERSION,
 };
-use crate::storage::SyncedLsn;
-use crate::wal::{DecodeStep, WalDecodeError, WalDecoder};
 use safekeeper_protocol::term_history::{highest_common_point, LogView};
 
 #[derive(Clone, Debug)]

@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, Term};
-use crate::lsn::{Lsn, WalSegmentSize};
-use crate::membership::Configuration;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_protocol::ids::{ClusterId, Term};
+use safekeeper_protocol::membership::Configuration;
 // The term history is part of the protocol (votes and ProposerElected carry
 // it); the control state stores it.
 pub use safekeeper_protocol::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};

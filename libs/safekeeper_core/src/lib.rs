@@ -23,8 +23,3 @@ pub mod retention;
 pub mod storage;
 pub mod timeline;
 pub mod timeline_node;
-
-// The modules below are written against these crate-local names of the
-// shared crates (`crate::lsn::Lsn`), as when they lived in one crate.
-use postgres_wal::{lsn, wal};
-use safekeeper_protocol::{ids, membership, protocol};

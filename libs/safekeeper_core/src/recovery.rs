@@ -22,11 +22,11 @@
 use std::path::Path;
 
 use crate::control::ControlState;
-use crate::lsn::{Lsn, WalSegmentSize};
 use crate::storage::control_file::FileControlStore;
 use crate::storage::segments::{dir_has_segment_files, SegmentStorage};
 use crate::storage::{StorageError, WalStorage};
-use crate::wal::{DecodeStep, WalDecodeError, WalDecoder};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::wal::{DecodeStep, WalDecodeError, WalDecoder};
 
 /// Bytes read from the segment files per decoder feed.
 pub const RECOVERY_READ_CHUNK_BYTES: usize = 256 << 10;
@@ -283,9 +283,9 @@ pub fn last_record_start(
 mod tests {
     use super::*;
     use crate::control::TermHistory;
-    use crate::ids::{ClusterId, SystemId, Term};
     use crate::storage::ControlStore;
-    use crate::wal::generator::WalGenerator;
+    use postgres_wal::wal::generator::WalGenerator;
+    use safekeeper_protocol::ids::{ClusterId, SystemId, Term};
     use std::fs;
 
     const SEG_BYTES: u64 = 1 << 20;
@@ -454,7 +454,7 @@ mod tests {
             let mut names: Vec<String> = fs::read_dir(dir.path())
                 .unwrap()
                 .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-                .filter(|name| name.len() == crate::lsn::SEGMENT_FILE_NAME_LEN)
+                .filter(|name| name.len() == postgres_wal::lsn::SEGMENT_FILE_NAME_LEN)
                 .collect();
             names.sort();
             names

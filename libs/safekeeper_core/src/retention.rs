@@ -10,7 +10,7 @@
 //! its confirmed position still finds the segment it starts in). Without any
 //! feedback (`remote_consistent_lsn` zero) nothing is removed at all.
 
-use crate::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
 
 /// How much WAL to keep beyond what the rule above requires.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

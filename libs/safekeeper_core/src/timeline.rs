@@ -7,15 +7,15 @@ use crate::acceptor::{
     Acceptor, AcceptorConfig, AcceptorError, DigestToSend, PeerWal, Ready, RecoveredWal, StorageAction,
 };
 use crate::control::ControlState;
-use crate::ids::NodeId;
-use crate::lsn::Lsn;
-use crate::protocol::{AcceptorMessage, ProposerMessage, WalDigestResponse, WalDigester};
 use crate::recovery::{decode_to_end, decoder_at, last_record_start, resume_decoder, RecoveredTimeline};
 use crate::retention::RetentionPolicy;
 use crate::storage::control_file::FileControlStore;
 use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
 use crate::storage::segments::SegmentStorage;
 use crate::storage::{ControlStore, StorageError, WalStorage};
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::NodeId;
+use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage, WalDigestResponse, WalDigester};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TimelineError {

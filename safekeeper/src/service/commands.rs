@@ -8,7 +8,7 @@
 //!
 //! Parsing is pure so it can be tested (and fuzzed) without a socket.
 
-use crate::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {

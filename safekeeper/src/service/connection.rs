@@ -25,8 +25,8 @@ use super::pg_wire::{
 use super::registry::TimelineHandle;
 use super::replication::{self, StreamEnd};
 use super::{push, ServiceState};
-use crate::ids::{TenantId, TimelineId};
-use crate::storage::segments::PG_TIMELINE_ID;
+use safekeeper_core::storage::segments::PG_TIMELINE_ID;
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 use std::sync::Arc;
 
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,7 +117,8 @@ async fn startup(reader: &mut Reader, write: &mut OwnedWriteHalf) -> Result<Opti
 
 /// Tenant and timeline ids, if the startup named them.
 fn timeline_ids(settings: &StartupSettings) -> Result<Option<(TenantId, TimelineId)>, PgError> {
-    let invalid = |e: crate::ids::IdParseError| PgError::fatal(sqlstate::INVALID_PARAMETER_VALUE, e.to_string());
+    let invalid =
+        |e: safekeeper_protocol::ids::IdParseError| PgError::fatal(sqlstate::INVALID_PARAMETER_VALUE, e.to_string());
     let tenant_id = settings.tenant_id.as_deref().map(str::parse::<TenantId>).transpose().map_err(invalid)?;
     let timeline_id = settings.timeline_id.as_deref().map(str::parse::<TimelineId>).transpose().map_err(invalid)?;
     Ok(tenant_id.zip(timeline_id))

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
-pub use crate::client::api::{ConsumerKind, ConsumerStatus};
+pub use safekeeper_api::api::{ConsumerKind, ConsumerStatus};
 
 struct Consumer {
     kind: ConsumerKind,

@@ -5,7 +5,7 @@
 /// The SQLSTATE codes this server sends (Postgres's errcodes.txt names).
 pub mod sqlstate {
     /// The codes a timeline node refuses with (documented there).
-    pub use crate::timeline_node::sqlstate::{
+    pub use safekeeper_core::timeline_node::sqlstate::{
         ADMIN_SHUTDOWN, INVALID_PARAMETER_VALUE, IO_ERROR, OBJECT_NOT_IN_PREREQUISITE_STATE, PROTOCOL_VIOLATION,
     };
     /// A query that is not a command this port knows.

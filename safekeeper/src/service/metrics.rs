@@ -12,7 +12,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::ids::{TenantId, TimelineId};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 const TIMELINE_LABELS: &[&str] = &["tenant_id", "timeline_id"];
 

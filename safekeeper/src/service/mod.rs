@@ -48,12 +48,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 
-use crate::client::api::SafekeeperAddress;
 use crate::datadir::{ensure_node_id, lock_data_dir};
-use crate::ids::NodeId;
-use crate::retention::RetentionPolicy;
 use errors::{sqlstate, PgError};
 use registry::Timelines;
+use safekeeper_api::api::SafekeeperAddress;
+use safekeeper_core::retention::RetentionPolicy;
+use safekeeper_protocol::ids::NodeId;
 
 /// Open pg connections at once unless `--max-pg-connections` says
 /// otherwise; more are refused with SQLSTATE 53300. With at most one frame

@@ -16,7 +16,7 @@
 //!
 //! What goes where (reply routing, refusals, the peer-recovery handoff,
 //! the order of retention's storage calls) is the node's decision
-//! (`crate::timeline_node`, which the simulation runs too); this loop only
+//! (`safekeeper_core::timeline_node`, which the simulation runs too); this loop only
 //! maps connection ids to connections and measures.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,18 +28,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::errors::PgError;
 use super::metrics::TimelineMetrics;
 pub use super::replies::PushConnection;
-use crate::acceptor::PeerWal;
-use crate::client::api::{PeerRecoveryStatus, TimelineStatus};
-use crate::lsn::Lsn;
-use crate::protocol::ProposerMessage;
-use crate::retention::RetentionPolicy;
-use crate::storage::control_file::FileControlStore;
-use crate::storage::segments::SegmentStorage;
-use crate::storage::{StorageError, WalStorage};
-use crate::timeline::{FileTimeline, Timeline};
-use crate::timeline_node::{
+use postgres_wal::lsn::Lsn;
+use safekeeper_api::api::{PeerRecoveryStatus, TimelineStatus};
+use safekeeper_core::acceptor::PeerWal;
+use safekeeper_core::retention::RetentionPolicy;
+use safekeeper_core::storage::control_file::FileControlStore;
+use safekeeper_core::storage::segments::SegmentStorage;
+use safekeeper_core::storage::{StorageError, WalStorage};
+use safekeeper_core::timeline::{FileTimeline, Timeline};
+use safekeeper_core::timeline_node::{
     ConnectionId, NodeError, PeerWalOutcome, Refusal, RefusalCause, RetentionOutcome, TimelineNode,
 };
+use safekeeper_protocol::protocol::ProposerMessage;
 
 /// Messages queued for one owner; senders wait when it is full (backpressure
 /// on the proposers' connections, not unbounded memory: at most this many
@@ -310,7 +310,7 @@ impl OwnerState {
             fail_stop(&error);
         }
         let refusal = pg_error(Refusal::storage_failed(&error));
-        for _ in 0..crate::timeline_node::MAX_BATCH_MESSAGES {
+        for _ in 0..safekeeper_core::timeline_node::MAX_BATCH_MESSAGES {
             let Ok(OwnerInput::Push { connection, .. }) = inputs.try_recv() else { break };
             if !connection.is_closed() {
                 connection.refuse(refusal.clone());

@@ -30,10 +30,10 @@ use tokio::sync::oneshot;
 
 use super::owner::OwnerInput;
 use super::registry::TimelineHandle;
-use crate::acceptor::PeerWal;
-use crate::client::api::{PeerRecoveryState, PeerRecoveryStatus, SafekeeperAddress, TimelinePaths, TimelineStatus};
-use crate::client::pull::{SafekeeperClient, WalEvent, WalPull};
-use crate::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
+use safekeeper_api::api::{PeerRecoveryState, PeerRecoveryStatus, SafekeeperAddress, TimelinePaths, TimelineStatus};
+use safekeeper_api::pull::{SafekeeperClient, WalEvent, WalPull};
+use safekeeper_core::acceptor::PeerWal;
 
 /// How often a timeline is looked at.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -343,9 +343,9 @@ async fn settle(in_flight: &mut VecDeque<oneshot::Receiver<Result<Lsn, String>>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::TermHistory;
-    use crate::ids::{SystemId, TenantId, Term, TimelineId};
-    use crate::lsn::WalSegmentSize;
+    use postgres_wal::lsn::WalSegmentSize;
+    use safekeeper_core::control::TermHistory;
+    use safekeeper_protocol::ids::{SystemId, TenantId, Term, TimelineId};
 
     const SEGMENT_BYTES: u64 = 16 << 20;
     const SYSTEM_ID: u64 = 42;

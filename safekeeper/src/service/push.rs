@@ -24,8 +24,8 @@ use super::pg_wire::{encode, printable, protocol_violation, read_frame, tag, Wir
 use super::registry::{ProposerGuard, TimelineHandle};
 use super::replies::{Outgoing, PushConnection};
 use super::ServiceState;
-use crate::ids::{TenantId, TimelineId};
-use crate::protocol::{ProposerMessage, MAX_MESSAGE_BYTES};
+use safekeeper_protocol::ids::{TenantId, TimelineId};
+use safekeeper_protocol::protocol::{ProposerMessage, MAX_MESSAGE_BYTES};
 
 /// Replies queued for one connection before it counts as too slow.
 pub const REPLY_QUEUE_MESSAGES: usize = 1024;

@@ -25,20 +25,20 @@ use super::errors::{sqlstate, PgError};
 use super::metrics::Metrics;
 use super::owner::{fail_stop, spawn_owner, OwnerInput, PushConnection, TimelineShared};
 use super::peer_recovery;
-use crate::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
-use crate::client::api::SafekeeperAddress;
-use crate::client::api::TimelineStatus;
-use crate::control::ControlState;
-use crate::ids::{ClusterId, NodeId, TenantId, TimelineId};
 use crate::import::timeline_dir;
-use crate::lsn::{Lsn, WalSegmentSize};
-use crate::protocol::{Greeting, ProposerMessage};
-use crate::recovery::recover_timeline;
-use crate::retention::RetentionPolicy;
-use crate::storage::control_file::FileControlStore;
-use crate::storage::segments::SegmentStorage;
-use crate::storage::{fsync_dir, ControlStore, StorageError};
-use crate::timeline::{FileTimeline, Timeline};
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_api::api::SafekeeperAddress;
+use safekeeper_api::api::TimelineStatus;
+use safekeeper_core::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
+use safekeeper_core::control::ControlState;
+use safekeeper_core::recovery::recover_timeline;
+use safekeeper_core::retention::RetentionPolicy;
+use safekeeper_core::storage::control_file::FileControlStore;
+use safekeeper_core::storage::segments::SegmentStorage;
+use safekeeper_core::storage::{fsync_dir, ControlStore, StorageError};
+use safekeeper_core::timeline::{FileTimeline, Timeline};
+use safekeeper_protocol::ids::{ClusterId, NodeId, TenantId, TimelineId};
+use safekeeper_protocol::protocol::{Greeting, ProposerMessage};
 
 /// Suffix of a timeline directory under construction.
 const CREATING_SUFFIX: &str = ".creating";
@@ -497,9 +497,9 @@ pub fn list_timelines(datadir: &Path) -> anyhow::Result<Vec<(TenantId, TimelineI
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::SystemId;
-    use crate::protocol::PROTOCOL_VERSION;
-    use crate::storage::control_file::CONTROL_FILE_NAME;
+    use safekeeper_core::storage::control_file::CONTROL_FILE_NAME;
+    use safekeeper_protocol::ids::SystemId;
+    use safekeeper_protocol::protocol::PROTOCOL_VERSION;
 
     const SEGMENT_SIZE_BYTES: u32 = 1 << 20;
 

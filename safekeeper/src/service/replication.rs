@@ -31,9 +31,9 @@ use super::errors::{sqlstate, PgError};
 use super::pg_wire::{encode, printable, protocol_violation, read_frame, tag, WireError};
 use super::registry::TimelineHandle;
 use super::wal_reader::ChunkReader;
-use crate::lsn::Lsn;
-use crate::storage::segments::PG_TIMELINE_ID;
-use crate::storage::StorageError;
+use postgres_wal::lsn::Lsn;
+use safekeeper_core::storage::segments::PG_TIMELINE_ID;
+use safekeeper_core::storage::StorageError;
 
 /// WAL bytes per XLogData message (Postgres's MAX_SEND_SIZE: 16 pages).
 pub const MAX_XLOGDATA_BYTES: usize = 128 << 10;

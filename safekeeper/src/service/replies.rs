@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::errors::PgError;
 use super::pg_wire::encode;
-use crate::protocol::AcceptorMessage;
+use safekeeper_protocol::protocol::AcceptorMessage;
 
 /// What the writer task receives: encoded CopyData to write, or an error
 /// after which the connection closes.
@@ -164,8 +164,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::ids::{NodeId, Term};
-    use crate::protocol::GreetingResponse;
+    use safekeeper_protocol::ids::{NodeId, Term};
+    use safekeeper_protocol::protocol::GreetingResponse;
 
     /// A connected pair: our non-blocking end (as tokio leaves it) and the peer.
     fn socket_pair() -> (TcpStream, TcpStream) {

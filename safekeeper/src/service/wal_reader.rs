@@ -1,7 +1,7 @@
 //! Reading a range of committed WAL for a consumer, chunk by chunk, on
 //! blocking threads (`pread` of page-cache-warm segment files is fast, but
 //! a cold disk must not stall the runtime). Shared by the HTTP WAL endpoints
-//! and replication streams; see `crate::storage::reader` for why reading
+//! and replication streams; see `safekeeper_core::storage::reader` for why reading
 //! beside the owner thread is safe.
 
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use prometheus::IntCounter;
 
 use super::consumers::{ConsumerGuard, ConsumerKind};
 use super::registry::TimelineHandle;
-use crate::lsn::{Lsn, WalSegmentSize};
-use crate::storage::reader::SegmentReader;
-use crate::storage::StorageError;
+use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use safekeeper_core::storage::reader::SegmentReader;
+use safekeeper_core::storage::StorageError;
 
 /// Reads `[pos, end)` chunk by chunk on blocking threads.
 pub struct ChunkReader {

@@ -5,12 +5,12 @@
 use super::*;
 use crate::acceptor::PeerWal;
 use crate::control::TermStart;
-use crate::ids::{SystemId, TenantId, TimelineId};
-use crate::lsn::WalSegmentSize;
-use crate::protocol::{AppendRequest, Greeting, ProposerElected, VoteRequest};
 use crate::storage::WalStorage;
 use crate::timeline::{MemoryTimeline, TimelineError};
-use crate::wal::generator::WalGenerator;
+use postgres_wal::lsn::WalSegmentSize;
+use postgres_wal::wal::generator::WalGenerator;
+use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
+use safekeeper_protocol::protocol::{AppendRequest, Greeting, ProposerElected, VoteRequest};
 
 pub(crate) const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
 pub(crate) const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
@@ -432,7 +432,7 @@ mod random_sequences {
 }
 
 fn digest_request(term: u64, start_lsn: Lsn, end_lsn: Lsn) -> ProposerMessage {
-    ProposerMessage::WalDigestRequest(crate::protocol::WalDigestRequest {
+    ProposerMessage::WalDigestRequest(safekeeper_protocol::protocol::WalDigestRequest {
         cluster: cluster(),
         term: Term(term),
         generation: 0,
@@ -453,7 +453,7 @@ fn wal_digest_is_of_durable_wal_for_the_elected_proposer_only() {
     let Some(AcceptorMessage::WalDigestResponse(response)) = reply else { panic!("expected a digest: {reply:?}") };
     let mut bytes = vec![0u8; (flush - start) as usize];
     timeline.wal_mut().read(start, &mut bytes).unwrap();
-    let mut expected = crate::protocol::WalDigester::default();
+    let mut expected = safekeeper_protocol::protocol::WalDigester::default();
     expected.update(&bytes);
     assert_eq!((response.term, response.start_lsn, response.end_lsn), (Term(1), start, flush));
     assert_eq!(response.digest, expected.finish());
@@ -620,8 +620,8 @@ fn a_restart_at_an_unpadded_record_end_accepts_the_next_record() {
 /// Rules of the membership configuration (docs/protocol.md, "Membership").
 mod membership {
     use super::*;
-    use crate::membership::{Configuration, Member};
-    use crate::protocol::{MembershipResponse, SetMembership};
+    use safekeeper_protocol::membership::{Configuration, Member};
+    use safekeeper_protocol::protocol::{MembershipResponse, SetMembership};
 
     fn member(id: u64) -> Member {
         Member { node_id: Some(NodeId(id)), pg_addr: format!("127.0.0.1:{}", 5000 + id) }

@@ -173,9 +173,9 @@ impl ControlStore for FileControlStore {
 mod tests {
     use super::*;
     use crate::control::{TermHistory, TermStart};
-    use crate::ids::{ClusterId, SystemId, Term};
-    use crate::lsn::{Lsn, WalSegmentSize};
+    use postgres_wal::lsn::{Lsn, WalSegmentSize};
     use rand::{Rng, SeedableRng};
+    use safekeeper_protocol::ids::{ClusterId, SystemId, Term};
     use std::fs;
 
     fn state(term: u64) -> ControlState {

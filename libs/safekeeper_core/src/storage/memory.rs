@@ -6,8 +6,8 @@
 //! `fail_next_sync` makes the next sync fail as an fsync error would.
 
 use crate::control::ControlState;
-use crate::lsn::Lsn;
 use crate::storage::{ControlStore, StorageError, SyncedLsn, WalStorage};
+use postgres_wal::lsn::Lsn;
 
 #[derive(Clone, Debug, Default)]
 pub struct MemoryWalStorage {

@@ -16,7 +16,7 @@ use std::path::Path;
 use utils::durable::{self, DurableError};
 
 use crate::control::ControlState;
-use crate::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
 
 /// Proof that WAL up to `lsn` is durable. Only storage implementations in
 /// this crate construct it, so "durable before acknowledged" is in the types:

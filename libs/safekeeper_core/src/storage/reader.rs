@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use super::segments::PG_TIMELINE_ID;
 use super::{io_error, StorageError};
-use crate::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use postgres_wal::lsn::{Lsn, SegmentNo, WalSegmentSize};
 
 pub struct SegmentReader {
     dir: PathBuf,

@@ -38,7 +38,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::reader::SegmentReader;
 use super::{fsync_dir, io_error, StorageError, SyncedLsn, WalStorage};
-use crate::lsn::{Lsn, PgTimelineId, SegmentNo, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
+use postgres_wal::lsn::{Lsn, PgTimelineId, SegmentNo, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
 
 /// Postgres timeline id used in segment file names (one timeline for now).
 pub const PG_TIMELINE_ID: PgTimelineId = 1;

@@ -26,12 +26,12 @@
 //! connection of the batch and every later call returns [`NodeError::Stopped`].
 
 use crate::acceptor::{Acceptor, AcceptorError, PeerWal};
-use crate::lsn::Lsn;
-use crate::protocol::{AcceptorMessage, ProposerMessage};
 use crate::retention::RetentionPolicy;
 use crate::storage::memory::{MemoryControlStore, MemoryWalStorage};
 use crate::storage::{ControlStore, StorageError, WalStorage};
 use crate::timeline::{Timeline, TimelineError};
+use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::protocol::{AcceptorMessage, ProposerMessage};
 
 #[cfg(test)]
 mod tests;

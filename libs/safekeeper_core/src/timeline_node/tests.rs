@@ -11,9 +11,9 @@ use crate::acceptor::tests::{
 };
 use crate::acceptor::{AcceptorConfig, RecoveredWal};
 use crate::control::ControlState;
-use crate::ids::NodeId;
 use crate::storage::SyncedLsn;
-use crate::wal::generator::WalGenerator;
+use postgres_wal::wal::generator::WalGenerator;
+use safekeeper_protocol::ids::NodeId;
 
 /// A storage call, in the order the node made it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -26,9 +26,9 @@ use serde_json::{json, Value};
 use super::metrics::TimelineGauges;
 use super::registry::{BrokenTimeline, DeleteOutcome, TimelineHandle};
 use super::{ServiceState, SHUTDOWN_TIMEOUT};
-use crate::client::api::TimelineStatus;
-use crate::ids::{TenantId, TimelineId};
-use crate::lsn::Lsn;
+use postgres_wal::lsn::Lsn;
+use safekeeper_api::api::TimelineStatus;
+use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 pub fn router(
     state: Arc<ServiceState>,
@@ -112,7 +112,7 @@ fn unknown_timeline(tenant_id: TenantId, timeline_id: TimelineId) -> ApiError {
 }
 
 fn parse_ids(tenant_id: &str, timeline_id: &str) -> Result<(TenantId, TimelineId), ApiError> {
-    let bad_request = |e: crate::ids::IdParseError| ApiError::bad_request(e.to_string());
+    let bad_request = |e: safekeeper_protocol::ids::IdParseError| ApiError::bad_request(e.to_string());
     Ok((tenant_id.parse().map_err(bad_request)?, timeline_id.parse().map_err(bad_request)?))
 }
 

@@ -24,14 +24,14 @@ use safekeeper_api::api;
 use serde::Deserialize;
 
 use super::{lookup, parse_lsn, ApiError, PeerAddr};
-use crate::lsn::{Lsn, SegmentNo};
 use crate::service::consumers::ConsumerKind;
 use crate::service::registry::TimelineHandle;
 use crate::service::wal_reader::ChunkReader;
 use crate::service::ServiceState;
-use crate::storage::segments::PG_TIMELINE_ID;
-use crate::storage::StorageError;
+use postgres_wal::lsn::{Lsn, SegmentNo};
 use safekeeper_api::api::TimelineStatus;
+use safekeeper_core::storage::segments::PG_TIMELINE_ID;
+use safekeeper_core::storage::StorageError;
 
 /// Bytes read from disk and sent as one body chunk.
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
