@@ -33,14 +33,6 @@ impl Body {
         Body { bytes, what }
     }
 
-    pub fn what(&self) -> u8 {
-        self.what
-    }
-
-    pub fn remaining(&self) -> usize {
-        self.bytes.len()
-    }
-
     pub fn take(&mut self, len: usize) -> Result<Bytes, BodyError> {
         if self.bytes.len() < len {
             return Err(BodyError::Truncated { what: self.what, wanted: len, left: self.bytes.len() });
@@ -62,10 +54,6 @@ impl Body {
 
     pub fn i32(&mut self) -> Result<i32, BodyError> {
         Ok(i32::from_be_bytes(self.array()?))
-    }
-
-    pub fn u32(&mut self) -> Result<u32, BodyError> {
-        Ok(u32::from_be_bytes(self.array()?))
     }
 
     pub fn u64(&mut self) -> Result<u64, BodyError> {

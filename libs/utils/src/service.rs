@@ -1,4 +1,4 @@
-//! Process setup shared by the binaries, and the error body of their HTTP
+//! Logging setup shared by the binaries, and the error body of their HTTP
 //! ports.
 
 use std::io::IsTerminal;
@@ -15,17 +15,6 @@ pub fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}
-
-/// A multi-threaded tokio runtime with `worker_threads` workers (tokio's
-/// default, one per core, when `None`). Built by `main` and passed on: no
-/// global runtime.
-pub fn build_runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = worker_threads {
-        builder.worker_threads(threads);
-    }
-    builder.enable_all().build()
 }
 
 /// The error document every HTTP port answers with: `{"error": "..."}`.
