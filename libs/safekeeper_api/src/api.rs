@@ -48,6 +48,10 @@ pub struct TimelineStatus {
     pub timeline_start_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub commit_lsn: Lsn,
+    /// The highest commit LSN a proposer (or a peer's copy) reported: beyond
+    /// `flush_lsn`, this safekeeper is behind the quorum.
+    #[serde(default)]
+    pub proposer_commit_lsn: Lsn,
     /// The term whose ProposerElected was accepted since the last restart
     /// or vote (WAL is taken only in it).
     #[serde(default)]

@@ -208,6 +208,12 @@ impl Acceptor {
     pub fn elected_term(&self) -> Option<Term> {
         self.elected_term
     }
+    /// The highest commit LSN a proposer (or a peer's copy) reported; ahead
+    /// of the flush LSN when this acceptor is behind the quorum (what wakes
+    /// peer recovery).
+    pub fn proposer_commit_lsn(&self) -> Lsn {
+        self.proposer_commit_lsn
+    }
     /// Whether an append is waiting for a sync to be acknowledged.
     pub fn ack_pending(&self) -> bool {
         self.ack_pending

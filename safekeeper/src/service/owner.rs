@@ -76,8 +76,9 @@ pub struct TimelineShared {
     /// it (retention) and persists it.
     pub remote_consistent_lsn: AtomicU64,
     pub metrics: TimelineMetrics,
-    /// When the owner last wrote WAL a proposer sent (peer recovery stays
-    /// out of the way of a proposer that streams).
+    /// When the owner last wrote WAL a proposer sent, or accepted a new
+    /// proposer's ProposerElected (peer recovery stays out of the way of a
+    /// proposer that streams or is about to).
     pub last_proposer_wal: Mutex<Option<Instant>>,
     /// What peer recovery is doing, for the status API.
     pub peer_recovery: Mutex<PeerRecoveryStatus>,
@@ -99,6 +100,7 @@ fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &
         timeline_start_lsn: state.timeline_start_lsn,
         flush_lsn: acceptor.flush_lsn(),
         commit_lsn: acceptor.commit_lsn(),
+        proposer_commit_lsn: acceptor.proposer_commit_lsn(),
         elected_term: acceptor.elected_term(),
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),
@@ -259,13 +261,20 @@ impl OwnerState {
         }
         metrics.wal_bytes_written.inc_by(output.proposer_wal_bytes + output.peer_wal_bytes);
         metrics.peer_recovery_bytes.inc_by(output.peer_wal_bytes);
-        if output.proposer_wal_bytes > 0 {
-            *self.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-        }
         self.apply_retention()?;
         // Status first: whoever saw an acknowledgement sees a status that
         // covers it.
-        self.snapshot.send_replace(snapshot_of(self.node.timeline(), &self.shared.metrics));
+        let snapshot = snapshot_of(self.node.timeline(), &self.shared.metrics);
+        // A proposer just elected is about to stream (from its buffer or
+        // Postgres): that counts as streaming for peer recovery, which would
+        // otherwise copy into the gap and then hand off, costing the
+        // proposer a reconnection.
+        let newly_elected =
+            snapshot.elected_term.is_some() && snapshot.elected_term != self.snapshot.borrow().elected_term;
+        if output.proposer_wal_bytes > 0 || newly_elected {
+            *self.shared.last_proposer_wal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
+        self.snapshot.send_replace(snapshot);
         for (id, reply) in output.replies {
             match batch.connection(id) {
                 Some(connection) if !connection.is_closed() => connection.reply(&reply),

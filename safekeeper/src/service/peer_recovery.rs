@@ -14,7 +14,11 @@
 //! there.
 //!
 //! One task per timeline, started with its owner when peers are configured
-//! (`--peer-http`). Every poll interval it looks at the timeline: it copies
+//! (`--peer-http`). It sleeps until the timeline learns that the quorum is
+//! ahead of it (a proposer's message, or a peer's copy, shows a commit LSN
+//! at least `MIN_LAG_BYTES` beyond its flush); only then does it ask the
+//! peers, at most once per poll interval while that lasts. A timeline that
+//! is current, or that no proposer speaks to, costs nothing. It copies
 //! only under an accepted ProposerElected of the current term (so its
 //! history is the current proposer's) and only while no proposer has sent
 //! WAL for a while (a streaming proposer keeps it current itself). Once
@@ -26,7 +30,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::owner::OwnerInput;
 use super::registry::TimelineHandle;
@@ -63,13 +67,17 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
     let snapshot = handle.snapshot();
     let paths = TimelinePaths { tenant_id: snapshot.tenant_id, timeline_id: snapshot.timeline_id };
     let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS);
+    let mut snapshots = handle.watch_snapshot();
     let handle = Arc::downgrade(handle);
     tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(POLL_INTERVAL);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut handed_off_at: Option<Instant> = None;
         loop {
-            ticks.tick().await;
+            if !behind_the_quorum(&mut snapshots).await {
+                return; // the owner is gone
+            }
+            // While behind, one look per interval: the proposer gets time to
+            // stream, and an unreachable peer is not asked in a busy loop.
+            tokio::time::sleep(POLL_INTERVAL).await;
             let Some(timeline) = handle.upgrade().filter(|timeline| timeline.is_running()) else { return };
             // After a handoff the proposer reconnects and resends the rest
             // (from its buffer, or re-reading Postgres); copying meanwhile
@@ -101,6 +109,24 @@ pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
             }
         }
     });
+}
+
+/// Returns `true` once the timeline knows the quorum's commit LSN to be at
+/// least `MIN_LAG_BYTES` beyond its flush (less is a proposer's message in
+/// flight), `false` once its owner is gone.
+async fn behind_the_quorum(snapshots: &mut watch::Receiver<TimelineStatus>) -> bool {
+    loop {
+        if is_behind(&snapshots.borrow_and_update()) {
+            return true;
+        }
+        if snapshots.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+fn is_behind(snapshot: &TimelineStatus) -> bool {
+    snapshot.proposer_commit_lsn.0 >= snapshot.flush_lsn.0.saturating_add(MIN_LAG_BYTES)
 }
 
 fn update(timeline: &TimelineHandle, change: impl FnOnce(&mut PeerRecoveryStatus)) {
@@ -371,6 +397,28 @@ mod tests {
             removed_segments: 0,
             ..TimelineStatus::default()
         }
+    }
+
+    /// Rule: peer recovery sleeps until a proposer (or a peer's copy)
+    /// reported a commit LSN at least `MIN_LAG_BYTES` beyond our flush (less
+    /// is a message in flight), and ends once the owner is gone.
+    #[tokio::test]
+    async fn recovery_wakes_only_when_the_quorum_is_known_to_be_ahead() {
+        let flush = Lsn(SEGMENT_BYTES + 1000);
+        let (owner, snapshots) = watch::channel(ours(flush));
+        let woken_within_50ms = |snapshots: &watch::Receiver<TimelineStatus>| {
+            let mut snapshots = snapshots.clone();
+            async move { tokio::time::timeout(Duration::from_millis(50), behind_the_quorum(&mut snapshots)).await.ok() }
+        };
+        assert_eq!(woken_within_50ms(&snapshots).await, None, "nothing known ahead");
+        owner.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + (MIN_LAG_BYTES - 1));
+        assert_eq!(woken_within_50ms(&snapshots).await, None, "less than MIN_LAG_BYTES ahead");
+        owner.send_modify(|snapshot| snapshot.proposer_commit_lsn = flush + MIN_LAG_BYTES);
+        assert_eq!(woken_within_50ms(&snapshots).await, Some(true), "behind the quorum");
+        owner.send_modify(|snapshot| snapshot.flush_lsn = flush + MIN_LAG_BYTES);
+        assert_eq!(woken_within_50ms(&snapshots).await, None, "caught up");
+        drop(owner);
+        assert_eq!(woken_within_50ms(&snapshots).await, Some(false), "the owner is gone");
     }
 
     fn peer(port: u16, oldest_kept_lsn: Lsn, commit_lsn: Lsn) -> (SafekeeperAddress, TimelineStatus) {
