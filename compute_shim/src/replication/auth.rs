@@ -52,6 +52,7 @@ where
     if let Some(dbname) = &config.dbname {
         parameters.push(("database", dbname.as_str()));
     }
+    parameters.extend(config.extra_startup_parameters.iter().map(|(name, value)| (name.as_str(), value.as_str())));
     writer.queue(|buf| frontend::startup_message(parameters.iter().copied(), buf))?;
     writer.flush_within("sending the startup packet", config.io_timeout_ms).await?;
     let mut auth = Authenticator { config, method: AuthMethod::Trust, scram: None };

@@ -3,6 +3,7 @@
 
 use postgres_protocol::message::frontend;
 use postgres_wal::lsn::{Lsn, PgTimelineId};
+use safekeeper_protocol::ids::Term;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -195,14 +196,25 @@ impl ReplicationClient {
     /// `START_REPLICATION SLOT slot PHYSICAL start TIMELINE timeline`; the
     /// connection becomes a stream of WAL.
     pub async fn start_replication(
-        mut self,
+        self,
         slot: &str,
         start: Lsn,
         timeline: PgTimelineId,
     ) -> Result<ReplicationStream, ReplicationError> {
         check_slot_name(slot)?;
+        self.start_streaming(format!("START_REPLICATION SLOT {slot} PHYSICAL {start} TIMELINE {timeline}"), start).await
+    }
+
+    /// On a safekeeper's pg port, as the elected proposer of `term`: its log
+    /// from `start` up to its flush LSN, committed or not (`TERM n`,
+    /// docs/service.md). How a sync proposer, which has no Postgres, reads
+    /// its donor.
+    pub async fn start_donor_replication(self, start: Lsn, term: Term) -> Result<ReplicationStream, ReplicationError> {
+        self.start_streaming(format!("START_REPLICATION PHYSICAL {start} TIMELINE 1 TERM {term}"), start).await
+    }
+
+    async fn start_streaming(mut self, command: String, start: Lsn) -> Result<ReplicationStream, ReplicationError> {
         self.begin()?;
-        let command = format!("START_REPLICATION SLOT {slot} PHYSICAL {start} TIMELINE {timeline}");
         self.writer.queue(|buf| frontend::query(&command, buf))?;
         self.writer.flush_within("sending START_REPLICATION", self.config.io_timeout_ms).await?;
         loop {
@@ -219,7 +231,7 @@ impl ReplicationClient {
                 }
             }
         }
-        debug!(%slot, %start, timeline, "streaming started");
+        debug!(%command, "streaming started");
         Ok(ReplicationStream::new(self.reader, self.writer, &self.config, start))
     }
 

@@ -35,6 +35,9 @@ pub struct ReplicationConfig {
     /// (half of it) and then fails (all of it).
     pub stream_timeout_ms: u64,
     pub max_message_bytes: usize,
+    /// More startup parameters, set by code (a safekeeper's pg port is told
+    /// the tenant and timeline this way), never parsed from a conninfo.
+    pub extra_startup_parameters: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for ReplicationConfig {
@@ -51,6 +54,7 @@ impl std::fmt::Debug for ReplicationConfig {
             .field("io_timeout_ms", &self.io_timeout_ms)
             .field("stream_timeout_ms", &self.stream_timeout_ms)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("extra_startup_parameters", &self.extra_startup_parameters)
             .finish()
     }
 }
@@ -68,6 +72,11 @@ impl ReplicationConfig {
             builder.set(&key, value)?;
         }
         builder.build()
+    }
+
+    pub fn with_startup_parameter(mut self, name: &str, value: &str) -> Self {
+        self.extra_startup_parameters.push((name.to_string(), value.to_string()));
+        self
     }
 
     pub fn with_application_name(mut self, name: &str) -> Self {
@@ -163,6 +172,7 @@ impl Builder {
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
             stream_timeout_ms: DEFAULT_STREAM_TIMEOUT_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            extra_startup_parameters: Vec::new(),
         })
     }
 }

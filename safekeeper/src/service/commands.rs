@@ -4,11 +4,14 @@
 //! - `IDENTIFY_SYSTEM`, `SHOW <name>`, `START_REPLICATION [SLOT s]
 //!   [PHYSICAL] X/Y [TIMELINE n]`: what standard physical replication
 //!   clients (pg_receivewal, a standby's walreceiver) send to a walsender;
-//!   answered with the committed WAL (`super::replication`).
+//!   answered with the committed WAL (`super::replication`). A trailing
+//!   `TERM n` is ours: a proposer of term n reading its donor's log
+//!   (`compute_shim sync-safekeepers`), answered up to the flush LSN.
 //!
 //! Parsing is pure so it can be tested (and fuzzed) without a socket.
 
 use postgres_wal::lsn::Lsn;
+use safekeeper_protocol::ids::Term;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -29,6 +32,10 @@ pub struct StartReplication {
     pub start_lsn: Lsn,
     /// Postgres timeline asked for (1 if not given).
     pub pg_timeline: u32,
+    /// `TERM n`: the reader is the elected proposer of term n, reading this
+    /// safekeeper's log up to its flush LSN (the new term's log, committed
+    /// or not), not only committed WAL.
+    pub proposer_term: Option<Term>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,20 +89,26 @@ fn parse_start_replication(words: &[String]) -> Result<StartReplication, Command
     }
     let lsn_text = words.next().ok_or_else(|| syntax("START_REPLICATION", "a start LSN X/Y is required"))?;
     let start_lsn = lsn_text.parse::<Lsn>().map_err(|e| syntax("START_REPLICATION", e.to_string()))?;
-    let mut pg_timeline = 1;
-    if let Some(word) = words.next() {
-        if !word.eq_ignore_ascii_case("TIMELINE") {
-            return Err(syntax("START_REPLICATION", format!("unexpected {:?} after the start LSN", quote(word))));
+    let mut number_after = |keyword: &str| -> Result<Option<u64>, CommandError> {
+        if !words.peek().is_some_and(|w| w.eq_ignore_ascii_case(keyword)) {
+            return Ok(None);
         }
-        let number = words.next().ok_or_else(|| syntax("START_REPLICATION", "TIMELINE needs a number"))?;
-        pg_timeline = number
-            .parse()
-            .map_err(|_| syntax("START_REPLICATION", format!("timeline {:?} is not a number", quote(number))))?;
-    }
+        words.next();
+        let number = words.next().ok_or_else(|| syntax("START_REPLICATION", format!("{keyword} needs a number")))?;
+        let reason =
+            || syntax("START_REPLICATION", format!("{} {:?} is not a number", keyword.to_lowercase(), quote(number)));
+        number.parse().map(Some).map_err(|_| reason())
+    };
+    let pg_timeline = match number_after("TIMELINE")? {
+        None => 1,
+        Some(number) => u32::try_from(number)
+            .map_err(|_| syntax("START_REPLICATION", format!("timeline {number} is out of range")))?,
+    };
+    let proposer_term = number_after("TERM")?.map(Term);
     if let Some(extra) = words.next() {
-        return Err(syntax("START_REPLICATION", format!("unexpected {:?} at the end", quote(extra))));
+        return Err(syntax("START_REPLICATION", format!("unexpected {:?} after the start LSN", quote(extra))));
     }
-    Ok(StartReplication { slot, start_lsn, pg_timeline })
+    Ok(StartReplication { slot, start_lsn, pg_timeline, proposer_term })
 }
 
 fn syntax(command: &'static str, reason: impl Into<String>) -> CommandError {
@@ -141,7 +154,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn start(slot: Option<&str>, lsn: u64, pg_timeline: u32) -> Command {
-        Command::StartReplication(StartReplication { slot: slot.map(str::to_string), start_lsn: Lsn(lsn), pg_timeline })
+        let slot = slot.map(str::to_string);
+        Command::StartReplication(StartReplication { slot, start_lsn: Lsn(lsn), pg_timeline, proposer_term: None })
     }
 
     #[test]
@@ -160,6 +174,13 @@ mod tests {
             Ok(start(Some("standby_1"), 0x1_AB00_0000, 1))
         );
         assert_eq!(parse_command("START_REPLICATION PHYSICAL 0/10"), Ok(start(None, 0x10, 1)));
+        // a sync proposer reading its donor
+        let Ok(Command::StartReplication(donor)) = parse_command("START_REPLICATION PHYSICAL 0/10 TIMELINE 1 TERM 7")
+        else {
+            panic!("TERM is parsed")
+        };
+        assert_eq!(donor.proposer_term, Some(Term(7)));
+        assert_eq!(donor.pg_timeline, 1);
     }
 
     #[test]
@@ -173,6 +194,10 @@ mod tests {
         assert!(syntax_reason("START_REPLICATION SLOT s LOGICAL 0/1").contains("logical"));
         assert!(syntax_reason("START_REPLICATION 0/1 TIMELINE x").contains("not a number"));
         assert!(syntax_reason("START_REPLICATION 0/1 TIMELINE 1 extra").contains("extra"));
+        assert!(syntax_reason("START_REPLICATION 0/1 TIMELINE 99999999999").contains("out of range"));
+        assert!(syntax_reason("START_REPLICATION 0/1 TERM").contains("TERM needs a number"));
+        assert!(syntax_reason("START_REPLICATION 0/1 TERM -3").contains("not a number"));
+        assert!(syntax_reason("START_REPLICATION 0/1 TERM 3 TIMELINE 1").contains("TIMELINE"));
         assert!(syntax_reason("SHOW").contains("one parameter"));
         assert!(matches!(parse_command("DROP TABLE x"), Err(CommandError::Unsupported(_))));
         assert!(matches!(parse_command("START_WAL_PUSH now"), Err(CommandError::Unsupported(_))));

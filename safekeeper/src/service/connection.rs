@@ -263,6 +263,9 @@ fn show(out: &mut BytesMut, state: &ServiceState, settings: &StartupSettings, na
             }
         }
         "server_version" => SERVER_VERSION.to_string(),
+        // The Postgres version whose WAL the named timeline holds (a sync
+        // proposer, which has no Postgres, greets with it).
+        "server_version_num" => resolve_timeline(state, settings)?.snapshot().pg_version.to_string(),
         // pg_receivewal creates its files with the server's data directory
         // permissions; ours are owner-only.
         "data_directory_mode" => "0700".to_string(),

@@ -52,6 +52,12 @@ impl PgError {
     pub fn error(code: &'static str, message: String) -> PgError {
         PgError { severity: Severity::Error, code, message: without_nul(message) }
     }
+
+    /// The same error, ending the session (an ERROR in the middle of a
+    /// stream cannot leave it usable).
+    pub fn into_fatal(self) -> PgError {
+        PgError { severity: Severity::Fatal, ..self }
+    }
 }
 
 impl std::fmt::Display for PgError {

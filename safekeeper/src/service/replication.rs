@@ -10,6 +10,13 @@
 //! commit LSN is ever sent: a standby must never replay WAL that a new
 //! proposer could still truncate.
 //!
+//! The one exception is our `TERM n` option: the elected proposer of term
+//! n (`compute_shim sync-safekeepers`) reads its donor's log, which is the
+//! new term's log, up to the flush LSN. It is served only while this
+//! safekeeper's term is n and it accepted n's ProposerElected (so nothing
+//! but a higher term can truncate what is read), and the stream ends with
+//! an error as soon as the term moves.
+//!
 //! A task reads the client's messages (its silence for
 //! [`CLIENT_SILENCE_TIMEOUT`] ends the stream, like `wal_sender_timeout`;
 //! after half of it keepalives ask for a reply, as a walsender's do);
@@ -32,6 +39,7 @@ use super::pg_wire::{encode, printable, protocol_violation, read_frame, tag, Wir
 use super::registry::TimelineHandle;
 use super::wal_reader::ChunkReader;
 use postgres_wal::lsn::Lsn;
+use safekeeper_api::api::TimelineStatus;
 use safekeeper_core::storage::segments::PG_TIMELINE_ID;
 use safekeeper_core::storage::StorageError;
 
@@ -56,9 +64,29 @@ pub enum StreamEnd {
     Closed,
 }
 
+/// The end of what `request` may be sent: the commit LSN, or for the
+/// proposer of the current term its flush LSN. An error once the term is
+/// not (or no longer) the proposer's.
+fn readable_end(snapshot: &TimelineStatus, request: &StartReplication) -> Result<Lsn, PgError> {
+    let Some(term) = request.proposer_term else { return Ok(snapshot.commit_lsn) };
+    if snapshot.term != term || snapshot.elected_term != Some(term) {
+        let elected = snapshot.elected_term.map_or("none".to_string(), |elected| elected.to_string());
+        return Err(PgError::error(
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "this safekeeper is not in term {term} with that term's proposer elected (term {}, elected {elected}): \
+                 its log beyond the commit LSN is not term {term}'s",
+                snapshot.term
+            ),
+        ));
+    }
+    Ok(snapshot.flush_lsn)
+}
+
 /// Check the request; an ERROR here leaves the session usable.
 pub fn check_request(handle: &TimelineHandle, request: &StartReplication) -> Result<(), PgError> {
     let snapshot = handle.snapshot();
+    readable_end(&snapshot, request)?;
     if request.pg_timeline != PG_TIMELINE_ID {
         return Err(PgError::error(
             sqlstate::INVALID_PARAMETER_VALUE,
@@ -91,7 +119,8 @@ pub fn check_request(handle: &TimelineHandle, request: &StartReplication) -> Res
     Ok(())
 }
 
-/// Stream committed WAL from `request.start_lsn` until the client ends.
+/// Stream committed WAL (or the proposer's log, `TERM n`) from
+/// `request.start_lsn` until the client ends.
 pub async fn run(
     handle: Arc<TimelineHandle>,
     request: &StartReplication,
@@ -112,9 +141,9 @@ pub async fn run(
     let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
     tracing::debug!(slot = ?request.slot, %start, "START_REPLICATION");
     loop {
-        let commit_lsn = snapshots.borrow_and_update().commit_lsn;
-        chunks.extend_to(commit_lsn);
-        chunks = send_available(chunks, commit_lsn, write).await?;
+        let end_lsn = readable_end(&snapshots.borrow_and_update(), request).map_err(PgError::into_fatal)?;
+        chunks.extend_to(end_lsn);
+        chunks = send_available(chunks, end_lsn, write).await?;
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() {
                 let message = "the timeline's owner stopped; reconnect".to_string();
@@ -136,7 +165,7 @@ pub async fn run(
                 // is asked to answer (one with status replies turned off
                 // answers only when asked).
                 let reply_requested = last_heard.elapsed() >= CLIENT_SILENCE_TIMEOUT / 2;
-                encode::copy_data(&mut out, &keepalive_message(commit_lsn, reply_requested));
+                encode::copy_data(&mut out, &keepalive_message(end_lsn, reply_requested));
                 write_bounded(write, &out).await?;
             }
         }
@@ -155,10 +184,10 @@ pub async fn run(
     }
 }
 
-/// Send everything from the reader's position up to `commit_lsn`.
+/// Send everything from the reader's position up to `end_lsn`.
 async fn send_available(
     mut chunks: ChunkReader,
-    commit_lsn: Lsn,
+    end_lsn: Lsn,
     write: &mut OwnedWriteHalf,
 ) -> Result<ChunkReader, WireError> {
     loop {
@@ -178,7 +207,7 @@ async fn send_available(
         while offset < bytes.len() {
             let len = (bytes.len() - offset).min(MAX_XLOGDATA_BYTES);
             let piece = bytes.slice(offset..offset + len);
-            encode::copy_data(&mut out, &xlogdata_message(start + offset as u64, commit_lsn, &piece));
+            encode::copy_data(&mut out, &xlogdata_message(start + offset as u64, end_lsn, &piece));
             offset += len;
         }
         write_bounded(write, &out).await?;
@@ -291,6 +320,35 @@ fn pg_now_us() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safekeeper_protocol::ids::Term;
+
+    /// Rule: a standby gets committed WAL only; the elected proposer of the
+    /// current term (`TERM n`) gets the log up to the flush LSN, and nobody
+    /// else does: not another term, not a term whose ProposerElected this
+    /// safekeeper has not accepted.
+    #[test]
+    fn only_the_current_terms_proposer_reads_beyond_the_commit_lsn() {
+        let status = |term: u64, elected: Option<u64>| TimelineStatus {
+            term: Term(term),
+            elected_term: elected.map(Term),
+            commit_lsn: Lsn(100),
+            flush_lsn: Lsn(500),
+            ..TimelineStatus::default()
+        };
+        let request = |term: Option<u64>| StartReplication {
+            slot: None,
+            start_lsn: Lsn(0),
+            pg_timeline: 1,
+            proposer_term: term.map(Term),
+        };
+        assert_eq!(readable_end(&status(7, Some(7)), &request(None)).unwrap(), Lsn(100));
+        assert_eq!(readable_end(&status(7, Some(7)), &request(Some(7))).unwrap(), Lsn(500));
+        for (ours, elected, asked) in [(8, Some(8), 7), (7, None, 7), (7, Some(6), 7), (7, Some(7), 8)] {
+            let error = readable_end(&status(ours, elected), &request(Some(asked))).unwrap_err();
+            assert_eq!(error.code, sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE);
+            assert!(error.message.contains(&format!("not in term {asked}")), "{}", error.message);
+        }
+    }
 
     #[test]
     fn status_updates_give_the_flush_lsn() {
