@@ -11,7 +11,8 @@
 //! - [`commit`]: the quorum commit rule.
 //! - [`log_check`]: Postgres's WAL below the term start must be the log's.
 //! - [`membership`]: which safekeepers count, and changing them.
-//! - [`flow`]: what to send a safekeeper next (segments, window).
+//! - [`flow`]: what streaming sends a safekeeper next (WAL within segment
+//!   and window, a heartbeat), or that it is too far behind.
 //! - [`wal_source`]: where the safekeepers' WAL comes from: the buffer,
 //!   catch-up below it, trimming, what can still be resent.
 //! - [`wal_buffer`]: one contiguous, bounded run of WAL.
@@ -763,9 +764,21 @@ impl Proposer {
             return Some(message);
         }
         let Campaign::Elected(election) = &self.campaign else { return None };
+        let log_checked = matches!(self.log_check, LogCheckState::Passed);
         let peer = &mut self.peers[sk];
-        let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
-        let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {
+        let (begin_lsn, end_lsn, wal) = match flow::next_send(peer, &self.wal, log_checked, &self.config, self.now_ms) {
+            flow::Next::Nothing => return None,
+            flow::Next::TooFarBehind => {
+                peer.link = Link::TooFarBehind;
+                return None;
+            }
+            flow::Next::Heartbeat { at_lsn } => (at_lsn, at_lsn, Default::default()),
+            flow::Next::Append { begin_lsn, end_lsn, wal } => {
+                peer.link = Link::Streaming { next_lsn: end_lsn };
+                (begin_lsn, end_lsn, wal)
+            }
+        };
+        Some(ProposerMessage::AppendRequest(AppendRequest {
             cluster: self.config.cluster,
             term: election.term,
             generation: self.membership.current.generation,
@@ -773,42 +786,7 @@ impl Proposer {
             end_lsn,
             commit_lsn: self.commit_lsn,
             wal,
-        };
-        let heartbeat = |at_lsn: Lsn| ProposerMessage::AppendRequest(append(at_lsn, at_lsn, Default::default()));
-        if peer.link == Link::TooFarBehind {
-            // Heartbeats only: it learns the commit LSN (peer recovery
-            // copies up to it), and its service can end this connection once
-            // it caught up, so that the reconnection streams to it again.
-            let flush_lsn = peer.flush_lsn.expect("too-far-behind safekeepers have acknowledged");
-            return (idle_ms >= self.config.heartbeat_interval_ms).then(|| heartbeat(flush_lsn));
-        }
-        let Link::Streaming { next_lsn } = peer.link else { return None };
-        let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
-        if self.wal.buffer().is_none() && !self.wal.can_catch_up(next_lsn) {
-            peer.link = Link::TooFarBehind; // before WAL flows only removal counts
-            return None;
-        }
-        let log_checked = matches!(self.log_check, LogCheckState::Passed);
-        if self.wal.buffer().is_some() && log_checked {
-            // Behind the buffer: served from the catch-up WAL once it has
-            // arrived, or too far behind if Postgres cannot resend it.
-            let source = self.wal.holding(next_lsn);
-            if source.is_none() && !self.wal.can_catch_up(next_lsn) {
-                peer.link = Link::TooFarBehind;
-                return None;
-            }
-            let window = self.config.max_in_flight_bytes;
-            let segment_size = self.config.wal_segment_size;
-            if let Some(source) = source {
-                if let Some((begin, end)) =
-                    flow::next_append_range(next_lsn, flush_lsn, source.end_lsn(), segment_size, window)
-                {
-                    peer.link = Link::Streaming { next_lsn: end };
-                    return Some(ProposerMessage::AppendRequest(append(begin, end, source.slice(begin, end))));
-                }
-            }
-        }
-        (idle_ms >= self.config.heartbeat_interval_ms).then(|| heartbeat(next_lsn))
+        }))
     }
 }
 
