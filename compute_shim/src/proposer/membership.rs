@@ -28,7 +28,9 @@ use serde::Serialize;
 
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
-use safekeeper_protocol::membership::{majority, Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
+use safekeeper_protocol::membership::{
+    majority, Configuration, Member, MembershipGeneration, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES,
+};
 use safekeeper_protocol::protocol::{MembershipResponse, ProposerMessage, SetMembership};
 
 use super::commit;
@@ -88,7 +90,7 @@ impl ChangePhase {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CompletedChange {
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub took_ms: u64,
 }
 
@@ -107,7 +109,7 @@ pub enum MembershipRequestError {
 /// `GET /v1/membership` and the status's `membership`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MembershipStatus {
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub written_in_term: Term,
     pub members: Vec<Member>,
     pub joint_new: Option<Vec<Member>>,
@@ -140,7 +142,12 @@ impl Membership {
     pub fn from_command_line(addrs: &[String]) -> Membership {
         let members = addrs.iter().map(|addr| Member { node_id: None, pg_addr: addr.clone() }).collect();
         Membership {
-            current: Configuration { generation: 0, written_in_term: Term(0), members, joint_new: None },
+            current: Configuration {
+                generation: MembershipGeneration::NOT_SET,
+                written_in_term: Term(0),
+                members,
+                joint_new: None,
+            },
             change: None,
             last_completed: None,
             last_error: None,
@@ -408,7 +415,7 @@ impl Proposer {
     /// configuration was written by a proposer of our term or an earlier
     /// one, and if a quorum ever stored it, our election saw it.
     fn adopt(&mut self, configuration: Configuration) {
-        tracing::info!(generation = configuration.generation, "adopting a newer safekeeper configuration");
+        tracing::info!(generation = configuration.generation.0, "adopting a newer safekeeper configuration");
         let target = configuration.joint_new.as_deref().unwrap_or(&configuration.members);
         let target_addrs = member_addrs(target);
         let continues =
@@ -475,7 +482,7 @@ impl Proposer {
         let term = self.term().expect("changes run only when elected");
         let current = &self.membership.current;
         self.membership.current =
-            Configuration { generation: current.generation + 1, written_in_term: term, members, joint_new: None };
+            Configuration { generation: current.generation.next(), written_in_term: term, members, joint_new: None };
         let started_at_ms = self.membership.change.as_ref().map_or(self.now_ms, |change| change.started_at_ms);
         self.membership.change = Some(Change {
             target,
@@ -537,7 +544,7 @@ impl Proposer {
                 if self.stored_by_quorum() && (waited_long_enough || self.removed_members_told(&removed)) {
                     let took_ms = now_ms.saturating_sub(change.started_at_ms);
                     let generation = self.membership.current.generation;
-                    tracing::info!(generation, took_ms, "membership change complete");
+                    tracing::info!(generation = generation.0, took_ms, "membership change complete");
                     self.membership.last_completed = Some(CompletedChange { generation, took_ms });
                     self.membership.change = None;
                     self.retire_unwanted();
@@ -600,7 +607,7 @@ impl Proposer {
             .map(|member| Member { node_id: member.node_id.or(named(&member.pg_addr).node_id), ..member.clone() })
             .collect();
         Some(Configuration {
-            generation: current.generation + 1,
+            generation: current.generation.next(),
             written_in_term: term,
             members: old,
             joint_new: Some(new),

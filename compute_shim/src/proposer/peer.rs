@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
+use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::ProposerMessage;
 
 use super::config::MAX_QUEUED_CONTROL_MESSAGES;
@@ -90,7 +91,7 @@ pub(super) struct Peer {
     pub last_sent_ms: u64,
     /// The precedence (generation, term) of the configuration it holds,
     /// as its greeting or its last MembershipResponse showed.
-    pub stored_configuration: Option<(u32, Term)>,
+    pub stored_configuration: Option<(MembershipGeneration, Term)>,
     /// A SetMembership is on its way on this connection.
     pub membership_outstanding: bool,
 }
