@@ -7,6 +7,8 @@ use bytes::Bytes;
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 
 use super::config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES};
+#[cfg(test)]
+use super::peer::Peers;
 use super::peer::{Link, Peer};
 use super::wal_source::WalSource;
 
@@ -114,7 +116,7 @@ mod tests {
     fn source(start: Lsn, len: usize) -> WalSource {
         let config = config();
         let mut wal = WalSource::new(config.max_buffered_wal_bytes, config.wal_segment_size);
-        wal.take(start, &vec![7; len], &[]).unwrap();
+        wal.take(start, &vec![7; len], &Peers::for_tests(vec![])).unwrap();
         wal
     }
 
@@ -148,7 +150,7 @@ mod tests {
         let config = config();
         let start = Lsn(4 << 20);
         let mut wal = source(start, 1000);
-        wal.trim(&[streaming(start + 1000, start + 1000)], TrimScope::All);
+        wal.trim(&Peers::for_tests(vec![streaming(start + 1000, start + 1000)]), TrimScope::All);
         let lagging = streaming(start + 10, start + 10);
         assert_eq!(next_send(&lagging, &wal, true, &config, 0), Next::Nothing, "waits for the catch-up");
         wal.take_catch_up(start + 10, &[1; 20]);

@@ -35,7 +35,7 @@ use safekeeper_protocol::protocol::{MembershipResponse, ProposerMessage, SetMemb
 
 use super::commit;
 use super::error::{PeerFault, ProposerError};
-use super::peer::{slots, Link, Peer, SlotIndex};
+use super::peer::{Link, Peer, SlotIndex};
 use super::{Campaign, LogCheckState, Proposer};
 
 /// How long (in heartbeat intervals) a change waits, once a majority of
@@ -139,6 +139,17 @@ pub struct NewMemberStatus {
 }
 
 impl Membership {
+    /// Whether we keep a connection to `addr`: a member of the current
+    /// configuration, a member-to-be, or a removed member still to be told.
+    fn wants(&self, addr: &str) -> bool {
+        self.current.includes_addr(addr)
+            || self.change.as_ref().is_some_and(|change| match &change.phase {
+                ChangePhase::Preparing => change.target.iter().any(|target| target == addr),
+                ChangePhase::WritingNew { removed } => removed.iter().any(|removed| removed == addr),
+                _ => false,
+            })
+    }
+
     pub fn from_command_line(addrs: &[String]) -> Membership {
         let members = addrs.iter().map(|addr| Member { node_id: None, pg_addr: addr.clone() }).collect();
         Membership {
@@ -297,19 +308,13 @@ impl Proposer {
     }
 
     pub(super) fn peer_index(&self, addr: &str) -> Option<SlotIndex> {
-        slots(&self.peers).find(|&sk| self.peers[sk].addr == addr)
+        self.peers.find(addr)
     }
 
     /// Whether we keep a connection to `peer`: a member of the current
     /// configuration, a member-to-be, or a removed member still to be told.
     pub(super) fn wanted(&self, peer: &Peer) -> bool {
-        let addr = peer.addr.as_str();
-        self.membership.current.includes_addr(addr)
-            || self.membership.change.as_ref().is_some_and(|change| match &change.phase {
-                ChangePhase::Preparing => change.target.iter().any(|target| target == addr),
-                ChangePhase::WritingNew { removed } => removed.iter().any(|removed| removed == addr),
-                _ => false,
-            })
+        self.membership.wants(&peer.addr)
     }
 
     /// Whether the members for which `counts` holds form a quorum of the
@@ -341,44 +346,17 @@ impl Proposer {
         self.membership.current.includes_addr(&self.peers[sk].addr)
     }
 
-    /// The slot for `addr`, made if new (reusing a retired one first).
+    /// The slot for `addr`, made if new (reusing an unwanted one first).
     fn ensure_peer(&mut self, addr: &str) -> SlotIndex {
-        if let Some(sk) = self.peer_index(addr) {
-            return sk;
-        }
-        let reusable = slots(&self.peers).find(|&sk| !self.wanted(&self.peers[sk]));
-        match reusable {
-            Some(sk) => {
-                self.peers[sk] = self.fresh_peer(addr);
-                sk
-            }
-            None => {
-                assert!(self.peers.len() < MAX_PEER_SLOTS, "requests are checked against the slot bound");
-                let peer = self.fresh_peer(addr);
-                self.peers.push(peer);
-                SlotIndex(self.peers.len() - 1)
-            }
-        }
+        let membership = &self.membership;
+        self.peers.ensure(addr, |peer| membership.wants(&peer.addr), MAX_PEER_SLOTS)
     }
 
-    /// Forget safekeepers we no longer talk to: the driver closes their
-    /// connections, and nothing they acknowledged counts anywhere.
+    /// Forget safekeepers we no longer talk to (see `Peers::retire_unwanted`).
     /// Call after every change of what is wanted.
     fn retire_unwanted(&mut self) {
-        for sk in slots(&self.peers) {
-            if self.wanted(&self.peers[sk]) {
-                self.peers[sk].retired = false;
-            } else if !self.peers[sk].retired {
-                let addr = self.peers[sk].addr.clone();
-                self.peers[sk] = self.fresh_peer(&addr);
-                self.peers[sk].retired = true;
-            }
-        }
-    }
-
-    pub(super) fn fresh_peer(&mut self, addr: &str) -> Peer {
-        self.next_incarnation += 1;
-        Peer::new(addr.to_string(), self.next_incarnation)
+        let membership = &self.membership;
+        self.peers.retire_unwanted(|peer| membership.wants(&peer.addr));
     }
 
     /// A greeting showed `theirs`: check it, and adopt it if it takes

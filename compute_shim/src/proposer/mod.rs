@@ -16,7 +16,8 @@
 //! - [`wal_source`]: where the safekeepers' WAL comes from: the buffer,
 //!   catch-up below it, trimming, what can still be resent.
 //! - [`wal_buffer`]: one contiguous, bounded run of WAL.
-//! - [`peer`]: per-safekeeper state; [`status`]: the status snapshot.
+//! - [`peer`]: per-safekeeper state and `Peers`, the slot table;
+//!   [`status`]: the status snapshot.
 
 mod commit;
 mod config;
@@ -50,7 +51,7 @@ pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 use election::{Election, Vote};
 use log_check::{LogCheck, Verdict};
 use membership::Membership;
-use peer::{slots, Link, Peer};
+use peer::{Link, Peers};
 use wal_buffer::WalBuffer;
 use wal_source::{TrimScope, WalSource};
 
@@ -65,13 +66,8 @@ enum Campaign {
 
 pub struct Proposer {
     config: ProposerConfig,
-    /// One slot per safekeeper address we know: the command line's, then
-    /// those configurations and membership requests name. Slots are never
-    /// removed (indexes stay stable for the driver); unwanted ones are idle.
-    peers: Vec<Peer>,
+    peers: Peers,
     membership: Membership,
-    /// For [`Peer::incarnation`].
-    next_incarnation: u64,
     campaign: Campaign,
     /// Set once any safekeeper shows a term that is not ours to use.
     fenced_by: Option<Term>,
@@ -118,8 +114,7 @@ impl Proposer {
     pub fn new(config: ProposerConfig) -> Self {
         config.assert_valid();
         Proposer {
-            peers: config.safekeepers.iter().enumerate().map(|(sk, addr)| Peer::new(addr.clone(), sk as u64)).collect(),
-            next_incarnation: config.safekeepers.len() as u64,
+            peers: Peers::from_addrs(&config.safekeepers),
             membership: Membership::from_command_line(&config.safekeepers),
             wal: WalSource::new(config.max_buffered_wal_bytes, config.wal_segment_size),
             config,
@@ -280,7 +275,7 @@ impl Proposer {
 
     /// Whether the driver should keep a connection to slot `sk`.
     pub fn link_wanted(&self, sk: SlotIndex) -> bool {
-        self.peers.get(sk.0).is_some_and(|peer| self.wanted(peer))
+        self.peers.get(sk).is_some_and(|peer| self.wanted(peer))
     }
 
     /// The next message to send, and to which safekeeper.
@@ -394,7 +389,7 @@ impl Proposer {
         if check.asked.is_some() {
             return;
         }
-        let holder = slots(&self.peers).find(|&sk| {
+        let holder = self.peers.slots().find(|&sk| {
             let peer = &self.peers[sk];
             matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|f| f >= check.end_lsn)
         });
@@ -541,7 +536,7 @@ impl Proposer {
         }
         // Two entries reaching one safekeeper (a typo, or two names for one
         // host) would let it count twice toward every quorum.
-        if let Some(other) = slots(&self.peers).find(|&other| self.peers[other].node_id == Some(response.node_id)) {
+        if let Some(other) = self.peers.slots().find(|&other| self.peers[other].node_id == Some(response.node_id)) {
             if other != sk {
                 let (first, second) = (self.peers[other].addr.clone(), self.peers[sk].addr.clone());
                 return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first, second });
@@ -570,7 +565,7 @@ impl Proposer {
             Campaign::Greeting => self.start_voting_if_quorum_greeted(),
             Campaign::Voting { term } => {
                 let term = *term;
-                for sk in slots(&self.peers) {
+                for sk in self.peers.slots() {
                     if self.peers[sk].link == Link::Greeted {
                         self.ask_for_vote(sk, term);
                     }
@@ -603,7 +598,7 @@ impl Proposer {
         let highest = greeted_terms.into_iter().max().unwrap_or_default();
         let term = Term(highest.0.checked_add(1).expect("term overflow"));
         self.campaign = Campaign::Voting { term };
-        for sk in slots(&self.peers) {
+        for sk in self.peers.slots() {
             if self.peers[sk].link == Link::Greeted {
                 self.ask_for_vote(sk, term);
             }
@@ -667,7 +662,7 @@ impl Proposer {
             return Ok(());
         }
         let votes: Vec<(SlotIndex, &Vote)> =
-            slots(&self.peers).filter_map(|sk| self.peers[sk].vote.as_ref().map(|vote| (sk, vote))).collect();
+            self.peers.slots().filter_map(|sk| self.peers[sk].vote.as_ref().map(|vote| (sk, vote))).collect();
         let election = election::decide(term, &votes, &self.config)?;
         self.become_elected(election);
         Ok(())
@@ -678,7 +673,7 @@ impl Proposer {
         self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
         self.campaign = Campaign::Elected(Box::new(election));
         self.elected_at_ms = self.now_ms;
-        for sk in slots(&self.peers) {
+        for sk in self.peers.slots() {
             if matches!(self.peers[sk].link, Link::Voted | Link::Greeted) {
                 self.send_elected(sk);
                 self.peers[sk].awaited_for_wal_start = true;

@@ -7,7 +7,9 @@
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 
 use super::error::ProposerError;
-use super::peer::{Link, Peer};
+#[cfg(test)]
+use super::peer::Peer;
+use super::peer::{Link, Peers};
 use super::wal_buffer::WalBuffer;
 
 pub(super) struct WalSource {
@@ -50,7 +52,7 @@ impl WalSource {
     /// Where the next WAL must start once WAL flows: the catch-up's end
     /// while one runs, else where a lagging safekeeper needs one to start,
     /// else the buffer's end. `None` before the first WAL.
-    pub fn wanted_from(&self, peers: &[Peer]) -> Option<Lsn> {
+    pub fn wanted_from(&self, peers: &Peers) -> Option<Lsn> {
         let buffer = self.buffer.as_ref()?;
         if let Some(catch_up) = &self.catch_up {
             return Some(catch_up.end_lsn());
@@ -66,7 +68,7 @@ impl WalSource {
     /// Whether `len_bytes` more starting at `wanted_from` can be taken now.
     /// A catch-up always fits: it starts only if the buffer could hold all
     /// WAL from its start.
-    pub fn can_accept(&self, len_bytes: u64, wanted_from: Option<Lsn>, peers: &[Peer]) -> bool {
+    pub fn can_accept(&self, len_bytes: u64, wanted_from: Option<Lsn>, peers: &Peers) -> bool {
         match &self.buffer {
             None => len_bytes <= self.max_buffered_bytes,
             Some(buffer) if wanted_from.is_some_and(|lsn| lsn < buffer.start_lsn()) => true,
@@ -81,7 +83,7 @@ impl WalSource {
     /// Take WAL at the buffer's end (or the first WAL, which starts it),
     /// making room by giving up on absent safekeepers if needed; a full
     /// buffer refuses it unchanged.
-    pub fn take(&mut self, start_lsn: Lsn, wal: &[u8], peers: &[Peer]) -> Result<(), ProposerError> {
+    pub fn take(&mut self, start_lsn: Lsn, wal: &[u8], peers: &Peers) -> Result<(), ProposerError> {
         let incoming_bytes = wal.len() as u64;
         let max_bytes = self.max_buffered_bytes;
         let buffer = self.buffer.get_or_insert_with(|| WalBuffer::new(start_lsn, max_bytes));
@@ -119,7 +121,7 @@ impl WalSource {
     /// Forget buffered WAL below what the safekeepers in `scope` still need.
     /// `Connected` (to make room) gives up on absent ones: they will be
     /// caught up from the source, or too far behind, if they come back.
-    pub fn trim(&mut self, peers: &[Peer], scope: TrimScope) {
+    pub fn trim(&mut self, peers: &Peers, scope: TrimScope) {
         if let Some(floor) = self.trim_floor(peers, scope) {
             self.buffer.as_mut().expect("a floor implies a buffer").trim_to(floor);
         }
@@ -127,7 +129,7 @@ impl WalSource {
 
     /// The lowest acknowledged flush still inside the buffer, among all
     /// safekeepers that acknowledged in our term or only connected ones.
-    fn trim_floor(&self, peers: &[Peer], scope: TrimScope) -> Option<Lsn> {
+    fn trim_floor(&self, peers: &Peers, scope: TrimScope) -> Option<Lsn> {
         let buffer = self.buffer.as_ref()?;
         peers
             .iter()
@@ -140,7 +142,7 @@ impl WalSource {
 
     /// The lowest position of a streaming safekeeper below the buffer that
     /// the source may still be able to resend: where a catch-up starts.
-    fn catch_up_wanted(&self, buffer: &WalBuffer, peers: &[Peer]) -> Option<Lsn> {
+    fn catch_up_wanted(&self, buffer: &WalBuffer, peers: &Peers) -> Option<Lsn> {
         peers
             .iter()
             .filter_map(|peer| match peer.link {
@@ -174,6 +176,7 @@ impl WalSource {
 
 #[cfg(test)]
 mod tests {
+    use super::super::peer::SlotIndex;
     use super::*;
 
     const SEGMENT_BYTES: u64 = 1 << 20;
@@ -198,12 +201,12 @@ mod tests {
         let mut source = WalSource::new(8, segment_size());
         let mut absent = streaming(1000, 1000);
         absent.link = Link::Disconnected;
-        let mut peers = vec![streaming(1006, 1004), absent];
+        let mut peers = Peers::for_tests(vec![streaming(1006, 1004), absent]);
         source.take(Lsn(1000), &[0; 6], &peers).unwrap();
         assert!(source.can_accept(4, Some(Lsn(1006)), &peers), "trimming to the connected flush makes room");
         source.take(Lsn(1006), &[0; 4], &peers).unwrap();
         assert_eq!(span(source.buffer()), Some((Lsn(1004), Lsn(1010))));
-        peers[0].flush_lsn = Some(Lsn(1004));
+        peers[SlotIndex(0)].flush_lsn = Some(Lsn(1004));
         assert!(!source.can_accept(3, Some(Lsn(1010)), &peers));
         let refused = source.take(Lsn(1010), &[0; 3], &peers);
         assert!(matches!(refused, Err(ProposerError::WalBufferFull { buffered_bytes: 6, incoming_bytes: 3, .. })));
@@ -215,7 +218,7 @@ mod tests {
         let mut source = WalSource::new(64, segment_size());
         let mut absent = streaming(1002, 1002);
         absent.link = Link::Disconnected;
-        let peers = vec![streaming(1008, 1008), absent];
+        let peers = Peers::for_tests(vec![streaming(1008, 1008), absent]);
         source.take(Lsn(1000), &[0; 8], &peers).unwrap();
         source.trim(&peers, TrimScope::All);
         assert_eq!(span(source.buffer()), Some((Lsn(1002), Lsn(1008))));
@@ -226,9 +229,9 @@ mod tests {
     #[test]
     fn catch_up_joins_the_front_of_the_buffer() {
         let mut source = WalSource::new(64, segment_size());
-        let peers = vec![streaming(1010, 1010), streaming(1002, 1002)];
+        let peers = Peers::for_tests(vec![streaming(1010, 1010), streaming(1002, 1002)]);
         source.take(Lsn(1000), &[1; 10], &peers).unwrap();
-        source.trim(&[streaming(1010, 1010)], TrimScope::Connected);
+        source.trim(&Peers::for_tests(vec![streaming(1010, 1010)]), TrimScope::Connected);
         assert_eq!(span(source.buffer()), Some((Lsn(1010), Lsn(1010))));
         assert_eq!(source.wanted_from(&peers), Some(Lsn(1002)), "the lagging safekeeper wants a catch-up");
         assert!(source.is_below_buffer(Lsn(1002)));
@@ -245,7 +248,7 @@ mod tests {
     fn removed_wal_cannot_be_caught_up() {
         let mut source = WalSource::new(4 * SEGMENT_BYTES, segment_size());
         let segment = SEGMENT_BYTES;
-        let peers = vec![streaming(3 * segment, 3 * segment), streaming(segment + 5, segment + 5)];
+        let peers = Peers::for_tests(vec![streaming(3 * segment, 3 * segment), streaming(segment + 5, segment + 5)]);
         source.take(Lsn(3 * segment), &[0; 4], &peers).unwrap();
         source.take_catch_up(Lsn(segment + 5), &[0; 4]);
         assert!(source.can_catch_up(Lsn(segment + 5)));
@@ -261,7 +264,7 @@ mod tests {
     #[test]
     fn a_catch_up_must_fit_the_buffer_bound() {
         let mut source = WalSource::new(16, segment_size());
-        let peers = vec![streaming(1020, 1020)];
+        let peers = Peers::for_tests(vec![streaming(1020, 1020)]);
         source.take(Lsn(1010), &[0; 10], &peers).unwrap();
         assert!(source.can_catch_up(Lsn(1004)));
         assert!(!source.can_catch_up(Lsn(1003)), "[1003, 1020) is over 16 bytes");
