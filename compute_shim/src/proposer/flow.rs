@@ -7,8 +7,6 @@ use bytes::Bytes;
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 
 use super::config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES};
-#[cfg(test)]
-use super::peer::Peers;
 use super::peer::{Link, Peer};
 use super::wal_source::WalSource;
 
@@ -86,6 +84,7 @@ pub(super) fn next_append_range(
 
 #[cfg(test)]
 mod tests {
+    use super::super::peer::Peers;
     use super::super::wal_source::TrimScope;
     use super::*;
 

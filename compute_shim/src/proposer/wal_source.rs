@@ -7,8 +7,6 @@
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 
 use super::error::ProposerError;
-#[cfg(test)]
-use super::peer::Peer;
 use super::peer::{Link, Peers};
 use super::wal_buffer::WalBuffer;
 
@@ -176,6 +174,7 @@ impl WalSource {
 
 #[cfg(test)]
 mod tests {
+    use super::super::peer::Peer;
     use super::super::peer::SlotIndex;
     use super::*;
 
