@@ -40,6 +40,7 @@ use nix::sys::signal::Signal;
 use postgres_wal::lsn::Lsn;
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::{ClusterId, SystemId, Term};
+use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::{AcceptorMessage, Greeting, ProposerMessage, VoteRequest, PROTOCOL_VERSION};
 use serde_json::Value;
 
@@ -453,15 +454,15 @@ fn old_generation_vote(
         pg_version: PG15_VERSION_NUM,
         wal_segment_size_bytes: cluster.segment_size()?.bytes() as u32,
         proposer_id: [0x0d; 16],
-        generation: 0,
+        generation: MembershipGeneration::NOT_SET,
     };
     let generation = match proposer.exchange(&ProposerMessage::Greeting(greeting))? {
         Ok(AcceptorMessage::GreetingResponse(response)) => response.configuration.generation,
         other => bail!("greeting answered {other:?}"),
     };
-    let vote = VoteRequest { cluster: cluster_id, term, generation: 0 };
+    let vote = VoteRequest { cluster: cluster_id, term, generation: MembershipGeneration::NOT_SET };
     let answer = proposer.exchange(&ProposerMessage::VoteRequest(vote))?;
-    Ok((generation, answer.map_err(|refusal| format!("{}: {}", refusal.code, refusal.message))))
+    Ok((generation.0, answer.map_err(|refusal| format!("{}: {}", refusal.code, refusal.message))))
 }
 
 // ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ use integration_tests::processes::Safekeeper;
 use postgres_wal::lsn::WalSegmentSize;
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::{AcceptorMessage, Greeting, ProposerMessage, VoteRequest, PROTOCOL_VERSION};
 
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -28,7 +29,7 @@ fn greeting(cluster: ClusterId) -> ProposerMessage {
         pg_version: PG15_VERSION_NUM,
         wal_segment_size_bytes: WalSegmentSize::DEFAULT.bytes() as u32,
         proposer_id: [1; 16],
-        generation: 0,
+        generation: MembershipGeneration::NOT_SET,
     })
 }
 
@@ -46,7 +47,13 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
         AcceptorMessage::GreetingResponse(response) => ensure!(response.node_id == NodeId(7)),
         other => bail!("expected a greeting response, got {other:?}"),
     }
-    writer.send(&ProposerMessage::VoteRequest(VoteRequest { cluster: ours, term: Term(3), generation: 0 })).await?;
+    writer
+        .send(&ProposerMessage::VoteRequest(VoteRequest {
+            cluster: ours,
+            term: Term(3),
+            generation: MembershipGeneration::NOT_SET,
+        }))
+        .await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await?? {
         AcceptorMessage::VoteResponse(vote) => ensure!(vote.vote_given && vote.term == Term(3)),
         other => bail!("expected a vote, got {other:?}"),

@@ -19,6 +19,7 @@ use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use postgres_wal::wal::generator::WalGenerator;
 use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, Term, TimelineId};
+use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, ProposerElected, ProposerMessage, VoteRequest,
     PROTOCOL_VERSION,
@@ -73,7 +74,7 @@ impl Proposer {
             pg_version: PG15_VERSION_NUM,
             wal_segment_size_bytes: self.segment_size.bytes() as u32,
             proposer_id: [7; 16],
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
         })
     }
 
@@ -85,7 +86,7 @@ impl Proposer {
         self.client.send_proposer(&ProposerMessage::VoteRequest(VoteRequest {
             cluster: self.cluster,
             term,
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
         }))?;
         match self.client.recv_acceptor()? {
             AcceptorMessage::VoteResponse(vote) if vote.vote_given => {}
@@ -95,7 +96,7 @@ impl Proposer {
         let elected = ProposerElected {
             cluster: self.cluster,
             term,
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
             term_start_lsn: TIMELINE_START,
             timeline_start_lsn: TIMELINE_START,
             term_history: history,
@@ -112,7 +113,7 @@ impl Proposer {
         ProposerMessage::AppendRequest(AppendRequest {
             cluster,
             term,
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
             begin_lsn,
             end_lsn,
             commit_lsn,

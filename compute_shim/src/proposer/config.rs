@@ -57,4 +57,22 @@ impl ProposerConfig {
         assert!(start.is_valid() && start.is_segment_start(self.wal_segment_size), "timeline start {start}");
         assert!(self.postgres_flush_lsn >= start, "Postgres's flush LSN is below where it can stream from");
     }
+
+    /// Three safekeepers, 1 MiB segments, a timeline from the first one.
+    #[cfg(test)]
+    pub(super) fn for_tests() -> Self {
+        const SEG: u64 = 1 << 20;
+        ProposerConfig {
+            cluster: ClusterId::default(),
+            pg_version: 150000,
+            wal_segment_size: WalSegmentSize::new(SEG).unwrap(),
+            safekeepers: vec!["a".into(), "b".into(), "c".into()],
+            max_in_flight_bytes: 1 << 20,
+            max_buffered_wal_bytes: 4 << 20,
+            heartbeat_interval_ms: 100,
+            proposer_id: [0; 16],
+            timeline_start_lsn: Lsn(SEG),
+            postgres_flush_lsn: Lsn(10 * SEG),
+        }
+    }
 }

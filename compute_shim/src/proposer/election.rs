@@ -118,24 +118,11 @@ pub(super) fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use postgres_wal::lsn::WalSegmentSize;
-    use safekeeper_protocol::ids::ClusterId;
 
     const SEG: u64 = 1 << 20;
 
     fn config() -> ProposerConfig {
-        ProposerConfig {
-            cluster: ClusterId::default(),
-            pg_version: 150000,
-            wal_segment_size: WalSegmentSize::new(SEG).unwrap(),
-            safekeepers: vec!["a".into(), "b".into(), "c".into()],
-            max_in_flight_bytes: 1 << 20,
-            max_buffered_wal_bytes: 4 << 20,
-            heartbeat_interval_ms: 100,
-            proposer_id: [0; 16],
-            timeline_start_lsn: Lsn(SEG),
-            postgres_flush_lsn: Lsn(10 * SEG),
-        }
+        ProposerConfig::for_tests()
     }
 
     fn vote(entries: &[(u64, u64)], flush: u64, commit: u64) -> Vote {

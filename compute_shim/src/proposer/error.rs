@@ -3,6 +3,7 @@
 
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
+use safekeeper_protocol::membership::MembershipGeneration;
 
 use super::peer::SlotIndex;
 
@@ -102,5 +103,5 @@ pub enum PeerFault {
     #[error("answered as node {got}, but the configuration names node {expected} at this address")]
     WrongNode { expected: NodeId, got: NodeId },
     #[error("holds configuration generation {generation} (term {written_in_term}), newer than ours: greeting again to learn it")]
-    NewerConfiguration { generation: u32, written_in_term: Term },
+    NewerConfiguration { generation: MembershipGeneration, written_in_term: Term },
 }

@@ -28,12 +28,14 @@ use serde::Serialize;
 
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
-use safekeeper_protocol::membership::{majority, Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
+use safekeeper_protocol::membership::{
+    majority, Configuration, Member, MembershipGeneration, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES,
+};
 use safekeeper_protocol::protocol::{MembershipResponse, ProposerMessage, SetMembership};
 
 use super::commit;
 use super::error::{PeerFault, ProposerError};
-use super::peer::{slots, Link, Peer, SlotIndex};
+use super::peer::{Link, Peer, SlotIndex};
 use super::{Campaign, LogCheckState, Proposer};
 
 /// How long (in heartbeat intervals) a change waits, once a majority of
@@ -88,7 +90,7 @@ impl ChangePhase {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CompletedChange {
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub took_ms: u64,
 }
 
@@ -107,7 +109,7 @@ pub enum MembershipRequestError {
 /// `GET /v1/membership` and the status's `membership`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MembershipStatus {
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub written_in_term: Term,
     pub members: Vec<Member>,
     pub joint_new: Option<Vec<Member>>,
@@ -137,10 +139,26 @@ pub struct NewMemberStatus {
 }
 
 impl Membership {
+    /// Whether we keep a connection to `addr`: a member of the current
+    /// configuration, a member-to-be, or a removed member still to be told.
+    fn wants(&self, addr: &str) -> bool {
+        self.current.includes_addr(addr)
+            || self.change.as_ref().is_some_and(|change| match &change.phase {
+                ChangePhase::Preparing => change.target.iter().any(|target| target == addr),
+                ChangePhase::WritingNew { removed } => removed.iter().any(|removed| removed == addr),
+                _ => false,
+            })
+    }
+
     pub fn from_command_line(addrs: &[String]) -> Membership {
         let members = addrs.iter().map(|addr| Member { node_id: None, pg_addr: addr.clone() }).collect();
         Membership {
-            current: Configuration { generation: 0, written_in_term: Term(0), members, joint_new: None },
+            current: Configuration {
+                generation: MembershipGeneration::NOT_SET,
+                written_in_term: Term(0),
+                members,
+                joint_new: None,
+            },
             change: None,
             last_completed: None,
             last_error: None,
@@ -290,19 +308,13 @@ impl Proposer {
     }
 
     pub(super) fn peer_index(&self, addr: &str) -> Option<SlotIndex> {
-        slots(&self.peers).find(|&sk| self.peers[sk].addr == addr)
+        self.peers.find(addr)
     }
 
     /// Whether we keep a connection to `peer`: a member of the current
     /// configuration, a member-to-be, or a removed member still to be told.
     pub(super) fn wanted(&self, peer: &Peer) -> bool {
-        let addr = peer.addr.as_str();
-        self.membership.current.includes_addr(addr)
-            || self.membership.change.as_ref().is_some_and(|change| match &change.phase {
-                ChangePhase::Preparing => change.target.iter().any(|target| target == addr),
-                ChangePhase::WritingNew { removed } => removed.iter().any(|removed| removed == addr),
-                _ => false,
-            })
+        self.membership.wants(&peer.addr)
     }
 
     /// Whether the members for which `counts` holds form a quorum of the
@@ -334,44 +346,17 @@ impl Proposer {
         self.membership.current.includes_addr(&self.peers[sk].addr)
     }
 
-    /// The slot for `addr`, made if new (reusing a retired one first).
+    /// The slot for `addr`, made if new (reusing an unwanted one first).
     fn ensure_peer(&mut self, addr: &str) -> SlotIndex {
-        if let Some(sk) = self.peer_index(addr) {
-            return sk;
-        }
-        let reusable = slots(&self.peers).find(|&sk| !self.wanted(&self.peers[sk]));
-        match reusable {
-            Some(sk) => {
-                self.peers[sk] = self.fresh_peer(addr);
-                sk
-            }
-            None => {
-                assert!(self.peers.len() < MAX_PEER_SLOTS, "requests are checked against the slot bound");
-                let peer = self.fresh_peer(addr);
-                self.peers.push(peer);
-                SlotIndex(self.peers.len() - 1)
-            }
-        }
+        let membership = &self.membership;
+        self.peers.ensure(addr, |peer| membership.wants(&peer.addr), MAX_PEER_SLOTS)
     }
 
-    /// Forget safekeepers we no longer talk to: the driver closes their
-    /// connections, and nothing they acknowledged counts anywhere.
+    /// Forget safekeepers we no longer talk to (see `Peers::retire_unwanted`).
     /// Call after every change of what is wanted.
     fn retire_unwanted(&mut self) {
-        for sk in slots(&self.peers) {
-            if self.wanted(&self.peers[sk]) {
-                self.peers[sk].retired = false;
-            } else if !self.peers[sk].retired {
-                let addr = self.peers[sk].addr.clone();
-                self.peers[sk] = self.fresh_peer(&addr);
-                self.peers[sk].retired = true;
-            }
-        }
-    }
-
-    pub(super) fn fresh_peer(&mut self, addr: &str) -> Peer {
-        self.next_incarnation += 1;
-        Peer::new(addr.to_string(), self.next_incarnation)
+        let membership = &self.membership;
+        self.peers.retire_unwanted(|peer| membership.wants(&peer.addr));
     }
 
     /// A greeting showed `theirs`: check it, and adopt it if it takes
@@ -408,7 +393,7 @@ impl Proposer {
     /// configuration was written by a proposer of our term or an earlier
     /// one, and if a quorum ever stored it, our election saw it.
     fn adopt(&mut self, configuration: Configuration) {
-        tracing::info!(generation = configuration.generation, "adopting a newer safekeeper configuration");
+        tracing::info!(generation = configuration.generation.0, "adopting a newer safekeeper configuration");
         let target = configuration.joint_new.as_deref().unwrap_or(&configuration.members);
         let target_addrs = member_addrs(target);
         let continues =
@@ -475,7 +460,7 @@ impl Proposer {
         let term = self.term().expect("changes run only when elected");
         let current = &self.membership.current;
         self.membership.current =
-            Configuration { generation: current.generation + 1, written_in_term: term, members, joint_new: None };
+            Configuration { generation: current.generation.next(), written_in_term: term, members, joint_new: None };
         let started_at_ms = self.membership.change.as_ref().map_or(self.now_ms, |change| change.started_at_ms);
         self.membership.change = Some(Change {
             target,
@@ -537,7 +522,7 @@ impl Proposer {
                 if self.stored_by_quorum() && (waited_long_enough || self.removed_members_told(&removed)) {
                     let took_ms = now_ms.saturating_sub(change.started_at_ms);
                     let generation = self.membership.current.generation;
-                    tracing::info!(generation, took_ms, "membership change complete");
+                    tracing::info!(generation = generation.0, took_ms, "membership change complete");
                     self.membership.last_completed = Some(CompletedChange { generation, took_ms });
                     self.membership.change = None;
                     self.retire_unwanted();
@@ -600,7 +585,7 @@ impl Proposer {
             .map(|member| Member { node_id: member.node_id.or(named(&member.pg_addr).node_id), ..member.clone() })
             .collect();
         Some(Configuration {
-            generation: current.generation + 1,
+            generation: current.generation.next(),
             written_in_term: term,
             members: old,
             joint_new: Some(new),

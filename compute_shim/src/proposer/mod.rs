@@ -11,9 +11,13 @@
 //! - [`commit`]: the quorum commit rule.
 //! - [`log_check`]: Postgres's WAL below the term start must be the log's.
 //! - [`membership`]: which safekeepers count, and changing them.
-//! - [`flow`]: what to send a safekeeper next (segments, window).
-//! - [`wal_buffer`]: WAL held until the safekeepers flushed it.
-//! - [`peer`]: per-safekeeper state; [`status`]: the status snapshot.
+//! - [`flow`]: what streaming sends a safekeeper next (WAL within segment
+//!   and window, a heartbeat), or that it is too far behind.
+//! - [`wal_source`]: where the safekeepers' WAL comes from: the buffer,
+//!   catch-up below it, trimming, what can still be resent.
+//! - [`wal_buffer`]: one contiguous, bounded run of WAL.
+//! - [`peer`]: per-safekeeper state and `Peers`, the slot table;
+//!   [`status`]: the status snapshot.
 
 mod commit;
 mod config;
@@ -25,6 +29,7 @@ mod membership;
 mod peer;
 mod status;
 mod wal_buffer;
+mod wal_source;
 
 #[cfg(test)]
 mod tests;
@@ -46,8 +51,9 @@ pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 use election::{Election, Vote};
 use log_check::{LogCheck, Verdict};
 use membership::Membership;
-use peer::{slots, Link, Peer};
+use peer::{Link, Peers};
 use wal_buffer::WalBuffer;
+use wal_source::{TrimScope, WalSource};
 
 enum Campaign {
     /// Waiting for greetings from a quorum to pick a term.
@@ -60,24 +66,14 @@ enum Campaign {
 
 pub struct Proposer {
     config: ProposerConfig,
-    /// One slot per safekeeper address we know: the command line's, then
-    /// those configurations and membership requests name. Slots are never
-    /// removed (indexes stay stable for the driver); unwanted ones are idle.
-    peers: Vec<Peer>,
+    peers: Peers,
     membership: Membership,
-    /// For [`Peer::incarnation`].
-    next_incarnation: u64,
     campaign: Campaign,
     /// Set once any safekeeper shows a term that is not ours to use.
     fenced_by: Option<Term>,
     commit_lsn: Lsn,
-    /// Created by the first WAL from Postgres, after the election.
-    wal: Option<WalBuffer>,
-    /// WAL re-read from Postgres below `wal` for a safekeeper that (re)joined
-    /// behind it; joined to the front of `wal` once it reaches its start.
-    catch_up: Option<WalBuffer>,
-    /// Postgres no longer holds WAL below this (a segment it removed).
-    postgres_wal_removed_below: Lsn,
+    /// WAL from Postgres for the safekeepers, from the first after the election.
+    wal: WalSource,
     /// The time of the latest input, stamped on what `poll_transmit` sends.
     now_ms: u64,
     /// Where `poll_transmit` looks first, so no safekeeper starves.
@@ -118,16 +114,13 @@ impl Proposer {
     pub fn new(config: ProposerConfig) -> Self {
         config.assert_valid();
         Proposer {
-            peers: config.safekeepers.iter().enumerate().map(|(sk, addr)| Peer::new(addr.clone(), sk as u64)).collect(),
-            next_incarnation: config.safekeepers.len() as u64,
+            peers: Peers::from_addrs(&config.safekeepers),
             membership: Membership::from_command_line(&config.safekeepers),
+            wal: WalSource::new(config.max_buffered_wal_bytes, config.wal_segment_size),
             config,
             campaign: Campaign::Greeting,
             fenced_by: None,
             commit_lsn: Lsn::INVALID,
-            wal: None,
-            catch_up: None,
-            postgres_wal_removed_below: Lsn::INVALID,
             now_ms: 0,
             next_poll_index: 0,
             quorum_greeted_at_ms: None,
@@ -206,42 +199,21 @@ impl Proposer {
         if start_lsn != expected {
             return Err(ProposerError::WalNotContiguous { expected, got: start_lsn });
         }
-        if let Some(buffer) = &self.wal {
-            if start_lsn < buffer.start_lsn() {
-                self.on_catch_up_wal(start_lsn, wal);
-                return Ok(());
-            }
+        if self.wal.is_below_buffer(start_lsn) {
+            self.wal.take_catch_up(start_lsn, wal);
+            return Ok(());
         }
         if self.check_postgres_wal(start_lsn, wal)? {
             return Ok(());
         }
-        let incoming_bytes = wal.len() as u64;
-        let max_bytes = self.config.max_buffered_wal_bytes;
-        let buffer = self.wal.get_or_insert_with(|| WalBuffer::new(start_lsn, max_bytes));
-        if !buffer.fits(incoming_bytes) {
-            self.trim_buffer(TrimScope::Connected);
-        }
-        let buffer = self.wal.as_mut().expect("created above");
-        if !buffer.fits(incoming_bytes) {
-            return Err(ProposerError::WalBufferFull { buffered_bytes: buffer.len_bytes(), incoming_bytes, max_bytes });
-        }
-        buffer.push(wal);
-        Ok(())
+        self.wal.take(start_lsn, wal, &self.peers)
     }
 
     /// Whether `on_wal` can take `len_bytes` more now; the driver stops
     /// reading Postgres while it cannot (backpressure). A catch-up always
     /// fits: it starts only if the buffer could hold all WAL from its start.
     pub fn can_accept_wal(&self, len_bytes: u64) -> bool {
-        match &self.wal {
-            None => len_bytes <= self.config.max_buffered_wal_bytes,
-            Some(buffer) if self.wal_wanted_from().is_some_and(|lsn| lsn < buffer.start_lsn()) => true,
-            Some(buffer) => {
-                let floor = self.trim_floor(TrimScope::Connected).unwrap_or(buffer.start_lsn());
-                let keep_bytes = buffer.end_lsn().checked_sub(floor.max(buffer.start_lsn())).unwrap_or(0);
-                keep_bytes + len_bytes <= buffer.max_bytes()
-            }
-        }
+        self.wal.can_accept(len_bytes, self.wal_wanted_from(), &self.peers)
     }
 
     /// The passage of time: idle safekeepers become due for a heartbeat.
@@ -287,7 +259,7 @@ impl Proposer {
             _ => None,
         };
         let wal_start_wait = match self.campaign {
-            Campaign::Elected(_) if self.wal.is_none() => Some(self.elected_at_ms + heartbeat_ms),
+            Campaign::Elected(_) if self.wal.buffer().is_none() => Some(self.elected_at_ms + heartbeat_ms),
             _ => None,
         };
         let log_check_wait = match &self.log_check {
@@ -303,7 +275,7 @@ impl Proposer {
 
     /// Whether the driver should keep a connection to slot `sk`.
     pub fn link_wanted(&self, sk: SlotIndex) -> bool {
-        self.peers.get(sk.0).is_some_and(|peer| self.wanted(peer))
+        self.peers.get(sk).is_some_and(|peer| self.wanted(peer))
     }
 
     /// The next message to send, and to which safekeeper.
@@ -340,11 +312,8 @@ impl Proposer {
         if self.fenced_by.is_some() {
             return None;
         }
-        if let Some(buffer) = &self.wal {
-            if let Some(catch_up) = &self.catch_up {
-                return Some(catch_up.end_lsn());
-            }
-            return Some(self.catch_up_wanted(buffer).unwrap_or(buffer.end_lsn()));
+        if let Some(from) = self.wal.wanted_from(&self.peers) {
+            return Some(from);
         }
         let log_check_wants = match &self.log_check {
             LogCheckState::NotStarted => {
@@ -370,7 +339,7 @@ impl Proposer {
             .peers
             .iter()
             .filter_map(|peer| peer.flush_lsn)
-            .filter(|&flush| flush >= self.postgres_wal_removed_below)
+            .filter(|&flush| flush >= self.wal.removed_below())
             .fold(election.term_start_lsn, Lsn::min);
         // Below where Postgres can stream, a safekeeper is too far behind.
         Some(lowest_needed.max(self.config.timeline_start_lsn))
@@ -379,8 +348,7 @@ impl Proposer {
     /// Where the log check's range starts: `CHECKED_BYTES` below the term
     /// start, but not below where the timeline or Postgres's WAL begins.
     fn log_check_start(&self, election: &Election) -> Lsn {
-        let floor =
-            election.timeline_start_lsn.max(self.config.timeline_start_lsn).max(self.postgres_wal_removed_below);
+        let floor = election.timeline_start_lsn.max(self.config.timeline_start_lsn).max(self.wal.removed_below());
         let below = Lsn(election.term_start_lsn.0.saturating_sub(log_check::CHECKED_BYTES));
         below.max(floor).min(election.term_start_lsn)
     }
@@ -421,7 +389,7 @@ impl Proposer {
         if check.asked.is_some() {
             return;
         }
-        let holder = slots(&self.peers).find(|&sk| {
+        let holder = self.peers.slots().find(|&sk| {
             let peer = &self.peers[sk];
             matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|f| f >= check.end_lsn)
         });
@@ -483,7 +451,7 @@ impl Proposer {
                 return Err(ProposerError::LogCheckWalRemoved { lsn });
             }
         }
-        let quorum_needs_from = match (&self.wal, &self.campaign) {
+        let quorum_needs_from = match (self.wal.buffer(), &self.campaign) {
             (Some(buffer), _) => buffer.start_lsn(),
             (None, Campaign::Elected(election)) => election.term_start_lsn,
             (None, _) => Lsn::INVALID,
@@ -491,9 +459,7 @@ impl Proposer {
         if lsn >= quorum_needs_from {
             return Err(ProposerError::PostgresWalRemoved { lsn });
         }
-        let removed_below = lsn.next_segment_start(self.config.wal_segment_size);
-        self.postgres_wal_removed_below = self.postgres_wal_removed_below.max(removed_below);
-        self.catch_up = None;
+        self.wal.on_removed(lsn);
         Ok(())
     }
 
@@ -509,10 +475,10 @@ impl Proposer {
             term,
             term_start_lsn,
             commit_lsn: self.commit_lsn,
-            buffered_wal_start_lsn: self.wal.as_ref().map(WalBuffer::start_lsn),
-            buffered_wal_end_lsn: self.wal.as_ref().map(WalBuffer::end_lsn),
-            catch_up_wal_start_lsn: self.catch_up.as_ref().map(WalBuffer::start_lsn),
-            catch_up_wal_end_lsn: self.catch_up.as_ref().map(WalBuffer::end_lsn),
+            buffered_wal_start_lsn: self.wal.buffer().map(WalBuffer::start_lsn),
+            buffered_wal_end_lsn: self.wal.buffer().map(WalBuffer::end_lsn),
+            catch_up_wal_start_lsn: self.wal.catch_up().map(WalBuffer::start_lsn),
+            catch_up_wal_end_lsn: self.wal.catch_up().map(WalBuffer::end_lsn),
             postgres_wal_checked: matches!(self.log_check, LogCheckState::Passed),
             membership: self.membership_status(),
             safekeepers: self
@@ -570,7 +536,7 @@ impl Proposer {
         }
         // Two entries reaching one safekeeper (a typo, or two names for one
         // host) would let it count twice toward every quorum.
-        if let Some(other) = slots(&self.peers).find(|&other| self.peers[other].node_id == Some(response.node_id)) {
+        if let Some(other) = self.peers.slots().find(|&other| self.peers[other].node_id == Some(response.node_id)) {
             if other != sk {
                 let (first, second) = (self.peers[other].addr.clone(), self.peers[sk].addr.clone());
                 return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first, second });
@@ -599,7 +565,7 @@ impl Proposer {
             Campaign::Greeting => self.start_voting_if_quorum_greeted(),
             Campaign::Voting { term } => {
                 let term = *term;
-                for sk in slots(&self.peers) {
+                for sk in self.peers.slots() {
                     if self.peers[sk].link == Link::Greeted {
                         self.ask_for_vote(sk, term);
                     }
@@ -632,7 +598,7 @@ impl Proposer {
         let highest = greeted_terms.into_iter().max().unwrap_or_default();
         let term = Term(highest.0.checked_add(1).expect("term overflow"));
         self.campaign = Campaign::Voting { term };
-        for sk in slots(&self.peers) {
+        for sk in self.peers.slots() {
             if self.peers[sk].link == Link::Greeted {
                 self.ask_for_vote(sk, term);
             }
@@ -668,7 +634,7 @@ impl Proposer {
                 // A vote after we won: it only needs to learn the outcome.
                 self.peers[sk].reported_term = Some(response.term);
                 self.send_elected(sk);
-                self.peers[sk].awaited_for_wal_start = self.wal.is_none();
+                self.peers[sk].awaited_for_wal_start = self.wal.buffer().is_none();
                 return Ok(());
             }
         };
@@ -696,7 +662,7 @@ impl Proposer {
             return Ok(());
         }
         let votes: Vec<(SlotIndex, &Vote)> =
-            slots(&self.peers).filter_map(|sk| self.peers[sk].vote.as_ref().map(|vote| (sk, vote))).collect();
+            self.peers.slots().filter_map(|sk| self.peers[sk].vote.as_ref().map(|vote| (sk, vote))).collect();
         let election = election::decide(term, &votes, &self.config)?;
         self.become_elected(election);
         Ok(())
@@ -707,7 +673,7 @@ impl Proposer {
         self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
         self.campaign = Campaign::Elected(Box::new(election));
         self.elected_at_ms = self.now_ms;
-        for sk in slots(&self.peers) {
+        for sk in self.peers.slots() {
             if matches!(self.peers[sk].link, Link::Voted | Link::Greeted) {
                 self.send_elected(sk);
                 self.peers[sk].awaited_for_wal_start = true;
@@ -771,7 +737,7 @@ impl Proposer {
             _ => return Err(self.unexpected(sk, "AppendResponse")),
         }
         self.advance_commit();
-        self.trim_buffer(TrimScope::All);
+        self.wal.trim(&self.peers, TrimScope::All);
         self.advance_membership();
         Ok(())
     }
@@ -784,55 +750,6 @@ impl Proposer {
         }
     }
 
-    /// Forget buffered WAL below what the safekeepers in `scope` still need.
-    /// `Connected` (to make room) gives up on absent ones: they will be
-    /// caught up from Postgres, or too far behind, if they come back.
-    fn trim_buffer(&mut self, scope: TrimScope) {
-        if let Some(floor) = self.trim_floor(scope) {
-            self.wal.as_mut().expect("a floor implies a buffer").trim_to(floor);
-        }
-    }
-
-    /// The lowest acknowledged flush still inside the buffer, among all
-    /// safekeepers that acknowledged in our term or only connected ones.
-    fn trim_floor(&self, scope: TrimScope) -> Option<Lsn> {
-        let buffer = self.wal.as_ref()?;
-        self.peers
-            .iter()
-            .filter(|peer| scope == TrimScope::All || matches!(peer.link, Link::Streaming { .. }))
-            .filter(|peer| peer.link != Link::TooFarBehind)
-            .filter_map(|peer| peer.flush_lsn)
-            .filter(|&flush| flush >= buffer.start_lsn())
-            .min()
-    }
-
-    /// The lowest position of a streaming safekeeper below the buffer that
-    /// Postgres may still be able to resend: where a catch-up starts.
-    fn catch_up_wanted(&self, buffer: &WalBuffer) -> Option<Lsn> {
-        self.peers
-            .iter()
-            .filter_map(|peer| match peer.link {
-                Link::Streaming { next_lsn } if next_lsn < buffer.start_lsn() => Some(next_lsn),
-                _ => None,
-            })
-            .filter(|&lsn| can_catch_up(lsn, buffer, self.postgres_wal_removed_below, &self.config))
-            .min()
-    }
-
-    /// Catch-up WAL: kept until it reaches the buffer's start, then joined
-    /// to its front. Bytes at or past the start are already buffered.
-    fn on_catch_up_wal(&mut self, start_lsn: Lsn, wal: &[u8]) {
-        let buffer = self.wal.as_mut().expect("a catch-up is below the buffer");
-        let catch_up =
-            self.catch_up.get_or_insert_with(|| WalBuffer::new(start_lsn, self.config.max_buffered_wal_bytes));
-        assert_eq!(catch_up.end_lsn(), start_lsn, "catch-up WAL is contiguous");
-        let needed_bytes = (buffer.start_lsn() - start_lsn).min(wal.len() as u64) as usize;
-        catch_up.push(&wal[..needed_bytes]);
-        if catch_up.end_lsn() == buffer.start_lsn() {
-            buffer.prepend(self.catch_up.take().expect("present"));
-        }
-    }
-
     /// A control message if one is queued, else WAL, else a heartbeat if due.
     fn next_message(&mut self, sk: SlotIndex) -> Option<ProposerMessage> {
         if let Some(message) = self.peers[sk].outbox.pop_front() {
@@ -842,9 +759,21 @@ impl Proposer {
             return Some(message);
         }
         let Campaign::Elected(election) = &self.campaign else { return None };
+        let log_checked = matches!(self.log_check, LogCheckState::Passed);
         let peer = &mut self.peers[sk];
-        let idle_ms = self.now_ms.saturating_sub(peer.last_sent_ms);
-        let append = |begin_lsn: Lsn, end_lsn: Lsn, wal| AppendRequest {
+        let (begin_lsn, end_lsn, wal) = match flow::next_send(peer, &self.wal, log_checked, &self.config, self.now_ms) {
+            flow::Next::Nothing => return None,
+            flow::Next::TooFarBehind => {
+                peer.link = Link::TooFarBehind;
+                return None;
+            }
+            flow::Next::Heartbeat { at_lsn } => (at_lsn, at_lsn, Default::default()),
+            flow::Next::Append { begin_lsn, end_lsn, wal } => {
+                peer.link = Link::Streaming { next_lsn: end_lsn };
+                (begin_lsn, end_lsn, wal)
+            }
+        };
+        Some(ProposerMessage::AppendRequest(AppendRequest {
             cluster: self.config.cluster,
             term: election.term,
             generation: self.membership.current.generation,
@@ -852,55 +781,8 @@ impl Proposer {
             end_lsn,
             commit_lsn: self.commit_lsn,
             wal,
-        };
-        let heartbeat = |at_lsn: Lsn| ProposerMessage::AppendRequest(append(at_lsn, at_lsn, Default::default()));
-        if peer.link == Link::TooFarBehind {
-            // Heartbeats only: it learns the commit LSN (peer recovery
-            // copies up to it), and its service can end this connection once
-            // it caught up, so that the reconnection streams to it again.
-            let flush_lsn = peer.flush_lsn.expect("too-far-behind safekeepers have acknowledged");
-            return (idle_ms >= self.config.heartbeat_interval_ms).then(|| heartbeat(flush_lsn));
-        }
-        let Link::Streaming { next_lsn } = peer.link else { return None };
-        let flush_lsn = peer.flush_lsn.expect("streaming safekeepers have acknowledged");
-        if self.wal.is_none() && next_lsn < self.postgres_wal_removed_below {
-            peer.link = Link::TooFarBehind; // before WAL flows; with a buffer, `can_catch_up` decides
-            return None;
-        }
-        let log_checked = matches!(self.log_check, LogCheckState::Passed);
-        if let Some(buffer) = self.wal.as_ref().filter(|_| log_checked) {
-            // Behind the buffer: served from the catch-up WAL once it has
-            // arrived, or too far behind if Postgres cannot resend it.
-            let source = if next_lsn >= buffer.start_lsn() {
-                Some(buffer)
-            } else {
-                self.catch_up.as_ref().filter(|catch_up| catch_up.holds(next_lsn))
-            };
-            let removed_below = self.postgres_wal_removed_below;
-            if source.is_none() && !can_catch_up(next_lsn, buffer, removed_below, &self.config) {
-                peer.link = Link::TooFarBehind;
-                return None;
-            }
-            let window = self.config.max_in_flight_bytes;
-            let segment_size = self.config.wal_segment_size;
-            if let Some(source) = source {
-                if let Some((begin, end)) =
-                    flow::next_append_range(next_lsn, flush_lsn, source.end_lsn(), segment_size, window)
-                {
-                    peer.link = Link::Streaming { next_lsn: end };
-                    return Some(ProposerMessage::AppendRequest(append(begin, end, source.slice(begin, end))));
-                }
-            }
-        }
-        (idle_ms >= self.config.heartbeat_interval_ms).then(|| heartbeat(next_lsn))
+        }))
     }
-}
-
-/// Whether WAL from `lsn` can be re-read from Postgres and held with the
-/// buffer: Postgres has not removed it, and all of `[lsn, buffer end)`
-/// fits the buffer's bound (so a catch-up can never stall the stream).
-fn can_catch_up(lsn: Lsn, buffer: &WalBuffer, removed_below: Lsn, config: &ProposerConfig) -> bool {
-    lsn >= removed_below && buffer.end_lsn() - lsn <= config.max_buffered_wal_bytes
 }
 
 /// How long (in heartbeat intervals) the log check waits for a safekeeper
@@ -908,11 +790,3 @@ fn can_catch_up(lsn: Lsn, buffer: &WalBuffer, removed_below: Lsn, config: &Propo
 /// up: the donor may be gone for good, and only a new election (a restart)
 /// can pick a log the remaining safekeepers hold.
 const LOG_CHECK_HOLDER_WAIT_HEARTBEATS: u64 = 20;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum TrimScope {
-    /// Keep WAL for every safekeeper that acknowledged in our term.
-    All,
-    /// Keep WAL only for connected, streaming ones.
-    Connected,
-}

@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
+use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::ProposerMessage;
 
 use super::config::MAX_QUEUED_CONTROL_MESSAGES;
@@ -23,23 +24,105 @@ impl std::fmt::Display for SlotIndex {
     }
 }
 
+/// The slot table (raft-rs's `ProgressTracker`): one slot per safekeeper
+/// address we know, the command line's, then those configurations and
+/// membership requests name. Slots are never removed (indexes stay stable
+/// for the driver); unwanted ones are idle, and reused for a new address.
+#[derive(Debug)]
+pub(super) struct Peers {
+    slots: Vec<Peer>,
+    /// For [`Peer::incarnation`]: every fresh peer gets the next one.
+    next_incarnation: u64,
+}
+
+impl Peers {
+    pub fn from_addrs(addrs: &[String]) -> Self {
+        let slots: Vec<Peer> = addrs.iter().enumerate().map(|(sk, addr)| Peer::new(addr.clone(), sk as u64)).collect();
+        Peers { next_incarnation: slots.len() as u64, slots }
+    }
+
+    /// A table of exactly these peers.
+    #[cfg(test)]
+    pub fn for_tests(slots: Vec<Peer>) -> Self {
+        Peers { next_incarnation: slots.len() as u64, slots }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn get(&self, sk: SlotIndex) -> Option<&Peer> {
+        self.slots.get(sk.0)
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Peer> {
+        self.slots.iter()
+    }
+
+    /// Every slot, in order.
+    pub fn slots(&self) -> impl Iterator<Item = SlotIndex> {
+        (0..self.slots.len()).map(SlotIndex)
+    }
+
+    /// The slot named `addr`.
+    pub fn find(&self, addr: &str) -> Option<SlotIndex> {
+        self.slots().find(|&sk| self[sk].addr == addr)
+    }
+
+    /// The slot for `addr`, made if new: an unwanted slot is reused first,
+    /// else one is added (at most `max_slots`).
+    pub fn ensure(&mut self, addr: &str, wanted: impl Fn(&Peer) -> bool, max_slots: usize) -> SlotIndex {
+        if let Some(sk) = self.find(addr) {
+            return sk;
+        }
+        match self.slots().find(|&sk| !wanted(&self[sk])) {
+            Some(sk) => {
+                self.slots[sk.0] = self.fresh(addr);
+                sk
+            }
+            None => {
+                assert!(self.slots.len() < max_slots, "requests are checked against the slot bound");
+                let peer = self.fresh(addr);
+                self.slots.push(peer);
+                SlotIndex(self.slots.len() - 1)
+            }
+        }
+    }
+
+    /// Forget safekeepers we no longer talk to: the driver closes their
+    /// connections (the incarnation changed), and nothing they acknowledged
+    /// counts anywhere. A slot wanted again is no longer retired.
+    pub fn retire_unwanted(&mut self, wanted: impl Fn(&Peer) -> bool) {
+        for sk in self.slots() {
+            if wanted(&self[sk]) {
+                self[sk].retired = false;
+            } else if !self[sk].retired {
+                let addr = self[sk].addr.clone();
+                self.slots[sk.0] = self.fresh(&addr);
+                self[sk].retired = true;
+            }
+        }
+    }
+
+    /// A blank peer for `addr` with a new incarnation.
+    fn fresh(&mut self, addr: &str) -> Peer {
+        self.next_incarnation += 1;
+        Peer::new(addr.to_string(), self.next_incarnation)
+    }
+}
+
 /// The proposer's peers are indexed by slot, never by a bare number.
-impl std::ops::Index<SlotIndex> for Vec<Peer> {
+impl std::ops::Index<SlotIndex> for Peers {
     type Output = Peer;
     fn index(&self, slot: SlotIndex) -> &Peer {
-        &self[slot.0]
+        &self.slots[slot.0]
     }
 }
 
-impl std::ops::IndexMut<SlotIndex> for Vec<Peer> {
+impl std::ops::IndexMut<SlotIndex> for Peers {
     fn index_mut(&mut self, slot: SlotIndex) -> &mut Peer {
-        &mut self[slot.0]
+        &mut self.slots[slot.0]
     }
-}
-
-/// Every slot of `peers`, in order.
-pub(super) fn slots(peers: &[Peer]) -> impl Iterator<Item = SlotIndex> {
-    (0..peers.len()).map(SlotIndex)
 }
 
 /// Where the current connection to a safekeeper is in the protocol.
@@ -90,7 +173,7 @@ pub(super) struct Peer {
     pub last_sent_ms: u64,
     /// The precedence (generation, term) of the configuration it holds,
     /// as its greeting or its last MembershipResponse showed.
-    pub stored_configuration: Option<(u32, Term)>,
+    pub stored_configuration: Option<(MembershipGeneration, Term)>,
     /// A SetMembership is on its way on this connection.
     pub membership_outstanding: bool,
 }
@@ -148,5 +231,41 @@ impl Peer {
             Link::Streaming { .. } => PeerState::Streaming,
             Link::TooFarBehind => PeerState::TooFarBehind,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| name.to_string()).collect()
+    }
+
+    #[test]
+    fn ensure_reuses_an_unwanted_slot_with_a_new_incarnation() {
+        let mut peers = Peers::from_addrs(&addrs(&["a", "b"]));
+        assert_eq!(peers.ensure("b", |_| true, 4), SlotIndex(1), "known addresses keep their slot");
+        let c = peers.ensure("c", |_| true, 4);
+        assert_eq!((c, peers.len()), (SlotIndex(2), 3), "all wanted: a slot is added");
+        let d = peers.ensure("d", |peer| peer.addr != "a", 4);
+        assert_eq!((d, peers.len()), (SlotIndex(0), 3), "a's slot is reused");
+        assert_eq!(peers.find("d"), Some(SlotIndex(0)));
+        assert_eq!(peers.find("a"), None);
+        assert!(peers[d].incarnation > peers[c].incarnation, "a fresh peer is a new incarnation");
+    }
+
+    #[test]
+    fn retiring_resets_a_slot_once() {
+        let mut peers = Peers::from_addrs(&addrs(&["a", "b"]));
+        peers[SlotIndex(1)].flush_lsn = Some(Lsn(5));
+        peers.retire_unwanted(|peer| peer.addr == "a");
+        let retired = &peers[SlotIndex(1)];
+        assert!(retired.retired && retired.flush_lsn.is_none(), "nothing it acknowledged counts");
+        let incarnation = retired.incarnation;
+        peers.retire_unwanted(|peer| peer.addr == "a");
+        assert_eq!(peers[SlotIndex(1)].incarnation, incarnation, "an idle slot is not reset again");
+        peers.retire_unwanted(|_| true);
+        assert!(!peers[SlotIndex(1)].retired, "wanted again");
     }
 }

@@ -32,6 +32,7 @@ use crate::storage::SyncedLsn;
 use postgres_wal::lsn::Lsn;
 use postgres_wal::wal::{DecodeStep, WalDecodeError, WalDecoder};
 use safekeeper_protocol::ids::{ClusterId, NodeId, Term};
+use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, MembershipResponse, ProposerElected,
     ProposerMessage, SetMembership, VoteRequest, VoteResponse, WalDigestRequest, PROTOCOL_VERSION,
@@ -127,11 +128,11 @@ pub enum AcceptorError {
     #[error("WAL digest of {start_lsn}..{end_lsn} asked for, but this safekeeper holds durable WAL only in {held_start_lsn}..{flush_lsn}")]
     DigestOutOfRange { start_lsn: Lsn, end_lsn: Lsn, held_start_lsn: Lsn, flush_lsn: Lsn },
     #[error("the proposer's configuration generation {theirs} is older than this safekeeper's {ours}: greet again to learn it")]
-    StaleGeneration { ours: u32, theirs: u32 },
+    StaleGeneration { ours: MembershipGeneration, theirs: MembershipGeneration },
     #[error(
         "this safekeeper (node {node_id}) is not a member of the timeline's configuration generation {generation}"
     )]
-    NotAMember { node_id: NodeId, generation: u32 },
+    NotAMember { node_id: NodeId, generation: MembershipGeneration },
     #[error("membership configuration refused: {reason}")]
     BadConfiguration { reason: String },
 }
@@ -249,7 +250,7 @@ impl Acceptor {
     /// system); one of our generation, which leaves us out, has nothing to
     /// ask us. A newer generation may name us again (a removed safekeeper
     /// added back), so it is heard.
-    fn check_membership(&self, generation: u32) -> Result<(), AcceptorError> {
+    fn check_membership(&self, generation: MembershipGeneration) -> Result<(), AcceptorError> {
         let ours = &self.state.membership;
         if generation < ours.generation {
             return Err(AcceptorError::StaleGeneration { ours: ours.generation, theirs: generation });

@@ -18,6 +18,28 @@ pub const MAX_MEMBERS: usize = 15;
 /// Longest member address (`host:port`).
 pub const MAX_MEMBER_ADDR_BYTES: usize = 255;
 
+/// Which configuration of a timeline's safekeeper set: each change writes
+/// the next. 0 is "not set". (The shim's `LinkGeneration`, which connection
+/// of a link an event is about, is another thing.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MembershipGeneration(pub u32);
+
+impl MembershipGeneration {
+    pub const NOT_SET: MembershipGeneration = MembershipGeneration(0);
+
+    /// The generation a change from this one writes.
+    pub fn next(self) -> MembershipGeneration {
+        MembershipGeneration(self.0.checked_add(1).expect("membership generation overflow"))
+    }
+}
+
+impl std::fmt::Display for MembershipGeneration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One safekeeper of a configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -33,7 +55,7 @@ pub struct Member {
 /// `--safekeepers` list is the set, and acceptors have stored nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Configuration {
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     /// The term of the proposer that wrote it. Only the elected proposer of
     /// an acceptor's current term may write, so two configurations of one
     /// generation (a proposer fenced mid-change, then another) are ordered
@@ -47,12 +69,12 @@ pub struct Configuration {
 
 impl Configuration {
     pub fn is_set(&self) -> bool {
-        self.generation > 0
+        self.generation > MembershipGeneration::NOT_SET
     }
 
     /// Which of two configurations wins: the higher generation, then the
     /// later writer.
-    pub fn precedence(&self) -> (u32, Term) {
+    pub fn precedence(&self) -> (MembershipGeneration, Term) {
         (self.generation, self.written_in_term)
     }
 
@@ -140,11 +162,21 @@ mod tests {
 
     fn joint() -> Configuration {
         Configuration {
-            generation: 1,
+            generation: MembershipGeneration(1),
             written_in_term: Term(3),
             members: vec![member(1, "a"), member(2, "b"), member(3, "c")],
             joint_new: Some(vec![member(1, "a"), member(2, "b"), member(4, "d")]),
         }
+    }
+
+    /// The control file and the HTTP status carry the generation as a plain
+    /// JSON number, as before it had a type of its own.
+    #[test]
+    fn generation_is_a_json_number() {
+        let json = serde_json::to_value(joint()).unwrap();
+        assert_eq!(json["generation"], serde_json::json!(1));
+        let back: Configuration = serde_json::from_value(json).unwrap();
+        assert_eq!(back.generation, MembershipGeneration(1));
     }
 
     /// Rule: a joint quorum needs a majority of the old and of the new set.

@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
-use crate::membership::{Configuration, Member, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
+use crate::membership::{Configuration, Member, MembershipGeneration, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
 use crate::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
 use postgres_wal::lsn::Lsn;
 
@@ -54,21 +54,21 @@ pub struct Greeting {
     /// The generation of the proposer's configuration. Every proposer
     /// message carries it; an acceptor refuses those below its own
     /// (except the greeting, whose answer tells the proposer the newer one).
-    pub generation: u32,
+    pub generation: MembershipGeneration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VoteRequest {
     pub cluster: ClusterId,
     pub term: Term,
-    pub generation: u32,
+    pub generation: MembershipGeneration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProposerElected {
     pub cluster: ClusterId,
     pub term: Term,
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     /// Where the proposer's term begins writing (the donor's flush LSN).
     pub term_start_lsn: Lsn,
     /// First LSN of the timeline's WAL; an empty acceptor starts here.
@@ -81,7 +81,7 @@ pub struct ProposerElected {
 pub struct AppendRequest {
     pub cluster: ClusterId,
     pub term: Term,
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub begin_lsn: Lsn,
     pub end_lsn: Lsn,
     pub commit_lsn: Lsn,
@@ -98,7 +98,7 @@ pub struct AppendRequest {
 pub struct WalDigestRequest {
     pub cluster: ClusterId,
     pub term: Term,
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
 }
@@ -136,7 +136,7 @@ pub struct GreetingResponse {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MembershipResponse {
     pub term: Term,
-    pub generation: u32,
+    pub generation: MembershipGeneration,
     pub written_in_term: Term,
 }
 
@@ -322,8 +322,11 @@ impl Reader {
         }
         Ok(members)
     }
+    fn generation(&mut self) -> Result<MembershipGeneration, DecodeError> {
+        self.u32("generation").map(MembershipGeneration)
+    }
     fn configuration(&mut self) -> Result<Configuration, DecodeError> {
-        let generation = self.u32("generation")?;
+        let generation = self.generation()?;
         let written_in_term = self.term("configuration term")?;
         let members = self.members()?;
         let joint_new = if self.bool("joint")? { Some(self.members()?) } else { None };
@@ -356,11 +359,11 @@ fn put_cluster(out: &mut BytesMut, cluster: &ClusterId) {
 }
 
 /// What every proposer message after the greeting starts with.
-fn put_head(out: &mut BytesMut, tag: u8, cluster: &ClusterId, term: Term, generation: u32) {
+fn put_head(out: &mut BytesMut, tag: u8, cluster: &ClusterId, term: Term, generation: MembershipGeneration) {
     out.put_u8(tag);
     put_cluster(out, cluster);
     out.put_u64(term.0);
-    out.put_u32(generation);
+    out.put_u32(generation.0);
 }
 
 fn put_members(out: &mut BytesMut, members: &[Member]) {
@@ -374,7 +377,7 @@ fn put_members(out: &mut BytesMut, members: &[Member]) {
 }
 
 fn put_configuration(out: &mut BytesMut, configuration: &Configuration) {
-    out.put_u32(configuration.generation);
+    out.put_u32(configuration.generation.0);
     out.put_u64(configuration.written_in_term.0);
     put_members(out, &configuration.members);
     out.put_u8(u8::from(configuration.joint_new.is_some()));
@@ -405,7 +408,7 @@ impl ProposerMessage {
     }
 
     /// The generation of the sender's configuration.
-    pub fn generation(&self) -> u32 {
+    pub fn generation(&self) -> MembershipGeneration {
         match self {
             ProposerMessage::Greeting(m) => m.generation,
             ProposerMessage::VoteRequest(m) => m.generation,
@@ -426,7 +429,7 @@ impl ProposerMessage {
                 out.put_u32(m.pg_version);
                 out.put_u32(m.wal_segment_size_bytes);
                 out.put_slice(&m.proposer_id);
-                out.put_u32(m.generation);
+                out.put_u32(m.generation.0);
             }
             ProposerMessage::VoteRequest(m) => {
                 put_head(&mut out, tag::VOTE_REQUEST, &m.cluster, m.term, m.generation);
@@ -470,17 +473,17 @@ impl ProposerMessage {
                 pg_version: r.u32("pg version")?,
                 wal_segment_size_bytes: r.u32("wal segment size")?,
                 proposer_id: r.bytes16("proposer id")?,
-                generation: r.u32("generation")?,
+                generation: r.generation()?,
             }),
             tag::VOTE_REQUEST => ProposerMessage::VoteRequest(VoteRequest {
                 cluster: r.cluster()?,
                 term: r.term("term")?,
-                generation: r.u32("generation")?,
+                generation: r.generation()?,
             }),
             tag::PROPOSER_ELECTED => ProposerMessage::ProposerElected(ProposerElected {
                 cluster: r.cluster()?,
                 term: r.term("term")?,
-                generation: r.u32("generation")?,
+                generation: r.generation()?,
                 term_start_lsn: r.lsn("term start lsn")?,
                 timeline_start_lsn: r.lsn("timeline start lsn")?,
                 term_history: r.history()?,
@@ -488,7 +491,7 @@ impl ProposerMessage {
             tag::APPEND_REQUEST => {
                 let cluster = r.cluster()?;
                 let term = r.term("term")?;
-                let generation = r.u32("generation")?;
+                let generation = r.generation()?;
                 let begin_lsn = r.lsn("begin lsn")?;
                 let end_lsn = r.lsn("end lsn")?;
                 let commit_lsn = r.lsn("commit lsn")?;
@@ -507,14 +510,14 @@ impl ProposerMessage {
             tag::WAL_DIGEST_REQUEST => {
                 let cluster = r.cluster()?;
                 let term = r.term("term")?;
-                let generation = r.u32("generation")?;
+                let generation = r.generation()?;
                 let (start_lsn, end_lsn) = r.digest_range()?;
                 ProposerMessage::WalDigestRequest(WalDigestRequest { cluster, term, generation, start_lsn, end_lsn })
             }
             tag::SET_MEMBERSHIP => {
                 let cluster = r.cluster()?;
                 let term = r.term("term")?;
-                let generation = r.u32("generation")?;
+                let generation = r.generation()?;
                 let configuration = r.configuration()?;
                 if configuration.generation != generation {
                     let reason = format!("generation {generation} carries configuration {}", configuration.generation);
@@ -565,7 +568,7 @@ impl AcceptorMessage {
             AcceptorMessage::MembershipResponse(m) => {
                 out.put_u8(tag::MEMBERSHIP_RESPONSE);
                 out.put_u64(m.term.0);
-                out.put_u32(m.generation);
+                out.put_u32(m.generation.0);
                 out.put_u64(m.written_in_term.0);
             }
         }
@@ -606,7 +609,7 @@ impl AcceptorMessage {
             }
             tag::MEMBERSHIP_RESPONSE => AcceptorMessage::MembershipResponse(MembershipResponse {
                 term: r.term("term")?,
-                generation: r.u32("generation")?,
+                generation: r.generation()?,
                 written_in_term: r.term("configuration term")?,
             }),
             other => return Err(DecodeError::UnknownTag(other)),
@@ -644,19 +647,19 @@ mod tests {
                     pg_version: pg,
                     wal_segment_size_bytes: seg,
                     proposer_id: id,
-                    generation: seg.rotate_left(7),
+                    generation: MembershipGeneration(seg.rotate_left(7)),
                 })
             }),
             (cluster(), any::<u64>(), any::<u32>()).prop_map(|(c, t, g)| ProposerMessage::VoteRequest(VoteRequest {
                 cluster: c,
                 term: Term(t),
-                generation: g
+                generation: MembershipGeneration(g)
             })),
             (cluster(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(|(c, t, s, ts, h)| {
                 ProposerMessage::ProposerElected(ProposerElected {
                     cluster: c,
                     term: Term(t),
-                    generation: t as u32,
+                    generation: MembershipGeneration(t as u32),
                     term_start_lsn: Lsn(s),
                     timeline_start_lsn: Lsn(ts),
                     term_history: h,
@@ -667,7 +670,7 @@ mod tests {
                     ProposerMessage::AppendRequest(AppendRequest {
                         cluster: c,
                         term: Term(t),
-                        generation: (commit >> 32) as u32,
+                        generation: MembershipGeneration((commit >> 32) as u32),
                         begin_lsn: Lsn(begin),
                         end_lsn: Lsn(begin + wal.len() as u64),
                         commit_lsn: Lsn(commit),
@@ -678,7 +681,7 @@ mod tests {
                 ProposerMessage::WalDigestRequest(WalDigestRequest {
                     cluster: c,
                     term: Term(t),
-                    generation: len as u32,
+                    generation: MembershipGeneration(len as u32),
                     start_lsn: Lsn(start),
                     end_lsn: Lsn(start + len),
                 })
@@ -698,7 +701,7 @@ mod tests {
     fn configuration() -> impl Strategy<Value = Configuration> {
         (any::<u32>(), any::<u64>(), members(), proptest::option::of(members())).prop_map(
             |(generation, term, members, joint_new)| Configuration {
-                generation,
+                generation: MembershipGeneration(generation),
                 written_in_term: Term(term),
                 members,
                 joint_new,
@@ -714,7 +717,7 @@ mod tests {
             (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(t, g, w)| {
                 AcceptorMessage::MembershipResponse(MembershipResponse {
                     term: Term(t),
-                    generation: g,
+                    generation: MembershipGeneration(g),
                     written_in_term: Term(w),
                 })
             }),
@@ -789,7 +792,7 @@ mod tests {
             ProposerMessage::WalDigestRequest(WalDigestRequest {
                 cluster: ClusterId::default(),
                 term: Term(1),
-                generation: 0,
+                generation: MembershipGeneration::NOT_SET,
                 start_lsn: Lsn(start),
                 end_lsn: Lsn(end),
             })

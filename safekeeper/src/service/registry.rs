@@ -533,6 +533,7 @@ mod tests {
     use super::*;
     use safekeeper_core::storage::control_file::CONTROL_FILE_NAME;
     use safekeeper_protocol::ids::SystemId;
+    use safekeeper_protocol::membership::MembershipGeneration;
     use safekeeper_protocol::protocol::PROTOCOL_VERSION;
 
     const SEGMENT_SIZE_BYTES: u32 = 1 << 20;
@@ -548,7 +549,7 @@ mod tests {
             pg_version: 150000,
             wal_segment_size_bytes: SEGMENT_SIZE_BYTES,
             proposer_id: [1; 16],
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
         }
     }
 

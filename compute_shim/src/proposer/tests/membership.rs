@@ -65,13 +65,13 @@ fn a_dead_safekeeper_is_replaced_through_a_joint_configuration() {
     });
     assert_eq!(phases, ["preparing", "writing-joint", "catching-up", "writing-new", "done"], "{phases:?}");
     let status = net.computes[c].node.proposer().membership_status();
-    assert_eq!((status.generation, status.joint_new.clone()), (2, None));
-    assert_eq!(status.last_completed.as_ref().map(|done| done.generation), Some(2));
+    assert_eq!((status.generation.0, status.joint_new.clone()), (2, None));
+    assert_eq!(status.last_completed.as_ref().map(|done| done.generation.0), Some(2));
     for sk in [0, 1, 3] {
-        assert_eq!(stored(&net, sk).generation, 2, "sk{sk}");
+        assert_eq!(stored(&net, sk).generation.0, 2, "sk{sk}");
         assert_eq!(member_addrs(stored(&net, sk)), addrs(&[0, 1, 3]));
     }
-    assert_eq!(stored(&net, 2).generation, 0, "the dead member heard nothing");
+    assert_eq!(stored(&net, 2).generation.0, 0, "the dead member heard nothing");
     let joint_commit = net.commit_lsn(c);
     assert_eq!(net.acceptors[3].acceptor().flush_lsn(), joint_commit, "the new member caught up");
 
@@ -92,7 +92,7 @@ fn a_dead_safekeeper_is_replaced_through_a_joint_configuration() {
     net.connect(stale, 1);
     net.connect(stale, 2);
     net.run_until_quiet();
-    assert_eq!(net.computes[stale].node.proposer().membership_status().generation, 2);
+    assert_eq!(net.computes[stale].node.proposer().membership_status().generation.0, 2);
     assert_eq!(net.slot(stale, 2), None, "the removed member is let go");
     assert_eq!(net.elected_term(stale), None, "sk1 alone is no quorum of {{sk0, sk1, sk3}}");
     net.connect(stale, 3);
@@ -123,12 +123,12 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     // It must greet the new member first; let it, then stop it again.
     net.restart_safekeeper(3);
     net.connect(c, 3);
-    net.run_until(|net| net.computes[0].node.proposer().membership_status().generation == 1);
+    net.run_until(|net| net.computes[0].node.proposer().membership_status().generation.0 == 1);
     net.crash_safekeeper(3, 0);
     net.run_until_quiet();
-    assert_eq!(stored(&net, 0).generation, 1);
-    assert_eq!(stored(&net, 1).generation, 1);
-    let joint_stored = (0..3).filter(|&sk| stored(&net, sk).generation == 1).count();
+    assert_eq!(stored(&net, 0).generation.0, 1);
+    assert_eq!(stored(&net, 1).generation.0, 1);
+    let joint_stored = (0..3).filter(|&sk| stored(&net, sk).generation.0 == 1).count();
     assert!(joint_stored >= 2);
     net.kill(c);
 
@@ -141,7 +141,7 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     net.advance_time(1_000);
     net.run_until_quiet();
     let status = net.computes[stale].node.proposer().membership_status();
-    assert_eq!(status.generation, 1, "adopted from a greeting");
+    assert_eq!(status.generation.0, 1, "adopted from a greeting");
     assert_eq!(status.change.as_ref().map(|change| change.target.clone()), Some(addrs(&[0, 1, 3])));
     assert_eq!(net.elected_term(stale), None, "the old set alone is no quorum of the joint configuration");
     // sk3 comes back: the restarted shim completes the change it found.
@@ -150,7 +150,7 @@ fn a_stale_proposer_learns_the_joint_configuration() {
     net.run_until_quiet();
     net.advance_time(HEARTBEAT_INTERVAL_MS);
     net.run_until(|net| net.computes[1].node.proposer().membership_status().change.is_none());
-    assert_eq!(net.computes[stale].node.proposer().membership_status().generation, 2);
+    assert_eq!(net.computes[stale].node.proposer().membership_status().generation.0, 2);
     for sk in [0, 1, 3] {
         if !net.down[sk] && sk != 0 {
             assert_eq!(member_addrs(stored(&net, sk)), addrs(&[0, 1, 3]), "sk{sk}");
@@ -180,7 +180,7 @@ fn requests_are_idempotent_and_a_joint_configuration_can_be_aborted() {
     node(&mut net).handle_membership_request(now, addrs(&[0, 1, 2, 3, 4])).unwrap();
     net.connect(c, 3);
     net.connect(c, 4);
-    net.run_until(|net| net.computes[0].node.proposer().membership_status().generation == 1);
+    net.run_until(|net| net.computes[0].node.proposer().membership_status().generation.0 == 1);
     net.crash_safekeeper(4, 0);
     net.run_until_quiet();
     write_more(&mut net, c, &postgres.clone(), 20);
@@ -195,7 +195,7 @@ fn requests_are_idempotent_and_a_joint_configuration_can_be_aborted() {
     node(&mut net).handle_membership_request(now, addrs(&[0, 1, 2])).unwrap();
     net.run_until(|net| net.computes[0].node.proposer().membership_status().change.is_none());
     let status = node(&mut net).proposer().membership_status();
-    assert_eq!(status.generation, 2);
+    assert_eq!(status.generation.0, 2);
     assert_eq!(status.members.iter().map(|member| member.pg_addr.clone()).collect::<Vec<_>>(), addrs(&[0, 1, 2]));
     assert_eq!(member_addrs(stored(&net, 3)), addrs(&[0, 1, 2]), "the removed member was told");
     assert_eq!(net.slot(c, 3), None);

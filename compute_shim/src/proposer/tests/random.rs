@@ -689,7 +689,7 @@ impl Simulation {
                 .count();
             assert_eq!(holding, members.len(), "every member holds all the WAL: {status:?}");
             assert!(self.membership_changes || members.len() == SAFEKEEPERS);
-            if status.membership.generation >= 2 {
+            if status.membership.generation.0 >= 2 {
                 SEEDS_WITH_A_COMPLETED_CHANGE.fetch_add(1, Ordering::Relaxed);
             }
             return Ok(());

@@ -37,7 +37,11 @@ fn history(entries: &[(u64, Lsn)]) -> TermHistory {
 }
 
 pub(crate) fn vote(term: u64) -> ProposerMessage {
-    ProposerMessage::VoteRequest(VoteRequest { cluster: cluster(), term: Term(term), generation: 0 })
+    ProposerMessage::VoteRequest(VoteRequest {
+        cluster: cluster(),
+        term: Term(term),
+        generation: MembershipGeneration::NOT_SET,
+    })
 }
 
 pub(crate) fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
@@ -47,7 +51,7 @@ pub(crate) fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
     ProposerMessage::ProposerElected(ProposerElected {
         cluster: cluster(),
         term: Term(term),
-        generation: 0,
+        generation: MembershipGeneration::NOT_SET,
         term_start_lsn: last.start_lsn,
         timeline_start_lsn: TIMELINE_START,
         term_history: history,
@@ -58,7 +62,7 @@ pub(crate) fn append(term: u64, begin_lsn: Lsn, wal: &[u8], commit_lsn: Lsn) -> 
     ProposerMessage::AppendRequest(AppendRequest {
         cluster: cluster(),
         term: Term(term),
-        generation: 0,
+        generation: MembershipGeneration::NOT_SET,
         begin_lsn,
         end_lsn: begin_lsn + wal.len() as u64,
         commit_lsn,
@@ -127,7 +131,7 @@ fn greeting_checks_cluster_identity_and_parameters() {
             pg_version: 150000,
             wal_segment_size_bytes: segment,
             proposer_id: [9; 16],
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
         })
     };
     let ok = timeline.handle(greeting(cluster(), SEGMENT_SIZE_BYTES as u32)).unwrap();
@@ -141,7 +145,11 @@ fn greeting_checks_cluster_identity_and_parameters() {
     // Every message is checked, not only the greeting.
     let mut wrong_timeline = cluster();
     wrong_timeline.timeline_id = TimelineId([3; 16]);
-    let message = ProposerMessage::VoteRequest(VoteRequest { cluster: wrong_timeline, term: Term(5), generation: 0 });
+    let message = ProposerMessage::VoteRequest(VoteRequest {
+        cluster: wrong_timeline,
+        term: Term(5),
+        generation: MembershipGeneration::NOT_SET,
+    });
     assert!(timeline.handle(message).is_err());
     assert_eq!(timeline.acceptor().term(), Term(0), "a refused message changes nothing");
 }
@@ -371,7 +379,7 @@ mod random_sequences {
                 ProposerMessage::ProposerElected(ProposerElected {
                     cluster: cluster(),
                     term: Term(*term),
-                    generation: 0,
+                    generation: MembershipGeneration::NOT_SET,
                     term_start_lsn: boundary(*start),
                     timeline_start_lsn: TIMELINE_START,
                     term_history: history,
@@ -435,7 +443,7 @@ fn digest_request(term: u64, start_lsn: Lsn, end_lsn: Lsn) -> ProposerMessage {
     ProposerMessage::WalDigestRequest(safekeeper_protocol::protocol::WalDigestRequest {
         cluster: cluster(),
         term: Term(term),
-        generation: 0,
+        generation: MembershipGeneration::NOT_SET,
         start_lsn,
         end_lsn,
     })
@@ -629,7 +637,7 @@ mod membership {
 
     fn configuration(generation: u32, written_in_term: u64, ids: &[u64], new: Option<&[u64]>) -> Configuration {
         Configuration {
-            generation,
+            generation: MembershipGeneration(generation),
             written_in_term: Term(written_in_term),
             members: ids.iter().map(|&id| member(id)).collect(),
             joint_new: new.map(|ids| ids.iter().map(|&id| member(id)).collect()),
@@ -642,11 +650,11 @@ mod membership {
 
     fn with_generation(mut message: ProposerMessage, generation: u32) -> ProposerMessage {
         match &mut message {
-            ProposerMessage::Greeting(m) => m.generation = generation,
-            ProposerMessage::VoteRequest(m) => m.generation = generation,
-            ProposerMessage::ProposerElected(m) => m.generation = generation,
-            ProposerMessage::AppendRequest(m) => m.generation = generation,
-            ProposerMessage::WalDigestRequest(m) => m.generation = generation,
+            ProposerMessage::Greeting(m) => m.generation = MembershipGeneration(generation),
+            ProposerMessage::VoteRequest(m) => m.generation = MembershipGeneration(generation),
+            ProposerMessage::ProposerElected(m) => m.generation = MembershipGeneration(generation),
+            ProposerMessage::AppendRequest(m) => m.generation = MembershipGeneration(generation),
+            ProposerMessage::WalDigestRequest(m) => m.generation = MembershipGeneration(generation),
             ProposerMessage::SetMembership(_) => unreachable!("its generation is its configuration's"),
         }
         message
@@ -655,7 +663,7 @@ mod membership {
     fn stored(reply: Option<AcceptorMessage>) -> (u32, Term) {
         match reply {
             Some(AcceptorMessage::MembershipResponse(MembershipResponse { generation, written_in_term, .. })) => {
-                (generation, written_in_term)
+                (generation.0, written_in_term)
             }
             other => panic!("expected a MembershipResponse, got {other:?}"),
         }
@@ -668,7 +676,7 @@ mod membership {
             pg_version: 150000,
             wal_segment_size_bytes: SEGMENT_SIZE_BYTES as u32,
             proposer_id: [9; 16],
-            generation: 0,
+            generation: MembershipGeneration::NOT_SET,
         })
     }
 
@@ -711,7 +719,16 @@ mod membership {
         let joint = configuration(1, 2, &[1, 2, 3], Some(&[1, 2, 4]));
         stored(timeline.handle(set(2, joint.clone())).unwrap());
         let err = timeline.handle(vote(5)).unwrap_err();
-        assert!(matches!(err, TimelineError::Refused(AcceptorError::StaleGeneration { ours: 1, theirs: 0 })), "{err}");
+        assert!(
+            matches!(
+                err,
+                TimelineError::Refused(AcceptorError::StaleGeneration {
+                    ours: MembershipGeneration(1),
+                    theirs: MembershipGeneration::NOT_SET
+                })
+            ),
+            "{err}"
+        );
         assert_eq!(timeline.acceptor().term(), Term(2), "the refused vote promised nothing");
         let err = timeline.handle(append(2, TIMELINE_START, &[], Lsn(0))).unwrap_err();
         assert!(matches!(err, TimelineError::Refused(AcceptorError::StaleGeneration { .. })), "{err}");
@@ -731,7 +748,13 @@ mod membership {
         stored(timeline.handle(set(2, configuration(1, 2, &[1, 2, 3], Some(&[2, 3, 4])))).unwrap());
         stored(timeline.handle(set(2, configuration(2, 2, &[2, 3, 4], None))).unwrap());
         let err = timeline.handle(with_generation(vote(3), 2)).unwrap_err();
-        assert!(matches!(err, TimelineError::Refused(AcceptorError::NotAMember { generation: 2, .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                TimelineError::Refused(AcceptorError::NotAMember { generation: MembershipGeneration(2), .. })
+            ),
+            "{err}"
+        );
         assert!(matches!(timeline.handle(greeting()).unwrap(), Some(AcceptorMessage::GreetingResponse(_))));
         // A newer generation may add it back: heard.
         vote_response(timeline.handle(with_generation(vote(3), 3)).unwrap());
