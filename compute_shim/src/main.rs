@@ -5,14 +5,15 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio::sync::{mpsc, watch};
 
-use compute_shim::driver::startup::{connect_postgres, ShimOptions};
+use compute_shim::driver::startup::{check_safekeeper_list, connect_postgres, ShimOptions};
+use compute_shim::driver::sync::SyncOptions;
 use compute_shim::driver::{self, http, ShimStatus};
-use compute_shim::proposer::MAX_SAFEKEEPERS;
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 #[derive(Parser)]
@@ -26,9 +27,48 @@ use safekeeper_protocol::ids::{TenantId, TimelineId};
                   synchronous_standby_names to the --application-name so commits wait for that quorum. \
                   Exits non-zero when another compute_shim takes over (fenced), when a safekeeper \
                   refuses the cluster, when Postgres lacks WAL the safekeepers hold, or when the \
-                  replication stream ends; a restart campaigns in a new term."
+                  replication stream ends; a restart campaigns in a new term. After the primary is gone, \
+                  `compute_shim sync-safekeepers --help` (docs/failover.md)."
 )]
 struct Cli {
+    #[command(flatten)]
+    shim: ShimArgs,
+}
+
+/// `compute_shim sync-safekeepers ...` (dispatched on the first argument:
+/// the service's own flags are required, a subcommand's are not those).
+#[derive(Parser)]
+#[command(name = "compute_shim", version)]
+enum SyncCli {
+    /// After the primary is gone (docs/failover.md): win a term on the
+    /// safekeepers with no Postgres, make a quorum hold the log of the most
+    /// advanced one, commit it, and print that commit LSN (X/Y) on the last
+    /// line of stdout. Every commit any earlier compute_shim acknowledged is
+    /// at or below it, and any compute_shim still running for the old
+    /// primary is fenced. Safe to repeat. Exits non-zero with one line when
+    /// no quorum answers within --timeout-s, or when no safekeeper holds
+    /// the timeline.
+    SyncSafekeepers(SyncArgs),
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// The safekeepers' Postgres-protocol addresses, comma separated.
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',', required = true)]
+    safekeepers: Vec<String>,
+    /// Tenant id (32 hex characters).
+    #[arg(long)]
+    tenant_id: TenantId,
+    /// Timeline id (32 hex characters).
+    #[arg(long)]
+    timeline_id: TimelineId,
+    /// Give up (exit non-zero) when the sync has not completed by then.
+    #[arg(long, default_value_t = 60, value_name = "N")]
+    timeout_s: u64,
+}
+
+#[derive(clap::Args)]
+struct ShimArgs {
     /// Postgres connection string (keyword/value or postgresql:// URI) of a
     /// role with the REPLICATION attribute; trust, md5 and SCRAM work.
     #[arg(long, value_name = "CONNSTR")]
@@ -61,8 +101,43 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|first| first == "sync-safekeepers") {
+        let SyncCli::SyncSafekeepers(args) = SyncCli::parse();
+        return sync_main(args);
+    }
+    shim_main(Cli::parse().shim)
+}
+
+/// `sync-safekeepers`: the LSN alone on stdout's last line, logs on stderr.
+fn sync_main(args: SyncArgs) -> ExitCode {
     utils::service::init_logging();
-    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("compute_shim sync-safekeepers: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = SyncOptions {
+        safekeepers: args.safekeepers,
+        tenant_id: args.tenant_id,
+        timeline_id: args.timeline_id,
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    match runtime.block_on(driver::sync_safekeepers(&options)) {
+        Ok(commit_lsn) => {
+            println!("{commit_lsn}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("compute_shim sync-safekeepers: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shim_main(cli: ShimArgs) -> ExitCode {
+    utils::service::init_logging();
     // One thread: the shim is a single event loop around one proposer, and
     // its links and driver waking each other on one thread saves a
     // cross-thread wakeup per message (measured: +2..25% TPS in
@@ -83,19 +158,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=MAX_SAFEKEEPERS).contains(&cli.safekeepers.len()),
-        "--safekeepers lists {} addresses; 1 to {MAX_SAFEKEEPERS} are supported",
-        cli.safekeepers.len()
-    );
-    let mut distinct = cli.safekeepers.clone();
-    distinct.sort();
-    distinct.dedup();
-    anyhow::ensure!(
-        distinct.len() == cli.safekeepers.len(),
-        "--safekeepers lists an address twice: one safekeeper must never count twice toward a quorum"
-    );
+async fn run(cli: ShimArgs) -> anyhow::Result<()> {
+    check_safekeeper_list(&cli.safekeepers)?;
     let listener = tokio::net::TcpListener::bind(cli.listen_http)
         .await
         .with_context(|| format!("binding the HTTP port {}", cli.listen_http))?;

@@ -8,11 +8,14 @@
 //!   report, and a minimal HTTP client.
 //! - [`cluster`]: Postgres whose commits wait for three safekeepers
 //!   through compute_shim.
+//! - [`commit_loop`]: a session committing as fast as it is acknowledged,
+//!   recording every acknowledged xid.
 //! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults on command.
 //! - [`wire_client`]: a blocking client of the safekeeper's Postgres wire port.
 
 pub mod cluster;
+pub mod commit_loop;
 pub mod fault_proxy;
 pub mod fixture;
 pub mod pg;

@@ -405,6 +405,56 @@ impl ComputeShim {
     }
 }
 
+/// What one `compute_shim sync-safekeepers` run printed.
+pub struct SyncRun {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl SyncRun {
+    /// The LSN on stdout's last line (the command's contract).
+    pub fn commit_lsn(&self) -> Result<postgres_wal::lsn::Lsn> {
+        ensure!(self.status.success(), "sync-safekeepers failed ({}): {}", self.status, self.stderr_last_line());
+        let last = self.stdout.lines().last().context("sync-safekeepers printed nothing")?;
+        last.trim().parse().with_context(|| format!("the last line of sync-safekeepers' stdout, {last:?}"))
+    }
+
+    pub fn stderr_last_line(&self) -> &str {
+        self.stderr.lines().last().unwrap_or_default()
+    }
+}
+
+/// Run `compute_shim sync-safekeepers` to its end (bounded: its own
+/// `--timeout-s` plus a margin); stdout and stderr go to files in `log_dir`.
+pub fn sync_safekeepers(
+    safekeepers: &[SocketAddr],
+    tenant_id: &str,
+    timeline_id: &str,
+    timeout_s: u64,
+    log_dir: &Path,
+) -> Result<SyncRun> {
+    let addrs: Vec<String> = safekeepers.iter().map(SocketAddr::to_string).collect();
+    let mut command = Command::new(binary("compute_shim", "compute_shim")?);
+    command.arg("sync-safekeepers").arg("--safekeepers").arg(addrs.join(","));
+    command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
+    command.arg("--timeout-s").arg(timeout_s.to_string());
+    let suffix = unique_suffix();
+    let (stdout_path, stderr_path) =
+        (log_dir.join(format!("sync.{suffix}.stdout")), log_dir.join(format!("sync.{suffix}.log")));
+    command.stdin(Stdio::null()).stdout(File::create(&stdout_path)?).stderr(File::create(&stderr_path)?);
+    let mut child = KillOnDrop::new(command.spawn().context("starting compute_shim sync-safekeepers")?);
+    let limit = Duration::from_secs(timeout_s) + EXIT_TIMEOUT;
+    let Some(status) = wait_bounded(child.child(), limit)? else {
+        bail!("sync-safekeepers ran past {limit:?} despite --timeout-s {timeout_s}");
+    };
+    Ok(SyncRun {
+        status,
+        stdout: std::fs::read_to_string(&stdout_path)?,
+        stderr: std::fs::read_to_string(&stderr_path)?,
+    })
+}
+
 impl ComputeShim {
     /// `GET /v1/membership`: the configuration and a change under way.
     pub fn membership(&self) -> Result<serde_json::Value> {

@@ -24,14 +24,13 @@
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, QuorumCluster, LOAD_RUNNING_BYTES, TENANT, TIMELINE};
-use integration_tests::fixture::{join_bounded, wait_bounded, wait_for};
+use integration_tests::commit_loop::{CommitLoop, CommitReport};
+use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::KillOnDrop;
 use integration_tests::wal_files::{committed_xids, read_wal};
@@ -55,8 +54,6 @@ const PHASE_HOLD: Duration = Duration::from_millis(500);
 /// The load's pgbench run.
 const LOAD_SECONDS: u64 = 20;
 const LOAD_CLIENTS: &str = "4";
-/// The commit loop writes at most this many rows, whatever happens.
-const MAX_WRITER_ROWS: i64 = 200_000;
 /// Beyond a change's duration, what a commit may wait (scheduling on 2
 /// cores, checkpoints).
 const STALL_SLACK: Duration = Duration::from_millis(500);
@@ -71,31 +68,8 @@ fn options() -> PgOptions {
 // ---------------------------------------------------------------------------
 // Load: pgbench (TPC-B) plus a commit loop that records every acknowledgement.
 
-/// What the commit loop saw acknowledged, and when.
-#[derive(Default)]
-struct WriterReport {
-    xids: Vec<u32>,
-    ack_times: Vec<Instant>,
-}
-
-impl WriterReport {
-    /// The longest wait for an acknowledgement that overlaps `[from, to]`.
-    fn max_stall(&self, from: Instant, to: Instant) -> Duration {
-        self.longest_stall(from, to).map_or(Duration::ZERO, |(stall, _)| stall)
-    }
-
-    /// The longest wait overlapping `[from, to]`, and when it began.
-    fn longest_stall(&self, from: Instant, to: Instant) -> Option<(Duration, Instant)> {
-        self.ack_times
-            .windows(2)
-            .filter(|pair| pair[1] > from && pair[0] < to)
-            .map(|pair| (pair[1] - pair[0], pair[0]))
-            .max_by_key(|(stall, _)| *stall)
-    }
-}
-
 struct LoadReport {
-    writer: WriterReport,
+    writer: CommitReport,
     pgbench_processed: u64,
     /// pgbench -P 1: transactions per second, second by second.
     tps: Vec<f64>,
@@ -103,33 +77,29 @@ struct LoadReport {
 
 struct Load {
     pgbench: KillOnDrop,
-    writer: thread::JoinHandle<Result<WriterReport>>,
-    stop: Arc<AtomicBool>,
+    writer: CommitLoop,
 }
 
 impl Load {
     /// `pgbench -T LOAD_SECONDS` on tables made by `pgbench -i`, and the
     /// commit loop into `acked`.
     fn start(pg: &PgCluster) -> Result<Load> {
-        pg.psql("CREATE TABLE IF NOT EXISTS acked (n bigint PRIMARY KEY, xid bigint)")?;
         let mut pgbench = pg.command("pgbench");
         pgbench.args(["-n", "-c", LOAD_CLIENTS, "-j", "2", "-P", "1", "-T", &LOAD_SECONDS.to_string()]);
         let pgbench =
             KillOnDrop::new(pgbench.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = thread::spawn({
-            let (conninfo, stop) = (pg.connection_string("postgres"), stop.clone());
-            move || commit_loop(&conninfo, &stop)
-        });
-        Ok(Load { pgbench, writer, stop })
+        let writer = CommitLoop::start(pg)?;
+        Ok(Load { pgbench, writer })
     }
 
     /// Wait (bounded) for pgbench to end, then stop the commit loop.
     fn finish(self) -> Result<LoadReport> {
-        let Load { mut pgbench, writer, stop } = self;
+        let Load { mut pgbench, writer } = self;
         let exit = wait_bounded(pgbench.child(), Duration::from_secs(LOAD_SECONDS) + CHANGE_TIMEOUT)?;
-        stop.store(true, Ordering::Relaxed);
-        let writer = join_bounded(writer, COMMIT_TIMEOUT).context("the commit loop")??;
+        let writer = writer.finish(COMMIT_TIMEOUT)?;
+        if let Some(error) = &writer.ended_by {
+            bail!("the commit loop failed: {error}");
+        }
         let Some(exit) = exit else { bail!("pgbench did not finish") };
         let output = pgbench.into_inner().wait_with_output()?;
         let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
@@ -146,24 +116,6 @@ impl Load {
             .collect();
         Ok(LoadReport { writer, pgbench_processed, tps })
     }
-}
-
-/// One session inserting numbered rows, one transaction each, as fast as
-/// commits are acknowledged, until `stop` (or MAX_WRITER_ROWS).
-fn commit_loop(conninfo: &str, stop: &AtomicBool) -> Result<WriterReport> {
-    let mut client = postgres::Client::connect(conninfo, postgres::NoTls).context("commit loop connection")?;
-    let mut report = WriterReport::default();
-    let mut n: i64 = 0;
-    while !stop.load(Ordering::Relaxed) && n < MAX_WRITER_ROWS {
-        let row = client.query_one(
-            "INSERT INTO acked (n, xid) VALUES ($1, txid_current()) RETURNING (txid_current() % 4294967296)::bigint",
-            &[&n],
-        )?;
-        report.xids.push(row.get::<_, i64>(0) as u32);
-        report.ack_times.push(Instant::now());
-        n += 1;
-    }
-    Ok(report)
 }
 
 // ---------------------------------------------------------------------------

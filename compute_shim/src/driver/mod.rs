@@ -6,12 +6,15 @@
 //! module moves bytes and sleeps until the node's `poll_timeout`.
 //!
 //! - [`startup`]: what the shim learns from Postgres before it campaigns.
+//! - [`sync`]: `sync-safekeepers`, the same loop with the election's donor
+//!   as the WAL source instead of Postgres.
 //! - [`links`]: one task per safekeeper connection.
 //! - [`http`]: `GET /v1/status`, `GET`/`POST /v1/membership`.
 
 pub mod http;
 pub mod links;
 pub mod startup;
+pub mod sync;
 
 use std::time::{Duration, Instant};
 
@@ -19,10 +22,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use postgres_wal::lsn::Lsn;
-use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
+use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, TimelineId};
 
 use crate::node::{LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode};
-use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerError, ProposerStatus};
+use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerConfig, ProposerError, ProposerStatus};
 use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
 use links::LinkTasks;
 use startup::ShimSetup;
@@ -101,20 +104,34 @@ impl From<NodeError> for ShimError {
 struct Driver {
     node: ShimNode,
     links: LinkTasks,
-    /// The replication connection until streaming starts.
-    client: Option<ReplicationClient>,
-    /// For new replication connections: a restart at another LSN.
-    replication_config: ReplicationConfig,
+    source: WalSource,
     stream: Option<ReplicationStream>,
-    /// The slot was still held by a walsender that has not noticed its
-    /// client left (ours before a restart, or a killed shim's): since when,
-    /// and when to try again.
-    slot_busy: Option<SlotBusy>,
-    slot: String,
-    pg_timeline: u32,
     status: ShimStatus,
     /// The node's clock: its milliseconds count from here.
     started_at: Instant,
+}
+
+/// The primary, through a physical replication slot.
+struct PostgresSource {
+    /// The replication connection until streaming starts.
+    client: Option<ReplicationClient>,
+    /// For new replication connections: a restart at another LSN.
+    config: ReplicationConfig,
+    slot: String,
+    pg_timeline: u32,
+    /// The slot was still held by a walsender that has not noticed its
+    /// client left (ours before a restart, or a killed shim's): since
+    /// when, and when to try again.
+    slot_busy: Option<SlotBusy>,
+}
+
+/// Where the WAL the proposer sends the safekeepers comes from.
+enum WalSource {
+    /// The primary (boxed: its connection's buffers dwarf the donor's ids).
+    Postgres(Box<PostgresSource>),
+    /// `sync-safekeepers`: the election's donor, read as the proposer of
+    /// our term (its log up to its flush LSN).
+    Donor { tenant_id: TenantId, timeline_id: TimelineId },
 }
 
 /// Run until fenced, refused, or until Postgres's stream fails. Every
@@ -122,10 +139,48 @@ struct Driver {
 pub async fn run(
     setup: ShimSetup,
     status: watch::Sender<ShimStatus>,
-    mut membership_requests: mpsc::Receiver<MembershipRequest>,
+    membership_requests: mpsc::Receiver<MembershipRequest>,
 ) -> Result<(), ShimError> {
-    let (event_tx, mut events) = mpsc::channel(LINK_EVENTS_QUEUE);
-    let mut driver = Driver::new(setup, event_tx);
+    let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
+    let driver = Driver::new(setup, event_tx);
+    let synced = drive(driver, events, status, membership_requests).await?;
+    unreachable!("a proposer streaming Postgres never completes a sync (it did at {synced})")
+}
+
+/// `sync-safekeepers` as a library call (docs/failover.md): the commit LSN
+/// a quorum now holds, at or above every commit any earlier proposer
+/// acknowledged. Bounded by `options.timeout`.
+pub async fn sync_safekeepers(options: &sync::SyncOptions) -> Result<Lsn, ShimError> {
+    startup::check_safekeeper_list(&options.safekeepers)?;
+    let timeout_s = options.timeout.as_secs_f64();
+    let work = async {
+        let identity = sync::identify_timeline(options).await?;
+        tracing::info!(system_id = %identity.cluster.system_id, "timeline identified; campaigning to sync");
+        let config = startup::sync_proposer_config(&identity, &options.safekeepers);
+        let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
+        let source = WalSource::Donor { tenant_id: options.tenant_id, timeline_id: options.timeline_id };
+        let driver = Driver::with_source(config, identity.cluster, options.safekeepers.clone(), source, event_tx);
+        let (status, _) = watch::channel(ShimStatus::default());
+        // Nobody asks a sync for a membership change: a closed channel.
+        let (_, no_requests) = mpsc::channel(1);
+        drive(driver, events, status, no_requests).await
+    };
+    match tokio::time::timeout(options.timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ShimError::Stopped(format!(
+            "no quorum of safekeepers completed the sync within {timeout_s} s (is a majority of --safekeepers up?)"
+        ))),
+    }
+}
+
+/// The driver's loop, until an error, or until the proposer reports a
+/// completed sync (only in sync mode).
+async fn drive(
+    mut driver: Driver,
+    mut events: mpsc::Receiver<LinkEvent>,
+    status: watch::Sender<ShimStatus>,
+    mut membership_requests: mpsc::Receiver<MembershipRequest>,
+) -> Result<Lsn, ShimError> {
     let mut snapshot = tokio::time::interval(STATUS_SNAPSHOT_INTERVAL);
     loop {
         let want_wal = driver.wants_wal();
@@ -157,29 +212,47 @@ pub async fn run(
         driver.flush_transmits();
         driver.stream_where_wanted().await?;
         driver.report_commit(&status).await?;
+        if let Some(synced) = driver.node.proposer().synced_lsn() {
+            return Ok(synced);
+        }
     }
 }
 
 impl Driver {
     fn new(setup: ShimSetup, link_events: mpsc::Sender<LinkEvent>) -> Driver {
-        let status = ShimStatus {
-            system_id: setup.cluster.system_id,
-            tenant_id: setup.cluster.tenant_id,
-            timeline_id: setup.cluster.timeline_id,
+        let config = setup.proposer_config();
+        let source = WalSource::Postgres(Box::new(PostgresSource {
+            config: setup.client.config().clone(),
+            client: Some(setup.client),
             slot: setup.slot.clone(),
-            postgres_timeline: setup.pg_timeline,
-            safekeeper_addrs: setup.safekeepers.clone(),
+            pg_timeline: setup.pg_timeline,
+            slot_busy: None,
+        }));
+        let mut driver = Driver::with_source(config, setup.cluster, setup.safekeepers, source, link_events);
+        driver.status.slot = setup.slot;
+        driver.status.postgres_timeline = setup.pg_timeline;
+        driver
+    }
+
+    fn with_source(
+        config: ProposerConfig,
+        cluster: ClusterId,
+        safekeepers: Vec<String>,
+        source: WalSource,
+        link_events: mpsc::Sender<LinkEvent>,
+    ) -> Driver {
+        let status = ShimStatus {
+            system_id: cluster.system_id,
+            tenant_id: cluster.tenant_id,
+            timeline_id: cluster.timeline_id,
+            safekeeper_addrs: safekeepers,
             ..ShimStatus::default()
         };
         let mut driver = Driver {
-            node: ShimNode::new(setup.proposer_config(), 0),
-            links: LinkTasks::new(setup.cluster.tenant_id, setup.cluster.timeline_id, link_events),
-            replication_config: setup.client.config().clone(),
-            client: Some(setup.client),
+            node: ShimNode::new(config, 0),
+            links: LinkTasks::new(cluster.tenant_id, cluster.timeline_id, link_events),
+            source,
             stream: None,
-            slot_busy: None,
-            slot: setup.slot,
-            pg_timeline: setup.pg_timeline,
             status,
             started_at: Instant::now(),
         };
@@ -198,7 +271,11 @@ impl Driver {
         // Only while a stream is wanted and missing: `stream_where_wanted`
         // then retries (and sets the next retry), so a passed one cannot spin.
         let retrying = self.stream.is_none() && self.node.wal_wanted_from().is_some();
-        let slot_retry_at = self.slot_busy.as_ref().filter(|_| retrying).map(|busy| busy.retry_at);
+        let slot_busy = match &self.source {
+            WalSource::Postgres(postgres) => postgres.slot_busy.as_ref(),
+            WalSource::Donor { .. } => None,
+        };
+        let slot_retry_at = slot_busy.filter(|_| retrying).map(|busy| busy.retry_at);
         node_at.into_iter().chain(slot_retry_at).min()
     }
 
@@ -285,20 +362,23 @@ impl Driver {
                 Ok(())
             }
             ReplicationEvent::Keepalive { .. } => Ok(()),
-            ReplicationEvent::End => Err(ShimError::Stopped("Postgres ended the replication stream".into())),
+            ReplicationEvent::End => Err(ShimError::Stopped(match self.source {
+                WalSource::Postgres(_) => "Postgres ended the replication stream".into(),
+                WalSource::Donor { .. } => "the donor safekeeper ended its stream".into(),
+            })),
         }
     }
 
     /// Try again shortly, for a bounded time: a walsender whose client is
     /// gone exits as soon as it notices.
-    fn on_slot_busy(&mut self, error: ReplicationError) -> Result<(), ShimError> {
+    fn on_slot_busy(slot_busy: &mut Option<SlotBusy>, error: ReplicationError) -> Result<(), ShimError> {
         let now = Instant::now();
-        let since = self.slot_busy.as_ref().map_or(now, |busy| busy.since);
+        let since = slot_busy.as_ref().map_or(now, |busy| busy.since);
         if now - since >= SLOT_BUSY_TIMEOUT {
             return Err(error.into());
         }
         tracing::info!("{error}; retrying");
-        self.slot_busy = Some(SlotBusy { since, retry_at: now + SLOT_BUSY_RETRY_INTERVAL });
+        *slot_busy = Some(SlotBusy { since, retry_at: now + SLOT_BUSY_RETRY_INTERVAL });
         Ok(())
     }
 
@@ -315,7 +395,7 @@ impl Driver {
         self.links.send_transmits(&mut self.node, now_ms);
     }
 
-    /// Keep Postgres's stream where the proposer wants WAL from: start it
+    /// Keep the WAL stream where the proposer wants WAL from: start it
     /// once elected, restart it lower to catch up a safekeeper that joined
     /// behind the buffer, and back at the buffer's end afterwards.
     async fn stream_where_wanted(&mut self) -> Result<(), ShimError> {
@@ -324,26 +404,52 @@ impl Driver {
             if stream.received_end() == wanted {
                 return Ok(());
             }
-            tracing::info!(from = %stream.received_end(), to = %wanted, "restarting replication");
+            tracing::info!(from = %stream.received_end(), to = %wanted, "restarting the WAL stream");
         }
-        if self.slot_busy.as_ref().is_some_and(|busy| Instant::now() < busy.retry_at) {
-            return Ok(());
+        if let WalSource::Postgres(postgres) = &self.source {
+            if postgres.slot_busy.as_ref().is_some_and(|busy| Instant::now() < busy.retry_at) {
+                return Ok(());
+            }
         }
         // One walsender per slot: the old stream goes first.
         if self.stream.take().is_some() {
             self.node.handle_stream_stopped(self.now_ms());
         }
-        let client = match self.client.take() {
-            Some(client) => client,
-            None => ReplicationClient::connect(self.replication_config.clone()).await?,
+        let started = match &mut self.source {
+            WalSource::Postgres(postgres) => {
+                let PostgresSource { client, config, slot, pg_timeline, slot_busy } = &mut **postgres;
+                let client = match client.take() {
+                    Some(client) => client,
+                    None => ReplicationClient::connect(config.clone()).await?,
+                };
+                tracing::info!(from = %wanted, %slot, "starting replication");
+                match client.start_replication(slot, wanted, *pg_timeline).await {
+                    Err(error) if error.sqlstate() == Some(OBJECT_IN_USE) => {
+                        return Self::on_slot_busy(slot_busy, error)
+                    }
+                    started => {
+                        if started.is_ok() {
+                            *slot_busy = None;
+                        }
+                        started
+                    }
+                }
+            }
+            WalSource::Donor { tenant_id, timeline_id } => {
+                let (donor, term) = self.node.proposer().donor().expect("WAL is wanted only once elected");
+                let addr = self.node.peer_addr(donor).to_string();
+                tracing::info!(from = %wanted, donor = %addr, %term, "reading the donor's log");
+                let config = sync::safekeeper_replication_config(&addr, *tenant_id, *timeline_id)?;
+                match ReplicationClient::connect(config).await {
+                    Ok(client) => client.start_donor_replication(wanted, term).await,
+                    Err(error) => Err(error),
+                }
+            }
         };
-        tracing::info!(from = %wanted, slot = %self.slot, "starting replication");
-        let stream = match client.start_replication(&self.slot, wanted, self.pg_timeline).await {
+        let stream = match started {
             Err(error) if is_wal_removed(&error) => return self.on_wal_removed(wanted, &error),
-            Err(error) if error.sqlstate() == Some(OBJECT_IN_USE) => return self.on_slot_busy(error),
             started => started?,
         };
-        self.slot_busy = None;
         self.stream = Some(stream);
         self.status.streaming_from_lsn = Some(wanted);
         self.node.handle_stream_started(self.now_ms());
@@ -355,6 +461,9 @@ impl Driver {
     /// snapshot follows at once, so an operator who saw a commit return
     /// sees a commit LSN covering it.
     async fn report_commit(&mut self, status: &watch::Sender<ShimStatus>) -> Result<(), ShimError> {
+        if let WalSource::Donor { .. } = self.source {
+            return Ok(()); // a safekeeper is not waiting for our commit LSN
+        }
         let now_ms = self.now_ms();
         let Some(stream) = self.stream.as_mut() else { return Ok(()) };
         let Some(update) = self.node.poll_standby_status(now_ms) else { return Ok(()) };

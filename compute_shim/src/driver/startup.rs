@@ -5,8 +5,9 @@ use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, TimelineId};
 
+use super::sync::TimelineIdentity;
 use super::ShimError;
-use crate::proposer::ProposerConfig;
+use crate::proposer::{ProposerConfig, ProposerMode, MAX_SAFEKEEPERS};
 use crate::replication::{ReplicationClient, ReplicationConfig};
 
 /// Unacknowledged WAL in flight to one safekeeper.
@@ -35,6 +36,28 @@ pub struct ShimSetup {
     pub timeline_start_lsn: Lsn,
     /// Postgres's end of WAL when we connected.
     pub pg_flush_lsn: Lsn,
+}
+
+/// Check a `--safekeepers` list before anything is sent: 1 to
+/// `MAX_SAFEKEEPERS` addresses, each `HOST:PORT`, none twice (one
+/// safekeeper must never count twice toward a quorum).
+pub fn check_safekeeper_list(addrs: &[String]) -> Result<(), ShimError> {
+    let refuse = |reason: String| Err(ShimError::Stopped(reason));
+    if !(1..=MAX_SAFEKEEPERS).contains(&addrs.len()) {
+        return refuse(format!("--safekeepers lists {} addresses; 1 to {MAX_SAFEKEEPERS} are supported", addrs.len()));
+    }
+    if let Some(bad) =
+        addrs.iter().find(|addr| addr.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()))
+    {
+        return refuse(format!("safekeeper address {bad:?} is not HOST:PORT"));
+    }
+    let distinct: std::collections::BTreeSet<&String> = addrs.iter().collect();
+    if distinct.len() != addrs.len() {
+        return refuse(
+            "--safekeepers lists an address twice: one safekeeper must never count twice toward a quorum".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Connect to Postgres as a physical replication client and read what the
@@ -79,8 +102,28 @@ impl ShimSetup {
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
             proposer_id: rand_id(),
             timeline_start_lsn: self.timeline_start_lsn,
-            postgres_flush_lsn: self.pg_flush_lsn,
+            mode: ProposerMode::Stream { postgres_flush_lsn: self.pg_flush_lsn },
         }
+    }
+}
+
+/// The proposer of `sync-safekeepers`: the identity the safekeepers gave,
+/// the same limits as the shim's; its timeline start is the first segment
+/// (a floor below any real log: the donor's retention, not this, says
+/// what can no longer be resent).
+pub fn sync_proposer_config(identity: &TimelineIdentity, safekeepers: &[String]) -> ProposerConfig {
+    let first_segment = postgres_wal::lsn::Lsn(identity.wal_segment_size.bytes());
+    ProposerConfig {
+        cluster: identity.cluster,
+        pg_version: identity.pg_version,
+        wal_segment_size: identity.wal_segment_size,
+        safekeepers: safekeepers.to_vec(),
+        max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
+        max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
+        heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+        proposer_id: rand_id(),
+        timeline_start_lsn: first_segment,
+        mode: ProposerMode::Sync,
     }
 }
 

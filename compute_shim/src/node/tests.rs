@@ -24,7 +24,7 @@ fn config(safekeepers: usize) -> ProposerConfig {
         heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
         proposer_id: [9; 16],
         timeline_start_lsn: TIMELINE_START,
-        postgres_flush_lsn: TIMELINE_START,
+        mode: crate::proposer::ProposerMode::Stream { postgres_flush_lsn: TIMELINE_START },
     }
 }
 

@@ -37,9 +37,23 @@ pub struct ProposerConfig {
     /// the slot's restart_lsn, or IDENTIFY_SYSTEM's xlogpos for a new slot).
     /// A timeline whose safekeepers are all empty starts here.
     pub timeline_start_lsn: Lsn,
-    /// Postgres's flush LSN at startup (IDENTIFY_SYSTEM's xlogpos). The
-    /// proposer refuses to lead if the safekeepers' log ends beyond it.
-    pub postgres_flush_lsn: Lsn,
+    pub mode: ProposerMode,
+}
+
+/// What the proposer is for: where its WAL comes from and when it is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProposerMode {
+    /// The shim's service: stream a Postgres primary's WAL for good.
+    /// `postgres_flush_lsn`: Postgres's flush LSN at startup
+    /// (IDENTIFY_SYSTEM's xlogpos); the proposer refuses to lead if the
+    /// safekeepers' log ends beyond it.
+    Stream { postgres_flush_lsn: Lsn },
+    /// `sync-safekeepers` (docs/failover.md): no Postgres. The WAL source is
+    /// the election's donor; nothing is checked against Postgres; the
+    /// proposer is done ([`super::Proposer::synced_lsn`]) once the donor's
+    /// log end is committed and every safekeeper it talks to knows it.
+    /// `timeline_start_lsn` is then only a floor below any real log.
+    Sync,
 }
 
 impl ProposerConfig {
@@ -55,7 +69,9 @@ impl ProposerConfig {
         assert!(self.heartbeat_interval_ms > 0, "heartbeat interval must be positive");
         let start = self.timeline_start_lsn;
         assert!(start.is_valid() && start.is_segment_start(self.wal_segment_size), "timeline start {start}");
-        assert!(self.postgres_flush_lsn >= start, "Postgres's flush LSN is below where it can stream from");
+        if let ProposerMode::Stream { postgres_flush_lsn } = self.mode {
+            assert!(postgres_flush_lsn >= start, "Postgres's flush LSN is below where it can stream from");
+        }
     }
 
     /// Three safekeepers, 1 MiB segments, a timeline from the first one.
@@ -72,7 +88,7 @@ impl ProposerConfig {
             heartbeat_interval_ms: 100,
             proposer_id: [0; 16],
             timeline_start_lsn: Lsn(SEG),
-            postgres_flush_lsn: Lsn(10 * SEG),
+            mode: ProposerMode::Stream { postgres_flush_lsn: Lsn(10 * SEG) },
         }
     }
 }

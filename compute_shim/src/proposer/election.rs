@@ -6,7 +6,7 @@ use safekeeper_protocol::ids::Term;
 use safekeeper_protocol::protocol::VoteResponse;
 use safekeeper_protocol::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
 
-use super::config::ProposerConfig;
+use super::config::{ProposerConfig, ProposerMode};
 use super::error::{PeerFault, ProposerError};
 use super::peer::SlotIndex;
 
@@ -67,6 +67,8 @@ pub(super) struct Election {
     pub history: TermHistory,
     /// The highest commit LSN a voter reported: committed by earlier terms.
     pub known_commit_lsn: Lsn,
+    /// The voter whose log the term continues (a sync reads it from there).
+    pub donor: SlotIndex,
 }
 
 /// Decide the election from `votes` (safekeeper index, vote), which the
@@ -81,7 +83,8 @@ pub(super) fn decide(
     votes: &[(SlotIndex, &Vote)],
     config: &ProposerConfig,
 ) -> Result<Election, ProposerError> {
-    let (_, donor) = votes.iter().max_by_key(|(_, vote)| (vote.last_log_term(), vote.flush_lsn)).expect("non-empty");
+    let &(donor_slot, donor) =
+        votes.iter().max_by_key(|(_, vote)| (vote.last_log_term(), vote.flush_lsn)).expect("non-empty");
     let (term_start_lsn, timeline_start_lsn) = if donor.flush_lsn.is_valid() {
         (donor.flush_lsn, donor.timeline_start_lsn)
     } else {
@@ -89,10 +92,14 @@ pub(super) fn decide(
         // stream from, at a segment start (as pg_receivewal does).
         (config.timeline_start_lsn, config.timeline_start_lsn)
     };
-    if term_start_lsn > config.postgres_flush_lsn {
-        return Err(ProposerError::PostgresBehind { term_start_lsn, postgres_flush_lsn: config.postgres_flush_lsn });
+    match config.mode {
+        ProposerMode::Stream { postgres_flush_lsn } if term_start_lsn > postgres_flush_lsn => {
+            return Err(ProposerError::PostgresBehind { term_start_lsn, postgres_flush_lsn });
+        }
+        ProposerMode::Sync if !donor.flush_lsn.is_valid() => return Err(ProposerError::NothingToSync),
+        _ => {}
     }
-    if term_start_lsn < config.timeline_start_lsn {
+    if matches!(config.mode, ProposerMode::Stream { .. }) && term_start_lsn < config.timeline_start_lsn {
         return Err(ProposerError::PostgresWalGone { term_start_lsn, timeline_start_lsn: config.timeline_start_lsn });
     }
     let mut known_commit_lsn = Lsn::INVALID;
@@ -112,7 +119,7 @@ pub(super) fn decide(
     let mut history = donor.history.clone();
     history.0.push(TermStart { term, start_lsn: term_start_lsn });
     assert!(history.is_well_formed(), "votes were checked: donor terms are below ours, starts below its flush");
-    Ok(Election { term, term_start_lsn, timeline_start_lsn, history, known_commit_lsn })
+    Ok(Election { term, term_start_lsn, timeline_start_lsn, history, known_commit_lsn, donor: donor_slot })
 }
 
 #[cfg(test)]

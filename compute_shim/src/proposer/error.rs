@@ -24,6 +24,8 @@ pub enum ProposerError {
          the WAL in between is gone; refusing to lead"
     )]
     PostgresWalGone { term_start_lsn: Lsn, timeline_start_lsn: Lsn },
+    #[error("the safekeepers that voted hold no WAL of this timeline: there is nothing to sync")]
+    NothingToSync,
     #[error(
         "safekeeper {safekeeper} reports commit LSN {commit_lsn} above the most advanced voter's log end \
          {term_start_lsn}: the safekeepers' state is inconsistent; refusing to lead"

@@ -43,7 +43,7 @@ use safekeeper_protocol::protocol::{
 
 pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, NewMemberStatus, MAX_PEER_SLOTS};
 
-pub use config::{ProposerConfig, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
+pub use config::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
 pub use error::{PeerFault, ProposerError};
 pub use peer::SlotIndex;
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
@@ -51,7 +51,7 @@ pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 use election::{Election, Vote};
 use log_check::{LogCheck, Verdict};
 use membership::Membership;
-use peer::{Link, Peers};
+use peer::{Link, Peer, Peers};
 use wal_buffer::WalBuffer;
 use wal_source::{TrimScope, WalSource};
 
@@ -93,6 +93,8 @@ pub struct Proposer {
     /// No WAL is sent in our term until Postgres's WAL below the term start
     /// is shown to be the log's (`log_check`).
     log_check: LogCheckState,
+    /// Sync mode: when the donor's log end was committed.
+    sync_committed_at_ms: Option<u64>,
 }
 
 enum LogCheckState {
@@ -128,6 +130,7 @@ impl Proposer {
             count_flushes_below_term_start: false,
             elected_at_ms: 0,
             log_check: LogCheckState::NotStarted,
+            sync_committed_at_ms: None,
         }
     }
 
@@ -163,6 +166,7 @@ impl Proposer {
         peer.outbox.clear();
         peer.awaited_for_wal_start = false;
         peer.membership_outstanding = false;
+        peer.sent_commit_lsn = Lsn::INVALID;
         if let LogCheckState::Running(check) = &mut self.log_check {
             check.on_disconnected(sk);
             self.ask_for_log_digest();
@@ -198,6 +202,11 @@ impl Proposer {
         let expected = self.wal_wanted_from().ok_or(ProposerError::WalNotWanted)?;
         if start_lsn != expected {
             return Err(ProposerError::WalNotContiguous { expected, got: start_lsn });
+        }
+        if let (ProposerMode::Sync, Campaign::Elected(election)) = (self.config.mode, &self.campaign) {
+            if start_lsn + wal.len() as u64 > election.term_start_lsn {
+                return Err(ProposerError::WalNotWanted); // beyond the donor's log end
+            }
         }
         if self.wal.is_below_buffer(start_lsn) {
             self.wal.take_catch_up(start_lsn, wal);
@@ -268,7 +277,8 @@ impl Proposer {
             }
             _ => None,
         };
-        let waits = [greeting_wait, wal_start_wait, log_check_wait, self.membership_wait_ends_ms()];
+        let waits =
+            [greeting_wait, wal_start_wait, log_check_wait, self.membership_wait_ends_ms(), self.sync_wait_ends_ms()];
         let pending_waits = waits.into_iter().flatten().filter(|&at_ms| at_ms > self.now_ms);
         heartbeats.into_iter().chain(pending_waits).min()
     }
@@ -301,6 +311,42 @@ impl Proposer {
         self.commit_lsn
     }
 
+    /// In sync mode, once done: the LSN a quorum holds in our term and has
+    /// committed, the donor's log end (docs/failover.md). Done when every
+    /// safekeeper we are connected to reported it as its commit LSN (one
+    /// still greeting or catching up included), or `SYNC_STRAGGLER_WAIT_HEARTBEATS`
+    /// after the quorum did: a hung one must not hold the sync up (it
+    /// learns the commit LSN from the next proposer). Never in stream mode.
+    pub fn synced_lsn(&self) -> Option<Lsn> {
+        let target = self.sync_target()?;
+        let knows = |peer: &Peer| peer.reported_commit_lsn.is_some_and(|commit| commit >= target);
+        let mut connected = self.peers.iter().filter(|peer| peer.link != Link::Disconnected && self.wanted(peer));
+        let everyone_knows = connected.all(knows);
+        let waited_long_enough = self.sync_wait_ends_ms().is_some_and(|ends_ms| self.now_ms >= ends_ms);
+        (self.is_quorum(knows) && (everyone_knows || waited_long_enough)).then_some(target)
+    }
+
+    /// In sync mode once the donor's log end is committed: that LSN.
+    fn sync_target(&self) -> Option<Lsn> {
+        let Campaign::Elected(election) = &self.campaign else { return None };
+        let committed = self.config.mode == ProposerMode::Sync && self.commit_lsn >= election.term_start_lsn;
+        committed.then_some(election.term_start_lsn)
+    }
+
+    /// When a sync stops waiting for the slower safekeepers to learn the
+    /// commit LSN.
+    fn sync_wait_ends_ms(&self) -> Option<u64> {
+        self.sync_target()?;
+        Some(self.sync_committed_at_ms? + SYNC_STRAGGLER_WAIT_HEARTBEATS * self.config.heartbeat_interval_ms)
+    }
+
+    /// Once elected: the election's donor and our term (a sync reads the
+    /// donor's log as that term's proposer).
+    pub fn donor(&self) -> Option<(SlotIndex, Term)> {
+        let Campaign::Elected(election) = &self.campaign else { return None };
+        Some((election.donor, election.term))
+    }
+
     /// Once elected and the safekeepers told where their logs end: where
     /// Postgres streaming must start (START_REPLICATION). Once WAL flows it
     /// is where the next WAL must start. When it differs from where the
@@ -308,6 +354,17 @@ impl Proposer {
     /// to catch up a safekeeper that (re)joined behind it, and back at the
     /// buffer's end once that is done.
     pub fn wal_wanted_from(&self) -> Option<Lsn> {
+        let wanted = self.wal_wanted_from_source()?;
+        match &self.campaign {
+            // A sync reads the donor's log up to its end, no further.
+            Campaign::Elected(election) if self.config.mode == ProposerMode::Sync => {
+                Some(wanted).filter(|&lsn| lsn < election.term_start_lsn)
+            }
+            _ => Some(wanted),
+        }
+    }
+
+    fn wal_wanted_from_source(&self) -> Option<Lsn> {
         let Campaign::Elected(election) = &self.campaign else { return None };
         if self.fenced_by.is_some() {
             return None;
@@ -673,6 +730,10 @@ impl Proposer {
         self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
         self.campaign = Campaign::Elected(Box::new(election));
         self.elected_at_ms = self.now_ms;
+        if self.config.mode == ProposerMode::Sync {
+            // The WAL comes from the donor: it is the log, nothing to check.
+            self.log_check = LogCheckState::Passed;
+        }
         for sk in self.peers.slots() {
             if matches!(self.peers[sk].link, Link::Voted | Link::Greeted) {
                 self.send_elected(sk);
@@ -710,6 +771,7 @@ impl Proposer {
         }
         let peer = &mut self.peers[sk];
         peer.reported_term = Some(response.term);
+        peer.reported_commit_lsn = Some(response.commit_lsn);
         match peer.link {
             Link::AwaitingElectedAck => {
                 // Its log now matches ours up to its flush: send from there.
@@ -748,6 +810,9 @@ impl Proposer {
         if let Some(quorum_lsn) = self.quorum_flush_lsn(counted_from) {
             self.commit_lsn = self.commit_lsn.max(quorum_lsn);
         }
+        if self.sync_target().is_some() {
+            self.sync_committed_at_ms.get_or_insert(self.now_ms);
+        }
     }
 
     /// A control message if one is queued, else WAL, else a heartbeat if due.
@@ -761,7 +826,18 @@ impl Proposer {
         let Campaign::Elected(election) = &self.campaign else { return None };
         let log_checked = matches!(self.log_check, LogCheckState::Passed);
         let peer = &mut self.peers[sk];
-        let (begin_lsn, end_lsn, wal) = match flow::next_send(peer, &self.wal, log_checked, &self.config, self.now_ms) {
+        let next = match flow::next_send(peer, &self.wal, log_checked, &self.config, self.now_ms) {
+            // A sync ends once every safekeeper knows the commit LSN: tell
+            // them at once rather than at the next heartbeat.
+            flow::Next::Nothing if self.config.mode == ProposerMode::Sync && peer.sent_commit_lsn < self.commit_lsn => {
+                match peer.link {
+                    Link::Streaming { next_lsn } => flow::Next::Heartbeat { at_lsn: next_lsn },
+                    _ => flow::Next::Nothing,
+                }
+            }
+            next => next,
+        };
+        let (begin_lsn, end_lsn, wal) = match next {
             flow::Next::Nothing => return None,
             flow::Next::TooFarBehind => {
                 peer.link = Link::TooFarBehind;
@@ -782,6 +858,7 @@ impl Proposer {
             commit_lsn: self.commit_lsn,
             wal,
         }))
+        .inspect(|_| peer.sent_commit_lsn = self.commit_lsn)
     }
 }
 
@@ -790,3 +867,8 @@ impl Proposer {
 /// up: the donor may be gone for good, and only a new election (a restart)
 /// can pick a log the remaining safekeepers hold.
 const LOG_CHECK_HOLDER_WAIT_HEARTBEATS: u64 = 20;
+
+/// How long (in heartbeat intervals) a sync, once its commit LSN is
+/// committed, waits for the connected safekeepers beyond the quorum to
+/// learn it (a healthy one needs one round trip; a hung one is left).
+const SYNC_STRAGGLER_WAIT_HEARTBEATS: u64 = 4;

@@ -176,6 +176,10 @@ pub(super) struct Peer {
     pub stored_configuration: Option<(MembershipGeneration, Term)>,
     /// A SetMembership is on its way on this connection.
     pub membership_outstanding: bool,
+    /// The commit LSN last sent on this connection.
+    pub sent_commit_lsn: Lsn,
+    /// The commit LSN it last reported in our term (its flush bounds it).
+    pub reported_commit_lsn: Option<Lsn>,
 }
 
 impl Peer {
@@ -194,6 +198,8 @@ impl Peer {
             last_sent_ms: 0,
             stored_configuration: None,
             membership_outstanding: false,
+            sent_commit_lsn: Lsn::INVALID,
+            reported_commit_lsn: None,
         }
     }
 

@@ -195,7 +195,7 @@ impl Net {
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
             proposer_id: [self.computes.len() as u8; 16],
             timeline_start_lsn: TIMELINE_START,
-            postgres_flush_lsn: postgres.flush_lsn(),
+            mode: crate::proposer::ProposerMode::Stream { postgres_flush_lsn: postgres.flush_lsn() },
         };
         self.computes.push(Compute {
             node: ShimNode::new(config, self.now_ms),

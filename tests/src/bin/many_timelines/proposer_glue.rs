@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use compute_shim::driver::links::LinkTasks;
 use compute_shim::driver::startup::HEARTBEAT_INTERVAL_MS;
 use compute_shim::node::{LinkEvent, LinkEventOutcome, ShimNode};
-use compute_shim::proposer::{ProposerConfig, MAX_APPEND_CHUNK_BYTES};
+use compute_shim::proposer::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES};
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::ClusterId;
@@ -65,7 +65,7 @@ impl TimelineProposer {
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
             proposer_id: rand::random(),
             timeline_start_lsn: start_lsn,
-            postgres_flush_lsn: start_lsn,
+            mode: ProposerMode::Stream { postgres_flush_lsn: start_lsn },
         };
         let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
         let mut timeline = TimelineProposer {
