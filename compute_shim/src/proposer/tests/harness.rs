@@ -135,6 +135,10 @@ pub struct Compute {
     pub stopped: Option<ProposerError>,
     /// Size of the WAL pieces Postgres sends (XLogData messages).
     pub wal_piece_bytes: usize,
+    /// A `sync-safekeepers` proposer: its WAL comes from its election's
+    /// donor (that acceptor's durable WAL), not from `postgres` (kept only
+    /// for the checks: the primary whose log it syncs).
+    pub reads_donor: bool,
 }
 
 pub struct Net {
@@ -185,6 +189,25 @@ impl Net {
 
     /// Start a compute_shim whose `--safekeepers` names `safekeepers`.
     pub fn start_compute_with(&mut self, postgres: Postgres, safekeepers: &[usize]) -> usize {
+        let mode = crate::proposer::ProposerMode::Stream { postgres_flush_lsn: postgres.flush_lsn() };
+        self.start_proposer(postgres, safekeepers, mode)
+    }
+
+    /// Start `compute_shim sync-safekeepers` naming every safekeeper, after
+    /// the primary `postgres` died; nothing is connected yet.
+    pub fn start_sync(&mut self, postgres: Postgres) -> usize {
+        let all: Vec<usize> = (0..self.acceptors.len()).collect();
+        let c = self.start_proposer(postgres, &all, crate::proposer::ProposerMode::Sync);
+        self.computes[c].reads_donor = true;
+        c
+    }
+
+    fn start_proposer(
+        &mut self,
+        postgres: Postgres,
+        safekeepers: &[usize],
+        mode: crate::proposer::ProposerMode,
+    ) -> usize {
         let config = ProposerConfig {
             cluster: cluster(),
             pg_version: 150000,
@@ -195,7 +218,7 @@ impl Net {
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
             proposer_id: [self.computes.len() as u8; 16],
             timeline_start_lsn: TIMELINE_START,
-            mode: crate::proposer::ProposerMode::Stream { postgres_flush_lsn: postgres.flush_lsn() },
+            mode,
         };
         self.computes.push(Compute {
             node: ShimNode::new(config, self.now_ms),
@@ -205,6 +228,7 @@ impl Net {
             streamed_lsn: None,
             stopped: None,
             wal_piece_bytes: MAX_APPEND_CHUNK_BYTES as usize,
+            reads_donor: false,
         });
         self.computes.len() - 1
     }
@@ -347,11 +371,22 @@ impl Net {
     /// there, as the driver's does; WAL Postgres removed is refused.
     fn feed_wal(&mut self, c: usize) -> bool {
         let now_ms = self.now_ms;
+        // A sync reads its donor's log as the driver does (START_REPLICATION
+        // ... TERM n: up to the donor's flush LSN).
+        let donor_wal: Option<Vec<u8>> = self.computes[c].reads_donor.then(|| {
+            let node = &self.computes[c].node;
+            let donor = node.proposer().donor().map(|(slot, _)| acceptor_index(node.peer_addr(slot)));
+            donor.map(|sk| self.durable_wal(sk).to_vec()).unwrap_or_default()
+        });
         let compute = &mut self.computes[c];
+        let (oldest_lsn, source_end) = match &donor_wal {
+            Some(wal) => (TIMELINE_START, TIMELINE_START + wal.len() as u64),
+            None => (compute.postgres.oldest_lsn, compute.postgres.flush_lsn()),
+        };
         let mut moved = false;
         while let Some(wanted) = compute.node.wal_wanted_from() {
             if compute.streamed_lsn != Some(wanted) {
-                if wanted < compute.postgres.oldest_lsn {
+                if wanted < oldest_lsn {
                     compute.streamed_lsn = None;
                     compute.node.handle_stream_stopped(now_ms);
                     if let Err(error) = compute.node.handle_wal_unavailable(now_ms, wanted) {
@@ -364,11 +399,15 @@ impl Net {
                 compute.streamed_lsn = Some(wanted);
                 compute.node.handle_stream_started(now_ms);
             }
-            let end = compute.postgres.flush_lsn().min(wanted + compute.wal_piece_bytes as u64);
+            let end = source_end.min(wanted + compute.wal_piece_bytes as u64);
             if wanted >= end || !compute.node.can_accept_wal(end - wanted) {
                 break;
             }
-            let fed = compute.node.handle_wal(now_ms, wanted, compute.postgres.bytes(wanted, end));
+            let bytes = match &donor_wal {
+                Some(wal) => &wal[(wanted - TIMELINE_START) as usize..(end - TIMELINE_START) as usize],
+                None => compute.postgres.bytes(wanted, end),
+            };
+            let fed = compute.node.handle_wal(now_ms, wanted, bytes);
             if let Err(error) = fed {
                 assert!(!matches!(error, ProposerError::WalBufferFull { .. }), "room was checked");
                 self.stop(c, error);

@@ -3,8 +3,8 @@
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
 
-use super::harness::{new_acceptor, segment_size, Net, Postgres, TIMELINE_START};
-use crate::proposer::{PeerState, ProposerError, SlotIndex};
+use super::harness::{new_acceptor, segment_size, Net, Postgres, HEARTBEAT_INTERVAL_MS, TIMELINE_START};
+use crate::proposer::{PeerState, Phase, ProposerError, SlotIndex};
 
 /// The first record end at or past `lsn`.
 fn record_end_after(postgres: &Postgres, lsn: Lsn) -> Lsn {
@@ -372,4 +372,91 @@ fn a_member_silent_for_many_heartbeats_delays_but_does_not_lose_commits() {
     net.run_until_quiet();
     assert_eq!(net.commit_lsn(c), full, "everything commits once the silence ends");
     assert_eq!(net.holders(&postgres, full), 3);
+}
+
+/// Heartbeat intervals a sync in the simulation gets (its `--timeout-s`).
+const SYNC_HEARTBEATS: usize = 20;
+
+/// Rules (docs/failover.md): after the primary died, a sync proposer
+/// with no Postgres wins a higher term, makes a quorum hold the donor's log
+/// and commits it: at or above everything the dead proposer acknowledged,
+/// held by a majority with the primary's bytes, known to every connected
+/// safekeeper, and the same when the sync is repeated. Killed after every
+/// number of rounds up to a full stream, with one safekeeper left behind
+/// halfway.
+#[test]
+fn a_sync_commits_the_donors_log_above_every_acknowledged_commit() {
+    let postgres = Postgres::generate(400, 7);
+    let mut rounds_synced = 0;
+    for rounds_before_death in 1..40 {
+        let mut net = Net::new(3);
+        let c = net.start_compute(postgres.clone());
+        net.connect_all(c);
+        for round in 0..rounds_before_death {
+            net.round();
+            if round == rounds_before_death / 2 {
+                net.disconnect(c, 2);
+            }
+        }
+        let acknowledged = net.commit_lsn(c);
+        let old_term = net.elected_term(c);
+        net.kill(c);
+
+        let mut synced_terms = vec![];
+        let mut synced_lsns = vec![];
+        while synced_lsns.len() < 2 {
+            let s = net.start_sync(postgres.clone());
+            net.connect_all(s);
+            for _ in 0..SYNC_HEARTBEATS {
+                net.run_until_quiet();
+                if net.computes[s].node.proposer().synced_lsn().is_some() || net.computes[s].stopped.is_some() {
+                    break;
+                }
+                net.advance_time(HEARTBEAT_INTERVAL_MS);
+            }
+            if net.computes[s].stopped == Some(ProposerError::NothingToSync) {
+                // Killed before any WAL reached a safekeeper: nothing to sync.
+                assert!((0..3).all(|sk| net.durable_wal(sk).is_empty()), "{}", net.describe_acceptors());
+                assert_eq!(acknowledged, Lsn::INVALID);
+                break;
+            }
+            let proposer = net.computes[s].node.proposer();
+            let synced = proposer.synced_lsn().unwrap_or_else(|| {
+                panic!("rounds {rounds_before_death}: no sync: {:?}; {}", proposer.status(), net.describe_acceptors())
+            });
+            assert!(
+                synced >= acknowledged,
+                "after {rounds_before_death} rounds: synced {synced} < acknowledged {acknowledged}"
+            );
+            assert!(
+                net.holders(&postgres, synced) >= 2,
+                "synced {synced} not on a majority: {}",
+                net.describe_acceptors()
+            );
+            for sk in 0..3 {
+                assert_eq!(net.acceptors[sk].acceptor().commit_lsn(), synced, "safekeeper {sk} learned the commit LSN");
+            }
+            synced_terms.push(net.elected_term(s));
+            synced_lsns.push(synced);
+            net.kill(s);
+        }
+        if synced_lsns.is_empty() {
+            continue;
+        }
+        rounds_synced += 1;
+        assert_eq!(synced_lsns[0], synced_lsns[1], "a repeated sync commits the same log");
+        assert!(old_term < synced_terms[0] && synced_terms[0] < synced_terms[1], "each sync wins a higher term");
+    }
+    assert!(rounds_synced >= 30, "only {rounds_synced} of 39 deaths left WAL to sync");
+}
+
+/// Rule: a sync of a timeline whose safekeepers hold no WAL has nothing to
+/// commit and says so (it never starts a log of its own).
+#[test]
+fn a_sync_of_an_empty_timeline_refuses() {
+    let mut net = Net::new(3);
+    let s = net.start_sync(Postgres::generate(10, 3));
+    net.connect_all(s);
+    net.run_until_quiet();
+    assert_eq!(net.computes[s].stopped, Some(ProposerError::NothingToSync));
 }
