@@ -4,7 +4,7 @@ use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{NodeId, Term};
 
 use super::harness::{new_acceptor, segment_size, Net, Postgres, HEARTBEAT_INTERVAL_MS, TIMELINE_START};
-use crate::proposer::{PeerState, Phase, ProposerError, SlotIndex};
+use crate::proposer::{PeerState, ProposerError, SlotIndex};
 
 /// The first record end at or past `lsn`.
 fn record_end_after(postgres: &Postgres, lsn: Lsn) -> Lsn {
