@@ -117,7 +117,7 @@ impl Proposer {
         config.assert_valid();
         Proposer {
             peers: Peers::from_addrs(&config.safekeepers),
-            membership: Membership::from_command_line(&config.safekeepers),
+            membership: Membership::from_command_line(&config.safekeepers, config.heartbeat_interval_ms),
             wal: WalSource::new(config.max_buffered_wal_bytes, config.wal_segment_size),
             config,
             campaign: Campaign::Greeting,
@@ -872,3 +872,186 @@ const LOG_CHECK_HOLDER_WAIT_HEARTBEATS: u64 = 20;
 /// committed, waits for the connected safekeepers beyond the quorum to
 /// learn it (a healthy one needs one round trip; a hung one is left).
 const SYNC_STRAGGLER_WAIT_HEARTBEATS: u64 = 4;
+
+/// Membership's entry points and what the rest of the proposer asks it:
+/// thin wrappers that show it the peers and apply what it decides.
+impl Proposer {
+    /// An operator asks for the safekeeper set `target` (pg addresses).
+    /// Idempotent: the same request again follows the change under way or
+    /// finds it done. While a change is only preparing, another target
+    /// replaces it; once the joint configuration is written, only the
+    /// old set (an abort) is taken.
+    pub fn request_membership(&mut self, target: Vec<String>, now_ms: u64) -> Result<(), MembershipRequestError> {
+        self.now_ms = now_ms;
+        let view = membership::View {
+            peers: &self.peers,
+            now_ms,
+            writing_term: self.writing_term(),
+            commit_lsn: self.commit_lsn,
+        };
+        let effects = self.membership.request(target, view)?;
+        self.apply_membership(effects);
+        Ok(())
+    }
+
+    /// The addresses the driver should keep a connection to, by peer slot
+    /// (`None`: no connection), with the slot's incarnation: a link made
+    /// for another incarnation must be replaced, whatever its address.
+    pub fn wanted_links(&self) -> Vec<Option<(&str, u64)>> {
+        self.peers.iter().map(|peer| self.wanted(peer).then_some((peer.addr.as_str(), peer.incarnation))).collect()
+    }
+
+    /// The incarnation of slot `sk` (see [`Proposer::wanted_links`]).
+    pub fn peer_incarnation(&self, sk: SlotIndex) -> u64 {
+        self.peers[sk].incarnation
+    }
+
+    pub fn peer_addr(&self, sk: SlotIndex) -> &str {
+        &self.peers[sk].addr
+    }
+
+    pub fn membership_status(&self) -> MembershipStatus {
+        self.membership.status(&self.peers, self.now_ms)
+    }
+
+    /// Safekeeper `sk` refuses our cluster (another system id, say).
+    /// Returns whether that is survivable: it was only a member-to-be, and
+    /// the change that named it is given up.
+    pub fn on_link_refused(&mut self, sk: SlotIndex, reason: &str) -> bool {
+        let Some(effects) = self.membership.on_link_refused(&self.peers[sk].addr, reason) else { return false };
+        self.apply_membership(effects);
+        true
+    }
+
+    /// Our term if we may write configurations: elected, the log check
+    /// passed, and not fenced.
+    fn writing_term(&self) -> Option<Term> {
+        let log_checked = matches!(self.log_check, LogCheckState::Passed);
+        match &self.campaign {
+            Campaign::Elected(election) if log_checked && self.fenced_by.is_none() => Some(election.term),
+            _ => None,
+        }
+    }
+
+    /// Do what membership decided, in the order [`membership::Effects`] gives.
+    fn apply_membership(&mut self, effects: membership::Effects) {
+        let membership = &self.membership;
+        let wanted = |peer: &peer::Peer| membership.wants(&peer.addr);
+        for addr in &effects.ensure_slots {
+            self.peers.ensure(addr, wanted, MAX_PEER_SLOTS);
+        }
+        if effects.retire_unwanted {
+            self.peers.retire_unwanted(wanted);
+        }
+        if effects.adopted && matches!(self.campaign, Campaign::Greeting) {
+            self.awaiting_adopted_members = true;
+            self.quorum_greeted_at_ms = None;
+        }
+        if effects.reconsider_quorums {
+            self.reconsider_quorums();
+        }
+    }
+
+    /// Move a change on as far as acknowledgements allow. Only an elected
+    /// proposer whose log check passed writes configurations.
+    fn advance_membership(&mut self) {
+        let view = membership::View {
+            peers: &self.peers,
+            now_ms: self.now_ms,
+            writing_term: self.writing_term(),
+            commit_lsn: self.commit_lsn,
+        };
+        let effects = self.membership.advance(view);
+        self.apply_membership(effects);
+    }
+
+    /// When a change writing the new set stops waiting for the removed
+    /// members to store it (see [`Proposer::poll_timeout`]).
+    fn membership_wait_ends_ms(&self) -> Option<u64> {
+        self.membership.wait_ends_ms()
+    }
+
+    #[cfg(test)]
+    fn peer_index(&self, addr: &str) -> Option<SlotIndex> {
+        self.peers.find(addr)
+    }
+
+    /// Whether we keep a connection to `peer`: a member of the current
+    /// configuration, a member-to-be, or a removed member still to be told.
+    fn wanted(&self, peer: &peer::Peer) -> bool {
+        self.membership.wants(&peer.addr)
+    }
+
+    /// Whether the members for which `counts` holds form a quorum of the
+    /// current configuration.
+    fn is_quorum(&self, counts: impl Fn(&peer::Peer) -> bool) -> bool {
+        self.membership.is_quorum(&self.peers, counts)
+    }
+
+    fn quorum_flush_lsn(&self, counted_from: Lsn) -> Option<Lsn> {
+        self.membership.quorum_flush_lsn(&self.peers, counted_from)
+    }
+
+    /// Whether slot `sk` counts toward quorums. Only members are asked to
+    /// vote: a vote elsewhere would count nowhere.
+    fn is_member(&self, sk: SlotIndex) -> bool {
+        self.membership.current.includes_addr(&self.peers[sk].addr)
+    }
+
+    /// A greeting showed `theirs`: check it, and adopt it if it takes
+    /// precedence over ours. Returns whether the greeting peer is still
+    /// wanted (a configuration may have just left it out).
+    fn on_greeted_configuration(
+        &mut self,
+        sk: SlotIndex,
+        node_id: safekeeper_protocol::ids::NodeId,
+        theirs: safekeeper_protocol::membership::Configuration,
+    ) -> Result<bool, ProposerError> {
+        let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
+        self.peers[sk].stored_configuration = Some(theirs.precedence());
+        let incarnation = self.peers[sk].incarnation;
+        let effects = self
+            .membership
+            .on_greeted(theirs, self.now_ms)
+            .map_err(|reason| peer_fault(PeerFault::BadConfiguration { reason }))?;
+        self.apply_membership(effects);
+        // Adopting may have let it go, and even given its slot to another.
+        if self.peers[sk].incarnation != incarnation || !self.wanted(&self.peers[sk]) {
+            return Ok(false);
+        }
+        let expected = self.membership.named_node_id(&self.peers[sk].addr);
+        if let Some(expected) = expected.filter(|&expected| expected != node_id) {
+            return Err(peer_fault(PeerFault::WrongNode { expected, got: node_id }));
+        }
+        Ok(true)
+    }
+
+    /// A SetMembership for `sk` if it should store our configuration.
+    fn membership_to_send(&mut self, sk: SlotIndex) -> Option<ProposerMessage> {
+        let Campaign::Elected(election) = &self.campaign else { return None };
+        let message = self.membership.to_send(&self.peers[sk], self.config.cluster, election.term)?;
+        self.peers[sk].membership_outstanding = true;
+        Some(ProposerMessage::SetMembership(message))
+    }
+
+    fn on_membership_response(
+        &mut self,
+        sk: SlotIndex,
+        response: safekeeper_protocol::protocol::MembershipResponse,
+    ) -> Result<(), ProposerError> {
+        self.check_term(response.term)?;
+        let peer = &mut self.peers[sk];
+        if !peer.membership_outstanding {
+            return Err(self.unexpected(sk, "MembershipResponse"));
+        }
+        peer.membership_outstanding = false;
+        let theirs = (response.generation, response.written_in_term);
+        peer.stored_configuration = Some(theirs);
+        if theirs > self.membership.current.precedence() {
+            let fault = PeerFault::NewerConfiguration { generation: theirs.0, written_in_term: theirs.1 };
+            return Err(ProposerError::Peer { safekeeper: sk, fault });
+        }
+        self.advance_membership();
+        Ok(())
+    }
+}
