@@ -7,6 +7,8 @@
 //! [`Proposer::wal_wanted_from`], [`Proposer::status`].
 //!
 //! - [`config`]: configuration and limits.
+//! - [`campaign`]: greeting a quorum, picking the term, asking for votes,
+//!   deciding the election.
 //! - [`election`]: votes, donor choice, the new term's history.
 //! - [`commit`]: the quorum commit rule.
 //! - [`log_check`]: Postgres's WAL below the term start must be the log's.
@@ -19,6 +21,7 @@
 //! - [`peer`]: per-safekeeper state and `Peers`, the slot table;
 //!   [`status`]: the status snapshot.
 
+mod campaign;
 mod commit;
 mod config;
 mod election;
@@ -48,21 +51,13 @@ pub use error::{PeerFault, ProposerError};
 pub use peer::SlotIndex;
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
 
-use election::{Election, Vote};
+use campaign::{Ask, Campaign, Stage, VoteAnswer};
+use election::Election;
 use log_check::{LogCheck, Verdict};
 use membership::Membership;
 use peer::{Link, Peer, Peers};
 use wal_buffer::WalBuffer;
 use wal_source::{TrimScope, WalSource};
-
-enum Campaign {
-    /// Waiting for greetings from a quorum to pick a term.
-    Greeting,
-    Voting {
-        term: Term,
-    },
-    Elected(Box<Election>),
-}
 
 pub struct Proposer {
     config: ProposerConfig,
@@ -78,18 +73,9 @@ pub struct Proposer {
     now_ms: u64,
     /// Where `poll_transmit` looks first, so no safekeeper starves.
     next_poll_index: usize,
-    /// When a quorum had greeted: the term is picked once every connected
-    /// safekeeper greeted too, or a heartbeat interval later.
-    quorum_greeted_at_ms: Option<u64>,
-    /// A configuration adopted before the term was picked named
-    /// safekeepers not yet connected: the wait above covers them too.
-    awaiting_adopted_members: bool,
     /// Tests only ([`Proposer::break_commit_rule_for_tests`]): count flushes
     /// below the term start too, to show that the checks catch the result.
     count_flushes_below_term_start: bool,
-    /// When we won: streaming waits for every voter's log end, but for at
-    /// most a heartbeat interval once a quorum has answered.
-    elected_at_ms: u64,
     /// No WAL is sent in our term until Postgres's WAL below the term start
     /// is shown to be the log's (`log_check`).
     log_check: LogCheckState,
@@ -120,15 +106,12 @@ impl Proposer {
             membership: Membership::from_command_line(&config.safekeepers, config.heartbeat_interval_ms),
             wal: WalSource::new(config.max_buffered_wal_bytes, config.wal_segment_size),
             config,
-            campaign: Campaign::Greeting,
+            campaign: Campaign::new(),
             fenced_by: None,
             commit_lsn: Lsn::INVALID,
             now_ms: 0,
             next_poll_index: 0,
-            quorum_greeted_at_ms: None,
-            awaiting_adopted_members: false,
             count_flushes_below_term_start: false,
-            elected_at_ms: 0,
             log_check: LogCheckState::NotStarted,
             sync_committed_at_ms: None,
         }
@@ -203,7 +186,7 @@ impl Proposer {
         if start_lsn != expected {
             return Err(ProposerError::WalNotContiguous { expected, got: start_lsn });
         }
-        if let (ProposerMode::Sync, Campaign::Elected(election)) = (self.config.mode, &self.campaign) {
+        if let (ProposerMode::Sync, Some(election)) = (self.config.mode, self.campaign.election()) {
             if start_lsn + wal.len() as u64 > election.term_start_lsn {
                 return Err(ProposerError::WalNotWanted); // beyond the donor's log end
             }
@@ -229,7 +212,7 @@ impl Proposer {
     /// Fatal when the log check found nobody to ask for too long.
     pub fn tick(&mut self, now_ms: u64) -> Result<(), ProposerError> {
         self.now_ms = now_ms;
-        if matches!(self.campaign, Campaign::Greeting) && self.fenced_by.is_none() {
+        if self.campaign.is_greeting() && self.fenced_by.is_none() {
             self.start_voting_if_quorum_greeted();
         }
         if let LogCheckState::Running(check) = &self.log_check {
@@ -254,23 +237,15 @@ impl Proposer {
             return None;
         }
         let heartbeat_ms = self.config.heartbeat_interval_ms;
-        let heartbeats = match &self.campaign {
-            Campaign::Elected(_) => self
-                .peers
+        let heartbeats = self.campaign.election().and_then(|_| {
+            self.peers
                 .iter()
                 .filter(|peer| matches!(peer.link, Link::Streaming { .. } | Link::TooFarBehind))
                 .map(|peer| peer.last_sent_ms + heartbeat_ms)
-                .min(),
-            _ => None,
-        };
-        let greeting_wait = match self.campaign {
-            Campaign::Greeting => self.quorum_greeted_at_ms.map(|at| at + heartbeat_ms),
-            _ => None,
-        };
-        let wal_start_wait = match self.campaign {
-            Campaign::Elected(_) if self.wal.buffer().is_none() => Some(self.elected_at_ms + heartbeat_ms),
-            _ => None,
-        };
+                .min()
+        });
+        let greeting_wait = self.campaign.greeting_wait_ends_ms(heartbeat_ms);
+        let wal_start_wait = self.campaign.voters_wait_ends_ms(heartbeat_ms).filter(|_| self.wal.buffer().is_none());
         let log_check_wait = match &self.log_check {
             LogCheckState::Running(check) => {
                 check.unasked_since_ms.map(|since| since + LOG_CHECK_HOLDER_WAIT_HEARTBEATS * heartbeat_ms)
@@ -328,7 +303,7 @@ impl Proposer {
 
     /// In sync mode once the donor's log end is committed: that LSN.
     fn sync_target(&self) -> Option<Lsn> {
-        let Campaign::Elected(election) = &self.campaign else { return None };
+        let election = self.campaign.election()?;
         let committed = self.config.mode == ProposerMode::Sync && self.commit_lsn >= election.term_start_lsn;
         committed.then_some(election.term_start_lsn)
     }
@@ -343,7 +318,7 @@ impl Proposer {
     /// Once elected: the election's donor and our term (a sync reads the
     /// donor's log as that term's proposer).
     pub fn donor(&self) -> Option<(SlotIndex, Term)> {
-        let Campaign::Elected(election) = &self.campaign else { return None };
+        let election = self.campaign.election()?;
         Some((election.donor, election.term))
     }
 
@@ -355,9 +330,9 @@ impl Proposer {
     /// buffer's end once that is done.
     pub fn wal_wanted_from(&self) -> Option<Lsn> {
         let wanted = self.wal_wanted_from_source()?;
-        match &self.campaign {
+        match self.campaign.election() {
             // A sync reads the donor's log up to its end, no further.
-            Campaign::Elected(election) if self.config.mode == ProposerMode::Sync => {
+            Some(election) if self.config.mode == ProposerMode::Sync => {
                 Some(wanted).filter(|&lsn| lsn < election.term_start_lsn)
             }
             _ => Some(wanted),
@@ -365,7 +340,7 @@ impl Proposer {
     }
 
     fn wal_wanted_from_source(&self) -> Option<Lsn> {
-        let Campaign::Elected(election) = &self.campaign else { return None };
+        let election = self.campaign.election()?;
         if self.fenced_by.is_some() {
             return None;
         }
@@ -387,8 +362,9 @@ impl Proposer {
             // quorum answered, the rest get a heartbeat interval (a late one
             // is caught up from Postgres later).
             let quorum_answered = self.is_quorum(|peer| matches!(peer.link, Link::Streaming { .. }));
-            let waited_ms = self.now_ms.saturating_sub(self.elected_at_ms);
-            if !quorum_answered || waited_ms < self.config.heartbeat_interval_ms {
+            let voters_wait = self.campaign.voters_wait_ends_ms(self.config.heartbeat_interval_ms);
+            let waiting = voters_wait.is_some_and(|ends_ms| self.now_ms < ends_ms);
+            if !quorum_answered || waiting {
                 return None;
             }
         }
@@ -415,7 +391,7 @@ impl Proposer {
     /// up), then from where the safekeepers need WAL. Returns whether `wal`
     /// was the check's.
     fn check_postgres_wal(&mut self, start_lsn: Lsn, wal: &[u8]) -> Result<bool, ProposerError> {
-        let Campaign::Elected(election) = &self.campaign else { unreachable!("WAL flows once elected") };
+        let Some(election) = self.campaign.election() else { unreachable!("WAL flows once elected") };
         if let LogCheckState::NotStarted = self.log_check {
             // An empty range (nothing below the term start can be streamed:
             // a new timeline, or Postgres's WAL there is gone) checks the
@@ -440,7 +416,7 @@ impl Proposer {
     /// Ask a safekeeper whose log is ours up to the term start (it
     /// acknowledged our ProposerElected with a flush there) for its digest.
     fn ask_for_log_digest(&mut self) {
-        let (LogCheckState::Running(check), Campaign::Elected(election)) = (&mut self.log_check, &self.campaign) else {
+        let (LogCheckState::Running(check), Some(election)) = (&mut self.log_check, self.campaign.election()) else {
             return;
         };
         if check.asked.is_some() {
@@ -467,7 +443,7 @@ impl Proposer {
 
     fn on_digest_response(&mut self, sk: SlotIndex, response: WalDigestResponse) -> Result<(), ProposerError> {
         self.check_term(response.term)?;
-        let Some(term) = self.term() else { return Err(self.unexpected(sk, "WalDigestResponse")) };
+        let Some(term) = self.campaign.term() else { return Err(self.unexpected(sk, "WalDigestResponse")) };
         let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
         if response.term != term {
             return Err(peer_fault(PeerFault::WrongTerm { expected: term, got: response.term }));
@@ -508,9 +484,9 @@ impl Proposer {
                 return Err(ProposerError::LogCheckWalRemoved { lsn });
             }
         }
-        let quorum_needs_from = match (self.wal.buffer(), &self.campaign) {
+        let quorum_needs_from = match (self.wal.buffer(), self.campaign.election()) {
             (Some(buffer), _) => buffer.start_lsn(),
-            (None, Campaign::Elected(election)) => election.term_start_lsn,
+            (None, Some(election)) => election.term_start_lsn,
             (None, _) => Lsn::INVALID,
         };
         if lsn >= quorum_needs_from {
@@ -521,10 +497,10 @@ impl Proposer {
     }
 
     pub fn status(&self) -> ProposerStatus {
-        let (phase, term, term_start_lsn) = match &self.campaign {
-            Campaign::Greeting => (Phase::Greeting, None, None),
-            Campaign::Voting { term } => (Phase::Voting, Some(*term), None),
-            Campaign::Elected(e) => (Phase::Elected, Some(e.term), Some(e.term_start_lsn)),
+        let (phase, term, term_start_lsn) = match self.campaign.stage() {
+            Stage::Greeting => (Phase::Greeting, None, None),
+            Stage::Voting { term } => (Phase::Voting, Some(*term), None),
+            Stage::Elected(e) => (Phase::Elected, Some(e.term), Some(e.term_start_lsn)),
         };
         let phase = if self.fenced_by.is_some() { Phase::Fenced } else { phase };
         ProposerStatus {
@@ -561,18 +537,9 @@ impl Proposer {
         }
     }
 
-    /// Our term: campaigned for or won.
-    fn term(&self) -> Option<Term> {
-        match &self.campaign {
-            Campaign::Greeting => None,
-            Campaign::Voting { term } => Some(*term),
-            Campaign::Elected(election) => Some(election.term),
-        }
-    }
-
     /// A term above ours means another proposer has taken over.
     fn check_term(&self, reported: Term) -> Result<(), ProposerError> {
-        match self.term() {
+        match self.campaign.term() {
             Some(ours) if reported > ours => Err(ProposerError::Fenced { term: reported }),
             _ => Ok(()),
         }
@@ -607,10 +574,10 @@ impl Proposer {
         peer.reported_term = Some(response.term);
         peer.link = Link::Greeted;
         self.check_term(response.term)?;
-        match &self.campaign {
-            Campaign::Greeting => self.start_voting_if_quorum_greeted(),
-            Campaign::Voting { term } => self.ask_for_vote(sk, *term),
-            Campaign::Elected(_) => self.send_elected(sk),
+        match self.campaign.stage() {
+            Stage::Greeting => self.start_voting_if_quorum_greeted(),
+            Stage::Voting { .. } => self.ask_for_vote(sk),
+            Stage::Elected(_) => self.send_elected(sk),
         }
         self.advance_membership();
         Ok(())
@@ -618,65 +585,58 @@ impl Proposer {
 
     /// The configuration changed: a quorum may now be complete (or not).
     fn reconsider_quorums(&mut self) {
-        match &self.campaign {
-            Campaign::Greeting => self.start_voting_if_quorum_greeted(),
-            Campaign::Voting { term } => {
-                let term = *term;
-                for sk in self.peers.slots() {
-                    if self.peers[sk].link == Link::Greeted {
-                        self.ask_for_vote(sk, term);
-                    }
-                }
-                if let Err(error) = self.decide_if_quorum_voted(term) {
+        match self.campaign.stage() {
+            Stage::Greeting => self.start_voting_if_quorum_greeted(),
+            Stage::Voting { .. } => {
+                self.ask_greeted_for_votes();
+                if let Err(error) = self.decide_if_quorum_voted() {
                     // Surfaces with the next input: the same votes decide the same way.
                     tracing::warn!("election after a configuration change: {error}");
                 }
             }
-            Campaign::Elected(_) => self.advance_commit(),
+            Stage::Elected(_) => self.advance_commit(),
         }
     }
 
-    /// Term = max(terms seen) + 1, once a quorum has greeted us.
     fn start_voting_if_quorum_greeted(&mut self) {
-        if self.fenced_by.is_some() || !self.is_quorum(|peer| peer.reported_term.is_some()) {
+        if self.fenced_by.is_some() {
             return;
         }
-        let greeted_terms: Vec<Term> = self.peers.iter().filter_map(|peer| peer.reported_term).collect();
-        // Waiting briefly for the rest avoids picking a term that a slower
-        // greeting then shows to be stale (which would fence us).
-        let greeted_at_ms = *self.quorum_greeted_at_ms.get_or_insert(self.now_ms);
-        let awaiting = self.peers.iter().any(|peer| {
-            peer.link == Link::AwaitingGreeting
-                || self.awaiting_adopted_members && self.wanted(peer) && peer.reported_term.is_none()
-        });
-        if awaiting && self.now_ms.saturating_sub(greeted_at_ms) < self.config.heartbeat_interval_ms {
-            return;
+        let view = campaign::View {
+            peers: &self.peers,
+            membership: &self.membership,
+            now_ms: self.now_ms,
+            config: &self.config,
+        };
+        if self.campaign.pick_term(view).is_some() {
+            self.ask_greeted_for_votes();
         }
-        let highest = greeted_terms.into_iter().max().unwrap_or_default();
-        let term = Term(highest.0.checked_add(1).expect("term overflow"));
-        self.campaign = Campaign::Voting { term };
+    }
+
+    fn ask_greeted_for_votes(&mut self) {
         for sk in self.peers.slots() {
             if self.peers[sk].link == Link::Greeted {
-                self.ask_for_vote(sk, term);
+                self.ask_for_vote(sk);
             }
         }
     }
 
-    fn ask_for_vote(&mut self, sk: SlotIndex, term: Term) {
-        if !self.is_member(sk) {
-            return; // not a member (yet): it joins once we are elected
-        }
+    fn ask_for_vote(&mut self, sk: SlotIndex) {
+        let ask = self.campaign.ask(&self.peers[sk], &self.membership);
         let generation = self.membership.current.generation;
         let peer = &mut self.peers[sk];
-        if peer.vote.is_some() {
-            peer.link = Link::Voted; // reconnected after voting for us
-        } else if peer.reported_term < Some(term) {
-            peer.link = Link::AwaitingVote;
-            peer.queue(ProposerMessage::VoteRequest(VoteRequest { cluster: self.config.cluster, term, generation }));
+        match ask {
+            Ask::Nothing => {}
+            Ask::Voted => peer.link = Link::Voted,
+            Ask::Request(term) => {
+                peer.link = Link::AwaitingVote;
+                peer.queue(ProposerMessage::VoteRequest(VoteRequest {
+                    cluster: self.config.cluster,
+                    term,
+                    generation,
+                }));
+            }
         }
-        // A safekeeper already at our term cannot vote for it (it may have
-        // voted for us on a lost connection, or for a rival); it joins once
-        // we are elected.
     }
 
     fn on_vote_response(&mut self, sk: SlotIndex, response: VoteResponse) -> Result<(), ProposerError> {
@@ -684,52 +644,39 @@ impl Proposer {
             return Err(self.unexpected(sk, "VoteResponse"));
         }
         self.check_term(response.term)?;
-        let term = match &self.campaign {
-            Campaign::Greeting => unreachable!("votes are requested only with a term"),
-            Campaign::Voting { term } => *term,
-            Campaign::Elected(_) => {
-                // A vote after we won: it only needs to learn the outcome.
-                self.peers[sk].reported_term = Some(response.term);
+        self.peers[sk].reported_term = Some(response.term);
+        match self.campaign.on_vote(sk, response)? {
+            VoteAnswer::AfterWin => {
                 self.send_elected(sk);
                 self.peers[sk].awaited_for_wal_start = self.wal.buffer().is_none();
-                return Ok(());
+                Ok(())
             }
-        };
-        self.peers[sk].reported_term = Some(response.term);
-        if !response.vote_given {
-            // It has promised our term or a higher one to someone else.
-            if response.term >= term {
-                return Err(ProposerError::Fenced { term: response.term });
+            VoteAnswer::Granted(vote) => {
+                let peer = &mut self.peers[sk];
+                peer.vote = Some(vote);
+                peer.link = Link::Voted;
+                self.decide_if_quorum_voted()
             }
-            return Err(ProposerError::Peer {
-                safekeeper: sk,
-                fault: PeerFault::WrongTerm { expected: term, got: response.term },
-            });
         }
-        let vote =
-            Vote::from_response(response, term).map_err(|fault| ProposerError::Peer { safekeeper: sk, fault })?;
-        let peer = &mut self.peers[sk];
-        peer.vote = Some(vote);
-        peer.link = Link::Voted;
-        self.decide_if_quorum_voted(term)
     }
 
-    fn decide_if_quorum_voted(&mut self, term: Term) -> Result<(), ProposerError> {
-        if !self.is_quorum(|peer| peer.vote.is_some()) {
-            return Ok(());
+    fn decide_if_quorum_voted(&mut self) -> Result<(), ProposerError> {
+        let view = campaign::View {
+            peers: &self.peers,
+            membership: &self.membership,
+            now_ms: self.now_ms,
+            config: &self.config,
+        };
+        if let Some(election) = self.campaign.decide(view)? {
+            self.become_elected(election);
         }
-        let votes: Vec<(SlotIndex, &Vote)> =
-            self.peers.slots().filter_map(|sk| self.peers[sk].vote.as_ref().map(|vote| (sk, vote))).collect();
-        let election = election::decide(term, &votes, &self.config)?;
-        self.become_elected(election);
         Ok(())
     }
 
     fn become_elected(&mut self, election: Election) {
         assert!(self.commit_lsn <= election.term_start_lsn, "the new term starts after everything committed");
         self.commit_lsn = self.commit_lsn.max(election.known_commit_lsn);
-        self.campaign = Campaign::Elected(Box::new(election));
-        self.elected_at_ms = self.now_ms;
+        self.campaign.on_elected(election, self.now_ms);
         if self.config.mode == ProposerMode::Sync {
             // The WAL comes from the donor: it is the log, nothing to check.
             self.log_check = LogCheckState::Passed;
@@ -747,7 +694,7 @@ impl Proposer {
     /// below its own. Only we can have won our term, so one at our term
     /// (a reconnection, or a voter whose answer was lost) gets it too.
     fn send_elected(&mut self, sk: SlotIndex) {
-        let Campaign::Elected(election) = &self.campaign else { unreachable!("called once elected") };
+        let Some(election) = self.campaign.election() else { unreachable!("called once elected") };
         let peer = &mut self.peers[sk];
         assert!(peer.reported_term <= Some(election.term), "higher terms are fenced before this");
         peer.link = Link::AwaitingElectedAck;
@@ -763,7 +710,7 @@ impl Proposer {
 
     fn on_append_response(&mut self, sk: SlotIndex, response: AppendResponse) -> Result<(), ProposerError> {
         self.check_term(response.term)?;
-        let Campaign::Elected(election) = &self.campaign else { return Err(self.unexpected(sk, "AppendResponse")) };
+        let Some(election) = self.campaign.election() else { return Err(self.unexpected(sk, "AppendResponse")) };
         let term = election.term;
         let peer_fault = |fault| ProposerError::Peer { safekeeper: sk, fault };
         if response.term != term {
@@ -805,7 +752,7 @@ impl Proposer {
     }
 
     fn advance_commit(&mut self) {
-        let Campaign::Elected(election) = &self.campaign else { return };
+        let Some(election) = self.campaign.election() else { return };
         let counted_from = if self.count_flushes_below_term_start { Lsn::INVALID } else { election.term_start_lsn };
         if let Some(quorum_lsn) = self.quorum_flush_lsn(counted_from) {
             self.commit_lsn = self.commit_lsn.max(quorum_lsn);
@@ -823,7 +770,7 @@ impl Proposer {
         if let Some(message) = self.membership_to_send(sk) {
             return Some(message);
         }
-        let Campaign::Elected(election) = &self.campaign else { return None };
+        let election = self.campaign.election()?;
         let log_checked = matches!(self.log_check, LogCheckState::Passed);
         let peer = &mut self.peers[sk];
         let next = match flow::next_send(peer, &self.wal, log_checked, &self.config, self.now_ms) {
@@ -927,8 +874,8 @@ impl Proposer {
     /// passed, and not fenced.
     fn writing_term(&self) -> Option<Term> {
         let log_checked = matches!(self.log_check, LogCheckState::Passed);
-        match &self.campaign {
-            Campaign::Elected(election) if log_checked && self.fenced_by.is_none() => Some(election.term),
+        match self.campaign.election() {
+            Some(election) if log_checked && self.fenced_by.is_none() => Some(election.term),
             _ => None,
         }
     }
@@ -943,9 +890,8 @@ impl Proposer {
         if effects.retire_unwanted {
             self.peers.retire_unwanted(wanted);
         }
-        if effects.adopted && matches!(self.campaign, Campaign::Greeting) {
-            self.awaiting_adopted_members = true;
-            self.quorum_greeted_at_ms = None;
+        if effects.adopted {
+            self.campaign.on_adopted();
         }
         if effects.reconsider_quorums {
             self.reconsider_quorums();
@@ -992,12 +938,6 @@ impl Proposer {
         self.membership.quorum_flush_lsn(&self.peers, counted_from)
     }
 
-    /// Whether slot `sk` counts toward quorums. Only members are asked to
-    /// vote: a vote elsewhere would count nowhere.
-    fn is_member(&self, sk: SlotIndex) -> bool {
-        self.membership.current.includes_addr(&self.peers[sk].addr)
-    }
-
     /// A greeting showed `theirs`: check it, and adopt it if it takes
     /// precedence over ours. Returns whether the greeting peer is still
     /// wanted (a configuration may have just left it out).
@@ -1028,7 +968,7 @@ impl Proposer {
 
     /// A SetMembership for `sk` if it should store our configuration.
     fn membership_to_send(&mut self, sk: SlotIndex) -> Option<ProposerMessage> {
-        let Campaign::Elected(election) = &self.campaign else { return None };
+        let election = self.campaign.election()?;
         let message = self.membership.to_send(&self.peers[sk], self.config.cluster, election.term)?;
         self.peers[sk].membership_outstanding = true;
         Some(ProposerMessage::SetMembership(message))
