@@ -51,9 +51,11 @@ enum SyncCli {
     SyncSafekeepers(SyncArgs),
 }
 
+/// Which safekeepers, and which of their timelines: both forms take these.
 #[derive(clap::Args)]
-struct SyncArgs {
-    /// The safekeepers' Postgres-protocol addresses, comma separated.
+struct TimelineArgs {
+    /// The safekeepers' Postgres-protocol addresses, comma separated (an odd
+    /// number; commit needs a majority).
     #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',', required = true)]
     safekeepers: Vec<String>,
     /// Tenant id (32 hex characters).
@@ -62,6 +64,12 @@ struct SyncArgs {
     /// Timeline id (32 hex characters).
     #[arg(long)]
     timeline_id: TimelineId,
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    #[command(flatten)]
+    timeline: TimelineArgs,
     /// Give up (exit non-zero) when the sync has not completed by then.
     #[arg(long, default_value_t = 60, value_name = "N")]
     timeout_s: u64,
@@ -73,16 +81,8 @@ struct ShimArgs {
     /// role with the REPLICATION attribute; trust, md5 and SCRAM work.
     #[arg(long, value_name = "CONNSTR")]
     pg: String,
-    /// The safekeepers' Postgres-protocol addresses, comma separated (an odd
-    /// number; commit needs a majority).
-    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',', required = true)]
-    safekeepers: Vec<String>,
-    /// Tenant id (32 hex characters).
-    #[arg(long)]
-    tenant_id: TenantId,
-    /// Timeline id (32 hex characters).
-    #[arg(long)]
-    timeline_id: TimelineId,
+    #[command(flatten)]
+    timeline: TimelineArgs,
     /// The application_name Postgres sees; put it in synchronous_standby_names.
     #[arg(long, default_value = "safekeepers")]
     application_name: String,
@@ -110,46 +110,27 @@ fn main() -> ExitCode {
 
 /// `sync-safekeepers`: the LSN alone on stdout's last line, logs on stderr.
 fn sync_main(args: SyncArgs) -> ExitCode {
-    utils::service::init_logging();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("compute_shim sync-safekeepers: starting the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let options = SyncOptions {
-        safekeepers: args.safekeepers,
-        tenant_id: args.tenant_id,
-        timeline_id: args.timeline_id,
+        safekeepers: args.timeline.safekeepers,
+        tenant_id: args.timeline.tenant_id,
+        timeline_id: args.timeline.timeline_id,
         timeout: Duration::from_secs(args.timeout_s),
     };
-    match runtime.block_on(driver::sync_safekeepers(&options)) {
+    let synced = run_on_one_thread(driver::sync_safekeepers(&options));
+    match synced {
         Ok(commit_lsn) => {
             println!("{commit_lsn}");
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("compute_shim sync-safekeepers: {error}");
+            eprintln!("compute_shim sync-safekeepers: {error:#}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn shim_main(cli: ShimArgs) -> ExitCode {
-    utils::service::init_logging();
-    // One thread: the shim is a single event loop around one proposer, and
-    // its links and driver waking each other on one thread saves a
-    // cross-thread wakeup per message (measured: +2..25% TPS in
-    // scripts/bench-commit's pgbench -N runs).
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("compute_shim: starting the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
+    match run_on_one_thread(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("compute_shim: {error:#}");
@@ -158,8 +139,20 @@ fn shim_main(cli: ShimArgs) -> ExitCode {
     }
 }
 
+/// Set up logging and run `work` on a current-thread runtime. One thread:
+/// the shim is a single event loop around one proposer, and its links and
+/// driver waking each other on one thread saves a cross-thread wakeup per
+/// message (measured: +2..25% TPS in scripts/bench-commit's pgbench -N runs).
+fn run_on_one_thread<T, E: Into<anyhow::Error>>(
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    utils::service::init_logging();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(work).map_err(Into::into)
+}
+
 async fn run(cli: ShimArgs) -> anyhow::Result<()> {
-    check_safekeeper_list(&cli.safekeepers)?;
+    check_safekeeper_list(&cli.timeline.safekeepers)?;
     let listener = tokio::net::TcpListener::bind(cli.listen_http)
         .await
         .with_context(|| format!("binding the HTTP port {}", cli.listen_http))?;
@@ -168,9 +161,9 @@ async fn run(cli: ShimArgs) -> anyhow::Result<()> {
     }
     let options = ShimOptions {
         pg_conninfo: cli.pg,
-        safekeepers: cli.safekeepers,
-        tenant_id: cli.tenant_id,
-        timeline_id: cli.timeline_id,
+        safekeepers: cli.timeline.safekeepers,
+        tenant_id: cli.timeline.tenant_id,
+        timeline_id: cli.timeline.timeline_id,
         application_name: cli.application_name,
         slot: cli.slot,
     };
