@@ -108,6 +108,7 @@ pub async fn identify_timeline(options: &SyncOptions) -> Result<TimelineIdentity
     }
     let mut found: Option<(String, TimelineIdentity)> = None;
     let mut failures = Vec::new();
+    let mut lacking = 0;
     while let Some(answer) = asked.join_next().await {
         let (addr, answer) =
             answer.map_err(|error| ShimError::Stopped(format!("identifying the timeline: {error}")))?;
@@ -122,15 +123,22 @@ pub async fn identify_timeline(options: &SyncOptions) -> Result<TimelineIdentity
                 Some(_) => {}
                 None => found = Some((addr, identity)),
             },
-            Err(error) => failures.push(format!("{addr}: {error}")),
+            Err(error) => {
+                // 42704: the safekeeper answered that it has no such timeline.
+                lacking += usize::from(error.sqlstate() == Some("42704"));
+                failures.push(format!("{addr}: {error}"));
+            }
         }
     }
+    let timeline = format!("{}/{}", options.tenant_id, options.timeline_id);
     match found {
         Some((_, identity)) => Ok(identity),
+        None if lacking > 0 => Err(ShimError::Stopped(format!(
+            "no safekeeper holds timeline {timeline} ({lacking} answered that they do not; {})",
+            failures.join("; ")
+        ))),
         None => Err(ShimError::Stopped(format!(
-            "no safekeeper holds timeline {}/{} or answered ({})",
-            options.tenant_id,
-            options.timeline_id,
+            "no safekeeper answered about timeline {timeline} ({})",
             failures.join("; ")
         ))),
     }
