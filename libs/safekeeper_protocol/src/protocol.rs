@@ -11,11 +11,18 @@ use sha2::{Digest, Sha256};
 use crate::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use crate::membership::{Configuration, Member, MembershipGeneration, MAX_MEMBERS, MAX_MEMBER_ADDR_BYTES};
 use crate::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
-use postgres_wal::lsn::Lsn;
+use postgres_wal::lsn::{Lsn, PgTimelineId};
+use postgres_wal::timeline_history::{
+    PgTimelineHistory, PgTimelineSwitch, MAX_PG_TIMELINE_SWITCHES, MAX_SWITCH_REASON_BYTES,
+};
 
 /// Version of this encoding, exchanged in the greeting. 2 added the WAL
-/// digest exchange, 3 the membership configuration and its generation.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// digest exchange, 3 the membership configuration and its generation, 4
+/// the Postgres timelines (greeting, votes, ProposerElected).
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The greeting's Postgres timeline of a proposer that streams no Postgres
+/// (`sync-safekeepers`): it adopts the donor's timelines.
+pub const NO_PG_TIMELINE: PgTimelineId = 0;
 /// Largest WAL payload in one AppendRequest. The proposer splits larger runs.
 pub const MAX_APPEND_PAYLOAD_BYTES: usize = 1 << 20;
 /// Largest encoded message of either direction (payload plus headers, or a
@@ -55,6 +62,8 @@ pub struct Greeting {
     /// message carries it; an acceptor refuses those below its own
     /// (except the greeting, whose answer tells the proposer the newer one).
     pub generation: MembershipGeneration,
+    /// The Postgres timeline the proposer streams ([`NO_PG_TIMELINE`]: none).
+    pub pg_timeline: PgTimelineId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +84,9 @@ pub struct ProposerElected {
     pub timeline_start_lsn: Lsn,
     /// The proposer's history, ending with (term, term_start_lsn).
     pub term_history: TermHistory,
+    /// Which Postgres timeline wrote which part of the proposer's log: its
+    /// Postgres's history (or, without Postgres, the donor's).
+    pub pg_timelines: PgTimelineHistory,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +141,9 @@ pub struct GreetingResponse {
     pub term: Term,
     /// The acceptor's stored configuration (generation 0: none).
     pub configuration: Configuration,
+    /// The Postgres timelines of the acceptor's log: a proposer whose
+    /// Postgres is on a timeline this history superseded steps down here.
+    pub pg_timelines: PgTimelineHistory,
 }
 
 /// The configuration an acceptor holds after a SetMembership: the one sent
@@ -149,6 +164,7 @@ pub struct VoteResponse {
     pub commit_lsn: Lsn,
     pub timeline_start_lsn: Lsn,
     pub term_history: TermHistory,
+    pub pg_timelines: PgTimelineHistory,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,6 +234,8 @@ pub enum DecodeError {
     BadDigestRange { start: Lsn, end: Lsn },
     #[error("bad membership configuration: {reason}")]
     BadConfiguration { reason: String },
+    #[error("bad Postgres timeline history: {reason}")]
+    BadPgTimelines { reason: String },
 }
 
 /// Bounds-checked reader over one message; every read names its field.
@@ -332,6 +350,30 @@ impl Reader {
         let joint_new = if self.bool("joint")? { Some(self.members()?) } else { None };
         Ok(Configuration { generation, written_in_term, members, joint_new })
     }
+    fn pg_timelines(&mut self) -> Result<PgTimelineHistory, DecodeError> {
+        let bad = |reason: String| DecodeError::BadPgTimelines { reason };
+        let current = self.u32("pg timeline")?;
+        let count = self.u32("pg timeline switches")? as usize;
+        if count > MAX_PG_TIMELINE_SWITCHES {
+            return Err(bad(format!("{count} switches, more than {MAX_PG_TIMELINE_SWITCHES}")));
+        }
+        let mut switches = Vec::with_capacity(count.min(64));
+        for _ in 0..count {
+            let timeline = self.u32("switch timeline")?;
+            let end_lsn = self.lsn("switch lsn")?;
+            let len = self.u16("switch reason length")? as usize;
+            if len > MAX_SWITCH_REASON_BYTES {
+                return Err(bad(format!("a switch reason of {len} bytes")));
+            }
+            self.need("switch reason", len)?;
+            let reason = String::from_utf8(self.buf.split_to(len).to_vec())
+                .map_err(|_| bad("a switch reason is not UTF-8".into()))?;
+            switches.push(PgTimelineSwitch { timeline, end_lsn, reason });
+        }
+        let history = PgTimelineHistory { current, switches };
+        history.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(history)
+    }
     fn finish(self) -> Result<(), DecodeError> {
         match self.buf.remaining() {
             0 => Ok(()),
@@ -386,6 +428,18 @@ fn put_configuration(out: &mut BytesMut, configuration: &Configuration) {
     }
 }
 
+fn put_pg_timelines(out: &mut BytesMut, history: &PgTimelineHistory) {
+    out.put_u32(history.current);
+    out.put_u32(u32::try_from(history.switches.len()).expect("bounded by MAX_PG_TIMELINE_SWITCHES"));
+    for switch in &history.switches {
+        out.put_u32(switch.timeline);
+        out.put_u64(switch.end_lsn.0);
+        let reason = &switch.reason.as_bytes()[..switch.reason.len().min(MAX_SWITCH_REASON_BYTES)];
+        out.put_u16(reason.len() as u16);
+        out.put_slice(reason);
+    }
+}
+
 fn put_history(out: &mut BytesMut, history: &TermHistory) {
     let entries = u32::try_from(history.0.len()).expect("term history length fits u32");
     out.put_u32(entries);
@@ -430,6 +484,7 @@ impl ProposerMessage {
                 out.put_u32(m.wal_segment_size_bytes);
                 out.put_slice(&m.proposer_id);
                 out.put_u32(m.generation.0);
+                out.put_u32(m.pg_timeline);
             }
             ProposerMessage::VoteRequest(m) => {
                 put_head(&mut out, tag::VOTE_REQUEST, &m.cluster, m.term, m.generation);
@@ -439,6 +494,7 @@ impl ProposerMessage {
                 out.put_u64(m.term_start_lsn.0);
                 out.put_u64(m.timeline_start_lsn.0);
                 put_history(&mut out, &m.term_history);
+                put_pg_timelines(&mut out, &m.pg_timelines);
             }
             ProposerMessage::AppendRequest(m) => {
                 out.reserve(m.wal.len() + 80);
@@ -474,6 +530,7 @@ impl ProposerMessage {
                 wal_segment_size_bytes: r.u32("wal segment size")?,
                 proposer_id: r.bytes16("proposer id")?,
                 generation: r.generation()?,
+                pg_timeline: r.u32("pg timeline")?,
             }),
             tag::VOTE_REQUEST => ProposerMessage::VoteRequest(VoteRequest {
                 cluster: r.cluster()?,
@@ -487,6 +544,7 @@ impl ProposerMessage {
                 term_start_lsn: r.lsn("term start lsn")?,
                 timeline_start_lsn: r.lsn("timeline start lsn")?,
                 term_history: r.history()?,
+                pg_timelines: r.pg_timelines()?,
             }),
             tag::APPEND_REQUEST => {
                 let cluster = r.cluster()?;
@@ -541,6 +599,7 @@ impl AcceptorMessage {
                 out.put_u64(m.node_id.0);
                 out.put_u64(m.term.0);
                 put_configuration(&mut out, &m.configuration);
+                put_pg_timelines(&mut out, &m.pg_timelines);
             }
             AcceptorMessage::VoteResponse(m) => {
                 out.put_u8(tag::VOTE_RESPONSE);
@@ -550,6 +609,7 @@ impl AcceptorMessage {
                 out.put_u64(m.commit_lsn.0);
                 out.put_u64(m.timeline_start_lsn.0);
                 put_history(&mut out, &m.term_history);
+                put_pg_timelines(&mut out, &m.pg_timelines);
             }
             AcceptorMessage::AppendResponse(m) => {
                 out.put_u8(tag::APPEND_RESPONSE);
@@ -582,6 +642,7 @@ impl AcceptorMessage {
                 node_id: NodeId(r.u64("node id")?),
                 term: r.term("term")?,
                 configuration: r.configuration()?,
+                pg_timelines: r.pg_timelines()?,
             }),
             tag::VOTE_RESPONSE => AcceptorMessage::VoteResponse(VoteResponse {
                 term: r.term("term")?,
@@ -590,6 +651,7 @@ impl AcceptorMessage {
                 commit_lsn: r.lsn("commit lsn")?,
                 timeline_start_lsn: r.lsn("timeline start lsn")?,
                 term_history: r.history()?,
+                pg_timelines: r.pg_timelines()?,
             }),
             tag::APPEND_RESPONSE => AcceptorMessage::AppendResponse(AppendResponse {
                 term: r.term("term")?,
@@ -638,6 +700,20 @@ mod tests {
         })
     }
 
+    /// Valid histories: increasing ids below `current`, switch points in order.
+    fn pg_timelines() -> impl Strategy<Value = PgTimelineHistory> {
+        proptest::collection::vec((1u32..4, 0u64..1 << 30, "[a-z ]{0,30}"), 0..4).prop_map(|steps| {
+            let (mut timeline, mut end) = (0u32, 0u64);
+            let mut switches = vec![];
+            for (id_step, lsn_step, reason) in steps {
+                timeline += id_step;
+                end += lsn_step;
+                switches.push(PgTimelineSwitch { timeline, end_lsn: Lsn(end), reason });
+            }
+            PgTimelineHistory { current: timeline + 1, switches }
+        })
+    }
+
     fn proposer_message() -> impl Strategy<Value = ProposerMessage> {
         prop_oneof![
             (any::<u32>(), cluster(), any::<u32>(), any::<u32>(), any::<[u8; 16]>()).prop_map(|(v, c, pg, seg, id)| {
@@ -648,6 +724,7 @@ mod tests {
                     wal_segment_size_bytes: seg,
                     proposer_id: id,
                     generation: MembershipGeneration(seg.rotate_left(7)),
+                    pg_timeline: pg.rotate_left(3),
                 })
             }),
             (cluster(), any::<u64>(), any::<u32>()).prop_map(|(c, t, g)| ProposerMessage::VoteRequest(VoteRequest {
@@ -655,16 +732,19 @@ mod tests {
                 term: Term(t),
                 generation: MembershipGeneration(g)
             })),
-            (cluster(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(|(c, t, s, ts, h)| {
-                ProposerMessage::ProposerElected(ProposerElected {
-                    cluster: c,
-                    term: Term(t),
-                    generation: MembershipGeneration(t as u32),
-                    term_start_lsn: Lsn(s),
-                    timeline_start_lsn: Lsn(ts),
-                    term_history: h,
-                })
-            }),
+            (cluster(), any::<u64>(), any::<u64>(), any::<u64>(), history(), pg_timelines()).prop_map(
+                |(c, t, s, ts, h, pg_timelines)| {
+                    ProposerMessage::ProposerElected(ProposerElected {
+                        cluster: c,
+                        term: Term(t),
+                        generation: MembershipGeneration(t as u32),
+                        term_start_lsn: Lsn(s),
+                        timeline_start_lsn: Lsn(ts),
+                        term_history: h,
+                        pg_timelines,
+                    })
+                }
+            ),
             (cluster(), any::<u64>(), 0u64..1 << 40, any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512))
                 .prop_map(|(c, t, begin, commit, wal)| {
                     ProposerMessage::AppendRequest(AppendRequest {
@@ -711,9 +791,16 @@ mod tests {
 
     fn acceptor_message() -> impl Strategy<Value = AcceptorMessage> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), configuration()).prop_map(|(n, t, configuration)| {
-                AcceptorMessage::GreetingResponse(GreetingResponse { node_id: NodeId(n), term: Term(t), configuration })
-            }),
+            (any::<u64>(), any::<u64>(), configuration(), pg_timelines()).prop_map(
+                |(n, t, configuration, pg_timelines)| {
+                    AcceptorMessage::GreetingResponse(GreetingResponse {
+                        node_id: NodeId(n),
+                        term: Term(t),
+                        configuration,
+                        pg_timelines,
+                    })
+                }
+            ),
             (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(t, g, w)| {
                 AcceptorMessage::MembershipResponse(MembershipResponse {
                     term: Term(t),
@@ -721,8 +808,8 @@ mod tests {
                     written_in_term: Term(w),
                 })
             }),
-            (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>(), history()).prop_map(
-                |(t, given, f, c, s, h)| {
+            (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>(), history(), pg_timelines()).prop_map(
+                |(t, given, f, c, s, h, pg_timelines)| {
                     AcceptorMessage::VoteResponse(VoteResponse {
                         term: Term(t),
                         vote_given: given,
@@ -730,6 +817,7 @@ mod tests {
                         commit_lsn: Lsn(c),
                         timeline_start_lsn: Lsn(s),
                         term_history: h,
+                        pg_timelines,
                     })
                 }
             ),
@@ -784,6 +872,19 @@ mod tests {
         out.put_slice(&[0u8; 8 + 1 + 8 + 8 + 8]);
         out.put_u32(u32::MAX);
         assert_eq!(AcceptorMessage::decode(out.freeze()), Err(DecodeError::HistoryTooLong { entries: u32::MAX }));
+    }
+
+    #[test]
+    fn pg_timelines_that_go_down_are_refused() {
+        let mut out = BytesMut::new();
+        let history = PgTimelineHistory {
+            current: 2,
+            switches: vec![PgTimelineSwitch { timeline: 3, end_lsn: Lsn(16), reason: String::new() }],
+        };
+        put_pg_timelines(&mut out, &history);
+        let mut reader = Reader { buf: out.freeze() };
+        let error = reader.pg_timelines().unwrap_err().to_string();
+        assert!(error.contains("cannot descend"), "{error}");
     }
 
     #[test]
