@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use postgres_wal::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use postgres_wal::wal::format::{LONG_PAGE_HEADER_BYTES, PG15_VERSION_NUM};
 use postgres_wal::wal::{DecodeStep, WalDecoder};
 use safekeeper_core::acceptor::{Acceptor, AcceptorConfig, RecoveredWal};
@@ -25,7 +26,8 @@ use safekeeper_core::storage::segments::SegmentStorage;
 use safekeeper_core::timeline::{FileTimeline, Timeline, TimelineError};
 use safekeeper_protocol::ids::{ClusterId, NodeId, SystemId, TenantId, Term, TimelineId};
 use safekeeper_protocol::protocol::{
-    AcceptorMessage, AppendRequest, Greeting, ProposerElected, ProposerMessage, VoteRequest, PROTOCOL_VERSION,
+    AcceptorMessage, AppendRequest, Greeting, ProposerElected, ProposerMessage, VoteRequest, NO_PG_TIMELINE,
+    PROTOCOL_VERSION,
 };
 
 /// WAL per append, like one replication message from Postgres.
@@ -202,7 +204,7 @@ fn open_timeline(
         return Ok(FileTimeline::from_recovered(recovered, node_id, config));
     }
     let state = ControlState::new_timeline(cluster, PG15_VERSION_NUM, segment_size);
-    let storage = SegmentStorage::open(dir, segment_size).map_err(TimelineError::from)?;
+    let storage = SegmentStorage::open(dir, segment_size, &PgTimelineHistory::first()).map_err(TimelineError::from)?;
     let control = FileControlStore::new(dir).map_err(TimelineError::from)?;
     let acceptor = Acceptor::new(node_id, config, state, RecoveredWal { end_lsn: Lsn::INVALID, decoder: None });
     Ok(Timeline::new(acceptor, storage, control))
@@ -220,10 +222,17 @@ fn elect(timeline: &mut FileTimeline, cluster: ClusterId, pg_wal: &PgWal) -> Res
         wal_segment_size_bytes: pg_wal.segment_size.bytes() as u32,
         proposer_id: [0; 16],
         generation,
+        // The import names no Postgres timeline: it keeps the log's.
+        pg_timeline: NO_PG_TIMELINE,
     };
     timeline.handle(ProposerMessage::Greeting(greeting))?;
     let term = Term(timeline.acceptor().term().0 + 1);
-    let vote = match timeline.handle(ProposerMessage::VoteRequest(VoteRequest { cluster, term, generation }))? {
+    let vote = match timeline.handle(ProposerMessage::VoteRequest(VoteRequest {
+        cluster,
+        term,
+        generation,
+        pg_timeline: NO_PG_TIMELINE,
+    }))? {
         Some(AcceptorMessage::VoteResponse(vote)) if vote.vote_given => vote,
         other => return Err(ImportError::UnexpectedReply(format!("{other:?}"))),
     };
@@ -232,8 +241,15 @@ fn elect(timeline: &mut FileTimeline, cluster: ClusterId, pg_wal: &PgWal) -> Res
     let timeline_start_lsn = if has_wal { vote.timeline_start_lsn } else { pg_wal.start_lsn() };
     let mut history = vote.term_history;
     history.0.push(TermStart { term, start_lsn: term_start_lsn });
-    let elected =
-        ProposerElected { cluster, term, generation, term_start_lsn, timeline_start_lsn, term_history: history };
+    let elected = ProposerElected {
+        cluster,
+        term,
+        generation,
+        term_start_lsn,
+        timeline_start_lsn,
+        term_history: history,
+        pg_timelines: vote.pg_timelines,
+    };
     timeline.handle(ProposerMessage::ProposerElected(elected))?;
     Ok(term)
 }

@@ -407,12 +407,13 @@ fn old_generation_vote(
         wal_segment_size_bytes: cluster.segment_size()?.bytes() as u32,
         proposer_id: [0x0d; 16],
         generation: MembershipGeneration::NOT_SET,
+        pg_timeline: 1,
     };
     let generation = match proposer.exchange(&ProposerMessage::Greeting(greeting))? {
         Ok(AcceptorMessage::GreetingResponse(response)) => response.configuration.generation,
         other => bail!("greeting answered {other:?}"),
     };
-    let vote = VoteRequest { cluster: cluster_id, term, generation: MembershipGeneration::NOT_SET };
+    let vote = VoteRequest { cluster: cluster_id, term, generation: MembershipGeneration::NOT_SET, pg_timeline: 1 };
     let answer = proposer.exchange(&ProposerMessage::VoteRequest(vote))?;
     Ok((generation.0, answer.map_err(|refusal| format!("{}: {}", refusal.code, refusal.message))))
 }

@@ -30,6 +30,7 @@ fn greeting(cluster: ClusterId) -> ProposerMessage {
         wal_segment_size_bytes: WalSegmentSize::DEFAULT.bytes() as u32,
         proposer_id: [1; 16],
         generation: MembershipGeneration::NOT_SET,
+        pg_timeline: 1,
     })
 }
 
@@ -52,6 +53,7 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
             cluster: ours,
             term: Term(3),
             generation: MembershipGeneration::NOT_SET,
+            pg_timeline: 1,
         }))
         .await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await?? {

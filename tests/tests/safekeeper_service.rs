@@ -75,6 +75,7 @@ impl Proposer {
             wal_segment_size_bytes: self.segment_size.bytes() as u32,
             proposer_id: [7; 16],
             generation: MembershipGeneration::NOT_SET,
+            pg_timeline: 1,
         })
     }
 
@@ -87,6 +88,7 @@ impl Proposer {
             cluster: self.cluster,
             term,
             generation: MembershipGeneration::NOT_SET,
+            pg_timeline: 1,
         }))?;
         match self.client.recv_acceptor()? {
             AcceptorMessage::VoteResponse(vote) if vote.vote_given => {}
@@ -100,6 +102,7 @@ impl Proposer {
             term_start_lsn: TIMELINE_START,
             timeline_start_lsn: TIMELINE_START,
             term_history: history,
+            pg_timelines: Default::default(),
         };
         self.client.send_proposer(&ProposerMessage::ProposerElected(elected))?;
         ensure!(matches!(self.client.recv_acceptor()?, AcceptorMessage::AppendResponse(_)));

@@ -2,6 +2,7 @@
 //! the cluster identity, the segment size, and where its WAL starts.
 
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, TimelineId};
 
@@ -31,6 +32,8 @@ pub struct ShimSetup {
     pub safekeepers: Vec<String>,
     pub slot: String,
     pub pg_timeline: u32,
+    /// The ancestors of `pg_timeline` (Postgres's history file).
+    pub pg_timelines: PgTimelineHistory,
     pub wal_segment_size: WalSegmentSize,
     /// The segment start of the slot's restart LSN: where a new timeline's WAL begins.
     pub timeline_start_lsn: Lsn,
@@ -66,6 +69,7 @@ pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimEr
     let config = ReplicationConfig::parse(&options.pg_conninfo)?.with_application_name(&options.application_name);
     let mut client = ReplicationClient::connect(config).await?;
     let identity = client.identify_system().await?;
+    let pg_timelines = client.timeline_history(identity.timeline).await?;
     let segment_size_bytes = client.show_wal_segment_size().await?;
     let wal_segment_size = WalSegmentSize::new(segment_size_bytes)
         .map_err(|e| ShimError::Stopped(format!("Postgres reports an unusable wal_segment_size: {e}")))?;
@@ -84,6 +88,7 @@ pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimEr
         safekeepers: options.safekeepers.clone(),
         slot: options.slot.clone(),
         pg_timeline: identity.timeline,
+        pg_timelines,
         wal_segment_size,
         timeline_start_lsn: restart_lsn.segment_start(wal_segment_size),
         pg_flush_lsn: identity.xlogpos,
@@ -103,6 +108,7 @@ impl ShimSetup {
             proposer_id: rand_id(),
             timeline_start_lsn: self.timeline_start_lsn,
             mode: ProposerMode::Stream { postgres_flush_lsn: self.pg_flush_lsn },
+            pg_timelines: Some(self.pg_timelines.clone()),
         }
     }
 }
@@ -124,6 +130,7 @@ pub fn sync_proposer_config(identity: &TimelineIdentity, safekeepers: &[String])
         proposer_id: rand_id(),
         timeline_start_lsn: first_segment,
         mode: ProposerMode::Sync,
+        pg_timelines: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn config(safekeepers: usize) -> ProposerConfig {
         proposer_id: [9; 16],
         timeline_start_lsn: TIMELINE_START,
         mode: crate::proposer::ProposerMode::Stream { postgres_flush_lsn: TIMELINE_START },
+        pg_timelines: Some(postgres_wal::timeline_history::PgTimelineHistory::first()),
     }
 }
 
@@ -46,6 +47,7 @@ fn greeting_response(node_id: u64) -> LinkEventKind {
         node_id: NodeId(node_id),
         term: Term(1),
         configuration: Configuration::default(),
+        pg_timelines: Default::default(),
     }))
 }
 
@@ -135,6 +137,7 @@ fn a_protocol_fault_drops_the_connection() {
         term_history: Default::default(),
         timeline_start_lsn: TIMELINE_START,
         commit_lsn: TIMELINE_START,
+        pg_timelines: Default::default(),
     });
     let outcome = node.handle_link_event(2, event(slot, connection, LinkEventKind::Message(vote))).unwrap();
     assert!(matches!(outcome, LinkEventOutcome::PeerFault(_)), "a vote nobody asked for: {outcome:?}");

@@ -243,6 +243,7 @@ mod tests {
             commit_lsn: Lsn(SEG),
             timeline_start_lsn: Lsn(SEG),
             term_history: TermHistory(Vec::new()),
+            pg_timelines: Default::default(),
         }
     }
 

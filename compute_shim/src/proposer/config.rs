@@ -1,6 +1,7 @@
 //! Proposer configuration and the fixed limits it is checked against.
 
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use safekeeper_protocol::ids::ClusterId;
 use safekeeper_protocol::protocol::MAX_APPEND_PAYLOAD_BYTES;
 
@@ -38,6 +39,10 @@ pub struct ProposerConfig {
     /// A timeline whose safekeepers are all empty starts here.
     pub timeline_start_lsn: Lsn,
     pub mode: ProposerMode,
+    /// Postgres's timeline and its ancestors (`TIMELINE_HISTORY`), which
+    /// the term writes into the log; `None` without Postgres (a sync
+    /// adopts the donor's).
+    pub pg_timelines: Option<PgTimelineHistory>,
 }
 
 /// What the proposer is for: where its WAL comes from and when it is done.
@@ -89,6 +94,7 @@ impl ProposerConfig {
             proposer_id: [0; 16],
             timeline_start_lsn: Lsn(SEG),
             mode: ProposerMode::Stream { postgres_flush_lsn: Lsn(10 * SEG) },
+            pg_timelines: Some(PgTimelineHistory::first()),
         }
     }
 }

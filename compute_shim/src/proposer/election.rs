@@ -2,6 +2,7 @@
 //! history the new term writes under.
 
 use postgres_wal::lsn::Lsn;
+use postgres_wal::timeline_history::PgTimelineHistory;
 use safekeeper_protocol::ids::Term;
 use safekeeper_protocol::protocol::VoteResponse;
 use safekeeper_protocol::term_history::{TermHistory, TermStart, MAX_TERM_HISTORY_ENTRIES};
@@ -18,6 +19,8 @@ pub(super) struct Vote {
     pub timeline_start_lsn: Lsn,
     /// The history entries the voter's log reaches.
     pub history: TermHistory,
+    /// Which Postgres timelines wrote the voter's log.
+    pub pg_timelines: PgTimelineHistory,
 }
 
 impl Vote {
@@ -47,6 +50,7 @@ impl Vote {
             commit_lsn: response.commit_lsn,
             timeline_start_lsn: response.timeline_start_lsn,
             history: response.term_history,
+            pg_timelines: response.pg_timelines,
         })
     }
 
@@ -69,6 +73,48 @@ pub(super) struct Election {
     pub known_commit_lsn: Lsn,
     /// The voter whose log the term continues (a sync reads it from there).
     pub donor: SlotIndex,
+    /// The Postgres timelines the term writes under: Postgres's own, or
+    /// without Postgres the donor's.
+    pub pg_timelines: PgTimelineHistory,
+}
+
+/// Whether the log (`log`, as a safekeeper holds it) went on at a newer
+/// Postgres timeline than `ours`, the timeline our Postgres streams: then
+/// we are an old primary after a failover.
+pub(super) fn check_not_superseded(ours: &PgTimelineHistory, log: &PgTimelineHistory) -> Result<(), ProposerError> {
+    if log.current <= ours.current {
+        return Ok(());
+    }
+    let switch_lsn = log
+        .end_of(ours.current)
+        .or_else(|| log.switches.iter().find(|switch| switch.timeline > ours.current).map(|switch| switch.end_lsn))
+        .unwrap_or_default();
+    Err(ProposerError::Superseded { timeline: ours.current, current: log.current, switch_lsn })
+}
+
+/// The Postgres timelines of the new term. Postgres's own must continue
+/// the donor's log: the same timeline, or a later one whose history holds
+/// the log's timeline and ends it at or after the log's end (a promoted
+/// server forks where its recovery ended; below the log's end, it did not
+/// replay all of it).
+fn term_pg_timelines(donor: &Vote, ours: Option<&PgTimelineHistory>) -> Result<PgTimelineHistory, ProposerError> {
+    let Some(ours) = ours else { return Ok(donor.pg_timelines.clone()) };
+    let log = &donor.pg_timelines;
+    check_not_superseded(ours, log)?;
+    if ours.current > log.current && donor.flush_lsn.is_valid() {
+        let Some(switch_lsn) = ours.end_of(log.current) else {
+            return Err(ProposerError::UnrelatedTimeline { timeline: ours.current, log_timeline: log.current });
+        };
+        if switch_lsn < donor.flush_lsn {
+            return Err(ProposerError::PromotedBelowLogEnd {
+                timeline: ours.current,
+                switch_lsn,
+                log_end_lsn: donor.flush_lsn,
+                log_timeline: log.current,
+            });
+        }
+    }
+    Ok(ours.clone())
 }
 
 /// Decide the election from `votes` (safekeeper index, vote), which the
@@ -113,13 +159,22 @@ pub(super) fn decide(
         }
         known_commit_lsn = known_commit_lsn.max(vote.commit_lsn);
     }
+    let pg_timelines = term_pg_timelines(donor, config.pg_timelines.as_ref())?;
     if donor.history.0.len() >= MAX_TERM_HISTORY_ENTRIES {
         return Err(ProposerError::TermHistoryFull);
     }
     let mut history = donor.history.clone();
     history.0.push(TermStart { term, start_lsn: term_start_lsn });
     assert!(history.is_well_formed(), "votes were checked: donor terms are below ours, starts below its flush");
-    Ok(Election { term, term_start_lsn, timeline_start_lsn, history, known_commit_lsn, donor: donor_slot })
+    Ok(Election {
+        term,
+        term_start_lsn,
+        timeline_start_lsn,
+        history,
+        known_commit_lsn,
+        donor: donor_slot,
+        pg_timelines,
+    })
 }
 
 #[cfg(test)]
@@ -139,6 +194,7 @@ mod tests {
             commit_lsn: Lsn(commit),
             timeline_start_lsn: Lsn(SEG),
             history: TermHistory(history),
+            pg_timelines: PgTimelineHistory::first(),
         }
     }
 
@@ -180,6 +236,7 @@ mod tests {
             term_history: TermHistory(
                 history.into_iter().map(|(t, s)| TermStart { term: Term(t), start_lsn: Lsn(s) }).collect(),
             ),
+            pg_timelines: PgTimelineHistory::first(),
         };
         assert!(Vote::from_response(response(vec![(2, SEG), (1, SEG)], SEG, 0), Term(5)).is_err());
         assert!(Vote::from_response(response(vec![(5, SEG)], SEG, 0), Term(5)).is_err());

@@ -1,7 +1,7 @@
 //! What can go wrong: fatal conditions the shim must exit on, and faults of
 //! one safekeeper's input after which the driver drops that connection.
 
-use postgres_wal::lsn::Lsn;
+use postgres_wal::lsn::{Lsn, PgTimelineId};
 use safekeeper_protocol::ids::{NodeId, Term};
 use safekeeper_protocol::membership::MembershipGeneration;
 
@@ -24,6 +24,25 @@ pub enum ProposerError {
          the WAL in between is gone; refusing to lead"
     )]
     PostgresWalGone { term_start_lsn: Lsn, timeline_start_lsn: Lsn },
+    #[error(
+        "superseded by a failover: the safekeepers' log went on at Postgres timeline {current} (this Postgres's \
+         timeline {timeline} ended at LSN {switch_lsn} in that log), so this is the old primary; refusing to lead, \
+         which would fence the new one. Rejoin it as a standby of the new primary (pg_rewind or a new base backup, \
+         docs/failover.md)"
+    )]
+    Superseded { timeline: PgTimelineId, current: PgTimelineId, switch_lsn: Lsn },
+    #[error(
+        "Postgres's timeline {timeline} began at {switch_lsn}, below the end of the safekeepers' log at {log_end_lsn} \
+         (written on timeline {log_timeline}): it was promoted before it replayed everything the safekeepers hold. \
+         Refusing to lead, nothing was sent: promote a standby only once it has replayed to the LSN \
+         sync-safekeepers printed (docs/failover.md)"
+    )]
+    PromotedBelowLogEnd { timeline: PgTimelineId, switch_lsn: Lsn, log_end_lsn: Lsn, log_timeline: PgTimelineId },
+    #[error(
+        "Postgres is on timeline {timeline}, which is not in the history of the safekeepers' log (timeline \
+         {log_timeline}) nor descends from it; refusing to lead"
+    )]
+    UnrelatedTimeline { timeline: PgTimelineId, log_timeline: PgTimelineId },
     #[error("the safekeepers that voted hold no WAL of this timeline: there is nothing to sync")]
     NothingToSync,
     #[error(

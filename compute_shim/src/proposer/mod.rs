@@ -37,11 +37,11 @@ mod wal_source;
 #[cfg(test)]
 mod tests;
 
-use postgres_wal::lsn::Lsn;
+use postgres_wal::lsn::{Lsn, PgTimelineId};
 use safekeeper_protocol::ids::Term;
 use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, ProposerElected, ProposerMessage,
-    VoteRequest, VoteResponse, WalDigestRequest, WalDigestResponse, PROTOCOL_VERSION,
+    VoteRequest, VoteResponse, WalDigestRequest, WalDigestResponse, NO_PG_TIMELINE, PROTOCOL_VERSION,
 };
 
 pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, NewMemberStatus, MAX_PEER_SLOTS};
@@ -134,6 +134,7 @@ impl Proposer {
             wal_segment_size_bytes: u32::try_from(self.config.wal_segment_size.bytes()).expect("at most 1 GiB"),
             proposer_id: self.config.proposer_id,
             generation: self.membership.current.generation,
+            pg_timeline: self.pg_timeline(),
         };
         let peer = &mut self.peers[sk];
         peer.link = Link::AwaitingGreeting;
@@ -537,6 +538,11 @@ impl Proposer {
         }
     }
 
+    /// The Postgres timeline our greeting and votes name.
+    fn pg_timeline(&self) -> PgTimelineId {
+        self.config.pg_timelines.as_ref().map_or(NO_PG_TIMELINE, |history| history.current)
+    }
+
     /// A term above ours means another proposer has taken over.
     fn check_term(&self, reported: Term) -> Result<(), ProposerError> {
         match self.campaign.term() {
@@ -565,6 +571,10 @@ impl Proposer {
                 let (first, second) = (self.peers[other].addr.clone(), self.peers[sk].addr.clone());
                 return Err(ProposerError::DuplicateSafekeeper { node_id: response.node_id, first, second });
             }
+        }
+        // An old primary stops here, before it asks for any vote.
+        if let Some(ours) = &self.config.pg_timelines {
+            election::check_not_superseded(ours, &response.pg_timelines)?;
         }
         if !self.on_greeted_configuration(sk, response.node_id, response.configuration)? {
             return Ok(()); // a configuration it showed leaves it out
@@ -624,6 +634,7 @@ impl Proposer {
     fn ask_for_vote(&mut self, sk: SlotIndex) {
         let ask = self.campaign.ask(&self.peers[sk], &self.membership);
         let generation = self.membership.current.generation;
+        let pg_timeline = self.pg_timeline();
         let peer = &mut self.peers[sk];
         match ask {
             Ask::Nothing => {}
@@ -634,6 +645,7 @@ impl Proposer {
                     cluster: self.config.cluster,
                     term,
                     generation,
+                    pg_timeline,
                 }));
             }
         }
@@ -705,6 +717,7 @@ impl Proposer {
             term_start_lsn: election.term_start_lsn,
             timeline_start_lsn: election.timeline_start_lsn,
             term_history: election.history.clone(),
+            pg_timelines: election.pg_timelines.clone(),
         }));
     }
 

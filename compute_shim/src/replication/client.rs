@@ -3,6 +3,8 @@
 
 use postgres_protocol::message::frontend;
 use postgres_wal::lsn::{Lsn, PgTimelineId};
+use postgres_wal::timeline_history::PgTimelineHistory;
+use postgres_wal::wal::format::PG_FIRST_TIMELINE_ID;
 use safekeeper_protocol::ids::Term;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -154,6 +156,20 @@ impl ReplicationClient {
             timeline: parse_column(&row[1], "IDENTIFY_SYSTEM timeline")?,
             xlogpos: parse_column(&row[2], "IDENTIFY_SYSTEM xlogpos")?,
             dbname: row[3].clone(),
+        })
+    }
+
+    /// `TIMELINE_HISTORY n`: the ancestors of Postgres timeline `timeline`
+    /// (timeline 1 has none and is not asked).
+    pub async fn timeline_history(&mut self, timeline: u32) -> Result<PgTimelineHistory, ReplicationError> {
+        if timeline <= PG_FIRST_TIMELINE_ID {
+            return Ok(PgTimelineHistory::first());
+        }
+        let query = format!("TIMELINE_HISTORY {timeline}");
+        let row = single_row(self.simple_query(&query).await?, "TIMELINE_HISTORY", 2)?;
+        let text = row[1].as_deref().unwrap_or_default();
+        PgTimelineHistory::parse_file(timeline, text).map_err(|e| {
+            ReplicationError::protocol(format!("the history file of timeline {timeline} does not parse: {e}"))
         })
     }
 

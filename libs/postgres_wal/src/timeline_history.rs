@@ -77,7 +77,7 @@ impl PgTimelineHistory {
                 continue;
             }
             let bad = |reason: &str| TimelineHistoryError::BadLine { line: index + 1, reason: reason.to_string() };
-            let mut fields = line.splitn(3, |c: char| c == '\t' || c == ' ');
+            let mut fields = line.splitn(3, ['\t', ' ']);
             let timeline = fields.next().unwrap_or_default();
             let timeline: PgTimelineId = timeline.parse().map_err(|_| bad("the timeline id is not a number"))?;
             let end_lsn = fields.next().ok_or_else(|| bad("no switch point after the timeline id"))?;
@@ -254,7 +254,10 @@ mod tests {
     fn comments_and_blank_lines_are_skipped() {
         let text = "# a comment\n\n  1\t0/3000100\tend\n";
         let history = PgTimelineHistory::parse_file(2, text).unwrap();
-        assert_eq!(history.switches, vec![PgTimelineSwitch { timeline: 1, end_lsn: Lsn(0x300_0100), reason: "end".into() }]);
+        assert_eq!(
+            history.switches,
+            vec![PgTimelineSwitch { timeline: 1, end_lsn: Lsn(0x300_0100), reason: "end".into() }]
+        );
     }
 
     #[test]
@@ -286,7 +289,10 @@ mod tests {
         assert_eq!(history.successor_of(2), Some((3, Lsn(0x500_0000))));
         assert_eq!(history.successor_of(3), None);
         assert!(history.contains(3) && history.contains(1) && !history.contains(4));
-        assert_eq!(history.of_ancestor(2).unwrap(), PgTimelineHistory { current: 2, switches: vec![switch(1, 0x300_0100)] });
+        assert_eq!(
+            history.of_ancestor(2).unwrap(),
+            PgTimelineHistory { current: 2, switches: vec![switch(1, 0x300_0100)] }
+        );
     }
 
     #[test]

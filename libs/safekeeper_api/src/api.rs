@@ -7,6 +7,7 @@ use std::fmt;
 
 use hyper::HeaderMap;
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use safekeeper_protocol::ids::{SystemId, TenantId, Term, TimelineId};
 use safekeeper_protocol::membership::Configuration;
 use safekeeper_protocol::term_history::TermHistory;
@@ -82,6 +83,11 @@ pub struct TimelineStatus {
     pub consumers: Vec<ConsumerStatus>,
     #[serde(default)]
     pub peer_recovery: PeerRecoveryStatus,
+    /// Which Postgres timeline wrote which part of the log (`current` is
+    /// the one IDENTIFY_SYSTEM reports; `switches` its ancestors and where
+    /// each ended, as in the `0000000N.history` file).
+    #[serde(default)]
+    pub pg_timelines: PgTimelineHistory,
 }
 
 impl TimelineStatus {

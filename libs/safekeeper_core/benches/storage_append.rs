@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use safekeeper_core::storage::segments::{SegmentStorage, SegmentWriteMode};
 use safekeeper_core::storage::WalStorage;
 
@@ -60,7 +61,9 @@ fn payload(case: &Case) -> Vec<u8> {
 /// included: it is part of the real cost).
 fn bench_storage(base: &Path, case: &Case, mode: SegmentWriteMode) -> Duration {
     let dir = tempfile::tempdir_in(base).expect("storage dir");
-    let mut storage = SegmentStorage::open(dir.path(), WalSegmentSize::DEFAULT).expect("open").with_write_mode(mode);
+    let mut storage = SegmentStorage::open(dir.path(), WalSegmentSize::DEFAULT, &PgTimelineHistory::first())
+        .expect("open")
+        .with_write_mode(mode);
     storage.initialize(START_LSN).expect("initialize");
     let bytes = payload(case);
     let started = Instant::now();

@@ -23,19 +23,27 @@
 //!   so is every message but a greeting of our generation once our
 //!   configuration leaves us out; a configuration is stored only from the
 //!   elected proposer of our current term, and only one that takes
-//!   precedence over ours.
+//!   precedence over ours;
+//! - Postgres timelines only go up: no vote for a proposer streaming a
+//!   timeline older than the one that wrote our log, no ProposerElected
+//!   whose timeline history goes down or disagrees with ours below the
+//!   point our logs share, and no WAL whose page headers name another
+//!   timeline than the history says or that puts a switch point inside a
+//!   record.
 
 use bytes::Bytes;
 
 use crate::control::{ControlState, TermHistory, TermStart};
 use crate::storage::SyncedLsn;
-use postgres_wal::lsn::Lsn;
+use postgres_wal::lsn::{Lsn, PgTimelineId};
+use postgres_wal::timeline_history::PgTimelineHistory;
+use postgres_wal::wal::format::WAL_PAGE_SIZE_BYTES;
 use postgres_wal::wal::{DecodeStep, WalDecodeError, WalDecoder};
 use safekeeper_protocol::ids::{ClusterId, NodeId, Term};
 use safekeeper_protocol::membership::MembershipGeneration;
 use safekeeper_protocol::protocol::{
     AcceptorMessage, AppendRequest, AppendResponse, Greeting, GreetingResponse, MembershipResponse, ProposerElected,
-    ProposerMessage, SetMembership, VoteRequest, VoteResponse, WalDigestRequest, PROTOCOL_VERSION,
+    ProposerMessage, SetMembership, VoteRequest, VoteResponse, WalDigestRequest, NO_PG_TIMELINE, PROTOCOL_VERSION,
 };
 use safekeeper_protocol::term_history::{highest_common_point, LogView};
 
@@ -65,6 +73,9 @@ pub enum StorageAction {
     TruncateWal { end_lsn: Lsn },
     /// Append at `start_lsn`; durable only after a later sync.
     WriteWal { start_lsn: Lsn, wal: Bytes },
+    /// Name the segment files after a new Postgres timeline history (and
+    /// store its history file); the control file that names it follows.
+    SetPgTimelines(Box<PgTimelineHistory>),
     /// Atomically and durably replace the control file.
     PersistControl(Box<ControlState>),
 }
@@ -135,6 +146,21 @@ pub enum AcceptorError {
     NotAMember { node_id: NodeId, generation: MembershipGeneration },
     #[error("membership configuration refused: {reason}")]
     BadConfiguration { reason: String },
+    #[error(
+        "superseded: this log continued on Postgres timeline {current} (timeline {proposer_timeline} ended at \
+         {switch_lsn}); a proposer streaming timeline {proposer_timeline} is an old primary after a failover"
+    )]
+    SupersededTimeline { proposer_timeline: PgTimelineId, current: PgTimelineId, switch_lsn: Lsn },
+    #[error("Postgres timelines only go up: the log is on timeline {ours}, the proposer's history ends at {theirs}")]
+    TimelineWentDown { ours: PgTimelineId, theirs: PgTimelineId },
+    #[error(
+        "the proposer's Postgres timeline history does not match the log below {lsn} (ours: {ours}; theirs: {theirs})"
+    )]
+    PgTimelinesDisagree { lsn: Lsn, ours: String, theirs: String },
+    #[error("WAL page at {page_lsn} is on Postgres timeline {found}, but the timeline history says {expected}")]
+    PageTimelineMismatch { page_lsn: Lsn, expected: PgTimelineId, found: PgTimelineId },
+    #[error("the Postgres timeline switch point {switch_lsn} is not the end of a record of the WAL")]
+    SwitchInsideRecord { switch_lsn: Lsn },
 }
 
 /// Position of this acceptor's WAL. `flush_lsn <= written_boundary_lsn <= write_lsn`.
@@ -237,7 +263,7 @@ impl Acceptor {
         }
         match message {
             ProposerMessage::Greeting(greeting) => self.handle_greeting(&greeting),
-            ProposerMessage::VoteRequest(request) => Ok(self.handle_vote(&request)),
+            ProposerMessage::VoteRequest(request) => self.handle_vote(&request),
             ProposerMessage::ProposerElected(elected) => self.handle_elected(&elected),
             ProposerMessage::AppendRequest(append) => self.handle_append(append),
             ProposerMessage::WalDigestRequest(request) => self.handle_digest_request(&request),
@@ -312,11 +338,13 @@ impl Acceptor {
             node_id: self.node_id,
             term: self.state.term,
             configuration: self.state.membership.clone(),
+            pg_timelines: self.state.pg_timelines.clone(),
         };
         Ok(Ready { reply: Some(AcceptorMessage::GreetingResponse(reply)), ..Ready::default() })
     }
 
-    fn handle_vote(&mut self, request: &VoteRequest) -> Ready {
+    fn handle_vote(&mut self, request: &VoteRequest) -> Result<Ready, AcceptorError> {
+        self.check_not_superseded(request.pg_timeline)?;
         let vote_given = request.term > self.state.term;
         let mut actions = vec![];
         if vote_given {
@@ -331,8 +359,26 @@ impl Acceptor {
             commit_lsn: self.state.commit_lsn,
             timeline_start_lsn: self.state.timeline_start_lsn,
             term_history: self.state.term_history.up_to(self.wal.flush_lsn),
+            pg_timelines: self.state.pg_timelines.clone(),
         };
-        Ready { actions, reply: Some(AcceptorMessage::VoteResponse(reply)), digest: None }
+        Ok(Ready { actions, reply: Some(AcceptorMessage::VoteResponse(reply)), digest: None })
+    }
+
+    /// A proposer streaming a Postgres timeline older than the one that
+    /// wrote our log is the old primary of a failover: it must not win a
+    /// term (that would fence the new primary). `NO_PG_TIMELINE`: a sync
+    /// proposer, which streams no Postgres and adopts the donor's history.
+    fn check_not_superseded(&self, pg_timeline: PgTimelineId) -> Result<(), AcceptorError> {
+        let ours = &self.state.pg_timelines;
+        if pg_timeline == NO_PG_TIMELINE || pg_timeline >= ours.current {
+            return Ok(());
+        }
+        let switch_lsn = ours
+            .end_of(pg_timeline)
+            .or_else(|| ours.switches.iter().find(|s| s.timeline > pg_timeline).map(|s| s.end_lsn))
+            .or_else(|| ours.switches.last().map(|s| s.end_lsn))
+            .unwrap_or_default();
+        Err(AcceptorError::SupersededTimeline { proposer_timeline: pg_timeline, current: ours.current, switch_lsn })
     }
 
     fn handle_elected(&mut self, elected: &ProposerElected) -> Result<Ready, AcceptorError> {
@@ -344,7 +390,13 @@ impl Acceptor {
         if self.wal.decoder.is_none() {
             self.initialize_wal(elected.timeline_start_lsn, &mut actions)?;
         } else {
-            self.truncate_divergent_tail(elected, &mut actions)?;
+            let common_lsn = self.common_point(elected);
+            self.check_pg_timelines(&elected.pg_timelines, common_lsn)?;
+            self.truncate_divergent_tail(common_lsn, &mut actions)?;
+        }
+        if elected.pg_timelines != self.state.pg_timelines {
+            actions.push(StorageAction::SetPgTimelines(Box::new(elected.pg_timelines.clone())));
+            self.state.pg_timelines = elected.pg_timelines.clone();
         }
         self.state.term = elected.term;
         self.state.term_history = elected.term_history.clone();
@@ -364,15 +416,40 @@ impl Acceptor {
         Ok(())
     }
 
-    fn truncate_divergent_tail(
-        &mut self,
-        elected: &ProposerElected,
-        actions: &mut Vec<StorageAction>,
-    ) -> Result<(), AcceptorError> {
+    /// Where our log and the elected proposer's stop agreeing: what
+    /// survives of ours (the rest is the divergent tail).
+    fn common_point(&self, elected: &ProposerElected) -> Lsn {
         let ours = LogView { history: &self.state.term_history, end_lsn: self.wal.flush_lsn };
         let theirs = LogView { history: &elected.term_history, end_lsn: Lsn(u64::MAX) };
         let common_lsn = highest_common_point(ours, theirs).unwrap_or(self.state.timeline_start_lsn);
-        let truncate_lsn = common_lsn.min(self.wal.flush_lsn).max(self.state.timeline_start_lsn);
+        common_lsn.min(self.wal.flush_lsn).max(self.state.timeline_start_lsn)
+    }
+
+    /// The proposer's Postgres timelines must not go down and must say
+    /// what ours say about the WAL we keep (below `common_lsn`); above it
+    /// they may add switches, which the WAL that follows must bear out.
+    fn check_pg_timelines(&self, theirs: &PgTimelineHistory, common_lsn: Lsn) -> Result<(), AcceptorError> {
+        let ours = &self.state.pg_timelines;
+        if theirs.current < ours.current {
+            return Err(AcceptorError::TimelineWentDown { ours: ours.current, theirs: theirs.current });
+        }
+        let start = self.state.timeline_start_lsn;
+        let (ours_here, theirs_here) = (ours.from_lsn(start), theirs.from_lsn(start));
+        if !ours_here.agrees_below(&theirs_here, common_lsn) {
+            return Err(AcceptorError::PgTimelinesDisagree {
+                lsn: common_lsn,
+                ours: describe_pg_timelines(&ours_here),
+                theirs: describe_pg_timelines(&theirs_here),
+            });
+        }
+        Ok(())
+    }
+
+    fn truncate_divergent_tail(
+        &mut self,
+        truncate_lsn: Lsn,
+        actions: &mut Vec<StorageAction>,
+    ) -> Result<(), AcceptorError> {
         if truncate_lsn < self.state.commit_lsn {
             return Err(AcceptorError::TruncateBelowCommit { truncate_lsn, commit_lsn: self.state.commit_lsn });
         }
@@ -515,7 +592,16 @@ impl Acceptor {
         if Lsn(end_lsn.0 - 1).segment_no(segment_size) != begin_lsn.segment_no(segment_size) {
             return Err(AcceptorError::CrossesSegment { begin_lsn, end_lsn });
         }
-        decode_appended(decoder, begin_lsn, wal)
+        check_page_timelines(&self.state.pg_timelines, begin_lsn, wal)?;
+        let mut record_ends = vec![];
+        let decoder = decode_appended(decoder, begin_lsn, wal, &mut record_ends)?;
+        let switches = self.state.pg_timelines.switches.iter().map(|switch| switch.end_lsn);
+        if let Some(switch_lsn) =
+            switches.filter(|&lsn| begin_lsn < lsn && lsn <= end_lsn).find(|lsn| !record_ends.contains(lsn))
+        {
+            return Err(AcceptorError::SwitchInsideRecord { switch_lsn });
+        }
+        Ok(decoder)
     }
 
     /// Take in checked WAL: `decoder` is the one [`Self::check_wal`] returned.
@@ -619,15 +705,48 @@ impl Acceptor {
 /// Feed appended WAL to a copy of the decoder so a rejected append leaves the
 /// acceptor's decoder untouched. Postgres never streams a zero length where
 /// a record starts, so that is refused too.
-fn decode_appended(decoder: &WalDecoder, begin_lsn: Lsn, wal: &[u8]) -> Result<WalDecoder, AcceptorError> {
+fn decode_appended(
+    decoder: &WalDecoder,
+    begin_lsn: Lsn,
+    wal: &[u8],
+    record_ends: &mut Vec<Lsn>,
+) -> Result<WalDecoder, AcceptorError> {
     let end_lsn = begin_lsn + wal.len() as u64;
     let mut trial = decoder.clone();
     trial.feed(wal);
-    match trial.decode_available(|_| {}) {
+    match trial.decode_available(|record| record_ends.push(record.end_lsn)) {
         Ok(DecodeStep::EndOfWal { lsn }) => Err(AcceptorError::ZeroLengthRecord { lsn }),
         Ok(_) => Ok(trial),
         Err(source) => Err(AcceptorError::InvalidWal { begin_lsn, end_lsn, source }),
     }
+}
+
+/// Every WAL page header that starts in `wal` names the timeline that the
+/// history says wrote that page's first byte (the page holding a switch
+/// point was begun by the old timeline and keeps its header).
+fn check_page_timelines(history: &PgTimelineHistory, begin_lsn: Lsn, wal: &[u8]) -> Result<(), AcceptorError> {
+    const TIMELINE_OFFSET: usize = 4;
+    let first_page = begin_lsn.align_up(WAL_PAGE_SIZE_BYTES);
+    let mut page_lsn = first_page;
+    while page_lsn.0 + (TIMELINE_OFFSET + 4) as u64 <= begin_lsn.0 + wal.len() as u64 {
+        let at = (page_lsn.0 - begin_lsn.0) as usize + TIMELINE_OFFSET;
+        let found = u32::from_le_bytes(wal[at..at + 4].try_into().expect("4 bytes"));
+        let expected = history.timeline_of(page_lsn);
+        // Zero pages past the end of Postgres's WAL carry no header.
+        let zero_page = wal[at - TIMELINE_OFFSET..at + 4].iter().all(|&byte| byte == 0);
+        if found != expected && !zero_page {
+            return Err(AcceptorError::PageTimelineMismatch { page_lsn, expected, found });
+        }
+        page_lsn = page_lsn + WAL_PAGE_SIZE_BYTES;
+    }
+    Ok(())
+}
+
+fn describe_pg_timelines(history: &PgTimelineHistory) -> String {
+    let mut text: String =
+        history.switches.iter().map(|switch| format!("{} until {}, ", switch.timeline, switch.end_lsn)).collect();
+    text.push_str(&format!("{} after", history.current));
+    text
 }
 
 fn validate_proposer_history(elected: &ProposerElected) -> Result<(), AcceptorError> {

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use safekeeper_protocol::ids::{ClusterId, Term};
 use safekeeper_protocol::membership::Configuration;
 // The term history is part of the protocol (votes and ProposerElected carry
@@ -32,6 +33,11 @@ pub struct ControlState {
     /// yet; absent from control files written before membership changes).
     #[serde(default)]
     pub membership: Configuration,
+    /// Which Postgres timeline wrote which part of the log, as the elected
+    /// proposer said (names the segment files; absent from control files
+    /// written before timeline switches: timeline 1 throughout).
+    #[serde(default)]
+    pub pg_timelines: PgTimelineHistory,
 }
 
 impl ControlState {
@@ -47,6 +53,7 @@ impl ControlState {
             commit_lsn: Lsn::INVALID,
             remote_consistent_lsn: Lsn::INVALID,
             membership: Configuration::default(),
+            pg_timelines: PgTimelineHistory::first(),
         }
     }
 }

@@ -85,7 +85,7 @@ pub fn recover_timeline(dir: &Path) -> Result<Option<RecoveredTimeline>, Recover
         return Ok(None);
     };
     let control_store = FileControlStore::new(dir)?;
-    let mut storage = SegmentStorage::open(dir, control.wal_segment_size)?;
+    let mut storage = SegmentStorage::open(dir, control.wal_segment_size, &control.pg_timelines)?;
     let wal = recover_wal(&control, &mut storage)?;
     Ok(Some(RecoveredTimeline {
         control,
@@ -284,6 +284,7 @@ mod tests {
     use super::*;
     use crate::control::TermHistory;
     use crate::storage::ControlStore;
+    use postgres_wal::timeline_history::PgTimelineHistory;
     use postgres_wal::wal::generator::WalGenerator;
     use safekeeper_protocol::ids::{ClusterId, SystemId, Term};
     use std::fs;
@@ -306,6 +307,7 @@ mod tests {
             commit_lsn: commit,
             remote_consistent_lsn: Lsn::INVALID,
             membership: Default::default(),
+            pg_timelines: Default::default(),
         }
     }
 
@@ -335,7 +337,7 @@ mod tests {
             generator.append_random_records(10, seed, 20_000);
             seed += 1;
         }
-        let mut storage = SegmentStorage::open(dir, seg_size()).unwrap();
+        let mut storage = SegmentStorage::open(dir, seg_size(), &PgTimelineHistory::first()).unwrap();
         storage.initialize(start).unwrap();
         let (from, bytes) = generator.take_bytes();
         write_split(&mut storage, from, &bytes);
@@ -379,7 +381,7 @@ mod tests {
         generator.append_record(10, 0, 42, &[0xAB; 30_000]);
         let (from, bytes) = generator.take_bytes();
         {
-            let mut storage = SegmentStorage::open(dir.path(), seg_size()).unwrap();
+            let mut storage = SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).unwrap();
             storage.set_recovered_end(storage.start_lsn(), good_end).unwrap();
             let half = &bytes[..bytes.len() / 2];
             assert_eq!(from, good_end);
@@ -431,7 +433,7 @@ mod tests {
 
         // Committed WAL beyond the files: refuse.
         FileControlStore::new(dir.path()).unwrap().persist(&control(start, start + 3 * SEG_BYTES)).unwrap();
-        SegmentStorage::open(dir.path(), seg_size()).unwrap().initialize(start).unwrap();
+        SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).unwrap().initialize(start).unwrap();
         let err = recover_timeline(dir.path()).err().unwrap();
         assert!(matches!(err, RecoveryError::CommittedWalMissing { .. }), "{err}");
 
@@ -461,7 +463,10 @@ mod tests {
         };
         let name = |lsn: Lsn| lsn.segment_no(seg_size()).file_name(1, seg_size());
         persist(old_start);
-        SegmentStorage::open(dir.path(), seg_size()).unwrap().initialize(old_start).unwrap();
+        SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first())
+            .unwrap()
+            .initialize(old_start)
+            .unwrap();
 
         // Killed before the control file write: the old empty WAL.
         let recovered = recover_timeline(dir.path()).unwrap().unwrap();

@@ -162,6 +162,7 @@ impl<W: WalStorage, C: ControlStore> Timeline<W, C> {
                     self.acceptor.resume_decoding_with(decoder);
                 }
                 StorageAction::WriteWal { start_lsn, wal } => self.wal.write(start_lsn, &wal)?,
+                StorageAction::SetPgTimelines(history) => self.wal.set_pg_timelines(&history)?,
                 StorageAction::PersistControl(state) => self.control.persist(&state)?,
             }
         }

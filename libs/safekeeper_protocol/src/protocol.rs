@@ -71,6 +71,9 @@ pub struct VoteRequest {
     pub cluster: ClusterId,
     pub term: Term,
     pub generation: MembershipGeneration,
+    /// As in the greeting: an acceptor whose log a later Postgres timeline
+    /// wrote refuses the vote to a proposer streaming an older one.
+    pub pg_timeline: PgTimelineId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -488,6 +491,7 @@ impl ProposerMessage {
             }
             ProposerMessage::VoteRequest(m) => {
                 put_head(&mut out, tag::VOTE_REQUEST, &m.cluster, m.term, m.generation);
+                out.put_u32(m.pg_timeline);
             }
             ProposerMessage::ProposerElected(m) => {
                 put_head(&mut out, tag::PROPOSER_ELECTED, &m.cluster, m.term, m.generation);
@@ -536,6 +540,7 @@ impl ProposerMessage {
                 cluster: r.cluster()?,
                 term: r.term("term")?,
                 generation: r.generation()?,
+                pg_timeline: r.u32("pg timeline")?,
             }),
             tag::PROPOSER_ELECTED => ProposerMessage::ProposerElected(ProposerElected {
                 cluster: r.cluster()?,
@@ -730,7 +735,8 @@ mod tests {
             (cluster(), any::<u64>(), any::<u32>()).prop_map(|(c, t, g)| ProposerMessage::VoteRequest(VoteRequest {
                 cluster: c,
                 term: Term(t),
-                generation: MembershipGeneration(g)
+                generation: MembershipGeneration(g),
+                pg_timeline: g.rotate_left(5),
             })),
             (cluster(), any::<u64>(), any::<u64>(), any::<u64>(), history(), pg_timelines()).prop_map(
                 |(c, t, s, ts, h, pg_timelines)| {
@@ -808,8 +814,8 @@ mod tests {
                     written_in_term: Term(w),
                 })
             }),
-            (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>(), history(), pg_timelines()).prop_map(
-                |(t, given, f, c, s, h, pg_timelines)| {
+            (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>(), history(), pg_timelines())
+                .prop_map(|(t, given, f, c, s, h, pg_timelines)| {
                     AcceptorMessage::VoteResponse(VoteResponse {
                         term: Term(t),
                         vote_given: given,
@@ -819,8 +825,7 @@ mod tests {
                         term_history: h,
                         pg_timelines,
                     })
-                }
-            ),
+                }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(t, f, c)| {
                 AcceptorMessage::AppendResponse(AppendResponse { term: Term(t), flush_lsn: Lsn(f), commit_lsn: Lsn(c) })
             }),

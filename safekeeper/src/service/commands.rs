@@ -4,7 +4,9 @@
 //! - `IDENTIFY_SYSTEM`, `SHOW <name>`, `START_REPLICATION [SLOT s]
 //!   [PHYSICAL] X/Y [TIMELINE n]`: what standard physical replication
 //!   clients (pg_receivewal, a standby's walreceiver) send to a walsender;
-//!   answered with the committed WAL (`super::replication`). A trailing
+//!   answered with the committed WAL (`super::replication`), and
+//!   `TIMELINE_HISTORY n` (the history file of Postgres timeline n, which a
+//!   standby asks for when it follows a promotion). A trailing
 //!   `TERM n` is ours: a proposer of term n reading its donor's log
 //!   (`compute_shim sync-safekeepers`), answered up to the flush LSN.
 //!
@@ -22,6 +24,8 @@ pub enum Command {
     /// `READ_REPLICATION_SLOT name` (pg_receivewal --slot asks it first).
     ReadReplicationSlot(String),
     StartReplication(StartReplication),
+    /// `TIMELINE_HISTORY n`.
+    TimelineHistory(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,7 +44,7 @@ pub struct StartReplication {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {
-    #[error("unsupported command \"{0}\": this port accepts START_WAL_PUSH, IDENTIFY_SYSTEM, SHOW, READ_REPLICATION_SLOT and START_REPLICATION (physical)")]
+    #[error("unsupported command \"{0}\": this port accepts START_WAL_PUSH, IDENTIFY_SYSTEM, SHOW, READ_REPLICATION_SLOT, TIMELINE_HISTORY and START_REPLICATION (physical)")]
     Unsupported(String),
     #[error("syntax error in {command}: {reason}")]
     Syntax { command: &'static str, reason: String },
@@ -69,6 +73,15 @@ pub fn parse_command(query: &str) -> Result<Command, CommandError> {
             _ => Err(syntax("READ_REPLICATION_SLOT", "expected one slot name")),
         },
         "START_REPLICATION" => parse_start_replication(rest).map(Command::StartReplication),
+        "TIMELINE_HISTORY" => match rest {
+            [number] => number
+                .parse::<u32>()
+                .ok()
+                .filter(|&timeline| timeline != 0)
+                .map(Command::TimelineHistory)
+                .ok_or_else(|| syntax("TIMELINE_HISTORY", format!("{:?} is not a timeline id", quote(number)))),
+            _ => Err(syntax("TIMELINE_HISTORY", "expected one timeline id")),
+        },
         _ => Err(CommandError::Unsupported(quote(command))),
     }
 }

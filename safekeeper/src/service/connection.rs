@@ -25,7 +25,6 @@ use super::pg_wire::{
 use super::registry::TimelineHandle;
 use super::replication::{self, StreamEnd};
 use super::{push, ServiceState};
-use safekeeper_core::storage::segments::PG_TIMELINE_ID;
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 use std::sync::Arc;
 
@@ -163,6 +162,8 @@ async fn query_loop(
                         resolve_timeline(state, settings).map(|handle| identify_system(&mut out, &handle))
                     }
                     Command::Show(name) => show(&mut out, state, settings, &name),
+                    Command::TimelineHistory(timeline) => resolve_timeline(state, settings)
+                        .and_then(|handle| timeline_history(&mut out, &handle, timeline)),
                     Command::ReadReplicationSlot(_) => {
                         // A safekeeper keeps no slots: a physical slot with no
                         // position, so the client starts where
@@ -230,8 +231,9 @@ fn resolve_timeline(state: &ServiceState, settings: &StartupSettings) -> Result<
     }
 }
 
-/// IDENTIFY_SYSTEM as a walsender answers it; the WAL position is the
-/// commit LSN (nothing beyond it is ever streamed).
+/// IDENTIFY_SYSTEM as a walsender answers it: the latest Postgres timeline
+/// of the log, and as the WAL position the commit LSN (nothing beyond it is
+/// ever streamed).
 fn identify_system(out: &mut BytesMut, handle: &TimelineHandle) {
     let snapshot = handle.snapshot();
     encode::row_description(
@@ -244,10 +246,32 @@ fn identify_system(out: &mut BytesMut, handle: &TimelineHandle) {
         ],
     );
     let system_id = snapshot.system_id.0.to_string();
-    let timeline = PG_TIMELINE_ID.to_string();
+    let timeline = snapshot.pg_timelines.current.to_string();
     let position = snapshot.commit_lsn.to_string();
     encode::data_row(out, &[Some(&system_id), Some(&timeline), Some(&position), None]);
     encode::command_complete(out, "IDENTIFY_SYSTEM");
+}
+
+/// TIMELINE_HISTORY as a walsender answers it: the file's name and its
+/// bytes. Timeline 1, and any timeline not in the log's history, has none.
+fn timeline_history(out: &mut BytesMut, handle: &TimelineHandle, timeline: u32) -> Result<(), PgError> {
+    let history = handle.snapshot().pg_timelines;
+    let Some(of_timeline) = history.of_ancestor(timeline).filter(|history| !history.switches.is_empty()) else {
+        return Err(PgError::error(
+            sqlstate::UNDEFINED_FILE,
+            format!(
+                "could not open file \"{}\": Postgres timeline {timeline} has no history in this log (its timelines \
+                 end at {})",
+                postgres_wal::timeline_history::history_file_name(timeline),
+                history.current
+            ),
+        ));
+    };
+    encode::row_description(out, &[("filename", encode::TEXT_OID), ("content", encode::BYTEA_OID)]);
+    let (name, text) = (of_timeline.file_name(), of_timeline.file_text());
+    encode::data_row(out, &[Some(&name), Some(&text)]);
+    encode::command_complete(out, "TIMELINE_HISTORY");
+    Ok(())
 }
 
 /// SHOW for the settings replication clients ask about.

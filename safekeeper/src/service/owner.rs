@@ -108,6 +108,7 @@ fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &
         removed_segments: metrics.removed_segments.get(),
         stopped_by_error: None,
         membership: state.membership.clone(),
+        pg_timelines: state.pg_timelines.clone(),
         // Live, filled in by the HTTP layer when it answers.
         connected_proposers: 0,
         consumers: Vec::new(),

@@ -183,6 +183,7 @@ pub mod encode {
     pub const TEXT_OID: u32 = 25;
     pub const INT4_OID: u32 = 23;
     pub const INT8_OID: u32 = 20;
+    pub const BYTEA_OID: u32 = 17;
 
     /// A RowDescription of text-format columns `(name, type oid)`.
     pub fn row_description(out: &mut BytesMut, columns: &[(&str, u32)]) {

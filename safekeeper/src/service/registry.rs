@@ -294,7 +294,7 @@ impl Timelines {
         })?;
         tracing::info!(tenant_id = %cluster.tenant_id, timeline_id = %cluster.timeline_id, system_id = %cluster.system_id, "created timeline");
         let io = |error: StorageError| PgError::fatal(sqlstate::IO_ERROR, error.to_string());
-        let storage = SegmentStorage::open(&dir, state.wal_segment_size).map_err(io)?;
+        let storage = SegmentStorage::open(&dir, state.wal_segment_size, &state.pg_timelines).map_err(io)?;
         let control = FileControlStore::new(&dir).map_err(io)?;
         let empty = RecoveredWal { end_lsn: Lsn::INVALID, decoder: None };
         let acceptor = Acceptor::new(self.config.node_id, AcceptorConfig::default(), state, empty);
@@ -550,6 +550,7 @@ mod tests {
             wal_segment_size_bytes: SEGMENT_SIZE_BYTES,
             proposer_id: [1; 16],
             generation: MembershipGeneration::NOT_SET,
+            pg_timeline: 1,
         }
     }
 

@@ -40,7 +40,6 @@ use super::registry::TimelineHandle;
 use super::wal_reader::ChunkReader;
 use postgres_wal::lsn::Lsn;
 use safekeeper_api::api::TimelineStatus;
-use safekeeper_core::storage::segments::PG_TIMELINE_ID;
 use safekeeper_core::storage::StorageError;
 
 /// WAL bytes per XLogData message (Postgres's MAX_SEND_SIZE: 16 pages).
@@ -87,19 +86,33 @@ fn readable_end(snapshot: &TimelineStatus, request: &StartReplication) -> Result
 pub fn check_request(handle: &TimelineHandle, request: &StartReplication) -> Result<(), PgError> {
     let snapshot = handle.snapshot();
     readable_end(&snapshot, request)?;
-    if request.pg_timeline != PG_TIMELINE_ID {
-        return Err(PgError::error(
-            sqlstate::INVALID_PARAMETER_VALUE,
-            format!(
-                "requested timeline {} is not in this server's history (a safekeeper stores timeline {PG_TIMELINE_ID})",
-                request.pg_timeline
-            ),
-        ));
-    }
     let start = request.start_lsn;
+    let history = &snapshot.pg_timelines;
+    let timeline = request.pg_timeline;
+    // A proposer (`TERM n`) reads the log, whichever timelines wrote it.
+    if request.proposer_term.is_none() {
+        if !history.contains(timeline) {
+            return Err(PgError::error(
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!(
+                    "requested timeline {timeline} is not in this server's history (its latest timeline is {})",
+                    history.current
+                ),
+            ));
+        }
+        if let Some(end) = history.end_of(timeline).filter(|&end| start > end) {
+            return Err(PgError::error(
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!(
+                    "requested starting point {start} on timeline {timeline} is not in this server's history: this \
+                     server's history forked from timeline {timeline} at {end}"
+                ),
+            ));
+        }
+    }
     let kept_from = snapshot.oldest_kept_lsn.max(snapshot.timeline_start_lsn);
     if !kept_from.is_valid() || start < kept_from {
-        let segment = start.segment_no(snapshot.wal_seg_size).file_name(PG_TIMELINE_ID, snapshot.wal_seg_size);
+        let segment = history.segment_file_name(start.segment_no(snapshot.wal_seg_size), snapshot.wal_seg_size);
         return Err(PgError::error(
             sqlstate::UNDEFINED_FILE,
             format!(
@@ -119,8 +132,30 @@ pub fn check_request(handle: &TimelineHandle, request: &StartReplication) -> Res
     Ok(())
 }
 
+/// Where a stream of an older Postgres timeline ends (its switch point),
+/// and the timeline that follows; `None` for the latest timeline and for a
+/// proposer reading the log.
+fn timeline_end(snapshot: &TimelineStatus, request: &StartReplication) -> Option<(Lsn, u32)> {
+    if request.proposer_term.is_some() {
+        return None;
+    }
+    let (next, end) = snapshot.pg_timelines.successor_of(request.pg_timeline)?;
+    Some((end, next))
+}
+
+/// After a historic timeline's WAL, as a walsender does: which timeline
+/// comes next and where it starts, then the end of the command.
+fn next_timeline_result(out: &mut BytesMut, next_timeline: u32, start: Lsn) {
+    encode::row_description(out, &[("next_tli", encode::INT8_OID), ("next_tli_startpos", encode::TEXT_OID)]);
+    encode::data_row(out, &[Some(&next_timeline.to_string()), Some(&start.to_string())]);
+    encode::command_complete(out, "START_STREAMING");
+}
+
 /// Stream committed WAL (or the proposer's log, `TERM n`) from
-/// `request.start_lsn` until the client ends.
+/// `request.start_lsn` until the client ends, or, on an older Postgres
+/// timeline, until its switch point: then the stream ends as a walsender
+/// ends it (CopyDone, the client's CopyDone, the next timeline and where it
+/// starts), and the client asks again on that timeline.
 pub async fn run(
     handle: Arc<TimelineHandle>,
     request: &StartReplication,
@@ -128,7 +163,14 @@ pub async fn run(
     write: &mut OwnedWriteHalf,
     peer: String,
 ) -> Result<StreamEnd, WireError> {
+    let switch = timeline_end(&handle.snapshot(), request);
     let mut out = BytesMut::new();
+    if let Some((end, next_timeline)) = switch.filter(|&(end, _)| end == request.start_lsn) {
+        // Nothing of that timeline left to send: no COPY at all.
+        next_timeline_result(&mut out, next_timeline, end);
+        write_bounded(write, &out).await?;
+        return Ok(StreamEnd::CopyDone(reader));
+    }
     encode::copy_both_response(&mut out);
     write_bounded(write, &out).await?;
     let mut snapshots = handle.watch_snapshot();
@@ -141,9 +183,15 @@ pub async fn run(
     let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
     tracing::debug!(slot = ?request.slot, %start, "START_REPLICATION");
     loop {
-        let end_lsn = readable_end(&snapshots.borrow_and_update(), request).map_err(PgError::into_fatal)?;
+        let mut end_lsn = readable_end(&snapshots.borrow_and_update(), request).map_err(PgError::into_fatal)?;
+        if let Some((switch_lsn, _)) = switch {
+            end_lsn = end_lsn.min(switch_lsn);
+        }
         chunks.extend_to(end_lsn);
         chunks = send_available(chunks, end_lsn, write).await?;
+        if let Some((switch_lsn, next_timeline)) = switch.filter(|&(end, _)| chunks.position() == end) {
+            return end_of_timeline(client, write, switch_lsn, next_timeline).await;
+        }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() {
                 let message = "the timeline's owner stopped; reconnect".to_string();
@@ -182,6 +230,36 @@ pub async fn run(
         Ok(Err(error)) => Err(error),
         Err(join_error) => Err(PgError::fatal("XX000", format!("replication reader failed: {join_error}")).into()),
     }
+}
+
+/// The requested timeline's WAL is all sent: CopyDone, wait (bounded) for
+/// the client's, then tell it the next timeline.
+async fn end_of_timeline(
+    mut client: AbortOnDrop<Result<Option<Reader>, WireError>>,
+    write: &mut OwnedWriteHalf,
+    switch_lsn: Lsn,
+    next_timeline: u32,
+) -> Result<StreamEnd, WireError> {
+    let mut out = BytesMut::new();
+    encode::copy_done(&mut out);
+    write_bounded(write, &out).await?;
+    let reader = match tokio::time::timeout(CLIENT_SILENCE_TIMEOUT, &mut client.0).await {
+        Ok(Ok(Ok(Some(reader)))) => reader,
+        Ok(Ok(Ok(None))) => return Ok(StreamEnd::Closed),
+        Ok(Ok(Err(error))) => return Err(error),
+        Ok(Err(join_error)) => {
+            return Err(PgError::fatal("XX000", format!("replication reader failed: {join_error}")).into())
+        }
+        Err(_) => {
+            let message =
+                format!("the client did not end COPY within {} s after timeline end", CLIENT_SILENCE_TIMEOUT.as_secs());
+            return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, message).into());
+        }
+    };
+    let mut out = BytesMut::new();
+    next_timeline_result(&mut out, next_timeline, switch_lsn);
+    write_bounded(write, &out).await?;
+    Ok(StreamEnd::CopyDone(reader))
 }
 
 /// Send everything from the reader's position up to `end_lsn`.

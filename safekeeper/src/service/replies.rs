@@ -182,6 +182,7 @@ mod tests {
             node_id: NodeId(1),
             term: Term(term),
             configuration: Default::default(),
+            pg_timelines: Default::default(),
         })
     }
 

@@ -36,7 +36,7 @@ impl ChunkReader {
         peer: String,
     ) -> ChunkReader {
         ChunkReader {
-            reader: SegmentReader::new(&handle.dir, segment_size),
+            reader: SegmentReader::new(&handle.dir, segment_size).with_pg_timelines(handle.snapshot().pg_timelines),
             pos: start,
             end,
             guard: handle.consumers.register(kind, peer, start),

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 use postgres_wal::wal::generator::WalGenerator;
 use safekeeper_core::acceptor::AcceptorError;
 use safekeeper_core::acceptor::PeerWal;
@@ -218,6 +219,10 @@ impl Net {
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
             proposer_id: [self.computes.len() as u8; 16],
             timeline_start_lsn: TIMELINE_START,
+            pg_timelines: match mode {
+                crate::proposer::ProposerMode::Sync => None,
+                crate::proposer::ProposerMode::Stream { .. } => Some(PgTimelineHistory::first()),
+            },
             mode,
         };
         self.computes.push(Compute {

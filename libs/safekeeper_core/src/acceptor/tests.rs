@@ -8,6 +8,7 @@ use crate::control::TermStart;
 use crate::storage::WalStorage;
 use crate::timeline::{MemoryTimeline, TimelineError};
 use postgres_wal::lsn::WalSegmentSize;
+use postgres_wal::timeline_history::PgTimelineHistory;
 use postgres_wal::wal::generator::WalGenerator;
 use safekeeper_protocol::ids::{SystemId, TenantId, TimelineId};
 use safekeeper_protocol::protocol::{AppendRequest, Greeting, ProposerElected, VoteRequest};
@@ -41,6 +42,7 @@ pub(crate) fn vote(term: u64) -> ProposerMessage {
         cluster: cluster(),
         term: Term(term),
         generation: MembershipGeneration::NOT_SET,
+        pg_timeline: 1,
     })
 }
 
@@ -55,6 +57,7 @@ pub(crate) fn elected(term: u64, entries: &[(u64, Lsn)]) -> ProposerMessage {
         term_start_lsn: last.start_lsn,
         timeline_start_lsn: TIMELINE_START,
         term_history: history,
+        pg_timelines: PgTimelineHistory::first(),
     })
 }
 
@@ -132,6 +135,7 @@ fn greeting_checks_cluster_identity_and_parameters() {
             wal_segment_size_bytes: segment,
             proposer_id: [9; 16],
             generation: MembershipGeneration::NOT_SET,
+            pg_timeline: 1,
         })
     };
     let ok = timeline.handle(greeting(cluster(), SEGMENT_SIZE_BYTES as u32)).unwrap();
@@ -149,6 +153,7 @@ fn greeting_checks_cluster_identity_and_parameters() {
         cluster: wrong_timeline,
         term: Term(5),
         generation: MembershipGeneration::NOT_SET,
+        pg_timeline: 1,
     });
     assert!(timeline.handle(message).is_err());
     assert_eq!(timeline.acceptor().term(), Term(0), "a refused message changes nothing");
@@ -383,6 +388,7 @@ mod random_sequences {
                     term_start_lsn: boundary(*start),
                     timeline_start_lsn: TIMELINE_START,
                     term_history: history,
+                    pg_timelines: PgTimelineHistory::first(),
                 })
             }
             Op::Append { term, shift, len_bytes, commit } => {
@@ -677,6 +683,7 @@ mod membership {
             wal_segment_size_bytes: SEGMENT_SIZE_BYTES as u32,
             proposer_id: [9; 16],
             generation: MembershipGeneration::NOT_SET,
+            pg_timeline: 1,
         })
     }
 

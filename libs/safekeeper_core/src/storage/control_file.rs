@@ -191,6 +191,7 @@ mod tests {
             commit_lsn: Lsn(0x123_4568),
             remote_consistent_lsn: Lsn(0x80_0000 * term),
             membership: Default::default(),
+            pg_timelines: Default::default(),
         }
     }
 

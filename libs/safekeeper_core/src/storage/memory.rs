@@ -8,6 +8,7 @@
 use crate::control::ControlState;
 use crate::storage::{ControlStore, StorageError, SyncedLsn, WalStorage};
 use postgres_wal::lsn::Lsn;
+use postgres_wal::timeline_history::PgTimelineHistory;
 
 #[derive(Clone, Debug, Default)]
 pub struct MemoryWalStorage {
@@ -140,6 +141,11 @@ impl WalStorage for MemoryWalStorage {
         self.bytes.drain(..removed_bytes);
         self.durable_len -= removed_bytes;
         self.start_lsn = end;
+        Ok(())
+    }
+
+    /// Memory has no file names; the history lives in the control state.
+    fn set_pg_timelines(&mut self, _history: &PgTimelineHistory) -> Result<(), StorageError> {
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use utils::durable::{self, DurableError};
 
 use crate::control::ControlState;
 use postgres_wal::lsn::Lsn;
+use postgres_wal::timeline_history::PgTimelineHistory;
 
 /// Proof that WAL up to `lsn` is durable. Only storage implementations in
 /// this crate construct it, so "durable before acknowledged" is in the types:
@@ -98,6 +99,9 @@ pub trait WalStorage {
     /// remains is contiguous even after a crash midway. Retention calls it;
     /// what is removed is gone for good.
     fn remove_below(&mut self, end: Lsn) -> Result<(), StorageError>;
+    /// Name what is stored after `history` (which Postgres timeline wrote
+    /// which LSNs) and keep its history file; durable on return.
+    fn set_pg_timelines(&mut self, history: &PgTimelineHistory) -> Result<(), StorageError>;
 }
 
 /// Where the control state lives durably.

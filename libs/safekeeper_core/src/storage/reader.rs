@@ -14,13 +14,17 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::segments::PG_TIMELINE_ID;
 use super::{io_error, StorageError};
 use postgres_wal::lsn::{Lsn, SegmentNo, WalSegmentSize};
+use postgres_wal::timeline_history::PgTimelineHistory;
 
 pub struct SegmentReader {
     dir: PathBuf,
     segment_size: WalSegmentSize,
+    /// Names the files; a reader on another thread may know an older
+    /// history than the owner, so a missing name is looked up again by
+    /// segment number before it counts as removed.
+    pg_timelines: PgTimelineHistory,
     /// The segment last read, kept open for the next read.
     open: Option<(SegmentNo, File)>,
     bytes_read: u64,
@@ -28,16 +32,42 @@ pub struct SegmentReader {
 
 impl SegmentReader {
     pub fn new(dir: &Path, segment_size: WalSegmentSize) -> Self {
-        SegmentReader { dir: dir.to_path_buf(), segment_size, open: None, bytes_read: 0 }
+        SegmentReader {
+            dir: dir.to_path_buf(),
+            segment_size,
+            pg_timelines: PgTimelineHistory::first(),
+            open: None,
+            bytes_read: 0,
+        }
+    }
+
+    pub fn with_pg_timelines(mut self, history: PgTimelineHistory) -> Self {
+        self.pg_timelines = history;
+        self
+    }
+
+    /// Name files after `history` from now on (a timeline switch).
+    pub fn set_pg_timelines(&mut self, history: PgTimelineHistory) {
+        self.pg_timelines = history;
     }
 
     pub fn segment_size(&self) -> WalSegmentSize {
         self.segment_size
     }
 
-    /// Path of the file holding `segment`.
+    /// Path of the file holding `segment`, as this reader's history names it.
     pub fn segment_path(&self, segment: SegmentNo) -> PathBuf {
-        self.dir.join(segment.file_name(PG_TIMELINE_ID, self.segment_size))
+        self.dir.join(self.pg_timelines.segment_file_name(segment, self.segment_size))
+    }
+
+    /// The file that holds `segment` whatever timeline its name carries
+    /// (the owner renamed it after a switch this reader has not heard of).
+    fn find_segment_file(&self, segment: SegmentNo) -> Option<PathBuf> {
+        let listing = std::fs::read_dir(&self.dir).ok()?;
+        listing.filter_map(Result::ok).map(|entry| entry.path()).find(|path| {
+            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            SegmentNo::parse_file_name(name, self.segment_size).is_ok_and(|(_, found)| found == segment)
+        })
     }
 
     /// Bytes returned so far.
@@ -73,10 +103,18 @@ impl SegmentReader {
 
     /// `pread` exactly `buf.len()` bytes of `segment` at `offset`.
     fn pread(&mut self, segment: SegmentNo, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        let path = self.segment_path(segment);
+        let mut path = self.segment_path(segment);
         if self.open.as_ref().is_none_or(|(cached, _)| *cached != segment) {
             self.open = None;
-            let file = File::open(&path).map_err(|e| match e.kind() {
+            let file = match File::open(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let renamed = self.find_segment_file(segment);
+                    path = renamed.ok_or_else(|| StorageError::SegmentRemoved { path: path.display().to_string() })?;
+                    File::open(&path)
+                }
+                other => other,
+            };
+            let file = file.map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => StorageError::SegmentRemoved { path: path.display().to_string() },
                 _ => io_error(format!("opening {}", path.display()), e),
             })?;

@@ -22,6 +22,11 @@
 //!   then removes later segments (highest first, so the set on disk stays
 //!   contiguous if we die midway) and fsyncs the directory.
 //!
+//! - Each file carries the Postgres timeline that wrote its last byte (see
+//!   `postgres_wal::timeline_history`), as in the primary's `pg_wal`; when a
+//!   proposer brings a new history, the files whose names change are renamed
+//!   and the timeline's `0000000N.history` file is written next to them.
+//!
 //! After [`SegmentStorage::open`] the write position is unknown: recovery
 //! (`crate::recovery`) decodes the WAL, finds the end of the last valid
 //! record and calls [`SegmentStorage::set_recovered_end`].
@@ -39,9 +44,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use super::reader::SegmentReader;
 use super::{fsync_dir, io_error, StorageError, SyncedLsn, WalStorage};
 use postgres_wal::lsn::{Lsn, PgTimelineId, SegmentNo, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
-
-/// Postgres timeline id used in segment file names (one timeline for now).
-pub const PG_TIMELINE_ID: PgTimelineId = 1;
+use postgres_wal::timeline_history::{history_file_name, PgTimelineHistory};
 /// Most segments memory-mapped at once: bounds address space and the number
 /// of maps a sync has to visit.
 pub const MAX_MAPPED_SEGMENTS: usize = 4;
@@ -142,6 +145,8 @@ pub struct SegmentStorage {
     spare: Option<(SegmentNo, std::thread::JoinHandle<Result<(), StorageError>>)>,
     /// Reads with `pread` (recovery and `read`).
     reader: SegmentReader,
+    /// Which Postgres timeline names each segment file.
+    pg_timelines: PgTimelineHistory,
     stats: SegmentStorageStats,
 }
 
@@ -149,12 +154,21 @@ impl SegmentStorage {
     /// Open the timeline directory `dir`: remove leftover temp files, check
     /// that every segment file has a valid name and exactly
     /// `segment_size` bytes and that the set is contiguous. Never modifies a
-    /// segment file; a bad one is reported as `CorruptSegment`.
+    /// segment file's bytes; a bad one is reported as `CorruptSegment`.
+    /// A file named for another Postgres timeline than `pg_timelines` (the
+    /// control file's) says is renamed: a crash interrupted a switch, and
+    /// the control file decides which history stands.
     ///
     /// With segment files present, write and flush positions stay unknown
     /// (reads may cover all files) until [`Self::set_recovered_end`].
-    pub fn open(dir: &Path, segment_size: WalSegmentSize) -> Result<Self, StorageError> {
-        let segments = scan_segments(dir, segment_size)?;
+    pub fn open(
+        dir: &Path,
+        segment_size: WalSegmentSize,
+        pg_timelines: &PgTimelineHistory,
+    ) -> Result<Self, StorageError> {
+        let found = scan_segments(dir, segment_size)?;
+        rename_to_history(dir, segment_size, &found, pg_timelines)?;
+        let segments: Vec<SegmentNo> = found.iter().map(|&(segment, _)| segment).collect();
         let (first_segment, end_segment) = match (segments.first(), segments.last()) {
             (Some(&first), Some(&last)) => (first, SegmentNo(last.0 + 1)),
             _ => (SegmentNo(0), SegmentNo(0)),
@@ -170,7 +184,8 @@ impl SegmentStorage {
             recovery_pending: !segments.is_empty(),
             sync_failed: false,
             mapped: Vec::with_capacity(MAX_MAPPED_SEGMENTS),
-            reader: SegmentReader::new(dir, segment_size),
+            reader: SegmentReader::new(dir, segment_size).with_pg_timelines(pg_timelines.clone()),
+            pg_timelines: pg_timelines.clone(),
             spare: None,
             stats: SegmentStorageStats::default(),
         })
@@ -246,7 +261,40 @@ impl SegmentStorage {
 
     /// Path of the file holding `segment`.
     pub fn segment_path(&self, segment: SegmentNo) -> PathBuf {
-        self.dir.join(segment.file_name(PG_TIMELINE_ID, self.segment_size))
+        self.dir.join(self.pg_timelines.segment_file_name(segment, self.segment_size))
+    }
+
+    pub fn pg_timelines(&self) -> &PgTimelineHistory {
+        &self.pg_timelines
+    }
+
+    /// Name the files after `history` from now on: write its history file
+    /// (durably, before any name refers to its timeline), then rename every
+    /// held segment whose name changes, then fsync the directory. A crash
+    /// midway leaves names that [`Self::open`] puts right from the control
+    /// file, which is persisted after this returns.
+    fn name_files_after(&mut self, history: &PgTimelineHistory) -> Result<(), StorageError> {
+        self.guarded(|storage| {
+            if *history == storage.pg_timelines {
+                return Ok(());
+            }
+            if !history.switches.is_empty() {
+                let name = history.file_name();
+                let text = history.file_text();
+                super::write_file_atomically(&storage.dir, &name, &format!("{name}.tmp"), text.as_bytes())?;
+            }
+            // A spare's temp name follows its final name: drop it rather
+            // than track a rename.
+            storage.discard_spare();
+            let segment_size = storage.segment_size;
+            let held: Vec<(SegmentNo, PgTimelineId)> = (storage.first_segment.0..storage.end_segment.0)
+                .map(|n| (SegmentNo(n), storage.pg_timelines.timeline_of_segment(SegmentNo(n), segment_size)))
+                .collect();
+            rename_to_history(&storage.dir, segment_size, &held, history)?;
+            storage.pg_timelines = history.clone();
+            storage.reader.set_pg_timelines(history.clone());
+            Ok(())
+        })
     }
 
     fn has_file(&self, segment: SegmentNo) -> bool {
@@ -612,6 +660,10 @@ impl WalStorage for SegmentStorage {
         );
         self.guarded(|storage| storage.remove_segments_below(end.segment_no(storage.segment_size)))
     }
+
+    fn set_pg_timelines(&mut self, history: &PgTimelineHistory) -> Result<(), StorageError> {
+        self.name_files_after(history)
+    }
 }
 
 /// Zero `mapped` from `offset` to its end, touching only chunks that hold a
@@ -665,9 +717,40 @@ fn create_zeroed_file(path: &Path, size_bytes: u64) -> Result<(), StorageError> 
         .map_err(|source| StorageError::SyncFailed { what: format!("fsync of new segment {}", path.display()), source })
 }
 
-/// List the segment files of `dir`: valid names, exact size, contiguous.
-/// Removes leftover temp segments (they never hold acknowledged WAL).
-fn scan_segments(dir: &Path, segment_size: WalSegmentSize) -> Result<Vec<SegmentNo>, StorageError> {
+/// Rename each of `files` (segment and the timeline its name carries) that
+/// `history` names differently, then fsync `dir` if anything moved.
+fn rename_to_history(
+    dir: &Path,
+    segment_size: WalSegmentSize,
+    files: &[(SegmentNo, PgTimelineId)],
+    history: &PgTimelineHistory,
+) -> Result<(), StorageError> {
+    let mut renamed = false;
+    for &(segment, timeline) in files {
+        let wanted = history.timeline_of_segment(segment, segment_size);
+        if wanted == timeline {
+            continue;
+        }
+        let from = dir.join(segment.file_name(timeline, segment_size));
+        let to = dir.join(segment.file_name(wanted, segment_size));
+        fs::rename(&from, &to).map_err(|e| io_error(format!("renaming {} to {}", from.display(), to.display()), e))?;
+        renamed = true;
+    }
+    if renamed {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Where the history file of `timeline` lives in a timeline directory.
+pub fn history_file_path(dir: &Path, timeline: PgTimelineId) -> PathBuf {
+    dir.join(history_file_name(timeline))
+}
+
+/// List the segment files of `dir`: valid names, exact size, contiguous,
+/// one file per segment, with the timeline each name carries. Removes
+/// leftover temp segments (they never hold acknowledged WAL).
+fn scan_segments(dir: &Path, segment_size: WalSegmentSize) -> Result<Vec<(SegmentNo, PgTimelineId)>, StorageError> {
     let listing = fs::read_dir(dir).map_err(|e| io_error(format!("listing {}", dir.display()), e))?;
     let mut segments = Vec::new();
     let mut removed_temp = false;
@@ -688,16 +771,17 @@ fn scan_segments(dir: &Path, segment_size: WalSegmentSize) -> Result<Vec<Segment
         fsync_dir(dir)?;
     }
     segments.sort();
-    if let Some(pair) = segments.windows(2).find(|pair| pair[1].0 != pair[0].0 + 1) {
-        let missing = SegmentNo(pair[0].0 + 1);
-        return Err(StorageError::CorruptSegment {
-            path: dir.join(missing.file_name(PG_TIMELINE_ID, segment_size)).display().to_string(),
-            reason: format!(
-                "missing: the timeline has segments {} and {} but not the ones between",
-                pair[0].file_name(PG_TIMELINE_ID, segment_size),
-                pair[1].file_name(PG_TIMELINE_ID, segment_size)
-            ),
-        });
+    if let Some(pair) = segments.windows(2).find(|pair| pair[1].0 .0 != pair[0].0 .0 + 1) {
+        let ((first, first_timeline), (second, second_timeline)) = (pair[0], pair[1]);
+        let (first_name, second_name) =
+            (first.file_name(first_timeline, segment_size), second.file_name(second_timeline, segment_size));
+        let reason = if first == second {
+            format!("two files hold segment {first_name} and {second_name}; left untouched")
+        } else {
+            format!("missing: the timeline has segments {first_name} and {second_name} but not the ones between")
+        };
+        let missing = SegmentNo(first.0 + 1).file_name(second_timeline, segment_size);
+        return Err(StorageError::CorruptSegment { path: dir.join(missing).display().to_string(), reason });
     }
     Ok(segments)
 }
@@ -720,11 +804,15 @@ fn looks_like_segment_name(name: &str) -> bool {
     name.len() == SEGMENT_FILE_NAME_LEN && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn check_segment_file(path: &Path, name: &str, segment_size: WalSegmentSize) -> Result<SegmentNo, StorageError> {
+fn check_segment_file(
+    path: &Path,
+    name: &str,
+    segment_size: WalSegmentSize,
+) -> Result<(SegmentNo, PgTimelineId), StorageError> {
     let corrupt = |reason: String| StorageError::CorruptSegment { path: path.display().to_string(), reason };
     let (timeline, segment) = SegmentNo::parse_file_name(name, segment_size).map_err(|e| corrupt(e.to_string()))?;
-    if timeline != PG_TIMELINE_ID {
-        return Err(corrupt(format!("names Postgres timeline {timeline}, expected {PG_TIMELINE_ID}")));
+    if timeline == 0 {
+        return Err(corrupt("names Postgres timeline 0, which does not exist".to_string()));
     }
     let metadata = fs::symlink_metadata(path).map_err(|e| io_error(format!("stat of {}", path.display()), e))?;
     if !metadata.is_file() {
@@ -737,7 +825,7 @@ fn check_segment_file(path: &Path, name: &str, segment_size: WalSegmentSize) -> 
             segment_size.bytes()
         )));
     }
-    Ok(segment)
+    Ok((segment, timeline))
 }
 
 #[cfg(test)]
@@ -751,7 +839,7 @@ mod tests {
     }
 
     fn fresh(dir: &Path, start: Lsn) -> SegmentStorage {
-        let mut storage = SegmentStorage::open(dir, seg_size()).unwrap();
+        let mut storage = SegmentStorage::open(dir, seg_size(), &PgTimelineHistory::first()).unwrap();
         storage.initialize(start).unwrap();
         storage
     }
@@ -922,7 +1010,7 @@ mod tests {
             storage.sync().unwrap();
         }
         fs::write(dir.path().join(format!("000000010000000000000003{TEMP_SEGMENT_SUFFIX}")), b"junk").unwrap();
-        let mut storage = SegmentStorage::open(dir.path(), seg_size()).unwrap();
+        let mut storage = SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).unwrap();
         assert!(storage.is_recovery_pending());
         assert_eq!((storage.start_lsn(), storage.files_end_lsn()), (start, Lsn(3 * SEG_BYTES)));
         assert!(
@@ -958,7 +1046,7 @@ mod tests {
             let victim = dir.path().join("000000010000000000000002");
             File::options().write(true).open(&victim).unwrap().set_len(new_len).unwrap();
             let before = snapshot(dir.path());
-            let err = SegmentStorage::open(dir.path(), seg_size()).err().expect(label);
+            let err = SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).err().expect(label);
             let StorageError::CorruptSegment { path, reason } = &err else { panic!("{label}: unexpected {err}") };
             assert!(path.ends_with("000000010000000000000002"), "{label}: {err}");
             assert!(reason.contains(&new_len.to_string()) && reason.contains(&SEG_BYTES.to_string()), "{label}: {err}");
@@ -975,11 +1063,11 @@ mod tests {
             storage.sync().unwrap();
         }
         fs::rename(dir.path().join("000000010000000000000002"), dir.path().join("keep")).unwrap();
-        let err = SegmentStorage::open(dir.path(), seg_size()).err().unwrap();
+        let err = SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).err().unwrap();
         assert!(err.to_string().contains("000000010000000000000002") && err.to_string().contains("missing"), "{err}");
         fs::rename(dir.path().join("keep"), dir.path().join("000000010000000000000002")).unwrap();
         fs::write(dir.path().join("000000010000000000001000"), vec![0; SEG_BYTES as usize]).unwrap();
-        let err = SegmentStorage::open(dir.path(), seg_size()).err().unwrap();
+        let err = SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).err().unwrap();
         assert!(err.to_string().contains("000000010000000000001000"), "{err}");
     }
 }

@@ -95,8 +95,14 @@ impl Refusal {
     pub fn refused(error: AcceptorError) -> Refusal {
         use AcceptorError::*;
         let sqlstate = match &error {
-            ClusterMismatch { .. } | ParameterMismatch { .. } => sqlstate::INVALID_PARAMETER_VALUE,
-            InvalidWal { .. } | ZeroLengthRecord { .. } => sqlstate::DATA_CORRUPTED,
+            ClusterMismatch { .. }
+            | ParameterMismatch { .. }
+            | SupersededTimeline { .. }
+            | TimelineWentDown { .. }
+            | PgTimelinesDisagree { .. } => sqlstate::INVALID_PARAMETER_VALUE,
+            InvalidWal { .. } | ZeroLengthRecord { .. } | PageTimelineMismatch { .. } | SwitchInsideRecord { .. } => {
+                sqlstate::DATA_CORRUPTED
+            }
             BadTermHistory { .. } | BadTimelineStart { .. } | CrossesSegment { .. } | BadConfiguration { .. } => {
                 sqlstate::PROTOCOL_VIOLATION
             }

@@ -83,6 +83,12 @@ impl WalStorage for ProbeWal {
         self.probe.record(Call::RemoveBelow(end));
         self.inner.remove_below(end)
     }
+    fn set_pg_timelines(
+        &mut self,
+        history: &postgres_wal::timeline_history::PgTimelineHistory,
+    ) -> Result<(), StorageError> {
+        self.inner.set_pg_timelines(history)
+    }
 }
 
 struct ProbeControl {

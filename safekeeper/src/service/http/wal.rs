@@ -28,9 +28,9 @@ use crate::service::consumers::ConsumerKind;
 use crate::service::registry::TimelineHandle;
 use crate::service::wal_reader::ChunkReader;
 use crate::service::ServiceState;
-use postgres_wal::lsn::{Lsn, SegmentNo};
+use postgres_wal::lsn::{Lsn, PgTimelineId, SegmentNo};
+use postgres_wal::timeline_history::{parse_history_file_name, PgTimelineHistory};
 use safekeeper_api::api::TimelineStatus;
-use safekeeper_core::storage::segments::PG_TIMELINE_ID;
 use safekeeper_core::storage::StorageError;
 
 /// Bytes read from disk and sent as one body chunk.
@@ -95,12 +95,19 @@ pub async fn get_segment(
 ) -> Result<Response, ApiError> {
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     let snapshot = handle.snapshot();
+    if let Some(timeline) = parse_history_file_name(&name) {
+        return history_file(&snapshot.pg_timelines, timeline, &name);
+    }
     let segment_size = snapshot.wal_seg_size;
     let (pg_timeline, segment) = SegmentNo::parse_file_name(&name, segment_size)
         .map_err(|e| ApiError::bad_request(format!("segment name: {e}")))?;
     let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, format!("segment {name}: {why}"));
-    if pg_timeline != PG_TIMELINE_ID {
-        return Err(not_found(format!("only Postgres timeline {PG_TIMELINE_ID} is stored here")));
+    let stored_timeline = snapshot.pg_timelines.timeline_of_segment(segment, segment_size);
+    if pg_timeline != stored_timeline {
+        return Err(not_found(format!(
+            "this segment is on Postgres timeline {stored_timeline} here, as {}",
+            snapshot.pg_timelines.segment_file_name(segment, segment_size)
+        )));
     }
     let start = segment.start_lsn(segment_size);
     let end = start
@@ -122,6 +129,23 @@ pub async fn get_segment(
         body,
     )
         .into_response())
+}
+
+/// `0000000N.history` as a `restore_command` asks for it: timeline N's
+/// history, if N is a timeline of this log that had ancestors. (A standby
+/// following `latest` asks for the next id too: not found until a
+/// promotion creates it.)
+fn history_file(history: &PgTimelineHistory, timeline: PgTimelineId, name: &str) -> Result<Response, ApiError> {
+    let of_timeline = history.of_ancestor(timeline).filter(|history| !history.switches.is_empty());
+    let Some(of_timeline) = of_timeline else {
+        let why = format!(
+            "this log is on Postgres timeline {}, which has no timeline {timeline} with a history",
+            history.current
+        );
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("history file {name}: {why}")));
+    };
+    let text = of_timeline.file_text();
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], text).into_response())
 }
 
 fn missing(name: &str) -> ApiError {

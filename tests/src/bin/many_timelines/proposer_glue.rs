@@ -66,6 +66,7 @@ impl TimelineProposer {
             proposer_id: rand::random(),
             timeline_start_lsn: start_lsn,
             mode: ProposerMode::Stream { postgres_flush_lsn: start_lsn },
+            pg_timelines: Some(postgres_wal::timeline_history::PgTimelineHistory::first()),
         };
         let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
         let mut timeline = TimelineProposer {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use postgres_wal::lsn::Lsn;
+use postgres_wal::timeline_history::PgTimelineHistory;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safekeeper_core::recovery::recover_timeline;
@@ -69,7 +70,7 @@ fn run_wal(
             let mut control_store = FileControlStore::new(dir)?;
             let control = new_control_state(Lsn::INVALID);
             control_store.persist(&control)?;
-            let mut storage = SegmentStorage::open(dir, segment_size())?;
+            let mut storage = SegmentStorage::open(dir, segment_size(), &PgTimelineHistory::first())?;
             storage.initialize(START_LSN)?;
             (storage, control_store, control, START_LSN)
         }

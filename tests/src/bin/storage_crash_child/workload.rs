@@ -40,6 +40,7 @@ pub fn new_control_state(commit_lsn: Lsn) -> ControlState {
         commit_lsn,
         remote_consistent_lsn: Lsn::INVALID,
         membership: Default::default(),
+        pg_timelines: Default::default(),
     }
 }
 
