@@ -887,6 +887,66 @@ mod tests {
         assert!(on_disk[10..].iter().all(|&b| b == 0));
     }
 
+    /// A promotion inside segment 0x31: that segment and later ones carry
+    /// timeline 2, the history file sits beside them, reads and appends go
+    /// on through the new names, and a reopen with the control file's
+    /// history (old or new: a crash on either side of the control-file
+    /// write) puts every name right.
+    #[test]
+    fn a_timeline_switch_renames_the_switch_segment_and_reopen_follows_the_control_file() {
+        use postgres_wal::timeline_history::PgTimelineSwitch;
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = fresh(dir.path(), Lsn(0x300_0000));
+        append(&mut storage, SEG_BYTES + 10);
+        storage.sync().unwrap();
+        let switch = PgTimelineSwitch { timeline: 1, end_lsn: Lsn(0x310_000A), reason: "promoted".into() };
+        let promoted = PgTimelineHistory { current: 2, switches: vec![switch] };
+        storage.set_pg_timelines(&promoted).unwrap();
+        assert_eq!(
+            file_names(dir.path()),
+            ["000000010000000000000030", "00000002.history", "000000020000000000000031"]
+        );
+        let history_text = fs::read_to_string(dir.path().join("00000002.history")).unwrap();
+        assert_eq!(history_text, "1\t0/310000A\tpromoted\n");
+        append(&mut storage, SEG_BYTES);
+        storage.sync().unwrap();
+        assert!(file_names(dir.path()).contains(&"000000020000000000000032".to_string()));
+        let mut bytes = vec![0u8; 20];
+        storage.read(Lsn(0x310_0000 - 10), &mut bytes).unwrap();
+        assert_eq!(bytes, pattern(Lsn(0x310_0000 - 10), 20), "reads cross the renamed boundary");
+        drop(storage);
+        // The control file still names timeline 1 (a crash before it was written).
+        drop(SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).unwrap());
+        let names = file_names(dir.path());
+        assert!(
+            names.contains(&"000000010000000000000031".to_string())
+                && names.contains(&"000000010000000000000032".to_string()),
+            "{names:?}"
+        );
+        // ... and after it was written.
+        drop(SegmentStorage::open(dir.path(), seg_size(), &promoted).unwrap());
+        let names = file_names(dir.path());
+        assert!(
+            names.contains(&"000000020000000000000031".to_string())
+                && names.contains(&"000000010000000000000030".to_string()),
+            "{names:?}"
+        );
+    }
+
+    /// Two files holding one segment (say 00000001...31 and 00000002...31)
+    /// cannot come from a rename; they are reported, never chosen between.
+    #[test]
+    fn two_files_for_one_segment_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = fresh(dir.path(), Lsn(0x300_0000));
+        append(&mut storage, 10);
+        storage.sync().unwrap();
+        drop(storage);
+        fs::copy(dir.path().join("000000010000000000000030"), dir.path().join("000000020000000000000030")).unwrap();
+        let err = SegmentStorage::open(dir.path(), seg_size(), &PgTimelineHistory::first()).err().unwrap();
+        assert!(err.to_string().contains("two files hold segment"), "{err}");
+    }
+
     /// Group commit: many writes, one msync per touched segment.
     #[test]
     fn many_writes_one_msync() {

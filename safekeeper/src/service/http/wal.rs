@@ -73,7 +73,7 @@ pub async fn get_wal(
         check_kept(&snapshot, start)?;
     }
     let end = snapshot.commit_lsn.min(end_limit.unwrap_or(Lsn(u64::MAX))).max(start);
-    let body = stream_range(&handle, &snapshot, start, end, ConsumerKind::Http, peer).await?;
+    let body = stream_range(&handle, &snapshot, start, end, ConsumerKind::Http, peer, 0).await?;
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     let mut set = |name: &'static str, value: String| {
@@ -99,7 +99,11 @@ pub async fn get_segment(
         return history_file(&snapshot.pg_timelines, timeline, &name);
     }
     let segment_size = snapshot.wal_seg_size;
-    let (pg_timeline, segment) = SegmentNo::parse_file_name(&name, segment_size)
+    let (segment_name, partial) = match name.strip_suffix(PARTIAL_SUFFIX) {
+        Some(segment_name) => (segment_name, true),
+        None => (name.as_str(), false),
+    };
+    let (pg_timeline, segment) = SegmentNo::parse_file_name(segment_name, segment_size)
         .map_err(|e| ApiError::bad_request(format!("segment name: {e}")))?;
     let not_found = |why: String| ApiError::new(StatusCode::NOT_FOUND, format!("segment {name}: {why}"));
     let stored_timeline = snapshot.pg_timelines.timeline_of_segment(segment, segment_size);
@@ -117,10 +121,20 @@ pub async fn get_segment(
         return Err(not_found(format!("before this timeline's WAL starts ({})", snapshot.timeline_start_lsn)));
     }
     check_kept(&snapshot, start)?;
-    if snapshot.commit_lsn < end {
-        return Err(not_found(format!("not fully committed yet (commit LSN {})", snapshot.commit_lsn)));
+    let commit_lsn = snapshot.commit_lsn;
+    if commit_lsn < end && !partial {
+        return Err(not_found(format!(
+            "not fully committed yet (commit LSN {commit_lsn}); its committed part is {segment_name}{PARTIAL_SUFFIX}"
+        )));
     }
-    let body = stream_range(&handle, &snapshot, start, end, ConsumerKind::Http, peer).await?;
+    if partial && commit_lsn <= start {
+        return Err(not_found(format!("nothing of it is committed yet (commit LSN {commit_lsn})")));
+    }
+    // A `.partial` segment is the committed bytes, zeros after them (as
+    // pg_receivewal leaves its last segment).
+    let committed_end = end.min(commit_lsn);
+    let padding_bytes = end - committed_end;
+    let body = stream_range(&handle, &snapshot, start, committed_end, ConsumerKind::Http, peer, padding_bytes).await?;
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
@@ -184,6 +198,7 @@ async fn stream_range(
     end: Lsn,
     kind: ConsumerKind,
     peer: SocketAddr,
+    padding_bytes: u64,
 ) -> Result<Body, ApiError> {
     let chunks = ChunkReader::new(handle, snapshot.wal_seg_size, start, end, kind, peer.to_string());
     let (chunks, first) = chunks.next_chunk(READ_CHUNK_BYTES).await;
@@ -206,5 +221,13 @@ async fn stream_range(
             }
         }
     });
-    Ok(Body::from_stream(stream::once(async { Ok::<_, std::io::Error>(first) }).chain(rest)))
+    let zero_chunks = padding_bytes.div_ceil(READ_CHUNK_BYTES as u64);
+    let padding = stream::iter((0..zero_chunks).map(move |index| {
+        let len = (padding_bytes - index * READ_CHUNK_BYTES as u64).min(READ_CHUNK_BYTES as u64);
+        Ok(bytes::Bytes::from(vec![0u8; len as usize]))
+    }));
+    Ok(Body::from_stream(stream::once(async { Ok::<_, std::io::Error>(first) }).chain(rest).chain(padding)))
 }
+
+/// The suffix of a segment's committed part (`GET .../segment/<name>.partial`).
+pub const PARTIAL_SUFFIX: &str = ".partial";
