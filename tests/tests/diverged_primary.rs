@@ -5,7 +5,9 @@
 //! of P and the safekeepers' committed segments and promoted (Postgres
 //! timeline 2), writes its own WAL past that tail. A shim on Q wins an
 //! election whose term starts at the end of the tail, but must refuse to
-//! lead ("not the primary that wrote the log") before sending anything: no
+//! lead before sending anything (since Postgres timelines are in the log,
+//! its timeline history already says it forked below the log's end, which
+//! refuses it before the digest comparison would): no
 //! safekeeper's flush or commit LSN and no byte of any segment file
 //! changes. The original P, started again, passes the same check, catches
 //! the lagging safekeepers up from its WAL and commits the tail.
@@ -37,8 +39,11 @@ const SHIM_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much WAL below the term start the shim compares
 /// (compute_shim's `log_check::CHECKED_BYTES`).
 const CHECKED_BYTES: u64 = 64 * 1024;
-/// From `ProposerError::PostgresDiverged`.
-const DIVERGED: &str = "not the primary that wrote the log";
+/// From `ProposerError::PostgresDiverged` (the digest of the WAL below the
+/// term start differs) or `ProposerError::PromotedBelowLogEnd` (Q's
+/// timeline history says it forked below the log's end: the same verdict,
+/// reached from the timeline history before any digest is asked for).
+const DIVERGED: [&str; 2] = ["not the primary that wrote the log", "promoted before it replayed everything"];
 /// Rows committed on P before anything goes wrong (ids 1..=N).
 const COMMITTED_ROWS: u32 = 5_000;
 /// Rows of the transaction that never gets a quorum: about 1 MiB of WAL,
@@ -121,7 +126,14 @@ fn read_pg_wal(dir: &Path, tli: PgTimelineId, segment_size: WalSegmentSize, star
 /// (system identifier, timeline, flush position).
 /// A shim on Q is elected, then exits non-zero within SHIM_EXIT_TIMEOUT
 /// reporting that Q diverged, in a message naming `range`.
-fn shim_on_q_refuses(cluster: &QuorumCluster, q: &PgCluster, range: &str) -> Result<(ExitStatus, Duration)> {
+/// `range` is what a digest refusal names; a timeline refusal names the
+/// log's end, `log_end`.
+fn shim_on_q_refuses(
+    cluster: &QuorumCluster,
+    q: &PgCluster,
+    range: &str,
+    log_end: Lsn,
+) -> Result<(ExitStatus, Duration)> {
     let mut args = cluster.shim_args();
     args.pg_conninfo = q.connection_string("postgres");
     let spawned = Instant::now();
@@ -141,8 +153,12 @@ fn shim_on_q_refuses(cluster: &QuorumCluster, q: &PgCluster, range: &str) -> Res
     let log = std::fs::read_to_string(&shim.process.log_path)?;
     println!("--- compute_shim on Q ({exit}, after {exited_after:?}) ---\n{log}---");
     ensure!(!exit.success(), "the shim on Q exited successfully");
-    ensure!(log.contains(DIVERGED), "the shim on Q did not report divergence: {log}");
-    ensure!(log.contains(range), "the refusal names another range than {range}: {log}");
+    ensure!(DIVERGED.iter().any(|verdict| log.contains(verdict)), "the shim on Q did not report divergence: {log}");
+    let names_the_log_end = log.contains(&format!("the safekeepers' log at {log_end}"));
+    ensure!(
+        log.contains(range) || names_the_log_end,
+        "the refusal names neither {range} nor the log end {log_end}: {log}"
+    );
     Ok((exit, exited_after))
 }
 
@@ -337,7 +353,7 @@ fn a_restored_and_promoted_primary_is_refused_and_the_original_commits() -> Resu
     //    starts the term at their log end, the tail is legitimately
     //    discarded (it was never committed) and Q leads.
     cluster.safekeepers[2].process.signal(Signal::SIGSTOP)?;
-    let result = shim_on_q_refuses(&cluster, &q, &format!("{checked_start}..{tail_end}"));
+    let result = shim_on_q_refuses(&cluster, &q, &format!("{checked_start}..{tail_end}"), tail_end);
     cluster.safekeepers[2].process.signal(Signal::SIGCONT)?;
     let (exit, exited_after) = result?;
     let mut terms = Vec::new();
@@ -564,7 +580,8 @@ fn a_promoted_primary_continuing_at_a_segment_start_is_refused() -> Result<()> {
         before.iter().map(|(flush, commit, term)| format!("{flush}/{commit}/{term}")).collect();
     step(&format!("all three safekeepers restarted (flush/commit/term {restarted:?}); files: {names_before:?}"));
 
-    let (exit, exited_after) = shim_on_q_refuses(&cluster, &q, &format!("Postgres's WAL in {boundary}..{boundary}"))?;
+    let (exit, exited_after) =
+        shim_on_q_refuses(&cluster, &q, &format!("Postgres's WAL in {boundary}..{boundary}"), boundary)?;
     let mut terms = Vec::new();
     let mut voted = 0;
     for index in 0..count {
