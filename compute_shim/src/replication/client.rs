@@ -224,7 +224,9 @@ impl ReplicationClient {
     /// On a safekeeper's pg port, as the elected proposer of `term`: its log
     /// from `start` up to its flush LSN, committed or not (`TERM n`,
     /// docs/service.md). How a sync proposer, which has no Postgres, reads
-    /// its donor.
+    /// its donor. The `TIMELINE` is required by the grammar but not
+    /// checked with `TERM`: a proposer reads the log, whatever Postgres
+    /// timelines wrote it.
     pub async fn start_donor_replication(self, start: Lsn, term: Term) -> Result<ReplicationStream, ReplicationError> {
         self.start_streaming(format!("START_REPLICATION PHYSICAL {start} TIMELINE 1 TERM {term}"), start).await
     }

@@ -212,6 +212,10 @@ mod tests {
         assert!(syntax_reason("START_REPLICATION 0/1 TERM -3").contains("not a number"));
         assert!(syntax_reason("START_REPLICATION 0/1 TERM 3 TIMELINE 1").contains("TIMELINE"));
         assert!(syntax_reason("SHOW").contains("one parameter"));
+        assert!(syntax_reason("TIMELINE_HISTORY").contains("one timeline id"));
+        assert!(syntax_reason("TIMELINE_HISTORY 0").contains("not a timeline id"));
+        assert!(syntax_reason("TIMELINE_HISTORY two").contains("not a timeline id"));
+        assert_eq!(parse_command("TIMELINE_HISTORY 2"), Ok(Command::TimelineHistory(2)));
         assert!(matches!(parse_command("DROP TABLE x"), Err(CommandError::Unsupported(_))));
         assert!(matches!(parse_command("START_WAL_PUSH now"), Err(CommandError::Unsupported(_))));
     }

@@ -428,6 +428,29 @@ mod tests {
         }
     }
 
+    /// Rule: a stream of an older Postgres timeline ends at its switch
+    /// point and names the next timeline; the latest timeline and a
+    /// proposer's read (`TERM n`) have no end.
+    #[test]
+    fn an_older_timeline_ends_at_its_switch_point() {
+        use postgres_wal::timeline_history::{PgTimelineHistory, PgTimelineSwitch};
+        let switch = |timeline, end| PgTimelineSwitch { timeline, end_lsn: Lsn(end), reason: String::new() };
+        let status = TimelineStatus {
+            pg_timelines: PgTimelineHistory { current: 3, switches: vec![switch(1, 0x100), switch(2, 0x200)] },
+            ..TimelineStatus::default()
+        };
+        let request = |pg_timeline, proposer_term: Option<u64>| StartReplication {
+            slot: None,
+            start_lsn: Lsn(0),
+            pg_timeline,
+            proposer_term: proposer_term.map(Term),
+        };
+        assert_eq!(timeline_end(&status, &request(1, None)), Some((Lsn(0x100), 2)));
+        assert_eq!(timeline_end(&status, &request(2, None)), Some((Lsn(0x200), 3)));
+        assert_eq!(timeline_end(&status, &request(3, None)), None);
+        assert_eq!(timeline_end(&status, &request(1, Some(4))), None);
+    }
+
     #[test]
     fn status_updates_give_the_flush_lsn() {
         let mut body = BytesMut::new();
