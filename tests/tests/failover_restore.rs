@@ -7,7 +7,10 @@
 //! ends recovery on Postgres timeline 2 and holds every acknowledged
 //! commit. A shim started for it continues the same safekeeper timeline,
 //! and a pageserver_stub that followed the old primary follows across the
-//! timeline switch.
+//! timeline switch. In the second round a safekeeper dies with the
+//! primary's machine: the sync runs with two of three, and the third,
+//! restarted later, catches up on the new timeline from its peers (the
+//! restored server no longer has the old timeline's WAL to stream).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -19,7 +22,7 @@ use integration_tests::fixture::wait_for;
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{http_get, sync_safekeepers, ComputeShim, PageserverStub};
 use nix::sys::signal::Signal;
-use postgres_wal::lsn::Lsn;
+use postgres_wal::lsn::{Lsn, SegmentNo};
 
 /// Any single wait: commits, recovery, election, the stub.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +39,48 @@ fn options() -> PgOptions {
 /// commit, and the restored server continues the safekeeper timeline.
 #[test]
 fn a_server_restored_from_a_backup_holds_every_acknowledged_commit_and_continues() -> Result<()> {
+    restore_round(None)
+}
+
+/// Test: as above with safekeeper 2 killed at the same moment as the
+/// primary; restarted after the restored server's shim commits, it catches
+/// up on Postgres timeline 2.
+#[test]
+fn a_safekeeper_that_died_with_the_primary_catches_up_on_the_new_timeline() -> Result<()> {
+    restore_round(Some(2))
+}
+
+/// Safekeepers `a` and `b` hold the same segment files (names included)
+/// with the same bytes below `end`.
+fn same_files_up_to(cluster: &QuorumCluster, a: usize, b: usize, end: Lsn) -> Result<()> {
+    let segment_size = cluster.segment_size()?;
+    let names = |index: usize| -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(cluster.timeline_dir(index))?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| {
+                SegmentNo::parse_file_name(name, segment_size).is_ok_and(|(_, n)| n <= end.segment_no(segment_size))
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    let (ours, theirs) = (names(a)?, names(b)?);
+    let shared: Vec<&String> = ours.iter().filter(|name| theirs.contains(name)).collect();
+    let last = shared.last().context("no segment in common")?;
+    ensure!(ours.last() == Some(*last) && theirs.last() == Some(*last), "segment names differ: {ours:?} vs {theirs:?}");
+    ensure!(last.starts_with("00000002"), "the segment holding {end} is not named for timeline 2: {last}");
+    for name in shared {
+        let (_, segment) = SegmentNo::parse_file_name(name, segment_size)?;
+        let len = (end.0.min(segment.start_lsn(segment_size).0 + segment_size.bytes())
+            - segment.start_lsn(segment_size).0) as usize;
+        let read = |index: usize| std::fs::read(cluster.timeline_dir(index).join(name));
+        let (x, y) = (read(a)?, read(b)?);
+        ensure!(x[..len] == y[..len], "safekeepers {a} and {b} differ in {name} below {end}");
+    }
+    Ok(())
+}
+
+fn restore_round(dies_with_the_primary: Option<usize>) -> Result<()> {
     let mut cluster = QuorumCluster::start(options())?;
     cluster.pg.psql(integration_tests::commit_loop::CREATE_TABLE)?;
     let stub_http: Vec<_> = cluster.safekeepers.iter().map(|sk| sk.http_addr).collect();
@@ -55,6 +100,9 @@ fn a_server_restored_from_a_backup_holds_every_acknowledged_commit_and_continues
     let died_at = Instant::now();
     cluster.shim.as_mut().context("a shim is running")?.process.signal(Signal::SIGKILL)?;
     cluster.pg.kill()?;
+    if let Some(index) = dies_with_the_primary {
+        cluster.kill_safekeeper(index)?;
+    }
     let report = commits.finish(TIMEOUT)?;
     let synced = sync_safekeepers(&cluster.safekeeper_addrs(), TENANT, TIMELINE, SYNC_TIMEOUT_S, cluster.dir.path())?
         .commit_lsn()?;
@@ -89,6 +137,13 @@ fn a_server_restored_from_a_backup_holds_every_acknowledged_commit_and_continues
     let committed = json_lsn(&shim.status()?, "commit_lsn")?;
     println!("first commit on the restored server {:?} after the machine died, at {committed}", died_at.elapsed());
     ensure!(committed > synced, "the shim's commit LSN {committed} did not pass the synced {synced}");
+    if let Some(index) = dies_with_the_primary {
+        cluster.restart_safekeeper(index)?;
+        let caught_up_from = Instant::now();
+        cluster.wait_safekeeper_flush(index, committed, TIMEOUT)?;
+        println!("safekeeper {index} caught up to {committed} on the new timeline in {:?}", caught_up_from.elapsed());
+        same_files_up_to(&cluster, index, 0, committed)?;
+    }
     for index in 0..cluster.safekeepers.len() {
         let status = cluster.timeline_status(index)?;
         let current = status["pg_timelines"]["current"].as_u64();
