@@ -158,6 +158,11 @@ impl WalGenerator {
         self.end
     }
 
+    /// Start of the last record (what the next record's `xl_prev` names).
+    pub fn last_record_start(&self) -> Lsn {
+        self.last_record_start
+    }
+
     pub fn system_id(&self) -> u64 {
         self.system_id
     }
