@@ -1153,9 +1153,10 @@ mod pg_timelines {
         assert!(TIMELINE_START < below && below < flush);
         assert!(vote_response(timeline.handle(vote_on(2, 2)).unwrap()).vote_given);
         let entries = [(1, TIMELINE_START), (2, flush)];
-        let error = assert_refused_unchanged(&mut timeline, elected_on(2, &entries, history_of(2, &[(1, below)])), |e| {
-            matches!(e, AcceptorError::PgTimelinesDisagree { .. })
-        });
+        let error =
+            assert_refused_unchanged(&mut timeline, elected_on(2, &entries, history_of(2, &[(1, below)])), |e| {
+                matches!(e, AcceptorError::PgTimelinesDisagree { .. })
+            });
         assert!(matches!(error, AcceptorError::PgTimelinesDisagree { lsn, .. } if lsn == flush), "{error}");
 
         // Our log went on to timeline 2 at `switch_lsn`; another standby,
@@ -1356,12 +1357,11 @@ mod pg_timelines {
         let (start, wal) = generate(&mut generator, 8);
         let first_page = switch_lsn.align_up(WAL_PAGE_SIZE_BYTES);
         let cut = (first_page - start) as usize + 6; // inside xlp_tli (bytes 4..8)
-        // The rest of that page only: the next page's header would be caught.
+                                                     // The rest of that page only: the next page's header would be caught.
         let page_end = (first_page - start) as usize + WAL_PAGE_SIZE_BYTES as usize;
         assert!(wal.len() > page_end);
         let first = timeline.handle(append(2, start, &wal[..cut], Lsn(0)));
-        let second =
-            first.is_ok().then(|| timeline.handle(append(2, start + cut as u64, &wal[cut..page_end], Lsn(0))));
+        let second = first.is_ok().then(|| timeline.handle(append(2, start + cut as u64, &wal[cut..page_end], Lsn(0))));
         let refused = first.is_err() || second.is_some_and(|reply| reply.is_err());
         let flush = timeline.sync_and_ack().ok().flatten().map(|reply| append_response(Some(reply)).flush_lsn);
         assert!(refused, "a page of timeline 1 at {first_page} was taken into timeline 2's log (flush now {flush:?})");
