@@ -1384,4 +1384,29 @@ mod pg_timelines {
         assert!(reply.is_ok(), "{reply:?}");
         assert_eq!(timeline.acceptor().state().pg_timelines, history);
     }
+
+    /// Rule (what "timelines only go up" protects): the log's timelines
+    /// never go down below the common point, where our WAL is kept. A newer
+    /// timeline whose switch point is at or above the common point names
+    /// only WAL of the divergent tail (a promotion whose term reached us
+    /// but never a quorum): the proposer's log, which a quorum holds
+    /// (nothing of ours above the common point is committed), must win, as
+    /// the tail does.
+    #[test]
+    #[ignore = "product bug: TimelineWentDown refuses a history although our newer timeline is only in the divergent tail"]
+    fn a_newer_timeline_only_in_the_divergent_tail_is_replaced() {
+        let (mut timeline, mut generator, switch_lsn) = promoted_at_log_end(10);
+        // Some uncommitted WAL of the promotion's term, on timeline 2.
+        let (start, wal) = generate(&mut generator, 3);
+        send_wal(&mut timeline, 2, start, &wal, Lsn(0));
+        assert!(timeline.acceptor().commit_lsn() <= switch_lsn);
+        // The log a quorum holds went on on timeline 1 in term 3 (started at
+        // `switch_lsn`); a sync of term 4 continues it.
+        assert!(vote_response(timeline.handle(vote_on(4, NO_PG_TIMELINE)).unwrap()).vote_given);
+        let entries = [(1, TIMELINE_START), (3, switch_lsn), (4, switch_lsn)];
+        let reply = timeline.handle(elected_on(4, &entries, PgTimelineHistory::first()));
+        assert!(reply.is_ok(), "{reply:?}");
+        assert_eq!(timeline.acceptor().flush_lsn(), switch_lsn, "the divergent tail is truncated");
+        assert_eq!(timeline.acceptor().state().pg_timelines, PgTimelineHistory::first());
+    }
 }
