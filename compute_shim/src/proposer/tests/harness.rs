@@ -4,8 +4,11 @@
 //! (`crate::node::ShimNode`, the layer the driver runs: link identity is
 //! its, not the harness's), one link per (shim, safekeeper) whose messages
 //! the test delivers, drops or interleaves, and a Postgres model streaming
-//! generated WAL. Acceptors validate every WAL byte, so a wrong split or
-//! offset fails.
+//! generated WAL (on Postgres timeline 1, or a standby promoted onto a
+//! new timeline: [`Postgres::promoted`]). Acceptors validate every WAL byte,
+//! so a wrong split, offset or page timeline fails; after every message a
+//! safekeeper handles the harness checks the Postgres timeline invariant
+//! ([`Net::check_pg_timeline_invariant`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -100,10 +103,10 @@ impl Postgres {
     /// A standby fed by the safekeepers, promoted once it replayed `log`
     /// (the log from `TIMELINE_START`, written under `log_timelines`, up to
     /// a record end: what sync-safekeepers printed): its WAL is `log`, then
-    /// `records` random records (`seed`) on the next timeline. The page
+    /// `records` random records (`seed`) on timeline `new_timeline`
+    /// (Postgres picks one above every timeline it knows of). The page
     /// holding the switch point keeps its old header; later pages name the
-    /// new timeline `new_timeline` (Postgres picks one above every timeline
-    /// it knows of); its history ends the log's timeline at the switch.
+    /// new timeline; its history ends the log's timeline at the switch.
     pub fn promoted(
         log: &[u8],
         log_timelines: &PgTimelineHistory,
