@@ -245,4 +245,126 @@ mod tests {
         assert!(Vote::from_response(response(vec![(1, SEG)], 2 * SEG, SEG), Term(4)).is_err());
         assert!(Vote::from_response(response(vec![(1, SEG)], 2 * SEG, SEG), Term(5)).is_ok());
     }
+
+    mod pg_timelines {
+        //! `term_pg_timelines` (through `decide`): the Postgres timelines
+        //! a term writes under must continue the log's.
+        use super::*;
+        use crate::proposer::config::ProposerMode;
+        use postgres_wal::lsn::PgTimelineId;
+        use postgres_wal::timeline_history::PgTimelineSwitch;
+
+        /// Timeline `current` whose ancestors ended at `switches` (LSNs in segments).
+        fn history(current: PgTimelineId, switches: &[(PgTimelineId, u64)]) -> PgTimelineHistory {
+            let switches = switches
+                .iter()
+                .map(|&(timeline, end)| PgTimelineSwitch { timeline, end_lsn: Lsn(end), reason: String::new() })
+                .collect();
+            let history = PgTimelineHistory { current, switches };
+            history.validate().unwrap();
+            history
+        }
+
+        fn vote_on(entries: &[(u64, u64)], flush: u64, pg_timelines: PgTimelineHistory) -> Vote {
+            Vote { pg_timelines, ..vote(entries, flush, 0) }
+        }
+
+        fn stream_on(pg_timelines: PgTimelineHistory) -> ProposerConfig {
+            ProposerConfig { pg_timelines: Some(pg_timelines), ..config() }
+        }
+
+        fn sync_config() -> ProposerConfig {
+            ProposerConfig { mode: ProposerMode::Sync, pg_timelines: None, ..config() }
+        }
+
+        fn decide_with(votes: &[&Vote], config: &ProposerConfig) -> Result<Election, ProposerError> {
+            let votes: Vec<(SlotIndex, &Vote)> = votes.iter().enumerate().map(|(i, &v)| (SlotIndex(i), v)).collect();
+            decide(Term(9), &votes, config)
+        }
+
+        /// Rule: a Postgres on a timeline the log went on from is an old
+        /// primary after a failover: Superseded, naming the switch point.
+        #[test]
+        fn a_timeline_the_log_left_is_superseded() {
+            let log = vote_on(&[(1, SEG), (2, 3 * SEG)], 5 * SEG, history(2, &[(1, 3 * SEG)]));
+            let result = decide_with(&[&log, &log], &stream_on(PgTimelineHistory::first()));
+            let error = result.unwrap_err();
+            assert_eq!(error, ProposerError::Superseded { timeline: 1, current: 2, switch_lsn: Lsn(3 * SEG) });
+            assert!(error.is_fatal());
+            // Two promotions later: the switch named is where our timeline ended.
+            let log = vote_on(&[(1, SEG)], 5 * SEG, history(3, &[(1, 2 * SEG), (2, 4 * SEG)]));
+            let error = decide_with(&[&log], &stream_on(history(2, &[(1, 2 * SEG)]))).unwrap_err();
+            assert_eq!(error, ProposerError::Superseded { timeline: 2, current: 3, switch_lsn: Lsn(4 * SEG) });
+        }
+
+        /// Rule: a server promoted before it replayed the whole log (its
+        /// switch point from the log's timeline is below the donor's flush
+        /// LSN) may not lead: it lacks committed WAL.
+        #[test]
+        fn a_promotion_below_the_log_end_is_refused() {
+            let log = vote_on(&[(1, SEG)], 5 * SEG, PgTimelineHistory::first());
+            let behind = vote_on(&[(1, SEG)], 3 * SEG, PgTimelineHistory::first());
+            let promoted = history(2, &[(1, 5 * SEG - 8)]);
+            let error = decide_with(&[&behind, &log], &stream_on(promoted)).unwrap_err();
+            assert_eq!(
+                error,
+                ProposerError::PromotedBelowLogEnd {
+                    timeline: 2,
+                    switch_lsn: Lsn(5 * SEG - 8),
+                    log_end_lsn: Lsn(5 * SEG),
+                    log_timeline: 1
+                }
+            );
+            assert!(error.is_fatal());
+        }
+
+        /// Rule: Postgres's history must contain the log's timeline: a
+        /// timeline 3 forked from timeline 1 cannot continue a log on 2.
+        #[test]
+        fn a_timeline_not_descending_from_the_logs_is_refused() {
+            let log = vote_on(&[(1, SEG), (2, 3 * SEG)], 5 * SEG, history(2, &[(1, 3 * SEG)]));
+            let sibling = history(3, &[(1, 6 * SEG)]);
+            let error = decide_with(&[&log, &log], &stream_on(sibling)).unwrap_err();
+            assert_eq!(error, ProposerError::UnrelatedTimeline { timeline: 3, log_timeline: 2 });
+            assert!(error.is_fatal());
+        }
+
+        /// Rule: in Stream mode the term writes Postgres's history: the
+        /// same timeline as the log, or a promotion at or after its end
+        /// (the WAL from the log's end to the switch point is still the
+        /// old timeline's, and Postgres has it), or anything over an
+        /// empty log.
+        #[test]
+        fn stream_mode_writes_postgress_history() {
+            let log = vote_on(&[(1, SEG)], 5 * SEG, PgTimelineHistory::first());
+            let shorter = vote_on(&[(1, SEG)], 4 * SEG, PgTimelineHistory::first());
+            for ours in [PgTimelineHistory::first(), history(2, &[(1, 5 * SEG)]), history(2, &[(1, 6 * SEG)])] {
+                let election = decide_with(&[&shorter, &log], &stream_on(ours.clone())).unwrap();
+                assert_eq!(election.pg_timelines, ours);
+                assert_eq!(election.term_start_lsn, Lsn(5 * SEG));
+            }
+            // Two promotions since the log's timeline: its switch is what counts.
+            let ours = history(3, &[(1, 5 * SEG), (2, 7 * SEG)]);
+            assert_eq!(decide_with(&[&log], &stream_on(ours.clone())).unwrap().pg_timelines, ours);
+            let empty = vote_on(&[], 0, PgTimelineHistory::first());
+            let ours = history(2, &[(1, SEG / 2)]);
+            assert_eq!(decide_with(&[&empty, &empty], &stream_on(ours.clone())).unwrap().pg_timelines, ours);
+        }
+
+        /// Rule: a sync proposer (no Postgres) writes the donor's history:
+        /// the donor is chosen by (last log term, flush LSN) as always, and
+        /// its timelines come with its log, whatever the other voters hold.
+        #[test]
+        fn sync_mode_adopts_the_donors_history() {
+            let promoted = history(2, &[(1, 3 * SEG)]);
+            let donor = vote_on(&[(1, SEG), (2, 3 * SEG)], 4 * SEG, promoted.clone());
+            let old_long = vote_on(&[(1, SEG)], 6 * SEG, PgTimelineHistory::first());
+            let election = decide_with(&[&old_long, &donor], &sync_config()).unwrap();
+            assert_eq!(election.donor, SlotIndex(1));
+            assert_eq!(election.pg_timelines, promoted);
+            let on_one = vote_on(&[(1, SEG)], 6 * SEG, PgTimelineHistory::first());
+            let election = decide_with(&[&on_one, &on_one], &sync_config()).unwrap();
+            assert_eq!(election.pg_timelines, PgTimelineHistory::first());
+        }
+    }
 }

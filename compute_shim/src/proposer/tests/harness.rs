@@ -4,15 +4,19 @@
 //! (`crate::node::ShimNode`, the layer the driver runs: link identity is
 //! its, not the harness's), one link per (shim, safekeeper) whose messages
 //! the test delivers, drops or interleaves, and a Postgres model streaming
-//! generated WAL. Acceptors validate every WAL byte, so a wrong split or
-//! offset fails.
+//! generated WAL (on Postgres timeline 1, or a standby promoted onto a
+//! new timeline: [`Postgres::promoted`]). Acceptors validate every WAL byte,
+//! so a wrong split, offset or page timeline fails; after every message a
+//! safekeeper handles the harness checks the Postgres timeline invariant
+//! ([`Net::check_pg_timeline_invariant`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
-use postgres_wal::lsn::{Lsn, WalSegmentSize};
-use postgres_wal::timeline_history::PgTimelineHistory;
+use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize};
+use postgres_wal::timeline_history::{PgTimelineHistory, PgTimelineSwitch};
 use postgres_wal::wal::generator::WalGenerator;
+use postgres_wal::wal::{DecodeStep, WalDecoder};
 use safekeeper_core::acceptor::AcceptorError;
 use safekeeper_core::acceptor::PeerWal;
 use safekeeper_core::control::ControlState;
@@ -59,6 +63,9 @@ pub struct Postgres {
     pub flushed_bytes: usize,
     /// Postgres removed its WAL below this (recycled segments).
     pub oldest_lsn: Lsn,
+    /// Its timeline and their ancestors (`TIMELINE_HISTORY`): timeline 1
+    /// unless it was promoted.
+    pub pg_timelines: PgTimelineHistory,
 }
 
 impl Postgres {
@@ -81,10 +88,65 @@ impl Postgres {
                 let records = branch.append_random_records(branch_records, seed, 6_000);
                 let record_ends: Vec<Lsn> = prefix.iter().chain(&records).map(|record| record.end_lsn).collect();
                 let (_, wal) = branch.take_bytes();
-                Postgres { flushed_bytes: wal.len(), wal: wal.into(), record_ends, oldest_lsn: TIMELINE_START }
+                Postgres {
+                    flushed_bytes: wal.len(),
+                    wal: wal.into(),
+                    record_ends,
+                    oldest_lsn: TIMELINE_START,
+                    pg_timelines: PgTimelineHistory::first(),
+                }
             })
             .collect();
         (fork_lsn, primaries)
+    }
+
+    /// A standby fed by the safekeepers, promoted once it replayed `log`
+    /// (the log from `TIMELINE_START`, written under `log_timelines`, up to
+    /// a record end: what sync-safekeepers printed): its WAL is `log`, then
+    /// `records` random records (`seed`) on timeline `new_timeline`
+    /// (Postgres picks one above every timeline it knows of). The page
+    /// holding the switch point keeps its old header; later pages name the
+    /// new timeline; its history ends the log's timeline at the switch.
+    pub fn promoted(
+        log: &[u8],
+        log_timelines: &PgTimelineHistory,
+        new_timeline: PgTimelineId,
+        records: usize,
+        seed: u64,
+    ) -> Postgres {
+        let switch_lsn = TIMELINE_START + log.len() as u64;
+        let mut decoder = WalDecoder::at_segment_start(TIMELINE_START, segment_size());
+        decoder.feed(log);
+        let mut record_ends = vec![];
+        let mut last_record_start = Lsn::INVALID;
+        let step = decoder.decode_available(|record| {
+            record_ends.push(record.end_lsn);
+            last_record_start = record.start_lsn;
+        });
+        assert!(matches!(step, Ok(DecodeStep::NeedMoreInput)), "the log decodes: {step:?}");
+        assert_eq!(record_ends.last(), Some(&switch_lsn), "promoted at a record end of the log");
+        let old_timeline = log_timelines.current;
+        let mut generator =
+            WalGenerator::resume(SYSTEM_ID, segment_size(), switch_lsn, last_record_start, old_timeline);
+        generator.switch_timeline(new_timeline);
+        record_ends.extend(generator.append_random_records(records, seed, 6_000).iter().map(|record| record.end_lsn));
+        let (start, new_wal) = generator.take_bytes();
+        assert_eq!(start, switch_lsn);
+        let wal: Vec<u8> = log.iter().chain(&new_wal).copied().collect();
+        let mut switches = log_timelines.switches.clone();
+        switches.push(PgTimelineSwitch {
+            timeline: old_timeline,
+            end_lsn: switch_lsn,
+            reason: "no recovery target specified".to_string(),
+        });
+        let pg_timelines = PgTimelineHistory { current: new_timeline, switches };
+        pg_timelines.validate().expect("a valid history");
+        Postgres { flushed_bytes: wal.len(), wal: wal.into(), record_ends, oldest_lsn: TIMELINE_START, pg_timelines }
+    }
+
+    /// The timeline it writes (and its shim streams).
+    pub fn timeline(&self) -> PgTimelineId {
+        self.pg_timelines.current
     }
 
     pub fn flush_lsn(&self) -> Lsn {
@@ -155,6 +217,21 @@ pub struct Net {
     next_connection_id: u64,
     pub max_in_flight_bytes: u64,
     pub max_buffered_wal_bytes: u64,
+    /// The Postgres timeline invariant's record (see
+    /// [`Net::check_pg_timeline_invariant`]).
+    pub pg_timeline_record: PgTimelineRecord,
+}
+
+/// What [`Net::check_pg_timeline_invariant`] has seen so far.
+#[derive(Default)]
+pub struct PgTimelineRecord {
+    /// Per term, the safekeepers that accepted its ProposerElected.
+    accepted_by: BTreeMap<Term, BTreeSet<usize>>,
+    /// Terms a quorum accepted, with the Postgres timeline of the
+    /// proposer that won it (`None`: a sync, streaming no Postgres).
+    pub won: BTreeMap<Term, Option<PgTimelineId>>,
+    /// The highest Postgres timeline that the log a quorum held was ever on.
+    pub quorum_timeline: PgTimelineId,
 }
 
 impl Net {
@@ -168,6 +245,7 @@ impl Net {
             next_connection_id: 1,
             max_in_flight_bytes: 256 << 10,
             max_buffered_wal_bytes: 4 << 20,
+            pg_timeline_record: PgTimelineRecord::default(),
         }
     }
 
@@ -221,7 +299,7 @@ impl Net {
             timeline_start_lsn: TIMELINE_START,
             pg_timelines: match mode {
                 crate::proposer::ProposerMode::Sync => None,
-                crate::proposer::ProposerMode::Stream { .. } => Some(PgTimelineHistory::first()),
+                crate::proposer::ProposerMode::Stream { .. } => Some(postgres.pg_timelines.clone()),
             },
             mode,
         };
@@ -437,8 +515,54 @@ impl Net {
             self.sync(sk);
         }
         self.acceptors[sk].handle_message(connection, message).expect("memory storage does not fail");
+        self.check_pg_timeline_invariant();
         self.close_refused(sk);
         true
+    }
+
+    /// Invariant: no term is won (its ProposerElected accepted by a quorum)
+    /// by a proposer whose Postgres timeline is below the timeline of a log
+    /// a quorum held before: an old primary's shim never leads again after
+    /// a failover. Checked after every message a safekeeper handles (the
+    /// only way a term is accepted or a log's timeline changes).
+    pub fn check_pg_timeline_invariant(&mut self) {
+        let quorum = self.acceptors.len() / 2 + 1;
+        let mut newly_won = vec![];
+        for (sk, node) in self.acceptors.iter().enumerate() {
+            let Some(term) = node.acceptor().elected_term() else { continue };
+            let accepted = self.pg_timeline_record.accepted_by.entry(term).or_default();
+            if accepted.insert(sk) && accepted.len() == quorum {
+                newly_won.push(term);
+            }
+        }
+        for term in newly_won {
+            // Two proposers may campaign for one term; the one elected in it won.
+            let of_term = |elected_only: bool| {
+                self.computes.iter().position(|compute| {
+                    let status = compute.node.proposer().status();
+                    status.term == Some(term) && (!elected_only || status.phase == Phase::Elected)
+                })
+            };
+            let winner = of_term(true).or_else(|| of_term(false));
+            let winner = winner.unwrap_or_else(|| panic!("no proposer of term {term}, which a quorum accepted"));
+            let compute = &self.computes[winner];
+            let timeline = (!compute.reads_donor).then(|| compute.postgres.timeline());
+            let floor = self.pg_timeline_record.quorum_timeline;
+            assert!(
+                timeline.is_none_or(|timeline| timeline >= floor),
+                "Postgres timeline invariant violated: compute {winner} won term {term} streaming timeline {}, \
+                 below timeline {floor} of a log a quorum held; {}",
+                timeline.unwrap_or_default(),
+                self.describe_acceptors()
+            );
+            self.pg_timeline_record.won.insert(term, timeline);
+        }
+        let mut timelines: Vec<PgTimelineId> =
+            self.acceptors.iter().map(|node| node.acceptor().state().pg_timelines.current).collect();
+        timelines.sort_unstable_by(|a, b| b.cmp(a));
+        let held_by_quorum = timelines[quorum - 1];
+        let record = &mut self.pg_timeline_record;
+        record.quorum_timeline = record.quorum_timeline.max(held_by_quorum);
     }
 
     /// The safekeeper ends its batch: one sync, then the replies go to the
@@ -504,6 +628,23 @@ impl Net {
                 | RefusalCause::CaughtUpByPeers { .. } => {
                     self.disconnect(c, sk);
                     self.connect(c, sk);
+                }
+                RefusalCause::Refused(AcceptorError::SupersededTimeline { proposer_timeline, current, switch_lsn }) => {
+                    // An old primary after a failover: the shim exits.
+                    assert!(proposer_timeline < current && self.computes[c].postgres.timeline() == proposer_timeline);
+                    let superseded = ProposerError::Superseded { timeline: proposer_timeline, current, switch_lsn };
+                    self.stop(c, superseded);
+                }
+                RefusalCause::Refused(
+                    error @ (AcceptorError::TimelineWentDown { .. } | AcceptorError::PgTimelinesDisagree { .. }),
+                ) => {
+                    // Legitimate only for a primary whose timelines are not the log's.
+                    let ours = &self.acceptors[sk].acceptor().state().pg_timelines;
+                    assert!(
+                        self.computes[c].reads_donor || self.computes[c].postgres.pg_timelines != *ours,
+                        "safekeeper {sk} refused compute {c}'s timelines although they are the log's: {error}"
+                    );
+                    self.kill(c);
                 }
                 RefusalCause::Refused(error) => {
                     // Legitimate only when the compute's primary diverged

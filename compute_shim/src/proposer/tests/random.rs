@@ -16,7 +16,14 @@
 //! - every safekeeper's WAL below its own commit LSN is Postgres's bytes;
 //!   its commit LSN never goes back while it runs, and the commit LSN in its
 //!   control file never goes back at all (a safekeeper never truncates below
-//!   its commit: it would refuse the message, which fails the run).
+//!   its commit: it would refuse the message, which fails the run);
+//! - (the harness, at every message a safekeeper handles) no term is won by
+//!   a shim whose Postgres timeline is below one a quorum's log was on.
+//!
+//! With promotions (`promotions_keep_commits_safe`), a failover at random:
+//! every shim dies, a sync makes the log final, a standby is promoted at
+//! the synced LSN onto a new Postgres timeline and its shim starts; an older
+//! primary may come back, and the healed cluster tries the oldest first.
 //!
 //! At the end every fault heals and a fresh proposer with every safekeeper
 //! connected must commit all of Postgres's WAL (liveness).
@@ -63,6 +70,17 @@ const MEMBERSHIP_STEPS_PER_SEED: usize = 1_000;
 /// Rounds run after a membership request, at most.
 const MEMBERSHIP_MAX_ROUNDS: usize = 40;
 const MAX_COMPUTES_PER_SEED: usize = 6;
+/// Seeds of `promotions_keep_commits_safe` by default.
+const PROMOTION_DEFAULT_SEEDS: u64 = 300;
+/// Chance per step of a failover in the promotion runs, and their most.
+const PROMOTION_PER_MILLE: u32 = 8;
+const MAX_PROMOTIONS_PER_SEED: usize = 2;
+/// Heartbeat intervals a failover's sync gets.
+const SYNC_HEARTBEATS: usize = 20;
+/// Rounds a promoted server's shim gets before an older primary may return.
+const FAILOVER_MAX_ROUNDS: usize = 40;
+/// Records the promoted server writes on its new timeline.
+const PROMOTED_RECORDS: usize = 150;
 /// Rounds a two-voter election gets in a minority-term step.
 const MINORITY_ELECTION_ROUNDS: usize = 50;
 /// Minority terms in one seed of the figure-8 search.
@@ -134,6 +152,36 @@ fn random_search_finds_a_broken_commit_rule() {
     }
     panic!("{BROKEN_RULE_SEARCH_SEEDS} seeds did not catch the broken commit rule");
 }
+
+/// Failovers at random: every shim dies with the primary's machine, a
+/// sync makes the log final, a standby promoted at the synced LSN onto a
+/// new Postgres timeline gets a shim; later restarts may bring back an
+/// older timeline's primary, which must never lead again once a quorum's
+/// log went on without it (the harness checks it at every message).
+#[test]
+fn promotions_keep_commits_safe() {
+    let postgres = [Postgres::generate(380, 97)];
+    let seeds = seeds_to_run(&[], PROMOTION_DEFAULT_SEEDS);
+    let count = seeds.len();
+    simulate_seeds("promotions_keep_commits_safe", &postgres, seeds, |mut simulation| {
+        simulation.promotions = true;
+        simulation.run()
+    });
+    // The runs must get somewhere: promoted timelines that a quorum's log
+    // went on to, and older primaries refused afterwards.
+    let [took_over, superseded] = [&SEEDS_WHERE_A_PROMOTION_TOOK_OVER, &SEEDS_WITH_A_SUPERSEDED_SHIM]
+        .map(|counter| counter.load(Ordering::Relaxed) as usize);
+    eprintln!("of {count} promotion runs: {took_over} went on to a promoted timeline, {superseded} superseded a shim");
+    if count >= 100 {
+        assert!(took_over * 4 > count, "only {took_over} of {count} runs went on to a promoted timeline");
+        assert!(superseded * 10 > count, "only {superseded} of {count} runs superseded an old primary's shim");
+    }
+}
+
+/// Promotion runs in which a quorum's log went on to a promoted timeline,
+/// and in which an older timeline's shim stopped as superseded.
+static SEEDS_WHERE_A_PROMOTION_TOOK_OVER: AtomicU64 = AtomicU64::new(0);
+static SEEDS_WITH_A_SUPERSEDED_SHIM: AtomicU64 = AtomicU64::new(0);
 
 /// The figure-8 search's runs with the real commit rule: no violation.
 #[test]
@@ -236,6 +284,9 @@ struct Simulation {
     membership_changes: bool,
     /// Each compute's configuration at the previous check.
     configuration_seen: Vec<Option<Configuration>>,
+    /// Random failovers with promotions (`promotions_keep_commits_safe`).
+    promotions: bool,
+    promotions_done: usize,
 }
 
 impl Simulation {
@@ -267,6 +318,8 @@ impl Simulation {
             initial_set: (0..SAFEKEEPERS).collect(),
             membership_changes: false,
             configuration_seen: vec![],
+            promotions: false,
+            promotions_done: 0,
         }
     }
 
@@ -410,6 +463,12 @@ impl Simulation {
         if self.membership_changes && self.rng.gen_ratio(MEMBERSHIP_REQUEST_PER_MILLE, 1000) {
             return self.request_membership();
         }
+        if self.promotions
+            && self.promotions_done < MAX_PROMOTIONS_PER_SEED
+            && self.rng.gen_ratio(PROMOTION_PER_MILLE, 1000)
+        {
+            return self.failover();
+        }
         let c = self.rng.gen_range(0..self.net.computes.len());
         let sk = self.rng.gen_range(0..self.safekeepers);
         let running = self.net.is_running(c);
@@ -441,6 +500,81 @@ impl Simulation {
             }
             990..=999 if self.net.computes.len() < MAX_COMPUTES_PER_SEED => self.minority_term(),
             _ => {}
+        }
+    }
+
+    /// The primary's machine dies (every shim with it); a sync over the
+    /// safekeepers that are up makes the log final; a standby fed by them
+    /// is promoted at the synced LSN onto a timeline above every one known
+    /// and its shim starts. Nothing happens past the sync without a quorum.
+    fn failover(&mut self) {
+        (0..self.net.computes.len()).for_each(|c| self.net.kill(c));
+        let up: Vec<usize> = (0..self.safekeepers).filter(|&sk| !self.net.down[sk]).collect();
+        if up.len() <= self.safekeepers / 2 {
+            return;
+        }
+        let lineage = *self.lineage_of.last().expect("a compute ran");
+        let s = self.net.start_sync(self.lineages[lineage].clone());
+        self.lineage_of.push(lineage);
+        self.last_commit.push(Lsn::INVALID);
+        up.iter().for_each(|&sk| self.net.connect(s, sk));
+        for _ in 0..SYNC_HEARTBEATS {
+            for _ in 0..MAX_HEAL_ROUNDS {
+                if !self.net.round() {
+                    break;
+                }
+                self.check();
+            }
+            if self.net.computes[s].node.proposer().synced_lsn().is_some() || !self.net.is_running(s) {
+                break;
+            }
+            self.net.advance_time(HEARTBEAT_INTERVAL_MS);
+        }
+        let synced = self.net.computes[s].node.proposer().synced_lsn();
+        self.net.kill(s);
+        // A log holding no record yet gives a standby nothing to replay
+        // (and see `an_empty_log_takes_a_switch_at_the_timeline_start`).
+        let Some(synced) = synced.filter(|&synced| synced > TIMELINE_START) else { return };
+        let holder = up
+            .iter()
+            .copied()
+            .find(|&sk| self.net.acceptors[sk].acceptor().commit_lsn() == synced)
+            .expect("the sync told a quorum");
+        let log = self.net.durable_wal(holder)[..(synced - TIMELINE_START) as usize].to_vec();
+        let log_timelines = self.net.acceptors[holder].acceptor().state().pg_timelines.clone();
+        let newest = self.lineages.iter().map(|postgres| postgres.timeline()).max().expect("lineages");
+        let seed = self.rng.gen();
+        let mut promoted = Postgres::promoted(&log, &log_timelines, newest + 1, PROMOTED_RECORDS, seed);
+        let ends = &promoted.record_ends;
+        let first_new = ends.partition_point(|&end| end <= synced);
+        let flush = ends[(first_new + self.rng.gen_range(0..20)).min(ends.len() - 1)];
+        promoted.set_flush_lsn(flush);
+        self.lineages.push(promoted);
+        self.promotions_done += 1;
+        // The promoted server's shim, given some rounds to take over; then,
+        // sometimes, an older primary comes back (its machine rebooted).
+        self.start_lineage_shim(self.lineages.len() - 1, &up);
+        for _ in 0..self.rng.gen_range(0..FAILOVER_MAX_ROUNDS) {
+            self.net.round();
+            self.check();
+        }
+        if self.rng.gen_bool(0.5) {
+            let older = self.rng.gen_range(0..self.lineages.len() - 1);
+            let up: Vec<usize> = (0..self.safekeepers).filter(|&sk| !self.net.down[sk]).collect();
+            self.start_lineage_shim(older, &up);
+        }
+    }
+
+    /// A shim for `lineage`'s primary, connected to most of `safekeepers`.
+    fn start_lineage_shim(&mut self, lineage: usize, safekeepers: &[usize]) {
+        self.lineage_of.push(lineage);
+        let c = self.net.start_compute_with(self.lineages[lineage].clone(), &self.initial_set);
+        self.net.computes[c].wal_piece_bytes = self.rng.gen_range(1_000..140_000);
+        self.last_commit.push(Lsn::INVALID);
+        for &sk in safekeepers {
+            if self.rng.gen_bool(0.8) {
+                self.net.connect(c, sk);
+            }
         }
     }
 
@@ -501,6 +635,21 @@ impl Simulation {
                     // The only safekeeper holding the log to the term start
                     // stayed away: the shim exits to be elected anew.
                     ProposerError::NoLogHolder { .. } => true,
+                    // An older timeline's primary after a failover, seen
+                    // by a safekeeper on a newer one.
+                    ProposerError::Superseded { timeline, current, .. } => {
+                        let newest = (0..self.safekeepers)
+                            .map(|sk| self.net.acceptors[sk].acceptor().state().pg_timelines.current)
+                            .max()
+                            .expect("safekeepers");
+                        timeline < current && *current <= newest
+                    }
+                    // A promoted server whose log went on on the old
+                    // timeline before it took over (an old primary's shim
+                    // led meanwhile) cannot continue it.
+                    ProposerError::PromotedBelowLogEnd { .. } => self.lineages.len() > 1,
+                    // A failover before any WAL reached a safekeeper.
+                    ProposerError::NothingToSync => self.net.computes[c].reads_donor,
                     _ => false,
                 };
                 assert!(expected, "compute {c} stopped: {error}");
@@ -650,15 +799,29 @@ impl Simulation {
         // whose WAL continues the safekeepers' log; the wrong one refuses to
         // lead (or is refused), and then the other one is tried.
         let mut failures = vec![];
+        // Oldest first: after failovers, older primaries must be refused.
         for lineage in 0..self.lineages.len() {
             let mut postgres = self.lineages[lineage].clone();
             postgres.set_flush_lsn(*postgres.record_ends.last().expect("records"));
             match self.heal_with(lineage, postgres) {
-                Ok(()) => return,
+                Ok(()) => return self.count_promotion_coverage(),
                 Err(failure) => failures.push(failure),
             }
         }
         panic!("no primary could lead the healed cluster: {failures:?}");
+    }
+
+    fn count_promotion_coverage(&self) {
+        if !self.promotions {
+            return;
+        }
+        if self.net.pg_timeline_record.quorum_timeline > 1 {
+            SEEDS_WHERE_A_PROMOTION_TOOK_OVER.fetch_add(1, Ordering::Relaxed);
+        }
+        let superseded = |c: &super::harness::Compute| matches!(c.stopped, Some(ProposerError::Superseded { .. }));
+        if self.net.computes.iter().any(superseded) {
+            SEEDS_WITH_A_SUPERSEDED_SHIM.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A fresh proposer for `postgres` with every safekeeper connected must

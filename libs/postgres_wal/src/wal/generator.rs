@@ -6,8 +6,14 @@
 //! `XLP_FIRST_IS_CONTRECORD` and `xlp_rem_len` on continuation pages, and an
 //! XLOG SWITCH followed by zeros (page headers included) to the segment end.
 //! It is deterministic: all content comes from the caller.
+//!
+//! It writes Postgres timeline 1 unless told otherwise:
+//! [`WalGenerator::switch_timeline`] continues on a new timeline from the
+//! current position as a promoted server does, and [`WalGenerator::resume`]
+//! starts after an existing record (a server promoted at a record end of
+//! WAL it received).
 
-use crate::lsn::{Lsn, WalSegmentSize};
+use crate::lsn::{Lsn, PgTimelineId, WalSegmentSize};
 use crate::wal::decoder::{DecodeStep, DecodedRecord, WalDecodeError, WalDecoder};
 use crate::wal::format::{
     encode_record, is_switch_record, page_header_bytes, LongPageHeaderFields, PageHeader, PG15_PAGE_MAGIC,
@@ -33,6 +39,8 @@ pub struct WalGenerator {
     /// Bytes written since the last `take_bytes`, starting at `pending_start`.
     pending: Vec<u8>,
     pending_start: Lsn,
+    /// The `xlp_tli` of the page headers written from now on.
+    timeline_id: PgTimelineId,
 }
 
 impl WalGenerator {
@@ -48,7 +56,50 @@ impl WalGenerator {
             last_record_start: Lsn::INVALID,
             pending: Vec::new(),
             pending_start: start,
+            timeline_id: PG_FIRST_TIMELINE_ID,
         }
+    }
+
+    /// Continue WAL that ends at the record end `end` (aligned), whose last
+    /// record starts at `last_record_start` (the next `xl_prev`), on
+    /// Postgres timeline `timeline_id`. If `end` is inside a page, that
+    /// page's header was written before (by whoever wrote the bytes below
+    /// `end`): the first bytes generated are the next record's.
+    pub fn resume(
+        system_id: u64,
+        seg: WalSegmentSize,
+        end: Lsn,
+        last_record_start: Lsn,
+        timeline_id: PgTimelineId,
+    ) -> Self {
+        assert_eq!(end, end.align_up(RECORD_ALIGN_BYTES), "WAL resumes at an aligned record end, not {end}");
+        assert!(last_record_start < end, "the last record starts below its end");
+        assert!(timeline_id != 0, "timeline id 0 is not a Postgres timeline");
+        WalGenerator {
+            system_id,
+            segment_size: seg,
+            end,
+            last_record_start,
+            pending: Vec::new(),
+            pending_start: end,
+            timeline_id,
+        }
+    }
+
+    /// Continue on Postgres timeline `new_timeline` from the current
+    /// position, as a server promoted here does: the switch point is the
+    /// end of the last record (returned); the page holding it, if already
+    /// begun, keeps its header, and every page begun from now on names
+    /// `new_timeline`.
+    pub fn switch_timeline(&mut self, new_timeline: PgTimelineId) -> Lsn {
+        assert!(new_timeline > self.timeline_id, "timelines only go up: {} to {new_timeline}", self.timeline_id);
+        self.timeline_id = new_timeline;
+        self.end
+    }
+
+    /// The timeline the next page header will name.
+    pub fn timeline_id(&self) -> PgTimelineId {
+        self.timeline_id
     }
 
     /// Append one valid record whose main data is `payload`, carried in an
@@ -105,6 +156,11 @@ impl WalGenerator {
     /// End of the last record (its `end_lsn`, the decoder's boundary).
     pub fn end_lsn(&self) -> Lsn {
         self.end
+    }
+
+    /// Start of the last record (what the next record's `xl_prev` names).
+    pub fn last_record_start(&self) -> Lsn {
+        self.last_record_start
     }
 
     pub fn system_id(&self) -> u64 {
@@ -165,7 +221,7 @@ impl WalGenerator {
         let header = PageHeader {
             magic: PG15_PAGE_MAGIC,
             info,
-            timeline_id: PG_FIRST_TIMELINE_ID,
+            timeline_id: self.timeline_id,
             page_lsn: self.end,
             rem_len_bytes,
             long,
@@ -304,5 +360,70 @@ mod tests {
         assert_eq!(second_start, record.end_lsn);
         assert_eq!(second_start + second.len() as u64, next.end_lsn);
         assert_eq!(next.total_len_bytes as usize, 24 + 5 + 300);
+    }
+
+    /// The `xlp_tli` of every page header in `bytes` (which start at `start`).
+    fn page_timelines(start: Lsn, bytes: &[u8]) -> Vec<(Lsn, u32)> {
+        let first_page = start.align_up(WAL_PAGE_SIZE_BYTES);
+        (first_page.0..start.0 + bytes.len() as u64)
+            .step_by(WAL_PAGE_SIZE_BYTES as usize)
+            .map(|page| {
+                let at = (page - start.0) as usize + 4;
+                (Lsn(page), u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()))
+            })
+            .collect()
+    }
+
+    /// A promoted server: the page holding the switch point keeps its old
+    /// header, every later page names the new timeline, and the records
+    /// chain across the switch.
+    #[test]
+    fn pages_after_a_timeline_switch_name_the_new_timeline() {
+        let seg = WalSegmentSize::new(1 << 20).unwrap();
+        let mut generator = WalGenerator::new(7, seg, Lsn(0));
+        let mut expected = generator.append_random_records(40, 3, 5000);
+        assert_ne!(generator.end_lsn().block_offset(WAL_PAGE_SIZE_BYTES), 0, "the switch is inside a page");
+        let switch_lsn = generator.switch_timeline(2);
+        assert_eq!(switch_lsn, generator.end_lsn());
+        assert_eq!(generator.timeline_id(), 2);
+        expected.extend(generator.append_random_records(300, 4, 9000));
+        let (start, bytes) = generator.take_bytes();
+        assert_eq!(decode_all(start, seg, &bytes), expected);
+        let pages = page_timelines(start, &bytes);
+        assert!(pages.iter().any(|&(page, _)| page.0 >= 1 << 20), "the new timeline reaches the next segment");
+        for (page, timeline) in pages {
+            let expected_timeline = if page < switch_lsn { 1 } else { 2 };
+            assert_eq!(timeline, expected_timeline, "page {page}");
+        }
+    }
+
+    /// A switch at a page boundary: that page is the new timeline's.
+    #[test]
+    fn a_switch_at_a_page_boundary_gives_that_page_the_new_timeline() {
+        let seg = WalSegmentSize::new(1 << 20).unwrap();
+        let mut generator = WalGenerator::new(7, seg, Lsn(0));
+        // One record filling the first page exactly (a long header of 40 bytes).
+        let filler = WAL_PAGE_SIZE_BYTES as usize - 40 - 24 - LONG_DATA_BLOCK_HEADER_BYTES;
+        generator.append_record(10, 0, 1, &vec![1; filler]);
+        assert_eq!(generator.end_lsn(), Lsn(WAL_PAGE_SIZE_BYTES));
+        generator.switch_timeline(3);
+        generator.append_record(10, 0, 2, b"first on timeline 3");
+        let (start, bytes) = generator.take_bytes();
+        assert_eq!(page_timelines(start, &bytes), vec![(Lsn(0), 1), (Lsn(WAL_PAGE_SIZE_BYTES), 3)]);
+    }
+
+    /// Resuming after a record end writes what the original generator
+    /// would have written from there.
+    #[test]
+    fn a_resumed_generator_continues_the_same_wal() {
+        let seg = WalSegmentSize::new(1 << 20).unwrap();
+        let mut original = WalGenerator::new(7, seg, Lsn(1 << 20));
+        let records = original.append_random_records(60, 5, 7000);
+        let last = records.last().unwrap();
+        let _ = original.take_bytes();
+        let mut resumed = WalGenerator::resume(7, seg, last.end_lsn, last.start_lsn, 1);
+        let continued = original.append_random_records(60, 6, 7000);
+        assert_eq!(resumed.append_random_records(60, 6, 7000), continued);
+        assert_eq!(resumed.take_bytes(), original.take_bytes());
     }
 }
