@@ -98,6 +98,17 @@ struct ShimArgs {
     /// port picked for port 0.
     #[arg(long, value_name = "FILE")]
     listen_addrs_file: Option<std::path::PathBuf>,
+    /// WAL held for safekeepers that have not flushed it. When it is full,
+    /// the ones behind the quorum's commit LSN are released (caught up
+    /// later by peer recovery); the quorum itself sets the pace.
+    #[arg(long, default_value_t = driver::startup::MAX_BUFFERED_WAL_BYTES >> 20, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_buffered_wal_mib: u64,
+    /// A connected safekeeper that sends nothing for this long (it answers
+    /// every heartbeat, sent every 500 ms) is disconnected and reconnected.
+    #[arg(long, default_value_t = driver::startup::SILENCE_TIMEOUT_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1000..))]
+    silence_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -166,6 +177,10 @@ async fn run(cli: ShimArgs) -> anyhow::Result<()> {
         timeline_id: cli.timeline.timeline_id,
         application_name: cli.application_name,
         slot: cli.slot,
+        limits: driver::startup::ShimLimits {
+            max_buffered_wal_bytes: cli.max_buffered_wal_mib << 20,
+            silence_timeout_ms: cli.silence_timeout_ms,
+        },
     };
     let setup = connect_postgres(&options).await.context("connecting to Postgres")?;
     tracing::info!(system_id = %setup.cluster.system_id, timeline_start = %setup.timeline_start_lsn,

@@ -315,10 +315,16 @@ impl ShimNode {
     }
 
     /// The passage of time: call at [`ShimNode::poll_timeout`] (earlier is
-    /// harmless). Fatal errors are the proposer's.
+    /// harmless). A safekeeper silent for the silence timeout loses its
+    /// connection (the link reconnects). Fatal errors are the proposer's.
     pub fn handle_timeout(&mut self, now_ms: u64) -> Result<(), ProposerError> {
         self.now_ms = now_ms;
-        self.proposer.tick(now_ms)
+        self.proposer.tick(now_ms)?;
+        for slot in self.proposer.silent_safekeepers() {
+            tracing::warn!(safekeeper = %self.proposer.peer_addr(slot), "silent for the silence timeout: reconnecting");
+            self.drop_connection(slot);
+        }
+        Ok(())
     }
 
     /// The next time the node needs [`ShimNode::handle_timeout`] and its

@@ -13,9 +13,25 @@ use crate::replication::{ReplicationClient, ReplicationConfig};
 
 /// Unacknowledged WAL in flight to one safekeeper.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
-/// WAL kept for safekeepers that have not flushed it yet.
+/// WAL kept for safekeepers that have not flushed it yet (default of
+/// `--max-buffered-wal-mib`).
 pub const MAX_BUFFERED_WAL_BYTES: u64 = 256 << 20;
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// Default of `--silence-timeout-ms`: 20 heartbeats without an answer.
+pub const SILENCE_TIMEOUT_MS: u64 = 20 * HEARTBEAT_INTERVAL_MS;
+
+/// The bounds an operator may change (flags of the shim).
+#[derive(Clone, Copy, Debug)]
+pub struct ShimLimits {
+    pub max_buffered_wal_bytes: u64,
+    pub silence_timeout_ms: u64,
+}
+
+impl Default for ShimLimits {
+    fn default() -> Self {
+        ShimLimits { max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES, silence_timeout_ms: SILENCE_TIMEOUT_MS }
+    }
+}
 
 pub struct ShimOptions {
     pub pg_conninfo: String,
@@ -24,6 +40,7 @@ pub struct ShimOptions {
     pub timeline_id: TimelineId,
     pub application_name: String,
     pub slot: String,
+    pub limits: ShimLimits,
 }
 
 pub struct ShimSetup {
@@ -39,6 +56,7 @@ pub struct ShimSetup {
     pub timeline_start_lsn: Lsn,
     /// Postgres's end of WAL when we connected.
     pub pg_flush_lsn: Lsn,
+    pub limits: ShimLimits,
 }
 
 /// Check a `--safekeepers` list before anything is sent: 1 to
@@ -92,6 +110,7 @@ pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimEr
         wal_segment_size,
         timeline_start_lsn: restart_lsn.segment_start(wal_segment_size),
         pg_flush_lsn: identity.xlogpos,
+        limits: options.limits,
     })
 }
 
@@ -103,8 +122,9 @@ impl ShimSetup {
             wal_segment_size: self.wal_segment_size,
             safekeepers: self.safekeepers.clone(),
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
-            max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
+            max_buffered_wal_bytes: self.limits.max_buffered_wal_bytes,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            silence_timeout_ms: self.limits.silence_timeout_ms,
             proposer_id: rand_id(),
             timeline_start_lsn: self.timeline_start_lsn,
             mode: ProposerMode::Stream { postgres_flush_lsn: self.pg_flush_lsn },
@@ -127,6 +147,7 @@ pub fn sync_proposer_config(identity: &TimelineIdentity, safekeepers: &[String])
         max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
         max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
         heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+        silence_timeout_ms: SILENCE_TIMEOUT_MS,
         proposer_id: rand_id(),
         timeline_start_lsn: first_segment,
         mode: ProposerMode::Sync,

@@ -22,6 +22,7 @@ fn config(safekeepers: usize) -> ProposerConfig {
         max_in_flight_bytes: 256 << 10,
         max_buffered_wal_bytes: 4 << 20,
         heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+        silence_timeout_ms: 20 * HEARTBEAT_INTERVAL_MS,
         proposer_id: [9; 16],
         timeline_start_lsn: TIMELINE_START,
         mode: crate::proposer::ProposerMode::Stream { postgres_flush_lsn: TIMELINE_START },

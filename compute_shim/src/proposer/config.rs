@@ -33,6 +33,10 @@ pub struct ProposerConfig {
     pub max_buffered_wal_bytes: u64,
     /// An idle safekeeper gets an empty append (carrying commit_lsn) this often.
     pub heartbeat_interval_ms: u64,
+    /// A connected safekeeper that sent nothing for this long (it answers
+    /// every heartbeat) is disconnected and reconnected: a hung process or
+    /// link must not hold a connection, or WAL, for good.
+    pub silence_timeout_ms: u64,
     pub proposer_id: [u8; 16],
     /// The segment start from which Postgres can stream (the segment holding
     /// the slot's restart_lsn, or IDENTIFY_SYSTEM's xlogpos for a new slot).
@@ -72,6 +76,10 @@ impl ProposerConfig {
         assert!(self.max_in_flight_bytes >= MAX_APPEND_CHUNK_BYTES, "in-flight window below one append");
         assert!(self.max_buffered_wal_bytes >= MAX_APPEND_CHUNK_BYTES, "WAL buffer below one XLogData message");
         assert!(self.heartbeat_interval_ms > 0, "heartbeat interval must be positive");
+        assert!(
+            self.silence_timeout_ms >= 2 * self.heartbeat_interval_ms,
+            "the silence timeout must allow a heartbeat and its answer"
+        );
         let start = self.timeline_start_lsn;
         assert!(start.is_valid() && start.is_segment_start(self.wal_segment_size), "timeline start {start}");
         if let ProposerMode::Stream { postgres_flush_lsn } = self.mode {
@@ -93,6 +101,7 @@ impl ProposerConfig {
             heartbeat_interval_ms: 100,
             proposer_id: [0; 16],
             timeline_start_lsn: Lsn(SEG),
+            silence_timeout_ms: 10 * 500,
             mode: ProposerMode::Stream { postgres_flush_lsn: Lsn(10 * SEG) },
             pg_timelines: Some(PgTimelineHistory::first()),
         }

@@ -138,6 +138,7 @@ impl Proposer {
         };
         let peer = &mut self.peers[sk];
         peer.link = Link::AwaitingGreeting;
+        peer.last_heard_ms = now_ms;
         peer.queue(ProposerMessage::Greeting(greeting));
     }
 
@@ -166,6 +167,7 @@ impl Proposer {
         if !self.link_wanted(sk) {
             return Ok(()); // a safekeeper we stopped talking to
         }
+        self.peers[sk].last_heard_ms = now_ms;
         let result = match message {
             AcceptorMessage::GreetingResponse(response) => self.on_greeting_response(sk, response),
             AcceptorMessage::VoteResponse(response) => self.on_vote_response(sk, response),
@@ -199,14 +201,71 @@ impl Proposer {
         if self.check_postgres_wal(start_lsn, wal)? {
             return Ok(());
         }
+        self.release_laggards(wal.len() as u64);
         self.wal.take(start_lsn, wal, &self.peers)
+    }
+
+    /// The quorum sets the pace: when the buffer cannot take `len_bytes`
+    /// more while it keeps WAL for every streaming safekeeper, the ones
+    /// behind the commit LSN (not needed for any quorum that commits) are
+    /// released from it. They are sent heartbeats only, which tell them the
+    /// commit LSN, so peer recovery catches them up, and a reconnection
+    /// streams to them again (docs/proposer.md, "The quorum sets the pace").
+    fn release_laggards(&mut self, len_bytes: u64) {
+        let wanted_from = self.wal_wanted_from();
+        if self.wal.can_accept(len_bytes, wanted_from, &self.peers, Lsn::INVALID) {
+            return;
+        }
+        let commit_lsn = self.commit_lsn;
+        let behind = |peer: &Peer| peer.flush_lsn.is_some_and(|flush| flush < commit_lsn);
+        let streaming = |peer: &Peer| matches!(peer.link, Link::Streaming { .. });
+        // Only while those kept still form a quorum of every set (a new
+        // member catching up during a membership change is needed).
+        if !self.membership.is_quorum(&self.peers, |peer| streaming(peer) && !behind(peer)) {
+            return;
+        }
+        for sk in self.peers.slots() {
+            let peer = &mut self.peers[sk];
+            if streaming(peer) && behind(peer) {
+                tracing::warn!(
+                    safekeeper = %peer.addr,
+                    flush_lsn = ?peer.flush_lsn,
+                    commit_lsn = %self.commit_lsn,
+                    "released from the WAL buffer: it lags the quorum by more than the buffer holds; peer recovery \
+                     catches it up"
+                );
+                peer.link = Link::TooFarBehind;
+                peer.releases += 1;
+            }
+        }
+    }
+
+    /// Connected safekeepers silent for `silence_timeout_ms`: the driver
+    /// drops their connections (they reconnect and resume from their
+    /// flush LSN).
+    pub fn silent_safekeepers(&self) -> Vec<SlotIndex> {
+        let timeout_ms = self.config.silence_timeout_ms;
+        self.peers
+            .slots()
+            .filter(|&sk| {
+                let peer = &self.peers[sk];
+                peer.link != Link::Disconnected && self.now_ms.saturating_sub(peer.last_heard_ms) >= timeout_ms
+            })
+            .collect()
     }
 
     /// Whether `on_wal` can take `len_bytes` more now; the driver stops
     /// reading Postgres while it cannot (backpressure). A catch-up always
     /// fits: it starts only if the buffer could hold all WAL from its start.
     pub fn can_accept_wal(&self, len_bytes: u64) -> bool {
-        self.wal.can_accept(len_bytes, self.wal_wanted_from(), &self.peers)
+        // Laggards behind the commit LSN would be released to make room,
+        // if the others still form a quorum (see `release_laggards`).
+        let commit_lsn = self.commit_lsn;
+        let keepers_commit = self.membership.is_quorum(&self.peers, |peer| {
+            matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|flush| flush >= commit_lsn)
+        });
+        let release_below = if keepers_commit { commit_lsn } else { Lsn::INVALID };
+        self.wal.can_accept(len_bytes, self.wal_wanted_from(), &self.peers, release_below)
     }
 
     /// The passage of time: idle safekeepers become due for a heartbeat.
@@ -256,7 +315,13 @@ impl Proposer {
         let waits =
             [greeting_wait, wal_start_wait, log_check_wait, self.membership_wait_ends_ms(), self.sync_wait_ends_ms()];
         let pending_waits = waits.into_iter().flatten().filter(|&at_ms| at_ms > self.now_ms);
-        heartbeats.into_iter().chain(pending_waits).min()
+        let silence_ends = self
+            .peers
+            .iter()
+            .filter(|peer| peer.link != Link::Disconnected)
+            .map(|peer| peer.last_heard_ms + self.config.silence_timeout_ms)
+            .min();
+        heartbeats.into_iter().chain(pending_waits).chain(silence_ends).min()
     }
 
     /// Whether the driver should keep a connection to slot `sk`.

@@ -63,15 +63,16 @@ impl WalSource {
         self.buffer.as_ref().is_some_and(|buffer| start_lsn < buffer.start_lsn())
     }
 
-    /// Whether `len_bytes` more starting at `wanted_from` can be taken now.
-    /// A catch-up always fits: it starts only if the buffer could hold all
-    /// WAL from its start.
-    pub fn can_accept(&self, len_bytes: u64, wanted_from: Option<Lsn>, peers: &Peers) -> bool {
+    /// Whether `len_bytes` more starting at `wanted_from` can be taken now,
+    /// once streaming safekeepers whose flush is below `release_below` are
+    /// let go of (`Lsn::INVALID`: none is). A catch-up always fits: it
+    /// starts only if the buffer could hold all WAL from its start.
+    pub fn can_accept(&self, len_bytes: u64, wanted_from: Option<Lsn>, peers: &Peers, release_below: Lsn) -> bool {
         match &self.buffer {
             None => len_bytes <= self.max_buffered_bytes,
             Some(buffer) if wanted_from.is_some_and(|lsn| lsn < buffer.start_lsn()) => true,
             Some(buffer) => {
-                let floor = self.trim_floor(peers, TrimScope::Connected).unwrap_or(buffer.start_lsn());
+                let floor = self.floor_above(peers, TrimScope::Connected, release_below).unwrap_or(buffer.start_lsn());
                 let keep_bytes = buffer.end_lsn().checked_sub(floor.max(buffer.start_lsn())).unwrap_or(0);
                 keep_bytes + len_bytes <= buffer.max_bytes()
             }
@@ -128,13 +129,18 @@ impl WalSource {
     /// The lowest acknowledged flush still inside the buffer, among all
     /// safekeepers that acknowledged in our term or only connected ones.
     fn trim_floor(&self, peers: &Peers, scope: TrimScope) -> Option<Lsn> {
+        self.floor_above(peers, scope, Lsn::INVALID)
+    }
+
+    /// [`Self::trim_floor`] ignoring flushes below `release_below`.
+    fn floor_above(&self, peers: &Peers, scope: TrimScope, release_below: Lsn) -> Option<Lsn> {
         let buffer = self.buffer.as_ref()?;
         peers
             .iter()
             .filter(|peer| scope == TrimScope::All || matches!(peer.link, Link::Streaming { .. }))
             .filter(|peer| peer.link != Link::TooFarBehind)
             .filter_map(|peer| peer.flush_lsn)
-            .filter(|&flush| flush >= buffer.start_lsn())
+            .filter(|&flush| flush >= buffer.start_lsn() && flush >= release_below)
             .min()
     }
 
@@ -202,14 +208,28 @@ mod tests {
         absent.link = Link::Disconnected;
         let mut peers = Peers::for_tests(vec![streaming(1006, 1004), absent]);
         source.take(Lsn(1000), &[0; 6], &peers).unwrap();
-        assert!(source.can_accept(4, Some(Lsn(1006)), &peers), "trimming to the connected flush makes room");
+        assert!(
+            source.can_accept(4, Some(Lsn(1006)), &peers, Lsn::INVALID),
+            "trimming to the connected flush makes room"
+        );
         source.take(Lsn(1006), &[0; 4], &peers).unwrap();
         assert_eq!(span(source.buffer()), Some((Lsn(1004), Lsn(1010))));
         peers[SlotIndex(0)].flush_lsn = Some(Lsn(1004));
-        assert!(!source.can_accept(3, Some(Lsn(1010)), &peers));
+        assert!(!source.can_accept(3, Some(Lsn(1010)), &peers, Lsn::INVALID));
         let refused = source.take(Lsn(1010), &[0; 3], &peers);
         assert!(matches!(refused, Err(ProposerError::WalBufferFull { buffered_bytes: 6, incoming_bytes: 3, .. })));
         assert_eq!(span(source.buffer()), Some((Lsn(1004), Lsn(1010))), "refused unchanged");
+    }
+
+    /// The quorum sets the pace: a laggard behind the commit LSN does not
+    /// hold the buffer once it may be released.
+    #[test]
+    fn a_laggard_behind_the_commit_lsn_does_not_hold_the_buffer() {
+        let mut source = WalSource::new(8, segment_size());
+        let peers = Peers::for_tests(vec![streaming(1008, 1008), streaming(1004, 1002)]);
+        source.take(Lsn(1000), &[0; 8], &peers).unwrap();
+        assert!(!source.can_accept(4, Some(Lsn(1008)), &peers, Lsn::INVALID), "kept for the laggard at 1002");
+        assert!(source.can_accept(4, Some(Lsn(1008)), &peers, Lsn(1008)), "room once it is released");
     }
 
     #[test]
@@ -234,7 +254,7 @@ mod tests {
         assert_eq!(span(source.buffer()), Some((Lsn(1010), Lsn(1010))));
         assert_eq!(source.wanted_from(&peers), Some(Lsn(1002)), "the lagging safekeeper wants a catch-up");
         assert!(source.is_below_buffer(Lsn(1002)));
-        assert!(source.can_accept(SEGMENT_BYTES, Some(Lsn(1002)), &peers), "a catch-up always fits");
+        assert!(source.can_accept(SEGMENT_BYTES, Some(Lsn(1002)), &peers, Lsn::INVALID), "a catch-up always fits");
         source.take_catch_up(Lsn(1002), &[2; 4]);
         assert_eq!(source.wanted_from(&peers), Some(Lsn(1006)), "the catch-up goes on from its end");
         assert_eq!(source.holding(Lsn(1003)).map(WalBuffer::start_lsn), Some(Lsn(1002)));

@@ -36,6 +36,8 @@ pub const SYSTEM_ID: u64 = 7_000_000_000_000_000_002;
 pub const SEGMENT_SIZE_BYTES: u64 = 1 << 20;
 pub const TIMELINE_START: Lsn = Lsn(0x100_0000);
 pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// A connected acceptor silent this long is dropped and reconnected.
+pub const SILENCE_TIMEOUT_MS: u64 = 20 * HEARTBEAT_INTERVAL_MS;
 const MAX_ROUNDS: usize = 100_000;
 
 pub fn segment_size() -> WalSegmentSize {
@@ -295,6 +297,7 @@ impl Net {
             max_in_flight_bytes: self.max_in_flight_bytes,
             max_buffered_wal_bytes: self.max_buffered_wal_bytes,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            silence_timeout_ms: SILENCE_TIMEOUT_MS,
             proposer_id: [self.computes.len() as u8; 16],
             timeline_start_lsn: TIMELINE_START,
             pg_timelines: match mode {

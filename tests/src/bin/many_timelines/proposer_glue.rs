@@ -63,6 +63,7 @@ impl TimelineProposer {
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
             max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            silence_timeout_ms: 20 * HEARTBEAT_INTERVAL_MS,
             proposer_id: rand::random(),
             timeline_start_lsn: start_lsn,
             mode: ProposerMode::Stream { postgres_flush_lsn: start_lsn },
