@@ -31,13 +31,14 @@
 //!   timeline than the history says or that puts a switch point inside a
 //!   record.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::control::{ControlState, TermHistory, TermStart};
 use crate::storage::SyncedLsn;
 use postgres_wal::lsn::{Lsn, PgTimelineId};
 use postgres_wal::timeline_history::PgTimelineHistory;
-use postgres_wal::wal::format::WAL_PAGE_SIZE_BYTES;
 use postgres_wal::wal::{DecodeStep, WalDecodeError, WalDecoder};
 use safekeeper_protocol::ids::{ClusterId, NodeId, Term};
 use safekeeper_protocol::membership::MembershipGeneration;
@@ -194,6 +195,9 @@ pub struct Acceptor {
     /// Highest commit LSN the proposer told us; applied up to our flush.
     proposer_commit_lsn: Lsn,
     ack_pending: bool,
+    /// `state.pg_timelines`, shared with each trial decoder: every page
+    /// header of appended WAL must name the timeline it gives.
+    timeline_check: Arc<PgTimelineHistory>,
 }
 
 impl Acceptor {
@@ -202,6 +206,7 @@ impl Acceptor {
         assert!(state.commit_lsn <= recovered.end_lsn || !recovered.end_lsn.is_valid() && !state.commit_lsn.is_valid());
         assert_eq!(recovered.decoder.is_some(), recovered.end_lsn.is_valid());
         let end = recovered.end_lsn;
+        let state_timelines = state.pg_timelines.clone();
         Acceptor {
             node_id,
             config,
@@ -211,6 +216,7 @@ impl Acceptor {
             wal: WalPosition { write_lsn: end, flush_lsn: end, written_boundary_lsn: end, decoder: recovered.decoder },
             elected_term: None,
             ack_pending: false,
+            timeline_check: Arc::new(state_timelines),
         }
     }
 
@@ -397,6 +403,7 @@ impl Acceptor {
         if elected.pg_timelines != self.state.pg_timelines {
             actions.push(StorageAction::SetPgTimelines(Box::new(elected.pg_timelines.clone())));
             self.state.pg_timelines = elected.pg_timelines.clone();
+            self.timeline_check = Arc::new(elected.pg_timelines.clone());
         }
         self.state.term = elected.term;
         self.state.term_history = elected.term_history.clone();
@@ -425,15 +432,22 @@ impl Acceptor {
         common_lsn.min(self.wal.flush_lsn).max(self.state.timeline_start_lsn)
     }
 
-    /// The proposer's Postgres timelines must not go down and must say
-    /// what ours say about the WAL we keep (below `common_lsn`); above it
-    /// they may add switches, which the WAL that follows must bear out.
+    /// The proposer's Postgres timelines must not go below the one that
+    /// wrote the last byte we keep (below `common_lsn`) and must say what
+    /// ours say about that WAL; above it they may add switches, which the
+    /// WAL that follows must bear out.
     fn check_pg_timelines(&self, theirs: &PgTimelineHistory, common_lsn: Lsn) -> Result<(), AcceptorError> {
         let ours = &self.state.pg_timelines;
-        if theirs.current < ours.current {
-            return Err(AcceptorError::TimelineWentDown { ours: ours.current, theirs: theirs.current });
-        }
         let start = self.state.timeline_start_lsn;
+        if common_lsn <= start {
+            return Ok(()); // we keep no WAL: no timeline of ours wrote any
+        }
+        // Only the WAL we keep counts: a newer timeline of ours that wrote
+        // only the divergent tail (its term never committed) goes with it.
+        let kept = ours.timeline_of(Lsn(common_lsn.0 - 1));
+        if theirs.current < kept {
+            return Err(AcceptorError::TimelineWentDown { ours: kept, theirs: theirs.current });
+        }
         let (ours_here, theirs_here) = (ours.from_lsn(start), theirs.from_lsn(start));
         if !ours_here.agrees_below(&theirs_here, common_lsn) {
             return Err(AcceptorError::PgTimelinesDisagree {
@@ -592,9 +606,8 @@ impl Acceptor {
         if Lsn(end_lsn.0 - 1).segment_no(segment_size) != begin_lsn.segment_no(segment_size) {
             return Err(AcceptorError::CrossesSegment { begin_lsn, end_lsn });
         }
-        check_page_timelines(&self.state.pg_timelines, begin_lsn, wal)?;
         let mut record_ends = vec![];
-        let decoder = decode_appended(decoder, begin_lsn, wal, &mut record_ends)?;
+        let decoder = decode_appended(decoder, begin_lsn, wal, &self.timeline_check, &mut record_ends)?;
         let switches = self.state.pg_timelines.switches.iter().map(|switch| switch.end_lsn);
         if let Some(switch_lsn) =
             switches.filter(|&lsn| begin_lsn < lsn && lsn <= end_lsn).find(|lsn| !record_ends.contains(lsn))
@@ -705,41 +718,26 @@ impl Acceptor {
 /// Feed appended WAL to a copy of the decoder so a rejected append leaves the
 /// acceptor's decoder untouched. Postgres never streams a zero length where
 /// a record starts, so that is refused too.
+/// Every page header must name the timeline `timelines` gives for it.
 fn decode_appended(
     decoder: &WalDecoder,
     begin_lsn: Lsn,
     wal: &[u8],
+    timelines: &Arc<PgTimelineHistory>,
     record_ends: &mut Vec<Lsn>,
 ) -> Result<WalDecoder, AcceptorError> {
     let end_lsn = begin_lsn + wal.len() as u64;
     let mut trial = decoder.clone();
+    trial.check_timelines(Arc::clone(timelines));
     trial.feed(wal);
     match trial.decode_available(|record| record_ends.push(record.end_lsn)) {
         Ok(DecodeStep::EndOfWal { lsn }) => Err(AcceptorError::ZeroLengthRecord { lsn }),
         Ok(_) => Ok(trial),
+        Err(WalDecodeError::PageTimelineMismatch { lsn, expected, found }) => {
+            Err(AcceptorError::PageTimelineMismatch { page_lsn: lsn, expected, found })
+        }
         Err(source) => Err(AcceptorError::InvalidWal { begin_lsn, end_lsn, source }),
     }
-}
-
-/// Every WAL page header that starts in `wal` names the timeline that the
-/// history says wrote that page's first byte (the page holding a switch
-/// point was begun by the old timeline and keeps its header).
-fn check_page_timelines(history: &PgTimelineHistory, begin_lsn: Lsn, wal: &[u8]) -> Result<(), AcceptorError> {
-    const TIMELINE_OFFSET: usize = 4;
-    let first_page = begin_lsn.align_up(WAL_PAGE_SIZE_BYTES);
-    let mut page_lsn = first_page;
-    while page_lsn.0 + (TIMELINE_OFFSET + 4) as u64 <= begin_lsn.0 + wal.len() as u64 {
-        let at = (page_lsn.0 - begin_lsn.0) as usize + TIMELINE_OFFSET;
-        let found = u32::from_le_bytes(wal[at..at + 4].try_into().expect("4 bytes"));
-        let expected = history.timeline_of(page_lsn);
-        // Zero pages past the end of Postgres's WAL carry no header.
-        let zero_page = wal[at - TIMELINE_OFFSET..at + 4].iter().all(|&byte| byte == 0);
-        if found != expected && !zero_page {
-            return Err(AcceptorError::PageTimelineMismatch { page_lsn, expected, found });
-        }
-        page_lsn = page_lsn + WAL_PAGE_SIZE_BYTES;
-    }
-    Ok(())
 }
 
 fn describe_pg_timelines(history: &PgTimelineHistory) -> String {

@@ -619,14 +619,15 @@ fn the_old_primary_never_wins_a_term_after_a_promotion() {
 /// only safekeeper 0 before it dies (its term commits nothing). The old
 /// primary's shim (timeline 1) then leads with 1 and 2 and commits all of
 /// its WAL on them: legitimate, as no quorum ever held timeline 2. A fresh
-/// shim of that primary must then be able to lead with all three and
-/// bring safekeeper 0 back into the log (its timeline-2 state is an
-/// uncommitted, divergent tail). Today safekeeper 0 keeps timeline 2 for
-/// good: every timeline-1 shim that greets it stops as superseded, and the
-/// promoted server cannot lead either (promoted below the log's end).
+/// shim of that primary greeting safekeeper 0 stops as superseded (one
+/// safekeeper's word is taken: the shim cannot tell an uncommitted
+/// promotion from a committed one), but a sync clears it: its donor is the
+/// latest term's log (timeline 1), and safekeeper 0 drops its timeline 2
+/// with the divergent tail that was all timeline 2 wrote. Then the shim
+/// leads with all three (docs/failover.md, "A promotion that never
+/// committed").
 #[test]
-#[ignore = "product bug: one safekeeper holding an uncommitted newer timeline history supersedes the log's primary for good"]
-fn an_uncommitted_promotion_on_one_safekeeper_does_not_block_the_log() {
+fn an_uncommitted_promotion_on_one_safekeeper_is_cleared_by_a_sync() {
     let postgres = Postgres::generate(400, 9);
     // The primary had written half of its WAL when it was cut off.
     let mut cut_off = postgres.clone();
@@ -669,7 +670,34 @@ fn an_uncommitted_promotion_on_one_safekeeper_does_not_block_the_log() {
     assert_eq!(net.commit_lsn(old), postgres.flush_lsn(), "{}", net.describe_acceptors());
     net.kill(old);
 
-    // The operator restarts that primary's shim with all three named.
+    // The operator restarts that primary's shim with all three named: safekeeper
+    // 0's timeline 2 stops it, until a sync makes the log timeline 1 on all.
+    let refused = net.start_compute(postgres.clone());
+    net.connect_all(refused);
+    net.run_until_quiet();
+    assert!(
+        matches!(net.computes[refused].stopped, Some(ProposerError::Superseded { .. })),
+        "{:?}",
+        net.computes[refused].stopped
+    );
+    net.kill(refused);
+    let s = net.start_sync(postgres.clone());
+    net.connect_all(s);
+    for _ in 0..SYNC_HEARTBEATS {
+        net.run_until_quiet();
+        if net.computes[s].node.proposer().synced_lsn().is_some() {
+            break;
+        }
+        net.advance_time(HEARTBEAT_INTERVAL_MS);
+    }
+    assert_eq!(
+        net.computes[s].node.proposer().synced_lsn(),
+        Some(postgres.flush_lsn()),
+        "{}",
+        net.describe_acceptors()
+    );
+    net.kill(s);
+    assert_eq!(net.acceptors[0].acceptor().state().pg_timelines.current, 1, "the sync cleared timeline 2");
     let again = net.start_compute(postgres.clone());
     net.connect_all(again);
     net.run_until_quiet();

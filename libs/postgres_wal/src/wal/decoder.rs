@@ -13,7 +13,10 @@
 
 use std::fmt;
 
+use std::sync::Arc;
+
 use crate::lsn::{Lsn, PgTimelineId, WalSegmentSize};
+use crate::timeline_history::PgTimelineHistory;
 use crate::wal::format::{
     finish_record_crc, is_known_rmgr_id, is_switch_record, page_header_bytes, PageHeader, RecordHeader,
     MAX_RECORD_BYTES, PG15_PAGE_MAGIC, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, WAL_PAGE_SIZE_BYTES, XLP_ALL_FLAGS,
@@ -95,6 +98,8 @@ pub enum WalDecodeError {
     SystemIdMismatch { lsn: Lsn, expected: u64, found: u64 },
     #[error("WAL page at {lsn} is on timeline {found}, after pages of timeline {previous}: timelines never go back")]
     TimelineWentBack { lsn: Lsn, previous: PgTimelineId, found: PgTimelineId },
+    #[error("WAL page at {lsn} is on Postgres timeline {found}, but the timeline history says {expected}")]
+    PageTimelineMismatch { lsn: Lsn, expected: PgTimelineId, found: PgTimelineId },
     #[error(
         "WAL page at {lsn} has xlp_rem_len {rem_len_bytes} but FIRST_IS_CONTRECORD {}",
         if *contrecord_flag { "set" } else { "clear" }
@@ -143,6 +148,7 @@ impl WalDecodeError {
             | PageSizeMismatch { lsn, .. }
             | SystemIdMismatch { lsn, .. }
             | TimelineWentBack { lsn, .. }
+            | PageTimelineMismatch { lsn, .. }
             | InconsistentRemLen { lsn, .. }
             | UnexpectedContinuation { lsn, .. }
             | MissingContinuation { lsn, .. }
@@ -223,6 +229,10 @@ pub struct WalDecoder {
     /// Start of the last record decoded, which the next `xl_prev` must name.
     expected_prev: Option<Lsn>,
     timeline_id: Option<PgTimelineId>,
+    /// When set, every page header must name the timeline this history
+    /// gives for the page's first byte (the page holding a switch point was
+    /// begun by the old timeline and keeps its header).
+    timelines: Option<Arc<PgTimelineHistory>>,
     system_id: Option<u64>,
     failed: Option<WalDecodeError>,
 }
@@ -280,9 +290,16 @@ impl WalDecoder {
             boundary: lsn,
             expected_prev: None,
             timeline_id: None,
+            timelines: None,
             system_id: None,
             failed: None,
         }
+    }
+
+    /// Check every page header from here on against `history` (see
+    /// [`WalDecodeError::PageTimelineMismatch`]).
+    pub fn check_timelines(&mut self, history: Arc<PgTimelineHistory>) {
+        self.timelines = Some(history);
     }
 
     /// Append the next bytes of the stream; they start at `input_end_lsn()`.
@@ -427,6 +444,12 @@ impl WalDecoder {
         if let Some(previous) = self.timeline_id {
             if header.timeline_id < previous {
                 return Err(WalDecodeError::TimelineWentBack { lsn, previous, found: header.timeline_id });
+            }
+        }
+        if let Some(history) = &self.timelines {
+            let expected = history.timeline_of(lsn);
+            if header.timeline_id != expected {
+                return Err(WalDecodeError::PageTimelineMismatch { lsn, expected, found: header.timeline_id });
             }
         }
         if let Some(long) = header.long {
