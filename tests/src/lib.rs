@@ -11,6 +11,7 @@
 //! - [`commit_loop`]: a session committing as fast as it is acknowledged,
 //!   recording every acknowledged xid.
 //! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
+//! - [`safekeeper_files`]: two safekeepers' segment files compared.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults on command.
 //! - [`wire_client`]: a blocking client of the safekeeper's Postgres wire port.
 
@@ -20,5 +21,6 @@ pub mod fault_proxy;
 pub mod fixture;
 pub mod pg;
 pub mod processes;
+pub mod safekeeper_files;
 pub mod wal_files;
 pub mod wire_client;

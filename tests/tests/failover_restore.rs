@@ -21,8 +21,9 @@ use integration_tests::commit_loop::CommitLoop;
 use integration_tests::fixture::wait_for;
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{http_get, sync_safekeepers, ComputeShim, PageserverStub};
+use integration_tests::safekeeper_files::same_wal_up_to;
 use nix::sys::signal::Signal;
-use postgres_wal::lsn::{Lsn, SegmentNo};
+use postgres_wal::lsn::Lsn;
 
 /// Any single wait: commits, recovery, election, the stub.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,32 +52,11 @@ fn a_safekeeper_that_died_with_the_primary_catches_up_on_the_new_timeline() -> R
 }
 
 /// Safekeepers `a` and `b` hold the same segment files (names included)
-/// with the same bytes below `end`.
+/// with the same bytes below `end`, the last one named for timeline 2.
 fn same_files_up_to(cluster: &QuorumCluster, a: usize, b: usize, end: Lsn) -> Result<()> {
-    let segment_size = cluster.segment_size()?;
-    let names = |index: usize| -> Result<Vec<String>> {
-        let mut names: Vec<String> = std::fs::read_dir(cluster.timeline_dir(index))?
-            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-            .filter(|name| {
-                SegmentNo::parse_file_name(name, segment_size).is_ok_and(|(_, n)| n <= end.segment_no(segment_size))
-            })
-            .collect();
-        names.sort();
-        Ok(names)
-    };
-    let (ours, theirs) = (names(a)?, names(b)?);
-    let shared: Vec<&String> = ours.iter().filter(|name| theirs.contains(name)).collect();
-    let last = shared.last().context("no segment in common")?;
-    ensure!(ours.last() == Some(*last) && theirs.last() == Some(*last), "segment names differ: {ours:?} vs {theirs:?}");
+    let (dir_a, dir_b) = (cluster.timeline_dir(a), cluster.timeline_dir(b));
+    let last = same_wal_up_to(&dir_a, &dir_b, cluster.segment_size()?, end)?;
     ensure!(last.starts_with("00000002"), "the segment holding {end} is not named for timeline 2: {last}");
-    for name in shared {
-        let (_, segment) = SegmentNo::parse_file_name(name, segment_size)?;
-        let len = (end.0.min(segment.start_lsn(segment_size).0 + segment_size.bytes())
-            - segment.start_lsn(segment_size).0) as usize;
-        let read = |index: usize| std::fs::read(cluster.timeline_dir(index).join(name));
-        let (x, y) = (read(a)?, read(b)?);
-        ensure!(x[..len] == y[..len], "safekeepers {a} and {b} differ in {name} below {end}");
-    }
     Ok(())
 }
 

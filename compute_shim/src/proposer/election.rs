@@ -138,6 +138,9 @@ pub(super) fn decide(
         // stream from, at a segment start (as pg_receivewal does).
         (config.timeline_start_lsn, config.timeline_start_lsn)
     };
+    // The timeline verdicts first: a promoted server behind the log's end is
+    // "promoted too early", which a restart never mends (unlike "behind").
+    let pg_timelines = term_pg_timelines(donor, config.pg_timelines.as_ref())?;
     match config.mode {
         ProposerMode::Stream { postgres_flush_lsn } if term_start_lsn > postgres_flush_lsn => {
             return Err(ProposerError::PostgresBehind { term_start_lsn, postgres_flush_lsn });
@@ -159,7 +162,6 @@ pub(super) fn decide(
         }
         known_commit_lsn = known_commit_lsn.max(vote.commit_lsn);
     }
-    let pg_timelines = term_pg_timelines(donor, config.pg_timelines.as_ref())?;
     if donor.history.0.len() >= MAX_TERM_HISTORY_ENTRIES {
         return Err(ProposerError::TermHistoryFull);
     }

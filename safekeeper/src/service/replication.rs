@@ -163,9 +163,10 @@ pub async fn run(
     write: &mut OwnedWriteHalf,
     peer: String,
 ) -> Result<StreamEnd, WireError> {
-    let switch = timeline_end(&handle.snapshot(), request);
     let mut out = BytesMut::new();
-    if let Some((end, next_timeline)) = switch.filter(|&(end, _)| end == request.start_lsn) {
+    if let Some((end, next_timeline)) =
+        timeline_end(&handle.snapshot(), request).filter(|&(end, _)| end == request.start_lsn)
+    {
         // Nothing of that timeline left to send: no COPY at all.
         next_timeline_result(&mut out, next_timeline, end);
         write_bounded(write, &out).await?;
@@ -183,7 +184,13 @@ pub async fn run(
     let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
     tracing::debug!(slot = ?request.slot, %start, "START_REPLICATION");
     loop {
-        let mut end_lsn = readable_end(&snapshots.borrow_and_update(), request).map_err(PgError::into_fatal)?;
+        // Read anew each time: a promotion can end the requested timeline
+        // while it streams (the history changes before any WAL of the new
+        // timeline is committed, so nothing past the switch point was sent).
+        let (mut end_lsn, switch) = {
+            let snapshot = snapshots.borrow_and_update();
+            (readable_end(&snapshot, request).map_err(PgError::into_fatal)?, timeline_end(&snapshot, request))
+        };
         if let Some((switch_lsn, _)) = switch {
             end_lsn = end_lsn.min(switch_lsn);
         }
