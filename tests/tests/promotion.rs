@@ -12,8 +12,11 @@
 //! from the switch segment on named for timeline 2 with A's bytes,
 //! `pg_waldump -t 1` / `-t 2` reading them, `IDENTIFY_SYSTEM` and
 //! `TIMELINE_HISTORY` on the pg port, the history file over HTTP); a second
-//! hot standby B fed by safekeeper 1 follows onto timeline 2 without being
-//! rebuilt. Then the old primary comes back on its old data directory with
+//! hot standby B fed by safekeeper 1, streaming through the failover,
+//! follows onto timeline 2 without being rebuilt, and so does a third, fed
+//! by safekeeper 2, stopped during the failover and started after it (it
+//! asks for timeline 1 from below the switch point). Then the old primary
+//! comes back on its old data directory with
 //! its old shim command line: the shim is refused ("superseded by a
 //! failover") without stalling A's commits. And a standby promoted before
 //! it replayed everything the safekeepers hold is refused too.
@@ -201,6 +204,10 @@ struct Promoted {
     commits_a: Option<CommitLoop>,
     shim_a: ComputeShim,
     b: PgCluster,
+    /// A third standby, fed by safekeeper 2, stopped (fast shutdown) before
+    /// the sync: started again after the promotion, it connects when the
+    /// log is on timeline 2 already.
+    late: PgCluster,
     a: PgCluster,
     /// The old primary (its Postgres and shim killed) and the safekeepers.
     cluster: QuorumCluster,
@@ -233,7 +240,8 @@ impl Promoted {
 }
 
 /// The shared setup: a commit loop on the primary, standbys A (fed by
-/// safekeeper 0) and B (fed by safekeeper 1), the machine dying, the sync,
+/// safekeeper 0), B (fed by safekeeper 1) and the late one (fed by
+/// safekeeper 2, stopped once the primary died), the machine dying, the sync,
 /// A replaying to the synced LSN, promoted, its shim elected, a first
 /// commit on A, and a commit loop started on A.
 fn promote_a_standby() -> Result<Promoted> {
@@ -245,6 +253,7 @@ fn promote_a_standby() -> Result<Promoted> {
     let a = standby_fed_by(&cluster, 0)?;
     let b = standby_fed_by(&cluster, 1)?;
     let b_started = b.psql("SELECT pg_postmaster_start_time()")?;
+    let mut late = standby_fed_by(&cluster, 2)?;
 
     let commits = CommitLoop::start(&cluster.pg)?;
     cluster.wait_commit_progress(LOAD_RUNNING_BYTES, TIMEOUT)?;
@@ -254,6 +263,7 @@ fn promote_a_standby() -> Result<Promoted> {
     let acked_before = commits.finish(TIMEOUT)?;
     ensure!(acked_before.ended_by.is_some(), "the commit loop went on after the primary died");
     ensure!(!acked_before.xids.is_empty(), "no commit acknowledged before the primary died");
+    late.stop_fast()?;
 
     let run = sync(&cluster)?;
     let synced = run.commit_lsn()?;
@@ -280,6 +290,7 @@ fn promote_a_standby() -> Result<Promoted> {
         commits_a,
         shim_a,
         b,
+        late,
         a,
         cluster,
         acked_before,
@@ -422,20 +433,20 @@ fn check_served_history(promoted: &Promoted, index: usize) -> Result<()> {
     Ok(())
 }
 
-/// Standby B follows onto timeline 2 (same postmaster) and sees the row
-/// written on A after the promotion.
-fn check_b_follows(promoted: &Promoted) -> Result<Duration> {
-    let b = &promoted.b;
-    let seen = wait_for(TIMEOUT, "standby B to see the row written on A", || {
-        Ok(b.psql("SELECT note FROM after_promotion WHERE id = 1").ok().filter(|note| !note.is_empty()))
+/// A standby follows onto timeline 2 and sees the row written on A after
+/// the promotion, without a restart of its postmaster since `started`
+/// (`pg_postmaster_start_time()`); returns how long after `since` it saw it.
+fn check_follows(standby: &PgCluster, name: &str, started: &str, since: Instant) -> Result<Duration> {
+    let seen = wait_for(TIMEOUT, &format!("standby {name} to see the row written on A"), || {
+        Ok(standby.psql("SELECT note FROM after_promotion WHERE id = 1").ok().filter(|note| !note.is_empty()))
     })
-    .with_context(|| format!("standby B's log: {}", b.log_tail()))?;
-    let seen_after = promoted.first_commit_at.elapsed();
-    let tli = b.psql("SELECT received_tli FROM pg_stat_wal_receiver")?;
-    ensure!(tli == NEW_TLI.to_string(), "B's wal receiver is on timeline {tli:?} (saw {seen:?})");
-    let started = b.psql("SELECT pg_postmaster_start_time()")?;
-    ensure!(started == promoted.b_started, "B's postmaster restarted: {} then, {started} now", promoted.b_started);
-    ensure!(b.psql("SELECT pg_is_in_recovery()")? == "t", "B is not a standby any more");
+    .with_context(|| format!("standby {name}'s log: {}", standby.log_tail()))?;
+    let seen_after = since.elapsed();
+    let tli = standby.psql("SELECT received_tli FROM pg_stat_wal_receiver")?;
+    ensure!(tli == NEW_TLI.to_string(), "{name}'s wal receiver is on timeline {tli:?} (saw {seen:?})");
+    let now = standby.psql("SELECT pg_postmaster_start_time()")?;
+    ensure!(now == started, "{name}'s postmaster restarted: {started} then, {now} now");
+    ensure!(standby.psql("SELECT pg_is_in_recovery()")? == "t", "{name} is not a standby any more");
     Ok(seen_after)
 }
 
@@ -513,15 +524,24 @@ fn the_promoted_standby_continues_the_safekeeper_timeline() -> Result<()> {
         );
         checks.check(&format!("safekeeper {index} serves the history"), check_served_history(&promoted, index));
     }
-    let b_follows = check_b_follows(&promoted);
+    let b_follows = check_follows(&promoted.b, "B", &promoted.b_started, promoted.first_commit_at);
     let b_seen_after = b_follows.as_ref().ok().copied();
-    checks.check("standby B follows onto timeline 2", b_follows.map(|_| ()));
+    checks.check("standby B, streaming through the failover, follows onto timeline 2", b_follows.map(|_| ()));
+    let late_start = Instant::now();
+    promoted.late.start()?;
+    let late_started = promoted.late.psql("SELECT pg_postmaster_start_time()")?;
+    let late_follows = check_follows(&promoted.late, "late", &late_started, late_start);
+    let late_seen_after = late_follows.as_ref().ok().copied();
+    checks.check("a standby connecting after the switch follows onto timeline 2", late_follows.map(|_| ()));
+    let late_log = promoted.late.log_tail();
+    let timeline_lines: Vec<&str> = late_log.lines().filter(|line| line.contains("timeline")).collect();
+    println!("the late standby's log on timelines:\n{}", timeline_lines.join("\n"));
 
     println!(
         "promotion: {acked} commits acknowledged by the old primary, {lost} lost on A; synced {synced}, A switched \
          at {switch_lsn}; promoted {:?} after the kill, first commit on A {first_commit_after:?} after the kill; {} \
-         commits acknowledged on A (commit LSN {end}); B saw A's row {b_seen_after:?} after it was written; test \
-         took {:?}",
+         commits acknowledged on A (commit LSN {end}); B saw A's row {b_seen_after:?} after it was written, the late \
+         standby {late_seen_after:?} after it was started; test took {:?}",
         promoted.promoted_at - promoted.died_at,
         report_a.xids.len(),
         started.elapsed()
