@@ -16,10 +16,21 @@
 //! follows onto timeline 2 without being rebuilt, and so does a third, fed
 //! by safekeeper 2, stopped during the failover and started after it (it
 //! asks for timeline 1 from below the switch point). Then the old primary
-//! comes back on its old data directory with
-//! its old shim command line: the shim is refused ("superseded by a
-//! failover") without stalling A's commits. And a standby promoted before
-//! it replayed everything the safekeepers hold is refused too.
+//! comes back on its old data directory with its old shim command line:
+//! the shim is refused ("superseded by a failover") without stalling A's
+//! commits. And a standby promoted before it replayed everything the
+//! safekeepers hold is refused too.
+//!
+//! Two checks fail on the product as it is, and are left failing to
+//! document it (each test collects its failed checks and reports them all
+//! at its end, so the others still run): a standby already streaming
+//! timeline 1 when the promotion happens is sent timeline 2's WAL on the
+//! same stream and PANICs ("unexpected timeline ID 2 (after 1) in checkpoint
+//! record"), because a safekeeper looks for the switch point only when
+//! START_REPLICATION arrives; and a shim on a standby promoted too early,
+//! whose WAL has not reached the log's end yet, is refused as "Postgres's
+//! WAL ended at ..." (`PostgresBehind`, advising a restart) instead of
+//! "promoted before it replayed", because that check runs first.
 //!
 //! The tests of this file take [`MACHINE`] in turn: each runs three Postgres
 //! servers and three safekeepers, and the commit stall it measures should be
@@ -168,6 +179,15 @@ fn wait_refused(shim: &mut ComputeShim, what: &str) -> Result<(std::process::Exi
             format!("{what} kept running; its status: {status}; its log: {}", shim.process.log_tail())
         })?;
     Ok((exit, std::fs::read_to_string(&shim.process.log_path)?))
+}
+
+/// Ok if `condition`, else an error saying `why`.
+fn holds(condition: bool, why: impl FnOnce() -> String) -> Result<()> {
+    if condition {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(why()))
+    }
 }
 
 /// The checks of one test that failed, collected so that one run shows
@@ -465,20 +485,14 @@ fn the_promoted_standby_continues_the_safekeeper_timeline() -> Result<()> {
     let present = xids_present(&promoted.a)?;
     let acked = promoted.acked_before.xids.len();
     let lost = promoted.acked_before.xids.iter().filter(|xid| !present.contains(xid)).count();
-    checks.check("every commit acknowledged by the old primary is on A", {
-        if lost == 0 {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!("{lost} of {acked} missing"))
-        }
-    });
-    checks.check("A switched at the synced LSN", {
-        if switch_lsn == synced {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!("A's switch point {switch_lsn}, synced {synced}"))
-        }
-    });
+    checks.check(
+        "every commit acknowledged by the old primary is on A",
+        holds(lost == 0, || format!("{lost} of {acked} missing")),
+    );
+    checks.check(
+        "A switched at the synced LSN",
+        holds(switch_lsn == synced, || format!("A's switch point {switch_lsn}, synced {synced}")),
+    );
 
     // A's load crosses into the segment after the switch segment.
     promoted
@@ -490,7 +504,7 @@ fn the_promoted_standby_continues_the_safekeeper_timeline() -> Result<()> {
         Ok((commit >= past_switch_segment).then_some(commit))
     });
     checks.check(
-        "A's commits are acknowledged past the synced LSN",
+        "A's commits are acknowledged past the segment after the switch",
         commit_a.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}")),
     );
     let report_a = promoted.commits_a.take().context("A's loop")?.finish(TIMEOUT)?;
@@ -503,13 +517,10 @@ fn the_promoted_standby_continues_the_safekeeper_timeline() -> Result<()> {
         },
     );
     let end = promoted.shim_a_commit()?;
-    checks.check("A's shim committed past the synced LSN", {
-        if end > synced {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!("its commit LSN {end}, synced {synced}"))
-        }
-    });
+    checks.check(
+        "A's shim committed past the synced LSN",
+        holds(end > synced, || format!("its commit LSN {end}, synced {synced}")),
+    );
 
     for index in 0..promoted.cluster.safekeepers.len() {
         checks.check(
@@ -524,6 +535,8 @@ fn the_promoted_standby_continues_the_safekeeper_timeline() -> Result<()> {
         );
         checks.check(&format!("safekeeper {index} serves the history"), check_served_history(&promoted, index));
     }
+    // Fails today (product bug, see the module comment): the safekeeper
+    // goes on sending timeline 2's WAL on B's timeline-1 stream.
     let b_follows = check_follows(&promoted.b, "B", &promoted.b_started, promoted.first_commit_at);
     let b_seen_after = b_follows.as_ref().ok().copied();
     checks.check("standby B, streaming through the failover, follows onto timeline 2", b_follows.map(|_| ()));
@@ -620,13 +633,10 @@ fn the_old_primary_returning_is_refused() -> Result<()> {
     });
     let terms_after: Vec<Value> =
         (0..count).map(|index| Ok(promoted.cluster.timeline_status(index)?["term"].clone())).collect::<Result<_>>()?;
-    checks.check("no safekeeper's term moved for the old shim", {
-        if terms_after == terms_before {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!("terms {terms_before:?} then, {terms_after:?} now"))
-        }
-    });
+    checks.check(
+        "no safekeeper's term moved for the old shim",
+        holds(terms_after == terms_before, || format!("terms {terms_before:?} then, {terms_after:?} now")),
+    );
     println!(
         "old primary returned (its checkpoint timeline {old_tli}): its shim refused after {refused_after:?}; {} \
          commits acknowledged on A, {acked_during} of them while it was back, longest gap {longest:?}; test took {:?}",
@@ -679,6 +689,8 @@ fn a_standby_promoted_before_replaying_everything_is_refused() -> Result<()> {
     let mut checks = Checks::default();
     // Right after the promotion its WAL ends below the log's end; then,
     // with more written locally, past it. Refused both times, nothing sent.
+    // Fails today (product bug, see the module comment): refused, but as
+    // `PostgresBehind`, not as promoted too early.
     let flush = lsn_of(&c, "SELECT pg_current_wal_flush_lsn()")?;
     checks.check(&format!("refused with its WAL ending at {flush}, below the log's end"), {
         shim_refused_early(&cluster, &c, &flush_before)
