@@ -11,7 +11,8 @@
 //! `00000002.history` next to the segments, equal to A's, segment files
 //! from the switch segment on named for timeline 2 with A's bytes,
 //! `pg_waldump -t 1` / `-t 2` reading them, `IDENTIFY_SYSTEM` and
-//! `TIMELINE_HISTORY` on the pg port, the history file over HTTP); a second
+//! `TIMELINE_HISTORY` on the pg port, the history file and the switch
+//! segment by its timeline-2 name over HTTP); a second
 //! hot standby B fed by safekeeper 1, streaming through the failover,
 //! follows onto timeline 2 without being rebuilt, and so does a third, fed
 //! by safekeeper 2, stopped during the failover and started after it (it
@@ -453,6 +454,30 @@ fn check_served_history(promoted: &Promoted, index: usize) -> Result<()> {
     Ok(())
 }
 
+/// Over HTTP (what a `restore_command` fetches), the switch segment of
+/// safekeeper `index` by its timeline-2 name is A's file byte for byte
+/// (`commit` is past its end); by its timeline-1 name it is not found.
+fn check_served_switch_segment(promoted: &Promoted, index: usize, segment_size: WalSegmentSize) -> Result<()> {
+    let sk = &promoted.cluster.safekeepers[index];
+    let segment = promoted.switch_lsn()?.segment_no(segment_size);
+    let prefix = format!("/v1/tenant/{TENANT}/timeline/{TIMELINE}/segment");
+    let new_name = segment.file_name(NEW_TLI, segment_size);
+    let answer = http_request("GET", sk.http_addr, &format!("{prefix}/{new_name}"), None, TIMEOUT)?;
+    ensure!(
+        answer.status == 200,
+        "GET segment/{new_name} on safekeeper {index}: {} {}",
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
+    let path = promoted.a.pg_wal_dir().join(&new_name);
+    let theirs = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    ensure!(answer.body == theirs, "GET segment/{new_name} on safekeeper {index} differs from A's {new_name}");
+    let old_name = segment.file_name(OLD_TLI, segment_size);
+    let answer = http_request("GET", sk.http_addr, &format!("{prefix}/{old_name}"), None, TIMEOUT)?;
+    ensure!(answer.status == 404, "GET segment/{old_name} on safekeeper {index} answered {}", answer.status);
+    Ok(())
+}
+
 /// A standby follows onto timeline 2 and sees the row written on A after
 /// the promotion, without a restart of its postmaster since `started`
 /// (`pg_postmaster_start_time()`); returns how long after `since` it saw it.
@@ -534,6 +559,10 @@ fn the_promoted_standby_continues_the_safekeeper_timeline() -> Result<()> {
             check_files(&promoted, index, segment_size, end),
         );
         checks.check(&format!("safekeeper {index} serves the history"), check_served_history(&promoted, index));
+        checks.check(
+            &format!("safekeeper {index} serves the switch segment by its timeline-2 name"),
+            check_served_switch_segment(&promoted, index, segment_size),
+        );
     }
     // Fails today (product bug, see the module comment): the safekeeper
     // goes on sending timeline 2's WAL on B's timeline-1 stream.
