@@ -263,8 +263,19 @@ impl PgCluster {
     /// Run `sql` with psql over a physical replication connection to
     /// 127.0.0.1:`port` (a walsender, or a safekeeper's pg port).
     pub fn psql_replication(&self, port: u16, sql: &str) -> Result<String> {
+        self.psql_replication_with_options(port, "", sql)
+    }
+
+    /// [`PgCluster::psql_replication`] with libpq `options` (a safekeeper's
+    /// pg port is told the timeline as `-c tenant_id=.. -c timeline_id=..`);
+    /// `options` must not contain a single quote.
+    pub fn psql_replication_with_options(&self, port: u16, options: &str, sql: &str) -> Result<String> {
+        assert!(!options.contains('\''), "options with a quote: {options:?}");
         let mut psql = self.command("psql");
-        let conninfo = format!("host=127.0.0.1 port={port} user={PG_SUPERUSER} replication=true");
+        let mut conninfo = format!("host=127.0.0.1 port={port} user={PG_SUPERUSER} replication=true");
+        if !options.is_empty() {
+            conninfo.push_str(&format!(" options='{options}'"));
+        }
         psql.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &conninfo, "-c", sql]);
         let output =
             self.run_checked(psql, self.options.command_timeout).with_context(|| format!("psql -c {sql:?}"))?;

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use postgres_wal::lsn::{Lsn, WalSegmentSize};
+use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize};
 use postgres_wal::wal::{DecodeStep, WalDecoder};
 
 use crate::pg::PgCluster;
@@ -45,11 +45,49 @@ pub fn read_wal(dir: &Path, segment_size: WalSegmentSize, start: Lsn, end: Lsn) 
     Ok(out)
 }
 
+/// Bytes `[start, end)` of Postgres timeline `tli` in `dir` (a pg_wal, or
+/// a safekeeper's timeline directory), read from the segment files named
+/// for `tli` (what [`read_wal`] does for timeline 1).
+pub fn read_pg_wal(
+    dir: &Path,
+    tli: PgTimelineId,
+    segment_size: WalSegmentSize,
+    start: Lsn,
+    end: Lsn,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut position = start;
+    while position < end {
+        let segment = position.segment_no(segment_size);
+        let path = dir.join(segment.file_name(tli, segment_size));
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        ensure!(bytes.len() as u64 == segment_size.bytes(), "{} is not a whole segment", path.display());
+        let to = end.min(position.next_segment_start(segment_size));
+        let from = position.segment_offset(segment_size) as usize;
+        out.extend_from_slice(&bytes[from..from + (to - position) as usize]);
+        position = to;
+    }
+    Ok(out)
+}
+
 /// Record LSNs `pg_waldump` lists in `[start, end)` of `dir`; its failure
 /// (a gap, a bad record before `end`) is an error.
 pub fn waldump_lsns(pg: &PgCluster, dir: &Path, start: Lsn, end: Lsn) -> Result<Vec<Lsn>> {
+    waldump(pg, dir, None, start, end)
+}
+
+/// [`waldump_lsns`] of the segment files of Postgres timeline `tli`
+/// (`pg_waldump -t tli`).
+pub fn waldump_timeline_lsns(pg: &PgCluster, dir: &Path, tli: PgTimelineId, start: Lsn, end: Lsn) -> Result<Vec<Lsn>> {
+    waldump(pg, dir, Some(tli), start, end)
+}
+
+fn waldump(pg: &PgCluster, dir: &Path, tli: Option<PgTimelineId>, start: Lsn, end: Lsn) -> Result<Vec<Lsn>> {
     let mut command = Command::new(pg.bin("pg_waldump"));
     command.arg("-p").arg(dir).arg("-s").arg(start.to_string()).arg("-e").arg(end.to_string());
+    if let Some(tli) = tli {
+        command.arg("-t").arg(tli.to_string());
+    }
     let output = pg.run(command, PG_WALDUMP_TIMEOUT)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(output.status.success(), "pg_waldump on {} failed: {stderr}", dir.display());

@@ -27,7 +27,7 @@ use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::fixture::{wait_bounded, wait_for};
 use integration_tests::pg::{PgCluster, PgOptions};
 use integration_tests::processes::{ComputeShim, KillOnDrop};
-use integration_tests::wal_files::{committed_xids, read_wal, snapshot_files};
+use integration_tests::wal_files::{committed_xids, read_pg_wal, read_wal, snapshot_files};
 use nix::sys::signal::Signal;
 use postgres_wal::lsn::{Lsn, PgTimelineId, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
 use postgres_wal::wal::{DecodeStep, WalDecoder};
@@ -102,24 +102,6 @@ fn unmoved(cluster: &QuorumCluster, index: usize, before: (Lsn, Lsn, u64)) -> Re
 fn segment_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     let is_segment = |path: &Path| path.file_name().is_some_and(|name| name.len() == SEGMENT_FILE_NAME_LEN);
     Ok(snapshot_files(dir)?.into_iter().filter(|(path, _)| is_segment(path)).collect())
-}
-
-/// Bytes `[start, end)` of Postgres timeline `tli` in a pg_wal directory
-/// (`wal_files::read_wal` reads timeline 1 only).
-fn read_pg_wal(dir: &Path, tli: PgTimelineId, segment_size: WalSegmentSize, start: Lsn, end: Lsn) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut position = start;
-    while position < end {
-        let segment = position.segment_no(segment_size);
-        let path = dir.join(segment.file_name(tli, segment_size));
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        ensure!(bytes.len() as u64 == segment_size.bytes(), "{} is not a whole segment", path.display());
-        let to = end.min(position.next_segment_start(segment_size));
-        let from = position.segment_offset(segment_size) as usize;
-        out.extend_from_slice(&bytes[from..from + (to - position) as usize]);
-        position = to;
-    }
-    Ok(out)
 }
 
 /// `IDENTIFY_SYSTEM` over a replication connection, as the shim asks it:
