@@ -107,6 +107,7 @@ impl QuorumCluster {
             timeline_id: TIMELINE.to_string(),
             application_name: SHIM_APPLICATION_NAME.to_string(),
             slot: SHIM_SLOT.to_string(),
+            extra: Vec::new(),
         }
     }
 

@@ -359,6 +359,8 @@ pub struct ShimArgs {
     pub timeline_id: String,
     pub application_name: String,
     pub slot: String,
+    /// More flags, as given (`--max-buffered-wal-mib 8`, ...).
+    pub extra: Vec<String>,
 }
 
 impl ComputeShim {
@@ -376,7 +378,7 @@ impl ComputeShim {
         command.arg("--pg").arg(&args.pg_conninfo).arg("--safekeepers").arg(addrs.join(","));
         command.arg("--tenant-id").arg(&args.tenant_id).arg("--timeline-id").arg(&args.timeline_id);
         command.arg("--application-name").arg(&args.application_name).arg("--slot").arg(&args.slot);
-        command.arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string());
+        command.arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string()).args(&args.extra);
         let log_path = log_dir.join(format!("compute_shim.{}.log", unique_suffix()));
         let (process, addrs) = ServiceProcess::spawn_listening("compute_shim", command, &log_path)?;
         Ok(ComputeShim { process, http_addr: reported(&addrs, "http")? })

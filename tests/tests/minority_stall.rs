@@ -1,0 +1,87 @@
+//! A hung minority never stalls commits (issue 15; docs/proposer.md, "The
+//! quorum sets the pace"): one of three safekeepers is frozen with SIGSTOP
+//! (connected, silent: a hung disk or a frozen VM) while the primary
+//! writes many times more WAL than the shim's buffer holds (a small buffer,
+//! set by flag, so that this runs in seconds; `scripts/` runs the long
+//! version). A commit loop measures the longest wait for an
+//! acknowledgement during the hang. Then the safekeeper resumes and must
+//! catch up to the commit LSN with bytes identical to the others'.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use integration_tests::cluster::QuorumCluster;
+use integration_tests::commit_loop::CommitLoop;
+use integration_tests::pg::PgOptions;
+use integration_tests::processes::ComputeShim;
+use integration_tests::safekeeper_files::same_wal_up_to;
+use nix::sys::signal::Signal;
+
+/// The shim's WAL buffer here (`--max-buffered-wal-mib`).
+const BUFFER_MIB: u64 = 8;
+/// WAL written while the safekeeper is hung: many buffers' worth.
+const WAL_DURING_HANG_BYTES: u64 = 8 * (BUFFER_MIB << 20);
+/// The hang lasts at least this long: past the silence timeout below.
+const MIN_HANG: Duration = Duration::from_secs(8);
+const SILENCE_TIMEOUT_MS: u64 = 3_000;
+/// The longest acknowledgement wait allowed during the hang (the target is
+/// 1 s; a loaded 2-core CI machine gets some slack).
+const MAX_COMMIT_WAIT: Duration = Duration::from_secs(3);
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn options() -> PgOptions {
+    PgOptions { wal_segment_size_mib: 1, ..PgOptions::default() }
+}
+
+/// Test: with one safekeeper of three SIGSTOPped, commits go on at the
+/// pace of the other two however much WAL is written; resumed, it catches
+/// up byte-identically.
+#[test]
+fn a_hung_safekeeper_does_not_stall_commits() -> Result<()> {
+    let mut cluster = QuorumCluster::start_without_shim(options())?;
+    let mut args = cluster.shim_args();
+    args.extra =
+        ["--max-buffered-wal-mib", &BUFFER_MIB.to_string(), "--silence-timeout-ms", &SILENCE_TIMEOUT_MS.to_string()]
+            .map(String::from)
+            .to_vec();
+    let mut shim = ComputeShim::start(&args, cluster.dir.path())?;
+    shim.wait_elected(TIMEOUT)?;
+    cluster.shim = Some(shim);
+    cluster.pg.psql("CREATE TABLE filler (x text)")?;
+    let commits = CommitLoop::start(&cluster.pg)?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let hung = &cluster.safekeepers[2];
+    hung.process.signal(Signal::SIGSTOP)?;
+    let hung_at = Instant::now();
+    let start_lsn = cluster.pg_flush_lsn()?;
+    let mut written = 0;
+    while written < WAL_DURING_HANG_BYTES || hung_at.elapsed() < MIN_HANG {
+        // About 4 MiB of WAL per statement; each commit waits for the quorum.
+        cluster
+            .pg
+            .psql_with_timeout("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 4000)", TIMEOUT)?;
+        written = cluster.pg_flush_lsn()? - start_lsn;
+    }
+    let resumed_at = Instant::now();
+    cluster.safekeepers[2].process.signal(Signal::SIGCONT)?;
+    let report = commits.finish(TIMEOUT)?;
+    let during = report.ack_times.iter().filter(|&&at| hung_at <= at && at <= resumed_at).count();
+    let longest = report.longest_stall(hung_at, resumed_at).map(|(wait, _)| wait).unwrap_or_default();
+    println!(
+        "one safekeeper hung {:?} while {} MiB of WAL were written ({}x the buffer): {during} commits acknowledged, \
+         longest wait {longest:?}",
+        resumed_at - hung_at,
+        written >> 20,
+        written / (BUFFER_MIB << 20)
+    );
+    ensure!(during > 0, "no commit was acknowledged during the hang");
+    ensure!(longest <= MAX_COMMIT_WAIT, "a commit waited {longest:?} while one safekeeper was hung");
+
+    let commit = cluster.shim_commit_lsn()?;
+    let catching_up = Instant::now();
+    cluster.wait_safekeeper_flush(2, commit, TIMEOUT)?;
+    println!("the resumed safekeeper caught up to {commit} in {:?}", catching_up.elapsed());
+    same_wal_up_to(&cluster.timeline_dir(0), &cluster.timeline_dir(2), cluster.segment_size()?, commit)?;
+    Ok(())
+}
