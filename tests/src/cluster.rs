@@ -99,6 +99,28 @@ impl QuorumCluster {
         Ok(QuorumCluster { shim: None, safekeepers, pg, dir, shim_targets: None })
     }
 
+    /// Postgres connection options naming this cluster's tenant and
+    /// timeline (what a replication client of a safekeeper passes).
+    pub fn timeline_options() -> String {
+        format!("-c tenant_id={TENANT} -c timeline_id={TIMELINE}")
+    }
+
+    /// A hot standby of the primary (a base backup) streaming from
+    /// safekeeper `index`'s pg port, as docs/failover.md sets one up, with
+    /// the default recovery_target_timeline (latest). Started.
+    pub fn start_standby_fed_by(&self, index: usize, options: PgOptions) -> Result<PgCluster> {
+        let port = self.safekeepers[index].pg_addr.port();
+        let conninfo = format!("'host=127.0.0.1 port={port} user=postgres options=''{}'''", Self::timeline_options());
+        let standby_options = options
+            .setting("hot_standby", "on")
+            .setting("synchronous_standby_names", "''")
+            .setting("primary_conninfo", &conninfo);
+        let mut standby = PgCluster::from_base_backup(&self.pg, standby_options, "stream")?;
+        standby.write_data_file("standby.signal", "")?;
+        standby.start()?;
+        Ok(standby)
+    }
+
     pub fn shim_args(&self) -> ShimArgs {
         ShimArgs {
             pg_conninfo: self.pg.connection_string("postgres"),

@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, QuorumCluster, LOAD_RUNNING_BYTES, TENANT, TIMELINE};
 use integration_tests::commit_loop::{CommitLoop, CommitReport};
 use integration_tests::fixture::wait_for;
-use integration_tests::pg::{PgCluster, PgOptions};
+use integration_tests::pg::PgOptions;
 use integration_tests::processes::{sync_safekeepers, SyncRun, EXIT_TIMEOUT};
 use integration_tests::wal_files::committed_xids;
 use nix::sys::signal::Signal;
@@ -219,18 +219,7 @@ fn a_sync_needs_a_quorum_and_the_timeline() -> Result<()> {
 fn a_standby_fed_by_a_safekeeper_is_promoted_with_every_acknowledged_commit() -> Result<()> {
     let mut cluster = QuorumCluster::start(options())?;
     cluster.pg.psql(integration_tests::commit_loop::CREATE_TABLE)?;
-    let sk = &cluster.safekeepers[0];
-    let primary_conninfo = format!(
-        "'host=127.0.0.1 port={} user=postgres options=''-c tenant_id={TENANT} -c timeline_id={TIMELINE}'''",
-        sk.pg_addr.port()
-    );
-    let standby_options = options()
-        .setting("hot_standby", "on")
-        .setting("synchronous_standby_names", "''")
-        .setting("primary_conninfo", &primary_conninfo);
-    let mut standby = PgCluster::from_base_backup(&cluster.pg, standby_options, "stream")?;
-    standby.write_data_file("standby.signal", "")?;
-    standby.start()?;
+    let standby = cluster.start_standby_fed_by(0, options())?;
 
     let commits = CommitLoop::start(&cluster.pg)?;
     cluster.wait_commit_progress(LOAD_RUNNING_BYTES, COMMIT_TIMEOUT)?;

@@ -92,26 +92,6 @@ fn options() -> PgOptions {
 }
 
 /// libpq `options` naming the timeline on a safekeeper's pg port.
-fn timeline_options() -> String {
-    format!("-c tenant_id={TENANT} -c timeline_id={TIMELINE}")
-}
-
-/// A hot standby of the cluster's primary (base backup) streaming from
-/// safekeeper `index`'s pg port, with the default
-/// recovery_target_timeline (latest).
-fn standby_fed_by(cluster: &QuorumCluster, index: usize) -> Result<PgCluster> {
-    let port = cluster.safekeepers[index].pg_addr.port();
-    let primary_conninfo = format!("'host=127.0.0.1 port={port} user=postgres options=''{}'''", timeline_options());
-    let standby_options = options()
-        .setting("hot_standby", "on")
-        .setting("synchronous_standby_names", "''")
-        .setting("primary_conninfo", &primary_conninfo);
-    let mut standby = PgCluster::from_base_backup(&cluster.pg, standby_options, "stream")?;
-    standby.write_data_file("standby.signal", "")?;
-    standby.start()?;
-    Ok(standby)
-}
-
 /// The primary's machine dies: its shim and its Postgres SIGKILLed together.
 fn kill_primary(cluster: &mut QuorumCluster) -> Result<()> {
     let mut shim = cluster.shim.take().context("the primary's shim")?;
@@ -271,10 +251,10 @@ fn promote_a_standby() -> Result<Promoted> {
     cluster.pg.psql(&format!(
         "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, {FILLER_ROWS}) g"
     ))?;
-    let a = standby_fed_by(&cluster, 0)?;
-    let b = standby_fed_by(&cluster, 1)?;
+    let a = cluster.start_standby_fed_by(0, options())?;
+    let b = cluster.start_standby_fed_by(1, options())?;
     let b_started = b.psql("SELECT pg_postmaster_start_time()")?;
-    let mut late = standby_fed_by(&cluster, 2)?;
+    let mut late = cluster.start_standby_fed_by(2, options())?;
 
     let commits = CommitLoop::start(&cluster.pg)?;
     cluster.wait_commit_progress(LOAD_RUNNING_BYTES, TIMEOUT)?;
@@ -429,11 +409,15 @@ fn check_files(promoted: &Promoted, index: usize, segment_size: WalSegmentSize, 
 fn check_served_history(promoted: &Promoted, index: usize) -> Result<()> {
     let sk = &promoted.cluster.safekeepers[index];
     let port = sk.pg_addr.port();
-    let identify = promoted.a.psql_replication_with_options(port, &timeline_options(), "IDENTIFY_SYSTEM")?;
+    let identify =
+        promoted.a.psql_replication_with_options(port, &QuorumCluster::timeline_options(), "IDENTIFY_SYSTEM")?;
     let fields: Vec<&str> = identify.split('|').collect();
     ensure!(fields.get(1) == Some(&"2"), "IDENTIFY_SYSTEM on safekeeper {index} answered {identify:?}");
-    let history =
-        promoted.a.psql_replication_with_options(port, &timeline_options(), &format!("TIMELINE_HISTORY {NEW_TLI}"))?;
+    let history = promoted.a.psql_replication_with_options(
+        port,
+        &QuorumCluster::timeline_options(),
+        &format!("TIMELINE_HISTORY {NEW_TLI}"),
+    )?;
     let (name, content) = history.split_once('|').with_context(|| format!("TIMELINE_HISTORY answered {history:?}"))?;
     ensure!(name == format!("{NEW_TLI:08X}.history"), "TIMELINE_HISTORY {NEW_TLI} named {name:?}");
     // psql -At trims the output's last newline.
@@ -683,7 +667,7 @@ fn a_standby_promoted_before_replaying_everything_is_refused() -> Result<()> {
     let started = Instant::now();
     let mut cluster = QuorumCluster::start(options())?;
     cluster.pg.psql(CREATE_TABLE)?;
-    let c = standby_fed_by(&cluster, 0)?;
+    let c = cluster.start_standby_fed_by(0, options())?;
     let commits = CommitLoop::start(&cluster.pg)?;
     cluster.wait_commit_progress(LOAD_RUNNING_BYTES, TIMEOUT)?;
     // The stream cut, then replay paused. A pause alone would not leave

@@ -395,31 +395,11 @@ fn a_sync_commits_the_donors_log_above_every_acknowledged_commit() {
     let postgres = Postgres::generate(400, 7);
     let mut rounds_synced = 0;
     for rounds_before_death in 1..40 {
-        let mut net = Net::new(3);
-        let c = net.start_compute(postgres.clone());
-        net.connect_all(c);
-        for round in 0..rounds_before_death {
-            net.round();
-            if round == rounds_before_death / 2 {
-                net.disconnect(c, 2);
-            }
-        }
-        let acknowledged = net.commit_lsn(c);
-        let old_term = net.elected_term(c);
-        net.kill(c);
-
+        let (mut net, acknowledged, old_term) = primary_streams_and_dies(&postgres, rounds_before_death);
         let mut synced_terms = vec![];
         let mut synced_lsns = vec![];
         while synced_lsns.len() < 2 {
-            let s = net.start_sync(postgres.clone());
-            net.connect_all(s);
-            for _ in 0..SYNC_HEARTBEATS {
-                net.run_until_quiet();
-                if net.computes[s].node.proposer().synced_lsn().is_some() || net.computes[s].stopped.is_some() {
-                    break;
-                }
-                net.advance_time(HEARTBEAT_INTERVAL_MS);
-            }
+            let s = run_sync(&mut net, &postgres);
             if net.computes[s].stopped == Some(ProposerError::NothingToSync) {
                 // Killed before any WAL reached a safekeeper: nothing to sync.
                 assert!((0..3).all(|sk| net.durable_wal(sk).is_empty()), "{}", net.describe_acceptors());
@@ -472,6 +452,21 @@ fn a_sync_of_an_empty_timeline_refuses() {
 /// the net, the dead primary's last acknowledged commit and the synced
 /// LSN (`None`: nothing reached a safekeeper).
 fn primary_dies_and_a_sync_runs(postgres: &Postgres, rounds_before_death: usize) -> Option<(Net, Lsn, Lsn)> {
+    let (mut net, acknowledged, _) = primary_streams_and_dies(postgres, rounds_before_death);
+    let s = run_sync(&mut net, postgres);
+    if net.computes[s].stopped == Some(ProposerError::NothingToSync) {
+        return None;
+    }
+    let synced = net.computes[s].node.proposer().synced_lsn().expect("the sync completes");
+    assert!(synced >= acknowledged);
+    net.kill(s);
+    Some((net, acknowledged, synced))
+}
+
+/// The primary streams for `rounds_before_death` rounds (safekeeper 2's
+/// link dropped halfway) and dies: the net, its last acknowledged commit
+/// and its term.
+fn primary_streams_and_dies(postgres: &Postgres, rounds_before_death: usize) -> (Net, Lsn, Option<Term>) {
     let mut net = Net::new(3);
     let c = net.start_compute(postgres.clone());
     net.connect_all(c);
@@ -482,7 +477,14 @@ fn primary_dies_and_a_sync_runs(postgres: &Postgres, rounds_before_death: usize)
         }
     }
     let acknowledged = net.commit_lsn(c);
+    let term = net.elected_term(c);
     net.kill(c);
+    (net, acknowledged, term)
+}
+
+/// A sync with all three, run until it is done or stops (at most
+/// `SYNC_HEARTBEATS` heartbeat intervals): its compute index.
+fn run_sync(net: &mut Net, postgres: &Postgres) -> usize {
     let s = net.start_sync(postgres.clone());
     net.connect_all(s);
     for _ in 0..SYNC_HEARTBEATS {
@@ -492,13 +494,7 @@ fn primary_dies_and_a_sync_runs(postgres: &Postgres, rounds_before_death: usize)
         }
         net.advance_time(HEARTBEAT_INTERVAL_MS);
     }
-    if net.computes[s].stopped == Some(ProposerError::NothingToSync) {
-        return None;
-    }
-    let synced = net.computes[s].node.proposer().synced_lsn().expect("the sync completes");
-    assert!(synced >= acknowledged);
-    net.kill(s);
-    Some((net, acknowledged, synced))
+    s
 }
 
 /// The log up to `synced` as safekeeper 0 holds it (every safekeeper's
@@ -681,15 +677,7 @@ fn an_uncommitted_promotion_on_one_safekeeper_is_cleared_by_a_sync() {
         net.computes[refused].stopped
     );
     net.kill(refused);
-    let s = net.start_sync(postgres.clone());
-    net.connect_all(s);
-    for _ in 0..SYNC_HEARTBEATS {
-        net.run_until_quiet();
-        if net.computes[s].node.proposer().synced_lsn().is_some() {
-            break;
-        }
-        net.advance_time(HEARTBEAT_INTERVAL_MS);
-    }
+    let s = run_sync(&mut net, &postgres);
     assert_eq!(
         net.computes[s].node.proposer().synced_lsn(),
         Some(postgres.flush_lsn()),
