@@ -174,7 +174,8 @@ impl PgTimelineHistory {
     /// that wrote its last byte (the segment holding a switch point is the
     /// new timeline's, as in the promoted server's `pg_wal`).
     pub fn timeline_of_segment(&self, segment: SegmentNo, size: WalSegmentSize) -> PgTimelineId {
-        let last_byte = Lsn(segment.start_lsn(size).0 + size.bytes() - 1);
+        // The last segment of the LSN space ends at u64::MAX: no overflow.
+        let last_byte = Lsn(segment.start_lsn(size).0 + (size.bytes() - 1));
         self.timeline_of(last_byte)
     }
 
@@ -304,6 +305,13 @@ mod tests {
         // The switch to 3 is at the start of segment 5: segment 4 stays 2's.
         assert_eq!(history.segment_file_name(SegmentNo(4), SEGMENT_16_MIB), "000000020000000000000004");
         assert_eq!(history.segment_file_name(SegmentNo(5), SEGMENT_16_MIB), "000000030000000000000005");
+    }
+
+    /// A client may name the last segment of the LSN space.
+    #[test]
+    fn the_last_segment_has_a_name() {
+        let last = SegmentNo(u64::MAX / SEGMENT_16_MIB.bytes());
+        assert_eq!(two_switches().timeline_of_segment(last, SEGMENT_16_MIB), 3);
     }
 
     #[test]
