@@ -5,13 +5,17 @@
 //! set by flag, so that this runs in seconds; `scripts/` runs the long
 //! version). A commit loop measures the longest wait for an
 //! acknowledgement during the hang. Then the safekeeper resumes and must
-//! catch up to the commit LSN with bytes identical to the others'.
+//! catch up to the commit LSN with bytes identical to the others'. Then a
+//! link to one safekeeper delayed by hundreds of milliseconds each way:
+//! commits keep the pace of the other two (the latency ratio to the healthy
+//! cluster is printed; the 10% target is a benchmark's, not this test's).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use integration_tests::cluster::QuorumCluster;
-use integration_tests::commit_loop::CommitLoop;
+use integration_tests::commit_loop::{CommitLoop, CommitReport};
+use integration_tests::fault_proxy::{Fault, FaultProxy};
 use integration_tests::pg::PgOptions;
 use integration_tests::processes::ComputeShim;
 use integration_tests::safekeeper_files::same_wal_up_to;
@@ -83,5 +87,56 @@ fn a_hung_safekeeper_does_not_stall_commits() -> Result<()> {
     cluster.wait_safekeeper_flush(2, commit, TIMEOUT)?;
     println!("the resumed safekeeper caught up to {commit} in {:?}", catching_up.elapsed());
     same_wal_up_to(&cluster.timeline_dir(0), &cluster.timeline_dir(2), cluster.segment_size()?, commit)?;
+    Ok(())
+}
+
+/// Each way, on the delayed link.
+const LINK_DELAY: Duration = Duration::from_millis(300);
+/// How long each phase (healthy, delayed) of the commit loop runs.
+const PHASE: Duration = Duration::from_secs(4);
+/// The longest acknowledgement wait allowed with the delayed link: far
+/// below the delay itself, so the delayed member never paces a commit.
+const MAX_WAIT_WITH_SLOW_LINK: Duration = Duration::from_millis(250);
+
+/// Median gap between consecutive acknowledgements of one session in
+/// `[from, to]`: its commit latency.
+fn median_commit_latency(report: &CommitReport, from: Instant, to: Instant) -> Duration {
+    let mut gaps: Vec<Duration> = report
+        .ack_times
+        .windows(2)
+        .filter(|pair| pair[0] >= from && pair[1] <= to)
+        .map(|pair| pair[1] - pair[0])
+        .collect();
+    gaps.sort();
+    gaps.get(gaps.len() / 2).copied().unwrap_or_default()
+}
+
+/// Test: a link to one safekeeper delayed by 300 ms each way does not slow
+/// commits: the quorum of the two others acknowledges them.
+#[test]
+fn a_slow_link_to_one_safekeeper_does_not_slow_commits() -> Result<()> {
+    let mut cluster = QuorumCluster::start_without_shim(options())?;
+    // Every link goes through a proxy, so both phases pay the same hop.
+    let proxies: Vec<FaultProxy> =
+        cluster.safekeepers.iter().map(|sk| FaultProxy::start(sk.pg_addr)).collect::<Result<_>>()?;
+    cluster.shim_targets = Some(proxies.iter().map(|proxy| proxy.listen_addr).collect());
+    cluster.start_shim()?;
+    let commits = CommitLoop::start(&cluster.pg)?;
+    let healthy_from = Instant::now();
+    std::thread::sleep(PHASE);
+    let delayed_from = Instant::now();
+    proxies[2].set(Fault::Delay(LINK_DELAY));
+    std::thread::sleep(PHASE);
+    let delayed_to = Instant::now();
+    let report = commits.finish(TIMEOUT)?;
+    let healthy = median_commit_latency(&report, healthy_from + Duration::from_millis(500), delayed_from);
+    let delayed = median_commit_latency(&report, delayed_from + Duration::from_millis(500), delayed_to);
+    let longest = report.max_stall(delayed_from, delayed_to);
+    println!(
+        "one link delayed {LINK_DELAY:?} each way: median commit latency {delayed:?} vs {healthy:?} healthy \
+         (ratio {:.2}), longest wait {longest:?}",
+        delayed.as_secs_f64() / healthy.as_secs_f64().max(1e-9)
+    );
+    ensure!(longest <= MAX_WAIT_WITH_SLOW_LINK, "a commit waited {longest:?} with one link delayed {LINK_DELAY:?}");
     Ok(())
 }
