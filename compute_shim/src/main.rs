@@ -104,8 +104,14 @@ struct ShimArgs {
     #[arg(long, default_value_t = driver::startup::MAX_BUFFERED_WAL_BYTES >> 20, value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     max_buffered_wal_mib: u64,
+    /// An idle safekeeper is sent an empty append (the commit LSN) this often;
+    /// it answers each.
+    #[arg(long, default_value_t = driver::startup::HEARTBEAT_INTERVAL_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    heartbeat_interval_ms: u64,
     /// A connected safekeeper that sends nothing for this long (it answers
-    /// every heartbeat, sent every 500 ms) is disconnected and reconnected.
+    /// every heartbeat) is disconnected and reconnected; at least twice the
+    /// heartbeat interval.
     #[arg(long, default_value_t = driver::startup::SILENCE_TIMEOUT_MS, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1000..))]
     silence_timeout_ms: u64,
@@ -179,9 +185,11 @@ async fn run(cli: ShimArgs) -> anyhow::Result<()> {
         slot: cli.slot,
         limits: driver::startup::ShimLimits {
             max_buffered_wal_bytes: cli.max_buffered_wal_mib << 20,
+            heartbeat_interval_ms: cli.heartbeat_interval_ms,
             silence_timeout_ms: cli.silence_timeout_ms,
         },
     };
+    options.limits.check()?;
     let setup = connect_postgres(&options).await.context("connecting to Postgres")?;
     tracing::info!(system_id = %setup.cluster.system_id, timeline_start = %setup.timeline_start_lsn,
         postgres_flush = %setup.pg_flush_lsn, "connected to Postgres; campaigning");

@@ -24,12 +24,31 @@ pub const SILENCE_TIMEOUT_MS: u64 = 20 * HEARTBEAT_INTERVAL_MS;
 #[derive(Clone, Copy, Debug)]
 pub struct ShimLimits {
     pub max_buffered_wal_bytes: u64,
+    pub heartbeat_interval_ms: u64,
     pub silence_timeout_ms: u64,
 }
 
 impl Default for ShimLimits {
     fn default() -> Self {
-        ShimLimits { max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES, silence_timeout_ms: SILENCE_TIMEOUT_MS }
+        ShimLimits {
+            max_buffered_wal_bytes: MAX_BUFFERED_WAL_BYTES,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            silence_timeout_ms: SILENCE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl ShimLimits {
+    /// Operator input: refused with a reason rather than asserted.
+    pub fn check(&self) -> Result<(), ShimError> {
+        if self.silence_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return Err(ShimError::Stopped(format!(
+                "--silence-timeout-ms {} must be at least twice --heartbeat-interval-ms {}: a healthy safekeeper \
+                 answers each heartbeat, and must have time to",
+                self.silence_timeout_ms, self.heartbeat_interval_ms
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -123,7 +142,7 @@ impl ShimSetup {
             safekeepers: self.safekeepers.clone(),
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
             max_buffered_wal_bytes: self.limits.max_buffered_wal_bytes,
-            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            heartbeat_interval_ms: self.limits.heartbeat_interval_ms,
             silence_timeout_ms: self.limits.silence_timeout_ms,
             proposer_id: rand_id(),
             timeline_start_lsn: self.timeline_start_lsn,
