@@ -182,3 +182,18 @@ fn rand_id() -> [u8; 16] {
     id[12..].copy_from_slice(&std::process::id().to_be_bytes());
     id
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults hold; a silence timeout that leaves no time for a
+    /// heartbeat's answer is refused with the reason, not asserted.
+    #[test]
+    fn limits_are_checked_as_operator_input() {
+        assert!(ShimLimits::default().check().is_ok());
+        let tight = ShimLimits { heartbeat_interval_ms: 1_000, silence_timeout_ms: 1_500, ..ShimLimits::default() };
+        let error = tight.check().unwrap_err().to_string();
+        assert!(error.contains("at least twice --heartbeat-interval-ms"), "{error}");
+    }
+}
