@@ -380,6 +380,48 @@ fn a_silent_member_does_not_hold_up_the_majority() {
     assert_eq!(net.holders(&postgres, full), 3);
 }
 
+/// Rule (docs/proposer.md, "The quorum sets the pace"): a slow member
+/// (its link passes messages only in every fifth heartbeat interval, both
+/// ways, for a long time) while Postgres writes many buffers of WAL: the
+/// majority commits everything at its own pace, the slow member is never
+/// the one the commit waits for, and it ends up with the whole log.
+#[test]
+fn a_slow_member_does_not_set_the_pace() {
+    const HEARTBEATS: usize = 60;
+    let postgres = Postgres::generate(900, 12);
+    let full = postgres.flush_lsn();
+    let mut net = Net::new(3);
+    net.max_buffered_wal_bytes = 256 << 10;
+    assert!(full - TIMELINE_START > 4 * net.max_buffered_wal_bytes, "the WAL exceeds the buffer many times");
+    let mut start = postgres.clone();
+    start.set_flush_lsn(record_end_after(&postgres, TIMELINE_START + (64 << 10)));
+    let c = net.start_compute(start);
+    net.connect_all(c);
+    net.run_until_quiet();
+    net.computes[c].postgres.set_flush_lsn(full);
+    let mut fast_commit_at = None;
+    for heartbeat in 0..HEARTBEATS {
+        let slow = heartbeat % 5 != 4;
+        let link = &mut net.computes[c].links[2];
+        (link.blocked_to_acceptor, link.blocked_to_proposer) = (slow, slow);
+        net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
+        net.run_until_quiet();
+        if fast_commit_at.is_none() && net.commit_lsn(c) == full {
+            fast_commit_at = Some(heartbeat);
+        }
+    }
+    let committed_at = fast_commit_at.unwrap_or_else(|| panic!("not all committed: {}", net.describe_acceptors()));
+    eprintln!("everything committed after {committed_at} heartbeat intervals with one slow member");
+    assert_eq!(committed_at, 0, "all committed in the first interval, while the slow member's link was shut");
+    let link = &mut net.computes[c].links[2];
+    (link.blocked_to_acceptor, link.blocked_to_proposer) = (false, false);
+    net.run_until_quiet();
+    net.copy_from_peer(2, 0);
+    net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
+    net.run_until_quiet();
+    assert_eq!(net.holders(&postgres, full), 3, "the slow member ends up with the whole log");
+}
+
 /// Heartbeat intervals a sync in the simulation gets (its `--timeout-s`).
 const SYNC_HEARTBEATS: usize = 20;
 
