@@ -85,10 +85,7 @@ pub(super) fn check_not_superseded(ours: &PgTimelineHistory, log: &PgTimelineHis
     if log.current <= ours.current {
         return Ok(());
     }
-    let switch_lsn = log
-        .end_of(ours.current)
-        .or_else(|| log.switches.iter().find(|switch| switch.timeline > ours.current).map(|switch| switch.end_lsn))
-        .unwrap_or_default();
+    let switch_lsn = log.left_at(ours.current);
     Err(ProposerError::Superseded { timeline: ours.current, current: log.current, switch_lsn })
 }
 

@@ -148,6 +148,17 @@ impl PgTimelineHistory {
         self.switches.iter().find(|switch| switch.timeline == timeline).map(|switch| switch.end_lsn)
     }
 
+    /// Where this history left `timeline`, an older one than its current:
+    /// its switch point, or (a timeline this history never had) the first
+    /// switch to a timeline above it. Names the point a proposer of an old
+    /// timeline was superseded at.
+    pub fn left_at(&self, timeline: PgTimelineId) -> Lsn {
+        self.end_of(timeline)
+            .or_else(|| self.switches.iter().find(|switch| switch.timeline > timeline).map(|switch| switch.end_lsn))
+            .or_else(|| self.switches.last().map(|switch| switch.end_lsn))
+            .unwrap_or_default()
+    }
+
     /// Whether `timeline` is the current timeline or one of its ancestors.
     pub fn contains(&self, timeline: PgTimelineId) -> bool {
         timeline == self.current || self.end_of(timeline).is_some()
@@ -290,6 +301,9 @@ mod tests {
         assert_eq!(history.successor_of(2), Some((3, Lsn(0x500_0000))));
         assert_eq!(history.successor_of(3), None);
         assert!(history.contains(3) && history.contains(1) && !history.contains(4));
+        assert_eq!(history.left_at(1), Lsn(0x300_0100));
+        let skipped_two = PgTimelineHistory { current: 3, switches: vec![switch(1, 0x300_0100)] };
+        assert_eq!(skipped_two.left_at(2), Lsn(0x300_0100), "never on 2: left where it went above it");
         assert_eq!(
             history.of_ancestor(2).unwrap(),
             PgTimelineHistory { current: 2, switches: vec![switch(1, 0x300_0100)] }

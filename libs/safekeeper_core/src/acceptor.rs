@@ -379,11 +379,7 @@ impl Acceptor {
         if pg_timeline == NO_PG_TIMELINE || pg_timeline >= ours.current {
             return Ok(());
         }
-        let switch_lsn = ours
-            .end_of(pg_timeline)
-            .or_else(|| ours.switches.iter().find(|s| s.timeline > pg_timeline).map(|s| s.end_lsn))
-            .or_else(|| ours.switches.last().map(|s| s.end_lsn))
-            .unwrap_or_default();
+        let switch_lsn = ours.left_at(pg_timeline);
         Err(AcceptorError::SupersededTimeline { proposer_timeline: pg_timeline, current: ours.current, switch_lsn })
     }
 
@@ -606,12 +602,14 @@ impl Acceptor {
         if Lsn(end_lsn.0 - 1).segment_no(segment_size) != begin_lsn.segment_no(segment_size) {
             return Err(AcceptorError::CrossesSegment { begin_lsn, end_lsn });
         }
-        let mut record_ends = vec![];
-        let decoder = decode_appended(decoder, begin_lsn, wal, &self.timeline_check, &mut record_ends)?;
-        let switches = self.state.pg_timelines.switches.iter().map(|switch| switch.end_lsn);
-        if let Some(switch_lsn) =
-            switches.filter(|&lsn| begin_lsn < lsn && lsn <= end_lsn).find(|lsn| !record_ends.contains(lsn))
-        {
+        // Switch points inside this append, each to be met as a record end
+        // (none, and nothing allocated, on all but a promotion's appends).
+        let mut unmet_switches: Vec<Lsn> = (self.state.pg_timelines.switches.iter())
+            .map(|switch| switch.end_lsn)
+            .filter(|&lsn| begin_lsn < lsn && lsn <= end_lsn)
+            .collect();
+        let decoder = decode_appended(decoder, begin_lsn, wal, &self.timeline_check, &mut unmet_switches)?;
+        if let Some(&switch_lsn) = unmet_switches.first() {
             return Err(AcceptorError::SwitchInsideRecord { switch_lsn });
         }
         Ok(decoder)
@@ -717,20 +715,21 @@ impl Acceptor {
 
 /// Feed appended WAL to a copy of the decoder so a rejected append leaves the
 /// acceptor's decoder untouched. Postgres never streams a zero length where
-/// a record starts, so that is refused too.
-/// Every page header must name the timeline `timelines` gives for it.
+/// a record starts, so that is refused too. Every page header must name
+/// the timeline `timelines` gives for it; each switch point in
+/// `unmet_switches` that a record ends at is removed from it.
 fn decode_appended(
     decoder: &WalDecoder,
     begin_lsn: Lsn,
     wal: &[u8],
     timelines: &Arc<PgTimelineHistory>,
-    record_ends: &mut Vec<Lsn>,
+    unmet_switches: &mut Vec<Lsn>,
 ) -> Result<WalDecoder, AcceptorError> {
     let end_lsn = begin_lsn + wal.len() as u64;
     let mut trial = decoder.clone();
     trial.check_timelines(Arc::clone(timelines));
     trial.feed(wal);
-    match trial.decode_available(|record| record_ends.push(record.end_lsn)) {
+    match trial.decode_available(|record| unmet_switches.retain(|&lsn| lsn != record.end_lsn)) {
         Ok(DecodeStep::EndOfWal { lsn }) => Err(AcceptorError::ZeroLengthRecord { lsn }),
         Ok(_) => Ok(trial),
         Err(WalDecodeError::PageTimelineMismatch { lsn, expected, found }) => {
