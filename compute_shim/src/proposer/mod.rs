@@ -213,20 +213,14 @@ impl Proposer {
     /// streams to them again (docs/proposer.md, "The quorum sets the pace").
     fn release_laggards(&mut self, len_bytes: u64) {
         let wanted_from = self.wal_wanted_from();
-        if self.wal.can_accept(len_bytes, wanted_from, &self.peers, Lsn::INVALID) {
-            return;
-        }
-        let commit_lsn = self.commit_lsn;
-        let behind = |peer: &Peer| peer.flush_lsn.is_some_and(|flush| flush < commit_lsn);
-        let streaming = |peer: &Peer| matches!(peer.link, Link::Streaming { .. });
-        // Only while those kept still form a quorum of every set (a new
-        // member catching up during a membership change is needed).
-        if !self.membership.is_quorum(&self.peers, |peer| streaming(peer) && !behind(peer)) {
+        let release_below = self.release_below();
+        if !release_below.is_valid() || self.wal.can_accept(len_bytes, wanted_from, &self.peers, Lsn::INVALID) {
             return;
         }
         for sk in self.peers.slots() {
             let peer = &mut self.peers[sk];
-            if streaming(peer) && behind(peer) {
+            let behind = peer.flush_lsn.is_some_and(|flush| flush < release_below);
+            if matches!(peer.link, Link::Streaming { .. }) && behind {
                 tracing::warn!(
                     safekeeper = %peer.addr,
                     flush_lsn = ?peer.flush_lsn,
@@ -235,8 +229,23 @@ impl Proposer {
                      catches it up"
                 );
                 peer.link = Link::TooFarBehind;
-                peer.releases += 1;
             }
+        }
+    }
+
+    /// Streaming safekeepers flushed below this may be released from a
+    /// full buffer: the commit LSN, while those at or past it form a
+    /// quorum of every set (a new member catching up during a membership
+    /// change is needed, so then none is); `Lsn::INVALID`: none may.
+    fn release_below(&self) -> Lsn {
+        let commit_lsn = self.commit_lsn;
+        let keepers_commit = self.membership.is_quorum(&self.peers, |peer| {
+            matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|flush| flush >= commit_lsn)
+        });
+        if keepers_commit {
+            commit_lsn
+        } else {
+            Lsn::INVALID
         }
     }
 
@@ -258,14 +267,8 @@ impl Proposer {
     /// reading Postgres while it cannot (backpressure). A catch-up always
     /// fits: it starts only if the buffer could hold all WAL from its start.
     pub fn can_accept_wal(&self, len_bytes: u64) -> bool {
-        // Laggards behind the commit LSN would be released to make room,
-        // if the others still form a quorum (see `release_laggards`).
-        let commit_lsn = self.commit_lsn;
-        let keepers_commit = self.membership.is_quorum(&self.peers, |peer| {
-            matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|flush| flush >= commit_lsn)
-        });
-        let release_below = if keepers_commit { commit_lsn } else { Lsn::INVALID };
-        self.wal.can_accept(len_bytes, self.wal_wanted_from(), &self.peers, release_below)
+        // Counting the room releasing laggards would make (`release_laggards`).
+        self.wal.can_accept(len_bytes, self.wal_wanted_from(), &self.peers, self.release_below())
     }
 
     /// The passage of time: idle safekeepers become due for a heartbeat.

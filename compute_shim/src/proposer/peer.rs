@@ -173,9 +173,6 @@ pub(super) struct Peer {
     pub last_sent_ms: u64,
     /// When its current connection last delivered a message (or opened).
     pub last_heard_ms: u64,
-    /// How often it was released from the WAL buffer for lagging behind
-    /// the quorum (status).
-    pub releases: u64,
     /// The precedence (generation, term) of the configuration it holds,
     /// as its greeting or its last MembershipResponse showed.
     pub stored_configuration: Option<(MembershipGeneration, Term)>,
@@ -202,7 +199,6 @@ impl Peer {
             outbox: VecDeque::new(),
             last_sent_ms: 0,
             last_heard_ms: 0,
-            releases: 0,
             stored_configuration: None,
             membership_outstanding: false,
             sent_commit_lsn: Lsn::INVALID,
