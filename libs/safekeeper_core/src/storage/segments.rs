@@ -44,7 +44,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use super::reader::SegmentReader;
 use super::{fsync_dir, io_error, StorageError, SyncedLsn, WalStorage};
 use postgres_wal::lsn::{Lsn, PgTimelineId, SegmentNo, WalSegmentSize, SEGMENT_FILE_NAME_LEN};
-use postgres_wal::timeline_history::{history_file_name, PgTimelineHistory};
+use postgres_wal::timeline_history::PgTimelineHistory;
 /// Most segments memory-mapped at once: bounds address space and the number
 /// of maps a sync has to visit.
 pub const MAX_MAPPED_SEGMENTS: usize = 4;
@@ -262,39 +262,6 @@ impl SegmentStorage {
     /// Path of the file holding `segment`.
     pub fn segment_path(&self, segment: SegmentNo) -> PathBuf {
         self.dir.join(self.pg_timelines.segment_file_name(segment, self.segment_size))
-    }
-
-    pub fn pg_timelines(&self) -> &PgTimelineHistory {
-        &self.pg_timelines
-    }
-
-    /// Name the files after `history` from now on: write its history file
-    /// (durably, before any name refers to its timeline), then rename every
-    /// held segment whose name changes, then fsync the directory. A crash
-    /// midway leaves names that [`Self::open`] puts right from the control
-    /// file, which is persisted after this returns.
-    fn name_files_after(&mut self, history: &PgTimelineHistory) -> Result<(), StorageError> {
-        self.guarded(|storage| {
-            if *history == storage.pg_timelines {
-                return Ok(());
-            }
-            if !history.switches.is_empty() {
-                let name = history.file_name();
-                let text = history.file_text();
-                super::write_file_atomically(&storage.dir, &name, &format!("{name}.tmp"), text.as_bytes())?;
-            }
-            // A spare's temp name follows its final name: drop it rather
-            // than track a rename.
-            storage.discard_spare();
-            let segment_size = storage.segment_size;
-            let held: Vec<(SegmentNo, PgTimelineId)> = (storage.first_segment.0..storage.end_segment.0)
-                .map(|n| (SegmentNo(n), storage.pg_timelines.timeline_of_segment(SegmentNo(n), segment_size)))
-                .collect();
-            rename_to_history(&storage.dir, segment_size, &held, history)?;
-            storage.pg_timelines = history.clone();
-            storage.reader.set_pg_timelines(history.clone());
-            Ok(())
-        })
     }
 
     fn has_file(&self, segment: SegmentNo) -> bool {
@@ -661,8 +628,33 @@ impl WalStorage for SegmentStorage {
         self.guarded(|storage| storage.remove_segments_below(end.segment_no(storage.segment_size)))
     }
 
+    /// Name the files after `history` from now on: write its history file
+    /// (durably, before any name refers to its timeline), then rename every
+    /// held segment whose name changes, then fsync the directory. A crash
+    /// midway leaves names that [`Self::open`] puts right from the control
+    /// file, which is persisted after this returns.
     fn set_pg_timelines(&mut self, history: &PgTimelineHistory) -> Result<(), StorageError> {
-        self.name_files_after(history)
+        self.guarded(|storage| {
+            if *history == storage.pg_timelines {
+                return Ok(());
+            }
+            if !history.switches.is_empty() {
+                let name = history.file_name();
+                let text = history.file_text();
+                super::write_file_atomically(&storage.dir, &name, &format!("{name}.tmp"), text.as_bytes())?;
+            }
+            // A spare's temp name follows its final name: drop it rather
+            // than track a rename.
+            storage.discard_spare();
+            let segment_size = storage.segment_size;
+            let held: Vec<(SegmentNo, PgTimelineId)> = (storage.first_segment.0..storage.end_segment.0)
+                .map(|n| (SegmentNo(n), storage.pg_timelines.timeline_of_segment(SegmentNo(n), segment_size)))
+                .collect();
+            rename_to_history(&storage.dir, segment_size, &held, history)?;
+            storage.pg_timelines = history.clone();
+            storage.reader.set_pg_timelines(history.clone());
+            Ok(())
+        })
     }
 }
 
@@ -740,11 +732,6 @@ fn rename_to_history(
         fsync_dir(dir)?;
     }
     Ok(())
-}
-
-/// Where the history file of `timeline` lives in a timeline directory.
-pub fn history_file_path(dir: &Path, timeline: PgTimelineId) -> PathBuf {
-    dir.join(history_file_name(timeline))
 }
 
 /// List the segment files of `dir`: valid names, exact size, contiguous,
