@@ -2,8 +2,9 @@
 //! quorum sets the pace"): one of three safekeepers is frozen with SIGSTOP
 //! (connected, silent: a hung disk or a frozen VM) while the primary
 //! writes many times more WAL than the shim's buffer holds (a small buffer,
-//! set by flag, so that this runs in seconds; `scripts/` runs the long
-//! version). A commit loop measures the longest wait for an
+//! set by flag, so that this runs in seconds; the long version, minutes and
+//! more than 1 GiB, is `MINORITY_HANG_S=180 MINORITY_WAL_MIB=1200 cargo test
+//! -p integration_tests --test minority_stall -- --nocapture`). A commit loop measures the longest wait for an
 //! acknowledgement during the hang. Then the safekeeper resumes and must
 //! catch up to the commit LSN with bytes identical to the others'. Then a
 //! link to one safekeeper delayed by hundreds of milliseconds each way:
@@ -23,15 +24,25 @@ use nix::sys::signal::Signal;
 
 /// The shim's WAL buffer here (`--max-buffered-wal-mib`).
 const BUFFER_MIB: u64 = 8;
-/// WAL written while the safekeeper is hung: many buffers' worth.
-const WAL_DURING_HANG_BYTES: u64 = 8 * (BUFFER_MIB << 20);
-/// The hang lasts at least this long: past the silence timeout below.
-const MIN_HANG: Duration = Duration::from_secs(8);
+/// WAL written while the safekeeper is hung, in MiB: many buffers' worth
+/// (`MINORITY_WAL_MIB` for more).
+const WAL_DURING_HANG_MIB: u64 = 8 * BUFFER_MIB;
+/// The hang lasts at least this long, in seconds: past the silence timeout
+/// below (`MINORITY_HANG_S` for longer).
+const MIN_HANG_S: u64 = 8;
 const SILENCE_TIMEOUT_MS: u64 = 3_000;
 /// The longest acknowledgement wait allowed during the hang (the target is
 /// 1 s; a loaded 2-core CI machine gets some slack).
 const MAX_COMMIT_WAIT: Duration = Duration::from_secs(3);
 const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A size knob from the environment, `default` when unset.
+fn knob(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(text) => Ok(text.parse().map_err(|_| anyhow::anyhow!("{name}={text:?} is not a number"))?),
+        Err(_) => Ok(default),
+    }
+}
 
 fn options() -> PgOptions {
     PgOptions { wal_segment_size_mib: 1, ..PgOptions::default() }
@@ -55,12 +66,14 @@ fn a_hung_safekeeper_does_not_stall_commits() -> Result<()> {
     let commits = CommitLoop::start(&cluster.pg)?;
     std::thread::sleep(Duration::from_secs(1));
 
+    let wal_during_hang_bytes = knob("MINORITY_WAL_MIB", WAL_DURING_HANG_MIB)? << 20;
+    let min_hang = Duration::from_secs(knob("MINORITY_HANG_S", MIN_HANG_S)?);
     let hung = &cluster.safekeepers[2];
     hung.process.signal(Signal::SIGSTOP)?;
     let hung_at = Instant::now();
     let start_lsn = cluster.pg_flush_lsn()?;
     let mut written = 0;
-    while written < WAL_DURING_HANG_BYTES || hung_at.elapsed() < MIN_HANG {
+    while written < wal_during_hang_bytes || hung_at.elapsed() < min_hang {
         // About 4 MiB of WAL per statement; each commit waits for the quorum.
         cluster
             .pg
@@ -84,7 +97,8 @@ fn a_hung_safekeeper_does_not_stall_commits() -> Result<()> {
 
     let commit = cluster.shim_commit_lsn()?;
     let catching_up = Instant::now();
-    cluster.wait_safekeeper_flush(2, commit, TIMEOUT)?;
+    // Catching up takes longer the more was written meanwhile.
+    cluster.wait_safekeeper_flush(2, commit, TIMEOUT + (resumed_at - hung_at))?;
     println!("the resumed safekeeper caught up to {commit} in {:?}", catching_up.elapsed());
     same_wal_up_to(&cluster.timeline_dir(0), &cluster.timeline_dir(2), cluster.segment_size()?, commit)?;
     Ok(())

@@ -343,21 +343,11 @@ fn a_diverged_primary_is_refused_before_sending_any_wal() {
 #[test]
 fn a_silent_member_does_not_hold_up_the_majority() {
     const SILENT_HEARTBEATS: usize = 50;
-    let postgres = Postgres::generate(900, 11);
-    let full = postgres.flush_lsn();
-    let mut net = Net::new(3);
-    net.max_buffered_wal_bytes = 256 << 10;
-    assert!(full - TIMELINE_START > 4 * net.max_buffered_wal_bytes, "the WAL exceeds the buffer many times");
-    let mut start = postgres.clone();
-    start.set_flush_lsn(record_end_after(&postgres, TIMELINE_START + (64 << 10)));
-    let c = net.start_compute(start);
-    net.connect_all(c);
-    net.run_until_quiet();
+    let (mut net, c, postgres, full) = streaming_before_a_big_write(11);
     let before = net.commit_lsn(c);
     assert!(before > TIMELINE_START);
 
-    let link = &mut net.computes[c].links[2];
-    (link.blocked_to_acceptor, link.blocked_to_proposer) = (true, true);
+    shut_link(&mut net, c, 2, true);
     net.computes[c].postgres.set_flush_lsn(full);
     for _ in 0..SILENT_HEARTBEATS {
         net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
@@ -367,15 +357,11 @@ fn a_silent_member_does_not_hold_up_the_majority() {
     eprintln!("commit during the silence: {before} -> {during} of {full}");
     assert_eq!(during, full, "the majority commits everything while one member is silent");
 
-    let link = &mut net.computes[c].links[2];
-    (link.blocked_to_acceptor, link.blocked_to_proposer) = (false, false);
+    shut_link(&mut net, c, 2, false);
     net.run_until_quiet();
     net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
     net.run_until_quiet();
-    // Released, it is sent heartbeats only: peer recovery catches it up.
-    assert!(net.copy_from_peer(2, 0), "the released member is caught up from a peer");
-    net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
-    net.run_until_quiet();
+    assert!(catch_up_from_a_peer(&mut net, 2), "the released member is caught up from a peer");
     assert_eq!(net.commit_lsn(c), full, "everything commits once the silence ends");
     assert_eq!(net.holders(&postgres, full), 3);
 }
@@ -388,22 +374,11 @@ fn a_silent_member_does_not_hold_up_the_majority() {
 #[test]
 fn a_slow_member_does_not_set_the_pace() {
     const HEARTBEATS: usize = 60;
-    let postgres = Postgres::generate(900, 12);
-    let full = postgres.flush_lsn();
-    let mut net = Net::new(3);
-    net.max_buffered_wal_bytes = 256 << 10;
-    assert!(full - TIMELINE_START > 4 * net.max_buffered_wal_bytes, "the WAL exceeds the buffer many times");
-    let mut start = postgres.clone();
-    start.set_flush_lsn(record_end_after(&postgres, TIMELINE_START + (64 << 10)));
-    let c = net.start_compute(start);
-    net.connect_all(c);
-    net.run_until_quiet();
+    let (mut net, c, postgres, full) = streaming_before_a_big_write(12);
     net.computes[c].postgres.set_flush_lsn(full);
     let mut fast_commit_at = None;
     for heartbeat in 0..HEARTBEATS {
-        let slow = heartbeat % 5 != 4;
-        let link = &mut net.computes[c].links[2];
-        (link.blocked_to_acceptor, link.blocked_to_proposer) = (slow, slow);
+        shut_link(&mut net, c, 2, heartbeat % 5 != 4);
         net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
         net.run_until_quiet();
         if fast_commit_at.is_none() && net.commit_lsn(c) == full {
@@ -413,13 +388,42 @@ fn a_slow_member_does_not_set_the_pace() {
     let committed_at = fast_commit_at.unwrap_or_else(|| panic!("not all committed: {}", net.describe_acceptors()));
     eprintln!("everything committed after {committed_at} heartbeat intervals with one slow member");
     assert_eq!(committed_at, 0, "all committed in the first interval, while the slow member's link was shut");
-    let link = &mut net.computes[c].links[2];
-    (link.blocked_to_acceptor, link.blocked_to_proposer) = (false, false);
+    shut_link(&mut net, c, 2, false);
     net.run_until_quiet();
-    net.copy_from_peer(2, 0);
+    catch_up_from_a_peer(&mut net, 2);
+    assert_eq!(net.holders(&postgres, full), 3, "the slow member ends up with the whole log");
+}
+
+/// Three safekeepers, a 256 KiB buffer, and a primary elected that has
+/// streamed its first 64 KiB: the net, the compute, its whole WAL (many
+/// buffers' worth, not written yet) and that WAL's end.
+fn streaming_before_a_big_write(seed: u64) -> (Net, usize, Postgres, Lsn) {
+    let postgres = Postgres::generate(900, seed);
+    let full = postgres.flush_lsn();
+    let mut net = Net::new(3);
+    net.max_buffered_wal_bytes = 256 << 10;
+    assert!(full - TIMELINE_START > 4 * net.max_buffered_wal_bytes, "the WAL exceeds the buffer many times");
+    let mut start = postgres.clone();
+    start.set_flush_lsn(record_end_after(&postgres, TIMELINE_START + (64 << 10)));
+    let c = net.start_compute(start);
+    net.connect_all(c);
+    net.run_until_quiet();
+    (net, c, postgres, full)
+}
+
+/// Shut (or open) the link of compute `c` to safekeeper `sk`, both ways.
+fn shut_link(net: &mut Net, c: usize, sk: usize, shut: bool) {
+    let link = &mut net.computes[c].links[sk];
+    (link.blocked_to_acceptor, link.blocked_to_proposer) = (shut, shut);
+}
+
+/// A released safekeeper gets heartbeats only: its peer recovery copies
+/// from safekeeper 0, then a heartbeat interval passes. Whether it copied.
+fn catch_up_from_a_peer(net: &mut Net, sk: usize) -> bool {
+    let copied = net.copy_from_peer(sk, 0);
     net.advance_time(super::harness::HEARTBEAT_INTERVAL_MS);
     net.run_until_quiet();
-    assert_eq!(net.holders(&postgres, full), 3, "the slow member ends up with the whole log");
+    copied
 }
 
 /// Heartbeat intervals a sync in the simulation gets (its `--timeout-s`).
