@@ -8,6 +8,7 @@
 //!   commit, pipelined appends).
 //! - [`replication`]: the Postgres replication-protocol client.
 //! - [`safekeeper_link`]: the WAL push connection to one safekeeper.
+//! - [`tcp_liveness`]: keepalive and user timeout on every connection.
 //! - [`driver`]: the tokio glue that runs the proposer against Postgres and
 //!   the safekeepers, and the HTTP status port.
 
@@ -16,3 +17,4 @@ pub mod node;
 pub mod proposer;
 pub mod replication;
 pub mod safekeeper_link;
+pub mod tcp_liveness;

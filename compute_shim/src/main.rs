@@ -11,9 +11,14 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::sync::{mpsc, watch};
 
-use compute_shim::driver::startup::{check_safekeeper_list, connect_postgres, ShimOptions};
+use compute_shim::driver::exit::{ShimExit, Verdict};
+use compute_shim::driver::links::{self, LinkSettings};
+use compute_shim::driver::service::{run_service, ServiceEnd};
+use compute_shim::driver::startup::{check_safekeeper_list, ShimOptions};
 use compute_shim::driver::sync::SyncOptions;
-use compute_shim::driver::{self, http, ShimStatus};
+use compute_shim::driver::{self, http, ShimError, ShimStatus};
+use compute_shim::node::SteppedDown;
+use compute_shim::tcp_liveness::{self, TcpLiveness};
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 #[derive(Parser)]
@@ -25,10 +30,15 @@ use safekeeper_protocol::ids::{TenantId, TimelineId};
                   among the safekeepers in a term above every term they have seen, and reports as its \
                   flush position the LSN a majority of safekeepers has fsynced. Set Postgres's \
                   synchronous_standby_names to the --application-name so commits wait for that quorum. \
-                  Exits non-zero when another compute_shim takes over (fenced), when a safekeeper \
-                  refuses the cluster, when Postgres lacks WAL the safekeepers hold, or when the \
-                  replication stream ends; a restart campaigns in a new term. After the primary is gone, \
-                  `compute_shim sync-safekeepers --help` (docs/failover.md)."
+                  A long-running service: a Postgres restart, a broken replication stream or an \
+                  unreachable Postgres is retried with a backoff, in a new term. SIGTERM/SIGINT steps \
+                  down: no more WAL is taken, what was taken is committed (within \
+                  --step-down-timeout-ms), exit 0. Exit statuses: 1 other failure, 2 bad arguments, \
+                  3 fenced (another compute_shim took over), 4 the safekeepers refuse this cluster or \
+                  --safekeepers is inconsistent, 5 this Postgres is not the primary of the safekeepers' \
+                  log (behind, diverged, superseded), 6 WAL the safekeepers need is gone from Postgres, \
+                  7 Postgres refuses the role (authentication, permission) (docs/operations.md). After \
+                  the primary is gone, `compute_shim sync-safekeepers --help` (docs/failover.md)."
 )]
 struct Cli {
     #[command(flatten)]
@@ -98,9 +108,10 @@ struct ShimArgs {
     /// port picked for port 0.
     #[arg(long, value_name = "FILE")]
     listen_addrs_file: Option<std::path::PathBuf>,
-    /// WAL held for safekeepers that have not flushed it. When it is full,
-    /// the ones behind the quorum's commit LSN are released (caught up
-    /// later by peer recovery); the quorum itself sets the pace.
+    /// WAL held for safekeepers that have not flushed it: the margin a
+    /// laggard may fall behind the newest WAL. When it is full, the ones
+    /// behind the quorum's commit LSN are released (caught up later from
+    /// Postgres or by peer recovery); the quorum itself sets the pace.
     #[arg(long, default_value_t = driver::startup::MAX_BUFFERED_WAL_BYTES >> 20, value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     max_buffered_wal_mib: u64,
@@ -115,6 +126,46 @@ struct ShimArgs {
     #[arg(long, default_value_t = driver::startup::SILENCE_TIMEOUT_MS, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1000..))]
     silence_timeout_ms: u64,
+    /// On SIGTERM/SIGINT: how long to wait for the WAL already taken from
+    /// Postgres to be committed before exiting anyway (a restart resends it).
+    #[arg(long, default_value_t = driver::startup::STEP_DOWN_TIMEOUT_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    step_down_timeout_ms: u64,
+    /// Connect timeout to Postgres; overrides `connect_timeout` in --pg
+    /// (default: that, else 10 s).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pg_connect_timeout_ms: Option<u64>,
+    /// Connect, start up and enter the WAL push with a safekeeper within this.
+    #[arg(long, default_value_t = links::LINK_CONNECT_TIMEOUT_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    safekeeper_connect_timeout_ms: u64,
+    /// A failed connection (to a safekeeper, or a run ended by a Postgres
+    /// outage) is retried after this, doubling on each failure...
+    #[arg(long, default_value_t = links::RECONNECT_BACKOFF_MIN_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    reconnect_backoff_min_ms: u64,
+    /// ...up to this.
+    #[arg(long, default_value_t = links::RECONNECT_BACKOFF_MAX_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    reconnect_backoff_max_ms: u64,
+    /// Every connection (Postgres and safekeepers): TCP keepalive probes
+    /// start after it is idle this long...
+    #[arg(long, default_value_t = tcp_liveness::KEEPALIVE_IDLE.as_secs(), value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..=7200))]
+    tcp_keepalive_idle_s: u64,
+    /// ...are sent this often...
+    #[arg(long, default_value_t = tcp_liveness::KEEPALIVE_INTERVAL.as_secs(), value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    tcp_keepalive_interval_s: u64,
+    /// ...and close it after this many go unanswered.
+    #[arg(long, default_value_t = tcp_liveness::KEEPALIVE_PROBES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    tcp_keepalive_probes: u32,
+    /// Data sent and unacknowledged by the peer's kernel this long closes
+    /// the connection (TCP_USER_TIMEOUT): a dead host or a black-holed path.
+    #[arg(long, default_value_t = tcp_liveness::USER_TIMEOUT.as_millis() as u64, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    tcp_user_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -148,10 +199,33 @@ fn sync_main(args: SyncArgs) -> ExitCode {
 
 fn shim_main(cli: ShimArgs) -> ExitCode {
     match run_on_one_thread(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(ServiceEnd::SteppedDown(stepped_down)) => {
+            match stepped_down {
+                Some(SteppedDown { timed_out: true, commit_lsn, wal_end_lsn }) => tracing::warn!(
+                    %commit_lsn, wal_end = ?wal_end_lsn,
+                    "stepped down at the timeout: WAL taken from Postgres past the commit LSN is resent by the next shim"
+                ),
+                Some(SteppedDown { commit_lsn, .. }) => {
+                    tracing::info!(%commit_lsn, "stepped down: all WAL taken from Postgres is committed")
+                }
+                None => tracing::info!("stopped (no term was running)"),
+            }
+            ExitCode::from(ShimExit::SteppedDown.code())
+        }
+        Ok(ServiceEnd::Exit(exit, error)) => {
+            eprintln!("compute_shim: {error}");
+            ExitCode::from(exit.code())
+        }
         Err(error) => {
             eprintln!("compute_shim: {error:#}");
-            ExitCode::FAILURE
+            let exit = match error.downcast_ref::<ShimError>() {
+                Some(error) => match error.verdict() {
+                    Verdict::Exit(exit) => exit,
+                    Verdict::Retry => ShimExit::Failed,
+                },
+                None => ShimExit::Failed,
+            };
+            ExitCode::from(exit.code())
         }
     }
 }
@@ -168,8 +242,15 @@ fn run_on_one_thread<T, E: Into<anyhow::Error>>(
     runtime.block_on(work).map_err(Into::into)
 }
 
-async fn run(cli: ShimArgs) -> anyhow::Result<()> {
+async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
     check_safekeeper_list(&cli.timeline.safekeepers)?;
+    if cli.reconnect_backoff_min_ms > cli.reconnect_backoff_max_ms {
+        return Err(ShimError::BadArguments(format!(
+            "--reconnect-backoff-min-ms {} is above --reconnect-backoff-max-ms {}",
+            cli.reconnect_backoff_min_ms, cli.reconnect_backoff_max_ms
+        ))
+        .into());
+    }
     let listener = tokio::net::TcpListener::bind(cli.listen_http)
         .await
         .with_context(|| format!("binding the HTTP port {}", cli.listen_http))?;
@@ -188,17 +269,51 @@ async fn run(cli: ShimArgs) -> anyhow::Result<()> {
             heartbeat_interval_ms: cli.heartbeat_interval_ms,
             silence_timeout_ms: cli.silence_timeout_ms,
         },
+        links: LinkSettings {
+            connect_timeout_ms: cli.safekeeper_connect_timeout_ms,
+            tcp_liveness: TcpLiveness {
+                keepalive_idle: Duration::from_secs(cli.tcp_keepalive_idle_s),
+                keepalive_interval: Duration::from_secs(cli.tcp_keepalive_interval_s),
+                keepalive_probes: cli.tcp_keepalive_probes,
+                user_timeout: Duration::from_millis(cli.tcp_user_timeout_ms),
+            },
+            reconnect_backoff_min: Duration::from_millis(cli.reconnect_backoff_min_ms),
+            reconnect_backoff_max: Duration::from_millis(cli.reconnect_backoff_max_ms),
+        },
+        pg_connect_timeout_ms: cli.pg_connect_timeout_ms,
+        step_down_timeout_ms: cli.step_down_timeout_ms,
     };
     options.limits.check()?;
-    let setup = connect_postgres(&options).await.context("connecting to Postgres")?;
-    tracing::info!(system_id = %setup.cluster.system_id, timeline_start = %setup.timeline_start_lsn,
-        postgres_flush = %setup.pg_flush_lsn, "connected to Postgres; campaigning");
     let (status_tx, status_rx) = watch::channel(ShimStatus::default());
-    let (requests_tx, requests_rx) = mpsc::channel(driver::MEMBERSHIP_REQUESTS_QUEUE);
+    let (requests_tx, mut requests_rx) = mpsc::channel(driver::MEMBERSHIP_REQUESTS_QUEUE);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = axum::serve(listener, http::router(status_rx, requests_tx));
+    let service = run_service(&options, &status_tx, &mut requests_rx, &mut stop_rx);
     tokio::select! {
-        served = server => served.context("HTTP server stopped")?,
-        result = driver::run(setup, status_tx, requests_rx) => result?,
+        served = server => {
+            served.context("HTTP server stopped")?;
+            anyhow::bail!("HTTP server stopped")
+        }
+        () = stop_signals(stop_tx) => unreachable!("the stop signals are awaited forever"),
+        end = service => Ok(end),
     }
-    Ok(())
+}
+
+/// Set the stop flag on SIGTERM or SIGINT (a second one changes nothing:
+/// the step-down has its own bound).
+async fn stop_signals(stop: watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install the SIGTERM/SIGINT handlers; a signal ends the shim without a step-down");
+        return std::future::pending().await;
+    };
+    loop {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received");
+        stop.send_replace(true);
+    }
 }

@@ -11,6 +11,8 @@
 //!   an outbox that stopped draining;
 //! - the standby-status policy: when Postgres is told the commit LSN, and
 //!   which ([`ShimNode::poll_standby_status`]);
+//! - stepping down (SIGTERM): no more WAL is taken, what was taken gets
+//!   its quorum, within a bound ([`ShimNode::handle_step_down`]);
 //! - time: [`ShimNode::poll_timeout`] is the next instant the node needs
 //!   [`ShimNode::handle_timeout`] with no other input.
 //!
@@ -136,6 +138,16 @@ pub enum LinkEventOutcome {
     PeerFault(PeerFault),
 }
 
+/// How a step-down ended ([`ShimNode::poll_stepped_down`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SteppedDown {
+    pub commit_lsn: Lsn,
+    /// The end of the WAL taken from Postgres, if any was.
+    pub wal_end_lsn: Option<Lsn>,
+    /// The bound passed with WAL not yet committed: a restart resends it.
+    pub timed_out: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
@@ -192,6 +204,8 @@ pub struct ShimNode {
     links: Vec<Option<LinkSlot>>,
     link_commands: VecDeque<LinkCommand>,
     standby: StandbyPolicy,
+    /// Since a step-down was asked for: when it ends at the latest.
+    step_down_deadline_ms: Option<u64>,
     /// The time of the latest input.
     now_ms: u64,
 }
@@ -208,6 +222,7 @@ impl ShimNode {
                 last_sent_ms: now_ms,
                 reported_flush_lsn: Lsn::INVALID,
             },
+            step_down_deadline_ms: None,
             now_ms,
         };
         node.sync_links();
@@ -314,6 +329,27 @@ impl ShimNode {
         self.standby.stream_started_ms = None;
     }
 
+    /// Step down (the operator stops the shim): take no more WAL, keep
+    /// sending what was taken and reporting its commit to Postgres, until
+    /// all of it is committed or `timeout_ms` passed; then
+    /// [`ShimNode::poll_stepped_down`] says so. Asking again changes nothing.
+    pub fn handle_step_down(&mut self, now_ms: u64, timeout_ms: u64) {
+        self.now_ms = now_ms;
+        self.step_down_deadline_ms.get_or_insert(now_ms + timeout_ms);
+    }
+
+    /// Once a step-down is over: where it left the log. Over as soon as
+    /// everything taken is committed (at once when nothing was taken, as
+    /// before an election), or at its deadline.
+    pub fn poll_stepped_down(&self) -> Option<SteppedDown> {
+        let deadline_ms = self.step_down_deadline_ms?;
+        let commit_lsn = self.proposer.commit_lsn();
+        let wal_end_lsn = self.proposer.wal_end_lsn();
+        let all_committed = wal_end_lsn.is_none_or(|end| commit_lsn >= end);
+        let timed_out = self.now_ms >= deadline_ms;
+        (all_committed || timed_out).then_some(SteppedDown { commit_lsn, wal_end_lsn, timed_out: !all_committed })
+    }
+
     /// The passage of time: call at [`ShimNode::poll_timeout`] (earlier is
     /// harmless). A safekeeper silent for the silence timeout loses its
     /// connection (the link reconnects). Fatal errors are the proposer's.
@@ -332,7 +368,7 @@ impl ShimNode {
     pub fn poll_timeout(&self) -> Option<u64> {
         let status_at_ms =
             if self.standby_status_due(self.now_ms) { Some(self.now_ms) } else { self.standby.refresh_at_ms() };
-        [self.proposer.poll_timeout(), status_at_ms].into_iter().flatten().min()
+        [self.proposer.poll_timeout(), status_at_ms, self.step_down_deadline_ms].into_iter().flatten().min()
     }
 
     /// What to do with the link tasks next.
@@ -374,14 +410,14 @@ impl ShimNode {
         self.standby.reported_flush_lsn
     }
 
-    /// See [`Proposer::wal_wanted_from`].
+    /// See [`Proposer::wal_wanted_from`]; none while stepping down.
     pub fn wal_wanted_from(&self) -> Option<Lsn> {
-        self.proposer.wal_wanted_from()
+        self.proposer.wal_wanted_from().filter(|_| self.step_down_deadline_ms.is_none())
     }
 
-    /// See [`Proposer::can_accept_wal`].
+    /// See [`Proposer::can_accept_wal`]; no room while stepping down.
     pub fn can_accept_wal(&self, len_bytes: u64) -> bool {
-        self.proposer.can_accept_wal(len_bytes)
+        self.step_down_deadline_ms.is_none() && self.proposer.can_accept_wal(len_bytes)
     }
 
     /// The address of `slot`'s safekeeper (for logs).

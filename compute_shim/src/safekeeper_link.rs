@@ -7,8 +7,6 @@
 //! both in `tokio::select!`; both keep partial frames in `self` and are
 //! cancel-safe.
 
-use std::time::Duration;
-
 use bytes::{BufMut, Bytes};
 use postgres_protocol::message::frontend;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -19,6 +17,7 @@ use safekeeper_protocol::protocol::{AcceptorMessage, DecodeError, ProposerMessag
 
 use crate::replication::wire::{deadline_after_ms, tag, FrameReader, FrameWriter};
 use crate::replication::ReplicationError;
+use crate::tcp_liveness::TcpLiveness;
 
 /// Room for the CopyData framing around the largest protocol message.
 const MAX_FRAME_BYTES: usize = MAX_MESSAGE_BYTES + 16;
@@ -47,35 +46,13 @@ pub struct LinkWriter {
     frames: FrameWriter<OwnedWriteHalf>,
 }
 
-/// A link idle this long gets TCP keepalive probes...
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
-/// ...this often...
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// ...and is closed by the kernel after this many unanswered ones.
-pub const KEEPALIVE_PROBES: u32 = 5;
-/// Sent data unacknowledged by the peer's kernel this long closes the link
-/// (TCP_USER_TIMEOUT): a dead host or a black-holed path. A hung process
-/// whose kernel still acknowledges is the silence timeout's (docs/proposer.md).
-pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Keepalive and a user timeout, so that a link to a dead or unreachable
-/// host ends within seconds however little is sent on it.
-fn set_dead_peer_detection(socket: &TcpStream) -> std::io::Result<()> {
-    let socket = socket2::SockRef::from(socket);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
-    socket.set_tcp_keepalive(&keepalive)?;
-    socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))
-}
-
 /// Connect, start up and enter `START_WAL_PUSH`, all within `timeout_ms`.
 pub async fn connect(
     addr: &str,
     tenant_id: TenantId,
     timeline_id: TimelineId,
     timeout_ms: u64,
+    liveness: &TcpLiveness,
 ) -> Result<(LinkReader, LinkWriter), LinkError> {
     let wire = |source: ReplicationError| LinkError::Wire { addr: addr.to_string(), source };
     let socket = tokio::time::timeout_at(deadline_after_ms(timeout_ms), TcpStream::connect(addr))
@@ -83,7 +60,7 @@ pub async fn connect(
         .map_err(|_| wire(ReplicationError::Timeout { what: "connecting", timeout_ms }))?
         .map_err(|e| wire(e.into()))?;
     socket.set_nodelay(true).map_err(|e| wire(e.into()))?;
-    set_dead_peer_detection(&socket).map_err(|e| wire(e.into()))?;
+    liveness.apply(&socket).map_err(|e| wire(e.into()))?;
     let (read, write) = socket.into_split();
     let mut reader = LinkReader { addr: addr.to_string(), frames: FrameReader::new(read, MAX_FRAME_BYTES) };
     let mut writer = LinkWriter { addr: addr.to_string(), frames: FrameWriter::new(write) };
@@ -166,25 +143,5 @@ impl LinkWriter {
             })
             .map_err(|e| wire(&self.addr, e))?;
         self.frames.flush().await.map_err(|e| wire(&self.addr, e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A link to a dead host ends within seconds: keepalive probes and a
-    /// user timeout are set on every link socket.
-    #[tokio::test]
-    async fn links_detect_dead_peers() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let socket = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        set_dead_peer_detection(&socket).unwrap();
-        let socket = socket2::SockRef::from(&socket);
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
-        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
-        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
     }
 }

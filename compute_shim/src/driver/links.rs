@@ -18,13 +18,46 @@ use safekeeper_protocol::protocol::ProposerMessage;
 use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkGeneration, ShimNode};
 use crate::proposer::SlotIndex;
 use crate::safekeeper_link::{connect, LinkError, LinkReader, LinkWriter};
+use crate::tcp_liveness::TcpLiveness;
+use utils::backoff::Backoff;
 
 /// Messages queued for one safekeeper; the proposer's in-flight bound keeps
 /// the queue far below this.
 pub const LINK_OUTBOX_MESSAGES: usize = 4096;
+/// Defaults of `--safekeeper-connect-timeout-ms`, `--reconnect-backoff-min-ms`
+/// and `--reconnect-backoff-max-ms`.
 pub const LINK_CONNECT_TIMEOUT_MS: u64 = 3_000;
-const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
-const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+pub const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
+pub const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+
+/// How a link task connects and reconnects (the shim's flags).
+#[derive(Clone, Copy, Debug)]
+pub struct LinkSettings {
+    /// Connect, start up and enter the WAL push within this.
+    pub connect_timeout_ms: u64,
+    pub tcp_liveness: TcpLiveness,
+    /// Failed connects are retried after this, doubling...
+    pub reconnect_backoff_min: Duration,
+    /// ...up to this.
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        LinkSettings {
+            connect_timeout_ms: LINK_CONNECT_TIMEOUT_MS,
+            tcp_liveness: TcpLiveness::default(),
+            reconnect_backoff_min: Duration::from_millis(RECONNECT_BACKOFF_MIN_MS),
+            reconnect_backoff_max: Duration::from_millis(RECONNECT_BACKOFF_MAX_MS),
+        }
+    }
+}
+
+impl LinkSettings {
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(self.reconnect_backoff_min, self.reconnect_backoff_max)
+    }
+}
 
 /// A message for the connection of `generation`.
 pub struct Outgoing {
@@ -48,6 +81,7 @@ pub struct LinkTarget {
     pub timeline_id: TimelineId,
     /// Its connections are numbered after this one.
     pub first_generation: LinkGeneration,
+    pub settings: LinkSettings,
 }
 
 /// The link tasks of one shim node, by its peer slot: started, stopped and
@@ -56,6 +90,7 @@ pub struct LinkTarget {
 pub struct LinkTasks {
     tenant_id: TenantId,
     timeline_id: TimelineId,
+    settings: LinkSettings,
     /// `None` where no link task runs.
     links: Vec<Option<LinkControl>>,
     /// For every task, including those started later (membership changes).
@@ -63,8 +98,13 @@ pub struct LinkTasks {
 }
 
 impl LinkTasks {
-    pub fn new(tenant_id: TenantId, timeline_id: TimelineId, events: mpsc::Sender<LinkEvent>) -> LinkTasks {
-        LinkTasks { tenant_id, timeline_id, links: Vec::new(), events }
+    pub fn new(
+        tenant_id: TenantId,
+        timeline_id: TimelineId,
+        settings: LinkSettings,
+        events: mpsc::Sender<LinkEvent>,
+    ) -> LinkTasks {
+        LinkTasks { tenant_id, timeline_id, settings, links: Vec::new(), events }
     }
 
     /// Start, stop and cut link tasks as the node asks.
@@ -79,6 +119,7 @@ impl LinkTasks {
                         tenant_id: self.tenant_id,
                         timeline_id: self.timeline_id,
                         first_generation,
+                        settings: self.settings,
                     };
                     if self.links.len() <= slot.0 {
                         self.links.resize_with(slot.0 + 1, || None);
@@ -128,7 +169,7 @@ struct Inbox {
 }
 
 async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox: Inbox) {
-    let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
+    let mut backoff = target.settings.backoff();
     let mut generation = target.first_generation;
     let slot = target.slot;
     let event = |generation, kind| LinkEvent { slot, generation, kind };
@@ -136,7 +177,15 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
         if inbox.drops.has_changed().is_err() {
             return; // the driver let go of this link (a removed safekeeper)
         }
-        let connected = connect(&target.addr, target.tenant_id, target.timeline_id, LINK_CONNECT_TIMEOUT_MS).await;
+        let settings = &target.settings;
+        let connected = connect(
+            &target.addr,
+            target.tenant_id,
+            target.timeline_id,
+            settings.connect_timeout_ms,
+            &settings.tcp_liveness,
+        )
+        .await;
         let (reader, writer) = match connected {
             Ok(link) => link,
             Err(error) if refuses_cluster(&error) => {
@@ -145,12 +194,11 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
             }
             Err(error) => {
                 tracing::debug!(safekeeper = %target.addr, "connect failed: {error}");
-                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MAX_MS);
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
-        backoff_ms = RECONNECT_BACKOFF_MIN_MS;
+        backoff.reset();
         generation = generation.next();
         if events.send(event(generation, LinkEventKind::Connected)).await.is_err() {
             return; // the driver is gone
@@ -173,7 +221,7 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
         // A safekeeper that keeps ending connections (breaking the
         // protocol, or refusing with FATAL: disk full, say) is not retried
         // in a tight loop.
-        tokio::time::sleep(Duration::from_millis(RECONNECT_BACKOFF_MIN_MS)).await;
+        tokio::time::sleep(target.settings.reconnect_backoff_min).await;
     }
 }
 

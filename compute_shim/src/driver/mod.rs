@@ -8,11 +8,16 @@
 //! - [`startup`]: what the shim learns from Postgres before it campaigns.
 //! - [`sync`]: `sync-safekeepers`, the same loop with the election's donor
 //!   as the WAL source instead of Postgres.
+//! - [`service`]: the long-running shim around runs of this loop: retried
+//!   outages, backoff, SIGTERM.
+//! - [`exit`]: which errors end the shim, with which exit status.
 //! - [`links`]: one task per safekeeper connection.
 //! - [`http`]: `GET /v1/status`, `GET`/`POST /v1/membership`.
 
+pub mod exit;
 pub mod http;
 pub mod links;
+pub mod service;
 pub mod startup;
 pub mod sync;
 
@@ -24,10 +29,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use postgres_wal::lsn::Lsn;
 use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, TimelineId};
 
-use crate::node::{LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode};
+use crate::node::{LinkEvent, LinkEventKind, LinkEventOutcome, NodeError, ShimNode, SteppedDown};
 use crate::proposer::{MembershipRequestError, MembershipStatus, ProposerConfig, ProposerError, ProposerStatus};
 use crate::replication::{ReplicationClient, ReplicationConfig, ReplicationError, ReplicationEvent, ReplicationStream};
-use links::LinkTasks;
+use links::{LinkSettings, LinkTasks};
 use startup::ShimSetup;
 
 /// Link events queued for the driver.
@@ -57,6 +62,12 @@ pub enum ShimError {
     Replication(#[from] ReplicationError),
     #[error("safekeeper {addr} refuses this cluster: {reason}")]
     SafekeeperRefused { addr: String, reason: String },
+    /// The WAL source ended its stream (a Postgres shutting down): retried.
+    #[error("{0}")]
+    StreamEnded(String),
+    /// A flag's value is unusable.
+    #[error("{0}")]
+    BadArguments(String),
     #[error("{0}")]
     Stopped(String),
 }
@@ -88,8 +99,34 @@ pub struct ShimStatus {
     pub reported_flush_lsn: Lsn,
     /// The `--safekeepers` list (the set until a configuration is found).
     pub safekeeper_addrs: Vec<String>,
+    /// The process around the runs of the proposer.
+    pub service: ServiceStatus,
     #[serde(flatten)]
     pub proposer: ProposerStatus,
+}
+
+/// What the shim as a service is doing (`service` in `GET /v1/status`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServiceStatus {
+    pub state: ServiceState,
+    /// Runs started again after a retried error (docs/operations.md).
+    pub restarts: u64,
+    /// The error the latest restart was for.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceState {
+    /// Connecting to Postgres (and reading its identity).
+    #[default]
+    ConnectingToPostgres,
+    /// Campaigning or elected: `phase` says which.
+    Running,
+    /// Waiting out the backoff after a retried error.
+    WaitingToRetry,
+    /// SIGTERM/SIGINT: taking no more WAL, committing what was taken.
+    SteppingDown,
 }
 
 impl From<NodeError> for ShimError {
@@ -109,6 +146,27 @@ struct Driver {
     status: ShimStatus,
     /// The node's clock: its milliseconds count from here.
     started_at: Instant,
+    /// How long a step-down may take to commit what was taken.
+    step_down_timeout_ms: u64,
+}
+
+/// Why a run of the driver's loop ended without an error.
+enum DriveEnd {
+    /// A sync is complete at this commit LSN.
+    Synced(Lsn),
+    /// Asked to stop (SIGTERM/SIGINT), it stepped down.
+    SteppedDown(SteppedDown),
+}
+
+/// Everything one run of the driver needs besides what Postgres told.
+pub struct RunContext<'a> {
+    pub status: &'a watch::Sender<ShimStatus>,
+    pub membership_requests: &'a mut mpsc::Receiver<MembershipRequest>,
+    /// Turns true when the operator asks the shim to stop.
+    pub stop: &'a mut watch::Receiver<bool>,
+    pub links: LinkSettings,
+    pub step_down_timeout_ms: u64,
+    pub service: ServiceStatus,
 }
 
 /// The primary, through a physical replication slot.
@@ -134,17 +192,20 @@ enum WalSource {
     Donor { tenant_id: TenantId, timeline_id: TimelineId },
 }
 
-/// Run until fenced, refused, or until Postgres's stream fails. Every
-/// return is an error: the shim exits non-zero and a restart is a new term.
-pub async fn run(
-    setup: ShimSetup,
-    status: watch::Sender<ShimStatus>,
-    membership_requests: mpsc::Receiver<MembershipRequest>,
-) -> Result<(), ShimError> {
+/// One run of the proposer against Postgres: until it is asked to stop
+/// (it steps down), fenced, refused, or until Postgres's stream fails.
+/// Whether an error is retried is the caller's ([`service`], [`exit`]).
+pub async fn run(setup: ShimSetup, context: RunContext<'_>) -> Result<SteppedDown, ShimError> {
     let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
-    let driver = Driver::new(setup, event_tx);
-    let synced = drive(driver, events, status, membership_requests).await?;
-    unreachable!("a proposer streaming Postgres never completes a sync (it did at {synced})")
+    let mut driver = Driver::new(setup, context.links, event_tx);
+    driver.status.service = context.service;
+    driver.step_down_timeout_ms = context.step_down_timeout_ms;
+    match drive(driver, events, context.status, context.membership_requests, context.stop).await? {
+        DriveEnd::SteppedDown(stepped_down) => Ok(stepped_down),
+        DriveEnd::Synced(synced) => {
+            unreachable!("a proposer streaming Postgres never completes a sync (it did at {synced})")
+        }
+    }
 }
 
 /// `sync-safekeepers` as a library call (docs/failover.md): the commit LSN
@@ -159,28 +220,35 @@ pub async fn sync_safekeepers(options: &sync::SyncOptions) -> Result<Lsn, ShimEr
         let config = startup::sync_proposer_config(&identity, &options.safekeepers);
         let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
         let source = WalSource::Donor { tenant_id: options.tenant_id, timeline_id: options.timeline_id };
-        let driver = Driver::with_source(config, identity.cluster, options.safekeepers.clone(), source, event_tx);
+        let links = LinkSettings::default();
+        let driver =
+            Driver::with_source(config, identity.cluster, options.safekeepers.clone(), source, links, event_tx);
         let (status, _) = watch::channel(ShimStatus::default());
-        // Nobody asks a sync for a membership change: a closed channel.
-        let (_, no_requests) = mpsc::channel(1);
-        drive(driver, events, status, no_requests).await
+        // Nobody asks a sync for a membership change (a closed channel),
+        // nor to stop (a signal ends it at once).
+        let (_, mut no_requests) = mpsc::channel(1);
+        let (_never, mut no_stop) = watch::channel(false);
+        drive(driver, events, &status, &mut no_requests, &mut no_stop).await
     };
     match tokio::time::timeout(options.timeout, work).await {
-        Ok(result) => result,
+        Ok(Ok(DriveEnd::Synced(synced))) => Ok(synced),
+        Ok(Ok(DriveEnd::SteppedDown(_))) => unreachable!("a sync is never asked to step down"),
+        Ok(Err(error)) => Err(error),
         Err(_) => Err(ShimError::Stopped(format!(
             "no quorum of safekeepers completed the sync within {timeout_s} s (is a majority of --safekeepers up?)"
         ))),
     }
 }
 
-/// The driver's loop, until an error, or until the proposer reports a
-/// completed sync (only in sync mode).
+/// The driver's loop, until an error, until the proposer reports a
+/// completed sync (only in sync mode), or until a step-down is over.
 async fn drive(
     mut driver: Driver,
     mut events: mpsc::Receiver<LinkEvent>,
-    status: watch::Sender<ShimStatus>,
-    mut membership_requests: mpsc::Receiver<MembershipRequest>,
-) -> Result<Lsn, ShimError> {
+    status: &watch::Sender<ShimStatus>,
+    membership_requests: &mut mpsc::Receiver<MembershipRequest>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<DriveEnd, ShimError> {
     let mut snapshot = tokio::time::interval(STATUS_SNAPSHOT_INTERVAL);
     loop {
         let want_wal = driver.wants_wal();
@@ -200,6 +268,10 @@ async fn drive(
             _ = snapshot.tick() => {
                 status.send_replace(driver.snapshot());
             }
+            () = stop_requested(stop), if driver.status.service.state != ServiceState::SteppingDown => {
+                driver.step_down();
+                status.send_replace(driver.snapshot());
+            }
         }
         driver.drain_ready(&mut events)?;
         driver.handle_due_timeout()?;
@@ -211,15 +283,27 @@ async fn drive(
         }
         driver.flush_transmits();
         driver.stream_where_wanted().await?;
-        driver.report_commit(&status).await?;
+        driver.report_commit(status).await?;
         if let Some(synced) = driver.node.proposer().synced_lsn() {
-            return Ok(synced);
+            return Ok(DriveEnd::Synced(synced));
+        }
+        if let Some(stepped_down) = driver.node.poll_stepped_down() {
+            status.send_replace(driver.snapshot());
+            return Ok(DriveEnd::SteppedDown(stepped_down));
         }
     }
 }
 
+/// Resolves once the stop flag is true (at once if it already is);
+/// never if nobody can set it.
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|&stop| stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 impl Driver {
-    fn new(setup: ShimSetup, link_events: mpsc::Sender<LinkEvent>) -> Driver {
+    fn new(setup: ShimSetup, links: LinkSettings, link_events: mpsc::Sender<LinkEvent>) -> Driver {
         let config = setup.proposer_config();
         let source = WalSource::Postgres(Box::new(PostgresSource {
             config: setup.client.config().clone(),
@@ -228,7 +312,7 @@ impl Driver {
             pg_timeline: setup.pg_timeline,
             slot_busy: None,
         }));
-        let mut driver = Driver::with_source(config, setup.cluster, setup.safekeepers, source, link_events);
+        let mut driver = Driver::with_source(config, setup.cluster, setup.safekeepers, source, links, link_events);
         driver.status.slot = setup.slot;
         driver.status.postgres_timeline = setup.pg_timeline;
         driver
@@ -239,6 +323,7 @@ impl Driver {
         cluster: ClusterId,
         safekeepers: Vec<String>,
         source: WalSource,
+        links: LinkSettings,
         link_events: mpsc::Sender<LinkEvent>,
     ) -> Driver {
         let status = ShimStatus {
@@ -250,14 +335,26 @@ impl Driver {
         };
         let mut driver = Driver {
             node: ShimNode::new(config, 0),
-            links: LinkTasks::new(cluster.tenant_id, cluster.timeline_id, link_events),
+            links: LinkTasks::new(cluster.tenant_id, cluster.timeline_id, links, link_events),
             source,
             stream: None,
             status,
             started_at: Instant::now(),
+            step_down_timeout_ms: 0,
         };
         driver.apply_link_commands();
         driver
+    }
+
+    /// Take no more WAL; the loop ends once what was taken is committed
+    /// or the step-down timeout passed.
+    fn step_down(&mut self) {
+        tracing::info!(
+            timeout_ms = self.step_down_timeout_ms,
+            "asked to stop: stepping down (no more WAL taken from Postgres; committing what was taken)"
+        );
+        self.status.service.state = ServiceState::SteppingDown;
+        self.node.handle_step_down(self.now_ms(), self.step_down_timeout_ms);
     }
 
     /// Start, stop and cut link tasks as the node asks.
@@ -362,7 +459,7 @@ impl Driver {
                 Ok(())
             }
             ReplicationEvent::Keepalive { .. } => Ok(()),
-            ReplicationEvent::End => Err(ShimError::Stopped(match self.source {
+            ReplicationEvent::End => Err(ShimError::StreamEnded(match self.source {
                 WalSource::Postgres(_) => "Postgres ended the replication stream".into(),
                 WalSource::Donor { .. } => "the donor safekeeper ended its stream".into(),
             })),

@@ -6,6 +6,7 @@ use postgres_wal::timeline_history::PgTimelineHistory;
 use postgres_wal::wal::format::PG15_VERSION_NUM;
 use safekeeper_protocol::ids::{ClusterId, SystemId, TenantId, TimelineId};
 
+use super::links::LinkSettings;
 use super::sync::TimelineIdentity;
 use super::ShimError;
 use crate::proposer::{ProposerConfig, ProposerMode, MAX_SAFEKEEPERS};
@@ -19,6 +20,10 @@ pub const MAX_BUFFERED_WAL_BYTES: u64 = 256 << 20;
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// Default of `--silence-timeout-ms`: 20 heartbeats without an answer.
 pub const SILENCE_TIMEOUT_MS: u64 = 20 * HEARTBEAT_INTERVAL_MS;
+/// Default of `--step-down-timeout-ms`: plenty for a healthy quorum to
+/// flush a full in-flight window, short beside a supervisor's stop timeout
+/// (systemd's is 90 s).
+pub const STEP_DOWN_TIMEOUT_MS: u64 = 5_000;
 
 /// The bounds an operator may change (flags of the shim).
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +47,7 @@ impl ShimLimits {
     /// Operator input: refused with a reason rather than asserted.
     pub fn check(&self) -> Result<(), ShimError> {
         if self.silence_timeout_ms < 2 * self.heartbeat_interval_ms {
-            return Err(ShimError::Stopped(format!(
+            return Err(ShimError::BadArguments(format!(
                 "--silence-timeout-ms {} must be at least twice --heartbeat-interval-ms {}: a healthy safekeeper \
                  answers each heartbeat, and must have time to",
                 self.silence_timeout_ms, self.heartbeat_interval_ms
@@ -60,6 +65,13 @@ pub struct ShimOptions {
     pub application_name: String,
     pub slot: String,
     pub limits: ShimLimits,
+    /// Connections to the safekeepers; their TCP liveness and backoff also
+    /// apply to Postgres's connection and to retried runs.
+    pub links: LinkSettings,
+    /// Overrides the connection string's `connect_timeout`.
+    pub pg_connect_timeout_ms: Option<u64>,
+    /// How long SIGTERM waits for the WAL taken to be committed.
+    pub step_down_timeout_ms: u64,
 }
 
 pub struct ShimSetup {
@@ -82,7 +94,7 @@ pub struct ShimSetup {
 /// `MAX_SAFEKEEPERS` addresses, each `HOST:PORT`, none twice (one
 /// safekeeper must never count twice toward a quorum).
 pub fn check_safekeeper_list(addrs: &[String]) -> Result<(), ShimError> {
-    let refuse = |reason: String| Err(ShimError::Stopped(reason));
+    let refuse = |reason: String| Err(ShimError::BadArguments(reason));
     if !(1..=MAX_SAFEKEEPERS).contains(&addrs.len()) {
         return refuse(format!("--safekeepers lists {} addresses; 1 to {MAX_SAFEKEEPERS} are supported", addrs.len()));
     }
@@ -103,7 +115,12 @@ pub fn check_safekeeper_list(addrs: &[String]) -> Result<(), ShimError> {
 /// Connect to Postgres as a physical replication client and read what the
 /// proposer needs; create the slot if it is missing.
 pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimError> {
-    let config = ReplicationConfig::parse(&options.pg_conninfo)?.with_application_name(&options.application_name);
+    let mut config = ReplicationConfig::parse(&options.pg_conninfo)?
+        .with_application_name(&options.application_name)
+        .with_tcp_liveness(options.links.tcp_liveness);
+    if let Some(timeout_ms) = options.pg_connect_timeout_ms {
+        config = config.with_connect_timeout_ms(timeout_ms);
+    }
     let mut client = ReplicationClient::connect(config).await?;
     let identity = client.identify_system().await?;
     let pg_timelines = client.timeline_history(identity.timeline).await?;

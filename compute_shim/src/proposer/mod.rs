@@ -355,6 +355,12 @@ impl Proposer {
         self.commit_lsn
     }
 
+    /// The end of the WAL taken from the source (Postgres or the donor),
+    /// once elected and some arrived.
+    pub fn wal_end_lsn(&self) -> Option<Lsn> {
+        self.wal.buffer().map(WalBuffer::end_lsn)
+    }
+
     /// In sync mode, once done: the LSN a quorum holds in our term and has
     /// committed, the donor's log end (docs/failover.md). Done when every
     /// safekeeper we are connected to reported it as its commit LSN (one

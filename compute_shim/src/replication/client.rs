@@ -66,6 +66,7 @@ impl ReplicationClient {
             .map_err(|source| ReplicationError::Connect { addr: addr.clone(), source })?;
         // Status updates are tiny and a commit waits on each: no Nagle delay.
         socket.set_nodelay(true)?;
+        config.tcp_liveness.apply(&socket)?;
         let (read_half, write_half) = socket.into_split();
         let mut reader = FrameReader::new(read_half, config.max_message_bytes);
         let mut writer = FrameWriter::new(write_half);

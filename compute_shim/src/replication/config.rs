@@ -8,6 +8,7 @@
 use std::str::FromStr;
 
 use super::ReplicationError;
+use crate::tcp_liveness::TcpLiveness;
 
 pub const DEFAULT_PORT: u16 = 5432;
 pub const DEFAULT_APPLICATION_NAME: &str = "compute_shim";
@@ -35,6 +36,8 @@ pub struct ReplicationConfig {
     /// (half of it) and then fails (all of it).
     pub stream_timeout_ms: u64,
     pub max_message_bytes: usize,
+    /// Keepalive and user timeout on the socket (the shim's flags).
+    pub tcp_liveness: TcpLiveness,
     /// More startup parameters, set by code (a safekeeper's pg port is told
     /// the tenant and timeline this way), never parsed from a conninfo.
     pub extra_startup_parameters: Vec<(String, String)>,
@@ -54,6 +57,7 @@ impl std::fmt::Debug for ReplicationConfig {
             .field("io_timeout_ms", &self.io_timeout_ms)
             .field("stream_timeout_ms", &self.stream_timeout_ms)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("tcp_liveness", &self.tcp_liveness)
             .field("extra_startup_parameters", &self.extra_startup_parameters)
             .finish()
     }
@@ -96,6 +100,11 @@ impl ReplicationConfig {
 
     pub fn with_connect_timeout_ms(mut self, timeout_ms: u64) -> Self {
         self.connect_timeout_ms = timeout_ms;
+        self
+    }
+
+    pub fn with_tcp_liveness(mut self, liveness: TcpLiveness) -> Self {
+        self.tcp_liveness = liveness;
         self
     }
 }
@@ -172,6 +181,7 @@ impl Builder {
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
             stream_timeout_ms: DEFAULT_STREAM_TIMEOUT_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            tcp_liveness: TcpLiveness::default(),
             extra_startup_parameters: Vec::new(),
         })
     }

@@ -6,11 +6,13 @@
 //! - [`membership`]: changing the safekeeper set.
 //! - [`random`]: a seeded simulation with disconnects and proposer restarts.
 //! - [`timers`]: the shim node's `poll_timeout` is when it needs a call.
+//! - [`step_down`]: the shim stopping gracefully.
 //! - [`storage_faults`]: a safekeeper's fsync failing (fail-stop).
 
 mod harness;
 mod membership;
 mod random;
 mod scenarios;
+mod step_down;
 mod storage_faults;
 mod timers;

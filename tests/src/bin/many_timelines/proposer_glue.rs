@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
-use compute_shim::driver::links::LinkTasks;
+use compute_shim::driver::links::{LinkSettings, LinkTasks};
 use compute_shim::driver::startup::HEARTBEAT_INTERVAL_MS;
 use compute_shim::node::{LinkEvent, LinkEventOutcome, ShimNode};
 use compute_shim::proposer::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES};
@@ -72,7 +72,7 @@ impl TimelineProposer {
         let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
         let mut timeline = TimelineProposer {
             node: ShimNode::new(config, 0),
-            links: LinkTasks::new(cluster.tenant_id, cluster.timeline_id, event_tx),
+            links: LinkTasks::new(cluster.tenant_id, cluster.timeline_id, LinkSettings::default(), event_tx),
             log: Log { start_lsn, bytes: Vec::new() },
             events,
             started_at: Instant::now(),
