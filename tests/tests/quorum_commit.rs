@@ -260,7 +260,7 @@ fn a_safekeeper_behind_recycled_wal_is_reported_too_far_behind() -> Result<()> {
 }
 
 /// Rule: fencing. A second shim wins a higher term; the first steps down,
-/// exiting non-zero with a message naming that term, and commits go on
+/// exiting 3 with a message naming that term, and commits go on
 /// through the second alone.
 #[test]
 fn a_second_shim_fences_the_first() -> Result<()> {
@@ -278,7 +278,7 @@ fn a_second_shim_fences_the_first() -> Result<()> {
 
     let exit = first.process.wait_exit(EXIT_TIMEOUT)?.context("the fenced shim kept running")?;
     let log = first.process.log_tail();
-    ensure!(!exit.success(), "the fenced shim exited successfully");
+    ensure!(exit.code() == Some(3), "the fenced shim exited {exit}, expected status 3 (fenced)");
     ensure!(log.contains("fenced") && log.contains(&format!("term {second_term}")), "unclear exit: {log}");
 
     insert_acknowledged(&cluster.pg, "acked", 2)?;
@@ -312,7 +312,7 @@ fn a_shim_for_another_system_is_refused_and_nothing_is_written() -> Result<()> {
     let mut shim = ComputeShim::spawn(&args, cluster.dir.path())?;
     let exit = shim.process.wait_exit(EXIT_TIMEOUT)?.context("a refused shim kept running")?;
     let log = shim.process.log_tail();
-    ensure!(!exit.success(), "refused shim exited successfully");
+    ensure!(exit.code() == Some(4), "the refused shim exited {exit}, expected status 4 (the safekeepers refuse)");
     ensure!(log.contains("refuses this cluster") && log.contains("system"), "unclear refusal: {log}");
 
     for (index, (status, files)) in before.iter().enumerate() {
@@ -355,7 +355,7 @@ fn a_shim_refuses_a_postgres_behind_the_safekeepers() -> Result<()> {
     let mut shim = ComputeShim::spawn(&cluster.shim_args(), cluster.dir.path())?;
     let exit = shim.process.wait_exit(EXIT_TIMEOUT)?.context("the shim led a Postgres that lost WAL")?;
     let log = shim.process.log_tail();
-    ensure!(!exit.success() && log.contains("refusing to lead"), "unclear refusal ({exit}): {log}");
+    ensure!(exit.code() == Some(5) && log.contains("refusing to lead"), "unclear refusal ({exit}, expected 5): {log}");
     for index in 0..cluster.safekeepers.len() {
         let kept = json_lsn(&cluster.timeline_status(index)?, "commit_lsn")?;
         ensure!(kept <= commit, "commit moved");

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
 use compute_shim::safekeeper_link::{connect, LinkError};
+use compute_shim::tcp_liveness::TcpLiveness;
 use integration_tests::processes::Safekeeper;
 use postgres_wal::lsn::WalSegmentSize;
 use postgres_wal::wal::format::PG15_VERSION_NUM;
@@ -42,7 +43,8 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
     let ours = cluster(42)?;
     let (tenant_id, timeline_id): (TenantId, TimelineId) = (ours.tenant_id, ours.timeline_id);
 
-    let (mut reader, mut writer) = connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS).await?;
+    let (mut reader, mut writer) =
+        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default()).await?;
     writer.send(&greeting(ours)).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await?? {
         AcceptorMessage::GreetingResponse(response) => ensure!(response.node_id == NodeId(7)),
@@ -62,7 +64,8 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
     }
 
     // Another cluster's proposer on the same timeline is refused with a clear error.
-    let (mut reader, mut writer) = connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS).await?;
+    let (mut reader, mut writer) =
+        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default()).await?;
     writer.send(&greeting(cluster(43)?)).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await? {
         Err(LinkError::Wire { source, .. }) => {
@@ -74,7 +77,9 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
     // Nothing listening (a reserved port never listens): a bounded connect
     // error, not a hang.
     let closed = integration_tests::fixture::PortReservation::new()?.port();
-    let result = connect(&format!("127.0.0.1:{closed}"), tenant_id, timeline_id, CONNECT_TIMEOUT_MS).await;
+    let result =
+        connect(&format!("127.0.0.1:{closed}"), tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default())
+            .await;
     ensure!(result.is_err(), "connecting to a closed port must fail");
     Ok(())
 }

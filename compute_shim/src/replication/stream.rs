@@ -207,6 +207,13 @@ impl ReplicationStream {
                 self.ended = true;
                 Ok(Some(ReplicationEvent::End))
             }
+            // A walsender shutting down ends with CommandComplete ("COPY
+            // 0", PG15 WalSndDone) and no CopyDone, once its standbys have
+            // confirmed everything it sent: the end of this stream.
+            tag::COMMAND_COMPLETE => {
+                self.ended = true;
+                Ok(Some(ReplicationEvent::End))
+            }
             tag::ERROR_RESPONSE => Err(ReplicationError::Server(parse_server_error(frame)?)),
             tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS => Ok(None),
             _ => Err(ReplicationError::protocol(format!(
