@@ -83,8 +83,9 @@ fn sigterm_steps_down_and_a_new_shim_goes_on() -> Result<()> {
 }
 
 /// Test: Postgres restarted (fast, then immediate) and down for seconds:
-/// the shim process stays up, reports that it is waiting, counts its
-/// restarts, and commits go through again in a new term.
+/// the shim process stays up, reports that it is waiting, answers a
+/// membership request with 503 meanwhile, counts its restarts, and
+/// commits go through again in a new term.
 #[test]
 fn the_shim_rides_out_postgres_restarts() -> Result<()> {
     let mut cluster = QuorumCluster::start(options())?;
@@ -102,6 +103,8 @@ fn the_shim_rides_out_postgres_restarts() -> Result<()> {
             let state = status["service"]["state"].as_str().unwrap_or_default().to_string();
             Ok((state == "waiting-to-retry" || state == "connecting-to-postgres").then_some(status))
         })?;
+        let (code, body) = cluster.shim()?.request_membership(&cluster.safekeeper_addrs())?;
+        ensure!(code == 503, "a membership request with Postgres down answered {code}: {body}");
         let last_error = waiting["service"]["last_error"].as_str().unwrap_or_default().to_string();
         ensure!(!last_error.contains("protocol violation"), "a shutting-down walsender misread: {last_error}");
         std::thread::sleep(POSTGRES_DOWN.saturating_sub(down_at.elapsed()));

@@ -61,7 +61,10 @@ async fn change_membership(
     };
     let (reply, answer) = oneshot::channel();
     let request = MembershipRequest { safekeepers: body.safekeepers, reply };
-    let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "the shim is stopping".into());
+    let unavailable = || {
+        let message = "the shim is not running a term (stopping, or waiting for Postgres); retry".to_string();
+        error(StatusCode::SERVICE_UNAVAILABLE, message)
+    };
     if state.membership_requests.try_send(request).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "too many membership requests at once; retry".into());
     }

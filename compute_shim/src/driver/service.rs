@@ -42,9 +42,8 @@ pub async fn run_service(
     loop {
         service.state = ServiceState::ConnectingToPostgres;
         status.send_modify(|snapshot| snapshot.service = service.clone());
-        let setup = tokio::select! {
-            setup = connect_postgres(options) => setup,
-            () = stop_requested(stop) => return ServiceEnd::SteppedDown(None),
+        let Some(setup) = between_runs(connect_postgres(options), membership_requests, stop).await else {
+            return ServiceEnd::SteppedDown(None);
         };
         let ended = match setup {
             Ok(setup) => {
@@ -87,9 +86,27 @@ pub async fn run_service(
                 ..ShimStatus::default()
             };
         });
+        if between_runs(tokio::time::sleep(delay), membership_requests, stop).await.is_none() {
+            return ServiceEnd::SteppedDown(None);
+        }
+    }
+}
+
+/// Wait for `work` outside a run: `None` if asked to stop first. No
+/// proposer can take a membership request meanwhile: each is dropped at
+/// once, which its HTTP caller gets as 503 (retry), rather than waiting
+/// for a Postgres that may be down for long.
+async fn between_runs<T>(
+    work: impl std::future::Future<Output = T>,
+    membership_requests: &mut mpsc::Receiver<MembershipRequest>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = stop_requested(stop) => return ServiceEnd::SteppedDown(None),
+            done = &mut work => return Some(done),
+            () = stop_requested(stop) => return None,
+            Some(request) = membership_requests.recv() => drop(request),
         }
     }
 }
