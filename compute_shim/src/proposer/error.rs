@@ -1,4 +1,5 @@
-//! What can go wrong: fatal conditions the shim must exit on, and faults of
+//! What can go wrong: conditions that end a run of the proposer (which of
+//! them end the process is driver::exit's call), and faults of
 //! one safekeeper's input after which the driver drops that connection.
 
 use postgres_wal::lsn::{Lsn, PgTimelineId};
@@ -59,13 +60,13 @@ pub enum ProposerError {
     PostgresDiverged { start_lsn: Lsn, end_lsn: Lsn, safekeeper: SlotIndex },
     #[error(
         "no safekeeper holding the log up to the term start {term_start_lsn} has been reachable for {waited_ms} ms, \
-         so Postgres's WAL cannot be checked against it; exiting so that a new election picks a log the \
+         so Postgres's WAL cannot be checked against it; starting over so that a new election picks a log the \
          reachable safekeepers hold"
     )]
     NoLogHolder { term_start_lsn: Lsn, waited_ms: u64 },
     #[error(
-        "Postgres removed WAL at {lsn} while this shim was comparing it with the safekeepers' log; exiting so that \
-         a restart compares from where Postgres's WAL now begins"
+        "Postgres removed WAL at {lsn} while this shim was comparing it with the safekeepers' log; starting over \
+         so that a new run compares from where Postgres's WAL now begins"
     )]
     LogCheckWalRemoved { lsn: Lsn },
     #[error(
@@ -97,7 +98,7 @@ pub enum ProposerError {
 }
 
 impl ProposerError {
-    /// Whether the shim must stop. A peer fault only ends that safekeeper's
+    /// Whether this run of the proposer must stop. A peer fault only ends that safekeeper's
     /// connection; a full buffer means "stop reading Postgres for now".
     pub fn is_fatal(&self) -> bool {
         !matches!(self, ProposerError::Peer { .. } | ProposerError::WalBufferFull { .. })
