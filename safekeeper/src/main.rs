@@ -30,6 +30,8 @@ const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// them, so the thread count does not grow with the timelines; more work
 /// than threads waits its turn in the pool's queue.
 const MAX_BLOCKING_THREADS: usize = 32;
+/// Default `token --ttl-s`: 30 days; rotate before (docs/security.md).
+const DEFAULT_TOKEN_TTL_S: u64 = 30 * 86_400;
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +92,12 @@ struct ServeArgs {
     /// supervisor learns the ports picked for port 0.
     #[arg(long, value_name = "FILE")]
     listen_addrs_file: Option<PathBuf>,
+    /// Ed25519 public key (PEM) that signs the tokens clients must present
+    /// on both ports: the password on the pg port, `Authorization: Bearer`
+    /// on HTTP; `/metrics` and `/v1/healthz` stay open (docs/security.md).
+    /// Without it no token is asked for.
+    #[arg(long, value_name = "FILE")]
+    auth_public_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -112,6 +120,22 @@ enum Command {
         /// The Postgres `pg_wal` directory to read.
         #[arg(long)]
         pg_wal: PathBuf,
+    },
+    /// Print a token on stdout, signed with an Ed25519 private key (PEM,
+    /// `openssl genpkey -algorithm ed25519`): the operator's tool for
+    /// minting them (docs/security.md).
+    Token {
+        #[arg(long, value_name = "FILE")]
+        private_key: PathBuf,
+        /// tenant (with --tenant-id), safekeeper_data or admin.
+        #[arg(long)]
+        scope: auth::Scope,
+        #[arg(long)]
+        tenant_id: Option<TenantId>,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = DEFAULT_TOKEN_TTL_S, value_name = "N",
+              value_parser = clap::value_parser!(u64).range(1..=10 * 365 * 86_400))]
+        ttl_s: u64,
     },
     /// Print every timeline of a data directory as JSON (LSNs as "X/Y"),
     /// after the recovery a restart runs (which zeroes any torn WAL tail).
@@ -151,6 +175,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "imported_bytes": summary.imported_bytes,
             });
             println!("{report}");
+            Ok(())
+        }
+        Command::Token { private_key, scope, tenant_id, ttl_s } => {
+            let signer = auth::TokenSigner::from_private_key_file(&private_key).map_err(anyhow::Error::msg)?;
+            let token = signer
+                .mint(scope, tenant_id, std::time::SystemTime::now(), Duration::from_secs(ttl_s))
+                .map_err(anyhow::Error::msg)?;
+            println!("{token}");
             Ok(())
         }
         Command::Status { datadir } => {
@@ -205,6 +237,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_timelines: args.max_timelines,
         max_pg_connections: args.max_pg_connections,
         listen_addrs_file: args.listen_addrs_file,
+        auth: args
+            .auth_public_key
+            .map(|path| auth::TokenVerifier::from_public_key_file(&path))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)

@@ -3,6 +3,10 @@
 //! [`super::push`]; START_REPLICATION streams ([`super::replication`]) and
 //! returns here when the client ends the copy.
 //!
+//! With `--auth-public-key` the startup asks for a password, which is the
+//! client's token (docs/security.md); every command is then checked
+//! against the token's scope and tenant ([`auth::Access`]) before it runs.
+//!
 //! Time limits: the startup packet must arrive within [`STARTUP_TIMEOUT`]
 //! (an idle half-open connection must not hold a connection slot); once a
 //! frame has begun, its rest must arrive within [`FRAME_TIMEOUT`]. Between
@@ -15,6 +19,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+use auth::{Access, Claims};
 
 use super::commands::{parse_command, Command};
 use super::errors::{sqlstate, PgError};
@@ -45,8 +51,8 @@ pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".to_string());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
-    let settings = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&mut reader, &mut write)).await {
-        Ok(Ok(Some(settings))) => settings,
+    let session = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&mut reader, &mut write, &state)).await {
+        Ok(Ok(Some(session))) => session,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => return send_error(&mut write, error).await,
         Err(_) => {
@@ -54,7 +60,7 @@ pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u
             return send_error(&mut write, protocol_violation(message).into()).await;
         }
     };
-    match query_loop(reader, &mut write, &settings, &state, &peer).await {
+    match query_loop(reader, &mut write, &session, &state, &peer).await {
         Ok(SessionEnd::Push(tenant_id, timeline_id, reader)) => {
             push::run(state, connection_id, tenant_id, timeline_id, reader, write).await;
         }
@@ -78,8 +84,28 @@ pub async fn send_error(write: &mut OwnedWriteHalf, error: WireError) {
     let _ = tokio::time::timeout(ERROR_FLUSH_TIMEOUT, write.write_all(&out)).await;
 }
 
+/// What the startup established.
+struct Session {
+    settings: StartupSettings,
+    /// The client's token; `None` when this port checks none.
+    claims: Option<Claims>,
+}
+
+impl Session {
+    /// Whether the token allows `access`; a refusal ends the session.
+    fn authorize(&self, access: Access) -> Result<(), PgError> {
+        access.check(self.claims.as_ref()).map_err(|denied| {
+            PgError::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, format!("permission denied: {denied}"))
+        })
+    }
+}
+
 /// The startup exchange: `None` for a cancel request (close silently).
-async fn startup(reader: &mut Reader, write: &mut OwnedWriteHalf) -> Result<Option<StartupSettings>, WireError> {
+async fn startup(
+    reader: &mut Reader,
+    write: &mut OwnedWriteHalf,
+    state: &ServiceState,
+) -> Result<Option<Session>, WireError> {
     let mut encryption_requests = 0;
     let parameters = loop {
         match read_startup_packet(reader).await? {
@@ -96,7 +122,16 @@ async fn startup(reader: &mut Reader, write: &mut OwnedWriteHalf) -> Result<Opti
     };
     let settings = StartupSettings::from_parameters(&parameters)?;
     // Reject malformed ids now, where psql shows the error at connect time.
-    timeline_ids(&settings)?;
+    let ids = timeline_ids(&settings)?;
+    let claims = match &state.auth {
+        Some(verifier) => Some(authenticate(reader, write, verifier).await?),
+        None => None,
+    };
+    let session = Session { settings, claims };
+    if let Some((tenant_id, _)) = ids {
+        // A token for another tenant is refused before anything is served.
+        session.authorize(Access::TimelineStatus(tenant_id))?;
+    }
     let mut out = BytesMut::new();
     encode::authentication_ok(&mut out);
     for (name, value) in [
@@ -111,7 +146,28 @@ async fn startup(reader: &mut Reader, write: &mut OwnedWriteHalf) -> Result<Opti
     }
     encode::ready_for_query(&mut out);
     write.write_all(&out).await.map_err(WireError::Disconnected)?;
-    Ok(Some(settings))
+    Ok(Some(session))
+}
+
+/// Ask for the password and check it as a token. Every failure is FATAL
+/// 28P01, whose message says why but never repeats the token.
+async fn authenticate(
+    reader: &mut Reader,
+    write: &mut OwnedWriteHalf,
+    verifier: &auth::TokenVerifier,
+) -> Result<Claims, WireError> {
+    let mut out = BytesMut::new();
+    encode::authentication_cleartext_password(&mut out);
+    write.write_all(&out).await.map_err(WireError::Disconnected)?;
+    let frame = read_frame(reader, auth::token::MAX_TOKEN_BYTES + 1, FRAME_TIMEOUT).await?;
+    if frame.tag != tag::PASSWORD_MESSAGE {
+        let message = format!("expected a password message (the token), got '{}'", printable(frame.tag));
+        return Err(protocol_violation(message).into());
+    }
+    let refuse =
+        |reason: String| PgError::fatal(sqlstate::INVALID_PASSWORD, format!("token authentication failed: {reason}"));
+    let token = query_text(&frame.body).map_err(|_| refuse("the password message is not one string".into()))?;
+    Ok(verifier.verify(&token).map_err(|error| refuse(error.to_string()))?)
 }
 
 /// Tenant and timeline ids, if the startup named them.
@@ -138,10 +194,12 @@ enum SessionEnd {
 async fn query_loop(
     mut reader: Reader,
     write: &mut OwnedWriteHalf,
-    settings: &StartupSettings,
+    session: &Session,
     state: &ServiceState,
     peer: &str,
 ) -> Result<SessionEnd, WireError> {
+    let settings = &session.settings;
+    let readable = |state| readable_timeline(state, session);
     loop {
         let frame = read_frame(&mut reader, MAX_QUERY_MESSAGE_BYTES, FRAME_TIMEOUT).await?;
         let mut out = BytesMut::new();
@@ -155,15 +213,17 @@ async fn query_loop(
                         Ok(())
                     }
                     Command::StartWalPush => match timeline_ids(settings)? {
-                        Some((tenant_id, timeline_id)) => return Ok(SessionEnd::Push(tenant_id, timeline_id, reader)),
+                        Some((tenant_id, timeline_id)) => {
+                            session.authorize(Access::PushWal(tenant_id))?;
+                            return Ok(SessionEnd::Push(tenant_id, timeline_id, reader));
+                        }
                         None => Err(missing_ids()),
                     },
-                    Command::IdentifySystem => {
-                        resolve_timeline(state, settings).map(|handle| identify_system(&mut out, &handle))
+                    Command::IdentifySystem => readable(state)?.map(|handle| identify_system(&mut out, &handle)),
+                    Command::Show(name) => show(&mut out, state, session, &name)?,
+                    Command::TimelineHistory(timeline) => {
+                        readable(state)?.and_then(|handle| timeline_history(&mut out, &handle, timeline))
                     }
-                    Command::Show(name) => show(&mut out, state, settings, &name),
-                    Command::TimelineHistory(timeline) => resolve_timeline(state, settings)
-                        .and_then(|handle| timeline_history(&mut out, &handle, timeline)),
                     Command::ReadReplicationSlot(_) => {
                         // A safekeeper keeps no slots: a physical slot with no
                         // position, so the client starts where
@@ -179,7 +239,7 @@ async fn query_loop(
                         Ok(())
                     }
                     Command::StartReplication(request) => {
-                        match resolve_timeline(state, settings)
+                        match readable(state)?
                             .and_then(|handle| replication::check_request(&handle, &request).map(|()| handle))
                         {
                             Ok(handle) => {
@@ -231,6 +291,21 @@ fn resolve_timeline(state: &ServiceState, settings: &StartupSettings) -> Result<
     }
 }
 
+/// The timeline a replication command reads, if the token may read it:
+/// the outer error (permission denied) ends the session, the inner one (no
+/// such timeline) is an ERROR answer and the session goes on.
+fn readable_timeline(
+    state: &ServiceState,
+    session: &Session,
+) -> Result<Result<Arc<TimelineHandle>, PgError>, WireError> {
+    let handle = match resolve_timeline(state, &session.settings) {
+        Ok(handle) => handle,
+        Err(error) => return Ok(Err(error)),
+    };
+    session.authorize(Access::ReadWal(handle.snapshot().tenant_id))?;
+    Ok(Ok(handle))
+}
+
 /// IDENTIFY_SYSTEM as a walsender answers it: the latest Postgres timeline
 /// of the log, and as the WAL position the commit LSN (nothing beyond it is
 /// ever streamed).
@@ -274,11 +349,23 @@ fn timeline_history(out: &mut BytesMut, handle: &TimelineHandle, timeline: u32) 
     Ok(())
 }
 
-/// SHOW for the settings replication clients ask about.
-fn show(out: &mut BytesMut, state: &ServiceState, settings: &StartupSettings, name: &str) -> Result<(), PgError> {
+/// SHOW for the settings replication clients ask about. The outer error
+/// (a token that may not read the timeline) ends the session; the inner
+/// one is an ERROR answer.
+fn show(
+    out: &mut BytesMut,
+    state: &ServiceState,
+    session: &Session,
+    name: &str,
+) -> Result<Result<(), PgError>, WireError> {
+    // The timeline's own settings need the right to read it.
+    let timeline = || readable_timeline(state, session).map(|handle| handle.map(|handle| handle.snapshot()));
     let value = match name {
         "wal_segment_size" => {
-            let bytes = resolve_timeline(state, settings)?.snapshot().wal_seg_size.bytes();
+            let bytes = match timeline()? {
+                Ok(snapshot) => snapshot.wal_seg_size.bytes(),
+                Err(error) => return Ok(Err(error)),
+            };
             // Postgres's GUC unit display; clients parse "<n>MB" / "<n>GB".
             if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
                 format!("{}GB", bytes >> 30)
@@ -289,22 +376,25 @@ fn show(out: &mut BytesMut, state: &ServiceState, settings: &StartupSettings, na
         "server_version" => SERVER_VERSION.to_string(),
         // The Postgres version whose WAL the named timeline holds (a sync
         // proposer, which has no Postgres, greets with it).
-        "server_version_num" => resolve_timeline(state, settings)?.snapshot().pg_version.to_string(),
+        "server_version_num" => match timeline()? {
+            Ok(snapshot) => snapshot.pg_version.to_string(),
+            Err(error) => return Ok(Err(error)),
+        },
         // pg_receivewal creates its files with the server's data directory
         // permissions; ours are owner-only.
         "data_directory_mode" => "0700".to_string(),
         "integer_datetimes" => "on".to_string(),
         _ => {
-            return Err(PgError::error(
+            return Ok(Err(PgError::error(
                 sqlstate::UNDEFINED_OBJECT,
                 format!("unrecognized configuration parameter \"{name}\""),
-            ))
+            )))
         }
     };
     encode::row_description(out, &[(name, encode::TEXT_OID)]);
     encode::data_row(out, &[Some(&value)]);
     encode::command_complete(out, "SHOW");
-    Ok(())
+    Ok(Ok(()))
 }
 
 fn missing_ids() -> PgError {

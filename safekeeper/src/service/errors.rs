@@ -20,6 +20,10 @@ pub mod sqlstate {
     pub const UNDEFINED_OBJECT: &str = "42704";
     /// The connection could not keep up with its replies.
     pub const CONNECTION_FAILURE: &str = "08006";
+    /// A valid token whose scope or tenant does not allow the command.
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
+    /// No token, or one that is malformed, expired or not ours.
+    pub const INVALID_PASSWORD: &str = "28P01";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

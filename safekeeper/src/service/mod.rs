@@ -78,6 +78,8 @@ pub struct ServiceConfig {
     pub max_pg_connections: usize,
     /// Where the bound addresses are reported (see [`utils::listen_addrs`]).
     pub listen_addrs_file: Option<PathBuf>,
+    /// `--auth-public-key`: every client needs a token (docs/security.md).
+    pub auth: Option<auth::TokenVerifier>,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -89,11 +91,13 @@ pub struct ServiceState {
     /// The size of `connection_slots`, for the refusal.
     max_pg_connections: usize,
     next_connection_id: AtomicU64,
+    /// Checks clients' tokens on both ports; `None`: no tokens needed.
+    pub auth: Option<auth::TokenVerifier>,
 }
 
 /// Lock the data directory, check the node id, recover every timeline,
 /// serve until SIGTERM/SIGINT, then let the owners finish and checkpoint.
-pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
     let datadir = &config.datadir;
     std::fs::create_dir_all(datadir).with_context(|| format!("creating {}", datadir.display()))?;
     let _lock = lock_data_dir(datadir)?;
@@ -118,6 +122,7 @@ pub async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         connection_slots: Arc::new(Semaphore::new(config.max_pg_connections)),
         max_pg_connections: config.max_pg_connections,
         next_connection_id: AtomicU64::new(1),
+        auth: config.auth.take(),
     });
     tracing::info!(
         node_id = %config.node_id,

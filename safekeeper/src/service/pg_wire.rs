@@ -139,6 +139,11 @@ pub mod encode {
         message(out, tag::AUTHENTICATION, |out| out.put_u32(0));
     }
 
+    /// Asks for the password: the client's token (docs/security.md).
+    pub fn authentication_cleartext_password(out: &mut BytesMut) {
+        message(out, tag::AUTHENTICATION, |out| out.put_u32(3));
+    }
+
     pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
         message(out, tag::PARAMETER_STATUS, |out| {
             cstring(out, name);

@@ -2,11 +2,13 @@
 //!
 //! - this file: the router, JSON errors, status, feedback, deletion, metrics;
 //! - [`wal`]: serving committed WAL (`/wal` byte ranges and whole segments);
-//! - [`stall_guard`]: connections that drop a client who stops reading.
+//! - [`stall_guard`]: connections that drop a client who stops reading;
+//! - [`auth`]: which token each endpoint needs (with `--auth-public-key`).
 //!
 //! Every error is JSON `{"error": "..."}`; a client's mistake is a 4xx,
 //! never a 500.
 
+mod auth;
 mod stall_guard;
 mod wal;
 
@@ -35,6 +37,7 @@ pub fn router(
 ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, PeerAddr> {
     let timeline = "/v1/tenant/{tenant_id}/timeline/{timeline_id}";
     Router::new()
+        .route("/v1/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/v1/status", get(node_status))
         .route("/v1/timelines", get(list_timelines))
         .route("/metrics", get(metrics))
@@ -43,6 +46,7 @@ pub fn router(
         .route(&format!("{timeline}/wal"), get(wal::get_wal))
         .route(&format!("{timeline}/segment/{{name}}"), get(wal::get_segment))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(axum::middleware::map_response(errors_as_json))
         .with_state(state)
         .into_make_service_with_connect_info::<PeerAddr>()
