@@ -74,6 +74,11 @@ struct TimelineArgs {
     /// Timeline id (32 hex characters).
     #[arg(long)]
     timeline_id: TimelineId,
+    /// A file holding the `tenant` token (for this tenant) that safekeepers
+    /// started with --auth-public-key ask for; read at every connection,
+    /// so a rotated token is picked up without a restart (docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +113,12 @@ struct ShimArgs {
     /// port picked for port 0.
     #[arg(long, value_name = "FILE")]
     listen_addrs_file: Option<std::path::PathBuf>,
+    /// Ed25519 public key (PEM) of the tokens this shim's own HTTP port
+    /// asks for: reading status needs a token for this tenant (or
+    /// safekeeper_data/admin), a membership change an admin one
+    /// (docs/security.md). Without it the port asks for none.
+    #[arg(long, value_name = "FILE")]
+    auth_public_key: Option<std::path::PathBuf>,
     /// WAL held for safekeepers that have not flushed it: the margin a
     /// laggard may fall behind the newest WAL. When it is full, the ones
     /// behind the quorum's commit LSN are released (caught up later from
@@ -183,6 +194,7 @@ fn sync_main(args: SyncArgs) -> ExitCode {
         tenant_id: args.timeline.tenant_id,
         timeline_id: args.timeline.timeline_id,
         timeout: Duration::from_secs(args.timeout_s),
+        auth_token_file: args.timeline.auth_token_file,
     };
     let synced = run_on_one_thread(driver::sync_safekeepers(&options));
     match synced {
@@ -279,6 +291,7 @@ async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
             },
             reconnect_backoff_min: Duration::from_millis(cli.reconnect_backoff_min_ms),
             reconnect_backoff_max: Duration::from_millis(cli.reconnect_backoff_max_ms),
+            auth_token_file: cli.timeline.auth_token_file.clone(),
         },
         pg_connect_timeout_ms: cli.pg_connect_timeout_ms,
         step_down_timeout_ms: cli.step_down_timeout_ms,
@@ -287,7 +300,14 @@ async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
     let (status_tx, status_rx) = watch::channel(ShimStatus::default());
     let (requests_tx, mut requests_rx) = mpsc::channel(driver::MEMBERSHIP_REQUESTS_QUEUE);
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(listener, http::router(status_rx, requests_tx));
+    let verifier = cli
+        .auth_public_key
+        .as_deref()
+        .map(auth::TokenVerifier::from_public_key_file)
+        .transpose()
+        .map_err(|error| ShimError::BadArguments(format!("--auth-public-key: {error}")))?;
+    let access = http::HttpAccess { verifier: verifier.map(std::sync::Arc::new), tenant_id: options.tenant_id };
+    let server = axum::serve(listener, http::router(status_rx, requests_tx, access));
     let service = run_service(&options, &status_tx, &mut requests_rx, &mut stop_rx);
     tokio::select! {
         served = server => {

@@ -46,13 +46,15 @@ pub struct LinkWriter {
     frames: FrameWriter<OwnedWriteHalf>,
 }
 
-/// Connect, start up and enter `START_WAL_PUSH`, all within `timeout_ms`.
+/// Connect, start up (answering a request for the password with `token`)
+/// and enter `START_WAL_PUSH`, all within `timeout_ms`.
 pub async fn connect(
     addr: &str,
     tenant_id: TenantId,
     timeline_id: TimelineId,
     timeout_ms: u64,
     liveness: &TcpLiveness,
+    token: Option<&str>,
 ) -> Result<(LinkReader, LinkWriter), LinkError> {
     let wire = |source: ReplicationError| LinkError::Wire { addr: addr.to_string(), source };
     let socket = tokio::time::timeout_at(deadline_after_ms(timeout_ms), TcpStream::connect(addr))
@@ -72,16 +74,27 @@ pub async fn connect(
         ("timeline_id", timeline.as_str()),
     ];
     writer.frames.queue(|buf| frontend::startup_message(params, buf)).map_err(wire)?;
-    writer.frames.queue(|buf| frontend::query("START_WAL_PUSH", buf)).map_err(wire)?;
     writer.frames.flush_within("sending startup", timeout_ms).await.map_err(wire)?;
-    reader.await_copy_both(timeout_ms).await?;
+    reader.await_copy_both(&mut writer, timeout_ms, token).await?;
     Ok((reader, writer))
 }
 
+/// AuthenticationCleartextPassword: the safekeeper wants the token.
+const AUTH_CLEARTEXT_PASSWORD: u32 = 3;
+const AUTH_OK: u32 = 0;
+
 impl LinkReader {
-    /// Skip the startup chatter up to CopyBothResponse; errors are the server's.
-    async fn await_copy_both(&mut self, timeout_ms: u64) -> Result<(), LinkError> {
+    /// Answer the startup up to CopyBothResponse: the token when asked for
+    /// it, START_WAL_PUSH once ready; errors are the server's.
+    async fn await_copy_both(
+        &mut self,
+        writer: &mut LinkWriter,
+        timeout_ms: u64,
+        token: Option<&str>,
+    ) -> Result<(), LinkError> {
         let wire = |source: ReplicationError| LinkError::Wire { addr: self.addr.clone(), source };
+        let unexpected = |what: String| LinkError::Unexpected { addr: self.addr.clone(), what };
+        let mut push_asked = false;
         for _ in 0..MAX_STARTUP_FRAMES {
             let frame = self.frames.next_frame("starting the WAL push", timeout_ms).await.map_err(wire)?;
             match frame.tag {
@@ -90,8 +103,29 @@ impl LinkReader {
                     let error = crate::replication::wire::parse_server_error(frame).map_err(wire)?;
                     return Err(wire(ReplicationError::Server(error)));
                 }
-                tag::AUTHENTICATION | tag::PARAMETER_STATUS | tag::BACKEND_KEY_DATA | tag::NOTICE_RESPONSE => {}
-                tag::READY_FOR_QUERY => {}
+                tag::AUTHENTICATION => match frame
+                    .body
+                    .get(..4)
+                    .map(|code| u32::from_be_bytes(code.try_into().expect("4 bytes")))
+                {
+                    Some(AUTH_OK) => {}
+                    Some(AUTH_CLEARTEXT_PASSWORD) => {
+                        let token = token.ok_or_else(|| {
+                            unexpected(
+                                "a request for a token: this safekeeper checks tokens (give --auth-token-file)".into(),
+                            )
+                        })?;
+                        writer.frames.queue(|buf| frontend::password_message(token.as_bytes(), buf)).map_err(wire)?;
+                        writer.frames.flush_within("sending the token", timeout_ms).await.map_err(wire)?;
+                    }
+                    other => return Err(unexpected(format!("authentication request {other:?}"))),
+                },
+                tag::PARAMETER_STATUS | tag::BACKEND_KEY_DATA | tag::NOTICE_RESPONSE => {}
+                tag::READY_FOR_QUERY if !push_asked => {
+                    push_asked = true;
+                    writer.frames.queue(|buf| frontend::query("START_WAL_PUSH", buf)).map_err(wire)?;
+                    writer.frames.flush_within("sending START_WAL_PUSH", timeout_ms).await.map_err(wire)?;
+                }
                 other => {
                     let what = format!("message {:?} during startup", char::from(other));
                     return Err(LinkError::Unexpected { addr: self.addr.clone(), what });

@@ -23,6 +23,9 @@ pub struct StubConfig {
     pub datadir: PathBuf,
     pub tuning: Tuning,
     pub record_observer: Option<RecordObserver>,
+    /// The token (`safekeeper_data`, or `tenant` for this tenant) presented
+    /// to safekeepers that check tokens; read at every request.
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for StubConfig {
@@ -34,6 +37,7 @@ impl fmt::Debug for StubConfig {
             .field("datadir", &self.datadir)
             .field("tuning", &self.tuning)
             .field("record_observer", &self.record_observer.is_some())
+            .field("auth_token_file", &self.auth_token_file)
             .finish()
     }
 }

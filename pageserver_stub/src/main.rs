@@ -49,6 +49,11 @@ struct Cli {
     /// port picked for port 0.
     #[arg(long, value_name = "FILE")]
     listen_addrs_file: Option<std::path::PathBuf>,
+    /// A file holding the token safekeepers started with --auth-public-key
+    /// ask for (`safekeeper_data`: WAL, status and feedback); read at every
+    /// request, so a rotated token needs no restart (docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         datadir: cli.datadir,
         tuning: Tuning::default(),
         record_observer: None,
+        auth_token_file: cli.auth_token_file,
     };
     let shutdown = shutdown_signal()?;
     let summary = pageserver_stub::run(config, listener, shutdown).await?;

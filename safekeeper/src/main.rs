@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Without it no token is asked for.
     #[arg(long, value_name = "FILE")]
     auth_public_key: Option<PathBuf>,
+    /// A file holding the `safekeeper_data` token peer recovery presents to
+    /// peers that check tokens; read at every request.
+    #[arg(long, value_name = "FILE")]
+    peer_auth_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -242,6 +246,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map(|path| auth::TokenVerifier::from_public_key_file(&path))
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        peer_auth_token_file: args.peer_auth_token_file,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)

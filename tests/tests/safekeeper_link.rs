@@ -44,7 +44,7 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
     let (tenant_id, timeline_id): (TenantId, TimelineId) = (ours.tenant_id, ours.timeline_id);
 
     let (mut reader, mut writer) =
-        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default()).await?;
+        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default(), None).await?;
     writer.send(&greeting(ours)).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await?? {
         AcceptorMessage::GreetingResponse(response) => ensure!(response.node_id == NodeId(7)),
@@ -65,7 +65,7 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
 
     // Another cluster's proposer on the same timeline is refused with a clear error.
     let (mut reader, mut writer) =
-        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default()).await?;
+        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default(), None).await?;
     writer.send(&greeting(cluster(43)?)).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await? {
         Err(LinkError::Wire { source, .. }) => {
@@ -77,9 +77,15 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
     // Nothing listening (a reserved port never listens): a bounded connect
     // error, not a hang.
     let closed = integration_tests::fixture::PortReservation::new()?.port();
-    let result =
-        connect(&format!("127.0.0.1:{closed}"), tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default())
-            .await;
+    let result = connect(
+        &format!("127.0.0.1:{closed}"),
+        tenant_id,
+        timeline_id,
+        CONNECT_TIMEOUT_MS,
+        &TcpLiveness::default(),
+        None,
+    )
+    .await;
     ensure!(result.is_err(), "connecting to a closed port must fail");
     Ok(())
 }

@@ -3,10 +3,18 @@
 //! - `GET /v1/membership`: the safekeeper configuration and a change under way;
 //! - `POST /v1/membership` `{"safekeepers": ["host:port", ...]}`: change the
 //!   safekeeper set (docs/operations.md, "Changing the safekeeper set").
+//!
+//! With `--auth-public-key` every request needs a token (docs/security.md):
+//! reading needs one that may read this tenant's timeline status, a
+//! membership change an `admin` one.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
-use axum::http::StatusCode;
+use std::sync::Arc;
+
+use auth::Access;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,11 +23,21 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{MembershipRequest, ShimStatus};
 use crate::proposer::MembershipRequestError;
+use safekeeper_protocol::ids::TenantId;
 
 #[derive(Clone)]
 struct HttpState {
     status: watch::Receiver<ShimStatus>,
     membership_requests: mpsc::Sender<MembershipRequest>,
+    access: HttpAccess,
+}
+
+/// Who may call this port.
+#[derive(Clone)]
+pub struct HttpAccess {
+    pub verifier: Option<Arc<auth::TokenVerifier>>,
+    /// The shim's tenant: the one a `tenant` token must be for.
+    pub tenant_id: TenantId,
 }
 
 #[derive(Deserialize)]
@@ -28,12 +46,31 @@ struct MembershipBody {
     safekeepers: Vec<String>,
 }
 
-pub fn router(status: watch::Receiver<ShimStatus>, membership_requests: mpsc::Sender<MembershipRequest>) -> Router {
+pub fn router(
+    status: watch::Receiver<ShimStatus>,
+    membership_requests: mpsc::Sender<MembershipRequest>,
+    access: HttpAccess,
+) -> Router {
+    let state = HttpState { status, membership_requests, access };
     Router::new()
         .route("/v1/status", get(shim_status))
         .route("/v1/membership", get(membership).post(change_membership))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
-        .with_state(HttpState { status, membership_requests })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Reads need the right to this tenant's timeline status; anything else
+/// (a membership change, an unknown path) an `admin` token.
+async fn authorize(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let access = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/v1/status" | "/v1/membership") => Access::TimelineStatus(state.access.tenant_id),
+        _ => Access::NodeAdmin,
+    };
+    match utils::service::authorize(state.access.verifier.as_deref(), request.headers(), access) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal,
+    }
 }
 
 fn error(code: StatusCode, message: String) -> Response {

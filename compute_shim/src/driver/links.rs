@@ -8,6 +8,7 @@
 //! next one ahead of its greeting. Which events are stale is the node's
 //! decision (crate::node), not this task's.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -31,7 +32,7 @@ pub const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
 pub const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 
 /// How a link task connects and reconnects (the shim's flags).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LinkSettings {
     /// Connect, start up and enter the WAL push within this.
     pub connect_timeout_ms: u64,
@@ -40,6 +41,9 @@ pub struct LinkSettings {
     pub reconnect_backoff_min: Duration,
     /// ...up to this.
     pub reconnect_backoff_max: Duration,
+    /// `--auth-token-file`: the token safekeepers that check tokens ask
+    /// for, read at every connection (a rotated token needs no restart).
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl Default for LinkSettings {
@@ -49,6 +53,7 @@ impl Default for LinkSettings {
             tcp_liveness: TcpLiveness::default(),
             reconnect_backoff_min: Duration::from_millis(RECONNECT_BACKOFF_MIN_MS),
             reconnect_backoff_max: Duration::from_millis(RECONNECT_BACKOFF_MAX_MS),
+            auth_token_file: None,
         }
     }
 }
@@ -119,7 +124,7 @@ impl LinkTasks {
                         tenant_id: self.tenant_id,
                         timeline_id: self.timeline_id,
                         first_generation,
-                        settings: self.settings,
+                        settings: self.settings.clone(),
                     };
                     if self.links.len() <= slot.0 {
                         self.links.resize_with(slot.0 + 1, || None);
@@ -178,12 +183,21 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
             return; // the driver let go of this link (a removed safekeeper)
         }
         let settings = &target.settings;
+        let token = match settings.auth_token_file.as_deref().map(auth::token::read_token_file).transpose() {
+            Ok(token) => token,
+            Err(error) => {
+                tracing::warn!(safekeeper = %target.addr, "not connecting: {error}");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
         let connected = connect(
             &target.addr,
             target.tenant_id,
             target.timeline_id,
             settings.connect_timeout_ms,
             &settings.tcp_liveness,
+            token.as_deref(),
         )
         .await;
         let (reader, writer) = match connected {

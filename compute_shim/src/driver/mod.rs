@@ -189,7 +189,7 @@ enum WalSource {
     Postgres(Box<PostgresSource>),
     /// `sync-safekeepers`: the election's donor, read as the proposer of
     /// our term (its log up to its flush LSN).
-    Donor { tenant_id: TenantId, timeline_id: TimelineId },
+    Donor { tenant_id: TenantId, timeline_id: TimelineId, token_file: Option<std::path::PathBuf> },
 }
 
 /// One run of the proposer against Postgres: until it is asked to stop
@@ -219,8 +219,12 @@ pub async fn sync_safekeepers(options: &sync::SyncOptions) -> Result<Lsn, ShimEr
         tracing::info!(system_id = %identity.cluster.system_id, "timeline identified; campaigning to sync");
         let config = startup::sync_proposer_config(&identity, &options.safekeepers);
         let (event_tx, events) = mpsc::channel(LINK_EVENTS_QUEUE);
-        let source = WalSource::Donor { tenant_id: options.tenant_id, timeline_id: options.timeline_id };
-        let links = LinkSettings::default();
+        let source = WalSource::Donor {
+            tenant_id: options.tenant_id,
+            timeline_id: options.timeline_id,
+            token_file: options.auth_token_file.clone(),
+        };
+        let links = LinkSettings { auth_token_file: options.auth_token_file.clone(), ..LinkSettings::default() };
         let driver =
             Driver::with_source(config, identity.cluster, options.safekeepers.clone(), source, links, event_tx);
         let (status, _) = watch::channel(ShimStatus::default());
@@ -532,11 +536,12 @@ impl Driver {
                     }
                 }
             }
-            WalSource::Donor { tenant_id, timeline_id } => {
+            WalSource::Donor { tenant_id, timeline_id, token_file } => {
                 let (donor, term) = self.node.proposer().donor().expect("WAL is wanted only once elected");
                 let addr = self.node.peer_addr(donor).to_string();
                 tracing::info!(from = %wanted, donor = %addr, %term, "reading the donor's log");
-                let config = sync::safekeeper_replication_config(&addr, *tenant_id, *timeline_id)?;
+                let config =
+                    sync::safekeeper_replication_config(&addr, *tenant_id, *timeline_id, token_file.as_deref())?;
                 match ReplicationClient::connect(config).await {
                     Ok(client) => client.start_donor_replication(wanted, term).await,
                     Err(error) => Err(error),

@@ -54,7 +54,7 @@ pub async fn run_service(
                     status,
                     membership_requests: &mut *membership_requests,
                     stop: &mut *stop,
-                    links: options.links,
+                    links: options.links.clone(),
                     step_down_timeout_ms: options.step_down_timeout_ms,
                     service: service.clone(),
                 };
@@ -80,8 +80,12 @@ pub async fn run_service(
         service.last_error = Some(error.to_string());
         service.state = ServiceState::WaitingToRetry;
         status.send_modify(|snapshot| {
+            // What the failed run knew of Postgres and the proposer is gone.
             *snapshot = ShimStatus {
                 service: service.clone(),
+                tenant_id: options.tenant_id,
+                timeline_id: options.timeline_id,
+                slot: options.slot.clone(),
                 safekeeper_addrs: options.safekeepers.clone(),
                 ..ShimStatus::default()
             };

@@ -22,6 +22,7 @@
 //! commits (Raft's election restriction), so the donor's log holds it too.
 //! The returned LSN is the donor's log end.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -43,6 +44,8 @@ pub struct SyncOptions {
     pub timeline_id: TimelineId,
     /// The whole sync, identification included.
     pub timeout: Duration,
+    /// The token safekeepers that check tokens ask for (`tenant` scope).
+    pub auth_token_file: Option<PathBuf>,
 }
 
 /// What the safekeepers say the timeline is.
@@ -54,17 +57,21 @@ pub struct TimelineIdentity {
 }
 
 /// The connection settings for a safekeeper's pg port at `addr` (`H:P`),
-/// naming the timeline.
+/// naming the timeline, with the token of `token_file` as the password.
 pub fn safekeeper_replication_config(
     addr: &str,
     tenant_id: TenantId,
     timeline_id: TimelineId,
+    token_file: Option<&Path>,
 ) -> Result<ReplicationConfig, ReplicationError> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| ReplicationError::Config(format!("safekeeper address {addr:?} is not HOST:PORT")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let config = ReplicationConfig::parse(&format!("host={host} port={port} user={SYNC_USER}"))?;
+    let mut config = ReplicationConfig::parse(&format!("host={host} port={port} user={SYNC_USER}"))?;
+    if let Some(path) = token_file {
+        config.password = Some(auth::token::read_token_file(path).map_err(ReplicationError::Auth)?);
+    }
     Ok(config
         .with_application_name("sync-safekeepers")
         .with_connect_timeout_ms(IDENTIFY_TIMEOUT_MS)
@@ -102,7 +109,8 @@ async fn identify_one(
 pub async fn identify_timeline(options: &SyncOptions) -> Result<TimelineIdentity, ShimError> {
     let mut asked = JoinSet::new();
     for addr in &options.safekeepers {
-        let config = safekeeper_replication_config(addr, options.tenant_id, options.timeline_id)?;
+        let token_file = options.auth_token_file.as_deref();
+        let config = safekeeper_replication_config(addr, options.tenant_id, options.timeline_id, token_file)?;
         let (addr, tenant_id, timeline_id) = (addr.clone(), options.tenant_id, options.timeline_id);
         asked.spawn(async move { (addr, identify_one(config, tenant_id, timeline_id).await) });
     }

@@ -74,6 +74,9 @@ fn with_sources(error: &dyn StdError) -> String {
 pub struct SafekeeperClient {
     http: Client<HttpConnector, Full<Bytes>>,
     paths: TimelinePaths,
+    /// Sent as `Authorization: Bearer`, read from the file at every
+    /// request (a rotated token needs no restart).
+    auth_token_file: Option<std::path::PathBuf>,
 }
 
 impl SafekeeperClient {
@@ -84,12 +87,22 @@ impl SafekeeperClient {
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
             .build(connector);
-        SafekeeperClient { http, paths }
+        SafekeeperClient { http, paths, auth_token_file: None }
+    }
+
+    /// Present the token in `path` to safekeepers that check tokens.
+    pub fn with_auth_token_file(mut self, path: Option<std::path::PathBuf>) -> SafekeeperClient {
+        self.auth_token_file = path;
+        self
     }
 
     /// One request; `json` is the body of a POST.
     async fn send(&self, method: Method, url: String, json: Option<String>) -> Result<Response<Incoming>, PullError> {
         let mut builder = Request::builder().method(method).uri(url);
+        if let Some(path) = &self.auth_token_file {
+            let token = auth::token::read_token_file(path).map_err(PullError::Request)?;
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         let body = match json {
             Some(text) => {
                 builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");

@@ -1,9 +1,9 @@
-//! Logging setup shared by the binaries, and the error body of their HTTP
-//! ports.
+//! Logging setup shared by the binaries, the error body of their HTTP
+//! ports, and how those ports check a bearer token.
 
 use std::io::IsTerminal;
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -28,9 +28,51 @@ pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(ErrorBody { error: message.into() })).into_response()
 }
 
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, auth::TokenError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Err(auth::TokenError::Missing) };
+    let value =
+        value.to_str().map_err(|_| auth::TokenError::Malformed("the Authorization header is not text".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+        _ => Err(auth::TokenError::Malformed("expected `Authorization: Bearer <token>`".into())),
+    }
+}
+
+/// Whether a request with `headers` may do `access` on a port checking
+/// tokens with `verifier` (`None`: it checks none). The refusal is the
+/// response: 401 for a missing or bad token (with the challenge RFC 6750
+/// asks for), 403 for one that may not do this.
+pub fn authorize(
+    verifier: Option<&auth::TokenVerifier>,
+    headers: &HeaderMap,
+    access: auth::Access,
+) -> Result<(), Response> {
+    let Some(verifier) = verifier else { return Ok(()) };
+    if access == auth::Access::Open {
+        return Ok(());
+    }
+    let claims = bearer_token(headers).and_then(|token| verifier.verify(token)).map_err(|error| {
+        let mut response = json_error(StatusCode::UNAUTHORIZED, error.to_string());
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    })?;
+    access.check(Some(&claims)).map_err(|denied| json_error(StatusCode::FORBIDDEN, denied.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer_token(&headers), Err(auth::TokenError::Missing));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(matches!(bearer_token(&headers), Err(auth::TokenError::Malformed(_))));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer a.b.c"));
+        assert_eq!(bearer_token(&headers), Ok("a.b.c"));
+    }
 
     #[test]
     fn error_body_is_the_documented_json() {

@@ -80,6 +80,9 @@ pub struct ServiceConfig {
     pub listen_addrs_file: Option<PathBuf>,
     /// `--auth-public-key`: every client needs a token (docs/security.md).
     pub auth: Option<auth::TokenVerifier>,
+    /// `--peer-auth-token-file`: the `safekeeper_data` token peer recovery
+    /// presents to the peers.
+    pub peer_auth_token_file: Option<PathBuf>,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -201,6 +204,7 @@ fn timelines_config(config: &ServiceConfig) -> registry::TimelinesConfig {
         node_id: config.node_id,
         retention: config.retention,
         peers: config.peers.clone().into(),
+        peer_auth_token_file: config.peer_auth_token_file.as_deref().map(Arc::from),
         max_timelines: config.max_timelines,
     }
 }

@@ -26,6 +26,7 @@
 //! behind, once: the shim reconnects and streams from the new flush LSN.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -63,10 +64,11 @@ const STATUS_TIMEOUT_MS: u64 = 3_000;
 const BODY_STALL: Duration = Duration::from_secs(30);
 
 /// Start peer recovery for a timeline; it ends with the timeline.
-pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>) {
+pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>, auth_token_file: Option<Arc<Path>>) {
     let snapshot = handle.snapshot();
     let paths = TimelinePaths { tenant_id: snapshot.tenant_id, timeline_id: snapshot.timeline_id };
-    let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS);
+    let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS)
+        .with_auth_token_file(auth_token_file.map(|path| path.to_path_buf()));
     let mut snapshots = handle.watch_snapshot();
     let handle = Arc::downgrade(handle);
     tokio::spawn(async move {

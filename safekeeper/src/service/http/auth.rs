@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::Method;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use auth::{Access, TokenError};
+use auth::Access;
 use safekeeper_protocol::ids::TenantId;
 
-use super::{ApiError, ServiceState};
+use super::ServiceState;
 
 /// The operation a request is, by method and path.
 pub fn access_for(method: &Method, path: &str) -> Access {
@@ -33,35 +33,13 @@ pub fn access_for(method: &Method, path: &str) -> Access {
     }
 }
 
-/// The token of `Authorization: Bearer <token>`.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, TokenError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else { return Err(TokenError::Missing) };
-    let value = value.to_str().map_err(|_| TokenError::Malformed("the Authorization header is not text".into()))?;
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-        _ => Err(TokenError::Malformed("expected `Authorization: Bearer <token>`".into())),
-    }
-}
-
-/// 401 for a missing or bad token (with the challenge RFC 6750 asks for),
-/// 403 for one that may not do this.
+/// Check the request's token against the endpoint's row of the table.
 pub async fn authorize(State(state): State<Arc<ServiceState>>, request: Request, next: Next) -> Response {
-    let Some(verifier) = &state.auth else { return next.run(request).await };
     let access = access_for(request.method(), request.uri().path());
-    if access != Access::Open {
-        let claims = match bearer_token(request.headers()).and_then(|token| verifier.verify(token)) {
-            Ok(claims) => claims,
-            Err(error) => {
-                let mut response = ApiError::new(StatusCode::UNAUTHORIZED, error.to_string()).into_response();
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return response;
-            }
-        };
-        if let Err(denied) = access.check(Some(&claims)) {
-            return ApiError::new(StatusCode::FORBIDDEN, denied.to_string()).into_response();
-        }
+    match utils::service::authorize(state.auth.as_ref(), request.headers(), access) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal,
     }
-    next.run(request).await
 }
 
 #[cfg(test)]
@@ -94,15 +72,5 @@ mod tests {
         for (method, path, expected) in cases {
             assert_eq!(access_for(&method, &path), expected, "{method} {path}");
         }
-    }
-
-    #[test]
-    fn bearer_tokens_are_read_from_the_header() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(bearer_token(&headers), Err(TokenError::Missing));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert!(matches!(bearer_token(&headers), Err(TokenError::Malformed(_))));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer a.b.c"));
-        assert_eq!(bearer_token(&headers), Ok("a.b.c"));
     }
 }
