@@ -97,6 +97,12 @@ pub enum LinkEventKind {
     Refused {
         reason: String,
     },
+    /// The safekeeper checks tokens and refuses ours (none given, expired,
+    /// another key's, another tenant's): retrying with the same token
+    /// cannot help. The link task has stopped.
+    Unauthorized {
+        reason: String,
+    },
 }
 
 /// What the node asks of the link tasks.
@@ -154,6 +160,8 @@ pub enum NodeError {
     Proposer(#[from] ProposerError),
     #[error("safekeeper {addr} refuses this cluster: {reason}")]
     SafekeeperRefused { addr: String, reason: String },
+    #[error("safekeeper {addr} refuses this shim's token: {reason} (docs/security.md)")]
+    SafekeeperUnauthorized { addr: String, reason: String },
 }
 
 /// The node's view of one slot's link task.
@@ -272,6 +280,10 @@ impl ShimNode {
                 other => other?,
             },
             LinkEventKind::Disconnected { .. } => self.proposer.on_disconnected(slot, now_ms),
+            LinkEventKind::Unauthorized { reason } => {
+                let addr = self.proposer.peer_addr(slot).to_string();
+                return Err(NodeError::SafekeeperUnauthorized { addr, reason });
+            }
             LinkEventKind::Refused { reason } => {
                 // A member-to-be that refuses the cluster ends the change;
                 // a member refusing it is a misconfiguration we cannot fix.

@@ -34,6 +34,8 @@ pub enum LinkError {
     Unexpected { addr: String, what: String },
     #[error("safekeeper {addr} closed the WAL push stream")]
     Closed { addr: String },
+    #[error("safekeeper {addr} checks tokens and asks for one: give --auth-token-file")]
+    NoToken { addr: String },
 }
 
 pub struct LinkReader {
@@ -110,11 +112,7 @@ impl LinkReader {
                 {
                     Some(AUTH_OK) => {}
                     Some(AUTH_CLEARTEXT_PASSWORD) => {
-                        let token = token.ok_or_else(|| {
-                            unexpected(
-                                "a request for a token: this safekeeper checks tokens (give --auth-token-file)".into(),
-                            )
-                        })?;
+                        let token = token.ok_or_else(|| LinkError::NoToken { addr: self.addr.clone() })?;
                         writer.frames.queue(|buf| frontend::password_message(token.as_bytes(), buf)).map_err(wire)?;
                         writer.frames.flush_within("sending the token", timeout_ms).await.map_err(wire)?;
                     }

@@ -58,18 +58,28 @@ impl QuorumCluster {
     /// Postgres and three safekeepers; the caller starts the shim (after
     /// setting `shim_targets`, say).
     pub fn start_without_shim(options: PgOptions) -> Result<QuorumCluster> {
-        QuorumCluster::start_safekeepers(options, PeerRecovery::On)
+        QuorumCluster::start_safekeepers(options, PeerRecovery::On, &[])
+    }
+
+    /// As [`QuorumCluster::start_without_shim`], every safekeeper also given
+    /// `safekeeper_args` (`--auth-public-key FILE`, say).
+    pub fn start_without_shim_with_args(options: PgOptions, safekeeper_args: &[String]) -> Result<QuorumCluster> {
+        QuorumCluster::start_safekeepers(options, PeerRecovery::On, safekeeper_args)
     }
 
     /// As [`QuorumCluster::start`], but the safekeepers do not know each
     /// other: no peer recovery (what the shim does alone).
     pub fn start_without_peer_recovery(options: PgOptions) -> Result<QuorumCluster> {
-        let mut cluster = QuorumCluster::start_safekeepers(options, PeerRecovery::Off)?;
+        let mut cluster = QuorumCluster::start_safekeepers(options, PeerRecovery::Off, &[])?;
         cluster.start_shim()?;
         Ok(cluster)
     }
 
-    fn start_safekeepers(mut options: PgOptions, peer_recovery: PeerRecovery) -> Result<QuorumCluster> {
+    fn start_safekeepers(
+        mut options: PgOptions,
+        peer_recovery: PeerRecovery,
+        safekeeper_args: &[String],
+    ) -> Result<QuorumCluster> {
         let quorum_settings = [
             ("synchronous_standby_names", format!("'{SHIM_APPLICATION_NAME}'")),
             ("synchronous_commit", "on".to_string()),
@@ -86,12 +96,13 @@ impl QuorumCluster {
         let safekeepers = (0..SAFEKEEPER_COUNT)
             .map(|index| {
                 let peers = ports.iter().enumerate().filter(|&(other, _)| other != index);
-                let peer_args = match peer_recovery {
+                let mut peer_args: Vec<String> = match peer_recovery {
                     PeerRecovery::On => {
                         peers.flat_map(|(_, peer)| ["--peer-http".to_string(), peer.http.addr().to_string()]).collect()
                     }
                     PeerRecovery::Off => vec![],
                 };
+                peer_args.extend_from_slice(safekeeper_args);
                 let id = index as u64 + 1;
                 Safekeeper::start_reserved(id, &dir.path().join(format!("sk{id}")), ports[index].clone(), peer_args)
             })

@@ -12,6 +12,7 @@
 //!   recording every acknowledged xid.
 //! - [`wal_files`]: WAL bytes, pg_waldump and committed xids of a directory.
 //! - [`safekeeper_files`]: two safekeepers' segment files compared.
+//! - [`tokens`]: key pairs and tokens (`safekeeper token`) for the auth tests.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults on command.
 //! - [`wire_client`]: a blocking client of the safekeeper's Postgres wire port.
 
@@ -22,5 +23,6 @@ pub mod fixture;
 pub mod pg;
 pub mod processes;
 pub mod safekeeper_files;
+pub mod tokens;
 pub mod wal_files;
 pub mod wire_client;

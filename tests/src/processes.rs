@@ -482,16 +482,30 @@ pub struct PageserverStub {
     pub http_addr: SocketAddr,
     pub datadir: PathBuf,
     pub safekeepers_http: Vec<SocketAddr>,
+    /// More flags, as given (`--auth-token-file F`, ...); a restart keeps them.
+    pub extra_args: Vec<String>,
 }
 
 impl PageserverStub {
     /// Start on a port the kernel picks; returns once it listens.
     pub fn start(safekeepers_http: &[SocketAddr], tenant_id: &str, timeline_id: &str, datadir: &Path) -> Result<Self> {
+        PageserverStub::start_with_args(safekeepers_http, tenant_id, timeline_id, datadir, &[])
+    }
+
+    /// [`PageserverStub::start`] with more flags.
+    pub fn start_with_args(
+        safekeepers_http: &[SocketAddr],
+        tenant_id: &str,
+        timeline_id: &str,
+        datadir: &Path,
+        extra_args: &[String],
+    ) -> Result<Self> {
         let addrs: Vec<String> = safekeepers_http.iter().map(SocketAddr::to_string).collect();
         let mut command = Command::new(binary("pageserver_stub", "pageserver_stub")?);
         command.arg("--safekeepers-http").arg(addrs.join(","));
         command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
         command.arg("--datadir").arg(datadir).arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string());
+        command.args(extra_args);
         let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
         let (process, addrs) = ServiceProcess::spawn_listening("pageserver_stub", command, &log_path)?;
         Ok(PageserverStub {
@@ -499,12 +513,13 @@ impl PageserverStub {
             http_addr: reported(&addrs, "http")?,
             datadir: datadir.to_path_buf(),
             safekeepers_http: safekeepers_http.to_vec(),
+            extra_args: extra_args.to_vec(),
         })
     }
 
     /// Start again on the same data directory (a new port).
     pub fn restart(&self, tenant_id: &str, timeline_id: &str) -> Result<Self> {
-        PageserverStub::start(&self.safekeepers_http, tenant_id, timeline_id, &self.datadir)
+        PageserverStub::start_with_args(&self.safekeepers_http, tenant_id, timeline_id, &self.datadir, &self.extra_args)
     }
 
     /// `GET /v1/status`; the error quotes its log if it does not answer.
@@ -554,8 +569,23 @@ pub fn http_request(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<HttpAnswer> {
+    http_request_as(None, method, addr, path, body, timeout)
+}
+
+/// [`http_request`] presenting `token` as `Authorization: Bearer`.
+pub fn http_request_as(
+    token: Option<&str>,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<HttpAnswer> {
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    let request = agent.request(method, &format!("http://{addr}{path}"));
+    let mut request = agent.request(method, &format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        request = request.set("authorization", &format!("Bearer {token}"));
+    }
     let result = match body {
         Some(json) => request.set("content-type", "application/json").send_string(&json.to_string()),
         None => request.call(),

@@ -29,8 +29,10 @@ pub enum ShimExit {
     NotTheLogsPrimary = 5,
     /// WAL the safekeepers need is gone from Postgres.
     WalGone = 6,
-    /// Postgres refuses the shim's role: authentication or permissions.
-    PostgresRefusesShim = 7,
+    /// A credential is refused: Postgres's (authentication, permissions)
+    /// or a safekeeper's (the token). A supervisor may retry: the operator
+    /// fixes the role or the token file meanwhile.
+    CredentialsRefused = 7,
 }
 
 impl ShimExit {
@@ -54,6 +56,7 @@ impl ShimError {
             ShimError::Proposer(error) => proposer_verdict(error),
             ShimError::Replication(error) => replication_verdict(error),
             ShimError::SafekeeperRefused { .. } => Verdict::Exit(ShimExit::SafekeepersRefuse),
+            ShimError::SafekeeperUnauthorized { .. } => Verdict::Exit(ShimExit::CredentialsRefused),
             ShimError::StreamEnded(_) => Verdict::Retry,
             ShimError::BadArguments(_) => Verdict::Exit(ShimExit::BadArguments),
             ShimError::Stopped(_) => Verdict::Exit(ShimExit::Failed),
@@ -98,8 +101,8 @@ fn refuses_role(code: &str) -> bool {
 fn replication_verdict(error: &ReplicationError) -> Verdict {
     match error {
         ReplicationError::Config(_) | ReplicationError::InvalidSlotName(_) => Verdict::Exit(ShimExit::BadArguments),
-        ReplicationError::Auth(_) | ReplicationError::PasswordRequired => Verdict::Exit(ShimExit::PostgresRefusesShim),
-        ReplicationError::Server(server) if refuses_role(&server.code) => Verdict::Exit(ShimExit::PostgresRefusesShim),
+        ReplicationError::Auth(_) | ReplicationError::PasswordRequired => Verdict::Exit(ShimExit::CredentialsRefused),
+        ReplicationError::Server(server) if refuses_role(&server.code) => Verdict::Exit(ShimExit::CredentialsRefused),
         // Refused connections, timeouts, a Postgres shutting down or
         // starting up (57P01, 57P03), too many connections (53300), a slot
         // still held by a walsender that has not noticed us gone (55006),
@@ -131,8 +134,10 @@ mod tests {
         assert_eq!(exit(gone.into()), Verdict::Exit(ShimExit::WalGone));
         let refused = ShimError::SafekeeperRefused { addr: "a:1".into(), reason: "other system".into() };
         assert_eq!(exit(refused), Verdict::Exit(ShimExit::SafekeepersRefuse));
-        assert_eq!(exit(server_error("28P01")), Verdict::Exit(ShimExit::PostgresRefusesShim));
-        assert_eq!(exit(server_error("42501")), Verdict::Exit(ShimExit::PostgresRefusesShim));
+        let token = ShimError::SafekeeperUnauthorized { addr: "a:1".into(), reason: "token expired".into() };
+        assert_eq!(exit(token), Verdict::Exit(ShimExit::CredentialsRefused));
+        assert_eq!(exit(server_error("28P01")), Verdict::Exit(ShimExit::CredentialsRefused));
+        assert_eq!(exit(server_error("42501")), Verdict::Exit(ShimExit::CredentialsRefused));
         assert_eq!(exit(ReplicationError::Config("bad".into()).into()), Verdict::Exit(ShimExit::BadArguments));
 
         for transient in ["57P01", "57P03", "53300", "55006", "XX000"] {

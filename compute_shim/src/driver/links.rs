@@ -206,6 +206,10 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
                 let _ = events.send(event(generation, LinkEventKind::Refused { reason: error.to_string() })).await;
                 return;
             }
+            Err(error) if refuses_token(&error) => {
+                let _ = events.send(event(generation, LinkEventKind::Unauthorized { reason: error.to_string() })).await;
+                return;
+            }
             Err(error) => {
                 tracing::debug!(safekeeper = %target.addr, "connect failed: {error}");
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -249,6 +253,17 @@ enum LinkEnd {
 /// invalid_parameter_value (another system id, segment size or ids) and
 /// feature_not_supported (another Postgres version).
 const REFUSAL_SQLSTATES: [&str; 2] = ["22023", "0A000"];
+
+/// invalid_password (no token, a bad or expired one) and
+/// invalid_authorization_specification (another tenant's, too small a
+/// scope), or a request for a token we do not have.
+fn refuses_token(error: &LinkError) -> bool {
+    match error {
+        LinkError::Wire { source, .. } => source.sqlstate().is_some_and(|code| code.starts_with("28")),
+        LinkError::NoToken { .. } => true,
+        _ => false,
+    }
+}
 
 fn refuses_cluster(error: &LinkError) -> bool {
     match error {

@@ -62,6 +62,8 @@ pub enum ShimError {
     Replication(#[from] ReplicationError),
     #[error("safekeeper {addr} refuses this cluster: {reason}")]
     SafekeeperRefused { addr: String, reason: String },
+    #[error("safekeeper {addr} refuses this shim's token: {reason} (docs/security.md)")]
+    SafekeeperUnauthorized { addr: String, reason: String },
     /// The WAL source ended its stream (a Postgres shutting down): retried.
     #[error("{0}")]
     StreamEnded(String),
@@ -134,6 +136,7 @@ impl From<NodeError> for ShimError {
         match error {
             NodeError::Proposer(error) => ShimError::Proposer(error),
             NodeError::SafekeeperRefused { addr, reason } => ShimError::SafekeeperRefused { addr, reason },
+            NodeError::SafekeeperUnauthorized { addr, reason } => ShimError::SafekeeperUnauthorized { addr, reason },
         }
     }
 }

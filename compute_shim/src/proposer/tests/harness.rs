@@ -691,7 +691,7 @@ impl Net {
             }
             Ok(LinkEventOutcome::Applied | LinkEventOutcome::Stale) => {}
             Err(NodeError::Proposer(error)) => self.stop(c, error),
-            Err(refused @ NodeError::SafekeeperRefused { .. }) => panic!("compute {c}: {refused}"),
+            Err(refused) => panic!("compute {c}: {refused}"),
         }
         true
     }
