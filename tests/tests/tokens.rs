@@ -56,6 +56,9 @@ impl Tokens {
     }
 }
 
+/// Method, path, and the status each named token gets.
+type Endpoint<'a> = (&'a str, &'a str, &'a [(&'a str, u16)]);
+
 fn http(token: Option<&str>, method: &str, addr: SocketAddr, path: &str) -> Result<u16> {
     let body = (method == "POST").then(|| serde_json::json!({ "remote_consistent_lsn": "0/0" }));
     Ok(http_request_as(token, method, addr, path, body.as_ref(), HTTP_TIMEOUT)?.status)
@@ -165,7 +168,7 @@ fn every_port_checks_tokens() -> Result<()> {
         (Some(tokens.foreign.as_str()), 401, "another key's token"),
         (Some("not.a.token"), 401, "a malformed token"),
     ];
-    let endpoints: [(&str, &str, &[(&str, u16)]); 7] = [
+    let endpoints: [Endpoint; 7] = [
         ("GET", "/v1/status", &[("tenant", 403), ("data", 200), ("admin", 200)]),
         ("GET", "/v1/timelines", &[("tenant", 403), ("data", 403), ("admin", 200)]),
         ("GET", &timeline, &[("tenant", 200), ("other", 403), ("data", 200), ("admin", 200)]),

@@ -67,9 +67,9 @@ async fn authorize(State(state): State<HttpState>, request: Request, next: Next)
         (&Method::GET, "/v1/status" | "/v1/membership") => Access::TimelineStatus(state.access.tenant_id),
         _ => Access::NodeAdmin,
     };
-    match utils::service::authorize(state.access.verifier.as_deref(), request.headers(), access) {
-        Ok(()) => next.run(request).await,
-        Err(refusal) => refusal,
+    match utils::service::refusal(state.access.verifier.as_deref(), request.headers(), access) {
+        None => next.run(request).await,
+        Some(refusal) => refusal,
     }
 }
 

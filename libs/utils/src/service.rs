@@ -40,24 +40,23 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, auth::TokenError> {
 }
 
 /// Whether a request with `headers` may do `access` on a port checking
-/// tokens with `verifier` (`None`: it checks none). The refusal is the
-/// response: 401 for a missing or bad token (with the challenge RFC 6750
-/// asks for), 403 for one that may not do this.
-pub fn authorize(
-    verifier: Option<&auth::TokenVerifier>,
-    headers: &HeaderMap,
-    access: auth::Access,
-) -> Result<(), Response> {
-    let Some(verifier) = verifier else { return Ok(()) };
+/// tokens with `verifier` (`None`: it checks none): `None` if so, else the
+/// refusal to answer with: 401 for a missing or bad token (with the
+/// challenge RFC 6750 asks for), 403 for one that may not do this.
+pub fn refusal(verifier: Option<&auth::TokenVerifier>, headers: &HeaderMap, access: auth::Access) -> Option<Response> {
+    let verifier = verifier?;
     if access == auth::Access::Open {
-        return Ok(());
+        return None;
     }
-    let claims = bearer_token(headers).and_then(|token| verifier.verify(token)).map_err(|error| {
-        let mut response = json_error(StatusCode::UNAUTHORIZED, error.to_string());
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        response
-    })?;
-    access.check(Some(&claims)).map_err(|denied| json_error(StatusCode::FORBIDDEN, denied.to_string()))
+    let claims = match bearer_token(headers).and_then(|token| verifier.verify(token)) {
+        Ok(claims) => claims,
+        Err(error) => {
+            let mut response = json_error(StatusCode::UNAUTHORIZED, error.to_string());
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Some(response);
+        }
+    };
+    access.check(Some(&claims)).err().map(|denied| json_error(StatusCode::FORBIDDEN, denied.to_string()))
 }
 
 #[cfg(test)]

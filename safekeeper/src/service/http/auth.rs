@@ -36,9 +36,9 @@ pub fn access_for(method: &Method, path: &str) -> Access {
 /// Check the request's token against the endpoint's row of the table.
 pub async fn authorize(State(state): State<Arc<ServiceState>>, request: Request, next: Next) -> Response {
     let access = access_for(request.method(), request.uri().path());
-    match utils::service::authorize(state.auth.as_ref(), request.headers(), access) {
-        Ok(()) => next.run(request).await,
-        Err(refusal) => refusal,
+    match utils::service::refusal(state.auth.as_ref(), request.headers(), access) {
+        None => next.run(request).await,
+        Some(refusal) => refusal,
     }
 }
 
