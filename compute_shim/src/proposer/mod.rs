@@ -46,7 +46,7 @@ use safekeeper_protocol::protocol::{
 
 pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, NewMemberStatus, MAX_PEER_SLOTS};
 
-pub use config::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
+pub use config::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS, MIN_BUFFERED_WAL_BYTES};
 pub use error::{PeerFault, ProposerError};
 pub use peer::SlotIndex;
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};

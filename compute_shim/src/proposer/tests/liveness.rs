@@ -40,7 +40,7 @@ use rand::Rng;
 
 use super::harness::{Postgres, HEARTBEAT_INTERVAL_MS, SILENCE_TIMEOUT_MS};
 use super::random::{first_failing_seed, seeds_to_run, simulate_seeds, Simulation};
-use crate::proposer::{PeerState, MAX_APPEND_CHUNK_BYTES};
+use crate::proposer::{PeerState, MIN_BUFFERED_WAL_BYTES};
 
 pub const LIVENESS_DEFAULT_SEEDS: u64 = 20;
 const STEPS_PER_SEED: usize = 4_000;
@@ -52,12 +52,13 @@ const RECORDS: usize = 450;
 const WAL_SEED: u64 = 95;
 /// The most WAL one XLogData message carries (Postgres's MAX_SEND_SIZE).
 const MAX_XLOG_DATA_BYTES: usize = 128 << 10;
-/// The shim's WAL buffer: small, but above one XLogData message plus the
-/// largest record (6,000 bytes here). Smaller, the shim stalls for good
-/// whatever the minority does: safekeepers acknowledge record ends only,
-/// so the unfinished record at the buffer's end stays in it, and a whole
-/// message no longer fits (the simulation found it at 128 KiB: seed 16).
-const BUFFER_BYTES: u64 = 2 * MAX_APPEND_CHUNK_BYTES;
+/// The shim's WAL buffer: the smallest allowed, one XLogData message
+/// beside the largest record (6,000 bytes here). This run found that a
+/// buffer of one message (what the floor was) stalls for good whatever the
+/// minority does (seed 16): safekeepers acknowledge record ends only, so
+/// the unfinished record at the buffer's end stays in it, and a whole
+/// message no longer fits.
+const BUFFER_BYTES: u64 = MIN_BUFFERED_WAL_BYTES;
 /// Chance per step (per mille) that Postgres writes a burst of up to
 /// [`MAX_BURST_RECORDS`] records (more than the buffer holds), and that it
 /// writes a record or two.
