@@ -248,6 +248,12 @@ impl ShimNode {
         self.proposer.break_commit_rule_for_tests();
     }
 
+    /// See [`Proposer::keep_laggards_for_tests`].
+    #[cfg(test)]
+    pub(crate) fn keep_laggards_for_tests(&mut self) {
+        self.proposer.keep_laggards_for_tests();
+    }
+
     /// A link task's event. Stale ones (a task or connection let go of)
     /// are dropped; a protocol fault drops the connection.
     pub fn handle_link_event(&mut self, now_ms: u64, event: LinkEvent) -> Result<LinkEventOutcome, NodeError> {

@@ -10,6 +10,11 @@ use safekeeper_protocol::protocol::MAX_APPEND_PAYLOAD_BYTES;
 pub const MAX_APPEND_CHUNK_BYTES: u64 = 128 * 1024;
 const _: () = assert!(MAX_APPEND_CHUNK_BYTES as usize <= MAX_APPEND_PAYLOAD_BYTES);
 
+/// The smallest WAL buffer: room for a whole XLogData message beside the
+/// unfinished record at its end (of up to a message; a longer record needs
+/// a buffer of its length plus a message, see `assert_valid`).
+pub const MIN_BUFFERED_WAL_BYTES: u64 = 2 * MAX_APPEND_CHUNK_BYTES;
+
 /// Most safekeepers one proposer drives (a quorum of 8 is plenty).
 pub const MAX_SAFEKEEPERS: usize = 15;
 
@@ -74,7 +79,12 @@ impl ProposerConfig {
         let distinct: std::collections::BTreeSet<&String> = self.safekeepers.iter().collect();
         assert_eq!(distinct.len(), count, "each safekeeper named once");
         assert!(self.max_in_flight_bytes >= MAX_APPEND_CHUNK_BYTES, "in-flight window below one append");
-        assert!(self.max_buffered_wal_bytes >= MAX_APPEND_CHUNK_BYTES, "WAL buffer below one XLogData message");
+        // Safekeepers acknowledge record ends only, so the unfinished record
+        // at the buffer's end stays in it until the rest arrives, and the
+        // driver reads Postgres only while a whole XLogData message fits: a
+        // buffer of one message stalls commits for good (the liveness
+        // simulation found it). Records up to a message long need two.
+        assert!(self.max_buffered_wal_bytes >= MIN_BUFFERED_WAL_BYTES, "WAL buffer below two XLogData messages");
         assert!(self.heartbeat_interval_ms > 0, "heartbeat interval must be positive");
         assert!(
             self.silence_timeout_ms >= 2 * self.heartbeat_interval_ms,

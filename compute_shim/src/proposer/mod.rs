@@ -46,7 +46,7 @@ use safekeeper_protocol::protocol::{
 
 pub use membership::{ChangeStatus, MembershipRequestError, MembershipStatus, NewMemberStatus, MAX_PEER_SLOTS};
 
-pub use config::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS};
+pub use config::{ProposerConfig, ProposerMode, MAX_APPEND_CHUNK_BYTES, MAX_SAFEKEEPERS, MIN_BUFFERED_WAL_BYTES};
 pub use error::{PeerFault, ProposerError};
 pub use peer::SlotIndex;
 pub use status::{PeerState, Phase, ProposerStatus, SafekeeperStatus};
@@ -76,6 +76,10 @@ pub struct Proposer {
     /// Tests only ([`Proposer::break_commit_rule_for_tests`]): count flushes
     /// below the term start too, to show that the checks catch the result.
     count_flushes_below_term_start: bool,
+    /// Tests only ([`Proposer::keep_laggards_for_tests`]): never release a
+    /// laggard from a full buffer, to show that the liveness check catches
+    /// a proposer that waits for its slowest member.
+    keep_laggards: bool,
     /// No WAL is sent in our term until Postgres's WAL below the term start
     /// is shown to be the log's (`log_check`).
     log_check: LogCheckState,
@@ -99,6 +103,14 @@ impl Proposer {
         self.count_flushes_below_term_start = true;
     }
 
+    /// Never release laggards from a full buffer (the commit then waits for
+    /// the slowest member), for the test that shows the liveness check
+    /// catches it.
+    #[cfg(test)]
+    pub(crate) fn keep_laggards_for_tests(&mut self) {
+        self.keep_laggards = true;
+    }
+
     pub fn new(config: ProposerConfig) -> Self {
         config.assert_valid();
         Proposer {
@@ -112,6 +124,7 @@ impl Proposer {
             now_ms: 0,
             next_poll_index: 0,
             count_flushes_below_term_start: false,
+            keep_laggards: false,
             log_check: LogCheckState::NotStarted,
             sync_committed_at_ms: None,
         }
@@ -239,6 +252,9 @@ impl Proposer {
     /// change is needed, so then none is); `Lsn::INVALID`: none may.
     fn release_below(&self) -> Lsn {
         let commit_lsn = self.commit_lsn;
+        if self.keep_laggards {
+            return Lsn::INVALID;
+        }
         let keepers_commit = self.membership.is_quorum(&self.peers, |peer| {
             matches!(peer.link, Link::Streaming { .. }) && peer.flush_lsn.is_some_and(|flush| flush >= commit_lsn)
         });

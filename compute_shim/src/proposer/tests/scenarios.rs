@@ -5,7 +5,9 @@ use postgres_wal::timeline_history::PgTimelineHistory;
 use safekeeper_protocol::ids::{NodeId, Term};
 use safekeeper_protocol::protocol::ProposerMessage;
 
-use super::harness::{new_acceptor, segment_size, Net, Postgres, HEARTBEAT_INTERVAL_MS, TIMELINE_START};
+use super::harness::{
+    new_acceptor, segment_size, Net, Postgres, HEARTBEAT_INTERVAL_MS, SILENCE_TIMEOUT_MS, TIMELINE_START,
+};
 use crate::proposer::{PeerState, ProposerError, SlotIndex};
 
 /// The first record end at or past `lsn`.
@@ -392,6 +394,62 @@ fn a_slow_member_does_not_set_the_pace() {
     net.run_until_quiet();
     catch_up_from_a_peer(&mut net, 2);
     assert_eq!(net.holders(&postgres, full), 3, "the slow member ends up with the whole log");
+}
+
+/// A member stopped (SIGSTOP) for ten silence timeouts, again and again,
+/// waking for a few heartbeat intervals in between, while Postgres writes
+/// a burst larger than the buffer at the start of each silence and a
+/// trickle through it. Each silence the shim drops the stopped member's
+/// connection (after the silence timeout) and reconnects to its kernel,
+/// which accepts and says nothing; the majority commits everything
+/// Postgres wrote at every heartbeat interval of every silence, and the
+/// member catches up each time it wakes.
+#[test]
+fn a_member_silent_again_and_again_for_many_silence_timeouts_does_not_hold_up_the_majority() {
+    const SILENCES: usize = 3;
+    const SILENCE_HEARTBEATS: u64 = 10 * SILENCE_TIMEOUT_MS / HEARTBEAT_INTERVAL_MS;
+    const AWAKE_HEARTBEATS: usize = 5;
+    const BURST_BYTES: u64 = 300 << 10;
+    const TRICKLE_BYTES: u64 = 512;
+    let (mut net, c, postgres, full) = streaming_before_a_big_write(13);
+    assert!(BURST_BYTES > net.max_buffered_wal_bytes, "each burst overflows the buffer");
+    let writes = |net: &mut Net, bytes: u64| {
+        let flush = net.computes[c].postgres.flush_lsn();
+        let more = record_end_after(&postgres, (flush + bytes).min(full));
+        net.computes[c].postgres.set_flush_lsn(more);
+    };
+    for silence in 0..SILENCES {
+        let mut dropped = 0;
+        let flush_before = net.computes[c].postgres.flush_lsn();
+        writes(&mut net, BURST_BYTES);
+        for _ in 0..SILENCE_HEARTBEATS {
+            if !net.computes[c].links[2].up {
+                dropped += 1;
+                net.connect(c, 2);
+            }
+            shut_link(&mut net, c, 2, true);
+            net.run_until_quiet();
+            let (commit, flush) = (net.commit_lsn(c), net.computes[c].postgres.flush_lsn());
+            assert_eq!(commit, flush, "silence {silence}: the majority commits all Postgres wrote");
+            writes(&mut net, TRICKLE_BYTES);
+            net.advance_time(HEARTBEAT_INTERVAL_MS);
+        }
+        assert!(dropped >= 5, "silence {silence}: the stopped member's connection dropped {dropped} times");
+        let written = net.computes[c].postgres.flush_lsn() - flush_before;
+        assert!(written > net.max_buffered_wal_bytes, "silence {silence}: Postgres wrote only {written} bytes");
+        shut_link(&mut net, c, 2, false);
+        for _ in 0..AWAKE_HEARTBEATS {
+            net.run_until_quiet();
+            if net.peer_state(c, 2) == Some(PeerState::TooFarBehind) {
+                catch_up_from_a_peer(&mut net, 2);
+            }
+            net.advance_time(HEARTBEAT_INTERVAL_MS);
+        }
+        net.run_until_quiet();
+        let commit = net.commit_lsn(c);
+        assert_eq!(net.acceptors[2].acceptor().flush_lsn(), commit, "silence {silence}: it caught up once awake");
+    }
+    assert_eq!(net.holders(&postgres, net.commit_lsn(c)), 3);
 }
 
 /// Three safekeepers, a 256 KiB buffer, and a primary elected that has
