@@ -68,9 +68,11 @@ fn proposer_verdict(error: &ProposerError) -> Verdict {
     use ProposerError::*;
     let exit = match error {
         Fenced { .. } => ShimExit::Fenced,
-        DuplicateSafekeeper { .. } | SafekeeperReplaced { .. } | CommitAboveTermStart { .. } | TermHistoryFull => {
-            ShimExit::SafekeepersRefuse
-        }
+        DuplicateSafekeeper { .. }
+        | SafekeeperReplaced { .. }
+        | CommitAboveTermStart { .. }
+        | TermHistoryFull
+        | TermsExhausted { .. } => ShimExit::SafekeepersRefuse,
         PostgresBehind { .. }
         | PostgresDiverged { .. }
         | Superseded { .. }

@@ -57,6 +57,22 @@ fn state(node: &ShimNode, slot: SlotIndex) -> PeerState {
     node.proposer().status().safekeepers.into_iter().find(|peer| peer.addr == addr).expect("wanted").state
 }
 
+/// A safekeeper reporting the highest term there is (or beyond: a broken
+/// or hostile one) ends the run with a refusal, not a panic on overflow.
+#[test]
+fn a_term_at_the_limit_is_a_refusal_not_an_overflow() {
+    let mut node = ShimNode::new(config(3), 0);
+    let (slot, first) = opened(&mut node)[0];
+    let connection = first.next();
+    node.handle_link_event(1, event(slot, connection, LinkEventKind::Connected)).unwrap();
+    let mut answer = greeting_response(1);
+    if let LinkEventKind::Message(AcceptorMessage::GreetingResponse(response)) = &mut answer {
+        response.term = Term(u64::MAX);
+    }
+    let error = node.handle_link_event(2, event(slot, connection, answer)).unwrap_err();
+    assert!(matches!(error, NodeError::Proposer(ProposerError::TermsExhausted { .. })), "{error}");
+}
+
 #[test]
 fn link_generations_carry_the_slot_incarnation() {
     let first = LinkGeneration::first(3);

@@ -137,7 +137,8 @@ impl Campaign {
             return None;
         }
         let highest = view.peers.iter().filter_map(|peer| peer.reported_term).max().unwrap_or_default();
-        let term = Term(highest.0.checked_add(1).expect("term overflow"));
+        // Reported terms are checked when they arrive (`check_term`).
+        let term = highest.next()?;
         self.stage = Stage::Voting { term };
         Some(term)
     }

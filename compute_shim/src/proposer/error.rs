@@ -87,6 +87,12 @@ pub enum ProposerError {
     SafekeeperReplaced { safekeeper: SlotIndex, previous: NodeId, now: NodeId },
     #[error("the donor's term history is full; cannot start another term")]
     TermHistoryFull,
+    #[error(
+        "a safekeeper is at term {term}, the highest term there is (or beyond it): no later term can be \
+         started; this timeline's terms were pushed up by a client that should not have reached the safekeepers \
+         (docs/security.md)"
+    )]
+    TermsExhausted { term: Term },
     #[error("safekeeper {safekeeper}: {fault}")]
     Peer { safekeeper: SlotIndex, fault: PeerFault },
     #[error("WAL from Postgres before the proposer asked for it (see wal_wanted_from)")]

@@ -636,6 +636,8 @@ impl Proposer {
     /// A term above ours means another proposer has taken over.
     fn check_term(&self, reported: Term) -> Result<(), ProposerError> {
         match self.campaign.term() {
+            // A correct acceptor never holds a term beyond the limit.
+            _ if reported >= Term::MAX => Err(ProposerError::TermsExhausted { term: reported }),
             Some(ours) if reported > ours => Err(ProposerError::Fenced { term: reported }),
             _ => Ok(()),
         }
@@ -669,11 +671,11 @@ impl Proposer {
         if !self.on_greeted_configuration(sk, response.node_id, response.configuration)? {
             return Ok(()); // a configuration it showed leaves it out
         }
+        self.check_term(response.term)?;
         let peer = &mut self.peers[sk];
         peer.node_id = Some(response.node_id);
         peer.reported_term = Some(response.term);
         peer.link = Link::Greeted;
-        self.check_term(response.term)?;
         match self.campaign.stage() {
             Stage::Greeting => self.start_voting_if_quorum_greeted(),
             Stage::Voting { .. } => self.ask_for_vote(sk),

@@ -162,6 +162,8 @@ pub enum AcceptorError {
     PageTimelineMismatch { page_lsn: Lsn, expected: PgTimelineId, found: PgTimelineId },
     #[error("the Postgres timeline switch point {switch_lsn} is not the end of a record of the WAL")]
     SwitchInsideRecord { switch_lsn: Lsn },
+    #[error("term {term} is above the highest term allowed ({})", Term::MAX)]
+    TermBeyondLimit { term: Term },
 }
 
 /// Position of this acceptor's WAL. `flush_lsn <= written_boundary_lsn <= write_lsn`.
@@ -263,6 +265,9 @@ impl Acceptor {
                 expected: Box::new(self.state.cluster),
                 got: Box::new(*message.cluster()),
             });
+        }
+        if let Some(term) = message.highest_term().filter(|&term| term > Term::MAX) {
+            return Err(AcceptorError::TermBeyondLimit { term });
         }
         if !matches!(message, ProposerMessage::Greeting(_)) {
             self.check_membership(message.generation())?;

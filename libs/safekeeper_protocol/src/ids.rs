@@ -9,6 +9,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Term(pub u64);
 
+impl Term {
+    /// The highest term anyone may use (the largest signed 64-bit value:
+    /// what Postgres's bigint and every JSON reader hold exactly). An
+    /// acceptor refuses a message in a higher term as a protocol error and
+    /// a proposer treats a safekeeper reporting one as broken, so no term
+    /// arithmetic can overflow and no input can make a process panic.
+    pub const MAX: Term = Term(i64::MAX as u64);
+
+    /// The term after this one; `None` at [`Term::MAX`] (terms exhausted).
+    pub fn next(self) -> Option<Term> {
+        (self < Term::MAX).then(|| Term(self.0 + 1))
+    }
+}
+
 /// A safekeeper's node id, fixed at data directory creation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct NodeId(pub u64);

@@ -464,6 +464,20 @@ impl ProposerMessage {
         }
     }
 
+    /// The highest term the message names (its own, and those of a term
+    /// history it carries); `None` for a greeting, which names none.
+    pub fn highest_term(&self) -> Option<Term> {
+        let history_max = |history: &TermHistory| history.0.iter().map(|entry| entry.term).max();
+        match self {
+            ProposerMessage::Greeting(_) => None,
+            ProposerMessage::VoteRequest(m) => Some(m.term),
+            ProposerMessage::ProposerElected(m) => Some(m.term.max(history_max(&m.term_history).unwrap_or_default())),
+            ProposerMessage::AppendRequest(m) => Some(m.term),
+            ProposerMessage::WalDigestRequest(m) => Some(m.term),
+            ProposerMessage::SetMembership(m) => Some(m.term),
+        }
+    }
+
     /// The generation of the sender's configuration.
     pub fn generation(&self) -> MembershipGeneration {
         match self {

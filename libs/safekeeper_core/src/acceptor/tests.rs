@@ -159,6 +159,19 @@ fn greeting_checks_cluster_identity_and_parameters() {
     assert_eq!(timeline.acceptor().term(), Term(0), "a refused message changes nothing");
 }
 
+/// Rule: no term beyond `Term::MAX` is taken (a client cannot push the
+/// term to where the next one would overflow); the limit itself is.
+#[test]
+fn terms_beyond_the_limit_are_refused() {
+    let mut timeline = new_timeline();
+    let err = timeline.handle(vote(u64::MAX)).unwrap_err();
+    assert!(matches!(err, TimelineError::Refused(AcceptorError::TermBeyondLimit { .. })), "{err}");
+    assert_eq!(timeline.acceptor().term(), Term(0), "a refused message changes nothing");
+    assert!(vote_response(timeline.handle(vote(Term::MAX.0)).unwrap()).vote_given);
+    assert_eq!(timeline.acceptor().term(), Term::MAX);
+    assert_eq!(Term::MAX.next(), None);
+}
+
 /// Rule: a vote is granted only for a term above every term seen, and the
 /// term is durable before the reply.
 #[test]

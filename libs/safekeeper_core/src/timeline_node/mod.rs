@@ -103,9 +103,11 @@ impl Refusal {
             InvalidWal { .. } | ZeroLengthRecord { .. } | PageTimelineMismatch { .. } | SwitchInsideRecord { .. } => {
                 sqlstate::DATA_CORRUPTED
             }
-            BadTermHistory { .. } | BadTimelineStart { .. } | CrossesSegment { .. } | BadConfiguration { .. } => {
-                sqlstate::PROTOCOL_VIOLATION
-            }
+            BadTermHistory { .. }
+            | BadTimelineStart { .. }
+            | CrossesSegment { .. }
+            | BadConfiguration { .. }
+            | TermBeyondLimit { .. } => sqlstate::PROTOCOL_VIOLATION,
             // Not a refusal of the cluster: the proposer greets again and
             // learns the newer configuration (or that this safekeeper left it).
             StaleGeneration { .. }
