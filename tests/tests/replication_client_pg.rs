@@ -229,10 +229,28 @@ async fn md5_scram_and_cleartext_authenticate() -> Result<()> {
         let error = ReplicationClient::connect(wrong).await.err().context("a wrong password was accepted")?;
         assert_eq!(error.sqlstate(), Some("28P01"), "{user}: {error}");
         assert!(error.to_string().contains("28P01"), "{error}");
-        let none = config(&format!("host=127.0.0.1 port={port} user={user}"))?;
+        let none = config(&format!("host=127.0.0.1 port={port} user={user} passfile=/nonexistent"))?;
         let error = ReplicationClient::connect(none).await.err().context("no password was accepted")?;
         assert!(matches!(error, ReplicationError::PasswordRequired), "{user}: {error}");
     }
+
+    // The password from a password file, so it need not be in argv: the
+    // entry for this host, port, `replication` and user; a file others can
+    // read is ignored, as libpq ignores it.
+    use std::os::unix::fs::PermissionsExt;
+    let passfile = pg.scratch_dir("passfile")?.join("pgpass");
+    fs::write(&passfile, format!("# test\n127.0.0.1:{port}:replication:r_scram:scram pw\n*:*:*:r_md5:md5 pw\n"))?;
+    fs::set_permissions(&passfile, fs::Permissions::from_mode(0o600))?;
+    for (user, method) in [("r_scram", AuthMethod::ScramSha256), ("r_md5", AuthMethod::Md5)] {
+        let conninfo = format!("host=127.0.0.1 port={port} user={user} passfile={}", passfile.display());
+        let mut client = ReplicationClient::connect(config(&conninfo)?).await.with_context(|| conninfo.clone())?;
+        assert_eq!(client.auth_method(), method, "{conninfo}");
+        client.identify_system().await?;
+    }
+    fs::set_permissions(&passfile, fs::Permissions::from_mode(0o644))?;
+    let readable = config(&format!("host=127.0.0.1 port={port} user=r_scram passfile={}", passfile.display()))?;
+    let error = ReplicationClient::connect(readable).await.err().context("a world-readable passfile was used")?;
+    assert!(matches!(error, ReplicationError::PasswordRequired), "{error}");
     Ok(())
 }
 

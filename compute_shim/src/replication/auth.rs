@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::config::ReplicationConfig;
+use super::passfile;
 use super::wire::{parse_server_error, tag, Body, Frame, FrameReader, FrameWriter};
 use super::ReplicationError;
 
@@ -145,8 +146,21 @@ impl Authenticator<'_> {
         }
     }
 
-    fn password(&self) -> Result<&str, ReplicationError> {
-        self.config.password.as_deref().ok_or(ReplicationError::PasswordRequired)
+    /// The connection string's password, else the password file's entry
+    /// for this connection (read only now, when the server asks).
+    fn password(&self) -> Result<String, ReplicationError> {
+        if let Some(password) = &self.config.password {
+            return Ok(password.clone());
+        }
+        let path = self.config.passfile.as_deref().ok_or(ReplicationError::PasswordRequired)?;
+        let Ok(text) = std::fs::read_to_string(path) else { return Err(ReplicationError::PasswordRequired) };
+        if passfile::readable_by_others(path) {
+            tracing::warn!(passfile = %path.display(), "ignoring the password file: group or others can read it (chmod 0600)");
+            return Err(ReplicationError::PasswordRequired);
+        }
+        let config = self.config;
+        passfile::lookup(&text, &config.host, config.port, passfile::REPLICATION_DATABASE, &config.user)
+            .ok_or(ReplicationError::PasswordRequired)
     }
 
     fn sasl_start<W: AsyncWrite + Unpin>(

@@ -25,6 +25,9 @@ pub struct ReplicationConfig {
     pub port: u16,
     pub user: String,
     pub password: Option<String>,
+    /// Where the password is looked up when `password` is not given and the
+    /// server asks for one (`passfile=`, else `PGPASSFILE`, else ~/.pgpass).
+    pub passfile: Option<std::path::PathBuf>,
     /// Sent as `database`; a physical walsender ignores it.
     pub dbname: Option<String>,
     /// What `synchronous_standby_names` must name.
@@ -51,6 +54,7 @@ impl std::fmt::Debug for ReplicationConfig {
             .field("port", &self.port)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("passfile", &self.passfile)
             .field("dbname", &self.dbname)
             .field("application_name", &self.application_name)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -130,6 +134,7 @@ struct Builder {
     dbname: Option<String>,
     application_name: Option<String>,
     connect_timeout_ms: Option<u64>,
+    passfile: Option<String>,
 }
 
 impl Builder {
@@ -140,6 +145,7 @@ impl Builder {
             "port" => self.port = Some(value.parse().map_err(|_| config_error(format!("bad port {value:?}")))?),
             "user" => self.user = Some(value),
             "password" => self.password = Some(value),
+            "passfile" => self.passfile = Some(value),
             "dbname" => self.dbname = Some(value),
             "application_name" => self.application_name = Some(value),
             // libpq counts this one in seconds.
@@ -175,6 +181,13 @@ impl Builder {
             port: self.port.unwrap_or(DEFAULT_PORT),
             user,
             password: self.password,
+            passfile: match self.passfile {
+                Some(path) => Some(path.into()),
+                None => super::passfile::default_location(
+                    std::env::var("PGPASSFILE").ok().as_deref(),
+                    std::env::var("HOME").ok().as_deref(),
+                ),
+            },
             dbname: self.dbname,
             application_name: self.application_name.unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_string()),
             connect_timeout_ms: self.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),

@@ -6,6 +6,7 @@
 //!   SCRAM-SHA-256), simple queries, IDENTIFY_SYSTEM and slot commands.
 //! - [`stream`]: START_REPLICATION's CopyBoth phase: XLogData and keepalives
 //!   in, standby status updates out; cancel-safe for `tokio::select!`.
+//! - [`passfile`]: the password from `~/.pgpass` / `PGPASSFILE` / `passfile=`.
 //! - `wire`: bounded framing of backend messages; `auth`: the handshake.
 //!
 //! Every read has a timeout and every message a size limit; whatever the
@@ -15,6 +16,7 @@ mod auth;
 pub mod client;
 pub mod config;
 mod error;
+pub mod passfile;
 pub mod stream;
 pub(crate) mod wire;
 
