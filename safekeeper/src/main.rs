@@ -102,6 +102,11 @@ struct ServeArgs {
     /// peers that check tokens; read at every request.
     #[arg(long, value_name = "FILE")]
     peer_auth_token_file: Option<PathBuf>,
+    /// Most HTTP connections open at once; one more is closed at once.
+    /// Each long-polling consumer and peer holds one.
+    #[arg(long, default_value_t = service::DEFAULT_MAX_HTTP_CONNECTIONS as u64, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_http_connections: u64,
 }
 
 #[derive(Subcommand)]
@@ -247,6 +252,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .transpose()
             .map_err(anyhow::Error::msg)?,
         peer_auth_token_file: args.peer_auth_token_file,
+        max_http_connections: args.max_http_connections as usize,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)

@@ -548,3 +548,25 @@ fn a_second_safekeeper_on_the_same_datadir_is_refused() -> Result<()> {
     ensure!(output.contains("in use by another safekeeper") && output.contains(&format!("pid {holder}")), "{output}");
     Ok(())
 }
+
+/// Test: `--max-http-connections` holds: idle clients holding every slot
+/// do not get one more in (it is closed at once), and a freed slot serves
+/// again; the pg port is unaffected.
+#[test]
+fn the_http_port_caps_its_connections() -> Result<()> {
+    let (_temp, dir) = datadir()?;
+    let safekeeper = Safekeeper::start_with_args(1, &dir, vec!["--max-http-connections".into(), "2".into()])?;
+    let idle: Vec<TcpStream> =
+        (0..2).map(|_| TcpStream::connect(safekeeper.http_addr)).collect::<std::io::Result<_>>()?;
+    // Both slots are taken once the server has accepted them.
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = http_request("GET", safekeeper.http_addr, "/v1/healthz", None, Duration::from_secs(5));
+    ensure!(refused.is_err(), "a third HTTP connection was served: {:?}", refused.map(|answer| answer.status));
+    Proposer::connect(safekeeper.pg_addr).context("the pg port has its own cap")?;
+    drop(idle);
+    let answer = integration_tests::fixture::wait_for(Duration::from_secs(10), "a freed slot to serve again", || {
+        Ok(http_request("GET", safekeeper.http_addr, "/v1/healthz", None, Duration::from_secs(5)).ok())
+    })?;
+    ensure!(answer.status == 200, "healthz answered {}", answer.status);
+    Ok(())
+}

@@ -60,6 +60,7 @@ use safekeeper_protocol::ids::NodeId;
 /// of `MAX_MESSAGE_BYTES` buffered per connection this also bounds the
 /// memory held by partially read messages.
 pub const DEFAULT_MAX_PG_CONNECTIONS: usize = 512;
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 1024;
 /// How long each owner may take to finish its batch at shutdown.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -80,6 +81,8 @@ pub struct ServiceConfig {
     pub listen_addrs_file: Option<PathBuf>,
     /// `--auth-public-key`: every client needs a token (docs/security.md).
     pub auth: Option<auth::TokenVerifier>,
+    /// `--max-http-connections`.
+    pub max_http_connections: usize,
     /// `--peer-auth-token-file`: the `safekeeper_data` token peer recovery
     /// presents to the peers.
     pub peer_auth_token_file: Option<PathBuf>,
@@ -138,7 +141,8 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(accept_pg(pg_listener, state.clone(), stopped.clone()));
     let mut http_stopped = stopped;
-    let http_listener = http::StallGuardListener::new(http_listener, http::WRITE_STALL_TIMEOUT);
+    let http_listener =
+        http::StallGuardListener::new(http_listener, http::WRITE_STALL_TIMEOUT, config.max_http_connections);
     let http = axum::serve(http_listener, http::router(state.clone()))
         .with_graceful_shutdown(async move { _ = http_stopped.wait_for(|s| *s).await });
     tokio::spawn(async move {

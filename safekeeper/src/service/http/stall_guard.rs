@@ -1,4 +1,7 @@
-//! The HTTP listener's connections, with a write-stall timeout.
+//! The HTTP listener's connections, with a write-stall timeout and a cap
+//! on how many are open at once (`--max-http-connections`: one past it is
+//! closed at once, so idle or slow clients cannot take every file
+//! descriptor; the pg port has its own cap).
 //!
 //! hyper has no timeout for a client that stops reading a response: the
 //! server's write just stays pending, and a streamed WAL body holds its
@@ -11,6 +14,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,21 +22,26 @@ use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 /// How long a response write may make no progress before the connection
 /// is dropped (a reader that stopped, a peer that vanished without a FIN).
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A TCP listener whose connections carry a write-stall timeout.
+/// A TCP listener whose connections carry a write-stall timeout and hold
+/// one of its connection slots while open.
 pub struct StallGuardListener {
     listener: TcpListener,
     write_stall_timeout: Duration,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 impl StallGuardListener {
-    pub fn new(listener: TcpListener, write_stall_timeout: Duration) -> Self {
-        StallGuardListener { listener, write_stall_timeout }
+    pub fn new(listener: TcpListener, write_stall_timeout: Duration, max_connections: usize) -> Self {
+        let slots = Arc::new(Semaphore::new(max_connections));
+        StallGuardListener { listener, write_stall_timeout, slots, max_connections }
     }
 }
 
@@ -54,8 +63,15 @@ impl Listener for StallGuardListener {
         loop {
             match self.listener.accept().await {
                 Ok((stream, addr)) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        tracing::warn!(client = %addr, "HTTP connection refused: {} already open", self.max_connections);
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    return (StallGuard::new(stream, self.write_stall_timeout), PeerAddr(addr));
+                    let mut guarded = StallGuard::new(stream, self.write_stall_timeout);
+                    guarded.slot = Some(slot);
+                    return (guarded, PeerAddr(addr));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -77,11 +93,13 @@ pub struct StallGuard<S> {
     timeout: Duration,
     /// Running while a write is pending; reset by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// The listener's connection slot, given back when the connection goes.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<S> StallGuard<S> {
     pub fn new(inner: S, timeout: Duration) -> Self {
-        StallGuard { inner, timeout, stalled: None }
+        StallGuard { inner, timeout, stalled: None, slot: None }
     }
 
     /// Pass on `result`; while pending, fail once the stall timer fires.
