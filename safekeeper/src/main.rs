@@ -90,6 +90,11 @@ struct ServeArgs {
     /// supervisor learns the ports picked for port 0.
     #[arg(long, value_name = "FILE")]
     listen_addrs_file: Option<PathBuf>,
+    /// FAULT INJECTION FOR TESTS ONLY, never for production: sleep this
+    /// long before every WAL sync, as a slow disk would (acknowledgements
+    /// come that much later; nothing else changes). 0, the default, is off.
+    #[arg(long, default_value_t = 0, value_name = "MS", hide_short_help = true)]
+    fault_sync_delay_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -205,7 +210,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_timelines: args.max_timelines,
         max_pg_connections: args.max_pg_connections,
         listen_addrs_file: args.listen_addrs_file,
+        fault_sync_delay: Duration::from_millis(args.fault_sync_delay_ms),
     };
+    if !config.fault_sync_delay.is_zero() {
+        tracing::warn!(
+            fault_sync_delay_ms = args.fault_sync_delay_ms,
+            "FAULT INJECTION: every WAL sync is delayed (--fault-sync-delay-ms, for tests only)"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()

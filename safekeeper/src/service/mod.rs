@@ -78,6 +78,9 @@ pub struct ServiceConfig {
     pub max_pg_connections: usize,
     /// Where the bound addresses are reported (see [`utils::listen_addrs`]).
     pub listen_addrs_file: Option<PathBuf>,
+    /// `--fault-sync-delay-ms`: fault injection for tests, never set in
+    /// production (zero: off).
+    pub fault_sync_delay: Duration,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -197,5 +200,6 @@ fn timelines_config(config: &ServiceConfig) -> registry::TimelinesConfig {
         retention: config.retention,
         peers: config.peers.clone().into(),
         max_timelines: config.max_timelines,
+        fault_sync_delay: config.fault_sync_delay,
     }
 }

@@ -132,6 +132,9 @@ pub struct TimelinesConfig {
     /// Most timelines held (served or broken); a Greeting for one more is
     /// refused with SQLSTATE 53400.
     pub max_timelines: usize,
+    /// Fault injection for tests (`--fault-sync-delay-ms`): added to every
+    /// WAL sync of every timeline; zero in production.
+    pub fault_sync_delay: Duration,
 }
 
 /// A timeline that failed to load at startup, and why.
@@ -176,7 +179,7 @@ impl Timelines {
             };
             let timeline = FileTimeline::from_recovered(recovered, config.node_id, AcceptorConfig::default());
             tracing::info!(%tenant_id, %timeline_id, flush_lsn = %timeline.acceptor().flush_lsn(), "recovered timeline");
-            entries.insert(key, start(timeline, &metrics, config.retention, &config.peers));
+            entries.insert(key, start(timeline, &metrics, &config));
         }
         Ok(Timelines { datadir: datadir.to_path_buf(), config, metrics, entries: Mutex::new(entries), broken })
     }
@@ -261,7 +264,7 @@ impl Timelines {
                 self.create(greeting)?
             }
         };
-        let handle = start(timeline, &self.metrics, self.config.retention, &self.config.peers);
+        let handle = start(timeline, &self.metrics, &self.config);
         entries.insert(key, handle.clone());
         Ok(handle)
     }
@@ -422,12 +425,7 @@ fn recover_in_parallel(datadir: &Path, keys: &[TimelineKey]) -> Vec<(TimelineKey
 }
 
 /// Start a timeline's owner task, and its peer recovery if peers are known.
-fn start(
-    timeline: FileTimeline,
-    metrics: &Metrics,
-    retention: RetentionPolicy,
-    peers: &Arc<[SafekeeperAddress]>,
-) -> Arc<TimelineHandle> {
+fn start(timeline: FileTimeline, metrics: &Metrics, config: &TimelinesConfig) -> Arc<TimelineHandle> {
     let cluster = timeline.acceptor().state().cluster;
     let dir = timeline.wal().dir().to_path_buf();
     let shared = Arc::new(TimelineShared {
@@ -436,7 +434,7 @@ fn start(
         last_proposer_wal: Mutex::new(None),
         peer_recovery: Mutex::default(),
     });
-    let owner = spawn_owner(timeline, shared.clone(), retention);
+    let owner = spawn_owner(timeline, shared.clone(), config.retention, config.fault_sync_delay);
     let handle = Arc::new(TimelineHandle {
         inputs: owner.inputs,
         snapshot: owner.snapshot,
@@ -446,8 +444,8 @@ fn start(
         shared,
         consumers: Arc::default(),
     });
-    if !peers.is_empty() {
-        peer_recovery::spawn(&handle, peers.clone());
+    if !config.peers.is_empty() {
+        peer_recovery::spawn(&handle, config.peers.clone());
     }
     handle
 }
@@ -560,6 +558,7 @@ mod tests {
             retention: RetentionPolicy::default(),
             peers: Arc::from([]),
             max_timelines,
+            fault_sync_delay: Duration::ZERO,
         }
     }
 
