@@ -202,20 +202,32 @@ const FILLER_INSERT: &str = "INSERT INTO filler SELECT repeat('x', 1000) FROM ge
 /// Write WAL on the primary, each statement a commit that waits for the
 /// quorum, until at least `wal_bytes` were written and `min_duration` has
 /// passed (a fault held meanwhile outlasts both a buffer and a timeout);
-/// each statement may take `statement_timeout`. Returns the bytes written.
+/// each statement may take `statement_timeout`. The writes are spread over
+/// `min_duration` (ahead of that pace, it waits), so that the end of a
+/// long fault still sees them and the disk is not flooded meanwhile.
+/// Returns the bytes written.
 pub fn write_wal(
     cluster: &QuorumCluster,
     wal_bytes: u64,
     min_duration: Duration,
     statement_timeout: Duration,
 ) -> Result<u64> {
+    const AHEAD_OF_PACE_WAIT: Duration = Duration::from_millis(100);
     let started = Instant::now();
     cluster.pg.psql_with_timeout(FILLER_TABLE, statement_timeout)?;
     let start_lsn = cluster.pg_flush_lsn()?;
     let mut written = 0;
-    while written < wal_bytes || started.elapsed() < min_duration {
+    loop {
+        let elapsed = started.elapsed();
+        if written >= wal_bytes && elapsed >= min_duration {
+            return Ok(written);
+        }
+        let due_bytes = wal_bytes as f64 * elapsed.as_secs_f64() / min_duration.as_secs_f64().max(1e-9);
+        if written as f64 > due_bytes {
+            std::thread::sleep(AHEAD_OF_PACE_WAIT);
+            continue;
+        }
         cluster.pg.psql_with_timeout(FILLER_INSERT, statement_timeout)?;
         written = cluster.pg_flush_lsn()? - start_lsn;
     }
-    Ok(written)
 }
