@@ -42,6 +42,14 @@ pub enum MinorityFault {
     Partition,
 }
 
+impl MinorityFault {
+    /// Whether the member can catch up only once the fault is healed (it
+    /// is frozen or cut off); a merely slow one catches up while slow.
+    pub fn blocks_catch_up(&self) -> bool {
+        matches!(self, MinorityFault::Hang | MinorityFault::Partition)
+    }
+}
+
 impl fmt::Display for MinorityFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
