@@ -107,6 +107,11 @@ struct ServeArgs {
     #[arg(long, default_value_t = service::DEFAULT_MAX_HTTP_CONNECTIONS as u64, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_http_connections: u64,
+    /// FAULT INJECTION FOR TESTS ONLY, never for production: sleep this
+    /// long before every WAL sync, as a slow disk would (acknowledgements
+    /// come that much later; nothing else changes). 0, the default, is off.
+    #[arg(long, default_value_t = 0, value_name = "MS", hide_short_help = true)]
+    fault_sync_delay_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -253,7 +258,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         peer_auth_token_file: args.peer_auth_token_file,
         max_http_connections: args.max_http_connections as usize,
+        fault_sync_delay: Duration::from_millis(args.fault_sync_delay_ms),
     };
+    if !config.fault_sync_delay.is_zero() {
+        tracing::warn!(
+            fault_sync_delay_ms = args.fault_sync_delay_ms,
+            "FAULT INJECTION: every WAL sync is delayed (--fault-sync-delay-ms, for tests only)"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()

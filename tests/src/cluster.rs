@@ -43,6 +43,8 @@ pub struct QuorumCluster {
     /// Where the shim connects instead of the safekeepers' own pg ports
     /// (fault proxies in front of them, say).
     pub shim_targets: Option<Vec<SocketAddr>>,
+    /// Flags every shim this cluster starts is given (`--max-buffered-wal-mib 8`, ...).
+    pub shim_extra_args: Vec<String>,
 }
 
 impl QuorumCluster {
@@ -61,9 +63,9 @@ impl QuorumCluster {
         QuorumCluster::start_safekeepers(options, PeerRecovery::On, &[])
     }
 
-    /// As [`QuorumCluster::start_without_shim`], every safekeeper also given
-    /// `safekeeper_args` (`--auth-public-key FILE`, say).
-    pub fn start_without_shim_with_args(options: PgOptions, safekeeper_args: &[String]) -> Result<QuorumCluster> {
+    /// As [`QuorumCluster::start_without_shim`], every safekeeper also
+    /// given `safekeeper_args` (`--wal-keep-bytes N`, ...).
+    pub fn start_without_shim_with(options: PgOptions, safekeeper_args: &[String]) -> Result<QuorumCluster> {
         QuorumCluster::start_safekeepers(options, PeerRecovery::On, safekeeper_args)
     }
 
@@ -96,18 +98,18 @@ impl QuorumCluster {
         let safekeepers = (0..SAFEKEEPER_COUNT)
             .map(|index| {
                 let peers = ports.iter().enumerate().filter(|&(other, _)| other != index);
-                let mut peer_args: Vec<String> = match peer_recovery {
+                let mut args: Vec<String> = match peer_recovery {
                     PeerRecovery::On => {
                         peers.flat_map(|(_, peer)| ["--peer-http".to_string(), peer.http.addr().to_string()]).collect()
                     }
                     PeerRecovery::Off => vec![],
                 };
-                peer_args.extend_from_slice(safekeeper_args);
+                args.extend_from_slice(safekeeper_args);
                 let id = index as u64 + 1;
-                Safekeeper::start_reserved(id, &dir.path().join(format!("sk{id}")), ports[index].clone(), peer_args)
+                Safekeeper::start_reserved(id, &dir.path().join(format!("sk{id}")), ports[index].clone(), args)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(QuorumCluster { shim: None, safekeepers, pg, dir, shim_targets: None })
+        Ok(QuorumCluster { shim: None, safekeepers, pg, dir, shim_targets: None, shim_extra_args: Vec::new() })
     }
 
     /// Postgres connection options naming this cluster's tenant and
@@ -140,7 +142,7 @@ impl QuorumCluster {
             timeline_id: TIMELINE.to_string(),
             application_name: SHIM_APPLICATION_NAME.to_string(),
             slot: SHIM_SLOT.to_string(),
-            extra: Vec::new(),
+            extra: self.shim_extra_args.clone(),
         }
     }
 
@@ -189,6 +191,21 @@ impl QuorumCluster {
         Ok(())
     }
 
+    /// SIGKILL safekeeper `index` and start it again with `extra_args` in
+    /// place of its flags (its peers included: extend its `extra_args` to
+    /// keep them), on its data directory and ports.
+    pub fn restart_safekeeper_with_args(&mut self, index: usize, extra_args: Vec<String>) -> Result<()> {
+        self.kill_safekeeper(index)?;
+        let restarted = self.safekeepers[index].restart_with_args(extra_args)?;
+        self.safekeepers[index] = restarted;
+        Ok(())
+    }
+
+    /// Safekeeper `index`'s flush LSN.
+    pub fn safekeeper_flush_lsn(&self, index: usize) -> Result<Lsn> {
+        json_lsn(&self.timeline_status(index)?, "flush_lsn")
+    }
+
     pub fn pg_flush_lsn(&self) -> Result<Lsn> {
         Ok(self.pg.psql("SELECT pg_current_wal_flush_lsn()")?.parse()?)
     }
@@ -216,7 +233,7 @@ impl QuorumCluster {
     /// Wait until safekeeper `index` has flushed `lsn`.
     pub fn wait_safekeeper_flush(&self, index: usize, lsn: Lsn, timeout: Duration) -> Result<()> {
         wait_for(timeout, &format!("safekeeper {index} to flush {lsn}"), || {
-            Ok((json_lsn(&self.timeline_status(index)?, "flush_lsn")? >= lsn).then_some(()))
+            Ok((self.safekeeper_flush_lsn(index)? >= lsn).then_some(()))
         })
     }
 

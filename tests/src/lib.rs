@@ -14,12 +14,15 @@
 //! - [`safekeeper_files`]: two safekeepers' segment files compared.
 //! - [`tokens`]: key pairs and tokens (`safekeeper token`) for the auth tests.
 //! - [`fault_proxy`]: a TCP proxy that injects network faults on command.
+//! - [`minority`]: one safekeeper's gray failures (hung, slow disk, slow or
+//!   cut link) injected and healed, and a phase's commit-latency figures.
 //! - [`wire_client`]: a blocking client of the safekeeper's Postgres wire port.
 
 pub mod cluster;
 pub mod commit_loop;
 pub mod fault_proxy;
 pub mod fixture;
+pub mod minority;
 pub mod pg;
 pub mod processes;
 pub mod safekeeper_files;

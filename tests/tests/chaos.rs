@@ -11,6 +11,17 @@
 //! the final commit LSN having decoded every record (its counts equal
 //! pg_waldump's). Prints a summary.
 //!
+//! Besides the short faults (0.5-2.5 s), long ones outlast the shim's
+//! limits: the shim runs with a small WAL buffer and a short silence
+//! timeout (set by flag), and while a long fault is held a filler writes
+//! several buffers' worth of WAL, so the impaired safekeeper is released,
+//! disconnected and later caught up from its peers. The suite's run holds
+//! one long hang (SIGSTOP) of a few seconds first; with
+//! `CHAOS_LONG_FAULT_S=N` every fourth fault is long, lasting N seconds
+//! (minutes, say) with `CHAOS_LONG_FAULT_WAL_MIB` of WAL written, and the
+//! long kinds cycle: hang, partition both ways, safekeeper down, one-way
+//! partition.
+//!
 //! `CHAOS_SECONDS` (default 30) sets the length, `CHAOS_SEED` the fault
 //! schedule; `scripts/chaos` runs a long one.
 
@@ -22,8 +33,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
+use integration_tests::commit_loop::CommitReport;
 use integration_tests::fault_proxy::{Fault, FaultProxy};
 use integration_tests::fixture::{join_bounded, wait_for};
+use integration_tests::minority::write_wal;
 use integration_tests::pg::PgOptions;
 use integration_tests::processes::PageserverStub;
 use integration_tests::wal_files::{committed_xids, read_wal};
@@ -34,30 +47,37 @@ use rand::{Rng, SeedableRng};
 
 const DEFAULT_CHAOS_SECONDS: u64 = 30;
 const DEFAULT_SEED: u64 = 7;
-/// How long one fault lasts, and the pause between faults.
+/// How long one short fault lasts, and the pause between faults.
 const FAULT_MS: std::ops::Range<u64> = 500..2_500;
 const PAUSE_MS: std::ops::Range<u64> = 200..1_000;
+/// A killed shim is restarted after at most this long.
+const MAX_SHIM_DOWN: Duration = Duration::from_millis(800);
+/// The shim's WAL buffer (`--max-buffered-wal-mib`): small, so that a long
+/// fault exceeds it in seconds.
+const SHIM_BUFFER_MIB: u64 = 4;
+/// The shim's `--silence-timeout-ms`: short, for the same reason.
+const SHIM_SILENCE_TIMEOUT_MS: u64 = 2_000;
+/// The suite's long hang: past the silence timeout twice over...
+const DEFAULT_LONG_FAULT_S: u64 = 5;
+/// ...while this much WAL is written: the shim's buffer and the socket
+/// buffers several times over (`CHAOS_LONG_FAULT_WAL_MIB` for more).
+const DEFAULT_LONG_FAULT_WAL_MIB: u64 = 6 * SHIM_BUFFER_MIB;
+/// With `CHAOS_LONG_FAULT_S` set, one fault in this many is long.
+const LONG_FAULT_EVERY: u32 = 4;
+/// How long one filler statement (about 4 MiB of WAL) may take.
+const FILLER_STATEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// After the faults: how long everything may take to settle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|text| text.parse().ok()).unwrap_or(default)
-}
-
-/// What the workload saw acknowledged.
-#[derive(Default)]
-struct Acknowledged {
-    xids: Vec<u32>,
-    /// Longest time between two acknowledgements while the workload ran.
-    max_stall: Duration,
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|text| text.parse().ok())
 }
 
 /// One client session inserting numbered rows, one transaction each, as
 /// fast as commits are acknowledged.
-fn run_workload(conninfo: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Acknowledged>>) -> Result<()> {
+fn run_workload(conninfo: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<CommitReport>>) -> Result<()> {
     let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).context("workload connection")?;
     client.batch_execute("CREATE TABLE IF NOT EXISTS chaos (n bigint PRIMARY KEY, at timestamptz DEFAULT now())")?;
-    let mut last_ack = Instant::now();
     let mut n: i64 = 0;
     while !stop.load(Ordering::Relaxed) {
         let row = client
@@ -66,11 +86,22 @@ fn run_workload(conninfo: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Acknow
         let now = Instant::now();
         let mut acked = acked.lock().unwrap_or_else(|e| e.into_inner());
         acked.xids.push(xid as u32);
-        acked.max_stall = acked.max_stall.max(now - last_ack);
-        last_ack = now;
+        acked.ack_times.push(now);
         n += 1;
     }
     Ok(())
+}
+
+/// One fault, on the safekeeper it names (or the shim).
+#[derive(Clone, Copy, Debug)]
+enum ChaosFault {
+    SafekeeperKill(usize),
+    SafekeeperStop(usize),
+    /// On the shim's link to a safekeeper.
+    Link(usize, Fault),
+    /// On the stub's link to a safekeeper.
+    StubLink(usize, Fault),
+    ShimKill,
 }
 
 #[derive(Default, Debug)]
@@ -83,94 +114,172 @@ struct FaultCounts {
     delays: u32,
     shim_kills: u32,
     stub_partitions: u32,
+    /// Of the above, those that outlasted the shim's limits.
+    long: u32,
+}
+
+impl FaultCounts {
+    fn count(&mut self, fault: ChaosFault) {
+        let counter = match fault {
+            ChaosFault::SafekeeperKill(_) => &mut self.safekeeper_kills,
+            ChaosFault::SafekeeperStop(_) => &mut self.safekeeper_stops,
+            ChaosFault::Link(_, Fault::Partition) => &mut self.partitions,
+            ChaosFault::Link(_, Fault::ClientToServerStalled | Fault::ServerToClientStalled) => {
+                &mut self.one_way_partitions
+            }
+            ChaosFault::Link(_, Fault::Drop) => &mut self.dropped_connections,
+            ChaosFault::Link(_, _) => &mut self.delays,
+            ChaosFault::StubLink(..) => &mut self.stub_partitions,
+            ChaosFault::ShimKill => &mut self.shim_kills,
+        };
+        *counter += 1;
+    }
+}
+
+/// A short fault, as the schedule draws it.
+fn draw_short_fault(rng: &mut StdRng, safekeepers: usize) -> ChaosFault {
+    let sk = rng.gen_range(0..safekeepers);
+    match rng.gen_range(0..8) {
+        0 => ChaosFault::SafekeeperKill(sk),
+        1 => ChaosFault::SafekeeperStop(sk),
+        2 => ChaosFault::Link(sk, Fault::Partition),
+        3 => ChaosFault::Link(
+            sk,
+            if rng.gen_bool(0.5) { Fault::ClientToServerStalled } else { Fault::ServerToClientStalled },
+        ),
+        4 => ChaosFault::Link(sk, Fault::Drop),
+        5 => ChaosFault::Link(sk, Fault::Delay(Duration::from_millis(rng.gen_range(5..50)))),
+        6 => {
+            ChaosFault::StubLink(sk, [Fault::Partition, Fault::Drop, Fault::ServerToClientStalled][rng.gen_range(0..3)])
+        }
+        _ => ChaosFault::ShimKill,
+    }
+}
+
+/// The `nth` long fault (from 0): the kinds take turns, the first is a hang.
+fn long_fault(nth: u32, sk: usize) -> ChaosFault {
+    match nth % 4 {
+        0 => ChaosFault::SafekeeperStop(sk),
+        1 => ChaosFault::Link(sk, Fault::Partition),
+        2 => ChaosFault::SafekeeperKill(sk),
+        _ => ChaosFault::Link(sk, Fault::ServerToClientStalled),
+    }
+}
+
+/// The processes and the proxies faults are injected into.
+struct Chaos {
+    cluster: QuorumCluster,
+    shim_proxies: Vec<FaultProxy>,
+    stub_proxies: Vec<FaultProxy>,
+}
+
+impl Chaos {
+    fn start_fault(&mut self, fault: ChaosFault) -> Result<()> {
+        match fault {
+            ChaosFault::SafekeeperKill(sk) => self.cluster.kill_safekeeper(sk)?,
+            ChaosFault::SafekeeperStop(sk) => self.cluster.safekeepers[sk].process.signal(Signal::SIGSTOP)?,
+            ChaosFault::Link(sk, fault) => self.shim_proxies[sk].set(fault),
+            ChaosFault::StubLink(sk, fault) => self.stub_proxies[sk].set(fault),
+            ChaosFault::ShimKill => {
+                if let Some(shim) = self.cluster.shim.as_mut() {
+                    shim.process.kill()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_fault(&mut self, fault: ChaosFault) -> Result<()> {
+        match fault {
+            ChaosFault::SafekeeperKill(sk) => self.cluster.restart_safekeeper(sk)?,
+            ChaosFault::SafekeeperStop(sk) => self.cluster.safekeepers[sk].process.signal(Signal::SIGCONT)?,
+            ChaosFault::Link(sk, _) => self.shim_proxies[sk].set(Fault::None),
+            ChaosFault::StubLink(sk, _) => self.stub_proxies[sk].set(Fault::None),
+            ChaosFault::ShimKill => {
+                self.cluster.start_shim()?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[test]
 fn chaos_loses_no_acknowledged_commit() -> Result<()> {
-    let seconds = env_u64("CHAOS_SECONDS", DEFAULT_CHAOS_SECONDS);
-    let seed = env_u64("CHAOS_SEED", DEFAULT_SEED);
+    let seconds = env_u64("CHAOS_SECONDS").unwrap_or(DEFAULT_CHAOS_SECONDS);
+    let seed = env_u64("CHAOS_SEED").unwrap_or(DEFAULT_SEED);
+    let long_faults_on = env_u64("CHAOS_LONG_FAULT_S");
+    let long_fault_hold = Duration::from_secs(long_faults_on.unwrap_or(DEFAULT_LONG_FAULT_S));
+    let long_fault_wal_bytes = env_u64("CHAOS_LONG_FAULT_WAL_MIB").unwrap_or(DEFAULT_LONG_FAULT_WAL_MIB) << 20;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cluster = QuorumCluster::start_without_shim(PgOptions { wal_segment_size_mib: 1, ..PgOptions::default() })?;
-    // The check below reads all WAL back: keep it despite the stub's feedback.
-    for index in 0..cluster.safekeepers.len() {
-        cluster.kill_safekeeper(index)?;
-        let keep_all = vec!["--wal-keep-bytes".to_string(), (1u64 << 40).to_string()];
-        cluster.safekeepers[index] = cluster.safekeepers[index].restart_with_args(keep_all)?;
-    }
+    // The check below reads all WAL back: the safekeepers keep it despite
+    // the stub's feedback, and Postgres too, however much the long faults'
+    // filler wrote.
+    let options = PgOptions { wal_segment_size_mib: 1, ..PgOptions::default() }.setting("wal_keep_size", "4GB");
+    let keep_all = ["--wal-keep-bytes".to_string(), (1u64 << 40).to_string()];
+    let mut cluster = QuorumCluster::start_without_shim_with(options, &keep_all)?;
     let shim_proxies: Vec<FaultProxy> =
         cluster.safekeepers.iter().map(|sk| FaultProxy::start(sk.pg_addr)).collect::<Result<_>>()?;
     let stub_proxies: Vec<FaultProxy> =
         cluster.safekeepers.iter().map(|sk| FaultProxy::start(sk.http_addr)).collect::<Result<_>>()?;
     cluster.shim_targets = Some(shim_proxies.iter().map(|p| p.listen_addr).collect());
+    cluster.shim_extra_args = [
+        "--max-buffered-wal-mib",
+        &SHIM_BUFFER_MIB.to_string(),
+        "--silence-timeout-ms",
+        &SHIM_SILENCE_TIMEOUT_MS.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
     cluster.start_shim()?;
     let start_lsn = cluster.timeline_start_lsn(0)?;
     let stub_http: Vec<_> = stub_proxies.iter().map(|p| p.listen_addr).collect();
     let stub = PageserverStub::start(&stub_http, TENANT, TIMELINE, &cluster.dir.path().join("pageserver"))?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Acknowledged::default()));
+    let acked = Arc::new(Mutex::new(CommitReport::default()));
+    let workload_started = Instant::now();
     let workload = thread::spawn({
         let (conninfo, stop, acked) = (cluster.pg.connection_string("postgres"), stop.clone(), acked.clone());
         move || run_workload(conninfo, stop, acked)
     });
 
+    let mut chaos = Chaos { cluster, shim_proxies, stub_proxies };
     let mut faults = FaultCounts::default();
+    let mut long_fault_spans = vec![];
+    let mut long_fault_wal_written_bytes = 0;
     let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut nth = 0;
     while Instant::now() < deadline {
         thread::sleep(Duration::from_millis(rng.gen_range(PAUSE_MS)));
         ensure!(!workload.is_finished(), "the workload stopped early");
-        let hold = Duration::from_millis(rng.gen_range(FAULT_MS));
-        let sk = rng.gen_range(0..cluster.safekeepers.len());
-        match rng.gen_range(0..8) {
-            0 => {
-                faults.safekeeper_kills += 1;
-                cluster.kill_safekeeper(sk)?;
-                thread::sleep(hold);
-                cluster.restart_safekeeper(sk)?;
-            }
-            1 => {
-                faults.safekeeper_stops += 1;
-                cluster.safekeepers[sk].process.signal(Signal::SIGSTOP)?;
-                thread::sleep(hold);
-                cluster.safekeepers[sk].process.signal(Signal::SIGCONT)?;
-            }
-            2 => {
-                faults.partitions += 1;
-                with_fault(&shim_proxies[sk], Fault::Partition, hold);
-            }
-            3 => {
-                faults.one_way_partitions += 1;
-                let fault = if rng.gen_bool(0.5) { Fault::ClientToServerStalled } else { Fault::ServerToClientStalled };
-                with_fault(&shim_proxies[sk], fault, hold);
-            }
-            4 => {
-                faults.dropped_connections += 1;
-                with_fault(&shim_proxies[sk], Fault::Drop, hold);
-            }
-            5 => {
-                faults.delays += 1;
-                with_fault(&shim_proxies[sk], Fault::Delay(Duration::from_millis(rng.gen_range(5..50))), hold);
-            }
-            6 => {
-                faults.stub_partitions += 1;
-                let fault = [Fault::Partition, Fault::Drop, Fault::ServerToClientStalled][rng.gen_range(0..3)];
-                with_fault(&stub_proxies[sk], fault, hold);
-            }
-            _ => {
-                faults.shim_kills += 1;
-                if let Some(shim) = cluster.shim.as_mut() {
-                    shim.process.kill()?;
-                }
-                thread::sleep(hold.min(Duration::from_millis(800)));
-                cluster.start_shim()?;
-            }
+        // The first fault is long; with long faults on, every fourth too.
+        let long = nth == 0 || (long_faults_on.is_some() && nth % LONG_FAULT_EVERY == 0);
+        let fault = if long {
+            long_fault(faults.long, rng.gen_range(0..chaos.cluster.safekeepers.len()))
+        } else {
+            draw_short_fault(&mut rng, chaos.cluster.safekeepers.len())
+        };
+        nth += 1;
+        faults.count(fault);
+        chaos.start_fault(fault)?;
+        if long {
+            faults.long += 1;
+            let from = Instant::now();
+            long_fault_wal_written_bytes +=
+                write_wal(&chaos.cluster, long_fault_wal_bytes, long_fault_hold, FILLER_STATEMENT_TIMEOUT)?;
+            long_fault_spans.push((from, Instant::now()));
+        } else {
+            let hold = Duration::from_millis(rng.gen_range(FAULT_MS));
+            thread::sleep(if matches!(fault, ChaosFault::ShimKill) { hold.min(MAX_SHIM_DOWN) } else { hold });
         }
+        chaos.end_fault(fault)?;
         // A shim that exited on its own (it may, e.g. when fenced) is
         // restarted, as its supervisor would.
-        if cluster.shim.as_mut().map(|s| s.process.exit_status()).transpose()?.flatten().is_some() {
-            cluster.start_shim()?;
+        if chaos.cluster.shim.as_mut().map(|s| s.process.exit_status()).transpose()?.flatten().is_some() {
+            chaos.cluster.start_shim()?;
         }
     }
+    let cluster = &chaos.cluster;
 
     // Heal, stop the workload at an acknowledged commit, let everyone catch up.
     stop.store(true, Ordering::Relaxed);
@@ -205,22 +314,21 @@ fn chaos_loses_no_acknowledged_commit() -> Result<()> {
     })
     .with_context(|| format!("stub log: {}", stub.process.log_tail()))?;
 
+    let max_stall = acked.max_stall(workload_started, Instant::now());
+    let long_fault_stall = long_fault_spans.iter().map(|&(from, to)| acked.max_stall(from, to)).max();
     eprintln!(
-        "chaos summary: {seconds} s, seed {seed}; faults: {faults:?}; transactions acknowledged: {}; lost: {lost}; \
-         max commit stall: {:.2} s; final commit {commit}; pageserver_stub: {} records, {} source switches",
+        "chaos summary: {seconds} s, seed {seed}; faults: {faults:?}; long faults held {long_fault_hold:?}+ each with \
+         {} MiB of WAL written in all (shim buffer {SHIM_BUFFER_MIB} MiB, silence timeout {SHIM_SILENCE_TIMEOUT_MS} \
+         ms), longest commit wait during them {:.2} s; transactions acknowledged: {}; lost: {lost}; max commit \
+         stall: {:.2} s; final commit {commit}; pageserver_stub: {} records, {} source switches",
+        long_fault_wal_written_bytes >> 20,
+        long_fault_stall.unwrap_or_default().as_secs_f64(),
         acked.xids.len(),
-        acked.max_stall.as_secs_f64(),
+        max_stall.as_secs_f64(),
         stub_status["records"],
         stub_status["switches"],
     );
     ensure!(lost == 0, "{lost} acknowledged transactions are missing from the committed WAL");
     ensure!(!acked.xids.is_empty(), "the workload committed nothing");
     Ok(())
-}
-
-/// Apply `fault` to `proxy` for `hold`, then heal it.
-fn with_fault(proxy: &FaultProxy, fault: Fault, hold: Duration) {
-    proxy.set(fault);
-    thread::sleep(hold);
-    proxy.set(Fault::None);
 }

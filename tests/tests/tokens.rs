@@ -105,7 +105,7 @@ fn every_port_checks_tokens() -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    let cluster = QuorumCluster::start_without_shim_with_args(options(), &safekeeper_args)?;
+    let cluster = QuorumCluster::start_without_shim_with(options(), &safekeeper_args)?;
 
     // A shim without a token is refused by every safekeeper: exit 7, no term.
     let mut stranger = ComputeShim::spawn(&cluster.shim_args(), cluster.dir.path())?;

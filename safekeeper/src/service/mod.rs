@@ -86,6 +86,9 @@ pub struct ServiceConfig {
     /// `--peer-auth-token-file`: the `safekeeper_data` token peer recovery
     /// presents to the peers.
     pub peer_auth_token_file: Option<PathBuf>,
+    /// `--fault-sync-delay-ms`: fault injection for tests, never set in
+    /// production (zero: off).
+    pub fault_sync_delay: Duration,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -210,5 +213,6 @@ fn timelines_config(config: &ServiceConfig) -> registry::TimelinesConfig {
         peers: config.peers.clone().into(),
         peer_auth_token_file: config.peer_auth_token_file.as_deref().map(Arc::from),
         max_timelines: config.max_timelines,
+        fault_sync_delay: config.fault_sync_delay,
     }
 }

@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -34,6 +34,7 @@ use safekeeper_core::acceptor::PeerWal;
 use safekeeper_core::retention::RetentionPolicy;
 use safekeeper_core::storage::control_file::FileControlStore;
 use safekeeper_core::storage::segments::SegmentStorage;
+use safekeeper_core::storage::sync_delay::SyncDelayed;
 use safekeeper_core::storage::{StorageError, WalStorage};
 use safekeeper_core::timeline::{FileTimeline, Timeline};
 use safekeeper_core::timeline_node::{
@@ -84,7 +85,7 @@ pub struct TimelineShared {
     pub peer_recovery: Mutex<PeerRecoveryStatus>,
 }
 
-fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &TimelineMetrics) -> TimelineStatus {
+fn snapshot_of(timeline: &Timeline<OwnedWal, FileControlStore>, metrics: &TimelineMetrics) -> TimelineStatus {
     let acceptor = timeline.acceptor();
     let state = acceptor.state();
     let wal = timeline.wal();
@@ -104,7 +105,7 @@ fn snapshot_of(timeline: &Timeline<SegmentStorage, FileControlStore>, metrics: &
         elected_term: acceptor.elected_term(),
         remote_consistent_lsn: state.remote_consistent_lsn,
         oldest_kept_lsn: wal.start_lsn(),
-        disk_bytes: wal.files_end_lsn().checked_sub(wal.start_lsn()).unwrap_or(0),
+        disk_bytes: wal.inner().files_end_lsn().checked_sub(wal.start_lsn()).unwrap_or(0),
         removed_segments: metrics.removed_segments.get(),
         stopped_by_error: None,
         membership: state.membership.clone(),
@@ -122,11 +123,22 @@ pub struct Owner {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// The segment files as the owner drives them: behind the fault-injection
+/// wrapper, which does nothing unless `--fault-sync-delay-ms` is set.
+type OwnedWal = SyncDelayed<SegmentStorage>;
 /// The node of a timeline on disk.
-type FileNode = TimelineNode<SegmentStorage, FileControlStore>;
+type FileNode = TimelineNode<OwnedWal, FileControlStore>;
 
-/// Start the owner task of `timeline` (on the current runtime).
-pub fn spawn_owner(timeline: FileTimeline, shared: Arc<TimelineShared>, retention: RetentionPolicy) -> Owner {
+/// Start the owner task of `timeline` (on the current runtime);
+/// `fault_sync_delay` is added to every WAL sync (zero in production).
+pub fn spawn_owner(
+    timeline: FileTimeline,
+    shared: Arc<TimelineShared>,
+    retention: RetentionPolicy,
+    fault_sync_delay: Duration,
+) -> Owner {
+    let (acceptor, wal, control) = timeline.into_parts();
+    let timeline = Timeline::new(acceptor, SyncDelayed::new(wal, fault_sync_delay), control);
     let (inputs, receiver) = mpsc::channel(OWNER_QUEUE_MESSAGES);
     let initial = snapshot_of(&timeline, &shared.metrics);
     shared.remote_consistent_lsn.fetch_max(initial.remote_consistent_lsn.0, Ordering::Relaxed);
@@ -337,7 +349,7 @@ impl OwnerState {
         match self.node.apply_retention()? {
             RetentionOutcome::Nothing => {}
             RetentionOutcome::Removed { old_start, new_start } => {
-                let segment_bytes = self.node.wal().segment_size().bytes();
+                let segment_bytes = self.node.wal().inner().segment_size().bytes();
                 let removed = (new_start - old_start) / segment_bytes;
                 self.shared.metrics.removed_segments.inc_by(removed);
                 tracing::info!(%old_start, %new_start, removed, "WAL retention removed segments");

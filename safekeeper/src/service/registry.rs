@@ -134,6 +134,9 @@ pub struct TimelinesConfig {
     /// Most timelines held (served or broken); a Greeting for one more is
     /// refused with SQLSTATE 53400.
     pub max_timelines: usize,
+    /// Fault injection for tests (`--fault-sync-delay-ms`): added to every
+    /// WAL sync of every timeline; zero in production.
+    pub fault_sync_delay: Duration,
 }
 
 /// A timeline that failed to load at startup, and why.
@@ -433,7 +436,7 @@ fn start(timeline: FileTimeline, metrics: &Metrics, config: &TimelinesConfig) ->
         last_proposer_wal: Mutex::new(None),
         peer_recovery: Mutex::default(),
     });
-    let owner = spawn_owner(timeline, shared.clone(), config.retention);
+    let owner = spawn_owner(timeline, shared.clone(), config.retention, config.fault_sync_delay);
     let handle = Arc::new(TimelineHandle {
         inputs: owner.inputs,
         snapshot: owner.snapshot,
@@ -558,6 +561,7 @@ mod tests {
             peers: Arc::from([]),
             peer_auth_token_file: None,
             max_timelines,
+            fault_sync_delay: Duration::ZERO,
         }
     }
 

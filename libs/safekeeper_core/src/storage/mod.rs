@@ -3,12 +3,14 @@
 //! The acceptor never touches storage itself: it emits actions that a driver
 //! executes against these traits (see `crate::timeline`). Two implementations
 //! exist: files on disk (`segments`, `control_file`) and memory (`memory`),
-//! the latter able to simulate a crash that loses unsynced bytes.
+//! the latter able to simulate a crash that loses unsynced bytes. `sync_delay`
+//! wraps either to slow its syncs (fault injection for tests).
 
 pub mod control_file;
 pub mod memory;
 pub mod reader;
 pub mod segments;
+pub mod sync_delay;
 
 use std::io;
 use std::path::Path;
