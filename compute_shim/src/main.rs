@@ -79,6 +79,8 @@ struct TimelineArgs {
     /// so a rotated token is picked up without a restart (docs/security.md).
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    safekeeper_tls: net::args::ClientTlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +121,9 @@ struct ShimArgs {
     /// (docs/security.md). Without it the port asks for none.
     #[arg(long, value_name = "FILE")]
     auth_public_key: Option<std::path::PathBuf>,
+    /// TLS on the HTTP port (--tls-cert, --tls-key, --allow-plaintext).
+    #[command(flatten)]
+    http_tls: net::args::ServerTlsArgs,
     /// WAL held for safekeepers that have not flushed it: the margin a
     /// laggard may fall behind the newest WAL. When it is full, the ones
     /// behind the quorum's commit LSN are released (caught up later from
@@ -179,6 +184,10 @@ struct ShimArgs {
     tcp_user_timeout_ms: u64,
 }
 
+/// Most HTTP connections open at once on the shim's port (status readers,
+/// an operator): one more is closed at once.
+const MAX_HTTP_CONNECTIONS: usize = 64;
+
 fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|first| first == "sync-safekeepers") {
         let SyncCli::SyncSafekeepers(args) = SyncCli::parse();
@@ -195,6 +204,7 @@ fn sync_main(args: SyncArgs) -> ExitCode {
         timeline_id: args.timeline.timeline_id,
         timeout: Duration::from_secs(args.timeout_s),
         auth_token_file: args.timeline.auth_token_file,
+        tls_ca: args.timeline.safekeeper_tls.tls_ca,
     };
     let synced = run_on_one_thread(driver::sync_safekeepers(&options));
     match synced {
@@ -292,6 +302,7 @@ async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
             reconnect_backoff_min: Duration::from_millis(cli.reconnect_backoff_min_ms),
             reconnect_backoff_max: Duration::from_millis(cli.reconnect_backoff_max_ms),
             auth_token_file: cli.timeline.auth_token_file.clone(),
+            tls: cli.timeline.safekeeper_tls.tls_ca.as_deref().map(net::pg_tls::PgClientTls::verify_full),
         },
         pg_connect_timeout_ms: cli.pg_connect_timeout_ms,
         step_down_timeout_ms: cli.step_down_timeout_ms,
@@ -307,31 +318,47 @@ async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
         .transpose()
         .map_err(|error| ShimError::BadArguments(format!("--auth-public-key: {error}")))?;
     let access = http::HttpAccess { verifier: verifier.map(std::sync::Arc::new), tenant_id: options.tenant_id };
-    let server = axum::serve(listener, http::router(status_rx, requests_tx, access));
+    let http_tls = cli
+        .http_tls
+        .load(&[b"http/1.1"])
+        .map_err(|error| ShimError::BadArguments(format!("--tls-cert/--tls-key: {error}")))?;
+    let http_options = net::http_server::HttpServerOptions::plain(MAX_HTTP_CONNECTIONS)
+        .with_tls(http_tls.clone(), cli.http_tls.allow_plaintext);
+    // The HTTP server runs until the process exits (the flag never turns).
+    let (_serve_forever, http_stop) = watch::channel(false);
+    let server =
+        net::http_server::serve(listener, http::router(status_rx, requests_tx, access), http_options, http_stop);
     let service = run_service(&options, &status_tx, &mut requests_rx, &mut stop_rx);
     tokio::select! {
-        served = server => {
-            served.context("HTTP server stopped")?;
-            anyhow::bail!("HTTP server stopped")
-        }
-        () = stop_signals(stop_tx) => unreachable!("the stop signals are awaited forever"),
+        () = server => anyhow::bail!("HTTP server stopped"),
+        () = stop_signals(stop_tx, http_tls) => unreachable!("the stop signals are awaited forever"),
         end = service => Ok(end),
     }
 }
 
 /// Set the stop flag on SIGTERM or SIGINT (a second one changes nothing:
-/// the step-down has its own bound).
-async fn stop_signals(stop: watch::Sender<bool>) {
+/// the step-down has its own bound); reload the HTTP port's certificate on
+/// SIGHUP.
+async fn stop_signals(stop: watch::Sender<bool>, http_tls: Option<std::sync::Arc<net::tls::ServerTls>>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
     else {
-        tracing::error!("cannot install the SIGTERM/SIGINT handlers; a signal ends the shim without a step-down");
+        tracing::error!("cannot install the signal handlers; a signal ends the shim without a step-down");
         return std::future::pending().await;
     };
     loop {
         let name = tokio::select! {
             _ = terminate.recv() => "SIGTERM",
             _ = interrupt.recv() => "SIGINT",
+            _ = hangup.recv() => {
+                match http_tls.as_deref().map(net::tls::ServerTls::reload) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: the HTTP port's TLS certificate reloaded"),
+                    Some(Err(error)) => tracing::error!("SIGHUP: TLS certificate not reloaded, the old one stays: {error}"),
+                    None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+                }
+                continue;
+            }
         };
         tracing::info!("{name} received");
         stop.send_replace(true);

@@ -8,8 +8,9 @@
 //! cancel-safe.
 
 use bytes::{BufMut, Bytes};
+use net::pg_tls::PgClientTls;
+use net::stream::{ReadHalf, WriteHalf};
 use postgres_protocol::message::frontend;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use safekeeper_protocol::ids::{TenantId, TimelineId};
@@ -40,32 +41,55 @@ pub enum LinkError {
 
 pub struct LinkReader {
     addr: String,
-    frames: FrameReader<OwnedReadHalf>,
+    frames: FrameReader<ReadHalf>,
 }
 
 pub struct LinkWriter {
     addr: String,
-    frames: FrameWriter<OwnedWriteHalf>,
+    frames: FrameWriter<WriteHalf>,
 }
 
-/// Connect, start up (answering a request for the password with `token`)
-/// and enter `START_WAL_PUSH`, all within `timeout_ms`.
+/// How a link reaches its safekeeper (default: no token, plaintext).
+#[derive(Default)]
+pub struct LinkCredentials<'a> {
+    /// The password the safekeeper asks for, when it checks tokens.
+    pub token: Option<&'a str>,
+    /// TLS (verify-full against `--tls-ca`); `None`: plaintext.
+    pub tls: Option<&'a PgClientTls>,
+}
+
+/// Connect, negotiate TLS when configured, start up (answering a request
+/// for the password with the token) and enter `START_WAL_PUSH`, all within
+/// `timeout_ms`.
 pub async fn connect(
     addr: &str,
     tenant_id: TenantId,
     timeline_id: TimelineId,
     timeout_ms: u64,
     liveness: &TcpLiveness,
-    token: Option<&str>,
+    credentials: LinkCredentials<'_>,
 ) -> Result<(LinkReader, LinkWriter), LinkError> {
     let wire = |source: ReplicationError| LinkError::Wire { addr: addr.to_string(), source };
-    let socket = tokio::time::timeout_at(deadline_after_ms(timeout_ms), TcpStream::connect(addr))
+    let deadline = deadline_after_ms(timeout_ms);
+    let timed_out = || wire(ReplicationError::Timeout { what: "connecting", timeout_ms });
+    let socket = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
-        .map_err(|_| wire(ReplicationError::Timeout { what: "connecting", timeout_ms }))?
+        .map_err(|_| timed_out())?
         .map_err(|e| wire(e.into()))?;
     socket.set_nodelay(true).map_err(|e| wire(e.into()))?;
     liveness.apply(&socket).map_err(|e| wire(e.into()))?;
-    let (read, write) = socket.into_split();
+    let stream = match credentials.tls {
+        Some(tls) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+            tokio::time::timeout_at(deadline, tls.negotiate(socket, host))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|source| wire(ReplicationError::Tls { addr: addr.to_string(), source }))?
+        }
+        None => net::stream::Stream::Plain(socket),
+    };
+    let token = credentials.token;
+    let (read, write) = stream.split();
     let mut reader = LinkReader { addr: addr.to_string(), frames: FrameReader::new(read, MAX_FRAME_BYTES) };
     let mut writer = LinkWriter { addr: addr.to_string(), frames: FrameWriter::new(write) };
     let (tenant, timeline) = (tenant_id.to_string(), timeline_id.to_string());

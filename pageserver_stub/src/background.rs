@@ -96,8 +96,13 @@ pub async fn send_feedback_round(
     }
 }
 
+/// Most connections the status port holds at once.
+const MAX_STATUS_CONNECTIONS: usize = 64;
+
+/// The status port, plain HTTP (it shows positions only), with the shared
+/// accept loop's connection cap and timeouts; runs until aborted.
 pub async fn serve_status(listener: TcpListener, status: watch::Receiver<StubStatus>) {
-    if let Err(error) = axum::serve(listener, http::router(status)).await {
-        tracing::error!(%error, "the status HTTP server stopped");
-    }
+    let options = net::http_server::HttpServerOptions::plain(MAX_STATUS_CONNECTIONS);
+    let (_serve_forever, stop) = watch::channel(false);
+    net::http_server::serve(listener, http::router(status), options, stop).await;
 }

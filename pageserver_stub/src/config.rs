@@ -26,6 +26,8 @@ pub struct StubConfig {
     /// The token (`safekeeper_data`, or `tenant` for this tenant) presented
     /// to safekeepers that check tokens; read at every request.
     pub auth_token_file: Option<PathBuf>,
+    /// `--tls-ca`: the safekeepers are reached over HTTPS, trusting it.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl fmt::Debug for StubConfig {
@@ -38,6 +40,7 @@ impl fmt::Debug for StubConfig {
             .field("tuning", &self.tuning)
             .field("record_observer", &self.record_observer.is_some())
             .field("auth_token_file", &self.auth_token_file)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }

@@ -54,6 +54,8 @@ struct Cli {
     /// request, so a rotated token needs no restart (docs/security.md).
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: net::args::ClientTlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tuning: Tuning::default(),
         record_observer: None,
         auth_token_file: cli.auth_token_file,
+        tls: cli.tls.client_config().context("--tls-ca")?,
     };
     let shutdown = shutdown_signal()?;
     let summary = pageserver_stub::run(config, listener, shutdown).await?;

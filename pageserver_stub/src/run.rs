@@ -52,7 +52,7 @@ pub async fn run(
     let (status_tx, status_rx) = watch::channel(initial_status(saved.as_ref()));
     tasks.spawn(background::serve_status(status_listener, status_rx));
     let paths = TimelinePaths { tenant_id: config.tenant_id, timeline_id: config.timeline_id };
-    let client = SafekeeperClient::new(paths, config.tuning.connect_timeout_ms)
+    let client = SafekeeperClient::with_tls(paths, config.tuning.connect_timeout_ms, config.tls.clone())
         .with_auth_token_file(config.auth_token_file.clone());
     let polls = spawn_status_pollers(&mut tasks, &client, &config);
 

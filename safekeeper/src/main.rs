@@ -107,6 +107,12 @@ struct ServeArgs {
     #[arg(long, default_value_t = service::DEFAULT_MAX_HTTP_CONNECTIONS as u64, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_http_connections: u64,
+    #[command(flatten)]
+    tls: net::args::ServerTlsArgs,
+    /// CA certificate(s) (PEM) of the peers' HTTPS ports: with it peer
+    /// recovery uses HTTPS and checks the chain and host name.
+    #[command(flatten)]
+    peer_tls: net::args::ClientTlsArgs,
     /// FAULT INJECTION FOR TESTS ONLY, never for production: sleep this
     /// long before every WAL sync, as a slow disk would (acknowledgements
     /// come that much later; nothing else changes). 0, the default, is off.
@@ -259,6 +265,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         peer_auth_token_file: args.peer_auth_token_file,
         max_http_connections: args.max_http_connections as usize,
         fault_sync_delay: Duration::from_millis(args.fault_sync_delay_ms),
+        tls: service::ServiceTls::load(&args.tls).context("--tls-cert/--tls-key")?,
+        peer_tls: args.peer_tls.client_config().context("--tls-ca")?,
     };
     if !config.fault_sync_delay.is_zero() {
         tracing::warn!(

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
-use compute_shim::safekeeper_link::{connect, LinkError};
+use compute_shim::safekeeper_link::{connect, LinkCredentials, LinkError};
 use compute_shim::tcp_liveness::TcpLiveness;
 use integration_tests::processes::Safekeeper;
 use postgres_wal::lsn::WalSegmentSize;
@@ -44,7 +44,8 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
     let (tenant_id, timeline_id): (TenantId, TimelineId) = (ours.tenant_id, ours.timeline_id);
 
     let (mut reader, mut writer) =
-        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default(), None).await?;
+        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default(), LinkCredentials::default())
+            .await?;
     writer.send(&greeting(ours)).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await?? {
         AcceptorMessage::GreetingResponse(response) => ensure!(response.node_id == NodeId(7)),
@@ -65,7 +66,8 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
 
     // Another cluster's proposer on the same timeline is refused with a clear error.
     let (mut reader, mut writer) =
-        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default(), None).await?;
+        connect(&addr, tenant_id, timeline_id, CONNECT_TIMEOUT_MS, &TcpLiveness::default(), LinkCredentials::default())
+            .await?;
     writer.send(&greeting(cluster(43)?)).await?;
     match tokio::time::timeout(REPLY_TIMEOUT, reader.next_message()).await? {
         Err(LinkError::Wire { source, .. }) => {
@@ -83,7 +85,7 @@ async fn link_greets_votes_and_reports_refusals() -> Result<()> {
         timeline_id,
         CONNECT_TIMEOUT_MS,
         &TcpLiveness::default(),
-        None,
+        LinkCredentials::default(),
     )
     .await;
     ensure!(result.is_err(), "connecting to a closed port must fail");

@@ -104,6 +104,9 @@ fn replication_verdict(error: &ReplicationError) -> Verdict {
     match error {
         ReplicationError::Config(_) | ReplicationError::InvalidSlotName(_) => Verdict::Exit(ShimExit::BadArguments),
         ReplicationError::Auth(_) | ReplicationError::PasswordRequired => Verdict::Exit(ShimExit::CredentialsRefused),
+        // An untrusted certificate, TLS required but not offered, our own
+        // CA file unusable: nothing changes by retrying.
+        ReplicationError::Tls { source, .. } if source.is_refusal() => Verdict::Exit(ShimExit::CredentialsRefused),
         ReplicationError::Server(server) if refuses_role(&server.code) => Verdict::Exit(ShimExit::CredentialsRefused),
         // Refused connections, timeouts, a Postgres shutting down or
         // starting up (57P01, 57P03), too many connections (53300), a slot

@@ -18,8 +18,10 @@ use safekeeper_protocol::protocol::ProposerMessage;
 
 use crate::node::{LinkCommand, LinkEvent, LinkEventKind, LinkGeneration, ShimNode};
 use crate::proposer::SlotIndex;
-use crate::safekeeper_link::{connect, LinkError, LinkReader, LinkWriter};
+use crate::replication::ReplicationError;
+use crate::safekeeper_link::{connect, LinkCredentials, LinkError, LinkReader, LinkWriter};
 use crate::tcp_liveness::TcpLiveness;
+use net::pg_tls::PgClientTls;
 use utils::backoff::Backoff;
 
 /// Messages queued for one safekeeper; the proposer's in-flight bound keeps
@@ -44,6 +46,8 @@ pub struct LinkSettings {
     /// `--auth-token-file`: the token safekeepers that check tokens ask
     /// for, read at every connection (a rotated token needs no restart).
     pub auth_token_file: Option<PathBuf>,
+    /// `--tls-ca`: links use TLS, verify-full against it.
+    pub tls: Option<PgClientTls>,
 }
 
 impl Default for LinkSettings {
@@ -54,6 +58,7 @@ impl Default for LinkSettings {
             reconnect_backoff_min: Duration::from_millis(RECONNECT_BACKOFF_MIN_MS),
             reconnect_backoff_max: Duration::from_millis(RECONNECT_BACKOFF_MAX_MS),
             auth_token_file: None,
+            tls: None,
         }
     }
 }
@@ -197,7 +202,7 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
             target.timeline_id,
             settings.connect_timeout_ms,
             &settings.tcp_liveness,
-            token.as_deref(),
+            LinkCredentials { token: token.as_deref(), tls: settings.tls.as_ref() },
         )
         .await;
         let (reader, writer) = match connected {
@@ -209,6 +214,14 @@ async fn run_link(target: LinkTarget, events: mpsc::Sender<LinkEvent>, mut inbox
             Err(error) if refuses_token(&error) => {
                 let _ = events.send(event(generation, LinkEventKind::Unauthorized { reason: error.to_string() })).await;
                 return;
+            }
+            // An untrusted certificate or a safekeeper without TLS: one
+            // member's configuration, which its operator fixes; the others
+            // keep committing meanwhile, so keep trying, loudly.
+            Err(error) if refuses_tls(&error) => {
+                tracing::warn!(safekeeper = %target.addr, "TLS refused, retrying: {error}");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
             }
             Err(error) => {
                 tracing::debug!(safekeeper = %target.addr, "connect failed: {error}");
@@ -263,6 +276,10 @@ fn refuses_token(error: &LinkError) -> bool {
         LinkError::NoToken { .. } => true,
         _ => false,
     }
+}
+
+fn refuses_tls(error: &LinkError) -> bool {
+    matches!(error, LinkError::Wire { source: ReplicationError::Tls { source, .. }, .. } if source.is_refusal())
 }
 
 fn refuses_cluster(error: &LinkError) -> bool {

@@ -192,7 +192,12 @@ enum WalSource {
     Postgres(Box<PostgresSource>),
     /// `sync-safekeepers`: the election's donor, read as the proposer of
     /// our term (its log up to its flush LSN).
-    Donor { tenant_id: TenantId, timeline_id: TimelineId, token_file: Option<std::path::PathBuf> },
+    Donor {
+        tenant_id: TenantId,
+        timeline_id: TimelineId,
+        token_file: Option<std::path::PathBuf>,
+        tls_ca: Option<std::path::PathBuf>,
+    },
 }
 
 /// One run of the proposer against Postgres: until it is asked to stop
@@ -226,8 +231,13 @@ pub async fn sync_safekeepers(options: &sync::SyncOptions) -> Result<Lsn, ShimEr
             tenant_id: options.tenant_id,
             timeline_id: options.timeline_id,
             token_file: options.auth_token_file.clone(),
+            tls_ca: options.tls_ca.clone(),
         };
-        let links = LinkSettings { auth_token_file: options.auth_token_file.clone(), ..LinkSettings::default() };
+        let links = LinkSettings {
+            auth_token_file: options.auth_token_file.clone(),
+            tls: options.tls_ca.as_deref().map(net::pg_tls::PgClientTls::verify_full),
+            ..LinkSettings::default()
+        };
         let driver =
             Driver::with_source(config, identity.cluster, options.safekeepers.clone(), source, links, event_tx);
         let (status, _) = watch::channel(ShimStatus::default());
@@ -539,12 +549,12 @@ impl Driver {
                     }
                 }
             }
-            WalSource::Donor { tenant_id, timeline_id, token_file } => {
+            WalSource::Donor { tenant_id, timeline_id, token_file, tls_ca } => {
                 let (donor, term) = self.node.proposer().donor().expect("WAL is wanted only once elected");
                 let addr = self.node.peer_addr(donor).to_string();
                 tracing::info!(from = %wanted, donor = %addr, %term, "reading the donor's log");
-                let config =
-                    sync::safekeeper_replication_config(&addr, *tenant_id, *timeline_id, token_file.as_deref())?;
+                let (token_file, tls_ca) = (token_file.as_deref(), tls_ca.as_deref());
+                let config = sync::safekeeper_replication_config(&addr, *tenant_id, *timeline_id, token_file, tls_ca)?;
                 match ReplicationClient::connect(config).await {
                     Ok(client) => client.start_donor_replication(wanted, term).await,
                     Err(error) => Err(error),

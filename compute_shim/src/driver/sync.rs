@@ -46,6 +46,8 @@ pub struct SyncOptions {
     pub timeout: Duration,
     /// The token safekeepers that check tokens ask for (`tenant` scope).
     pub auth_token_file: Option<PathBuf>,
+    /// `--tls-ca`: TLS to the safekeepers, verify-full against it.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// What the safekeepers say the timeline is.
@@ -57,12 +59,14 @@ pub struct TimelineIdentity {
 }
 
 /// The connection settings for a safekeeper's pg port at `addr` (`H:P`),
-/// naming the timeline, with the token of `token_file` as the password.
+/// naming the timeline, with the token of `token_file` as the password,
+/// over TLS (verify-full) when given the safekeepers' CA.
 pub fn safekeeper_replication_config(
     addr: &str,
     tenant_id: TenantId,
     timeline_id: TimelineId,
     token_file: Option<&Path>,
+    tls_ca: Option<&Path>,
 ) -> Result<ReplicationConfig, ReplicationError> {
     let (host, port) = addr
         .rsplit_once(':')
@@ -72,6 +76,10 @@ pub fn safekeeper_replication_config(
     if let Some(path) = token_file {
         config.password = Some(auth::token::read_token_file(path).map_err(ReplicationError::Auth)?);
     }
+    config.tls = match tls_ca {
+        Some(ca) => net::pg_tls::PgClientTls::verify_full(ca),
+        None => net::pg_tls::PgClientTls { mode: net::pg_tls::SslMode::Disable, root_certificate: None },
+    };
     Ok(config
         .with_application_name("sync-safekeepers")
         .with_connect_timeout_ms(IDENTIFY_TIMEOUT_MS)
@@ -110,7 +118,8 @@ pub async fn identify_timeline(options: &SyncOptions) -> Result<TimelineIdentity
     let mut asked = JoinSet::new();
     for addr in &options.safekeepers {
         let token_file = options.auth_token_file.as_deref();
-        let config = safekeeper_replication_config(addr, options.tenant_id, options.timeline_id, token_file)?;
+        let tls_ca = options.tls_ca.as_deref();
+        let config = safekeeper_replication_config(addr, options.tenant_id, options.timeline_id, token_file, tls_ca)?;
         let (addr, tenant_id, timeline_id) = (addr.clone(), options.tenant_id, options.timeline_id);
         asked.spawn(async move { (addr, identify_one(config, tenant_id, timeline_id).await) });
     }

@@ -1,12 +1,12 @@
 //! The connection in command mode: startup, simple queries and the
 //! replication commands a physical receiver needs.
 
+use net::stream::{ReadHalf, WriteHalf};
 use postgres_protocol::message::frontend;
 use postgres_wal::lsn::{Lsn, PgTimelineId};
 use postgres_wal::timeline_history::PgTimelineHistory;
 use postgres_wal::wal::format::PG_FIRST_TIMELINE_ID;
 use safekeeper_protocol::ids::Term;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::debug;
@@ -49,8 +49,8 @@ pub struct SlotPosition {
 /// stale answer. A server ErrorResponse leaves it usable.
 pub struct ReplicationClient {
     config: ReplicationConfig,
-    reader: FrameReader<OwnedReadHalf>,
-    writer: FrameWriter<OwnedWriteHalf>,
+    reader: FrameReader<ReadHalf>,
+    writer: FrameWriter<WriteHalf>,
     auth_method: AuthMethod,
     backend_pid: Option<i32>,
     broken: bool,
@@ -67,7 +67,12 @@ impl ReplicationClient {
         // Status updates are tiny and a commit waits on each: no Nagle delay.
         socket.set_nodelay(true)?;
         config.tcp_liveness.apply(&socket)?;
-        let (read_half, write_half) = socket.into_split();
+        let stream = config
+            .tls
+            .negotiate(socket, &config.host)
+            .await
+            .map_err(|source| ReplicationError::Tls { addr: addr.clone(), source })?;
+        let (read_half, write_half) = stream.split();
         let mut reader = FrameReader::new(read_half, config.max_message_bytes);
         let mut writer = FrameWriter::new(write_half);
         let session = auth::startup(&config, &mut reader, &mut writer).await?;

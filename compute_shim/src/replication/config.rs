@@ -7,6 +7,8 @@
 
 use std::str::FromStr;
 
+use net::pg_tls::{PgClientTls, SslMode};
+
 use super::ReplicationError;
 use crate::tcp_liveness::TcpLiveness;
 
@@ -44,6 +46,9 @@ pub struct ReplicationConfig {
     /// More startup parameters, set by code (a safekeeper's pg port is told
     /// the tenant and timeline this way), never parsed from a conninfo.
     pub extra_startup_parameters: Vec<(String, String)>,
+    /// `sslmode` and `sslrootcert` (libpq's default: prefer, and
+    /// ~/.postgresql/root.crt).
+    pub tls: PgClientTls,
 }
 
 impl std::fmt::Debug for ReplicationConfig {
@@ -63,6 +68,7 @@ impl std::fmt::Debug for ReplicationConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("tcp_liveness", &self.tcp_liveness)
             .field("extra_startup_parameters", &self.extra_startup_parameters)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -135,6 +141,8 @@ struct Builder {
     application_name: Option<String>,
     connect_timeout_ms: Option<u64>,
     passfile: Option<String>,
+    sslmode: Option<SslMode>,
+    sslrootcert: Option<String>,
 }
 
 impl Builder {
@@ -160,11 +168,13 @@ impl Builder {
                     return Err(config_error(format!("replication={value} is not supported; this client is physical")))
                 }
             },
-            // No TLS support: accept only the modes that allow plaintext.
-            "sslmode" => match value.as_str() {
-                "disable" | "allow" | "prefer" => {}
-                _ => return Err(config_error(format!("sslmode={value} needs TLS, which this client does not speak"))),
-            },
+            "sslmode" => self.sslmode = Some(value.parse().map_err(config_error)?),
+            "sslrootcert" => {
+                if value == "system" {
+                    return Err(config_error("sslrootcert=system is not supported; name a CA certificate file"));
+                }
+                self.sslrootcert = Some(value)
+            }
             _ => return Err(config_error(format!("unsupported keyword {key:?}"))),
         }
         Ok(())
@@ -196,6 +206,13 @@ impl Builder {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             tcp_liveness: TcpLiveness::default(),
             extra_startup_parameters: Vec::new(),
+            tls: PgClientTls {
+                mode: self.sslmode.unwrap_or(SslMode::Prefer),
+                root_certificate: match self.sslrootcert {
+                    Some(path) => Some(path.into()),
+                    None => std::env::var("HOME").ok().map(|home| format!("{home}/.postgresql/root.crt").into()),
+                },
+            },
         })
     }
 }
@@ -354,10 +371,22 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_are_libpqs() {
+        let config = ReplicationConfig::parse("user=a sslmode=verify-full sslrootcert=/etc/ca.crt").unwrap();
+        assert_eq!(config.tls.mode, SslMode::VerifyFull);
+        assert_eq!(config.tls.root_certificate.as_deref(), Some(std::path::Path::new("/etc/ca.crt")));
+        assert_eq!(ReplicationConfig::parse("user=a").unwrap().tls.mode, SslMode::Prefer, "libpq's default");
+        let uri = ReplicationConfig::parse("postgresql://a@h/db?sslmode=require").unwrap();
+        assert_eq!(uri.tls.mode, SslMode::Require);
+    }
+
+    #[test]
     fn refuses_what_it_cannot_do() {
         for bad in [
             "user=a replication=database",
-            "user=a sslmode=require",
+            "user=a sslmode=allow",
+            "user=a sslmode=verify_full",
+            "user=a sslrootcert=system",
             "user=a host=/tmp",
             "user=a colour=blue",
             "user=a port=x",

@@ -13,6 +13,8 @@ pub enum ReplicationError {
     Config(String),
     #[error("connecting to {addr}: {source}")]
     Connect { addr: String, source: io::Error },
+    #[error("TLS with {addr}: {source}")]
+    Tls { addr: String, source: net::pg_tls::PgTlsError },
     #[error("{what} timed out after {timeout_ms} ms")]
     Timeout { what: &'static str, timeout_ms: u64 },
     #[error("I/O error: {0}")]

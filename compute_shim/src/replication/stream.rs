@@ -11,9 +11,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes};
+use net::stream::{ReadHalf, WriteHalf};
 use postgres_protocol::message::frontend;
 use postgres_wal::lsn::Lsn;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, trace};
 
@@ -47,8 +47,8 @@ pub struct StandbyStatus {
 }
 
 pub struct ReplicationStream {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: FrameWriter<OwnedWriteHalf>,
+    reader: FrameReader<ReadHalf>,
+    writer: FrameWriter<WriteHalf>,
     io_timeout_ms: u64,
     stream_timeout_ms: u64,
     last_received_at: Instant,
@@ -62,8 +62,8 @@ pub struct ReplicationStream {
 
 impl ReplicationStream {
     pub(crate) fn new(
-        reader: FrameReader<OwnedReadHalf>,
-        writer: FrameWriter<OwnedWriteHalf>,
+        reader: FrameReader<ReadHalf>,
+        writer: FrameWriter<WriteHalf>,
         config: &ReplicationConfig,
         start: Lsn,
     ) -> Self {

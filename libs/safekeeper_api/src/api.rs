@@ -285,7 +285,12 @@ impl std::str::FromStr for SafekeeperAddress {
 
 impl SafekeeperAddress {
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.0)
+        self.url_with_scheme("http", path)
+    }
+
+    /// `scheme://address/path` (`https` when the client speaks TLS).
+    pub fn url_with_scheme(&self, scheme: &str, path: &str) -> String {
+        format!("{scheme}://{}{path}", self.0)
     }
 }
 

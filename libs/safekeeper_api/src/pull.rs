@@ -1,5 +1,6 @@
-//! HTTP requests to safekeepers (hyper 1, hyper-util's pooled client):
-//! timeline status, a streamed WAL body, feedback.
+//! HTTP requests to safekeepers (hyper 1, hyper-util's pooled client,
+//! HTTPS through hyper-rustls when given a TLS config): timeline status, a
+//! streamed WAL body, feedback.
 //!
 //! Every answer is checked before use; whatever a server sends that does not
 //! fit the contract is a [`PullError`], which the caller treats as a failed
@@ -10,12 +11,14 @@
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -55,6 +58,16 @@ pub enum PullError {
     Timeout { timeout_ms: u64 },
 }
 
+/// The TLS config of a plain-HTTP client's connector, which never uses it
+/// (every URL it is given is "http://"): trusts nothing.
+fn plaintext_placeholder_config() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// `error` and its sources on one line: hyper's own message ("client
 /// error (Connect)") says little without them.
 fn with_sources(error: &dyn StdError) -> String {
@@ -72,7 +85,9 @@ fn with_sources(error: &dyn StdError) -> String {
 /// connection pool.
 #[derive(Clone, Debug)]
 pub struct SafekeeperClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// "https" when the client was given a TLS config, else "http".
+    scheme: &'static str,
     paths: TimelinePaths,
     /// Sent as `Authorization: Bearer`, read from the file at every
     /// request (a rotated token needs no restart).
@@ -80,14 +95,44 @@ pub struct SafekeeperClient {
 }
 
 impl SafekeeperClient {
+    /// Plain HTTP.
     pub fn new(paths: TimelinePaths, connect_timeout_ms: u64) -> SafekeeperClient {
+        SafekeeperClient::with_tls(paths, connect_timeout_ms, None)
+    }
+
+    /// HTTPS only with `tls` (the CA it trusts and the host-name check it
+    /// makes are the config's), plain HTTP without.
+    pub fn with_tls(
+        paths: TimelinePaths,
+        connect_timeout_ms: u64,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> SafekeeperClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
         connector.set_nodelay(true);
+        // hyper-rustls's connector refuses "http://" URLs once https-only.
+        connector.enforce_http(false);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let connector = match tls {
+            Some(config) => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(Arc::unwrap_or_clone(config))
+                .https_only()
+                .enable_http1()
+                .wrap_connector(connector),
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(plaintext_placeholder_config())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(connector),
+        };
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
             .build(connector);
-        SafekeeperClient { http, paths, auth_token_file: None }
+        SafekeeperClient { http, scheme, paths, auth_token_file: None }
+    }
+
+    fn url(&self, address: &SafekeeperAddress, path: &str) -> String {
+        address.url_with_scheme(self.scheme, path)
     }
 
     /// Present the token in `path` to safekeepers that check tokens.
@@ -121,7 +166,7 @@ impl SafekeeperClient {
         timeout_ms: u64,
     ) -> Result<TimelineStatus, PullError> {
         let fetch = async {
-            let url = address.url(&self.paths.status());
+            let url = self.url(address, &self.paths.status());
             let response = self.send(Method::GET, url, None).await?;
             let body = read_success_body(response, MAX_STATUS_BODY_BYTES).await?;
             serde_json::from_slice(&body).map_err(|e| PullError::Json(e.to_string()))
@@ -137,7 +182,7 @@ impl SafekeeperClient {
         timeout_ms: u64,
     ) -> Result<(), PullError> {
         let post = async {
-            let url = address.url(&self.paths.feedback());
+            let url = self.url(address, &self.paths.feedback());
             let response = self.send(Method::POST, url, Some(feedback_body(remote_consistent_lsn))).await?;
             read_success_body(response, MAX_STATUS_BODY_BYTES).await.map(drop)
         };
@@ -154,7 +199,7 @@ impl SafekeeperClient {
         limit_lsn: Lsn,
         wait_ms: u64,
     ) -> Result<WalBody, PullError> {
-        let url = address.url(&self.paths.wal(start_lsn, limit_lsn, wait_ms));
+        let url = self.url(address, &self.paths.wal(start_lsn, limit_lsn, wait_ms));
         let response = self.send(Method::GET, url, None).await?;
         match response.status() {
             StatusCode::OK => {}

@@ -13,14 +13,17 @@
 //! frames a session may idle without limit: proposers send heartbeats, and
 //! a psql user may think.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
 
 use auth::{Access, Claims};
+use net::stream::{ReadHalf, Stream, WriteHalf};
 
 use super::commands::{parse_command, Command};
 use super::errors::{sqlstate, PgError};
@@ -30,9 +33,8 @@ use super::pg_wire::{
 };
 use super::registry::TimelineHandle;
 use super::replication::{self, StreamEnd};
-use super::{push, ServiceState};
+use super::{push, PgPortTls, ServiceState};
 use safekeeper_protocol::ids::{TenantId, TimelineId};
-use std::sync::Arc;
 
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,23 +44,36 @@ pub const ERROR_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const READ_BUFFER_BYTES: usize = 64 << 10;
 /// SSL and GSS requests answered before the startup packet (one of each).
 const MAX_ENCRYPTION_REQUESTS: usize = 2;
+/// The first byte of a TLS handshake record: a client that starts TLS at
+/// once (PostgreSQL 17's `sslnegotiation=direct`) instead of SSLRequest.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 pub const SERVER_VERSION: &str = "15.0 (safekeeper)";
 
-pub type Reader = BufReader<OwnedReadHalf>;
+pub type Reader = BufReader<ReadHalf>;
 
 /// Serve one connection until it ends; never panics on client bytes.
-pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u64) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".to_string());
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
-    let session = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&mut reader, &mut write, &state)).await {
-        Ok(Ok(Some(session))) => session,
+pub async fn serve(tcp: TcpStream, state: Arc<ServiceState>, connection_id: u64) {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".to_string());
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let late = || {
+        let message = format!("startup packet not received within {} s", STARTUP_TIMEOUT.as_secs());
+        WireError::Client(protocol_violation(message))
+    };
+    // Encryption first, on the whole stream (a TLS upgrade replaces it).
+    let mut stream = Some(Stream::Plain(tcp));
+    let parameters = match timeout_at(deadline, negotiate(&mut stream, state.pg_tls.as_ref())).await {
+        Ok(Ok(Some(parameters))) => parameters,
         Ok(Ok(None)) => return,
+        Ok(Err(error)) => return send_error_to(stream.as_mut(), error).await,
+        Err(_) => return send_error_to(stream.as_mut(), late()).await,
+    };
+    let Some(stream) = stream else { return };
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
+    let session = match timeout_at(deadline, startup(parameters, &mut reader, &mut write, &state)).await {
+        Ok(Ok(session)) => session,
         Ok(Err(error)) => return send_error(&mut write, error).await,
-        Err(_) => {
-            let message = format!("startup packet not received within {} s", STARTUP_TIMEOUT.as_secs());
-            return send_error(&mut write, protocol_violation(message).into()).await;
-        }
+        Err(_) => return send_error(&mut write, late()).await,
     };
     match query_loop(reader, &mut write, &session, &state, &peer).await {
         Ok(SessionEnd::Push(tenant_id, timeline_id, reader)) => {
@@ -69,8 +84,15 @@ pub async fn serve(stream: TcpStream, state: Arc<ServiceState>, connection_id: u
     }
 }
 
+/// [`send_error`] on a stream that may be gone (a failed TLS handshake).
+async fn send_error_to(stream: Option<&mut Stream>, error: WireError) {
+    if let Some(stream) = stream {
+        send_error(stream, error).await;
+    }
+}
+
 /// Write a FATAL error (if the peer is still there to read it).
-pub async fn send_error(write: &mut OwnedWriteHalf, error: WireError) {
+pub async fn send_error<W: AsyncWrite + Unpin>(write: &mut W, error: WireError) {
     let error = match error {
         WireError::Client(error) => error,
         WireError::Disconnected(cause) => {
@@ -82,6 +104,75 @@ pub async fn send_error(write: &mut OwnedWriteHalf, error: WireError) {
     let mut out = BytesMut::new();
     encode::error_response(&mut out, &error);
     let _ = tokio::time::timeout(ERROR_FLUSH_TIMEOUT, write.write_all(&out)).await;
+}
+
+/// What comes before the startup packet, as Postgres does it: SSLRequest
+/// answered 'S' and TLS negotiated when this port has a certificate ('N'
+/// without), a GSSENCRequest answered 'N', a TLS ClientHello straight away
+/// (direct TLS) accepted too. Then the startup packet: its parameters, or
+/// `None` for a cancel request. With a certificate and without
+/// `--allow-plaintext`, a startup in plaintext is refused (28000).
+///
+/// Reads exactly the packets' bytes (no read-ahead), so nothing a client
+/// sends before the handshake can be taken for data inside TLS.
+async fn negotiate(
+    stream: &mut Option<Stream>,
+    tls: Option<&PgPortTls>,
+) -> Result<Option<HashMap<String, String>>, WireError> {
+    if let (Some(tls), Some(Stream::Plain(tcp))) = (tls, stream.as_ref()) {
+        let mut first = [0u8; 1];
+        let peeked = tcp.peek(&mut first).await.map_err(WireError::Disconnected)?;
+        if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+            upgrade(stream, tls).await?;
+        }
+    }
+    let mut encryption_requests = 0;
+    loop {
+        let current = stream.as_mut().expect("the stream is back after every upgrade");
+        let encrypted = current.is_tls();
+        match read_startup_packet(current).await? {
+            StartupRequest::Startup(parameters) => {
+                if tls.is_some_and(|tls| !tls.allow_plaintext) && !encrypted {
+                    return Err(PgError::fatal(
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "this safekeeper accepts TLS connections only (sslmode=require or stronger); \
+                         plaintext is refused without --allow-plaintext"
+                            .to_string(),
+                    )
+                    .into());
+                }
+                return Ok(Some(parameters));
+            }
+            StartupRequest::Cancel => return Ok(None),
+            _ if encrypted => {
+                return Err(protocol_violation("an encryption request inside TLS".to_string()).into());
+            }
+            _ if encryption_requests >= MAX_ENCRYPTION_REQUESTS => {
+                return Err(protocol_violation("repeated encryption requests".to_string()).into());
+            }
+            StartupRequest::SslRequest if tls.is_some() => {
+                current.write_all(&[encode::TLS_ACCEPTED]).await.map_err(WireError::Disconnected)?;
+                upgrade(stream, tls.expect("checked")).await?;
+            }
+            StartupRequest::SslRequest | StartupRequest::GssEncRequest => {
+                encryption_requests += 1;
+                current.write_all(&[encode::ENCRYPTION_REFUSED]).await.map_err(WireError::Disconnected)?;
+            }
+        }
+    }
+}
+
+/// Replace the plain stream by TLS over it. A failed handshake closes the
+/// connection (there is no channel left to say why; the client's TLS
+/// library does).
+async fn upgrade(stream: &mut Option<Stream>, tls: &PgPortTls) -> Result<(), WireError> {
+    let Some(Stream::Plain(tcp)) = stream.take() else { unreachable!("only a plain stream is upgraded") };
+    let session = tls.server.acceptor().accept(tcp).await.map_err(|error| {
+        tracing::debug!("TLS handshake failed: {error}");
+        WireError::Disconnected(error)
+    })?;
+    *stream = Some(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(session))));
+    Ok(())
 }
 
 /// What the startup established.
@@ -100,26 +191,14 @@ impl Session {
     }
 }
 
-/// The startup exchange: `None` for a cancel request (close silently).
+/// The rest of the startup: the token (when this port checks tokens),
+/// then AuthenticationOk and the server's parameters.
 async fn startup(
+    parameters: HashMap<String, String>,
     reader: &mut Reader,
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     state: &ServiceState,
-) -> Result<Option<Session>, WireError> {
-    let mut encryption_requests = 0;
-    let parameters = loop {
-        match read_startup_packet(reader).await? {
-            StartupRequest::Startup(parameters) => break parameters,
-            StartupRequest::Cancel => return Ok(None),
-            StartupRequest::EncryptionRequest if encryption_requests < MAX_ENCRYPTION_REQUESTS => {
-                encryption_requests += 1;
-                write.write_all(&[encode::ENCRYPTION_REFUSED]).await.map_err(WireError::Disconnected)?;
-            }
-            StartupRequest::EncryptionRequest => {
-                return Err(protocol_violation("repeated encryption requests".to_string()).into())
-            }
-        }
-    };
+) -> Result<Session, WireError> {
     let settings = StartupSettings::from_parameters(&parameters)?;
     // Reject malformed ids now, where psql shows the error at connect time.
     let ids = timeline_ids(&settings)?;
@@ -146,14 +225,14 @@ async fn startup(
     }
     encode::ready_for_query(&mut out);
     write.write_all(&out).await.map_err(WireError::Disconnected)?;
-    Ok(Some(session))
+    Ok(session)
 }
 
 /// Ask for the password and check it as a token. Every failure is FATAL
 /// 28P01, whose message says why but never repeats the token.
 async fn authenticate(
     reader: &mut Reader,
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     verifier: &auth::TokenVerifier,
 ) -> Result<Claims, WireError> {
     let mut out = BytesMut::new();
@@ -193,7 +272,7 @@ enum SessionEnd {
 /// session goes on, as in Postgres.
 async fn query_loop(
     mut reader: Reader,
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     session: &Session,
     state: &ServiceState,
     peer: &str,

@@ -50,6 +50,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::datadir::{ensure_node_id, lock_data_dir};
 use errors::{sqlstate, PgError};
+use net::tls::ServerTls;
 use registry::Timelines;
 use safekeeper_api::api::SafekeeperAddress;
 use safekeeper_core::retention::RetentionPolicy;
@@ -89,6 +90,47 @@ pub struct ServiceConfig {
     /// `--fault-sync-delay-ms`: fault injection for tests, never set in
     /// production (zero: off).
     pub fault_sync_delay: Duration,
+    /// `--tls-cert`/`--tls-key`/`--allow-plaintext`: TLS on both ports.
+    pub tls: Option<ServiceTls>,
+    /// `--tls-ca`: peer recovery reaches the peers over HTTPS, trusting it.
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Both ports' TLS: one certificate, loaded per port (each offers its own
+/// application protocol), reloaded together on SIGHUP.
+pub struct ServiceTls {
+    pub pg: Arc<ServerTls>,
+    pub http: Arc<ServerTls>,
+    pub allow_plaintext: bool,
+}
+
+impl ServiceTls {
+    /// Load the certificate for both ports (`None` without --tls-cert).
+    pub fn load(args: &net::args::ServerTlsArgs) -> Result<Option<ServiceTls>, net::tls::TlsConfigError> {
+        let Some(pg) = args.load(&[PG_ALPN])? else { return Ok(None) };
+        let http = args.load(&[b"http/1.1"])?.expect("loaded once already");
+        Ok(Some(ServiceTls { pg, http, allow_plaintext: args.allow_plaintext }))
+    }
+
+    fn reload(&self) {
+        for (port, tls) in [("pg", &self.pg), ("http", &self.http)] {
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(port, certificate = %tls.certificate_path().display(), "SIGHUP: TLS certificate reloaded")
+                }
+                Err(error) => tracing::error!(port, "SIGHUP: TLS certificate not reloaded, the old one stays: {error}"),
+            }
+        }
+    }
+}
+
+/// The ALPN protocol PostgreSQL 17's clients offer on a TLS connection.
+const PG_ALPN: &[u8] = b"postgresql";
+
+/// The pg port's TLS, as its connections see it.
+pub struct PgPortTls {
+    pub server: Arc<ServerTls>,
+    pub allow_plaintext: bool,
 }
 
 /// What every connection and HTTP handler shares (passed in, no globals).
@@ -102,6 +144,8 @@ pub struct ServiceState {
     next_connection_id: AtomicU64,
     /// Checks clients' tokens on both ports; `None`: no tokens needed.
     pub auth: Option<auth::TokenVerifier>,
+    /// The pg port's certificate; `None`: plaintext only.
+    pub pg_tls: Option<PgPortTls>,
 }
 
 /// Lock the data directory, check the node id, recover every timeline,
@@ -132,6 +176,10 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
         max_pg_connections: config.max_pg_connections,
         next_connection_id: AtomicU64::new(1),
         auth: config.auth.take(),
+        pg_tls: config
+            .tls
+            .as_ref()
+            .map(|tls| PgPortTls { server: tls.pg.clone(), allow_plaintext: tls.allow_plaintext }),
     });
     tracing::info!(
         node_id = %config.node_id,
@@ -143,20 +191,22 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(accept_pg(pg_listener, state.clone(), stopped.clone()));
-    let mut http_stopped = stopped;
-    let http_listener =
-        http::StallGuardListener::new(http_listener, http::WRITE_STALL_TIMEOUT, config.max_http_connections);
-    let http = axum::serve(http_listener, http::router(state.clone()))
-        .with_graceful_shutdown(async move { _ = http_stopped.wait_for(|s| *s).await });
-    tokio::spawn(async move {
-        if let Err(error) = http.await {
-            tracing::error!("HTTP server failed: {error}");
-        }
-    });
+    let http_options = net::http_server::HttpServerOptions::plain(config.max_http_connections).with_tls(
+        config.tls.as_ref().map(|tls| tls.http.clone()),
+        config.tls.as_ref().is_some_and(|t| t.allow_plaintext),
+    );
+    tokio::spawn(net::http_server::serve(http_listener, http::router(state.clone()), http_options, stopped));
 
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => break tracing::info!("SIGINT: shutting down"),
+            _ = hangup.recv() => match &config.tls {
+                Some(tls) => tls.reload(),
+                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+            },
+        }
     }
     stop.send_replace(true);
     timelines.shutdown(SHUTDOWN_TIMEOUT).await;
@@ -214,5 +264,6 @@ fn timelines_config(config: &ServiceConfig) -> registry::TimelinesConfig {
         peer_auth_token_file: config.peer_auth_token_file.as_deref().map(Arc::from),
         max_timelines: config.max_timelines,
         fault_sync_delay: config.fault_sync_delay,
+        peer_tls: config.peer_tls.clone(),
     }
 }

@@ -34,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, watch};
 
 use super::owner::OwnerInput;
-use super::registry::TimelineHandle;
+use super::registry::{TimelineHandle, TimelinesConfig};
 use postgres_wal::lsn::Lsn;
 use safekeeper_api::api::{PeerRecoveryState, PeerRecoveryStatus, SafekeeperAddress, TimelinePaths, TimelineStatus};
 use safekeeper_api::pull::{SafekeeperClient, WalEvent, WalPull};
@@ -64,11 +64,12 @@ const STATUS_TIMEOUT_MS: u64 = 3_000;
 const BODY_STALL: Duration = Duration::from_secs(30);
 
 /// Start peer recovery for a timeline; it ends with the timeline.
-pub fn spawn(handle: &Arc<TimelineHandle>, peers: Arc<[SafekeeperAddress]>, auth_token_file: Option<Arc<Path>>) {
+pub fn spawn(handle: &Arc<TimelineHandle>, config: &TimelinesConfig) {
     let snapshot = handle.snapshot();
     let paths = TimelinePaths { tenant_id: snapshot.tenant_id, timeline_id: snapshot.timeline_id };
-    let client = SafekeeperClient::new(paths, CONNECT_TIMEOUT_MS)
-        .with_auth_token_file(auth_token_file.map(|path| path.to_path_buf()));
+    let peers = config.peers.clone();
+    let client = SafekeeperClient::with_tls(paths, CONNECT_TIMEOUT_MS, config.peer_tls.clone())
+        .with_auth_token_file(config.peer_auth_token_file.as_deref().map(Path::to_path_buf));
     let mut snapshots = handle.watch_snapshot();
     let handle = Arc::downgrade(handle);
     tokio::spawn(async move {

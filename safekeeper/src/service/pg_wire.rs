@@ -47,8 +47,10 @@ impl From<PgError> for WireError {
 pub enum StartupRequest {
     /// Protocol 3.0 with its parameters (user, database, options, ...).
     Startup(HashMap<String, String>),
-    /// TLS or GSS encryption: we answer 'N' and expect the startup next.
-    EncryptionRequest,
+    /// SSLRequest: TLS before the startup packet.
+    SslRequest,
+    /// GSSENCRequest: GSSAPI encryption, which we never offer ('N').
+    GssEncRequest,
     /// A cancel key for some other connection: we keep no keys, so ignore it.
     Cancel,
 }
@@ -67,7 +69,8 @@ pub async fn read_startup_packet<R: AsyncRead + Unpin>(reader: &mut R) -> Result
     reader.read_exact(&mut body).await.map_err(WireError::Disconnected)?;
     let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => Ok(StartupRequest::EncryptionRequest),
+        SSL_REQUEST_CODE => Ok(StartupRequest::SslRequest),
+        GSSENC_REQUEST_CODE => Ok(StartupRequest::GssEncRequest),
         CANCEL_REQUEST_CODE => Ok(StartupRequest::Cancel),
         PROTOCOL_V3 => Ok(StartupRequest::Startup(parse_startup_parameters(&body[4..])?)),
         other => Err(PgError::fatal(
@@ -132,8 +135,10 @@ pub mod encode {
 
     use pq_wire::frame::{encode_message as message, put_cstring as cstring};
 
-    /// The answer to an SSL or GSS encryption request: not supported.
+    /// The answer to an SSL or GSS encryption request we do not take.
     pub const ENCRYPTION_REFUSED: u8 = b'N';
+    /// The answer to an SSLRequest on a port with a certificate.
+    pub const TLS_ACCEPTED: u8 = b'S';
 
     pub fn authentication_ok(out: &mut BytesMut) {
         message(out, tag::AUTHENTICATION, |out| out.put_u32(0));

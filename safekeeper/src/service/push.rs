@@ -10,12 +10,11 @@
 //! queue is full the connection is dropped. Any FATAL error is written by
 //! the writer and then the connection closes.
 
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use net::stream::WriteHalf;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
 use super::connection::{Reader, ERROR_FLUSH_TIMEOUT, FRAME_TIMEOUT};
@@ -38,7 +37,7 @@ pub async fn run(
     tenant_id: TenantId,
     timeline_id: TimelineId,
     mut reader: Reader,
-    mut write: OwnedWriteHalf,
+    mut write: WriteHalf,
 ) {
     let mut out = BytesMut::new();
     encode::copy_both_response(&mut out);
@@ -47,8 +46,9 @@ pub async fn run(
     }
     tracing::debug!(connection = connection_id, %tenant_id, %timeline_id, "START_WAL_PUSH");
     let (replies, reply_queue) = mpsc::channel(REPLY_QUEUE_MESSAGES);
-    // A second handle for the owner's direct writes (see `replies`).
-    let direct_socket = write.as_ref().as_fd().try_clone_to_owned().map(std::net::TcpStream::from).ok();
+    // A second handle for the owner's direct writes (see `replies`); under
+    // TLS every byte goes through the session, so replies are queued only.
+    let direct_socket = write.plain_socket().and_then(|fd| fd.try_clone_to_owned().ok()).map(std::net::TcpStream::from);
     let connection = Arc::new(PushConnection::new(connection_id, replies, direct_socket));
     let mut dropped = connection.dropped();
     // Built here, not in the task: an abort before its first poll still
@@ -149,7 +149,7 @@ impl Drop for WriterStopped {
 /// tell the connection how many items went out (the owner writes directly
 /// only while none are pending); an error is written last and ends the
 /// connection.
-async fn write_replies(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<Outgoing>, stopped: WriterStopped) {
+async fn write_replies(mut write: WriteHalf, mut queue: mpsc::Receiver<Outgoing>, stopped: WriterStopped) {
     let connection = &stopped.0;
     let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
     while let Some(mut item) = queue.recv().await {

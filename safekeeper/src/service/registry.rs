@@ -131,6 +131,8 @@ pub struct TimelinesConfig {
     pub peers: Arc<[SafekeeperAddress]>,
     /// The `safekeeper_data` token peer recovery presents to them.
     pub peer_auth_token_file: Option<Arc<Path>>,
+    /// With `--tls-ca`: peers are reached over HTTPS, trusting that CA.
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
     /// Most timelines held (served or broken); a Greeting for one more is
     /// refused with SQLSTATE 53400.
     pub max_timelines: usize,
@@ -447,7 +449,7 @@ fn start(timeline: FileTimeline, metrics: &Metrics, config: &TimelinesConfig) ->
         consumers: Arc::default(),
     });
     if !config.peers.is_empty() {
-        peer_recovery::spawn(&handle, config.peers.clone(), config.peer_auth_token_file.clone());
+        peer_recovery::spawn(&handle, config);
     }
     handle
 }
@@ -560,6 +562,7 @@ mod tests {
             retention: RetentionPolicy::default(),
             peers: Arc::from([]),
             peer_auth_token_file: None,
+            peer_tls: None,
             max_timelines,
             fault_sync_delay: Duration::ZERO,
         }

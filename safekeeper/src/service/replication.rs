@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use net::stream::WriteHalf;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
 use super::commands::StartReplication;
@@ -160,7 +160,7 @@ pub async fn run(
     handle: Arc<TimelineHandle>,
     request: &StartReplication,
     reader: Reader,
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     peer: String,
 ) -> Result<StreamEnd, WireError> {
     let mut out = BytesMut::new();
@@ -243,7 +243,7 @@ pub async fn run(
 /// the client's, then tell it the next timeline.
 async fn end_of_timeline(
     mut client: AbortOnDrop<Result<Option<Reader>, WireError>>,
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     switch_lsn: Lsn,
     next_timeline: u32,
 ) -> Result<StreamEnd, WireError> {
@@ -273,7 +273,7 @@ async fn end_of_timeline(
 async fn send_available(
     mut chunks: ChunkReader,
     end_lsn: Lsn,
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
 ) -> Result<ChunkReader, WireError> {
     loop {
         let start = chunks.position();
@@ -299,7 +299,7 @@ async fn send_available(
     }
 }
 
-async fn write_bounded(write: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), WireError> {
+async fn write_bounded(write: &mut WriteHalf, bytes: &[u8]) -> Result<(), WireError> {
     match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, write.write_all(bytes)).await {
         Ok(result) => result.map_err(WireError::Disconnected),
         Err(_) => Err(WireError::Disconnected(std::io::Error::new(

@@ -409,6 +409,7 @@ impl RunningStub {
             tuning,
             record_observer: Some(Arc::new(move |record: &DecodedRecord| log.lock().unwrap().push(record.clone()))),
             auth_token_file: None,
+            tls: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let status_address = listener.local_addr().unwrap();

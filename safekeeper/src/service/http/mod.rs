@@ -2,17 +2,15 @@
 //!
 //! - this file: the router, JSON errors, status, feedback, deletion, metrics;
 //! - [`wal`]: serving committed WAL (`/wal` byte ranges and whole segments);
-//! - [`stall_guard`]: connections that drop a client who stops reading;
 //! - [`auth`]: which token each endpoint needs (with `--auth-public-key`).
 //!
 //! Every error is JSON `{"error": "..."}`; a client's mistake is a 4xx,
 //! never a 500.
 
 mod auth;
-mod stall_guard;
 mod wal;
 
-pub use stall_guard::{PeerAddr, StallGuardListener, WRITE_STALL_TIMEOUT};
+pub use net::http_server::PeerAddr;
 
 use std::sync::Arc;
 
@@ -32,9 +30,9 @@ use postgres_wal::lsn::Lsn;
 use safekeeper_api::api::TimelineStatus;
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 
-pub fn router(
-    state: Arc<ServiceState>,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, PeerAddr> {
+/// The routes; served by [`net::http_server::serve`], which gives handlers
+/// the client's address as `ConnectInfo<PeerAddr>`.
+pub fn router(state: Arc<ServiceState>) -> Router {
     let timeline = "/v1/tenant/{tenant_id}/timeline/{timeline_id}";
     Router::new()
         .route("/v1/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
@@ -49,7 +47,6 @@ pub fn router(
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(axum::middleware::map_response(errors_as_json))
         .with_state(state)
-        .into_make_service_with_connect_info::<PeerAddr>()
 }
 
 /// An error answer: status code and a message for the JSON body.

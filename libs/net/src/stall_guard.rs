@@ -1,91 +1,20 @@
-//! The HTTP listener's connections, with a write-stall timeout and a cap
-//! on how many are open at once (`--max-http-connections`: one past it is
-//! closed at once, so idle or slow clients cannot take every file
-//! descriptor; the pg port has its own cap).
+//! A connection whose writes fail once they have been pending too long.
 //!
 //! hyper has no timeout for a client that stops reading a response: the
 //! server's write just stays pending, and a streamed WAL body holds its
 //! connection and a chunk of memory for as long as the client likes. Each
 //! accepted connection is wrapped so that a write pending for longer than
-//! [`WRITE_STALL_TIMEOUT`] fails with `TimedOut`; hyper then drops the
-//! connection and everything its response held.
+//! its timeout fails with `TimedOut`; hyper then drops the connection and
+//! everything its response held.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
-
-/// How long a response write may make no progress before the connection
-/// is dropped (a reader that stopped, a peer that vanished without a FIN).
-pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A TCP listener whose connections carry a write-stall timeout and hold
-/// one of its connection slots while open.
-pub struct StallGuardListener {
-    listener: TcpListener,
-    write_stall_timeout: Duration,
-    slots: Arc<Semaphore>,
-    max_connections: usize,
-}
-
-impl StallGuardListener {
-    pub fn new(listener: TcpListener, write_stall_timeout: Duration, max_connections: usize) -> Self {
-        let slots = Arc::new(Semaphore::new(max_connections));
-        StallGuardListener { listener, write_stall_timeout, slots, max_connections }
-    }
-}
-
-/// The client's address, for handlers (`ConnectInfo<PeerAddr>`).
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, StallGuardListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, StallGuardListener>) -> Self {
-        *stream.remote_addr()
-    }
-}
-
-impl Listener for StallGuardListener {
-    type Io = StallGuard<TcpStream>;
-    type Addr = PeerAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, addr)) => {
-                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                        tracing::warn!(client = %addr, "HTTP connection refused: {} already open", self.max_connections);
-                        drop(stream);
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let mut guarded = StallGuard::new(stream, self.write_stall_timeout);
-                    guarded.slot = Some(slot);
-                    return (guarded, PeerAddr(addr));
-                }
-                Err(error) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("HTTP accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr().map(PeerAddr)
-    }
-}
 
 /// An I/O object whose writes fail once they have been pending too long.
 pub struct StallGuard<S> {
@@ -93,13 +22,11 @@ pub struct StallGuard<S> {
     timeout: Duration,
     /// Running while a write is pending; reset by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
-    /// The listener's connection slot, given back when the connection goes.
-    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<S> StallGuard<S> {
     pub fn new(inner: S, timeout: Duration) -> Self {
-        StallGuard { inner, timeout, stalled: None, slot: None }
+        StallGuard { inner, timeout, stalled: None }
     }
 
     /// Pass on `result`; while pending, fail once the stall timer fires.
