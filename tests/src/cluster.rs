@@ -123,7 +123,11 @@ impl QuorumCluster {
     /// the default recovery_target_timeline (latest). Started.
     pub fn start_standby_fed_by(&self, index: usize, options: PgOptions) -> Result<PgCluster> {
         let port = self.safekeepers[index].pg_addr.port();
-        let conninfo = format!("'host=127.0.0.1 port={port} user=postgres options=''{}'''", Self::timeline_options());
+        let tls = crate::secure::security()
+            .map(|security| format!(" {} password={}", security.libpq_conninfo(), security.data_token))
+            .unwrap_or_default();
+        let conninfo =
+            format!("'host=127.0.0.1 port={port} user=postgres options=''{}''{tls}'", Self::timeline_options());
         let standby_options = options
             .setting("hot_standby", "on")
             .setting("synchronous_standby_names", "''")

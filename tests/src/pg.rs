@@ -105,6 +105,9 @@ impl PgCluster {
         initdb.args(["--no-sync", "--wal-segsize", &segsize]);
         cluster.run_checked(initdb, cluster.options.command_timeout).context("initdb")?;
         cluster.write_config()?;
+        if let Some(security) = crate::secure::security() {
+            cluster.require_tls(&security.leaf.certificate, &security.leaf.key)?;
+        }
         Ok(cluster)
     }
 
@@ -121,6 +124,22 @@ impl PgCluster {
         cluster.run_checked(backup, cluster.options.command_timeout).context("pg_basebackup")?;
         cluster.write_config()?;
         Ok(cluster)
+    }
+
+    /// Serve TLS with this certificate and accept TCP connections only over
+    /// TLS (pg_hba: `hostssl` lines, trust; the Unix socket stays trust).
+    pub fn require_tls(&mut self, certificate: &Path, key: &Path) -> Result<()> {
+        self.write_data_file("server.crt", &fs::read_to_string(certificate)?)?;
+        self.write_data_file("server.key", &fs::read_to_string(key)?)?;
+        fs::set_permissions(self.data_dir().join("server.key"), fs::Permissions::from_mode(0o600))?;
+        self.write_data_file(
+            "pg_hba.conf",
+            "local all all trust\nlocal replication all trust\n\
+             hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
+        )?;
+        let mut conf = OpenOptions::new().append(true).open(self.data_dir().join("postgresql.conf"))?;
+        writeln!(conf, "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'")?;
+        Ok(())
     }
 
     /// Write `contents` to `name` in the data directory, readable by Postgres.
@@ -304,6 +323,15 @@ impl PgCluster {
             .env("PGDATABASE", "postgres")
             .env_remove("PGPASSWORD")
             .env_remove("PGSERVICE");
+        // Secure mode: TCP connections (to the primary, to a safekeeper's
+        // pg port) verify-full, with a token as the password a safekeeper
+        // asks for; libpq ignores sslmode on the Unix socket.
+        if let Some(security) = crate::secure::security() {
+            command
+                .env("PGSSLMODE", "verify-full")
+                .env("PGSSLROOTCERT", security.ca_certificate())
+                .env("PGPASSWORD", &security.data_token);
+        }
         if let Some(user) = self.run_as {
             command.uid(user.uid).gid(user.gid);
         }
@@ -351,9 +379,11 @@ impl PgCluster {
         u64::from(self.options.wal_segment_size_mib) << 20
     }
 
-    /// A libpq connection string over TCP to `dbname` as the superuser.
+    /// A libpq connection string over TCP to `dbname` as the superuser
+    /// (verify-full in secure mode).
     pub fn connection_string(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user={PG_SUPERUSER} dbname={dbname}", self.port())
+        let tls = crate::secure::security().map(|security| format!(" {}", security.libpq_conninfo()));
+        format!("host=127.0.0.1 port={} user={PG_SUPERUSER} dbname={dbname}{}", self.port(), tls.unwrap_or_default())
     }
 
     pub fn log_path(&self) -> PathBuf {

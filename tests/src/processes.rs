@@ -304,6 +304,9 @@ impl Safekeeper {
         command.arg("--id").arg(id.to_string()).arg("--datadir").arg(datadir);
         command.arg("--listen-pg").arg(pg.to_string()).arg("--listen-http").arg(http.to_string());
         command.args(extra_args);
+        if let Some(security) = crate::secure::security() {
+            command.args(crate::secure::not_given(security.safekeeper_args(), extra_args));
+        }
         ServiceProcess::spawn_listening("safekeeper", command, &log_path)
     }
 
@@ -379,6 +382,9 @@ impl ComputeShim {
         command.arg("--tenant-id").arg(&args.tenant_id).arg("--timeline-id").arg(&args.timeline_id);
         command.arg("--application-name").arg(&args.application_name).arg("--slot").arg(&args.slot);
         command.arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string()).args(&args.extra);
+        if let Some(security) = crate::secure::security() {
+            command.args(crate::secure::not_given(security.shim_args(), &args.extra));
+        }
         let log_path = log_dir.join(format!("compute_shim.{}.log", unique_suffix()));
         let (process, addrs) = ServiceProcess::spawn_listening("compute_shim", command, &log_path)?;
         Ok(ComputeShim { process, http_addr: reported(&addrs, "http")? })
@@ -441,6 +447,9 @@ pub fn sync_safekeepers(
     command.arg("sync-safekeepers").arg("--safekeepers").arg(addrs.join(","));
     command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
     command.arg("--timeout-s").arg(timeout_s.to_string());
+    if let Some(security) = crate::secure::security() {
+        command.arg("--auth-token-file").arg(&security.tenant_token_file).arg("--tls-ca").arg(security.ca_certificate());
+    }
     let suffix = unique_suffix();
     let (stdout_path, stderr_path) =
         (log_dir.join(format!("sync.{suffix}.stdout")), log_dir.join(format!("sync.{suffix}.log")));
@@ -506,6 +515,9 @@ impl PageserverStub {
         command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
         command.arg("--datadir").arg(datadir).arg("--listen-http").arg(ANY_LOOPBACK_PORT.to_string());
         command.args(extra_args);
+        if let Some(security) = crate::secure::security() {
+            command.args(crate::secure::not_given(security.stub_args(), extra_args));
+        }
         let log_path = datadir.with_extension(format!("{}.log", unique_suffix()));
         let (process, addrs) = ServiceProcess::spawn_listening("pageserver_stub", command, &log_path)?;
         Ok(PageserverStub {
@@ -572,7 +584,9 @@ pub fn http_request(
     http_request_as(None, method, addr, path, body, timeout)
 }
 
-/// [`http_request`] presenting `token` as `Authorization: Bearer`.
+/// [`http_request`] presenting `token` as `Authorization: Bearer`. In
+/// secure mode ([`crate::secure`]) over HTTPS, with the admin token when
+/// `token` is `None`.
 pub fn http_request_as(
     token: Option<&str>,
     method: &str,
@@ -581,8 +595,51 @@ pub fn http_request_as(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<HttpAnswer> {
+    if let Some(security) = crate::secure::security() {
+        let token = token.unwrap_or(&security.admin_token);
+        return https_request_as(&security.client_tls, Some(token), method, &addr.to_string(), path, body, timeout);
+    }
+    plain_http_request_as(token, method, addr, path, body, timeout)
+}
+
+/// [`http_request_as`] in plaintext whatever the mode (a TLS-only port's
+/// refusal, say).
+pub fn plain_http_request_as(
+    token: Option<&str>,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<HttpAnswer> {
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    let mut request = agent.request(method, &format!("http://{addr}{path}"));
+    send_request(&agent, token, method, &format!("http://{addr}{path}"), body)
+}
+
+/// [`http_request_as`] over HTTPS to `host:port`, trusting what `tls`
+/// trusts (the name checked is `host`).
+pub fn https_request_as(
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    token: Option<&str>,
+    method: &str,
+    host_port: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<HttpAnswer> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).tls_config(tls.clone()).build();
+    send_request(&agent, token, method, &format!("https://{host_port}{path}"), body)
+}
+
+fn send_request(
+    agent: &ureq::Agent,
+    token: Option<&str>,
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<HttpAnswer> {
+    let path = url;
+    let mut request = agent.request(method, url);
     if let Some(token) = token {
         request = request.set("authorization", &format!("Bearer {token}"));
     }

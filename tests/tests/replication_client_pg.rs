@@ -288,11 +288,27 @@ async fn garbage_peers_give_typed_errors_within_the_timeout() -> Result<()> {
     ];
     for (reply, hang, expected) in cases {
         let port = fake_server(reply, hang).await?;
-        let conninfo = format!("host=127.0.0.1 port={port} user=x");
+        let conninfo = format!("host=127.0.0.1 port={port} user=x sslmode=disable");
         let began = Instant::now();
         let result = ReplicationClient::connect(config(&conninfo)?.with_io_timeout_ms(TIMEOUT_MS)).await;
         let error = result.err().context("a fake server was accepted")?;
         assert!(expected(&error), "reply {reply:?}: {error:?}");
+        assert!(began.elapsed() < Duration::from_millis(TIMEOUT_MS + 1000), "took {:?}", began.elapsed());
+    }
+    // With libpq's default sslmode (prefer) the SSLRequest comes first: a
+    // peer that answers neither 'S' nor 'N', or nothing, is an error in time.
+    for (reply, hang) in [(&b"HTTP/1.1 400 Bad Request\r\n\r\n"[..], false), (b"", true)] {
+        let port = fake_server(reply, hang).await?;
+        let conninfo = format!("host=127.0.0.1 port={port} user=x");
+        let began = Instant::now();
+        let result = ReplicationClient::connect(config(&conninfo)?.with_io_timeout_ms(TIMEOUT_MS)).await;
+        let error = result.err().context("a fake server was accepted")?;
+        let typed = match &error {
+            ReplicationError::Tls { source: net::pg_tls::PgTlsError::BadAnswer(b'H'), .. } => !hang,
+            ReplicationError::Timeout { .. } => hang,
+            _ => false,
+        };
+        assert!(typed, "SSLRequest answered {reply:?}: {error:?}");
         assert!(began.elapsed() < Duration::from_millis(TIMEOUT_MS + 1000), "took {:?}", began.elapsed());
     }
     Ok(())

@@ -67,10 +67,10 @@ impl ReplicationClient {
         // Status updates are tiny and a commit waits on each: no Nagle delay.
         socket.set_nodelay(true)?;
         config.tcp_liveness.apply(&socket)?;
-        let stream = config
-            .tls
-            .negotiate(socket, &config.host)
+        let negotiating = config.tls.negotiate(socket, &config.host);
+        let stream = timeout(std::time::Duration::from_millis(config.io_timeout_ms), negotiating)
             .await
+            .map_err(|_| ReplicationError::Timeout { what: "negotiating TLS", timeout_ms: config.io_timeout_ms })?
             .map_err(|source| ReplicationError::Tls { addr: addr.clone(), source })?;
         let (read_half, write_half) = stream.split();
         let mut reader = FrameReader::new(read_half, config.max_message_bytes);
