@@ -99,10 +99,16 @@ pub async fn send_feedback_round(
 /// Most connections the status port holds at once.
 const MAX_STATUS_CONNECTIONS: usize = 64;
 
-/// The status port, plain HTTP (it shows positions only), with the shared
-/// accept loop's connection cap and timeouts; runs until aborted.
-pub async fn serve_status(listener: TcpListener, status: watch::Receiver<StubStatus>) {
-    let options = net::http_server::HttpServerOptions::plain(MAX_STATUS_CONNECTIONS);
+/// The status port (HTTPS with `tls`), with the shared accept loop's
+/// connection cap and timeouts; runs until aborted.
+pub async fn serve_status(
+    listener: TcpListener,
+    status: watch::Receiver<StubStatus>,
+    tls: Option<std::sync::Arc<net::tls::ServerTls>>,
+    allow_plaintext: bool,
+) {
+    let options =
+        net::http_server::HttpServerOptions::plain(MAX_STATUS_CONNECTIONS).with_tls(tls, allow_plaintext);
     let (_serve_forever, stop) = watch::channel(false);
     net::http_server::serve(listener, http::router(status), options, stop).await;
 }

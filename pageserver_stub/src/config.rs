@@ -28,6 +28,10 @@ pub struct StubConfig {
     pub auth_token_file: Option<PathBuf>,
     /// `--tls-ca`: the safekeepers are reached over HTTPS, trusting it.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// `--tls-cert`/`--tls-key`: the status port serves HTTPS...
+    pub status_tls: Option<std::sync::Arc<net::tls::ServerTls>>,
+    /// ...and with `--allow-plaintext` plain HTTP too.
+    pub status_allow_plaintext: bool,
 }
 
 impl fmt::Debug for StubConfig {
@@ -41,6 +45,7 @@ impl fmt::Debug for StubConfig {
             .field("record_observer", &self.record_observer.is_some())
             .field("auth_token_file", &self.auth_token_file)
             .field("tls", &self.tls.is_some())
+            .field("status_tls", &self.status_tls.is_some())
             .finish()
     }
 }

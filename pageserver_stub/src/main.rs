@@ -56,6 +56,9 @@ struct Cli {
     auth_token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: net::args::ClientTlsArgs,
+    /// TLS on the status port.
+    #[command(flatten)]
+    status_tls: net::args::ServerTlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +97,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         record_observer: None,
         auth_token_file: cli.auth_token_file,
         tls: cli.tls.client_config().context("--tls-ca")?,
+        status_tls: cli.status_tls.load(&[b"http/1.1"]).context("--tls-cert/--tls-key")?,
+        status_allow_plaintext: cli.status_tls.allow_plaintext,
     };
     let shutdown = shutdown_signal()?;
     let summary = pageserver_stub::run(config, listener, shutdown).await?;

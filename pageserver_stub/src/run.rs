@@ -50,7 +50,8 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let stop = forward_shutdown(&mut tasks, shutdown);
     let (status_tx, status_rx) = watch::channel(initial_status(saved.as_ref()));
-    tasks.spawn(background::serve_status(status_listener, status_rx));
+    let (status_tls, allow_plaintext) = (config.status_tls.clone(), config.status_allow_plaintext);
+    tasks.spawn(background::serve_status(status_listener, status_rx, status_tls, allow_plaintext));
     let paths = TimelinePaths { tenant_id: config.tenant_id, timeline_id: config.timeline_id };
     let client = SafekeeperClient::with_tls(paths, config.tuning.connect_timeout_ms, config.tls.clone())
         .with_auth_token_file(config.auth_token_file.clone());

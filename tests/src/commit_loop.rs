@@ -56,7 +56,7 @@ impl CommitLoop {
         pg.psql(CREATE_TABLE)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::spawn({
-            let (conninfo, stop) = (pg.connection_string("postgres"), stop.clone());
+            let (conninfo, stop) = (pg.socket_connection_string("postgres"), stop.clone());
             move || run(&conninfo, &stop)
         });
         Ok(CommitLoop { thread, stop })

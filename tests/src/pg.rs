@@ -386,6 +386,13 @@ impl PgCluster {
         format!("host=127.0.0.1 port={} user={PG_SUPERUSER} dbname={dbname}{}", self.port(), tls.unwrap_or_default())
     }
 
+    /// A connection string over the Unix socket (trust, no TLS in any
+    /// mode): for the harness's own workload clients, which are not a hop
+    /// of the product.
+    pub fn socket_connection_string(&self, dbname: &str) -> String {
+        format!("host={} port={} user={PG_SUPERUSER} dbname={dbname}", self.socket_dir().display(), self.port())
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.base_dir.path().join("postgres.log")
     }

@@ -585,8 +585,8 @@ pub fn http_request(
 }
 
 /// [`http_request`] presenting `token` as `Authorization: Bearer`. In
-/// secure mode ([`crate::secure`]) over HTTPS, with the admin token when
-/// `token` is `None`.
+/// secure mode ([`crate::secure`]) over HTTPS, with the token the request
+/// needs when `token` is `None`.
 pub fn http_request_as(
     token: Option<&str>,
     method: &str,
@@ -596,10 +596,30 @@ pub fn http_request_as(
     timeout: Duration,
 ) -> Result<HttpAnswer> {
     if let Some(security) = crate::secure::security() {
-        let token = token.unwrap_or(&security.admin_token);
+        let token = token.unwrap_or_else(|| security.token_for(method, path));
         return https_request_as(&security.client_tls, Some(token), method, &addr.to_string(), path, body, timeout);
     }
     plain_http_request_as(token, method, addr, path, body, timeout)
+}
+
+/// A byte stream a test writes raw HTTP on (TLS in secure mode).
+pub trait ReadWrite: Read + std::io::Write + Send {}
+impl<T: Read + std::io::Write + Send> ReadWrite for T {}
+
+/// A raw connection to an HTTP port, for requests written by hand: TLS in
+/// secure mode (the handshake done), plain TCP otherwise. The second value
+/// is the socket underneath, for its timeouts.
+pub fn raw_http_connection(addr: SocketAddr) -> Result<(Box<dyn ReadWrite>, std::net::TcpStream)> {
+    let tcp = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
+    let socket = tcp.try_clone()?;
+    let Some(security) = crate::secure::security() else { return Ok((Box::new(tcp), socket)) };
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let mut session = rustls::ClientConnection::new(security.client_tls.clone(), name)?;
+    let mut tcp = tcp;
+    while session.is_handshaking() {
+        session.complete_io(&mut tcp)?;
+    }
+    Ok((Box::new(rustls::StreamOwned::new(session, tcp)), socket))
 }
 
 /// [`http_request_as`] in plaintext whatever the mode (a TLS-only port's

@@ -35,6 +35,9 @@ pub struct Security {
     pub tenant_token_file: PathBuf,
     /// A client config trusting the CA, checking names (verify-full).
     pub client_tls: Arc<rustls::ClientConfig>,
+    /// `Authorization: Bearer <safekeeper_data token>` for curl's `-H @file`,
+    /// readable by the Postgres OS user.
+    pub curl_header_file: PathBuf,
 }
 
 static SECURITY: OnceLock<Option<Security>> = OnceLock::new();
@@ -70,6 +73,9 @@ impl Security {
         let tenant_token = keys.token("tenant", Some(TENANT), 86_400)?;
         let data_token_file = keys.file("data.token", &data_token)?;
         let tenant_token_file = keys.file("tenant.token", &tenant_token)?;
+        let curl_header_file = ca.dir.path().join("data-token.header");
+        std::fs::write(&curl_header_file, format!("Authorization: Bearer {data_token}\n"))?;
+        std::fs::set_permissions(&curl_header_file, std::fs::Permissions::from_mode(0o644))?;
         let client_tls = net::tls::client_config(Some(&ca.certificate), net::tls::Verification::Full)
             .context("the harness's TLS client config")?;
         Ok(Security {
@@ -82,7 +88,26 @@ impl Security {
             data_token_file,
             tenant_token_file,
             client_tls: Arc::new(client_tls),
+            curl_header_file,
         })
+    }
+
+    /// The token a harness request needs (docs/security.md's table): a
+    /// timeline's status, WAL and feedback take safekeeper_data, deleting
+    /// it and everything node-wide admin.
+    pub fn token_for(&self, method: &str, path: &str) -> &str {
+        if path.contains("/timeline/") && method != "DELETE" {
+            &self.data_token
+        } else {
+            &self.admin_token
+        }
+    }
+
+    /// curl's options for a safekeeper's HTTPS port: trust the CA, send the
+    /// safekeeper_data token from a header file (never in argv), as a
+    /// `restore_command` run by the Postgres OS user needs.
+    pub fn curl_options(&self) -> String {
+        format!("--cacert {} -H @{}", self.ca.certificate.display(), self.curl_header_file.display())
     }
 
     pub fn ca_certificate(&self) -> &Path {
@@ -113,9 +138,12 @@ impl Security {
         args
     }
 
-    /// The page server stub's flags: HTTPS, safekeeper_data token.
+    /// The page server stub's flags: HTTPS to the safekeepers with the
+    /// safekeeper_data token, HTTPS on its status port.
     pub fn stub_args(&self) -> Vec<String> {
-        flags(&[("--auth-token-file", &self.data_token_file), ("--tls-ca", &self.ca.certificate)])
+        let mut args = self.server_tls_args();
+        args.extend(flags(&[("--auth-token-file", &self.data_token_file), ("--tls-ca", &self.ca.certificate)]));
+        args
     }
 
     /// What a libpq connection string to one of our pg ports (or the

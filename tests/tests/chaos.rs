@@ -239,7 +239,7 @@ fn chaos_loses_no_acknowledged_commit() -> Result<()> {
     let acked = Arc::new(Mutex::new(CommitReport::default()));
     let workload_started = Instant::now();
     let workload = thread::spawn({
-        let (conninfo, stop, acked) = (cluster.pg.connection_string("postgres"), stop.clone(), acked.clone());
+        let (conninfo, stop, acked) = (cluster.pg.socket_connection_string("postgres"), stop.clone(), acked.clone());
         move || run_workload(conninfo, stop, acked)
     });
 

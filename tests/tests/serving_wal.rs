@@ -5,7 +5,6 @@
 //! long polls and bad requests, and retention driven by feedback.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use integration_tests::cluster::{json_lsn, QuorumCluster, TENANT, TIMELINE};
 use integration_tests::fixture::wait_for;
 use integration_tests::pg::{PgCluster, PgOptions};
-use integration_tests::processes::{http_request, HttpAnswer, KillOnDrop};
+use integration_tests::processes::{http_request, raw_http_connection, HttpAnswer, KillOnDrop};
 use integration_tests::wal_files::read_wal;
 use postgres_wal::lsn::Lsn;
 use serde_json::json;
@@ -147,8 +146,14 @@ fn restore_from_safekeeper_segments() -> Result<()> {
     let segment_size = cluster.segment_size()?;
     pg.psql("CREATE TABLE t (id int, filler text)")?;
     let sk = &cluster.safekeepers[2];
-    let restore_command =
-        format!("'curl -sf http://{}/v1/tenant/{TENANT}/timeline/{TIMELINE}/segment/%f -o %p'", sk.http_addr);
+    let (scheme, curl_tls) = match integration_tests::secure::security() {
+        Some(security) => ("https", security.curl_options()),
+        None => ("http", String::new()),
+    };
+    let restore_command = format!(
+        "'curl -sf {curl_tls} {scheme}://{}/v1/tenant/{TENANT}/timeline/{TIMELINE}/segment/%f -o %p'",
+        sk.http_addr
+    );
     let restored_options = options()
         .setting("restore_command", &restore_command)
         .setting("synchronous_standby_names", "''")
@@ -289,8 +294,17 @@ fn http_wal_api_answers_and_refuses() -> Result<()> {
     ensure!(polled.body == read_wal(&pg.pg_wal_dir(), segment_size, commit, polled.header("x-end-lsn")?.parse()?)?);
 
     // A client that asks for everything and never reads.
-    let mut stalled = TcpStream::connect(addr)?;
-    write!(stalled, "GET {} HTTP/1.1\r\nHost: x\r\n\r\n", timeline_path(&format!("/wal?start_lsn={start}")))?;
+    let (mut stalled, stalled_socket) = raw_http_connection(addr)?;
+    let authorization = match integration_tests::secure::security() {
+        Some(security) => format!("Authorization: Bearer {}\r\n", security.data_token),
+        None => String::new(),
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\n{authorization}\r\n",
+        timeline_path(&format!("/wal?start_lsn={start}"))
+    );
+    stalled.write_all(request.as_bytes())?;
+    stalled.flush()?;
 
     // Bad requests: the documented status and a JSON message each.
     let bad = [
@@ -329,7 +343,7 @@ fn http_wal_api_answers_and_refuses() -> Result<()> {
     let after = commit_rows(pg, "t", 4000..4100)?;
     wait_committed_everywhere(&cluster, after)?;
     let mut buf = [0u8; 1];
-    stalled.set_read_timeout(Some(Duration::from_millis(100)))?;
+    stalled_socket.set_read_timeout(Some(Duration::from_millis(100)))?;
     ensure!(stalled.read(&mut buf)? == 1, "the stalled client got its response started");
     drop(stalled);
     Ok(())

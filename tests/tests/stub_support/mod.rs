@@ -410,6 +410,8 @@ impl RunningStub {
             record_observer: Some(Arc::new(move |record: &DecodedRecord| log.lock().unwrap().push(record.clone()))),
             auth_token_file: None,
             tls: None,
+            status_tls: None,
+            status_allow_plaintext: false,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let status_address = listener.local_addr().unwrap();
