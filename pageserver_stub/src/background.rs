@@ -107,8 +107,7 @@ pub async fn serve_status(
     tls: Option<std::sync::Arc<net::tls::ServerTls>>,
     allow_plaintext: bool,
 ) {
-    let options =
-        net::http_server::HttpServerOptions::plain(MAX_STATUS_CONNECTIONS).with_tls(tls, allow_plaintext);
+    let options = net::http_server::HttpServerOptions::plain(MAX_STATUS_CONNECTIONS).with_tls(tls, allow_plaintext);
     let (_serve_forever, stop) = watch::channel(false);
     net::http_server::serve(listener, http::router(status), options, stop).await;
 }

@@ -16,9 +16,70 @@ PGDATAS=()
 # Postgres refuses to run as root: run its programs as the postgres user.
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-http_json() { python3 -c 'import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))))' "$1"; }
+# GET a JSON document; with SECURE=1 over HTTPS trusting the cluster's CA,
+# with the token the path needs (a timeline's: safekeeper_data; the rest:
+# admin), read from its file.
+http_json() {
+    python3 - "$1" "${SECURE_DIR:-}" <<'PY'
+import json, ssl, sys, urllib.request
+url, secure = sys.argv[1], sys.argv[2]
+headers, context = {}, None
+if secure:
+    token = open(secure + ("/data.token" if "/timeline/" in url else "/admin.token")).read().strip()
+    headers["Authorization"] = "Bearer " + token
+    context = ssl.create_default_context(cafile=secure + "/ca.crt")
+request = urllib.request.Request(url, headers=headers)
+print(json.dumps(json.load(urllib.request.urlopen(request, timeout=5, context=context))))
+PY
+}
 json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 lsn_num() { python3 -c 'import sys; a, b = sys.argv[1].split("/"); print((int(a, 16) << 32) | int(b, 16))' "$1"; }
+
+# SECURE=1 (run-local --secure): TLS and tokens on every hop. A CA, one
+# certificate for 127.0.0.1 every process serves (Postgres included), an
+# Ed25519 key pair and a token per scope, all in $SECURE_DIR; Postgres
+# accepts TCP only over TLS; libpq clients verify-full.
+SCHEME=http
+SK_SECURITY=() SHIM_SECURITY=() STUB_SECURITY=() PG_TLS=""
+setup_security() {
+    SECURE_DIR=$WORK/secure
+    mkdir -p "$SECURE_DIR"
+    chmod 755 "$SECURE_DIR"
+    local d=$SECURE_DIR
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$d/ca.key" -out "$d/ca.crt" \
+        -days 2 -subj "/CN=run-local CA" -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$d/server.key" -out "$d/server.csr" \
+        -subj "/CN=localhost" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' >"$d/server.ext"
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+        -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null
+    openssl genpkey -algorithm ed25519 -out "$d/auth.key"
+    openssl pkey -in "$d/auth.key" -pubout -out "$d/auth.pub"
+    (umask 077
+     "$SK" token --private-key "$d/auth.key" --scope admin --ttl-s 86400 >"$d/admin.token"
+     "$SK" token --private-key "$d/auth.key" --scope safekeeper_data --ttl-s 86400 >"$d/data.token"
+     "$SK" token --private-key "$d/auth.key" --scope tenant --tenant-id "$TENANT" --ttl-s 86400 >"$d/tenant.token")
+    chmod 600 "$d/server.key" "$d/auth.key" "$d/ca.key"
+    SCHEME=https
+    local tls=(--tls-cert "$d/server.crt" --tls-key "$d/server.key")
+    SK_SECURITY=("${tls[@]}" --auth-public-key "$d/auth.pub" --peer-auth-token-file "$d/data.token" --tls-ca "$d/ca.crt")
+    SHIM_SECURITY=("${tls[@]}" --auth-public-key "$d/auth.pub" --auth-token-file "$d/tenant.token" --tls-ca "$d/ca.crt")
+    STUB_SECURITY=("${tls[@]}" --auth-token-file "$d/data.token" --tls-ca "$d/ca.crt")
+    PG_TLS="sslmode=verify-full sslrootcert=$d/ca.crt"
+    export PGSSLMODE=verify-full PGSSLROOTCERT=$d/ca.crt
+}
+
+# Serve TLS on the Postgres in $1 with the cluster's certificate; TCP only
+# over TLS (the Unix socket stays trust).
+postgres_requires_tls() {
+    local data=$1
+    cp "$SECURE_DIR/server.crt" "$SECURE_DIR/server.key" "$data/"
+    [ "$(id -u)" = 0 ] && chown postgres "$data/server.crt" "$data/server.key"
+    chmod 600 "$data/server.key"
+    printf 'local all all trust\nlocal replication all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n' >"$data/pg_hba.conf"
+    printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" >>"$data/postgresql.conf"
+}
 
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -53,6 +114,7 @@ start_primary() {
     [ "$(id -u)" = 0 ] && chown postgres "$data"
     as_pg "$PG_BIN/initdb" -D "$data" -A trust -U postgres >/dev/null
     echo "synchronous_standby_names = 'safekeepers'" >>"$data/postgresql.conf"
+    [ -n "$PG_TLS" ] && postgres_requires_tls "$data"
     PGDATAS+=("$data")
     configure_and_start_postgres "$data" "$port"
 }
@@ -70,7 +132,7 @@ start_safekeepers() {
             [ "$peer" = "$id" ] || peers+=(--peer-http "${SK_HTTP[$((peer - 1))]}")
         done
         "$SK" --id "$id" --datadir "$WORK/sk$id" --listen-pg "${SK_PG[$((id - 1))]}" \
-            --listen-http "${SK_HTTP[$((id - 1))]}" "${peers[@]}" >>"$WORK/sk$id.log" 2>&1 &
+            --listen-http "${SK_HTTP[$((id - 1))]}" "${peers[@]}" "${SK_SECURITY[@]}" >>"$WORK/sk$id.log" 2>&1 &
         PIDS+=($!) SK_PIDS+=($!)
     done
 }
@@ -80,9 +142,9 @@ start_safekeepers() {
 start_shim() {
     local port=$1 name=$2
     SHIM_HTTP=127.0.0.1:$(free_port)
-    "$SHIM" --pg "host=127.0.0.1 port=$port user=postgres dbname=postgres" \
+    "$SHIM" --pg "host=127.0.0.1 port=$port user=postgres dbname=postgres $PG_TLS" \
         --safekeepers "$(IFS=,; echo "${SK_PG[*]}")" --tenant-id "$TENANT" --timeline-id "$TIMELINE" \
-        --listen-http "$SHIM_HTTP" >"$WORK/$name.log" 2>&1 &
+        --listen-http "$SHIM_HTTP" "${SHIM_SECURITY[@]}" >"$WORK/$name.log" 2>&1 &
     SHIM_PID=$!
     PIDS+=("$SHIM_PID")
 }
@@ -91,7 +153,7 @@ start_shim() {
 wait_elected() {
     local phase=
     for _ in $(seq 1 300); do
-        phase=$(http_json "http://$SHIM_HTTP/v1/status" 2>/dev/null | json_field phase || true)
+        phase=$(http_json "$SCHEME://$SHIM_HTTP/v1/status" 2>/dev/null | json_field phase || true)
         [ "$phase" = elected ] && return 0
         kill -0 "$SHIM_PID" 2>/dev/null || { cat "$WORK/$1.log"; exit 1; }
         sleep 0.1

@@ -30,9 +30,25 @@ impl TestCa {
         let key = dir.path().join(format!("{name}.key"));
         let subject = format!("/CN={name}");
         openssl(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", path(&key), "-out", path(&certificate), "-days", "2", "-subj", &subject,
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            path(&key),
+            "-out",
+            path(&certificate),
+            "-days",
+            "2",
+            "-subj",
+            &subject,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ])?;
         Ok(TestCa { dir, certificate, key })
     }
@@ -50,12 +66,35 @@ impl TestCa {
              keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
         )?;
         openssl(&[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", path(&key),
-            "-out", path(&request), "-subj", "/CN=localhost",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            path(&key),
+            "-out",
+            path(&request),
+            "-subj",
+            "/CN=localhost",
         ])?;
         openssl(&[
-            "x509", "-req", "-in", path(&request), "-CA", path(&self.certificate), "-CAkey", path(&self.key),
-            "-CAcreateserial", "-out", path(&certificate), "-days", "2", "-extfile", path(&extensions),
+            "x509",
+            "-req",
+            "-in",
+            path(&request),
+            "-CA",
+            path(&self.certificate),
+            "-CAkey",
+            path(&self.key),
+            "-CAcreateserial",
+            "-out",
+            path(&certificate),
+            "-days",
+            "2",
+            "-extfile",
+            path(&extensions),
         ])?;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
         Ok(LeafCertificate { certificate, key })

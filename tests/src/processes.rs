@@ -448,7 +448,11 @@ pub fn sync_safekeepers(
     command.arg("--tenant-id").arg(tenant_id).arg("--timeline-id").arg(timeline_id);
     command.arg("--timeout-s").arg(timeout_s.to_string());
     if let Some(security) = crate::secure::security() {
-        command.arg("--auth-token-file").arg(&security.tenant_token_file).arg("--tls-ca").arg(security.ca_certificate());
+        command
+            .arg("--auth-token-file")
+            .arg(&security.tenant_token_file)
+            .arg("--tls-ca")
+            .arg(security.ca_certificate());
     }
     let suffix = unique_suffix();
     let (stdout_path, stderr_path) =

@@ -160,11 +160,7 @@ impl Security {
 /// `security_flags` (pairs of flag and value) without the flags `given`
 /// already has: a test's own `--tls-cert` (say) wins over the harness's.
 pub fn not_given(security_flags: Vec<String>, given: &[String]) -> Vec<String> {
-    security_flags
-        .chunks(2)
-        .filter(|pair| !given.contains(&pair[0]))
-        .flat_map(|pair| pair.iter().cloned())
-        .collect()
+    security_flags.chunks(2).filter(|pair| !given.contains(&pair[0])).flat_map(|pair| pair.iter().cloned()).collect()
 }
 
 fn flags(pairs: &[(&str, &Path)]) -> Vec<String> {

@@ -99,8 +99,13 @@ fn metric_value(page: &str, name: &str) -> Result<f64> {
 /// (`GET .../wal`) to /dev/null (as scripts/bench-wal-serve measures), and
 /// to a file made durable with `sync FILE` (what a copy must also do).
 fn print_http_pull_rates(cluster: &QuorumCluster, start: Lsn, end: Lsn, recovery_seconds: f64) -> Result<()> {
+    // In secure mode the same HTTPS and token the peers use.
+    let (scheme, tls) = match integration_tests::secure::security() {
+        Some(security) => ("https", security.curl_options()),
+        None => ("http", String::new()),
+    };
     let url = format!(
-        "http://{}/v1/tenant/{TENANT}/timeline/{TIMELINE}/wal?start_lsn={start}&end_lsn={end}",
+        "{scheme}://{}/v1/tenant/{TENANT}/timeline/{TIMELINE}/wal?start_lsn={start}&end_lsn={end}",
         cluster.safekeepers[0].http_addr
     );
     let file = cluster.dir.path().join("pulled.wal");
@@ -108,6 +113,7 @@ fn print_http_pull_rates(cluster: &QuorumCluster, start: Lsn, end: Lsn, recovery
     for target in [std::path::Path::new("/dev/null"), file.as_path()] {
         let started = Instant::now();
         let output = std::process::Command::new("curl")
+            .args(tls.split_whitespace())
             .args(["-sf", "--max-time", "300", "-o"])
             .arg(target)
             .args(["-w", "%{size_download}", &url])

@@ -299,10 +299,8 @@ fn http_wal_api_answers_and_refuses() -> Result<()> {
         Some(security) => format!("Authorization: Bearer {}\r\n", security.data_token),
         None => String::new(),
     };
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: x\r\n{authorization}\r\n",
-        timeline_path(&format!("/wal?start_lsn={start}"))
-    );
+    let request =
+        format!("GET {} HTTP/1.1\r\nHost: x\r\n{authorization}\r\n", timeline_path(&format!("/wal?start_lsn={start}")));
     stalled.write_all(request.as_bytes())?;
     stalled.flush()?;
 

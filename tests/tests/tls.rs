@@ -341,16 +341,17 @@ fn the_pg_port_negotiates_tls_as_postgres_does() -> Result<()> {
     // Whatever a client sends first, the port answers or closes (never
     // hangs, never stops serving).
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 48, ..ProptestConfig::default() });
-    let first_bytes = prop_oneof![
-        proptest::collection::vec(any::<u8>(), 1..64),
-        // Around the real codes: an SSLRequest or GSSENCRequest, bent.
-        (any::<u32>(), prop_oneof![Just(SSL_REQUEST), Just(GSSENC_REQUEST), any::<u32>()])
-            .prop_map(|(len, code)| [len.to_be_bytes(), code.to_be_bytes()].concat()),
-        proptest::collection::vec(any::<u8>(), 1..64).prop_map(|mut bytes| {
-            bytes[0] = 0x16;
-            bytes
-        }),
-    ];
+    let first_bytes =
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 1..64),
+            // Around the real codes: an SSLRequest or GSSENCRequest, bent.
+            (any::<u32>(), prop_oneof![Just(SSL_REQUEST), Just(GSSENC_REQUEST), any::<u32>()])
+                .prop_map(|(len, code)| [len.to_be_bytes(), code.to_be_bytes()].concat()),
+            proptest::collection::vec(any::<u8>(), 1..64).prop_map(|mut bytes| {
+                bytes[0] = 0x16;
+                bytes
+            }),
+        ];
     runner
         .run(&first_bytes, |bytes| {
             let mut tcp = WireClient::raw(pg).map_err(|e| TestCaseError::fail(e.to_string()))?;
