@@ -15,7 +15,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::api::{SafekeeperAddress, TimelineStatus};
 use crate::http::{self, StubStatus};
-use crate::pull::SafekeeperClient;
+use crate::pull::{PullError, SafekeeperClient};
 
 /// The latest status poll of one safekeeper.
 #[derive(Clone, Debug)]
@@ -84,6 +84,12 @@ pub async fn send_feedback_round(
                 }
                 tracing::debug!(safekeeper = %address, lsn = %remote_consistent_lsn, "sent remote_consistent_lsn");
                 *was_failing = false;
+            }
+            // This safekeeper has not committed that far yet (the stub
+            // reads from whichever is ahead): not a failure; the next save
+            // sends a position again.
+            Err(PullError::Status { status: 409, .. }) => {
+                tracing::debug!(safekeeper = %address, lsn = %remote_consistent_lsn, "feedback ahead of the safekeeper's commit LSN");
             }
             Err(error) => {
                 if !*was_failing {

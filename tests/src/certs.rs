@@ -29,27 +29,16 @@ impl TestCa {
         let certificate = dir.path().join(format!("{name}.crt"));
         let key = dir.path().join(format!("{name}.key"));
         let subject = format!("/CN={name}");
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            path(&key),
-            "-out",
-            path(&certificate),
-            "-days",
-            "2",
-            "-subj",
-            &subject,
+        let mut args = vec!["req", "-x509"];
+        args.extend(new_p256_key(&key));
+        args.extend(["-out", path(&certificate), "-days", "2", "-subj", &subject]);
+        args.extend([
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
-        ])?;
+        ]);
+        openssl(&args)?;
         Ok(TestCa { dir, certificate, key })
     }
 
@@ -65,20 +54,10 @@ impl TestCa {
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
              keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
         )?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            path(&key),
-            "-out",
-            path(&request),
-            "-subj",
-            "/CN=localhost",
-        ])?;
+        let mut args = vec!["req"];
+        args.extend(new_p256_key(&key));
+        args.extend(["-out", path(&request), "-subj", "/CN=localhost"]);
+        openssl(&args)?;
         openssl(&[
             "x509",
             "-req",
@@ -99,6 +78,11 @@ impl TestCa {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
         Ok(LeafCertificate { certificate, key })
     }
+}
+
+/// `openssl req` arguments making a new P-256 key, unencrypted, in `key`.
+fn new_p256_key(key: &Path) -> [&str; 7] {
+    ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", path(key)]
 }
 
 fn path(path: &Path) -> &str {

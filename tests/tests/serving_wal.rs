@@ -333,6 +333,16 @@ fn http_wal_api_answers_and_refuses() -> Result<()> {
         HTTP_TIMEOUT,
     )?;
     ensure!(bad_feedback.status == 400 && bad_feedback.json()?["error"].as_str().is_some_and(|e| e.contains("1/XYZ")));
+    let remote_before = get(&cluster, 0, &timeline_path(""))?.json()?["remote_consistent_lsn"].clone();
+    let ahead = json!({"remote_consistent_lsn": "FFFFFFFF/0"});
+    let beyond = http_request("POST", addr, &timeline_path("/feedback"), Some(&ahead), HTTP_TIMEOUT)?;
+    ensure!(
+        beyond.status == 409 && beyond.json()?["error"].as_str().is_some_and(|e| e.contains("beyond")),
+        "feedback beyond the commit LSN answered {}",
+        beyond.status
+    );
+    let remote_after = get(&cluster, 0, &timeline_path(""))?.json()?["remote_consistent_lsn"].clone();
+    ensure!(remote_before == remote_after, "refused feedback moved remote_consistent_lsn to {remote_after}");
     let not_json = http_request("POST", addr, &timeline_path("/feedback"), Some(&json!([1, 2])), HTTP_TIMEOUT)?;
     ensure!(not_json.status == 400 && not_json.json().is_ok());
 

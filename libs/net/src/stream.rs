@@ -19,26 +19,34 @@ use tokio::net::TcpStream;
 /// TLS over TCP, client or server side.
 pub type TlsTcpStream = tokio_rustls::TlsStream<TcpStream>;
 
+/// One of two byte streams, plain or TLS; reads and writes go to whichever
+/// it is.
+pub enum PlainOrTls<P, T> {
+    Plain(P),
+    Tls(T),
+}
+
 /// A whole connection, before it is split.
-pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsTcpStream>),
+pub type Stream = PlainOrTls<TcpStream, Box<TlsTcpStream>>;
+pub type ReadHalf = PlainOrTls<OwnedReadHalf, tokio::io::ReadHalf<TlsTcpStream>>;
+pub type WriteHalf = PlainOrTls<OwnedWriteHalf, tokio::io::WriteHalf<TlsTcpStream>>;
+
+impl<P, T> PlainOrTls<P, T> {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, PlainOrTls::Tls(_))
+    }
 }
 
 impl Stream {
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
-    }
-
     pub fn split(self) -> (ReadHalf, WriteHalf) {
         match self {
-            Stream::Plain(tcp) => {
+            PlainOrTls::Plain(tcp) => {
                 let (read, write) = tcp.into_split();
-                (ReadHalf::Plain(read), WriteHalf::Plain(write))
+                (PlainOrTls::Plain(read), PlainOrTls::Plain(write))
             }
-            Stream::Tls(tls) => {
+            PlainOrTls::Tls(tls) => {
                 let (read, write) = tokio::io::split(*tls);
-                (ReadHalf::Tls(read), WriteHalf::Tls(write))
+                (PlainOrTls::Tls(read), PlainOrTls::Tls(write))
             }
         }
     }
@@ -46,20 +54,10 @@ impl Stream {
     /// The TCP socket underneath (for socket options and addresses).
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(tcp) => tcp,
-            Stream::Tls(tls) => tls.get_ref().0,
+            PlainOrTls::Plain(tcp) => tcp,
+            PlainOrTls::Tls(tls) => tls.get_ref().0,
         }
     }
-}
-
-pub enum ReadHalf {
-    Plain(OwnedReadHalf),
-    Tls(tokio::io::ReadHalf<TlsTcpStream>),
-}
-
-pub enum WriteHalf {
-    Plain(OwnedWriteHalf),
-    Tls(tokio::io::WriteHalf<TlsTcpStream>),
 }
 
 impl WriteHalf {
@@ -67,26 +65,26 @@ impl WriteHalf {
     /// they are (plain TCP only: under TLS every byte goes through rustls).
     pub fn plain_socket(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            WriteHalf::Plain(write) => Some(write.as_ref().as_fd()),
-            WriteHalf::Tls(_) => None,
+            PlainOrTls::Plain(write) => Some(write.as_ref().as_fd()),
+            PlainOrTls::Tls(_) => None,
         }
     }
 }
 
-impl AsyncRead for Stream {
+impl<P: AsyncRead + Unpin, T: AsyncRead + Unpin> AsyncRead for PlainOrTls<P, T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            PlainOrTls::Plain(plain) => Pin::new(plain).poll_read(cx, buf),
+            PlainOrTls::Tls(tls) => Pin::new(tls).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for Stream {
+impl<P: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for PlainOrTls<P, T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            PlainOrTls::Plain(plain) => Pin::new(plain).poll_write(cx, buf),
+            PlainOrTls::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -95,72 +93,26 @@ impl AsyncWrite for Stream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
-            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+            PlainOrTls::Plain(plain) => Pin::new(plain).poll_write_vectored(cx, bufs),
+            PlainOrTls::Tls(tls) => Pin::new(tls).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
-            Stream::Plain(tcp) => tcp.is_write_vectored(),
-            Stream::Tls(tls) => tls.is_write_vectored(),
+            PlainOrTls::Plain(plain) => plain.is_write_vectored(),
+            PlainOrTls::Tls(tls) => tls.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            PlainOrTls::Plain(plain) => Pin::new(plain).poll_flush(cx),
+            PlainOrTls::Tls(tls) => Pin::new(tls).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-impl AsyncRead for ReadHalf {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Plain(read) => Pin::new(read).poll_read(cx, buf),
-            ReadHalf::Tls(read) => Pin::new(read).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for WriteHalf {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Plain(write) => Pin::new(write).poll_write(cx, buf),
-            WriteHalf::Tls(write) => Pin::new(write).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Plain(write) => Pin::new(write).poll_write_vectored(cx, bufs),
-            WriteHalf::Tls(write) => Pin::new(write).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteHalf::Plain(write) => write.is_write_vectored(),
-            WriteHalf::Tls(write) => write.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Plain(write) => Pin::new(write).poll_flush(cx),
-            WriteHalf::Tls(write) => Pin::new(write).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Plain(write) => Pin::new(write).poll_shutdown(cx),
-            WriteHalf::Tls(write) => Pin::new(write).poll_shutdown(cx),
+            PlainOrTls::Plain(plain) => Pin::new(plain).poll_shutdown(cx),
+            PlainOrTls::Tls(tls) => Pin::new(tls).poll_shutdown(cx),
         }
     }
 }

@@ -157,9 +157,10 @@ pub fn client_config(ca_file: Option<&Path>, verification: Verification) -> Resu
         .with_safe_default_protocol_versions()
         .map_err(|e| config_error(format!("TLS versions: {e}")))?;
     let config = match (verification, ca_file) {
-        (Verification::None, _) => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification)).with_no_client_auth()
-        }
+        (Verification::None, _) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Lenient { chain: None }))
+            .with_no_client_auth(),
         (_, None) => return Err(config_error("checking the server's certificate needs a CA certificate file")),
         (Verification::Full, Some(ca_file)) => {
             builder.with_root_certificates(root_store(ca_file)?).with_no_client_auth()
@@ -168,7 +169,8 @@ pub fn client_config(ca_file: Option<&Path>, verification: Verification) -> Resu
             let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_file)?), provider())
                 .build()
                 .map_err(|e| config_error(format!("{}: {e}", ca_file.display())))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(verifier))).with_no_client_auth()
+            let lenient = Lenient { chain: Some(verifier) };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(lenient)).with_no_client_auth()
         }
     };
     Ok(config)
@@ -191,11 +193,17 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsConfigError> {
     ServerName::try_from(host.to_string()).map_err(|e| config_error(format!("{host:?} is not a TLS server name: {e}")))
 }
 
-/// `verify-ca`: the web-PKI check, with a name mismatch forgiven.
+/// The checks below verify-full: `verify-ca` (the web-PKI chain check, a
+/// name mismatch forgiven) and `require` (no certificate check). Either
+/// way the handshake's signatures are checked, so the session key is the
+/// one the certificate's owner holds.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    /// `None`: accept any certificate.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -204,49 +212,13 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `require`: any certificate, but the handshake's signatures are still
-/// checked (the session key is the one the certificate's owner holds).
-#[derive(Debug)]
-struct NoVerification;
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,

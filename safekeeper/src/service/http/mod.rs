@@ -195,6 +195,19 @@ async fn feedback(
     let handle = lookup(&state, &tenant_id, &timeline_id)?;
     let Json(feedback) = body.map_err(|e| ApiError::bad_request(format!("feedback body: {}", e.body_text())))?;
     let lsn = parse_lsn("remote_consistent_lsn", &feedback.remote_consistent_lsn)?;
+    // A consumer cannot have persisted WAL this safekeeper has not
+    // committed: refuse it (409) rather than keep a position from nowhere.
+    // A consumer that read from a peer further ahead sends it again later.
+    let commit_lsn = handle.snapshot().commit_lsn;
+    if lsn > commit_lsn {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "remote_consistent_lsn {lsn} is beyond this safekeeper's commit LSN {commit_lsn}; \
+                 send it again once this safekeeper has committed that far"
+            ),
+        ));
+    }
     handle.note_remote_consistent_lsn(lsn);
     Ok(timeline_json(&handle))
 }
