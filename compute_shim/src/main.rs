@@ -317,7 +317,8 @@ async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
         .map(auth::TokenVerifier::from_public_key_file)
         .transpose()
         .map_err(|error| ShimError::BadArguments(format!("--auth-public-key: {error}")))?;
-    let access = http::HttpAccess { verifier: verifier.map(std::sync::Arc::new), tenant_id: options.tenant_id };
+    let verifier = verifier.map(std::sync::Arc::new);
+    let access = http::HttpAccess { verifier: verifier.clone(), tenant_id: options.tenant_id };
     let http_tls = cli
         .http_tls
         .load(&[b"http/1.1"])
@@ -331,15 +332,19 @@ async fn run(cli: ShimArgs) -> anyhow::Result<ServiceEnd> {
     let service = run_service(&options, &status_tx, &mut requests_rx, &mut stop_rx);
     tokio::select! {
         () = server => anyhow::bail!("HTTP server stopped"),
-        () = stop_signals(stop_tx, http_tls) => unreachable!("the stop signals are awaited forever"),
+        () = stop_signals(stop_tx, http_tls, verifier) => unreachable!("the stop signals are awaited forever"),
         end = service => Ok(end),
     }
 }
 
 /// Set the stop flag on SIGTERM or SIGINT (a second one changes nothing:
-/// the step-down has its own bound); reload the HTTP port's certificate on
-/// SIGHUP.
-async fn stop_signals(stop: watch::Sender<bool>, http_tls: Option<std::sync::Arc<net::tls::ServerTls>>) {
+/// the step-down has its own bound); reload the HTTP port's certificate
+/// and the token keys on SIGHUP.
+async fn stop_signals(
+    stop: watch::Sender<bool>,
+    http_tls: Option<std::sync::Arc<net::tls::ServerTls>>,
+    verifier: Option<std::sync::Arc<auth::TokenVerifier>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) =
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
@@ -356,6 +361,11 @@ async fn stop_signals(stop: watch::Sender<bool>, http_tls: Option<std::sync::Arc
                     Some(Ok(())) => tracing::info!("SIGHUP: the HTTP port's TLS certificate reloaded"),
                     Some(Err(error)) => tracing::error!("SIGHUP: TLS certificate not reloaded, the old one stays: {error}"),
                     None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+                }
+                match verifier.as_deref().map(auth::TokenVerifier::reload) {
+                    Some(Ok(keys)) => tracing::info!(keys, "SIGHUP: token keys reloaded"),
+                    Some(Err(error)) => tracing::error!("SIGHUP: token keys not reloaded, the old ones stay: {error}"),
+                    None => {}
                 }
                 continue;
             }

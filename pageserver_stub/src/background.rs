@@ -46,9 +46,15 @@ pub async fn poll_status_forever(
     }
 }
 
+/// How soon a position that did not land on every safekeeper (one down,
+/// or not committed that far yet) is sent again when no newer one comes.
+const FEEDBACK_RETRY: Duration = Duration::from_secs(1);
+
 /// POST every newly saved position to every safekeeper, until the sender
 /// is dropped. Intermediate positions are skipped when rounds are slower
-/// than saves: only the latest matters.
+/// than saves: only the latest matters. A position some safekeeper did not
+/// take is sent again every [`FEEDBACK_RETRY`] until all have it, so an
+/// idle stub's last position still reaches a safekeeper that was behind.
 pub async fn report_feedback_forever(
     client: SafekeeperClient,
     addresses: Vec<SafekeeperAddress>,
@@ -56,26 +62,38 @@ pub async fn report_feedback_forever(
     timeout_ms: u64,
 ) {
     let mut failing = vec![false; addresses.len()];
-    while saved.changed().await.is_ok() {
+    let mut all_landed = true;
+    loop {
+        let retry = async {
+            if all_landed {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(FEEDBACK_RETRY).await;
+        };
+        tokio::select! {
+            changed = saved.changed() => if changed.is_err() { return },
+            () = retry => {}
+        }
         let latest = *saved.borrow_and_update();
         if let Some(lsn) = latest {
-            send_feedback_round(&client, &addresses, lsn, timeout_ms, &mut failing).await;
+            all_landed = send_feedback_round(&client, &addresses, lsn, timeout_ms, &mut failing).await;
         }
     }
 }
 
-/// One round of feedback to every safekeeper, concurrently. Best effort: a
-/// failure is logged when a safekeeper starts failing and when it recovers,
-/// not on every save.
+/// One round of feedback to every safekeeper, concurrently; whether every
+/// one took it. Best effort: a failure is logged when a safekeeper starts
+/// failing and when it recovers, not on every save.
 pub async fn send_feedback_round(
     client: &SafekeeperClient,
     addresses: &[SafekeeperAddress],
     remote_consistent_lsn: Lsn,
     timeout_ms: u64,
     failing: &mut [bool],
-) {
+) -> bool {
     let sends = addresses.iter().map(|address| client.send_feedback(address, remote_consistent_lsn, timeout_ms));
     let results = join_all(sends).await;
+    let all_landed = results.iter().all(Result::is_ok);
     for ((address, result), was_failing) in addresses.iter().zip(results).zip(failing.iter_mut()) {
         match result {
             Ok(()) => {
@@ -100,6 +118,7 @@ pub async fn send_feedback_round(
             }
         }
     }
+    all_landed
 }
 
 /// Most connections the status port holds at once.

@@ -298,7 +298,13 @@ fn a_new_empty_safekeeper_is_bootstrapped_at_its_peers_oldest_kept_segment() -> 
     cluster.wait_shim_commit(end, COMMIT_TIMEOUT)?;
 
     // The page server confirmed everything: safekeepers 1 and 2 remove the
-    // timeline's first segments.
+    // timeline's first segments. (A safekeeper refuses feedback beyond the
+    // commit LSN it knows, which follows the shim's a message later.)
+    for index in [0, 1] {
+        wait_for(COMMIT_TIMEOUT, "the safekeeper to know the commit LSN", || {
+            Ok((json_lsn(&cluster.timeline_status(index)?, "commit_lsn")? >= end).then_some(()))
+        })?;
+    }
     let feedback = serde_json::json!({ "remote_consistent_lsn": end.to_string() });
     let mut oldest_kept = Vec::new();
     for index in [0, 1] {

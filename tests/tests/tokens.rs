@@ -274,6 +274,25 @@ fn every_port_checks_tokens() -> Result<()> {
     wait_for(TIMEOUT, "pageserver_stub to follow with its token", || {
         Ok((json_lsn(&stub.status()?, "last_record_lsn")? >= flush).then_some(()))
     })?;
+    // Key rotation: the foreign key added to safekeeper 0's key file and a
+    // SIGHUP: tokens of both keys work there, with nothing restarted.
+    let sk0 = cluster.safekeepers[0].http_addr;
+    ensure!(http(Some(&tokens.foreign), "GET", sk0, "/v1/timelines")? == 401, "the foreign key is trusted already");
+    let foreign_public = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&keys.foreign_private_key)
+        .output()
+        .context("openssl pkey -pubout")?;
+    ensure!(foreign_public.status.success(), "openssl pkey -pubout failed");
+    let mut both = std::fs::read(&keys.public_key)?;
+    both.extend_from_slice(&foreign_public.stdout);
+    std::fs::write(&keys.public_key, both)?;
+    cluster.safekeepers[0].process.signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_for(TIMEOUT, "safekeeper 0 to trust the added key", || {
+        Ok((http(Some(&tokens.foreign), "GET", sk0, "/v1/timelines")? == 200).then_some(()))
+    })?;
+    ensure!(http(Some(&tokens.admin), "GET", sk0, "/v1/timelines")? == 200, "the old key is no longer trusted");
+    println!("SIGHUP: safekeeper 0 trusts both keys of the rotation");
     drop(shim);
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! accepted (no `none`, no HMAC with the public key as its secret), and
 //! every token must expire.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -83,9 +84,14 @@ pub enum TokenError {
     TenantMismatch,
 }
 
-/// Checks tokens against the public key of `--auth-public-key`.
+/// Checks tokens against the public keys of `--auth-public-key`: one or
+/// more Ed25519 keys in one PEM file (two during a key rotation: a token
+/// signed by either is accepted). [`TokenVerifier::reload`] reads the file
+/// again (SIGHUP); until it succeeds the keys already loaded stay.
 pub struct TokenVerifier {
-    key: DecodingKey,
+    keys: RwLock<Arc<[DecodingKey]>>,
+    /// Where the keys came from (`None`: given as text, nothing to reload).
+    path: Option<PathBuf>,
     validation: Validation,
 }
 
@@ -95,20 +101,67 @@ impl std::fmt::Debug for TokenVerifier {
     }
 }
 
+/// The PEM blocks of `text` (each `-----BEGIN ...` to its `-----END ...`).
+fn pem_blocks(text: &str) -> Vec<&str> {
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(begin) = rest.find("-----BEGIN ") {
+        let Some(end_marker) = rest[begin..].find("-----END ") else { break };
+        let end_start = begin + end_marker;
+        let end = rest[end_start + 9..].find("-----").map_or(rest.len(), |i| end_start + 9 + i + 5);
+        blocks.push(&rest[begin..end]);
+        rest = &rest[end..];
+    }
+    blocks
+}
+
+fn parse_public_keys(pem: &[u8]) -> Result<Arc<[DecodingKey]>, String> {
+    let text = std::str::from_utf8(pem).map_err(|_| "not a PEM file (not text)".to_string())?;
+    let keys = pem_blocks(text)
+        .into_iter()
+        .enumerate()
+        .map(|(index, block)| {
+            DecodingKey::from_ed_pem(block.as_bytes())
+                .map_err(|e| format!("PEM block {}: not an Ed25519 public key: {e}", index + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err("holds no PEM public key".to_string());
+    }
+    Ok(keys.into())
+}
+
 impl TokenVerifier {
-    /// From an Ed25519 public key in PEM (`openssl pkey -pubout`).
+    /// From Ed25519 public keys in PEM (`openssl pkey -pubout`; several
+    /// concatenated are all trusted).
     pub fn from_public_key_pem(pem: &[u8]) -> Result<TokenVerifier, String> {
-        let key = DecodingKey::from_ed_pem(pem).map_err(|e| format!("not an Ed25519 public key in PEM: {e}"))?;
+        let keys = parse_public_keys(pem)?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.leeway = EXPIRY_LEEWAY.as_secs();
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_aud = false;
-        Ok(TokenVerifier { key, validation })
+        Ok(TokenVerifier { keys: RwLock::new(keys), path: None, validation })
     }
 
     pub fn from_public_key_file(path: &Path) -> Result<TokenVerifier, String> {
         let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        TokenVerifier::from_public_key_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+        let verifier = TokenVerifier::from_public_key_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TokenVerifier { path: Some(path.to_path_buf()), ..verifier })
+    }
+
+    /// Read the key file again; on success tokens are checked against the
+    /// keys it holds now. Returns how many keys are trusted.
+    pub fn reload(&self) -> Result<usize, String> {
+        let Some(path) = &self.path else { return Err("the keys were not read from a file".to_string()) };
+        let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let keys = parse_public_keys(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        let count = keys.len();
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+        Ok(count)
+    }
+
+    pub fn key_file(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// The claims of a valid token.
@@ -120,15 +173,26 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed(format!("longer than {MAX_TOKEN_BYTES} bytes")));
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|error| match error.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::InvalidSignature => TokenError::BadSignature,
-                // Another algorithm than ours: not signed by our key.
-                ErrorKind::InvalidAlgorithm => TokenError::BadSignature,
-                _ => TokenError::Malformed(error.to_string()),
-            })?
-            .claims;
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner).clone();
+        // The first key the signature matches decides (expiry is checked
+        // after the signature, so "expired" means one of ours signed it).
+        let mut claims = Err(TokenError::BadSignature);
+        for key in keys.iter() {
+            claims =
+                jsonwebtoken::decode::<Claims>(token, key, &self.validation).map(|data| data.claims).map_err(|error| {
+                    match error.kind() {
+                        ErrorKind::ExpiredSignature => TokenError::Expired,
+                        ErrorKind::InvalidSignature => TokenError::BadSignature,
+                        // Another algorithm than ours: not signed by our key.
+                        ErrorKind::InvalidAlgorithm => TokenError::BadSignature,
+                        _ => TokenError::Malformed(error.to_string()),
+                    }
+                });
+            if claims != Err(TokenError::BadSignature) {
+                break;
+            }
+        }
+        let claims = claims?;
         if (claims.scope == Scope::Tenant) != claims.tenant_id.is_some() {
             return Err(TokenError::TenantMismatch);
         }
@@ -189,6 +253,48 @@ pub fn read_token_file(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_trusted_keys_and_a_reload() {
+        let other = TokenSigner::from_private_key_pem(OTHER_PRIVATE.as_bytes()).unwrap();
+        let ours = TokenSigner::from_private_key_pem(PRIVATE.as_bytes()).unwrap();
+        let hour = Duration::from_secs(3600);
+        let other_token = other.mint(Scope::Admin, None, SystemTime::now(), hour).unwrap();
+        let our_token = ours.mint(Scope::Admin, None, SystemTime::now(), hour).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.pub");
+        std::fs::write(&path, PUBLIC).unwrap();
+        let verifier = TokenVerifier::from_public_key_file(&path).unwrap();
+        assert!(verifier.verify(&our_token).is_ok());
+        assert_eq!(verifier.verify(&other_token), Err(TokenError::BadSignature));
+        // Rotation: both keys in the file, reloaded.
+        let other_public = other_public_pem();
+        std::fs::write(&path, format!("{PUBLIC}{other_public}")).unwrap();
+        assert_eq!(verifier.reload(), Ok(2));
+        assert!(verifier.verify(&our_token).is_ok() && verifier.verify(&other_token).is_ok());
+        // The old key dropped.
+        std::fs::write(&path, &other_public).unwrap();
+        assert_eq!(verifier.reload(), Ok(1));
+        assert_eq!(verifier.verify(&our_token), Err(TokenError::BadSignature));
+        // A file that does not load keeps the keys there are.
+        std::fs::write(&path, "not a key").unwrap();
+        assert!(verifier.reload().unwrap_err().contains("no PEM public key"));
+        assert!(verifier.verify(&other_token).is_ok());
+    }
+
+    /// The public half of OTHER_PRIVATE, derived the way operators do.
+    fn other_public_pem() -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("other.key");
+        std::fs::write(&private, OTHER_PRIVATE).unwrap();
+        let output = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .output()
+            .expect("openssl");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
 
     // Test keys (generated with openssl for these tests only).
     const PRIVATE: &str = "-----BEGIN PRIVATE KEY-----

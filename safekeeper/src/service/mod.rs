@@ -124,6 +124,15 @@ impl ServiceTls {
     }
 }
 
+/// SIGHUP: read `--auth-public-key` again; a file that does not load keeps
+/// the keys there are.
+pub fn reload_token_keys(verifier: &auth::TokenVerifier) {
+    match verifier.reload() {
+        Ok(keys) => tracing::info!(keys, "SIGHUP: token keys reloaded"),
+        Err(error) => tracing::error!("SIGHUP: token keys not reloaded, the old ones stay: {error}"),
+    }
+}
+
 /// The ALPN protocol PostgreSQL 17's clients offer on a TLS connection.
 const PG_ALPN: &[u8] = b"postgresql";
 
@@ -202,10 +211,15 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = terminate.recv() => break tracing::info!("SIGTERM: shutting down"),
             _ = interrupt.recv() => break tracing::info!("SIGINT: shutting down"),
-            _ = hangup.recv() => match &config.tls {
-                Some(tls) => tls.reload(),
-                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
-            },
+            _ = hangup.recv() => {
+                match &config.tls {
+                    Some(tls) => tls.reload(),
+                    None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+                }
+                if let Some(verifier) = &state.auth {
+                    reload_token_keys(verifier);
+                }
+            }
         }
     }
     stop.send_replace(true);
