@@ -84,6 +84,13 @@ fn units_pass_flags_the_binaries_take() -> Result<()> {
             .filter(|line| !line.starts_with('#'))
             .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim()))
             .collect();
+        // The flags the example passes in its variables exist too.
+        let values = example.lines().filter(|line| !line.starts_with('#')).filter_map(|line| line.split_once('='));
+        for (_, value) in values {
+            for flag in value.split_whitespace().filter(|word| word.starts_with("--")) {
+                ensure!(flags.contains(flag), "{}'s example: {name} has no flag {flag}", unit.path.display());
+            }
+        }
         for variable in variables(&unit.exec_start) {
             ensure!(set.contains(variable.as_str()), "{}: ${variable} is not in its example", unit.path.display());
         }
