@@ -3,6 +3,7 @@
 //! - [`fixture`]: the one bounded wait and the one port reservation.
 //! - [`pg`]: a real PostgreSQL 15 cluster in a temp dir (initdb, start/stop
 //!   by pid, psql/pgbench, pg_wal access).
+//! - [`pg_versions`]: PostgreSQL 16, 17 and 18 binaries (`PG16_BINDIR`, ...).
 //! - [`processes`]: project binaries (safekeeper, compute_shim,
 //!   pageserver_stub) as child processes on loopback ports they pick and
 //!   report, and a minimal HTTP client.
@@ -27,6 +28,7 @@ pub mod fault_proxy;
 pub mod fixture;
 pub mod minority;
 pub mod pg;
+pub mod pg_versions;
 pub mod processes;
 pub mod safekeeper_files;
 pub mod secure;

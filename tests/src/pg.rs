@@ -45,6 +45,9 @@ pub struct PgOptions {
     /// they override them), e.g. `("wal_keep_size", "1GB")`.
     pub settings: Vec<(String, String)>,
     pub bin_dir: PathBuf,
+    /// Where programs missing from `bin_dir` are taken from (PostgreSQL
+    /// 17's server-only package borrows 18's psql and pg_isready).
+    pub client_bin_dir: Option<PathBuf>,
     /// Deadline for the server to accept connections after `start`.
     pub startup_timeout: Duration,
     /// Default deadline for `psql`, `pgbench` and other commands.
@@ -57,6 +60,7 @@ impl Default for PgOptions {
             wal_segment_size_mib: DEFAULT_WAL_SEGMENT_SIZE_MIB,
             settings: Vec::new(),
             bin_dir: std::env::var_os("PG_BIN_DIR").map_or_else(|| PathBuf::from(DEFAULT_PG_BIN_DIR), PathBuf::from),
+            client_bin_dir: None,
             startup_timeout: Duration::from_secs(60),
             command_timeout: Duration::from_secs(120),
         }
@@ -355,7 +359,11 @@ impl PgCluster {
 
     /// Path of a Postgres program.
     pub fn bin(&self, name: &str) -> PathBuf {
-        self.options.bin_dir.join(name)
+        let own = self.options.bin_dir.join(name);
+        match &self.options.client_bin_dir {
+            Some(clients) if !own.exists() => clients.join(name),
+            _ => own,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -33,6 +33,8 @@ pub enum ShimExit {
     /// or a safekeeper's (the token). A supervisor may retry: the operator
     /// fixes the role or the token file meanwhile.
     CredentialsRefused = 7,
+    /// Postgres is of a major version this build does not support.
+    UnsupportedPostgres = 8,
 }
 
 impl ShimExit {
@@ -59,6 +61,7 @@ impl ShimError {
             ShimError::SafekeeperUnauthorized { .. } => Verdict::Exit(ShimExit::CredentialsRefused),
             ShimError::StreamEnded(_) => Verdict::Retry,
             ShimError::BadArguments(_) => Verdict::Exit(ShimExit::BadArguments),
+            ShimError::UnsupportedPostgres(_) => Verdict::Exit(ShimExit::UnsupportedPostgres),
             ShimError::Stopped(_) => Verdict::Exit(ShimExit::Failed),
         }
     }
@@ -144,6 +147,15 @@ mod tests {
         assert_eq!(exit(server_error("28P01")), Verdict::Exit(ShimExit::CredentialsRefused));
         assert_eq!(exit(server_error("42501")), Verdict::Exit(ShimExit::CredentialsRefused));
         assert_eq!(exit(ReplicationError::Config("bad".into()).into()), Verdict::Exit(ShimExit::BadArguments));
+        let version = crate::driver::startup::check_postgres_version(160014).unwrap_err();
+        assert!(version.to_string().contains("PostgreSQL 16") && version.to_string().contains("supported: 15"));
+        assert_eq!(exit(version), Verdict::Exit(ShimExit::UnsupportedPostgres));
+        for supported in [150000, 150018] {
+            assert!(crate::driver::startup::check_postgres_version(supported).is_ok());
+        }
+        for unsupported in [140012, 160014, 170010, 180004, 190000] {
+            assert!(crate::driver::startup::check_postgres_version(unsupported).is_err(), "{unsupported}");
+        }
 
         for transient in ["57P01", "57P03", "53300", "55006", "XX000"] {
             assert_eq!(exit(server_error(transient)), Verdict::Retry, "{transient}");

@@ -70,6 +70,9 @@ pub enum ShimError {
     /// A flag's value is unusable.
     #[error("{0}")]
     BadArguments(String),
+    /// Postgres is of a major version this build does not speak.
+    #[error("{0}")]
+    UnsupportedPostgres(String),
     #[error("{0}")]
     Stopped(String),
 }

@@ -114,6 +114,25 @@ pub fn check_safekeeper_list(addrs: &[String]) -> Result<(), ShimError> {
 
 /// Connect to Postgres as a physical replication client and read what the
 /// proposer needs; create the slot if it is missing.
+/// The Postgres major versions whose WAL this build reads and writes
+/// (docs/wal-format.md; 16, 17 and 18 are issue 17).
+pub const SUPPORTED_POSTGRES_MAJORS: &[u32] = &[15];
+
+/// Refuse a server of a major version outside [`SUPPORTED_POSTGRES_MAJORS`]:
+/// its WAL would be refused by the safekeepers' decoder, so streaming it
+/// could only retry forever.
+pub fn check_postgres_version(version_num: u32) -> Result<(), ShimError> {
+    let major = version_num / 10_000;
+    if SUPPORTED_POSTGRES_MAJORS.contains(&major) {
+        return Ok(());
+    }
+    let supported: Vec<String> = SUPPORTED_POSTGRES_MAJORS.iter().map(u32::to_string).collect();
+    Err(ShimError::UnsupportedPostgres(format!(
+        "PostgreSQL {major} (server_version_num {version_num}) is not supported; supported: {}",
+        supported.join(", ")
+    )))
+}
+
 pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimError> {
     let mut config = ReplicationConfig::parse(&options.pg_conninfo)?
         .with_application_name(&options.application_name)
@@ -122,6 +141,8 @@ pub async fn connect_postgres(options: &ShimOptions) -> Result<ShimSetup, ShimEr
         config = config.with_connect_timeout_ms(timeout_ms);
     }
     let mut client = ReplicationClient::connect(config).await?;
+    // Before anything is written anywhere (the slot, a term).
+    check_postgres_version(client.show_server_version_num().await?)?;
     let identity = client.identify_system().await?;
     let pg_timelines = client.timeline_history(identity.timeline).await?;
     let segment_size_bytes = client.show_wal_segment_size().await?;

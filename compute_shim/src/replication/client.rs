@@ -187,6 +187,15 @@ impl ReplicationClient {
             .ok_or_else(|| ReplicationError::protocol(format!("wal_segment_size {text:?} is not a size")))
     }
 
+    /// `SHOW server_version_num` (150004 for 15.4, 160014 for 16.14).
+    pub async fn show_server_version_num(&mut self) -> Result<u32, ReplicationError> {
+        let row = single_row(self.simple_query("SHOW server_version_num").await?, "SHOW server_version_num", 1)?;
+        let text = row[0].as_deref().unwrap_or_default();
+        text.trim()
+            .parse()
+            .map_err(|_| ReplicationError::protocol(format!("server_version_num {text:?} is not a number")))
+    }
+
     /// Create a physical slot that reserves WAL now; Ok(false) if it existed.
     pub async fn create_physical_slot_if_missing(&mut self, slot: &str) -> Result<bool, ReplicationError> {
         check_slot_name(slot)?;
