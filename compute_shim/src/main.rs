@@ -357,15 +357,12 @@ async fn stop_signals(
             _ = terminate.recv() => "SIGTERM",
             _ = interrupt.recv() => "SIGINT",
             _ = hangup.recv() => {
-                match http_tls.as_deref().map(net::tls::ServerTls::reload) {
-                    Some(Ok(())) => tracing::info!("SIGHUP: the HTTP port's TLS certificate reloaded"),
-                    Some(Err(error)) => tracing::error!("SIGHUP: TLS certificate not reloaded, the old one stays: {error}"),
+                match &http_tls {
+                    Some(tls) => tls.reload_logged("http"),
                     None => tracing::info!("SIGHUP: no TLS certificate to reload"),
                 }
-                match verifier.as_deref().map(auth::TokenVerifier::reload) {
-                    Some(Ok(keys)) => tracing::info!(keys, "SIGHUP: token keys reloaded"),
-                    Some(Err(error)) => tracing::error!("SIGHUP: token keys not reloaded, the old ones stay: {error}"),
-                    None => {}
+                if let Some(verifier) = &verifier {
+                    utils::service::reload_token_keys(verifier);
                 }
                 continue;
             }

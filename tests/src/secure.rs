@@ -30,7 +30,6 @@ pub struct Security {
     pub keys: TestKeys,
     pub admin_token: String,
     pub data_token: String,
-    pub tenant_token: String,
     pub data_token_file: PathBuf,
     pub tenant_token_file: PathBuf,
     /// A client config trusting the CA, checking names (verify-full).
@@ -84,7 +83,6 @@ impl Security {
             keys,
             admin_token,
             data_token,
-            tenant_token,
             data_token_file,
             tenant_token_file,
             client_tls: Arc::new(client_tls),

@@ -160,10 +160,6 @@ impl TokenVerifier {
         Ok(count)
     }
 
-    pub fn key_file(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
     /// The claims of a valid token.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let token = token.trim();

@@ -50,14 +50,6 @@ impl Stream {
             }
         }
     }
-
-    /// The TCP socket underneath (for socket options and addresses).
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            PlainOrTls::Plain(tcp) => tcp,
-            PlainOrTls::Tls(tls) => tls.get_ref().0,
-        }
-    }
 }
 
 impl WriteHalf {

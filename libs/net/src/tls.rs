@@ -128,12 +128,19 @@ impl ServerTls {
         Ok(())
     }
 
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.config.clone())
+    /// [`ServerTls::reload`] on SIGHUP, saying in the log what came of it
+    /// for `port` (a failure keeps the old pair).
+    pub fn reload_logged(&self, port: &str) {
+        match self.reload() {
+            Ok(()) => {
+                tracing::info!(port, certificate = %self.certificate_path.display(), "SIGHUP: TLS certificate reloaded")
+            }
+            Err(error) => tracing::error!(port, "SIGHUP: TLS certificate not reloaded, the old one stays: {error}"),
+        }
     }
 
-    pub fn certificate_path(&self) -> &Path {
-        &self.certificate_path
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 }
 

@@ -17,6 +17,15 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
+/// SIGHUP: read `--auth-public-key` again (safekeeper, shim), saying in the
+/// log what came of it; a file that does not load keeps the keys there are.
+pub fn reload_token_keys(verifier: &auth::TokenVerifier) {
+    match verifier.reload() {
+        Ok(keys) => tracing::info!(keys, "SIGHUP: token keys reloaded"),
+        Err(error) => tracing::error!("SIGHUP: token keys not reloaded, the old ones stay: {error}"),
+    }
+}
+
 /// The error document every HTTP port answers with: `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ErrorBody {

@@ -33,7 +33,7 @@ use super::pg_wire::{
 };
 use super::registry::TimelineHandle;
 use super::replication::{self, StreamEnd};
-use super::{push, PgPortTls, ServiceState};
+use super::{push, ServiceState, ServiceTls};
 use safekeeper_protocol::ids::{TenantId, TimelineId};
 
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,7 +61,7 @@ pub async fn serve(tcp: TcpStream, state: Arc<ServiceState>, connection_id: u64)
     };
     // Encryption first, on the whole stream (a TLS upgrade replaces it).
     let mut stream = Some(Stream::Plain(tcp));
-    let parameters = match timeout_at(deadline, negotiate(&mut stream, state.pg_tls.as_ref())).await {
+    let parameters = match timeout_at(deadline, negotiate(&mut stream, state.tls.as_deref())).await {
         Ok(Ok(Some(parameters))) => parameters,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => return send_error_to(stream.as_mut(), error).await,
@@ -117,7 +117,7 @@ pub async fn send_error<W: AsyncWrite + Unpin>(write: &mut W, error: WireError) 
 /// sends before the handshake can be taken for data inside TLS.
 async fn negotiate(
     stream: &mut Option<Stream>,
-    tls: Option<&PgPortTls>,
+    tls: Option<&ServiceTls>,
 ) -> Result<Option<HashMap<String, String>>, WireError> {
     if let (Some(tls), Some(Stream::Plain(tcp))) = (tls, stream.as_ref()) {
         let mut first = [0u8; 1];
@@ -165,9 +165,9 @@ async fn negotiate(
 /// Replace the plain stream by TLS over it. A failed handshake closes the
 /// connection (there is no channel left to say why; the client's TLS
 /// library does).
-async fn upgrade(stream: &mut Option<Stream>, tls: &PgPortTls) -> Result<(), WireError> {
+async fn upgrade(stream: &mut Option<Stream>, tls: &ServiceTls) -> Result<(), WireError> {
     let Some(Stream::Plain(tcp)) = stream.take() else { unreachable!("only a plain stream is upgraded") };
-    let session = tls.server.acceptor().accept(tcp).await.map_err(|error| {
+    let session = tls.pg.acceptor().accept(tcp).await.map_err(|error| {
         tracing::debug!("TLS handshake failed: {error}");
         WireError::Disconnected(error)
     })?;

@@ -91,7 +91,7 @@ pub struct ServiceConfig {
     /// production (zero: off).
     pub fault_sync_delay: Duration,
     /// `--tls-cert`/`--tls-key`/`--allow-plaintext`: TLS on both ports.
-    pub tls: Option<ServiceTls>,
+    pub tls: Option<Arc<ServiceTls>>,
     /// `--tls-ca`: peer recovery reaches the peers over HTTPS, trusting it.
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -106,41 +106,20 @@ pub struct ServiceTls {
 
 impl ServiceTls {
     /// Load the certificate for both ports (`None` without --tls-cert).
-    pub fn load(args: &net::args::ServerTlsArgs) -> Result<Option<ServiceTls>, net::tls::TlsConfigError> {
+    pub fn load(args: &net::args::ServerTlsArgs) -> Result<Option<Arc<ServiceTls>>, net::tls::TlsConfigError> {
         let Some(pg) = args.load(&[PG_ALPN])? else { return Ok(None) };
         let http = args.load(&[b"http/1.1"])?.expect("loaded once already");
-        Ok(Some(ServiceTls { pg, http, allow_plaintext: args.allow_plaintext }))
+        Ok(Some(Arc::new(ServiceTls { pg, http, allow_plaintext: args.allow_plaintext })))
     }
 
     fn reload(&self) {
-        for (port, tls) in [("pg", &self.pg), ("http", &self.http)] {
-            match tls.reload() {
-                Ok(()) => {
-                    tracing::info!(port, certificate = %tls.certificate_path().display(), "SIGHUP: TLS certificate reloaded")
-                }
-                Err(error) => tracing::error!(port, "SIGHUP: TLS certificate not reloaded, the old one stays: {error}"),
-            }
-        }
-    }
-}
-
-/// SIGHUP: read `--auth-public-key` again; a file that does not load keeps
-/// the keys there are.
-pub fn reload_token_keys(verifier: &auth::TokenVerifier) {
-    match verifier.reload() {
-        Ok(keys) => tracing::info!(keys, "SIGHUP: token keys reloaded"),
-        Err(error) => tracing::error!("SIGHUP: token keys not reloaded, the old ones stay: {error}"),
+        self.pg.reload_logged("pg");
+        self.http.reload_logged("http");
     }
 }
 
 /// The ALPN protocol PostgreSQL 17's clients offer on a TLS connection.
 const PG_ALPN: &[u8] = b"postgresql";
-
-/// The pg port's TLS, as its connections see it.
-pub struct PgPortTls {
-    pub server: Arc<ServerTls>,
-    pub allow_plaintext: bool,
-}
 
 /// What every connection and HTTP handler shares (passed in, no globals).
 pub struct ServiceState {
@@ -153,8 +132,8 @@ pub struct ServiceState {
     next_connection_id: AtomicU64,
     /// Checks clients' tokens on both ports; `None`: no tokens needed.
     pub auth: Option<auth::TokenVerifier>,
-    /// The pg port's certificate; `None`: plaintext only.
-    pub pg_tls: Option<PgPortTls>,
+    /// Both ports' certificate; `None`: plaintext only.
+    pub tls: Option<Arc<ServiceTls>>,
 }
 
 /// Lock the data directory, check the node id, recover every timeline,
@@ -167,6 +146,8 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
     // Registered before serving so a signal during startup is not lost.
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // SIGHUP's default action ends the process: handled from the start too.
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let timelines = Arc::new(Timelines::recover_all(datadir, timelines_config(&config))?);
     let pg_listener =
@@ -185,10 +166,7 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
         max_pg_connections: config.max_pg_connections,
         next_connection_id: AtomicU64::new(1),
         auth: config.auth.take(),
-        pg_tls: config
-            .tls
-            .as_ref()
-            .map(|tls| PgPortTls { server: tls.pg.clone(), allow_plaintext: tls.allow_plaintext }),
+        tls: config.tls.clone(),
     });
     tracing::info!(
         node_id = %config.node_id,
@@ -206,7 +184,6 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
     );
     tokio::spawn(net::http_server::serve(http_listener, http::router(state.clone()), http_options, stopped));
 
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = terminate.recv() => break tracing::info!("SIGTERM: shutting down"),
@@ -217,7 +194,7 @@ pub async fn run(mut config: ServiceConfig) -> anyhow::Result<()> {
                     None => tracing::info!("SIGHUP: no TLS certificate to reload"),
                 }
                 if let Some(verifier) = &state.auth {
-                    reload_token_keys(verifier);
+                    utils::service::reload_token_keys(verifier);
                 }
             }
         }
