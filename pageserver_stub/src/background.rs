@@ -104,8 +104,8 @@ pub async fn send_feedback_round(
                 *was_failing = false;
             }
             // This safekeeper has not committed that far yet (the stub
-            // reads from whichever is ahead): not a failure; the next save
-            // sends a position again.
+            // reads from whichever is ahead): not a failure to report; the
+            // position is sent again (see `report_feedback_forever`).
             Err(PullError::Status { status: 409, .. }) => {
                 tracing::debug!(safekeeper = %address, lsn = %remote_consistent_lsn, "feedback ahead of the safekeeper's commit LSN");
             }

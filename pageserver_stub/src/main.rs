@@ -11,6 +11,7 @@ use clap::Parser;
 use pageserver_stub::api::SafekeeperAddress;
 use pageserver_stub::{StubConfig, Tuning};
 use safekeeper_protocol::ids::{TenantId, TimelineId};
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Worker threads: decoding takes one core at full speed; the other keeps
 /// the status port and the pollers responsive meanwhile.
@@ -88,6 +89,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(path) = &cli.listen_addrs_file {
         utils::listen_addrs::write_listen_addrs(path, &[("http", listener.local_addr()?)])?;
     }
+    let status_tls = cli.status_tls.load(&[b"http/1.1"]).context("--tls-cert/--tls-key")?;
+    // SIGHUP reloads the status port's certificate (and, whatever the
+    // configuration, must not end the process: its default action does).
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let reloading = status_tls.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &reloading {
+                Some(tls) => tls.reload_logged("http"),
+                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+            }
+        }
+    });
     let config = StubConfig {
         safekeepers: cli.safekeepers_http,
         tenant_id: cli.tenant_id,
@@ -97,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         record_observer: None,
         auth_token_file: cli.auth_token_file,
         tls: cli.tls.client_config().context("--tls-ca")?,
-        status_tls: cli.status_tls.load(&[b"http/1.1"]).context("--tls-cert/--tls-key")?,
+        status_tls,
         status_allow_plaintext: cli.status_tls.allow_plaintext,
     };
     let shutdown = shutdown_signal()?;
@@ -109,7 +123,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Completes on the first SIGTERM or SIGINT.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     Ok(async move {
