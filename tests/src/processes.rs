@@ -615,6 +615,9 @@ impl<T: Read + std::io::Write + Send> ReadWrite for T {}
 /// is the socket underneath, for its timeouts.
 pub fn raw_http_connection(addr: SocketAddr) -> Result<(Box<dyn ReadWrite>, std::net::TcpStream)> {
     let tcp = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
+    // Bounded reads and writes, the TLS handshake's included.
+    tcp.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    tcp.set_write_timeout(Some(HTTP_TIMEOUT))?;
     let socket = tcp.try_clone()?;
     let Some(security) = crate::secure::security() else { return Ok((Box::new(tcp), socket)) };
     let name = rustls::pki_types::ServerName::from(addr.ip());

@@ -310,9 +310,10 @@ fn the_pg_port_negotiates_tls_as_postgres_does() -> Result<()> {
 
     // The HTTP port: a TLS handshake that never finishes and a request
     // head that never ends are both closed after the header-read timeout.
-    let mut stalled_handshake = TcpStream::connect(http)?;
+    let mut stalled_handshake = WireClient::raw(http)?;
     stalled_handshake.write_all(&[0x16, 0x03, 0x01])?;
-    let mut stalled_head = tls_client(TcpStream::connect(http)?, &[])?;
+    // WireClient::raw: its reads are bounded, the TLS handshake's included.
+    let mut stalled_head = tls_client(WireClient::raw(http)?, &[])?;
     stalled_head.write_all(b"GET /v1/status HTTP/1.1\r\nhost: x\r\n")?;
     stalled_head.flush()?;
     let limit = HEADER_READ_TIMEOUT + CLOSE_MARGIN;
